@@ -1,0 +1,10 @@
+"""Merge methods: pure tensor functions in a registry (name -> MethodSpec).
+
+Importing this package registers every built-in method.
+"""
+
+from mergesearch.methods import geometric, task_arithmetic  # noqa: F401  (registration)
+from mergesearch.methods.inputs import TensorInputs, tensor_seed
+from mergesearch.methods.registry import REGISTRY, MethodSpec, Param, get_method
+
+__all__ = ["REGISTRY", "MethodSpec", "Param", "TensorInputs", "get_method", "tensor_seed"]

@@ -1,0 +1,123 @@
+"""Linear merging and the task-vector family: task arithmetic, TIES, DARE,
+breadcrumbs and DELLA, with their sign-consensus variants."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from mergesearch.errors import MergeSearchError
+from mergesearch.methods import sparsify
+from mergesearch.methods.inputs import TensorInputs
+from mergesearch.methods.registry import MethodSpec, Param, register
+
+
+def linear(x: TensorInputs, g: dict, m: list[dict]) -> torch.Tensor:
+    weights = [p["weight"] for p in m]
+    out = torch.zeros_like(x.tensor(0))
+    for i, w in enumerate(weights):
+        out.add_(x.tensor(i), alpha=w)
+    if g["normalize"]:
+        total = sum(weights)
+        if total == 0:
+            raise MergeSearchError(f"linear: weights sum to zero for tensor {x.name}; cannot normalize")
+        out.div_(total)
+    return out
+
+
+def sparsified_delta(kind: str | None, x: TensorInputs, i: int, p: dict, rescale: bool) -> torch.Tensor:
+    if kind is None:
+        return x.delta(i)
+    if kind == "magnitude":
+        return sparsify.magnitude(x, i, p["density"], rescale)
+    if kind == "random":
+        return sparsify.dare(x, i, p["density"], rescale)
+    if kind == "outliers":
+        return sparsify.magnitude_outliers(x, i, p["density"], p["gamma"], rescale)
+    if kind == "della":
+        return sparsify.della(x, i, p["density"], p["epsilon"], rescale)
+    raise ValueError(kind)
+
+
+def task_vector_merge(x: TensorInputs, g: dict, m: list[dict], *, sparsifier: str | None, consensus: bool) -> torch.Tensor:
+    """base + lambda * combine(w_i * sparsify(delta_i)).
+
+    With sign consensus (TIES), each element keeps only the weighted deltas whose
+    sign agrees with the sign of their sum; elements with zero delta never vote.
+    ``normalize`` divides by the sum of the weights that took part.
+    """
+    base = x.base
+    mixed = torch.zeros_like(base)
+    if consensus:
+        total = torch.zeros_like(base)
+        weighted = [sparsified_delta(sparsifier, x, i, p, g["rescale"]) * p["weight"] for i, p in enumerate(m)]
+        for wd in weighted:
+            total.add_(wd)
+        majority = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
+        divisor = torch.zeros_like(base)
+        for wd, p in zip(weighted, m):
+            agree = wd.sign() == majority
+            mixed.add_(torch.where(agree, wd, 0.0))
+            divisor.add_(agree.to(base.dtype), alpha=p["weight"])
+        divisor[divisor == 0] = 1
+    else:
+        for i, p in enumerate(m):
+            mixed.add_(sparsified_delta(sparsifier, x, i, p, g["rescale"]), alpha=p["weight"])
+        total_w = sum(p["weight"] for p in m)
+        divisor = 1.0 if abs(total_w) < 1e-8 else total_w
+    if g["normalize"]:
+        mixed = mixed / divisor
+    if g["lambda"] != 1:
+        mixed = mixed * g["lambda"]
+    return base + mixed
+
+
+WEIGHT = Param("weight", "model", float, help="coefficient of this model (negative negates a task vector)")
+DENSITY = Param("density", "model", float, 1.0, 0.0, 1.0, help="share of the task vector kept")
+GAMMA = Param("gamma", "model", float, 0.01, 0.0, 1.0, help="share of largest-magnitude outliers removed")
+EPSILON = Param("epsilon", "model", float, 0.15, 0.0, 1.0, help="spread of DELLA keep probabilities")
+LAMBDA = Param("lambda", "global", float, 1.0, help="scale of the combined task vector")
+INT8 = Param("int8_mask", "global", bool, False, help="memory option in mergekit; no effect on results", inert=True)
+
+
+def _gta(name, sparsifier, consensus, normalize, rescale, description):
+    params = [WEIGHT, DENSITY, LAMBDA,
+              Param("normalize", "global", bool, normalize, help="divide by the sum of weights"),
+              Param("rescale", "global", bool, rescale, help="rescale kept deltas to the original L1 norm"),
+              INT8]
+    if sparsifier is None:
+        params.remove(DENSITY)
+    if sparsifier == "outliers":
+        params.append(GAMMA)
+    if sparsifier == "della":
+        params.append(EPSILON)
+    register(MethodSpec(
+        name=name,
+        fn=partial(task_vector_merge, sparsifier=sparsifier, consensus=consensus),
+        params=tuple(params),
+        description=description,
+        uses_base="required",
+        random=sparsifier in ("random", "della"),
+        needs_deltas=True,
+        sparsifier=sparsifier,
+        extra={"consensus": consensus},
+    ))
+
+
+register(MethodSpec(
+    name="linear",
+    fn=linear,
+    params=(WEIGHT, Param("normalize", "global", bool, True, help="divide by the sum of weights")),
+    description="weighted average of the models",
+    uses_base="no",
+    needs_tensors=True,
+))
+_gta("task_arithmetic", None, False, False, False, "base + lambda * sum of weighted task vectors")
+_gta("ties", "magnitude", True, True, False, "top-k magnitude pruning, sign election, disjoint mean")
+_gta("dare_ties", "random", True, False, True, "random drop with rescale, then sign election")
+_gta("dare_linear", "random", False, False, True, "random drop with rescale, then weighted sum")
+_gta("breadcrumbs", "outliers", False, False, False, "drop smallest and largest magnitudes, weighted sum")
+_gta("breadcrumbs_ties", "outliers", True, False, False, "breadcrumbs pruning with sign election")
+_gta("della", "della", True, True, True, "rank-adaptive random drop, sign election")
+_gta("della_linear", "della", False, False, True, "rank-adaptive random drop, weighted sum")
