@@ -56,7 +56,7 @@ def nuslerp(x: TensorInputs, g: dict, m: list[dict]) -> torch.Tensor:
     total = w0 + w1
     t = 0.5 if abs(total) < 1e-6 else w1 / total
     args = dict(row_wise=g["nuslerp_row_wise"], flatten=g["nuslerp_flatten"])
-    if g["use_base"]:
+    if x.base is not None:
         return x.base + _nuslerp(t, x.delta(0), x.delta(1), **args)
     return _nuslerp(t, x.tensor(0), x.tensor(1), **args)
 
@@ -105,7 +105,6 @@ register(MethodSpec(
         Param("weight", "model", float, help="relative weight; t = w2 / (w1 + w2)"),
         Param("nuslerp_row_wise", "global", bool, False, help="interpolate rows instead of columns"),
         Param("nuslerp_flatten", "global", bool, True, help="treat the tensor as one vector"),
-        Param("use_base", "global", bool, True, help="interpolate task vectors relative to the base"),
     ),
     description="spherical interpolation of two models or two task vectors",
     uses_base="optional", min_models=2, max_models=2, needs_tensors=True, needs_deltas=True,

@@ -66,6 +66,15 @@ class TensorInputs:
         flat = self.delta(i).abs().reshape(-1)
         return torch.kthvalue(flat, k + 1).values
 
+    def count_abs(self, i: int, value: torch.Tensor) -> tuple[int, int]:
+        """(#|delta_i| < value, #|delta_i| <= value): a binary search when sorted."""
+        if self._sorted_abs is not None and self._sorted_abs[i] is not None:
+            s = self._sorted_abs[i]
+            v = value.reshape(1)
+            return int(torch.searchsorted(s, v)), int(torch.searchsorted(s, v, right=True))
+        a = self.delta(i).abs()
+        return int((a < value).sum()), int((a <= value).sum())
+
     @property
     def generator(self) -> torch.Generator:
         """One generator per output tensor, seeded from the recipe seed and the name."""

@@ -5,10 +5,12 @@ the sparsified delta in float32 (float64 for float64 inputs). Thresholds come fr
 ``TensorInputs.kth_smallest_abs``, a lookup when the materializer has precomputed
 the sorted magnitudes.
 
-Tie rule for magnitude pruning: every element whose magnitude equals the k-th
-largest is kept, so with exactly tied magnitudes more than k elements can survive.
-On continuous (float32) weights ties have probability zero and the kept count is
-exactly ``max(1, int(density * n))``.
+Magnitude pruning keeps exactly the requested count. Elements are ordered by
+magnitude, and equal magnitudes by flat index (a stable ascending sort); a
+threshold that falls inside a run of equal magnitudes keeps the higher indices of
+that run. mergekit breaks such ties arbitrarily (an unstable sort), so on tied
+magnitudes the two may keep different elements of equal size; without ties the
+results are identical.
 """
 
 from __future__ import annotations
@@ -30,6 +32,27 @@ def rescale_l1(delta: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     return masked * (before / after)
 
 
+def window_mask(x: TensorInputs, i: int, start: int, end: int) -> torch.Tensor:
+    """Mask of the elements at positions [start, end) of the stable ascending order
+    of |delta_i|. Only thresholds are looked up; ties are resolved only if present."""
+    a = x.delta(i).abs()
+    lo = x.kth_smallest_abs(i, start)
+    hi = x.kth_smallest_abs(i, end - 1)
+    mask = (a >= lo) & (a <= hi)
+    less_lo, _ = x.count_abs(i, lo)
+    less_hi, leq_hi = x.count_abs(i, hi)
+    if less_lo == start and leq_hi == end:
+        return mask
+    flat, m = a.reshape(-1), mask.reshape(-1)
+    if less_lo != start:  # drop the first (start - less_lo) elements equal to lo
+        eq = flat == lo
+        m &= ~(eq & (eq.cumsum(0) <= start - less_lo))
+    if leq_hi != end:  # keep only the first (end - less_hi) elements equal to hi
+        eq = flat == hi
+        m &= ~(eq & (eq.cumsum(0) > end - less_hi))
+    return m.reshape(a.shape)
+
+
 def magnitude(x: TensorInputs, i: int, density: float, rescale: bool) -> torch.Tensor:
     delta = x.delta(i)
     if density >= 1:
@@ -38,8 +61,7 @@ def magnitude(x: TensorInputs, i: int, density: float, rescale: bool) -> torch.T
     if density <= 0 or n == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * n))
-    threshold = x.kth_smallest_abs(i, n - k)
-    masked = torch.where(delta.abs() >= threshold, delta, 0.0)
+    masked = torch.where(window_mask(x, i, n - k, n), delta, 0.0)
     return rescale_l1(delta, masked) if rescale else masked
 
 
@@ -55,10 +77,7 @@ def magnitude_outliers(x: TensorInputs, i: int, density: float, gamma: float, re
         return torch.zeros_like(delta)
     n_top = int(gamma * n)
     n_bot = max(0, n - keep - n_top)
-    lo = x.kth_smallest_abs(i, n_bot)
-    hi = x.kth_smallest_abs(i, n_bot + keep - 1)
-    a = delta.abs()
-    masked = torch.where((a >= lo) & (a <= hi), delta, 0.0)
+    masked = torch.where(window_mask(x, i, n_bot, n_bot + keep), delta, 0.0)
     return rescale_l1(delta, masked) if rescale else masked
 
 

@@ -1,0 +1,141 @@
+"""In-memory materialization of candidate merges (the search hot loop).
+
+A :class:`Materializer` loads the base and the models once and keeps resident, on
+its device, what the methods it serves need: the base, the task vectors
+(model - base), the model tensors, and for magnitude-based sparsifiers (TIES,
+breadcrumbs) the sorted magnitudes of every task vector, so the threshold for any
+density is an index lookup instead of a top-k. A candidate is then computed by the
+same per-tensor code as the streamed export and written into an existing
+``nn.Module`` in place, with no disk I/O. Results are bit-equal to
+:func:`mergesearch.merge.stream_merge` for the same recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from mergesearch.checkpoint import Checkpoint, check_compatible
+from mergesearch.errors import MergeSearchError
+from mergesearch.merge import merge_tensor, work_dtype
+from mergesearch.methods import REGISTRY, TensorInputs, get_method
+from mergesearch.recipe import Recipe, layer_position
+
+log = logging.getLogger(__name__)
+
+
+class Materializer:
+    def __init__(
+        self,
+        base: str | Path,
+        models: list[str | Path],
+        methods: list[str] | None = None,
+        device: str = "cpu",
+        allow_unrelated: bool = False,
+        check: bool = True,
+    ):
+        t0 = time.perf_counter()
+        self.device = torch.device(device)
+        methods = methods or list(REGISTRY)
+        specs = [get_method(m, "materializer") for m in methods]
+        self.base_ckpt = Checkpoint(base)
+        self.model_ckpts = [Checkpoint(p) for p in models]
+        if check:
+            check_compatible(self.base_ckpt, self.model_ckpts, allow_unrelated=allow_unrelated)
+        self.paths = {str(Path(p).resolve()): i for i, p in enumerate(models)}
+        self.base_path = str(Path(base).resolve())
+        keep_tensors = any(s.needs_tensors for s in specs)
+        keep_deltas = any(s.needs_deltas for s in specs)
+        keep_sorted = any(s.sparsifier in ("magnitude", "outliers") for s in specs)
+        self.num_layers = self.base_ckpt.num_layers
+        self.names = self.base_ckpt.names()
+        self.float_names = [n for n in self.names if self.base_ckpt.dtype(n).is_floating_point]
+        self.base: dict[str, torch.Tensor] = {}
+        self.tensors: dict[str, list[torch.Tensor]] | None = {} if keep_tensors else None
+        self.deltas: dict[str, list[torch.Tensor]] | None = {} if keep_deltas else None
+        self.sorted_abs: dict[str, list[torch.Tensor]] | None = {} if keep_sorted else None
+        self.constants: dict[str, torch.Tensor] = {}
+        for name in self.names:
+            if name not in self.float_names:
+                self.constants[name] = self.base_ckpt.get(name).to(self.device)
+                continue
+            b = self._load(self.base_ckpt, name)
+            self.base[name] = b
+            ts = [self._load(m, name) for m in self.model_ckpts]
+            if self.tensors is not None:
+                self.tensors[name] = ts
+            if self.deltas is not None or self.sorted_abs is not None:
+                ds = [t - b for t in ts]
+                if self.deltas is not None:
+                    self.deltas[name] = ds
+                if self.sorted_abs is not None:
+                    self.sorted_abs[name] = [d.abs().reshape(-1).sort().values for d in ds]
+            for c in [self.base_ckpt, *self.model_ckpts]:
+                c.release()
+        self.setup_seconds = time.perf_counter() - t0
+        self.resident_bytes = sum(
+            t.numel() * t.element_size()
+            for store in (self.tensors, self.deltas, self.sorted_abs)
+            if store is not None
+            for ts in store.values()
+            for t in ts
+        ) + sum(t.numel() * t.element_size() for t in self.base.values())
+
+    def _load(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
+        t = ckpt.get(name)
+        t = t.to(device=self.device, dtype=work_dtype(t.dtype))
+        if not torch.isfinite(t).all():
+            raise MergeSearchError(f"{ckpt.path}: tensor '{name}' contains NaN or Inf")
+        return t
+
+    def _indices(self, recipe: Recipe) -> list[int]:
+        idx = []
+        for m in recipe.models:
+            key = str(Path(m.path).resolve())
+            if key not in self.paths:
+                raise MergeSearchError(f"recipe model {m.path} is not loaded in this materializer")
+            idx.append(self.paths[key])
+        if recipe.base and str(Path(recipe.base).resolve()) != self.base_path:
+            raise MergeSearchError(f"recipe base {recipe.base} differs from the materializer's base")
+        return idx
+
+    def inputs(self, recipe: Recipe, name: str) -> TensorInputs:
+        spec = recipe.spec
+        idx = self._indices(recipe)
+        pick = (lambda store: [store[name][i] for i in idx] if store is not None else None)
+        tensors, deltas, sorted_abs = pick(self.tensors), pick(self.deltas), pick(self.sorted_abs)
+        if tensors is None and deltas is None:
+            raise MergeSearchError(f"method '{spec.name}' was not among the materializer's methods")
+        if spec.needs_tensors and tensors is None:
+            tensors = [self.base[name] + d for d in deltas]
+        base = self.base[name] if spec.uses_base != "no" else None
+        return TensorInputs(name, base, tensors=tensors, deltas=deltas, sorted_abs=sorted_abs, seed=recipe.seed)
+
+    def tensor(self, recipe: Recipe, name: str) -> torch.Tensor:
+        if name in self.constants:
+            return self.constants[name]
+        return merge_tensor(recipe, recipe.spec, self.inputs(recipe, name), layer_position(name, self.num_layers))
+
+    def state_dict(self, recipe: Recipe, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The merged weights (for tests and small models)."""
+        out = {}
+        for name in self.names:
+            t = self.tensor(recipe, name)
+            out[name] = t.to(dtype or self.base_ckpt.dtype(name)) if t.is_floating_point() else t
+        return out
+
+    @torch.no_grad()
+    def write_into(self, module: torch.nn.Module, recipe: Recipe) -> None:
+        """Write the recipe's merged weights into ``module``'s parameters in place."""
+        recipe.validate_semantics()
+        targets = dict(module.named_parameters())
+        targets.update(dict(module.named_buffers()))
+        for name in self.names:
+            target = targets.get(name)
+            if target is None:
+                continue  # e.g. a tied lm_head absent from the module's names
+            merged = self.tensor(recipe, name)
+            target.copy_(merged.to(dtype=target.dtype, device=target.device))

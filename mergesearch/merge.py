@@ -1,0 +1,185 @@
+"""Streamed merge: recipe -> checkpoint on disk, tensor by tensor.
+
+Inputs are read lazily from memory-mapped files, each output tensor is computed
+by the registered method and written straight into its planned shard, so peak
+memory is a few tensors regardless of model size. The per-tensor computation
+(:func:`merge_tensor`) is shared with the in-memory Materializer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mergesearch.checkpoint import (
+    Checkpoint, StreamingWriter, check_compatible, dtype_name, parse_dtype, tokenizer_vocab,
+)
+from mergesearch.errors import MergeSearchError
+from mergesearch.methods import MethodSpec, TensorInputs
+from mergesearch.recipe import Recipe, layer_position
+
+log = logging.getLogger(__name__)
+
+RELEASE_EVERY_BYTES = 256 * 1024**2
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def merge_tensor(recipe: Recipe, spec: MethodSpec, x: TensorInputs, t: float) -> torch.Tensor:
+    """One output tensor in the work dtype: resolve parameters, call the method."""
+    g, per_model = recipe.resolve(x.name, t)
+    out = spec.fn(x, g, per_model)
+    if not torch.isfinite(out).all():
+        raise MergeSearchError(f"{x.name}: the merge produced NaN or Inf (check the parameters)")
+    return out
+
+
+@dataclass
+class MergePlan:
+    """Opened and checked inputs of a recipe."""
+
+    recipe: Recipe
+    spec: MethodSpec
+    base: Checkpoint | None
+    models: list[Checkpoint]
+    distances: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> Checkpoint:
+        return self.base if self.base is not None else self.models[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.ref.num_layers
+
+    def release(self) -> None:
+        for c in self.checkpoints():
+            c.release()
+
+    def checkpoints(self) -> list[Checkpoint]:
+        return ([self.base] if self.base is not None else []) + self.models
+
+
+def open_plan(recipe: Recipe, *, allow_unrelated: bool = False, check: bool = True) -> MergePlan:
+    """Open every input and run the compatibility checks (before any merge work)."""
+    recipe.validate_semantics()
+    cache: dict[str, Checkpoint] = {}
+
+    def open_ckpt(p: str) -> Checkpoint:
+        key = str(Path(p).resolve())
+        if key not in cache:
+            cache[key] = Checkpoint(p)
+        return cache[key]
+
+    base = open_ckpt(recipe.base) if recipe.base else None
+    models = [open_ckpt(m.path) for m in recipe.models]
+    distances = check_compatible(base, models, allow_unrelated=allow_unrelated) if check else {}
+    tok = recipe.tokenizer_source
+    if tok and tok != "base":
+        if not Path(tok).is_dir():
+            raise MergeSearchError(f"{tok}: tokenizer_source is not a folder")
+        ref = base if base is not None else models[0]
+        vocab, ref_vocab = tokenizer_vocab(Path(tok)), ref.tokenizer_vocab()
+        if vocab is not None and ref_vocab is not None and vocab != ref_vocab:
+            raise MergeSearchError(f"{tok}: tokenizer vocabulary differs from {ref.path}")
+    return MergePlan(recipe, recipe.spec, base, models, distances)
+
+
+def build_inputs(plan: MergePlan, name: str, device: str) -> TensorInputs:
+    """Read one tensor from every input into the work dtype on ``device``."""
+    spec = plan.spec
+    base = None
+    if plan.base is not None:
+        base = _read_checked(plan.base, name, device)
+    tensors = [_read_checked(m, name, device) for m in plan.models]
+    use_base = base if spec.uses_base != "no" else None
+    return TensorInputs(name, use_base, tensors=tensors, seed=plan.recipe.seed)
+
+
+def _read_checked(ckpt: Checkpoint, name: str, device: str) -> torch.Tensor:
+    t = ckpt.get(name)
+    t = t.to(device=device, dtype=work_dtype(t.dtype))
+    if not torch.isfinite(t).all():
+        raise MergeSearchError(f"{ckpt.path}: tensor '{name}' contains NaN or Inf")
+    return t
+
+
+def output_dtype(plan: MergePlan, name: str, override: torch.dtype | None) -> torch.dtype:
+    src = plan.ref.dtype(name)
+    if not src.is_floating_point:
+        return src
+    return override or parse_dtype(plan.recipe.dtype) or src
+
+
+def stream_merge(
+    plan: MergePlan,
+    out: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    device: str = "cpu",
+    max_shard_bytes: int = 2 * 1024**3,
+    force: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> dict:
+    """Merge to ``out`` atomically. Returns a summary (tensors, bytes, seconds)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MergeSearchError("--device cuda: no CUDA device is available")
+    override = parse_dtype(dtype, "--dtype")
+    ref = plan.ref
+    names = ref.names()
+    layout = [(n, ref.shape(n), output_dtype(plan, n, override)) for n in names]
+    start = time.perf_counter()
+    read_since_release = 0
+    written = 0
+    with StreamingWriter(out, layout, max_shard_bytes=max_shard_bytes, force=force) as writer:
+        for k, (name, _, out_dtype) in enumerate(layout):
+            if not ref.dtype(name).is_floating_point:
+                merged = ref.get(name)
+            else:
+                x = build_inputs(plan, name, device)
+                merged = merge_tensor(plan.recipe, plan.spec, x, layer_position(name, plan.num_layers))
+                del x
+            merged = merged.to(out_dtype)
+            writer.write(name, merged)
+            nbytes = merged.numel() * merged.element_size()
+            written += nbytes
+            read_since_release += nbytes * len(plan.checkpoints())
+            del merged
+            if read_since_release > RELEASE_EVERY_BYTES:
+                plan.release()
+                read_since_release = 0
+            if progress:
+                progress(k + 1, len(layout), name)
+        source = Path(plan.recipe.base or plan.recipe.models[0].path)
+        tok = plan.recipe.tokenizer_source
+        out_name = dtype_name(override or parse_dtype(plan.recipe.dtype) or _main_dtype(plan))
+        cfg_updates = {"torch_dtype": out_name}
+        if "dtype" in plan.ref.config:
+            cfg_updates["dtype"] = out_name
+        tok_dir = None
+        if tok and tok != "base":
+            tok_dir = Path(tok)
+            if not tok_dir.is_dir():
+                raise MergeSearchError(f"{tok}: tokenizer_source is not a folder")
+        writer.copy_side_files(source, tok_dir, cfg_updates)
+        for fname, text in (extra_files or {}).items():
+            writer.write_file(fname, text)
+    plan.release()
+    return {"tensors": len(layout), "bytes": written, "seconds": time.perf_counter() - start, "out": str(out)}
+
+
+def _main_dtype(plan: MergePlan) -> torch.dtype:
+    for n in plan.ref.names():
+        d = plan.ref.dtype(n)
+        if d.is_floating_point:
+            return d
+    return torch.float32

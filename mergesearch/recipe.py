@@ -1,0 +1,325 @@
+"""Recipes: a complete, serializable description of one merge.
+
+A parameter value may be
+- a scalar: ``0.5`` or ``true``;
+- a gradient: ``[0.1, 0.9]``, interpolated linearly across the layers (layer i of
+  L sits at t = i / (L - 1)); tensors outside the layers (embeddings, final norm,
+  lm_head) take the first value;
+- a list of filters: ``[{filter: self_attn, value: 0.3}, {value: 0.7}]``; the first
+  entry whose filter is a substring of the tensor name (or that has no filter)
+  applies, and its value may itself be a gradient.
+
+These are mergekit's rules, so its YAML converts both ways (:func:`to_mergekit`,
+:func:`from_mergekit`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError, field_validator
+
+from mergesearch.errors import MergeSearchError
+from mergesearch.methods import MethodSpec, get_method
+
+Scalar = Union[StrictBool, float]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Conditional(StrictModel):
+    filter: Optional[str] = None
+    value: Union[Scalar, list[Scalar]]
+
+
+Setting = Union[Scalar, list[Scalar], list[Conditional]]
+
+
+class ModelEntry(StrictModel):
+    path: str
+    parameters: dict[str, Setting] = {}
+
+
+class Recipe(StrictModel):
+    method: str
+    base: Optional[str] = None
+    models: list[ModelEntry]
+    parameters: dict[str, Setting] = {}
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    seed: int = 0
+    tokenizer_source: Optional[str] = None
+
+    @field_validator("models")
+    @classmethod
+    def _some_models(cls, v):
+        if not v:
+            raise ValueError("at least one model is required")
+        return v
+
+    # -- semantics -----------------------------------------------------------
+    @property
+    def spec(self) -> MethodSpec:
+        return get_method(self.method)
+
+    def validate_semantics(self, where: str = "recipe") -> "Recipe":
+        spec = get_method(self.method, where)
+        n = len(self.models)
+        if spec.uses_base == "required" and not self.base:
+            raise MergeSearchError(f"{where}: method '{spec.name}' needs a base model ('base')")
+        if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+            if spec.name == "slerp":
+                raise MergeSearchError(f"{where}: slerp merges exactly 2 models (the base and 1 other); got {n + 1}")
+            want = f"exactly {spec.min_models}" if spec.min_models == spec.max_models else (
+                f"at least {spec.min_models}" if spec.max_models is None else f"{spec.min_models} to {spec.max_models}")
+            raise MergeSearchError(f"{where}: method '{spec.name}' takes {want} models besides the base; got {n}")
+        known = {p.name: p for p in spec.params}
+        for key, setting in self.parameters.items():
+            if key not in known:
+                raise MergeSearchError(f"{where}: parameters.{key}: unknown parameter for method '{spec.name}' "
+                                       f"(known: {', '.join(known)})")
+            _check_leaves(known[key], setting, f"{where}: parameters.{key}")
+        for i, m in enumerate(self.models):
+            for key, setting in m.parameters.items():
+                p = known.get(key)
+                if p is None or p.scope != "model":
+                    why = "unknown parameter" if p is None else "a global parameter, set it under top-level 'parameters'"
+                    raise MergeSearchError(f"{where}: models[{i}].parameters.{key}: {why} for method '{spec.name}'")
+                _check_leaves(p, setting, f"{where}: models[{i}].parameters.{key}")
+        for p in spec.params:
+            if not p.required:
+                continue
+            if p.scope == "global" and p.name not in self.parameters:
+                raise MergeSearchError(f"{where}: method '{spec.name}' needs parameters.{p.name}")
+            if p.scope == "model":
+                for i, m in enumerate(self.models):
+                    if p.name not in m.parameters and p.name not in self.parameters:
+                        raise MergeSearchError(f"{where}: models[{i}] ({m.path}) needs parameter '{p.name}' "
+                                               f"for method '{spec.name}'")
+        return self
+
+    def resolve(self, tensor_name: str, t: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Scalar parameters for one tensor at layer position t: (global, per model)."""
+        spec = self.spec
+        g = {p.name: _resolve_one(p, [self.parameters], tensor_name, t) for p in spec.global_params}
+        per_model = [
+            {p.name: _resolve_one(p, [m.parameters, self.parameters], tensor_name, t) for p in spec.model_params}
+            for m in self.models
+        ]
+        return g, per_model
+
+    # -- files -----------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Recipe":
+        path = Path(path)
+        data = _load_yaml(path)
+        recipe = from_dict(data, str(path))
+        return recipe.with_paths_relative_to(path.parent)
+
+    def with_paths_relative_to(self, folder: Path) -> "Recipe":
+        def fix(p: str | None) -> str | None:
+            if p is None or p == "base" or os.path.isabs(p):
+                return p
+            return str((folder / p).resolve())
+        return self.model_copy(update={
+            "base": fix(self.base),
+            "tokenizer_source": fix(self.tokenizer_source),
+            "models": [m.model_copy(update={"path": fix(m.path)}) for m in self.models],
+        })
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", exclude_defaults=False)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        from mergesearch.checkpoint import atomic_file
+        with atomic_file(path) as f:
+            f.write(self.to_yaml())
+
+    def summary(self) -> str:
+        parts = [self.method]
+        for m in self.models:
+            ps = ",".join(f"{k}={_short(v)}" for k, v in m.parameters.items())
+            parts.append(f"{Path(m.path).name}({ps})")
+        if self.parameters:
+            parts.append(",".join(f"{k}={_short(v)}" for k, v in self.parameters.items()))
+        return " ".join(parts)
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, list):
+        return "[" + ",".join(_short(x.value if isinstance(x, Conditional) else x) for x in v) + "]"
+    return str(v)
+
+
+def _check_leaves(p, setting, where: str) -> None:
+    if isinstance(setting, list):
+        if not setting:
+            raise MergeSearchError(f"{where}: empty list")
+        for item in setting:
+            if isinstance(item, Conditional):
+                _check_leaves(p, item.value, where + (f"[filter={item.filter}]" if item.filter else ""))
+            else:
+                p.check(item, where)
+    else:
+        p.check(setting, where)
+
+
+def resolve_setting(setting: Setting, tensor_name: str, t: float) -> Any:
+    """Apply filters and gradients to get one scalar (None when no filter matches)."""
+    if isinstance(setting, list):
+        if setting and isinstance(setting[0], Conditional):
+            for cond in setting:
+                if cond.filter in (None, "*") or cond.filter in tensor_name:
+                    return resolve_setting(cond.value, tensor_name, t)
+            return None
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
+            scaled = t * (len(setting) - 1)
+            i0 = int(scaled)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * setting[i0] + frac * setting[i1]
+        return setting[int(t * (len(setting) - 1))]
+    return setting
+
+
+def _resolve_one(p, scopes: list[dict], tensor_name: str, t: float) -> Any:
+    for scope in scopes:
+        if p.name in scope:
+            v = resolve_setting(scope[p.name], tensor_name, t)
+            if v is not None:
+                return p.kind(v) if p.kind is not bool else v
+    if p.required:
+        raise MergeSearchError(f"parameter '{p.name}' has no value for tensor {tensor_name}")
+    return p.default
+
+
+def layer_position(tensor_name: str, num_layers: int) -> float:
+    """Where a tensor sits for gradients: layer i of L at i / (L - 1); others at 0."""
+    from mergesearch.checkpoint import layer_index
+    i = layer_index(tensor_name)
+    if i is None:
+        return 0.0
+    return i / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def _load_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise MergeSearchError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise MergeSearchError(f"{path}: invalid YAML{line}") from None
+    if not isinstance(data, dict):
+        raise MergeSearchError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def pydantic_error(e: ValidationError, where: str) -> MergeSearchError:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", "union[", "list[", "lax-")))
+    if err["type"] == "extra_forbidden":
+        return MergeSearchError(f"{where}: unknown key '{loc}'")
+    if err["type"] == "missing":
+        return MergeSearchError(f"{where}: missing key '{loc}'")
+    return MergeSearchError(f"{where}: bad value for '{loc}': {err['msg']}")
+
+
+def from_dict(data: dict, where: str = "recipe") -> Recipe:
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise pydantic_error(e, where) from None
+    return recipe.validate_semantics(where)
+
+
+# -- mergekit interop -------------------------------------------------------------
+
+
+def _setting_to_mk(setting):
+    if isinstance(setting, list) and setting and isinstance(setting[0], Conditional):
+        return [c.model_dump(exclude_none=True) for c in setting]
+    return setting
+
+
+def to_mergekit(recipe: Recipe) -> dict:
+    """The equivalent mergekit configuration (mergekit computes in float32 like us)."""
+    spec = recipe.spec
+    models = [{"model": m.path, **({"parameters": {k: _setting_to_mk(v) for k, v in m.parameters.items()}}
+                                   if m.parameters else {})} for m in recipe.models]
+    out: dict[str, Any] = {"merge_method": recipe.method}
+    if spec.name == "slerp":
+        models = [{"model": recipe.base}] + models
+    if spec.uses_base in ("required", "optional") and recipe.base:
+        out["base_model"] = recipe.base
+    out["models"] = models
+    if recipe.parameters:
+        out["parameters"] = {k: _setting_to_mk(v) for k, v in recipe.parameters.items()}
+    out["dtype"] = "float32"
+    if recipe.dtype:
+        out["out_dtype"] = recipe.dtype
+    if recipe.tokenizer_source:
+        out["tokenizer_source"] = recipe.tokenizer_source
+    return out
+
+
+def from_mergekit(data: dict, where: str = "mergekit config") -> Recipe:
+    """Build a recipe from a mergekit configuration with a ``models`` list."""
+    if not isinstance(data, dict):
+        raise MergeSearchError(f"{where}: expected a mapping")
+    unsupported = [k for k in ("slices", "modules", "tokenizer", "chat_template") if data.get(k)]
+    if unsupported:
+        raise MergeSearchError(f"{where}: '{unsupported[0]}' is not supported; use a 'models' list")
+    known = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
+    for k in data:
+        if k not in known:
+            raise MergeSearchError(f"{where}: unknown key '{k}'")
+    if "merge_method" not in data:
+        raise MergeSearchError(f"{where}: missing key 'merge_method'")
+    method = data["merge_method"]
+    spec = get_method(method, where)
+    base = data.get("base_model")
+    models = []
+    for i, m in enumerate(data.get("models") or []):
+        if not isinstance(m, dict) or "model" not in m:
+            raise MergeSearchError(f"{where}: models[{i}] needs a 'model' key")
+        path = m["model"]
+        if base and path == base and spec.name != "linear":
+            continue
+        models.append({"path": path, "parameters": m.get("parameters") or {}})
+    params = dict(data.get("parameters") or {})
+    if spec.name == "linear" and base and all(m["path"] != base for m in models):
+        # mergekit adds an unlisted base as an input; it takes the global weight.
+        models.append({"path": base, "parameters": {}})
+    dtype = data.get("out_dtype") or data.get("dtype")
+    recipe = {
+        "method": method,
+        "base": base,
+        "models": models,
+        "parameters": params,
+        "tokenizer_source": data.get("tokenizer_source"),
+    }
+    if dtype:
+        recipe["dtype"] = dtype
+    return from_dict(recipe, where)
+
+
+def load_mergekit(path: str | os.PathLike) -> Recipe:
+    path = Path(path)
+    return from_mergekit(_load_yaml(path), str(path)).with_paths_relative_to(path.parent)
+
+
+def save_mergekit(recipe: Recipe, path: str | os.PathLike) -> None:
+    from mergesearch.checkpoint import atomic_file
+    with atomic_file(path) as f:
+        f.write(yaml.safe_dump(to_mergekit(recipe), sort_keys=False))

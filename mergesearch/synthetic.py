@@ -1,0 +1,132 @@
+"""Generated Llama-shaped model families (for the demo, tests and benchmarks).
+
+A family is a random base plus fine-tunes = base + N(0, noise) deltas, written as
+HF model folders (config.json, safetensors, a char-level tokenizer) that
+``transformers.AutoModelForCausalLM`` loads. Generation is deterministic and
+streamed tensor by tensor, so a 0.44B-parameter family needs little memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mergesearch.checkpoint import StreamingWriter
+
+CHARS = [chr(c) for c in range(32, 127)]
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def llama_config(hidden: int, layers: int, intermediate: int, vocab: int, heads: int, dtype: str,
+                 tie: bool = False) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": tie,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "torch_dtype": dtype,
+    }
+
+
+def llama_layout(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    names = [("model.embed_tokens.weight", (v, h))]
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        names += [(p + f"self_attn.{x}_proj.weight", (h, h)) for x in "qkvo"]
+        names += [(p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                  (p + "mlp.down_proj.weight", (h, i))]
+        names += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
+    names.append(("model.norm.weight", (h,)))
+    if not cfg.get("tie_word_embeddings"):
+        names.append(("lm_head.weight", (v, h)))
+    return names
+
+
+def write_tokenizer(out: Path, vocab_size: int) -> None:
+    """A char-level tokenizer whose vocabulary fills ``vocab_size`` ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = SPECIALS + CHARS
+    tokens += [f"<extra_{k}>" for k in range(max(0, vocab_size - len(tokens)))]
+    vocab = {t: k for k, t in enumerate(tokens[:vocab_size])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(str(out))
+
+
+def _gen(seed: int, *parts) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(_stable(seed, *parts))
+    return g
+
+
+def _stable(*parts) -> int:
+    import hashlib
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "little")
+
+
+def write_model(out: Path, cfg: dict, tensor_fn, dtype: torch.dtype, shard_bytes: int = 2 * 1024**3,
+                force: bool = False) -> None:
+    layout = llama_layout(cfg)
+    with StreamingWriter(out, [(n, s, dtype) for n, s in layout], max_shard_bytes=shard_bytes, force=force) as w:
+        for name, shape in layout:
+            w.write(name, tensor_fn(name, shape).to(dtype))
+        w.write_file("config.json", json.dumps(cfg, indent=2) + "\n")
+        w.write_file("generation_config.json", json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
+        write_tokenizer(w.tmp, cfg["vocab_size"])
+
+
+def base_tensor(seed: int, name: str, shape) -> torch.Tensor:
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    return torch.randn(shape, generator=_gen(seed, "base", name)) * 0.02
+
+
+def make_family(
+    out: str | Path,
+    n_models: int = 3,
+    hidden: int = 64,
+    layers: int = 4,
+    intermediate: int = 128,
+    vocab: int = 128,
+    heads: int = 4,
+    dtype: str = "float32",
+    noise: float = 0.002,
+    seed: int = 0,
+    shard_bytes: int = 2 * 1024**3,
+) -> dict[str, Path]:
+    """Write ``base`` and ``ft0..ft{n-1}`` under ``out`` (skipped when present)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    cfg = llama_config(hidden, layers, intermediate, vocab, heads, dtype)
+    paths = {"base": out / "base", **{f"ft{k}": out / f"ft{k}" for k in range(n_models)}}
+    if not paths["base"].exists():
+        write_model(paths["base"], cfg, lambda n, s: base_tensor(seed, n, s), torch_dtype, shard_bytes)
+    for k in range(n_models):
+        if paths[f"ft{k}"].exists():
+            continue
+
+        def fn(name, shape, k=k):
+            b = base_tensor(seed, name, shape)
+            return b + torch.randn(shape, generator=_gen(seed, "ft", k, name)) * noise
+        write_model(paths[f"ft{k}"], cfg, fn, torch_dtype, shard_bytes)
+    return paths
