@@ -162,9 +162,7 @@ def stream_merge(
         source = Path(plan.recipe.base or plan.recipe.models[0].path)
         tok = plan.recipe.tokenizer_source
         out_name = dtype_name(override or parse_dtype(plan.recipe.dtype) or _main_dtype(plan))
-        cfg_updates = {"torch_dtype": out_name}
-        if "dtype" in plan.ref.config:
-            cfg_updates["dtype"] = out_name
+        cfg_updates = {k: out_name for k in ("torch_dtype", "dtype") if k in plan.ref.config} or {"torch_dtype": out_name}
         tok_dir = None
         if tok and tok != "base":
             tok_dir = Path(tok)
