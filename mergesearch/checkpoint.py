@@ -281,6 +281,10 @@ def _arch(ckpt: Checkpoint) -> tuple:
     return (tuple(ckpt.config.get("architectures") or ()), ckpt.config.get("model_type"))
 
 
+def _arch_name(arch: tuple) -> str:
+    return ",".join(arch[0]) if arch[0] else str(arch[1])
+
+
 def check_compatible(
     base: Checkpoint | None,
     models: list[Checkpoint],
@@ -302,7 +306,7 @@ def check_compatible(
         arch = _arch(m)
         if ref.config and m.config and arch != ref_arch:
             raise MergeSearchError(
-                f"{m.path}: architecture {arch[0] or arch[1]} differs from {ref.path} ({ref_arch[0] or ref_arch[1]})"
+                f"{m.path}: architecture {_arch_name(arch)} differs from {ref.path} ({_arch_name(ref_arch)})"
             )
         names = set(m.names())
         if names != ref_names:

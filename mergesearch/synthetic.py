@@ -94,10 +94,10 @@ def write_model(out: Path, cfg: dict, tensor_fn, dtype: torch.dtype, shard_bytes
         write_tokenizer(w.tmp, cfg["vocab_size"])
 
 
-def base_tensor(seed: int, name: str, shape) -> torch.Tensor:
+def base_tensor(seed: int, name: str, shape, init_std: float = 0.02) -> torch.Tensor:
     if name.endswith("norm.weight"):
         return torch.ones(shape)
-    return torch.randn(shape, generator=_gen(seed, "base", name)) * 0.02
+    return torch.randn(shape, generator=_gen(seed, "base", name)) * init_std
 
 
 def make_family(
@@ -111,6 +111,7 @@ def make_family(
     dtype: str = "float32",
     noise: float = 0.002,
     seed: int = 0,
+    init_std: float = 0.02,
     shard_bytes: int = 2 * 1024**3,
 ) -> dict[str, Path]:
     """Write ``base`` and ``ft0..ft{n-1}`` under ``out`` (skipped when present)."""
@@ -120,13 +121,13 @@ def make_family(
     cfg = llama_config(hidden, layers, intermediate, vocab, heads, dtype)
     paths = {"base": out / "base", **{f"ft{k}": out / f"ft{k}" for k in range(n_models)}}
     if not paths["base"].exists():
-        write_model(paths["base"], cfg, lambda n, s: base_tensor(seed, n, s), torch_dtype, shard_bytes)
+        write_model(paths["base"], cfg, lambda n, s: base_tensor(seed, n, s, init_std), torch_dtype, shard_bytes)
     for k in range(n_models):
         if paths[f"ft{k}"].exists():
             continue
 
         def fn(name, shape, k=k):
-            b = base_tensor(seed, name, shape)
+            b = base_tensor(seed, name, shape, init_std)
             return b + torch.randn(shape, generator=_gen(seed, "ft", k, name)) * noise
         write_model(paths[f"ft{k}"], cfg, fn, torch_dtype, shard_bytes)
     return paths

@@ -16,13 +16,13 @@ from mergesearch.synthetic import make_family  # noqa: E402
 @pytest.fixture(scope="session")
 def family(tmp_path_factory) -> dict[str, Path]:
     """A float32 tiny Llama family: base + 3 fine-tunes (4 layers, hidden 64)."""
-    return make_family(tmp_path_factory.mktemp("family"), n_models=3, noise=0.02, seed=1)
+    return make_family(tmp_path_factory.mktemp("family"), n_models=3, noise=0.01, seed=1, init_std=0.1)
 
 
 @pytest.fixture(scope="session")
 def other_family(tmp_path_factory) -> dict[str, Path]:
     """Same shapes, independently initialised: unrelated to ``family``."""
-    return make_family(tmp_path_factory.mktemp("other"), n_models=1, noise=0.02, seed=99)
+    return make_family(tmp_path_factory.mktemp("other"), n_models=1, noise=0.01, seed=99, init_std=0.1)
 
 
 def copy_model(src: Path, dst: Path) -> Path:
