@@ -37,12 +37,14 @@ def tensor_progress(description: str):
                 bar.update(task, completed=done, total=total)
             yield cb
     else:
-        step = {"next": 0.0}
+        import time
+        last = {"t": time.monotonic()}
 
         def cb(done, total, name):
-            if done / total >= step["next"] or done == total:
+            now = time.monotonic()
+            if done == total or now - last["t"] >= 10:
                 logging.getLogger("mergesearch").info("%s: %d/%d tensors", description, done, total)
-                step["next"] += 0.25
+                last["t"] = now
         yield cb
 
 
@@ -96,7 +98,8 @@ def merge(
     with tensor_progress(f"merging ({r.method})") as cb:
         summary = stream_merge(plan, out, dtype=dtype, device=device, max_shard_bytes=max_bytes,
                                force=force, progress=cb)
-    typer.echo(f"merged {len(r.models)} models with {r.method}: {summary['tensors']} tensors, "
+    n_inputs = len(r.models) + (1 if r.base and r.spec.uses_base != "no" else 0)
+    typer.echo(f"merged {n_inputs} inputs with {r.method}: {summary['tensors']} tensors, "
                f"{summary['bytes'] / 1e6:.1f} MB in {summary['seconds']:.1f}s -> {out}")
 
 
