@@ -3,8 +3,9 @@
 A :class:`Materializer` loads the base and the models once and keeps resident, on
 its device, what the methods it serves need: the base, the task vectors
 (model - base), the model tensors, and for magnitude-based sparsifiers (TIES,
-breadcrumbs) the sorted magnitudes of every task vector, so the threshold for any
-density is an index lookup instead of a top-k. A candidate is then computed by the
+breadcrumbs) the rank of every element of every task vector in the stable
+magnitude order, so pruning at any density is one integer comparison inside the
+fused kernel instead of a top-k (and exact, ties included). A candidate is then computed by the
 same per-tensor code as the streamed export and written into an existing
 ``nn.Module`` in place, with no disk I/O. Results are bit-equal to
 :func:`mergesearch.merge.stream_merge` for the same recipe.
@@ -22,6 +23,7 @@ from mergesearch.checkpoint import Checkpoint, check_compatible
 from mergesearch.errors import MergeSearchError
 from mergesearch.merge import merge_tensor, work_dtype
 from mergesearch.methods import REGISTRY, TensorInputs, get_method
+from mergesearch.methods.inputs import magnitude_ranks
 from mergesearch.recipe import Recipe, layer_position
 
 log = logging.getLogger(__name__)
@@ -49,14 +51,14 @@ class Materializer:
         self.base_path = str(Path(base).resolve())
         keep_tensors = any(s.needs_tensors for s in specs)
         keep_deltas = any(s.needs_deltas for s in specs)
-        keep_sorted = any(s.sparsifier in ("magnitude", "outliers") for s in specs)
+        keep_ranks = any(s.sparsifier in ("magnitude", "outliers") for s in specs)
         self.num_layers = self.base_ckpt.num_layers
         self.names = self.base_ckpt.names()
         self.float_names = [n for n in self.names if self.base_ckpt.dtype(n).is_floating_point]
         self.base: dict[str, torch.Tensor] = {}
         self.tensors: dict[str, list[torch.Tensor]] | None = {} if keep_tensors else None
         self.deltas: dict[str, list[torch.Tensor]] | None = {} if keep_deltas else None
-        self.sorted_abs: dict[str, list[torch.Tensor]] | None = {} if keep_sorted else None
+        self.ranks: dict[str, list[torch.Tensor]] | None = {} if keep_ranks else None
         self.constants: dict[str, torch.Tensor] = {}
         for name in self.names:
             if name not in self.float_names:
@@ -67,18 +69,18 @@ class Materializer:
             ts = [self._load(m, name) for m in self.model_ckpts]
             if self.tensors is not None:
                 self.tensors[name] = ts
-            if self.deltas is not None or self.sorted_abs is not None:
+            if self.deltas is not None or self.ranks is not None:
                 ds = [t - b for t in ts]
                 if self.deltas is not None:
                     self.deltas[name] = ds
-                if self.sorted_abs is not None:
-                    self.sorted_abs[name] = [d.abs().reshape(-1).sort().values for d in ds]
+                if self.ranks is not None:
+                    self.ranks[name] = [magnitude_ranks(d) for d in ds]
             for c in [self.base_ckpt, *self.model_ckpts]:
                 c.release()
         self.setup_seconds = time.perf_counter() - t0
         self.resident_bytes = sum(
             t.numel() * t.element_size()
-            for store in (self.tensors, self.deltas, self.sorted_abs)
+            for store in (self.tensors, self.deltas, self.ranks)
             if store is not None
             for ts in store.values()
             for t in ts
@@ -106,18 +108,21 @@ class Materializer:
         spec = recipe.spec
         idx = self._indices(recipe)
         pick = (lambda store: [store[name][i] for i in idx] if store is not None else None)
-        tensors, deltas, sorted_abs = pick(self.tensors), pick(self.deltas), pick(self.sorted_abs)
+        tensors, deltas, ranks = pick(self.tensors), pick(self.deltas), pick(self.ranks)
         if tensors is None and deltas is None:
             raise MergeSearchError(f"method '{spec.name}' was not among the materializer's methods")
         if spec.needs_tensors and tensors is None:
             tensors = [self.base[name] + d for d in deltas]
         base = self.base[name] if spec.uses_base != "no" else None
-        return TensorInputs(name, base, tensors=tensors, deltas=deltas, sorted_abs=sorted_abs, seed=recipe.seed)
+        return TensorInputs(name, base, tensors=tensors, deltas=deltas, ranks=ranks, seed=recipe.seed)
 
     def tensor(self, recipe: Recipe, name: str) -> torch.Tensor:
         if name in self.constants:
             return self.constants[name]
-        return merge_tensor(recipe, recipe.spec, self.inputs(recipe, name), layer_position(name, self.num_layers))
+        # No finiteness pass in the hot loop: a non-finite candidate shows up as a
+        # non-finite score and fails its trial.
+        return merge_tensor(recipe, recipe.spec, self.inputs(recipe, name), layer_position(name, self.num_layers),
+                            check_finite=False)
 
     def state_dict(self, recipe: Recipe, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The merged weights (for tests and small models)."""

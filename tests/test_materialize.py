@@ -63,17 +63,19 @@ def test_write_into_module_in_place(tmp_path, family, mat):
                            exported["model.layers.2.mlp.up_proj.weight"])
 
 
-def test_precomputed_sorted_magnitudes(family, mat):
+def test_precomputed_magnitude_ranks(family, mat):
     name = "model.layers.1.self_attn.q_proj.weight"
-    assert mat.sorted_abs is not None and len(mat.sorted_abs[name]) == 3
-    d = mat.deltas[name][1]
-    assert torch.equal(mat.sorted_abs[name][1], d.abs().reshape(-1).sort().values)
+    assert mat.ranks is not None and len(mat.ranks[name]) == 3
+    d = mat.deltas[name][1].abs().reshape(-1)
+    r = mat.ranks[name][1].reshape(-1).long()
+    assert r.dtype == torch.long and sorted(r.tolist()) == list(range(d.numel()))
+    assert torch.equal(d[r.argsort()], d.sort().values)  # rank order is the magnitude order
     assert mat.setup_seconds > 0 and mat.resident_bytes > 0
 
 
 def test_materializer_keeps_only_what_methods_need(family):
     m = Materializer(family["base"], [family["ft0"], family["ft1"]], methods=["task_arithmetic"])
-    assert m.deltas is not None and m.tensors is None and m.sorted_abs is None
+    assert m.deltas is not None and m.tensors is None and m.ranks is None
     m2 = Materializer(family["base"], [family["ft0"], family["ft1"]], methods=["linear"])
     assert m2.tensors is not None and m2.deltas is None
 

@@ -7,6 +7,7 @@ from mergekit.merge_methods import merge_tensors
 from mergesearch.errors import MergeSearchError
 from mergesearch.methods import REGISTRY, TensorInputs, tensor_seed
 from mergesearch.methods import sparsify
+from mergesearch.methods.inputs import magnitude_ranks
 
 SHAPES = [(257,), (64, 48), (8, 16, 12)]
 W = [0.4, 0.3, 0.5]
@@ -186,8 +187,8 @@ def test_magnitude_keeps_exact_count_with_ties(density):
     if len(dropped) and len(kept):
         assert kept.min() >= dropped.max()
     # precomputed sorted magnitudes give the identical mask
-    sorted_abs = [delta.abs().reshape(-1).sort().values]
-    fast = sparsify.magnitude(TensorInputs("t", base, deltas=[delta], sorted_abs=sorted_abs), 0, density, False)
+    ranks = [magnitude_ranks(delta)]
+    fast = sparsify.magnitude(TensorInputs("t", base, deltas=[delta], ranks=ranks), 0, density, False)
     assert torch.equal(fast, out)
 
 

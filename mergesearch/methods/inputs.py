@@ -3,8 +3,8 @@
 ``TensorInputs`` holds the base tensor and, for each model, its tensor or its task
 vector (delta = model - base), whichever the caller has. The streamed export fills
 it from memory-mapped files; the in-memory :class:`~mergesearch.materialize.Materializer`
-fills it from resident tensors and precomputed statistics, so a TIES threshold is a
-lookup instead of a top-k. Both go through the same method code, which is what
+fills it from resident tensors and precomputed magnitude ranks, so TIES or
+breadcrumbs pruning at any density is a comparison instead of a top-k. Both go through the same method code, which is what
 makes in-memory candidates bit-equal to exported checkpoints.
 """
 
@@ -13,6 +13,15 @@ from __future__ import annotations
 import hashlib
 
 import torch
+
+
+def magnitude_ranks(delta: torch.Tensor) -> torch.Tensor:
+    """Each element's position in the stable ascending order of |delta| (int32, same shape)."""
+    flat = delta.abs().reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    ranks = torch.empty(flat.numel(), dtype=torch.int32, device=flat.device)
+    ranks[order] = torch.arange(flat.numel(), dtype=torch.int32, device=flat.device)
+    return ranks.reshape(delta.shape)
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -28,7 +37,7 @@ class TensorInputs:
         base: torch.Tensor | None,
         tensors: list[torch.Tensor] | None = None,
         deltas: list[torch.Tensor] | None = None,
-        sorted_abs: list[torch.Tensor | None] | None = None,
+        ranks: list[torch.Tensor] | None = None,
         seed: int = 0,
     ):
         if tensors is None and deltas is None:
@@ -37,7 +46,7 @@ class TensorInputs:
         self.base = base
         self._tensors = tensors
         self._deltas = deltas
-        self._sorted_abs = sorted_abs
+        self.ranks = ranks
         self.seed = seed
         self._generator: torch.Generator | None = None
 
@@ -60,18 +69,11 @@ class TensorInputs:
         return self._tensors[i] - self.base
 
     def kth_smallest_abs(self, i: int, k: int) -> torch.Tensor:
-        """The k-th smallest |delta_i| (0-based), from the precomputed sort if any."""
-        if self._sorted_abs is not None and self._sorted_abs[i] is not None:
-            return self._sorted_abs[i][k]
-        flat = self.delta(i).abs().reshape(-1)
-        return torch.kthvalue(flat, k + 1).values
+        """The k-th smallest |delta_i| (0-based)."""
+        return torch.kthvalue(self.delta(i).abs().reshape(-1), k + 1).values
 
     def count_abs(self, i: int, value: torch.Tensor) -> tuple[int, int]:
-        """(#|delta_i| < value, #|delta_i| <= value): a binary search when sorted."""
-        if self._sorted_abs is not None and self._sorted_abs[i] is not None:
-            s = self._sorted_abs[i]
-            v = value.reshape(1)
-            return int(torch.searchsorted(s, v)), int(torch.searchsorted(s, v, right=True))
+        """(#|delta_i| < value, #|delta_i| <= value)."""
         a = self.delta(i).abs()
         return int((a < value).sum()), int((a <= value).sum())
 

@@ -32,36 +32,71 @@ def rescale_l1(delta: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     return masked * (before / after)
 
 
-def window_mask(x: TensorInputs, i: int, start: int, end: int) -> torch.Tensor:
-    """Mask of the elements at positions [start, end) of the stable ascending order
-    of |delta_i|. Only thresholds are looked up; ties are resolved only if present."""
-    a = x.delta(i).abs()
+def keep_range(kind: str, n: int, density: float, gamma: float = 0.0) -> tuple[int, int]:
+    """Positions [start, end) of the ascending magnitude order that survive pruning."""
+    if density >= 1:
+        return 0, n
+    if kind == "magnitude":
+        if density <= 0 or n == 0:
+            return n, n
+        k = max(1, int(density * n))
+        return n - k, n
+    keep = int(density * n)  # breadcrumbs: drop the top gamma share, then the smallest
+    if keep <= 0:
+        return n, n
+    n_bot = max(0, n - keep - int(gamma * n))
+    return n_bot, n_bot + keep
+
+
+def window(x: TensorInputs, i: int, start: int, end: int) -> tuple:
+    """Select positions [start, end) of the stable ascending order of |delta_i|.
+
+    Returns ``(key, lo, hi)``: keep the elements with lo <= key <= hi, where a key
+    of None stands for |delta_i|. With precomputed ranks the key is the rank and
+    the bounds are the positions; otherwise the bounds are magnitude thresholds
+    (k-th values), and a threshold inside a run of equal magnitudes falls back to
+    an explicit 0/1 mask. All three select exactly the same elements."""
+    like = x.like
+    n = like.numel()
+    if start <= 0 and end >= n:
+        return None, like.new_zeros(()), like.new_full((), float("inf"))
+    if start >= end:
+        inf = like.new_full((), float("inf"))
+        return None, inf, inf
+    if x.ranks is not None:
+        r = x.ranks[i]
+        return r, r.new_full((), start), r.new_full((), end - 1)
     lo = x.kth_smallest_abs(i, start)
     hi = x.kth_smallest_abs(i, end - 1)
-    mask = (a >= lo) & (a <= hi)
     less_lo, _ = x.count_abs(i, lo)
     less_hi, leq_hi = x.count_abs(i, hi)
     if less_lo == start and leq_hi == end:
-        return mask
-    flat, m = a.reshape(-1), mask.reshape(-1)
+        return None, lo, hi
+    a = x.delta(i).abs()
+    flat = a.reshape(-1)
+    m = (flat >= lo) & (flat <= hi)
     if less_lo != start:  # drop the first (start - less_lo) elements equal to lo
         eq = flat == lo
         m &= ~(eq & (eq.cumsum(0) <= start - less_lo))
     if leq_hi != end:  # keep only the first (end - less_hi) elements equal to hi
         eq = flat == hi
         m &= ~(eq & (eq.cumsum(0) > end - less_hi))
-    return m.reshape(a.shape)
+    one = torch.ones((), dtype=torch.uint8, device=a.device)
+    return m.reshape(a.shape).to(torch.uint8), one, one
+
+
+def apply_window(delta: torch.Tensor, w: tuple) -> torch.Tensor:
+    key, lo, hi = w
+    key = delta.abs() if key is None else key
+    return torch.where((key >= lo) & (key <= hi), delta, 0.0)
 
 
 def magnitude(x: TensorInputs, i: int, density: float, rescale: bool) -> torch.Tensor:
+    """TIES pruning: keep the ``max(1, int(density * n))`` largest magnitudes."""
     delta = x.delta(i)
     if density >= 1:
         return delta
-    n = delta.numel()
-    if density <= 0 or n == 0:
-        return torch.zeros_like(delta)
-    k = max(1, int(density * n))
-    masked = torch.where(window_mask(x, i, n - k, n), delta, 0.0)
+    masked = apply_window(delta, window(x, i, *keep_range("magnitude", delta.numel(), density)))
     return rescale_l1(delta, masked) if rescale else masked
 
 
@@ -71,13 +106,7 @@ def magnitude_outliers(x: TensorInputs, i: int, density: float, gamma: float, re
     delta = x.delta(i)
     if density >= 1:
         return delta
-    n = delta.numel()
-    keep = int(density * n)
-    if keep <= 0:
-        return torch.zeros_like(delta)
-    n_top = int(gamma * n)
-    n_bot = max(0, n - keep - n_top)
-    masked = torch.where(window_mask(x, i, n_bot, n_bot + keep), delta, 0.0)
+    masked = apply_window(delta, window(x, i, *keep_range("outliers", delta.numel(), density, gamma)))
     return rescale_l1(delta, masked) if rescale else masked
 
 

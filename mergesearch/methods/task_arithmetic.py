@@ -8,7 +8,7 @@ from functools import partial
 import torch
 
 from mergesearch.errors import MergeSearchError
-from mergesearch.methods import sparsify
+from mergesearch.methods import kernels, sparsify
 from mergesearch.methods.inputs import TensorInputs
 from mergesearch.methods.registry import MethodSpec, Param, register
 
@@ -46,31 +46,34 @@ def task_vector_merge(x: TensorInputs, g: dict, m: list[dict], *, sparsifier: st
     With sign consensus (TIES), each element keeps only the weighted deltas whose
     sign agrees with the sign of their sum; elements with zero delta never vote.
     ``normalize`` divides by the sum of the weights that took part.
+
+    Magnitude pruning without rescale reaches the fused kernel as a selection
+    (ranks or thresholds), so no masked copy of a task vector is ever made; other
+    sparsifiers prepare their deltas first.
     """
     base = x.base
-    mixed = torch.zeros_like(base)
-    if consensus:
-        total = torch.zeros_like(base)
-        weighted = [sparsified_delta(sparsifier, x, i, p, g["rescale"]) * p["weight"] for i, p in enumerate(m)]
-        for wd in weighted:
-            total.add_(wd)
-        majority = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
-        divisor = torch.zeros_like(base)
-        for wd, p in zip(weighted, m):
-            agree = wd.sign() == majority
-            mixed.add_(torch.where(agree, wd, 0.0))
-            divisor.add_(agree.to(base.dtype), alpha=p["weight"])
-        divisor[divisor == 0] = 1
-    else:
-        for i, p in enumerate(m):
-            mixed.add_(sparsified_delta(sparsifier, x, i, p, g["rescale"]), alpha=p["weight"])
-        total_w = sum(p["weight"] for p in m)
-        divisor = 1.0 if abs(total_w) < 1e-8 else total_w
-    if g["normalize"]:
-        mixed = mixed / divisor
-    if g["lambda"] != 1:
-        mixed = mixed * g["lambda"]
-    return base + mixed
+    zero, inf = base.new_zeros(()), base.new_full((), float("inf"))
+    deltas, keys, lo, hi = [], [], [], []
+    for i, p in enumerate(m):
+        if sparsifier in ("magnitude", "outliers"):
+            w = sparsify.window(x, i, *sparsify.keep_range(sparsifier, base.numel(), p["density"], p.get("gamma", 0.0)))
+            if not g["rescale"]:
+                deltas.append(x.delta(i))
+                keys.append(w[0])
+                lo.append(w[1])
+                hi.append(w[2])
+                continue
+            d = sparsify.rescale_l1(x.delta(i), sparsify.apply_window(x.delta(i), w))
+        else:
+            d = sparsified_delta(sparsifier, x, i, p, g["rescale"])
+        deltas.append(d)
+        keys.append(None)
+        lo.append(zero)
+        hi.append(inf)
+    weights = [p["weight"] for p in m]
+    total = sum(weights)
+    divisor = 1.0 if abs(total) < 1e-8 else total
+    return kernels.combine(base, deltas, keys, lo, hi, weights, g["lambda"], g["normalize"], consensus, divisor)
 
 
 WEIGHT = Param("weight", "model", float, help="coefficient of this model (negative negates a task vector)")
