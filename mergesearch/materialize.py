@@ -60,6 +60,9 @@ class Materializer:
         self.deltas: dict[str, list[torch.Tensor]] | None = {} if keep_deltas else None
         self.ranks: dict[str, list[torch.Tensor]] | None = {} if keep_ranks else None
         self.constants: dict[str, torch.Tensor] = {}
+        # Tensors whose model weights are exactly base + delta in the work dtype
+        # (always so for bf16/fp16 sources): their model tensors are not stored.
+        self.derivable: set[str] = set()
         for name in self.names:
             if name not in self.float_names:
                 self.constants[name] = self.base_ckpt.get(name).to(self.device)
@@ -67,14 +70,16 @@ class Materializer:
             b = self._load(self.base_ckpt, name)
             self.base[name] = b
             ts = [self._load(m, name) for m in self.model_ckpts]
-            if self.tensors is not None:
+            ds = [t - b for t in ts] if (self.deltas is not None or self.ranks is not None) else None
+            if self.deltas is not None:
+                self.deltas[name] = ds
+                if all(torch.equal(b + d, t) for d, t in zip(ds, ts)):
+                    self.derivable.add(name)
+            if self.tensors is not None and name not in self.derivable:
                 self.tensors[name] = ts
-            if self.deltas is not None or self.ranks is not None:
-                ds = [t - b for t in ts]
-                if self.deltas is not None:
-                    self.deltas[name] = ds
-                if self.ranks is not None:
-                    self.ranks[name] = [magnitude_ranks(d) for d in ds]
+            if self.ranks is not None:
+                self.ranks[name] = [magnitude_ranks(d) for d in ds]
+            del ts, ds
             for c in [self.base_ckpt, *self.model_ckpts]:
                 c.release()
         self.setup_seconds = time.perf_counter() - t0
@@ -107,12 +112,13 @@ class Materializer:
     def inputs(self, recipe: Recipe, name: str) -> TensorInputs:
         spec = recipe.spec
         idx = self._indices(recipe)
-        pick = (lambda store: [store[name][i] for i in idx] if store is not None else None)
+        pick = (lambda store: [store[name][i] for i in idx] if store is not None and name in store else None)
         tensors, deltas, ranks = pick(self.tensors), pick(self.deltas), pick(self.ranks)
-        if tensors is None and deltas is None:
+        if (spec.needs_tensors and tensors is None and name not in self.derivable) or \
+                (spec.needs_deltas and not spec.needs_tensors and deltas is None):
             raise MergeSearchError(f"method '{spec.name}' was not among the materializer's methods")
         if spec.needs_tensors and tensors is None:
-            tensors = [self.base[name] + d for d in deltas]
+            tensors = [self.base[name] + d for d in deltas]  # exact: name is derivable
         base = self.base[name] if spec.uses_base != "no" else None
         return TensorInputs(name, base, tensors=tensors, deltas=deltas, ranks=ranks, seed=recipe.seed)
 

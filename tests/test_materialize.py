@@ -86,3 +86,19 @@ def test_unknown_model_in_recipe(family, mat, other_family):
                             models=[{"path": str(other_family["ft0"]), "parameters": {"weight": 1.0}}]))
     with pytest.raises(MergeSearchError, match="not loaded"):
         mat.state_dict(recipe)
+
+
+def test_bf16_sources_store_deltas_only_and_stay_bit_equal(tmp_path):
+    from mergesearch.synthetic import make_family
+    fam = make_family(tmp_path / "bf16", n_models=2, dtype="bfloat16", noise=0.01, init_std=0.1, seed=4)
+    m = Materializer(fam["base"], [fam["ft0"], fam["ft1"]], methods=["linear", "ties"])
+    assert m.derivable == set(m.float_names)  # bf16 - bf16 is exact in float32
+    assert m.tensors == {}
+    for method, params in [("linear", {"weight": 0.5}), ("ties", {"weight": 0.5, "density": 0.4})]:
+        recipe = from_dict(dict(method=method, base=str(fam["base"]), models=[
+            {"path": str(fam["ft0"]), "parameters": params}, {"path": str(fam["ft1"]), "parameters": params}]))
+        recipe.save(tmp_path / f"{method}.yaml")
+        assert main(["merge", str(tmp_path / f"{method}.yaml"), "-o", str(tmp_path / method)]) == 0
+        exported = load_weights(tmp_path / method)
+        mem = m.state_dict(recipe)
+        assert all(exported[k].dtype == torch.bfloat16 and torch.equal(exported[k], mem[k]) for k in exported)
