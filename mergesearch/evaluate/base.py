@@ -1,0 +1,99 @@
+"""The Evaluator protocol and its YAML configuration.
+
+An evaluator scores a model (an ``nn.Module`` whose weights may be replaced in
+place between calls) with its tokenizer: ``score(model, tokenizer)`` returns
+``{task: value}``; ``aggregate(scores)`` is the weighted mean over tasks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional, Protocol, runtime_checkable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mergesearch.errors import MergeSearchError
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    tasks: list[str]
+
+    def score(self, model, tokenizer) -> dict[str, float]: ...
+
+    def aggregate(self, scores: dict[str, float]) -> float: ...
+
+
+class EvalConfig(BaseModel):
+    """What to score: the evaluator kind, tasks, split and options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    evaluator: Literal["loglik", "lmeval", "python"] = "loglik"
+    tasks: list[str] = Field(min_length=1)
+    task_dir: Optional[str] = None  # zoo root, JSONL folder, or lm-eval include path
+    split: Literal["dev", "test"] = "dev"
+    limit: Optional[int] = Field(default=None, ge=1)
+    num_fewshot: int = Field(default=0, ge=0)
+    batch_size: int = Field(default=64, ge=1)
+    weights: dict[str, float] = {}
+    function: Optional[str] = None  # python evaluator: "module:function"
+    options: dict = {}  # passed to the python evaluator's function
+
+    @field_validator("weights")
+    @classmethod
+    def _positive(cls, v):
+        for k, w in v.items():
+            if w < 0:
+                raise ValueError(f"weight of task '{k}' must be >= 0")
+        return v
+
+    def check(self, where: str) -> "EvalConfig":
+        unknown = sorted(set(self.weights) - set(self.tasks))
+        if unknown:
+            raise MergeSearchError(f"{where}: weights name tasks not in 'tasks': {', '.join(unknown)}")
+        if self.evaluator == "python" and not self.function:
+            raise MergeSearchError(f"{where}: the python evaluator needs 'function: module:function'")
+        return self
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "EvalConfig":
+        from mergesearch.recipe import _load_yaml, pydantic_error
+        path = Path(path)
+        data = _load_yaml(path)
+        try:
+            cfg = cls.model_validate(data)
+        except ValidationError as e:
+            raise pydantic_error(e, str(path)) from None
+        if cfg.task_dir and not os.path.isabs(cfg.task_dir):
+            cfg = cfg.model_copy(update={"task_dir": str((path.parent / cfg.task_dir).resolve())})
+        return cfg.check(str(path))
+
+
+def weighted_mean(scores: dict[str, float], weights: dict[str, float]) -> float:
+    total = sum(weights.get(t, 1.0) for t in scores)
+    if total == 0:
+        return float("nan")
+    return sum(v * weights.get(t, 1.0) for t, v in scores.items()) / total
+
+
+def build_evaluator(cfg: EvalConfig, device: str = "cpu"):
+    """The configured evaluator (task files are read and checked here, once)."""
+    if cfg.evaluator == "loglik":
+        from mergesearch.evaluate.loglik import LoglikEvaluator
+        return LoglikEvaluator(cfg, device=device)
+    if cfg.evaluator == "lmeval":
+        from mergesearch.evaluate.lmeval import LmEvalEvaluator
+        return LmEvalEvaluator(cfg, device=device)
+    from mergesearch.evaluate.python import PythonEvaluator
+    return PythonEvaluator(cfg)
+
+
+def check_tokenizer_fits(model, tokenizer, where: str) -> None:
+    """Refuse a tokenizer whose ids do not fit the model's embedding table."""
+    emb = model.get_input_embeddings().weight.shape[0]
+    n = len(tokenizer)
+    if n > emb:
+        raise MergeSearchError(f"{where}: tokenizer has {n} tokens but the model's embedding has {emb} rows")

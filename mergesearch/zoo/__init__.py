@@ -1,0 +1,1 @@
+"""The bundled tiny model zoo: synthetic tasks, training and the build command."""

@@ -1,0 +1,214 @@
+"""`mergesearch zoo build`: the bundled tiny model zoo, built here, offline.
+
+- ``base/``: a tiny Llama (~0.47M parameters) with a char-level tokenizer, briefly
+  pretrained on the task formats with random answers: it knows the alphabet and
+  the formats but solves no task.
+- ``ft_<task>/``: one AdamW fine-tune of the base per task, each with its Adam
+  second moments in ``exp_avg_sq.safetensors`` (under the parameter names).
+- ``checkpoints/add/checkpoint-<step>/``: intermediate checkpoints of the ``add``
+  fine-tune in HF Trainer's layout (model, optimizer.pt, trainer_state.json).
+- ``sweep/reverse/<config>/``: fine-tunes of one task over learning rate, steps
+  and seed, as in the model-soups setup.
+- ``data/<task>/{dev,test}.jsonl`` and ``tasks/<task>.yaml`` (lm-eval task files
+  reading those JSONL files), and ``manifest.json``.
+
+Every random choice has a fixed seed, so a build gives the same files every time;
+a finished build is recognised by its manifest and returned at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import yaml
+
+from mergesearch.checkpoint import replace_dir
+from mergesearch.synthetic import write_tokenizer
+from mergesearch.zoo.tasks import TASKS, make_items
+from mergesearch.zoo.train import train
+
+log = logging.getLogger(__name__)
+
+ZOO_VERSION = 1
+DEFAULT_OUT = Path("results/zoo")
+ZOO_TASKS = ["reverse", "shift", "max", "add"]
+N_DEV, N_TEST = 200, 200
+MODEL = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=4, vocab_size=128, max_position_embeddings=64)
+PRETRAIN = dict(steps=200, lr=3e-3, seed=0)
+FINETUNE = {"reverse": dict(steps=300, lr=3e-3), "shift": dict(steps=300, lr=3e-3),
+            "max": dict(steps=300, lr=3e-3), "add": dict(steps=700, lr=3e-3)}
+CHECKPOINT_TASK, CHECKPOINT_EVERY = "add", 100
+SWEEP_TASK = "reverse"
+SWEEP = [dict(lr=1e-3, steps=300, seed=1), dict(lr=2e-3, steps=300, seed=2), dict(lr=3e-3, steps=200, seed=3),
+         dict(lr=3e-3, steps=300, seed=4), dict(lr=5e-3, steps=150, seed=5), dict(lr=1.5e-3, steps=250, seed=6)]
+
+
+def build_zoo(out: str | Path = DEFAULT_OUT, scale: float = 1.0, force: bool = False) -> dict:
+    """Build the zoo under ``out`` (cached). ``scale`` shrinks every step count (tests)."""
+    out = Path(out)
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists() and not force:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("version") == ZOO_VERSION and manifest.get("scale") == scale:
+            return manifest
+    t0 = time.perf_counter()
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        manifest = _build(tmp, out.resolve(), scale)
+        manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _write_lmeval_tasks(tmp, out.resolve())
+        replace_dir(tmp, out, force=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _steps(n: int, scale: float) -> int:
+    return max(2, int(round(n * scale)))
+
+
+def _build(root: Path, final: Path, scale: float) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    splits = _write_data(root)
+    held_out = {t: {it["context"] for sp in ("dev", "test") for it in splits[t][sp]} for t in ZOO_TASKS}
+
+    def task_sampler(task: str):
+        def sample(rng: random.Random):
+            while True:
+                ctx, ans, _ = TASKS[task].make(rng)
+                if ctx not in held_out[task]:
+                    return ctx, ans
+        return sample
+
+    def generic(rng: random.Random):  # formats with random answers: no task is learned
+        while True:
+            task = rng.choice(ZOO_TASKS)
+            ctx, _, distractors = TASKS[task].make(rng)
+            if ctx not in held_out[task]:
+                return ctx, rng.choice(distractors)
+
+    cfg = LlamaConfig(**MODEL, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                      rms_norm_eps=1e-5, rope_theta=10000.0)
+    torch.manual_seed(PRETRAIN["seed"])
+    model = LlamaForCausalLM(cfg)
+    log.info("zoo: pretraining the base (%d parameters)", sum(p.numel() for p in model.parameters()))
+    train(model, generic, _steps(PRETRAIN["steps"], scale), PRETRAIN["lr"], seed=PRETRAIN["seed"],
+          loss_on_context=True)
+    _save(model, root / "base")
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    models = [{"name": "base", "path": "base", "kind": "base"}]
+
+    for task in ZOO_TASKS:
+        hp = FINETUNE[task]
+        model.load_state_dict(base_state)
+        ckpt_dir = root / "checkpoints" / task
+        saver = None
+        if task == CHECKPOINT_TASK:
+            def saver(step, opt, task=task, ckpt_dir=ckpt_dir, total=_steps(hp["steps"], scale)):
+                every = max(1, _steps(CHECKPOINT_EVERY, scale))
+                if step % every == 0 or step == total:
+                    _save_trainer_checkpoint(model, opt, ckpt_dir / f"checkpoint-{step}", step, total)
+        log.info("zoo: fine-tuning on %s", task)
+        opt = train(model, task_sampler(task), _steps(hp["steps"], scale), hp["lr"], seed=ZOO_TASKS.index(task) + 1,
+                    on_step=saver)
+        _save(model, root / f"ft_{task}", opt)
+        models.append({"name": f"ft_{task}", "path": f"ft_{task}", "kind": "finetune", "task": task,
+                       "optimizer": "adamw", **hp, "exp_avg_sq": f"ft_{task}/exp_avg_sq.safetensors"})
+        if task == CHECKPOINT_TASK:
+            for c in sorted(ckpt_dir.iterdir(), key=lambda p: int(p.name.split("-")[1])):
+                models.append({"name": f"{task}/{c.name}", "path": str(c.relative_to(root)), "kind": "checkpoint",
+                               "task": task, "step": int(c.name.split("-")[1])})
+
+    for hp in SWEEP:
+        name = f"lr{hp['lr']:g}_s{hp['steps']}_seed{hp['seed']}"
+        model.load_state_dict(base_state)
+        log.info("zoo: sweep %s %s", SWEEP_TASK, name)
+        opt = train(model, task_sampler(SWEEP_TASK), _steps(hp["steps"], scale), hp["lr"], seed=100 + hp["seed"])
+        path = root / "sweep" / SWEEP_TASK / name
+        _save(model, path, opt)
+        models.append({"name": f"sweep/{SWEEP_TASK}/{name}", "path": str(path.relative_to(root)), "kind": "sweep",
+                       "task": SWEEP_TASK, "optimizer": "adamw", **hp})
+
+    return {
+        "version": ZOO_VERSION,
+        "scale": scale,
+        "root": str(final),
+        "models": models,
+        "tasks": {t: {"kind": TASKS[t].kind, "description": TASKS[t].description,
+                      "dev": f"data/{t}/dev.jsonl", "test": f"data/{t}/test.jsonl",
+                      "lmeval_task": f"zoo_{t}_{{split}}"} for t in ZOO_TASKS},
+        "splits": {"dev": N_DEV, "test": N_TEST},
+        "lmeval_include_path": "tasks",
+    }
+
+
+def _write_data(root: Path) -> dict:
+    splits = {}
+    for task in ZOO_TASKS:
+        dev = make_items(task, N_DEV, seed=1)
+        test = make_items(task, N_TEST, seed=2, exclude={it["context"] for it in dev})
+        splits[task] = {"dev": dev, "test": test}
+        folder = root / "data" / task
+        folder.mkdir(parents=True)
+        for split, items in splits[task].items():
+            (folder / f"{split}.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+    return splits
+
+
+def _write_lmeval_tasks(root: Path, final: Path) -> None:
+    """lm-eval task files: one task per (task, split), reading the zoo's JSONL."""
+    folder = root / "tasks"
+    folder.mkdir()
+    for task in ZOO_TASKS:
+        for split in ("dev", "test"):
+            spec = {
+                "task": f"zoo_{task}_{split}",
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"eval": str(final / "data" / task / f"{split}.jsonl")}},
+                "test_split": "eval",
+                "output_type": "multiple_choice",
+                "doc_to_text": "{{context}}",
+                "doc_to_choice": "{{choices}}",
+                "doc_to_target": "{{answer}}",
+                "target_delimiter": "",
+                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+                "metadata": {"version": ZOO_VERSION},
+            }
+            (folder / f"zoo_{task}_{split}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+def _save(model, path: Path, opt: torch.optim.Optimizer | None = None) -> None:
+    model.save_pretrained(path, safe_serialization=True)
+    write_tokenizer(path, model.config.vocab_size)
+    if opt is not None:
+        from safetensors.torch import save_file
+        names = {id(p): n for n, p in model.named_parameters()}
+        moments = {names[id(p)]: st["exp_avg_sq"].contiguous() for p, st in opt.state.items() if "exp_avg_sq" in st}
+        save_file(moments, str(path / "exp_avg_sq.safetensors"), metadata={"format": "pt", "optimizer": "adamw"})
+
+
+def _save_trainer_checkpoint(model, opt, path: Path, step: int, total: int) -> None:
+    _save(model, path)
+    torch.save(opt.state_dict(), path / "optimizer.pt")
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": total}, indent=2) + "\n")
+
+
+def load_manifest(zoo: str | Path) -> dict:
+    from mergesearch.errors import MergeSearchError
+    p = Path(zoo) / "manifest.json"
+    if not p.exists():
+        raise MergeSearchError(f"{zoo}: not a built zoo (no manifest.json; run `mergesearch zoo build`)")
+    return json.loads(p.read_text())

@@ -1,0 +1,106 @@
+"""The zoo's synthetic tasks.
+
+Every task item is multiple choice: a context, four answer choices and the index
+of the correct one. Models are trained to continue the context with the correct
+answer; scoring picks the choice with the highest summed log-likelihood (the
+lm-eval ``multiple_choice`` ``acc`` metric).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+LETTERS = "abcdefgh"
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str
+    description: str
+    make: Callable[[random.Random], tuple[str, str, list[str]]]  # -> context, answer, distractors
+
+
+def _distinct(answer: str, candidates: list[str], rng: random.Random, fallback: Callable[[], str]) -> list[str]:
+    out: list[str] = []
+    for c in candidates:
+        if c != answer and c not in out:
+            out.append(c)
+    while len(out) < 3:
+        c = fallback()
+        if c != answer and c not in out:
+            out.append(c)
+    return out[:3]
+
+
+def _word(rng: random.Random, lo: int, hi: int, alphabet: str = LETTERS) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
+
+
+def _reverse(rng):
+    s = _word(rng, 4, 6)
+    ans = s[::-1]
+    swap = list(ans)
+    k = rng.randrange(len(swap) - 1)
+    swap[k], swap[k + 1] = swap[k + 1], swap[k]
+    one = list(ans)
+    one[rng.randrange(len(one))] = rng.choice(LETTERS)
+    return f"rev:{s}=", ans, _distinct(ans, [s, "".join(swap), "".join(one), ans[1:] + ans[0]], rng,
+                                       lambda: _word(rng, len(s), len(s)))
+
+
+def _shift(rng):
+    s = _word(rng, 3, 6)
+    up = lambda w, k: "".join(chr((ord(c) - 97 + k) % 26 + 97) for c in w)  # noqa: E731
+    ans = up(s, 1)
+    wrong = list(ans)
+    wrong[rng.randrange(len(wrong))] = rng.choice("bcdefghi")
+    return f"shf:{s}=", ans, _distinct(ans, [s, up(s, 2), "".join(wrong)], rng, lambda: up(_word(rng, len(s), len(s)), 1))
+
+
+def _max(rng):
+    digits = [rng.randint(0, 9) for _ in range(rng.randint(4, 7))]
+    m = max(digits)
+    ans = str(m)
+    cands = sorted(set(digits) - {m}, reverse=True)
+    cands = [str(x) for x in cands] + [str(x) for x in (m - 1, m + 1) if 0 <= x <= 9]
+    return f"max:{''.join(map(str, digits))}=", ans, _distinct(ans, cands, rng, lambda: str(rng.randint(0, 9)))
+
+
+def _add(rng):
+    a, b = rng.randint(0, 49), rng.randint(0, 49)
+    s = a + b
+    ans = str(s)
+    near = [str(x) for x in (s + 1, s - 1, s + 10, s - 10, s + 2) if x >= 0]
+    rng.shuffle(near)
+    return f"add:{a}+{b}=", ans, _distinct(ans, near, rng, lambda: str(rng.randint(0, 98)))
+
+
+TASKS: dict[str, Task] = {t.name: t for t in [
+    Task("reverse", "string transformation", "reverse a 4-6 letter string", _reverse),
+    Task("shift", "character mapping", "shift every letter one step forward", _shift),
+    Task("max", "selection", "the largest digit of a digit string", _max),
+    Task("add", "arithmetic", "add two numbers below 50", _add),
+]}
+
+
+def make_items(task: str, n: int, seed: int, exclude: set[str] | None = None) -> list[dict]:
+    """n distinct items (by context) whose contexts are not in ``exclude``."""
+    rng = random.Random(f"{task}:{seed}")
+    seen = set(exclude or ())
+    items = []
+    attempts = 0
+    while len(items) < n:
+        attempts += 1
+        if attempts > 200 * n:
+            raise RuntimeError(f"task {task}: cannot draw {n} distinct items")
+        ctx, ans, distractors = TASKS[task].make(rng)
+        if ctx in seen:
+            continue
+        seen.add(ctx)
+        choices = [ans] + distractors
+        rng.shuffle(choices)
+        items.append({"context": ctx, "choices": choices, "answer": choices.index(ans)})
+    return items

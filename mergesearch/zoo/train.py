@@ -1,0 +1,91 @@
+"""Training loops for the zoo: a brief generic pretraining, then AdamW fine-tunes."""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import torch
+
+from mergesearch.synthetic import CHARS, SPECIALS
+
+PAD, BOS, EOS = 0, 1, 2
+VOCAB = {t: i for i, t in enumerate(SPECIALS + CHARS)}
+
+
+def encode(text: str) -> list[int]:
+    """Char-level ids, identical to the zoo tokenizer's encoding (no special tokens)."""
+    return [VOCAB[c] for c in text]
+
+
+def make_batch(pairs: list[tuple[str, str]], loss_on_context: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    seqs, labels = [], []
+    for ctx, ans in pairs:
+        c, a = encode(ctx), encode(ans) + [EOS]
+        seqs.append(c + a)
+        labels.append((c if loss_on_context else [-100] * len(c)) + a)
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
+    lab = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for k, (s, l) in enumerate(zip(seqs, labels)):
+        ids[k, :len(s)] = torch.tensor(s)
+        lab[k, :len(l)] = torch.tensor(l)
+    return ids, lab
+
+
+def train(
+    model: torch.nn.Module,
+    sample: Callable[[random.Random], tuple[str, str]],
+    steps: int,
+    lr: float,
+    batch_size: int = 64,
+    seed: int = 0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    weight_decay: float = 0.0,
+    loss_on_context: bool = False,
+    warmup: int = 20,
+    on_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
+) -> torch.optim.AdamW:
+    """AdamW with linear warmup and cosine decay; ``sample(rng)`` draws one (context, answer)."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(s / steps * 3.14159)).item()))
+    model.train()
+    for step in range(1, steps + 1):
+        ids, lab = make_batch([sample(rng) for _ in range(batch_size)], loss_on_context)
+        loss = model(input_ids=ids, attention_mask=(ids != PAD) | (lab != -100), labels=lab).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if on_step:
+            on_step(step, opt)
+    model.eval()
+    return opt
+
+
+@torch.no_grad()
+def mc_accuracy(model: torch.nn.Module, items: list[dict], batch_size: int = 256) -> float:
+    """Multiple-choice accuracy by summed continuation log-likelihood (for training checks)."""
+    rows = [(it["context"], ch) for it in items for ch in it["choices"]]
+    scores = []
+    for k in range(0, len(rows), batch_size):
+        chunk = rows[k:k + batch_size]
+        seqs = [encode(c) + encode(a) for c, a in chunk]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
+        for j, s in enumerate(seqs):
+            ids[j, :len(s)] = torch.tensor(s)
+        logp = model(input_ids=ids).logits.float().log_softmax(-1)
+        for j, (c, a) in enumerate(chunk):
+            start, end = len(c), len(c) + len(a)
+            tgt = ids[j, start:end]
+            scores.append(float(logp[j, start - 1:end - 1].gather(-1, tgt[:, None]).sum()))
+    correct = 0
+    for n, it in enumerate(items):
+        s = scores[4 * n:4 * n + 4]
+        correct += int(max(range(4), key=lambda i: (s[i], -i)) == it["answer"])
+    return correct / len(items)
