@@ -124,6 +124,92 @@ def convert(
     typer.echo(f"wrote {out}")
 
 
+zoo_app = typer.Typer(no_args_is_help=True, help="The bundled tiny model zoo.")
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("build")
+def zoo_build(
+    out: Path = typer.Option(Path("results/zoo"), "--out", help="where to build the zoo"),
+    force: bool = typer.Option(False, "--force", help="rebuild even when a finished build is there"),
+):
+    """Build the zoo: a tiny base, task fine-tunes, checkpoints, a sweep, data (cached)."""
+    from mergesearch.zoo.build import build_zoo
+
+    manifest = build_zoo(out, force=force)
+    n = len(manifest["models"])
+    took = manifest.get("build_seconds")
+    typer.echo(f"zoo at {out}: {n} models, tasks {', '.join(manifest['tasks'])}"
+               + (f" (built in {took:.0f}s)" if took is not None else ""))
+
+
+@app.command("eval")
+def eval_cmd(
+    model_dir: Path = typer.Argument(..., help="HF model folder"),
+    tasks: Optional[str] = typer.Option(None, help="comma-separated task names"),
+    config: Optional[Path] = typer.Option(None, "--config", help="evaluation YAML (tasks, split, limit, ...)"),
+    split: Optional[str] = typer.Option(None, help="dev or test"),
+    evaluator: Optional[str] = typer.Option(None, help="loglik, lmeval or python"),
+    task_dir: Optional[Path] = typer.Option(None, "--task-dir", help="zoo root, JSONL folder or lm-eval task folder"),
+    limit: Optional[int] = typer.Option(None, help="items per task"),
+    out: Optional[Path] = typer.Option(None, "--out", help="JSON output (default results/eval/<model>-<split>.json)"),
+):
+    """Score a model on held-out tasks: prints a per-task table and writes JSON."""
+    import json
+    import time
+
+    from mergesearch.checkpoint import Checkpoint, atomic_file
+    from mergesearch.evaluate import EvalConfig, build_evaluator
+    from mergesearch.recipe import pydantic_error
+
+    from pydantic import ValidationError
+
+    Checkpoint(model_dir)  # a clear error for a missing or non-model folder
+    if config:
+        cfg = EvalConfig.load(config)
+    elif tasks:
+        cfg = EvalConfig(tasks=[t for t in tasks.split(",") if t], task_dir=str(task_dir or "results/zoo"))
+    else:
+        raise MergeSearchError("eval: give --tasks or --config")
+    updates = {k: v for k, v in {"split": split, "evaluator": evaluator, "limit": limit,
+                                 "task_dir": str(task_dir) if task_dir else None}.items() if v is not None}
+    try:
+        cfg = EvalConfig.model_validate({**cfg.model_dump(), **updates})
+    except ValidationError as e:
+        raise pydantic_error(e, "eval options") from None
+    cfg.check("eval options")
+    ev = build_evaluator(cfg)
+    model, tokenizer = load_model(model_dir)
+    t0 = time.perf_counter()
+    scores = ev.score(model, tokenizer)
+    seconds = time.perf_counter() - t0
+    agg = ev.aggregate(scores)
+    width = max(len(t) for t in scores)
+    typer.echo(f"{'task':<{width}}  {cfg.split} acc")
+    for t, v in scores.items():
+        typer.echo(f"{t:<{width}}  {v:.4f}")
+    typer.echo(f"{'mean':<{width}}  {agg:.4f}   ({cfg.evaluator}, {seconds:.2f}s)")
+    out = out or Path("results") / "eval" / f"{model_dir.resolve().name}-{cfg.split}.json"
+    with atomic_file(out) as f:
+        json.dump({"model": str(model_dir.resolve()), "split": cfg.split, "evaluator": cfg.evaluator,
+                   "scores": scores, "aggregate": agg, "seconds": seconds, "config": cfg.model_dump()}, f, indent=2)
+    typer.echo(f"wrote {out}")
+
+
+def load_model(model_dir: Path, device: str = "cpu"):
+    """An HF causal LM and its tokenizer (safetensors only, no remote code)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False)
+    except Exception as e:
+        raise MergeSearchError(f"{model_dir}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), tokenizer
+
+
 @app.command()
 def methods():
     """List the merge methods and their parameters."""
