@@ -44,8 +44,8 @@ MODEL = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_att
              num_key_value_heads=4, vocab_size=128, max_position_embeddings=64)
 PRETRAIN = dict(steps=200, lr=3e-3, seed=0)
 FINETUNE = {"reverse": dict(steps=300, lr=3e-3), "shift": dict(steps=300, lr=3e-3),
-            "max": dict(steps=300, lr=3e-3), "add": dict(steps=700, lr=3e-3)}
-CHECKPOINT_TASK, CHECKPOINT_EVERY = "add", 100
+            "max": dict(steps=300, lr=3e-3), "add": dict(steps=1000, lr=3e-3)}
+CHECKPOINT_TASK, CHECKPOINT_EVERY = "add", 150
 SWEEP_TASK = "reverse"
 SWEEP = [dict(lr=1e-3, steps=300, seed=1), dict(lr=2e-3, steps=300, seed=2), dict(lr=3e-3, steps=200, seed=3),
          dict(lr=3e-3, steps=300, seed=4), dict(lr=5e-3, steps=150, seed=5), dict(lr=1.5e-3, steps=250, seed=6)]
@@ -78,20 +78,22 @@ def _steps(n: int, scale: float) -> int:
     return max(2, int(round(n * scale)))
 
 
+def training_sampler(task: str, held_out: set[str]):
+    """Draws (context, answer) training pairs of ``task``, never a held-out context."""
+    def sample(rng: random.Random):
+        while True:
+            ctx, ans, _ = TASKS[task].make(rng)
+            if ctx not in held_out:
+                return ctx, ans
+    return sample
+
+
 def _build(root: Path, final: Path, scale: float) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     splits = _write_data(root)
     held_out = {t: {it["context"] for sp in ("dev", "test") for it in splits[t][sp]} for t in ZOO_TASKS}
-
-    def task_sampler(task: str):
-        def sample(rng: random.Random):
-            while True:
-                ctx, ans, _ = TASKS[task].make(rng)
-                if ctx not in held_out[task]:
-                    return ctx, ans
-        return sample
 
     def generic(rng: random.Random):  # formats with random answers: no task is learned
         while True:
@@ -122,7 +124,7 @@ def _build(root: Path, final: Path, scale: float) -> dict:
                 if step % every == 0 or step == total:
                     _save_trainer_checkpoint(model, opt, ckpt_dir / f"checkpoint-{step}", step, total)
         log.info("zoo: fine-tuning on %s", task)
-        opt = train(model, task_sampler(task), _steps(hp["steps"], scale), hp["lr"], seed=ZOO_TASKS.index(task) + 1,
+        opt = train(model, training_sampler(task, held_out[task]), _steps(hp["steps"], scale), hp["lr"], seed=ZOO_TASKS.index(task) + 1,
                     on_step=saver)
         _save(model, root / f"ft_{task}", opt)
         models.append({"name": f"ft_{task}", "path": f"ft_{task}", "kind": "finetune", "task": task,
@@ -136,7 +138,7 @@ def _build(root: Path, final: Path, scale: float) -> dict:
         name = f"lr{hp['lr']:g}_s{hp['steps']}_seed{hp['seed']}"
         model.load_state_dict(base_state)
         log.info("zoo: sweep %s %s", SWEEP_TASK, name)
-        opt = train(model, task_sampler(SWEEP_TASK), _steps(hp["steps"], scale), hp["lr"], seed=100 + hp["seed"])
+        opt = train(model, training_sampler(SWEEP_TASK, held_out[SWEEP_TASK]), _steps(hp["steps"], scale), hp["lr"], seed=100 + hp["seed"])
         path = root / "sweep" / SWEEP_TASK / name
         _save(model, path, opt)
         models.append({"name": f"sweep/{SWEEP_TASK}/{name}", "path": str(path.relative_to(root)), "kind": "sweep",

@@ -1,0 +1,201 @@
+"""The zoo (built once per session, cached under results/zoo) and the evaluators."""
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergesearch.cli import main
+from mergesearch.evaluate import EvalConfig, build_evaluator
+from mergesearch.evaluate.loglik import LoglikEvaluator
+from mergesearch.materialize import Materializer
+from mergesearch.recipe import from_dict
+from mergesearch.zoo.build import ZOO_TASKS, build_zoo, training_sampler
+from mergesearch.zoo.tasks import make_items
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def zoo() -> Path:
+    path = Path(os.environ.get("MERGESEARCH_ZOO", ROOT / "results" / "zoo"))
+    build_zoo(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def base_model(zoo):
+    from mergesearch.cli import load_model
+    return load_model(zoo / "base")
+
+
+def scores_of(zoo, path, split="dev", evaluator="loglik"):
+    from mergesearch.cli import load_model
+    model, tok = load_model(path)
+    return build_evaluator(EvalConfig(evaluator=evaluator, tasks=ZOO_TASKS, task_dir=str(zoo), split=split)).score(model, tok)
+
+
+def test_small_build_is_deterministic_and_cached(tmp_path):
+    import time
+    a = build_zoo(tmp_path / "a", scale=0.02)
+    b = build_zoo(tmp_path / "b", scale=0.02)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) > 60
+    for f in files:
+        if f.name in ("manifest.json",) or f.suffix == ".yaml":
+            continue  # they name their own folder
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    t0 = time.perf_counter()
+    again = build_zoo(tmp_path / "a", scale=0.02)
+    assert time.perf_counter() - t0 < 0.5 and again == a
+    assert [m["kind"] for m in a["models"]].count("checkpoint") >= 5
+    assert [m["kind"] for m in a["models"]].count("sweep") >= 6
+
+
+def test_splits_disjoint_from_each_other_and_training(zoo):
+    for task in ZOO_TASKS:
+        dev = [json.loads(l)["context"] for l in (zoo / "data" / task / "dev.jsonl").read_text().splitlines()]
+        test = [json.loads(l)["context"] for l in (zoo / "data" / task / "test.jsonl").read_text().splitlines()]
+        assert len(dev) == len(set(dev)) == 200 and len(test) == 200
+        assert not set(dev) & set(test)
+        sample = training_sampler(task, set(dev) | set(test))
+        rng = random.Random(0)
+        drawn = {sample(rng)[0] for _ in range(5000)}
+        assert not drawn & (set(dev) | set(test))
+
+
+def test_zoo_layout(zoo):
+    manifest = json.loads((zoo / "manifest.json").read_text())
+    kinds = [m["kind"] for m in manifest["models"]]
+    assert kinds.count("finetune") == 4 and kinds.count("checkpoint") >= 5 and kinds.count("sweep") >= 6
+    from mergesearch.checkpoint import Checkpoint
+    base = Checkpoint(zoo / "base")
+    n = sum(base.numel(k) for k in base.names())
+    assert 300_000 <= n <= 2_000_000
+    for task in ZOO_TASKS:
+        from safetensors import safe_open
+        with safe_open(zoo / f"ft_{task}" / "exp_avg_sq.safetensors", "pt") as f:
+            assert set(f.keys()) == set(base.names())
+            assert all(f.get_tensor(k).min() >= 0 for k in f.keys())
+    ck = sorted((zoo / "checkpoints" / "add").iterdir(), key=lambda p: int(p.name.split("-")[1]))
+    assert (ck[0] / "optimizer.pt").exists() and (ck[0] / "model.safetensors").exists()
+    state = torch.load(ck[0] / "optimizer.pt", weights_only=True)
+    assert "state" in state and "param_groups" in state
+
+
+@pytest.mark.slow
+def test_finetunes_solve_their_task_and_only_it(zoo):
+    base = scores_of(zoo, zoo / "base", "test")
+    assert max(base.values()) < 0.5
+    for task in ZOO_TASKS:
+        s = scores_of(zoo, zoo / f"ft_{task}", "test")
+        assert s[task] >= 0.9, (task, s)
+        others = [v for t, v in s.items() if t != task]
+        assert max(others) < 0.5, (task, s)
+
+
+@pytest.mark.slow
+def test_loglik_and_lmeval_agree_on_every_task_and_split(zoo):
+    from mergesearch.cli import load_model
+    for name in ("base", "ft_reverse", "ft_add"):
+        model, tok = load_model(zoo / name)
+        for split in ("dev", "test"):
+            cfg = EvalConfig(tasks=ZOO_TASKS, task_dir=str(zoo), split=split)
+            ours = LoglikEvaluator(cfg).score(model, tok)
+            theirs = build_evaluator(cfg.model_copy(update={"evaluator": "lmeval"})).score(model, tok)
+            assert ours == theirs, (name, split, ours, theirs)
+
+
+@pytest.mark.slow
+def test_lmeval_scores_follow_in_place_weight_change(zoo):
+    from mergesearch.cli import load_model
+    model, tok = load_model(zoo / "base")
+    ev = build_evaluator(EvalConfig(evaluator="lmeval", tasks=["max", "add"], task_dir=str(zoo), limit=100))
+    before = ev.score(model, tok)
+    mat = Materializer(zoo / "base", [zoo / "ft_max"], methods=["task_arithmetic"])
+    mat.write_into(model, from_dict(dict(method="task_arithmetic", base=str(zoo / "base"),
+                                         models=[{"path": str(zoo / "ft_max"), "parameters": {"weight": 1.0}}])))
+    after = ev.score(model, tok)
+    assert ev._lm is not None and ev._wrapped is model  # the same HFLM, reused
+    assert after["max"] >= 0.9 > before["max"]
+    fresh_model, _ = load_model(zoo / "ft_max")
+    assert after == build_evaluator(EvalConfig(evaluator="lmeval", tasks=["max", "add"], task_dir=str(zoo),
+                                               limit=100)).score(fresh_model, tok)
+
+
+def test_python_evaluator(tmp_path, base_model, monkeypatch):
+    (tmp_path / "myscore.py").write_text(
+        "def score(model, tokenizer, tasks, split, limit, bonus=0.0):\n"
+        "    return {t: 0.25 + bonus for t in tasks}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ev = build_evaluator(EvalConfig(evaluator="python", tasks=["a", "b"], function="myscore:score",
+                                    options={"bonus": 0.5}, weights={"a": 3.0}))
+    model, tok = base_model
+    assert ev.score(model, tok) == {"a": 0.75, "b": 0.75}
+    assert ev.aggregate({"a": 1.0, "b": 0.0}) == 0.75
+
+
+def test_eval_cli_table_and_json(tmp_path, zoo, capsys):
+    out = tmp_path / "s.json"
+    assert main(["eval", str(zoo / "ft_shift"), "--tasks", "shift,max", "--task-dir", str(zoo),
+                 "--split", "test", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["split"] == "test" and set(data["scores"]) == {"shift", "max"}
+    assert f"shift  {data['scores']['shift']:.4f}" in printed
+    assert data["scores"]["shift"] >= 0.9
+
+
+# -- bad input: one line, exit 2 ---------------------------------------------------
+
+def eval_error(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    return err
+
+
+def test_missing_task_file(tmp_path, zoo, capsys):
+    err = eval_error(["eval", str(zoo / "base"), "--tasks", "nosuch", "--task-dir", str(zoo),
+                      "--out", str(tmp_path / "o.json")], capsys)
+    assert "data/nosuch/dev.jsonl: task file not found" in err
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_malformed_jsonl_line(tmp_path, zoo, capsys):
+    d = tmp_path / "tasks"
+    d.mkdir()
+    good = json.dumps({"context": "max:12=", "choices": ["2", "1"], "answer": 0})
+    (d / "mytask_dev.jsonl").write_text(good + "\n" + good + "\n{broken\n")
+    err = eval_error(["eval", str(zoo / "base"), "--tasks", "mytask", "--task-dir", str(d)], capsys)
+    assert f"{d / 'mytask_dev.jsonl'}:3: malformed JSON line" in err
+
+
+def test_item_without_choices(tmp_path, zoo, capsys):
+    d = tmp_path / "tasks"
+    d.mkdir()
+    (d / "mytask_dev.jsonl").write_text(json.dumps({"context": "max:12=", "choices": [], "answer": 0}) + "\n")
+    err = eval_error(["eval", str(zoo / "base"), "--tasks", "mytask", "--task-dir", str(d)], capsys)
+    assert f"{d / 'mytask_dev.jsonl'}:1: item has no answer choices" in err
+
+
+def test_unknown_lmeval_task(zoo, capsys):
+    err = eval_error(["eval", str(zoo / "base"), "--tasks", "definitely_not_a_task", "--task-dir", str(zoo),
+                      "--evaluator", "lmeval"], capsys)
+    assert "unknown lm-eval task 'definitely_not_a_task'" in err
+
+
+def test_tokenizer_that_does_not_fit(tmp_path, zoo, capsys):
+    import shutil
+    from mergesearch.synthetic import write_tokenizer
+    m = tmp_path / "m"
+    shutil.copytree(zoo / "base", m)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (m / f).unlink()
+    write_tokenizer(m, 300)  # 300 ids for a 128-row embedding
+    err = eval_error(["eval", str(m), "--tasks", "max", "--task-dir", str(zoo)], capsys)
+    assert "tokenizer has 300 tokens but the model's embedding has 128 rows" in err
