@@ -1,0 +1,74 @@
+"""Evaluator speed: score one zoo candidate on all dev tasks with each evaluator.
+
+Per candidate = one Materializer write (a TIES merge of the four task fine-tunes)
+plus one evaluation. One-off costs (task loading, tokenization, building the
+HFLM) are reported separately. Target: <= 2 s per candidate for the fast scorer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mergesearch.cli import load_model  # noqa: E402
+from mergesearch.evaluate import EvalConfig, build_evaluator  # noqa: E402
+from mergesearch.materialize import Materializer  # noqa: E402
+from mergesearch.recipe import from_dict  # noqa: E402
+from mergesearch.zoo.build import ZOO_TASKS, build_zoo  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--zoo", default=str(ROOT / "results" / "zoo"))
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    zoo = Path(args.zoo)
+    build_zoo(zoo)
+    fts = [str(zoo / f"ft_{t}") for t in ZOO_TASKS]
+    mat = Materializer(zoo / "base", fts, methods=["ties"])
+    model, tok = load_model(zoo / "base")
+    recipes = [from_dict(dict(method="ties", base=str(zoo / "base"), models=[
+        {"path": p, "parameters": {"weight": 0.5 + 0.05 * k, "density": 0.5}} for p in fts])) for k in range(args.repeats + 1)]
+    out = {}
+    for kind in ("loglik", "lmeval"):
+        t0 = time.perf_counter()
+        ev = build_evaluator(EvalConfig(evaluator=kind, tasks=ZOO_TASKS, task_dir=str(zoo), split="dev"))
+        load = time.perf_counter() - t0
+        mat.write_into(model, recipes[0])
+        t0 = time.perf_counter()
+        ev.score(model, tok)  # first call: tokenization / HFLM set-up
+        first = time.perf_counter() - t0
+        mats, evals = [], []
+        for r in recipes[1:]:
+            t0 = time.perf_counter()
+            mat.write_into(model, r)
+            t1 = time.perf_counter()
+            ev.score(model, tok)
+            t2 = time.perf_counter()
+            mats.append(t1 - t0)
+            evals.append(t2 - t1)
+        out[kind] = {"task_loading_s": load, "first_call_s": first, "materialize_s": statistics.median(mats),
+                     "eval_s": statistics.median(evals),
+                     "per_candidate_s": statistics.median(m + e for m, e in zip(mats, evals))}
+    items = 4 * 200
+    print(f"one zoo candidate (TIES of 4 fine-tunes, {items} dev items x 4 choices), median of {args.repeats}:")
+    print(f"{'evaluator':<10}{'task loading':>14}{'first call':>12}{'materialize':>13}{'eval':>8}{'per candidate':>15}")
+    for kind, r in out.items():
+        print(f"{kind:<10}{r['task_loading_s']:>13.2f}s{r['first_call_s']:>11.2f}s{r['materialize_s']:>12.3f}s"
+              f"{r['eval_s']:>7.2f}s{r['per_candidate_s']:>14.2f}s")
+    ratio = out["lmeval"]["per_candidate_s"] / out["loglik"]["per_candidate_s"]
+    print(f"lm-eval / loglik per candidate: {ratio:.1f}x; target loglik <= 2 s: "
+          f"{'met' if out['loglik']['per_candidate_s'] <= 2 else 'MISSED'}")
+    (ROOT / "results" / "bench_eval.json").write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
