@@ -211,6 +211,94 @@ def load_model(model_dir: Path, device: str = "cpu"):
 
 
 @app.command()
+def search(
+    space_file: Path = typer.Argument(..., metavar="SPACE.yaml", help="search space"),
+    run: Optional[str] = typer.Option(None, "--run", help="run name (default: the space file's name)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run with its sampler state"),
+    workers: int = typer.Option(2, "--workers", min=1, help="Ray workers (local Ray is sized to this)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="join an existing Ray cluster"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="SQLAlchemy URL (default results/<run>/study.db)"),
+    n_trials: Optional[int] = typer.Option(None, "--n-trials", min=1, help="override the space's trial budget"),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="override the wall-time budget (s)"),
+    no_export: bool = typer.Option(False, "--no-export", help="skip the export at the end"),
+):
+    """Search merges: propose with Optuna, score on Ray workers, rank, export the winner."""
+    from mergesearch.search.controller import Controller, SearchOptions
+    from mergesearch.space import SearchSpace
+
+    sp = SearchSpace.load(space_file)
+    name = run or space_file.stem
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise MergeSearchError(f"--run: '{name}' must use letters, digits, '.', '_' or '-'")
+    opts = SearchOptions(run=name, resume=resume, workers=workers, ray_address=ray_address, storage=storage,
+                         n_trials=n_trials, timeout=timeout, progress=interactive())
+    summary = Controller(sp, opts, str(space_file)).run()
+    typer.echo(f"run {name}: {summary['complete']} complete, {summary['failed']} failed trials in "
+               f"{summary['elapsed_s']:.0f}s" + (" (interrupted)" if summary["interrupted"] else ""))
+    if not no_export and summary["complete"]:
+        _export_and_print(name, None, storage)
+    if summary["interrupted"]:
+        raise typer.Exit(130)
+
+
+def _export_and_print(run: str, trial, storage) -> None:
+    from mergesearch.export import export_run
+
+    res = export_run(run, trial, storage)
+    tasks = list(res["test"]["merged"])
+    typer.echo(f"exported trial {res['trial']} -> {res['model']} "
+               f"(dev re-score {'matches' if res['dev']['verified'] else 'DIFFERS'})")
+    typer.echo(f"{'test':<28}" + "".join(f"{t[:10]:>11}" for t in tasks) + f"{'mean':>9}")
+    typer.echo(f"{'merged':<28}" + "".join(f"{res['test']['merged'][t]:>11.4f}" for t in tasks)
+               + f"{res['test']['merged_aggregate']:>9.4f}")
+    for p, s in res["test"]["sources"].items():
+        typer.echo(f"{Path(p).name[:28]:<28}" + "".join(f"{s['scores'][t]:>11.4f}" for t in tasks)
+                   + f"{s['aggregate']:>9.4f}")
+
+
+@app.command()
+def leaderboard(
+    run: str = typer.Argument(..., help="run name"),
+    top: int = typer.Option(10, "--top", min=1),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="write the whole table as CSV"),
+    parquet: Optional[Path] = typer.Option(None, "--parquet", help="write the whole table as Parquet"),
+    storage: Optional[str] = typer.Option(None, "--storage"),
+    failed: bool = typer.Option(False, "--failed", help="include failed trials"),
+):
+    """Rank a run's trials: aggregate, per-task dev scores, key parameters."""
+    import pandas as pd
+
+    from mergesearch.checkpoint import atomic_file
+    from mergesearch.store import leaderboard as board, load_run
+
+    study, st = load_run(run, storage)
+    df = board(study, st, include_failed=failed)
+    if csv:
+        with atomic_file(csv) as f:
+            df.to_csv(f, index=False)
+    if parquet:
+        tmp = parquet.parent / f".{parquet.name}.tmp"
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, parquet)
+    if df.empty:
+        typer.echo(f"run {run}: no completed trials")
+        return
+    cols = ["rank", "trial", "kind", "aggregate"] + [c for c in df.columns if c.startswith("dev:")] + ["params"]
+    with pd.option_context("display.max_colwidth", 70, "display.width", 200):
+        typer.echo(df[cols].head(top).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+@app.command()
+def export(
+    run: str = typer.Argument(..., help="run name"),
+    trial: Optional[str] = typer.Option(None, "--trial", help="trial number (default: the best); b0 for a baseline"),
+    storage: Optional[str] = typer.Option(None, "--storage"),
+):
+    """Write the best (or a chosen) trial's recipe, checkpoint, model card and test scores."""
+    _export_and_print(run, trial, storage)
+
+
+@app.command()
 def methods():
     """List the merge methods and their parameters."""
     from mergesearch.methods import REGISTRY

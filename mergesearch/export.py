@@ -1,0 +1,118 @@
+"""Export a run's best (or a chosen) trial.
+
+Writes into ``results/<run>/``:
+- ``best_recipe.yaml`` and ``best_mergekit.yaml``;
+- ``model/``: the checkpoint, streamed and written atomically, with a model card
+  (``README.md``: sources, recipe, dev and test scores);
+- ``scores.json``: the recipe's TEST scores beside each source model's and the
+  base's, plus the verification below.
+
+Verification: the exported checkpoint is reloaded with transformers and scored
+again on dev; the scores must equal the trial's stored dev scores (the export is
+bit-equal to the candidate that was scored), and the result is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from mergesearch.checkpoint import atomic_file
+from mergesearch.errors import MergeSearchError
+from mergesearch.recipe import Recipe, from_dict, save_mergekit, to_mergekit
+
+log = logging.getLogger("mergesearch.export")
+
+
+def export_run(run: str, trial: str | int | None = None, storage_url: str | None = None,
+               root: Path = Path("results"), device: str = "cpu") -> dict:
+    import optuna  # noqa: F401
+
+    from mergesearch.cli import load_model
+    from mergesearch.evaluate import EvalConfig, build_evaluator
+    from mergesearch.merge import open_plan, stream_merge
+    from mergesearch.store import find_trial, load_run
+
+    study, storage = load_run(run, storage_url, root)
+    t = find_trial(study, storage, trial)
+    recipe = from_dict(t.user_attrs["recipe"], f"trial {trial if trial is not None else t.number}")
+    space = study.user_attrs.get("space") or {}
+    eval_cfg = EvalConfig.model_validate(space.get("evaluator") or t.user_attrs.get("evaluator"))
+    out = root / run
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    recipe.save(out / "best_recipe.yaml")
+    save_mergekit(recipe, out / "best_mergekit.yaml")
+
+    dev_stored = t.user_attrs.get("scores") or {}
+    model_dir = out / "model"
+    plan = open_plan(recipe)
+    stream_merge(plan, model_dir, force=True, device=device)
+
+    dev_ev = build_evaluator(eval_cfg.model_copy(update={"split": "dev"}))
+    test_ev = build_evaluator(eval_cfg.model_copy(update={"split": "test"}))
+    model, tok = load_model(model_dir, device=device)
+    dev_again = dev_ev.score(model, tok)
+    verified = dev_again == dev_stored
+    test_scores = test_ev.score(model, tok)
+    sources = {}
+    for path in [recipe.base] + [m.path for m in recipe.models] if recipe.base else [m.path for m in recipe.models]:
+        if path in sources:
+            continue
+        m, tk = load_model(Path(path), device=device)
+        sources[path] = test_ev.score(m, tk)
+    label = f"b{t.number}" if t.user_attrs.get("baseline") else str(t.number)
+    result = {
+        "run": run,
+        "trial": label,
+        "baseline": t.user_attrs.get("baseline"),
+        "recipe": recipe.to_dict(),
+        "test": {"merged": test_scores, "merged_aggregate": test_ev.aggregate(test_scores),
+                 "sources": {p: {"scores": s, "aggregate": test_ev.aggregate(s)} for p, s in sources.items()}},
+        "dev": {"stored": dev_stored, "rescored": dev_again, "verified": verified},
+        "model": str(model_dir),
+        "seconds": time.perf_counter() - t0,
+    }
+    if not verified:
+        log.warning("export: re-scored dev %s differs from the stored %s", dev_again, dev_stored)
+    with atomic_file(out / "scores.json") as f:
+        json.dump(result, f, indent=2)
+    card = model_card(recipe, result, eval_cfg.tasks)
+    with atomic_file(model_dir / "README.md") as f:
+        f.write(card)
+    return result
+
+
+def model_card(recipe: Recipe, result: dict, tasks: list[str]) -> str:
+    import yaml
+
+    lines = [
+        "# Merged model",
+        "",
+        f"Made by mergesearch from run `{result['run']}`, trial {result['trial']}"
+        + (f" ({result['baseline']})" if result.get("baseline") else "") + f": **{recipe.method}**.",
+        "",
+        "## Sources",
+        f"- base: `{recipe.base}`" if recipe.base else "",
+        *[f"- `{m.path}`" for m in recipe.models],
+        "",
+        "## Scores",
+        "",
+        "| model | " + " | ".join(tasks) + " | mean |",
+        "|---|" + "---|" * (len(tasks) + 1),
+    ]
+    test = result["test"]
+    lines.append("| **merged (test)** | " + " | ".join(f"{test['merged'][t]:.4f}" for t in tasks)
+                 + f" | {test['merged_aggregate']:.4f} |")
+    for p, s in test["sources"].items():
+        lines.append(f"| {Path(p).name} (test) | " + " | ".join(f"{s['scores'][t]:.4f}" for t in tasks)
+                     + f" | {s['aggregate']:.4f} |")
+    dev = result["dev"]["stored"]
+    if dev:
+        lines.append("| merged (dev, searched on) | " + " | ".join(f"{dev[t]:.4f}" for t in tasks) + " | |")
+    lines += ["", f"Re-scored on dev after export: {'identical to the search' if result['dev']['verified'] else 'DIFFERENT'}.",
+              "", "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", "",
+              "## mergekit", "", "```yaml", yaml.safe_dump(to_mergekit(recipe), sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(l for l in lines if l is not None)

@@ -1,0 +1,313 @@
+"""The search controller: Optuna ask/tell over a Ray worker pool.
+
+It asks for a batch of trials (a population), sends them to the idle workers and
+tells each result as it arrives. It stops at the trial budget or the wall-time
+budget; Ctrl-C stops it cleanly: no new trials, in-flight trials are abandoned
+and marked failed ("interrupted"), and the store stays consistent. ``resume``
+continues the same study, with the sampler's state (CMA-ES generations keep
+counting), after marking trials left running by a dead controller as failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from mergesearch.errors import MergeSearchError
+from mergesearch.evaluate.base import weighted_mean
+from mergesearch.recipe import Recipe, from_dict
+from mergesearch.search.samplers import make_sampler, population
+from mergesearch.space import SearchSpace, layer_prefix
+from mergesearch.store import default_storage, open_storage, record, run_dir, study_names
+from mergesearch.workers import WorkerPool, parse_faults
+
+log = logging.getLogger("mergesearch.search")
+TrialState = optuna.trial.TrialState
+
+
+@dataclass
+class SearchOptions:
+    run: str
+    resume: bool = False
+    workers: int = 2
+    ray_address: str | None = None
+    storage: str | None = None
+    n_trials: int | None = None  # overrides the space's budget
+    timeout: float | None = None
+    root: Path = Path("results")
+    progress: bool = True
+    export: bool = True
+
+
+def objective_values(space: SearchSpace, scores: dict[str, float]) -> tuple[float, bool, list[float] | float]:
+    """(aggregate, feasible, value(s) told to the sampler)."""
+    weights = space.evaluator.weights
+    agg = weighted_mean(scores, weights) if space.objective.kind == "mean" else min(scores.values())
+    violation = sum(max(0.0, floor - scores[t]) for t, floor in space.objective.floors.items())
+    if space.multi_objective:
+        return agg, True, [scores[t] for t in space.evaluator.tasks]
+    return agg, violation == 0, agg - violation  # infeasible trials are penalized by their shortfall
+
+
+def baseline_recipes(space: SearchSpace) -> dict[str, Recipe]:
+    models_1 = [{"path": m, "parameters": {"weight": 1.0}} for m in space.models]
+    out = {
+        "uniform average": from_dict(dict(method="linear", base=space.base, models=models_1, seed=space.seed,
+                                          **({"dtype": space.dtype} if space.dtype else {}))),
+        "task arithmetic 1.0": from_dict(dict(method="task_arithmetic", base=space.base, models=models_1,
+                                              seed=space.seed, **({"dtype": space.dtype} if space.dtype else {}))),
+    }
+    return out
+
+
+class Controller:
+    def __init__(self, space: SearchSpace, opts: SearchOptions, space_path: str = "space"):
+        self.space = space
+        self.opts = opts
+        self.space_path = space_path
+        self.dir = run_dir(opts.run, opts.root)
+        self.n_trials = opts.n_trials or space.budget.n_trials
+        self.timeout = opts.timeout if opts.timeout is not None else space.budget.timeout
+        self.interrupted = False
+
+    # -- checks before anything is created ------------------------------------------
+    def preflight(self):
+        from mergesearch.checkpoint import Checkpoint, check_compatible
+        from mergesearch.evaluate import build_evaluator
+
+        base = Checkpoint(self.space.base)
+        models = [Checkpoint(m) for m in self.space.models]
+        check_compatible(base, models)
+        build_evaluator(self.space.evaluator)  # task files and task names exist
+        self.num_layers = base.num_layers
+        self.groups = self.space.groups(self.num_layers, layer_prefix(base.names()))
+        exists = self.dir.exists() and (self.dir / "study.db").exists()
+        if self.opts.storage is None:
+            if self.opts.resume and not exists:
+                raise MergeSearchError(f"{self.dir}: cannot resume, no such run")
+            if not self.opts.resume and self.dir.exists():
+                raise MergeSearchError(f"{self.dir}: run exists (pass --resume to continue it, or pick another --run)")
+        url = self.opts.storage or default_storage(self.opts.run, self.opts.root)
+        if self.opts.storage is not None:
+            storage = open_storage(url)
+            names = study_names(storage)
+            if self.opts.resume and self.opts.run not in names:
+                raise MergeSearchError(f"cannot resume run '{self.opts.run}': not in {url}")
+            if not self.opts.resume and self.opts.run in names:
+                raise MergeSearchError(f"run '{self.opts.run}' exists in {url} (pass --resume)")
+            self.storage = storage
+        self.url = url
+
+    def _open_study(self):
+        if self.opts.storage is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.storage = open_storage(self.url)
+        n_vars = self._n_variables()
+        sampler = make_sampler(self.space, n_vars)
+        directions = ["maximize"] * (len(self.space.evaluator.tasks) if self.space.multi_objective else 1)
+        if self.opts.resume:
+            study = optuna.load_study(study_name=self.opts.run, storage=self.storage, sampler=sampler)
+            if study.user_attrs.get("space_fingerprint") != self.space.fingerprint():
+                raise MergeSearchError(f"{self.space_path}: the space changed since run '{self.opts.run}' started; "
+                                       "start a new run instead of --resume")
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+                if t.state == TrialState.RUNNING:
+                    study._storage.set_trial_user_attr(t._trial_id, "reason", "stale: the controller stopped")
+                    study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        else:
+            study = optuna.create_study(study_name=self.opts.run, storage=self.storage, sampler=sampler,
+                                        directions=directions)
+            study.set_user_attr("space", self.space.model_dump(mode="json"))
+            study.set_user_attr("space_fingerprint", self.space.fingerprint())
+            study.set_user_attr("kind", "search")
+            (self.dir / "space.yaml").write_text(_yaml(self.space.model_dump(mode="json"))) if self.dir.exists() else None
+        self.study = study
+        self.population = population(self.space, self.opts.workers, n_vars)
+
+    def _n_variables(self) -> int:
+        from mergesearch.space import Bounds
+        n = 0
+        for name, b in self.space.parameters.items():
+            if isinstance(b, Bounds):
+                scope = next(s.param(name).scope for s in map(_spec, self.space.methods) if s.param(name))
+                per = len(self.space.models) if scope == "model" else 1
+                n += per * (len(self.groups) if scope == "model" else 1)
+        return n + (1 if len(self.space.methods) > 1 else 0)
+
+    # -- the loop -----------------------------------------------------------------------
+    def run(self) -> dict:
+        import ray
+
+        self.preflight()
+        created_dir = not self.dir.exists()
+        started_ray = False
+        try:
+            self._open_study()
+            if self.opts.ray_address:
+                ray.init(address=self.opts.ray_address, log_to_driver=False)
+            else:
+                tmp = (self.dir / "ray").resolve() if self.opts.storage is None else Path(f"/tmp/ray-{self.opts.run}")
+                ray.init(num_cpus=self.opts.workers, include_dashboard=False, log_to_driver=False,
+                         _temp_dir=str(tmp), configure_logging=False)
+            started_ray = True
+            methods = sorted(set(self.space.methods) | {"linear", "task_arithmetic"})
+            faults = parse_faults(os.environ.get("MERGESEARCH_FAULT"))
+            self.pool = WorkerPool(self.opts.workers, self.space.base, self.space.models, methods,
+                                   self.space.evaluator.model_dump(), self.space.trial_timeout, faults)
+            self.t_start = time.monotonic()
+            self.busy_s = 0.0
+            old = signal.signal(signal.SIGINT, self._on_sigint)
+            try:
+                if self.space.initial_trials:
+                    self._baselines()
+                self._loop()
+            finally:
+                signal.signal(signal.SIGINT, old)
+            summary = self._summary()
+        except BaseException:
+            if created_dir and self.opts.storage is None and not self.opts.resume and not hasattr(self, "study"):
+                shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        finally:
+            if hasattr(self, "pool"):
+                self.pool.shutdown()
+            if started_ray:
+                ray.shutdown()
+        return summary
+
+    def _on_sigint(self, *_):
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        log.warning("interrupt: finishing up (in-flight trials are abandoned); press Ctrl-C again to force")
+
+    def _baselines(self) -> None:
+        side_name = f"{self.opts.run}.baselines"
+        if side_name in study_names(self.storage):
+            return
+        side = optuna.create_study(study_name=side_name, storage=self.storage,
+                                   directions=self.study.directions)
+        todo = dict(baseline_recipes(self.space))
+        if self.space.seed_from:
+            from mergesearch.search.soup import soup_recipe
+            todo[f"soup {self.space.seed_from}"] = soup_recipe(self.space.seed_from, self.storage)
+        pending = {}
+        for name, recipe in todo.items():
+            t = side.ask()
+            record(t, {"recipe": recipe.to_dict(), "baseline": name, "summary": recipe.summary()})
+            pending[t.number] = (t, name)
+        queue = list(pending)
+        while (queue or self.pool.busy) and not self.interrupted:
+            while queue and self.pool.idle:
+                n = queue.pop(0)
+                self.pool.submit(-1 - n, pending[n][0].user_attrs["recipe"])
+            for res in self.pool.wait(0.5):
+                t, name = pending[-1 - res.number]
+                self._finish(side, t, res)
+                log.info("baseline %s: %s", name, f"{t.user_attrs.get('aggregate', float('nan')):.4f}"
+                         if res.ok else f"failed ({res.reason})")
+
+    def _loop(self) -> None:
+        study = self.study
+        queue: list[optuna.Trial] = []
+        inflight: dict[int, optuna.Trial] = {}
+        retries: dict[int, int] = {}
+        last_report = 0.0
+        while True:
+            finished = self._count_finished()
+            out_of_time = self.timeout is not None and time.monotonic() - self.t_start >= self.timeout
+            remaining = self.n_trials - finished - len(inflight) - len(queue)
+            if self.interrupted or out_of_time:
+                break
+            if not queue and remaining > 0 and self.pool.idle:
+                for _ in range(min(self.population, remaining)):
+                    t = study.ask()
+                    recipe = self.space.suggest(t, self.groups)
+                    record(t, {"recipe": recipe.to_dict(), "summary": recipe.summary()})
+                    queue.append(t)
+            while queue and self.pool.idle:
+                t = queue.pop(0)
+                inflight[t.number] = t
+                self.pool.submit(t.number, t.user_attrs["recipe"])
+            if not inflight and not queue and remaining <= 0:
+                break
+            for res in self.pool.wait(0.5):
+                t = inflight.pop(res.number)
+                if not res.ok and res.retryable and retries.get(res.number, 0) < self.space.max_retries:
+                    retries[res.number] = retries.get(res.number, 0) + 1
+                    log.info("trial %d: %s; retrying (%d/%d)", res.number, res.reason, retries[res.number],
+                             self.space.max_retries)
+                    queue.insert(0, t)
+                    continue
+                self._finish(study, t, res)
+            if time.monotonic() - last_report > (10 if not self.opts.progress else 1):
+                self._report()
+                last_report = time.monotonic()
+        # stop: abandon what is in flight, never leave a trial RUNNING
+        for number in self.pool.cancel_all():
+            t = inflight.pop(number)
+            record(t, {"reason": "interrupted" if self.interrupted else "abandoned at the time budget"})
+            study.tell(t, state=TrialState.FAIL)
+        for t in queue:
+            record(t, {"reason": "interrupted before it ran" if self.interrupted else "not run (budget reached)"})
+            study.tell(t, state=TrialState.FAIL)
+        self._report(final=True)
+
+    def _finish(self, study, t: optuna.Trial, res) -> None:
+        payload = {"worker": res.worker, **res.timings}
+        if res.ok:
+            agg, feasible, value = objective_values(self.space, res.scores)
+            payload.update(scores=res.scores, aggregate=agg, feasible=feasible)
+            record(t, payload)
+            study.tell(t, value)
+            self.busy_s += sum(res.timings.values())
+        else:
+            payload.update(reason=res.reason, scores=res.scores or None)
+            record(t, payload)
+            study.tell(t, state=TrialState.FAIL)
+
+    def _count_finished(self) -> int:
+        return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL,
+                                                                   TrialState.PRUNED)))
+
+    def _report(self, final: bool = False) -> None:
+        trials = self.study.get_trials(deepcopy=False)
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        failed = [t for t in trials if t.state == TrialState.FAIL]
+        best = max(done, key=lambda t: (t.user_attrs.get("feasible", True), t.user_attrs.get("aggregate", -1)),
+                   default=None)
+        elapsed = time.monotonic() - self.t_start
+        n = len(done) + len(failed)
+        eta = (elapsed / n * (self.n_trials - n)) if n and not final else 0.0
+        best_txt = (f"best {best.user_attrs['aggregate']:.4f} (trial {best.number}: {best.user_attrs['summary'][:80]})"
+                    if best else "best -")
+        log.info("%s %d/%d trials, %d failed, %s, elapsed %.0fs%s", "done:" if final else "search:", n,
+                 self.n_trials, len(failed), best_txt, elapsed, "" if final else f", eta {eta:.0f}s")
+
+    def _summary(self) -> dict:
+        trials = self.study.get_trials(deepcopy=False)
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        elapsed = time.monotonic() - self.t_start
+        return {"run": self.opts.run, "trials": len(trials), "complete": len(done),
+                "failed": sum(t.state == TrialState.FAIL for t in trials), "elapsed_s": elapsed,
+                "worker_busy_s": self.busy_s, "interrupted": self.interrupted,
+                "replaced_workers": self.pool.replaced}
+
+
+def _spec(name):
+    from mergesearch.methods import REGISTRY
+    return REGISTRY[name]
+
+
+def _yaml(data) -> str:
+    import yaml
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,227 @@
+"""Search spaces: which merges a search may propose, and how a trial becomes a Recipe.
+
+A space names the inputs (base, models), the evaluator, one or several methods
+(several make the method itself a search variable), bounds for each parameter,
+the granularity of the coefficients (whole model, N layer groups, or per layer,
+with embeddings, lm_head and the final norm as groups of their own, and optional
+attention/MLP module filters), the objective, the sampler, the budget and a seed.
+
+Only this module and ``search/`` know Optuna: ``suggest(trial)`` turns a trial's
+suggestions into a :class:`~mergesearch.recipe.Recipe`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from pydantic import Field, ValidationError, model_validator
+
+from mergesearch.errors import MergeSearchError
+from mergesearch.evaluate.base import EvalConfig
+from mergesearch.methods import REGISTRY, get_method
+from mergesearch.recipe import StrictModel, from_dict, pydantic_error
+
+
+class Bounds(StrictModel):
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.low > self.high:
+            raise ValueError(f"bounds reversed: low {self.low} > high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError("log bounds need low > 0")
+        return self
+
+
+class Granularity(StrictModel):
+    level: Literal["model", "groups", "layer"] = "model"
+    n_groups: int = Field(default=1, ge=1)
+    special: bool = True  # embed_tokens, lm_head and the final norm as groups of their own
+    modules: list[Literal["attn", "mlp"]] = []
+
+
+class Objective(StrictModel):
+    kind: Literal["mean", "min"] = "mean"
+    floors: dict[str, float] = {}  # per-task minimum; violations are penalized
+
+
+class SamplerConfig(StrictModel):
+    name: Literal["cmaes", "tpe", "gp", "random", "nsga2"] = "cmaes"
+    population: Optional[int] = Field(default=None, ge=1)  # trials asked per batch
+    n_startup_trials: Optional[int] = Field(default=None, ge=0)
+
+
+class Budget(StrictModel):
+    n_trials: int = Field(default=50, ge=1)
+    timeout: Optional[float] = Field(default=None, gt=0)  # seconds of wall time
+
+
+class SearchSpace(StrictModel):
+    base: str
+    models: list[str] = Field(min_length=1)
+    evaluator: EvalConfig
+    methods: list[str] = Field(default=["task_arithmetic"], min_length=1)
+    parameters: dict[str, Union[Bounds, float, bool]] = {}
+    granularity: Granularity = Granularity()
+    objective: Objective = Objective()
+    sampler: SamplerConfig = SamplerConfig()
+    budget: Budget = Budget()
+    seed: int = 0
+    initial_trials: bool = True
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    trial_timeout: float = Field(default=600.0, gt=0)  # seconds per candidate on a worker
+    max_retries: int = Field(default=1, ge=0)  # re-runs of a trial whose worker died
+    seed_from: Optional[str] = None  # a soup run whose recipe is enqueued first
+
+    # -- loading and checks -----------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SearchSpace":
+        from mergesearch.recipe import _load_yaml
+        path = Path(path)
+        data = _load_yaml(path)
+        try:
+            space = cls.model_validate(data)
+        except ValidationError as e:
+            raise pydantic_error(e, str(path)) from None
+        return space.resolved(path.parent).check(str(path))
+
+    def resolved(self, folder: Path) -> "SearchSpace":
+        fix = (lambda p: p if os.path.isabs(p) else str((folder / p).resolve()))
+        ev = self.evaluator
+        if ev.task_dir:
+            ev = ev.model_copy(update={"task_dir": fix(ev.task_dir)})
+        return self.model_copy(update={"base": fix(self.base), "models": [fix(m) for m in self.models],
+                                       "evaluator": ev})
+
+    def check(self, where: str) -> "SearchSpace":
+        specs = [get_method(m, where) for m in self.methods]
+        for name, value in self.parameters.items():
+            owners = [s for s in specs if s.param(name) is not None]
+            if not owners:
+                raise MergeSearchError(f"{where}: parameters.{name}: not a parameter of "
+                                       f"{' or '.join(self.methods)}")
+            p = owners[0].param(name)
+            if isinstance(value, Bounds):
+                if p.kind is bool:
+                    raise MergeSearchError(f"{where}: parameters.{name}: a boolean parameter takes true or false")
+                for v in (value.low, value.high):
+                    p.check(v, f"{where}: parameters.{name}")
+            else:
+                p.check(value, f"{where}: parameters.{name}")
+        for s in specs:
+            n = len(self.models)
+            if n < s.min_models or (s.max_models is not None and n > s.max_models):
+                raise MergeSearchError(f"{where}: method '{s.name}' cannot merge {n} models")
+            for p in s.params:
+                if p.required and p.name not in self.parameters:
+                    raise MergeSearchError(f"{where}: method '{s.name}' needs bounds or a value for parameters.{p.name}")
+        self.evaluator.check(f"{where}: evaluator")
+        unknown = sorted(set(self.objective.floors) - set(self.evaluator.tasks))
+        if unknown:
+            raise MergeSearchError(f"{where}: objective.floors names unknown tasks: {', '.join(unknown)}")
+        if self.sampler.name == "nsga2" and self.objective.floors:
+            raise MergeSearchError(f"{where}: objective.floors does not apply to the multi-objective nsga2 sampler")
+        return self
+
+    def fingerprint(self) -> str:
+        """Identity of the space for --resume (the budget may change between runs)."""
+        data = self.model_dump(mode="json", exclude={"budget"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    # -- variables -----------------------------------------------------------------
+    @property
+    def multi_objective(self) -> bool:
+        return self.sampler.name == "nsga2"
+
+    def groups(self, num_layers: int, layer_prefix: str) -> list["Group"]:
+        return make_groups(self.granularity, num_layers, layer_prefix)
+
+    def suggest(self, trial, groups: list["Group"]):
+        """Ask the trial for every variable; returns the Recipe."""
+        method = self.methods[0] if len(self.methods) == 1 else trial.suggest_categorical("method", self.methods)
+        spec = REGISTRY[method]
+        models = []
+        for i, path in enumerate(self.models):
+            params = {}
+            for p in spec.model_params:
+                if p.name in self.parameters:
+                    params[p.name] = self._value(trial, p.name, f"m{i}", groups)
+            models.append({"path": path, "parameters": params})
+        global_params = {}
+        for p in spec.global_params:
+            if p.name in self.parameters:
+                global_params[p.name] = self._value(trial, p.name, "", [groups[0].as_whole()])
+        recipe = {"method": method, "base": self.base, "models": models, "parameters": global_params,
+                  "seed": self.seed}
+        if self.dtype:
+            recipe["dtype"] = self.dtype
+        return from_dict(recipe, "search trial")
+
+    def _value(self, trial, name: str, owner: str, groups: list["Group"]):
+        bounds = self.parameters[name]
+        if not isinstance(bounds, Bounds):
+            return bounds
+        values = []
+        for g in groups:
+            var = "/".join(x for x in (name, owner, g.name) if x)
+            values.append(trial.suggest_float(var, bounds.low, bounds.high, log=bounds.log))
+        if len(groups) == 1:
+            return values[0]
+        setting = [{"filter": f, "value": v} for g, v in zip(groups, values) for f in g.filters]
+        setting += [{"filter": f, "value": v} for g, v in zip(groups, values) for f in g.fallback]
+        setting.append({"value": values[groups.index(next(g for g in groups if g.default))]})
+        return setting
+
+
+@dataclass
+class Group:
+    """A set of tensors sharing one coefficient: the tensor-name filters that select it."""
+
+    name: str
+    filters: list[str]
+    default: bool = False  # takes tensors no filter matches
+    fallback: list[str] = field(default_factory=list)  # filters tried after every group's own
+
+    def as_whole(self) -> "Group":
+        return Group("", [], True)
+
+
+def make_groups(g: Granularity, num_layers: int, prefix: str) -> list[Group]:
+    if g.level == "model":
+        return [Group("", [], True)]
+    n = num_layers if g.level == "layer" else min(g.n_groups, num_layers)
+    groups: list[Group] = []
+    if g.special:
+        groups += [Group("embed", ["embed_tokens"]), Group("lm_head", ["lm_head"]), Group("norm", ["model.norm."])]
+    for k in range(n):
+        layers = [i for i in range(num_layers) if i * n // num_layers == k]
+        label = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}"
+        if g.modules:
+            for mod in g.modules:
+                key = "self_attn" if mod == "attn" else "mlp"
+                groups.append(Group(f"{label}.{mod}", [f"{prefix}{i}.{key}" for i in layers]))
+            # the rest of each layer (its norms) follows the group's first module
+            groups[-len(g.modules)].fallback = [f"{prefix}{i}." for i in layers]
+        else:
+            groups.append(Group(label, [f"{prefix}{i}." for i in layers]))
+    first_layer_group = 3 if g.special else 0
+    groups[first_layer_group].default = True
+    return groups
+
+
+def layer_prefix(names: list[str]) -> str:
+    """The tensor-name prefix of the transformer blocks (``model.layers.``)."""
+    from mergesearch.checkpoint import layer_index
+    for n in names:
+        i = layer_index(n)
+        if i is not None:
+            return n[: n.index(f".{i}.") + 1]
+    return "model.layers."

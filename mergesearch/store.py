@@ -1,0 +1,130 @@
+"""The results store: Optuna RDB storage, one study per run.
+
+By default a run lives in ``results/<run>/`` with its SQLite file ``study.db``;
+``--storage`` takes any SQLAlchemy URL. Every trial records, as user attributes,
+its full recipe, per-task dev scores and the aggregate, timings, the worker id
+and, when it failed, the reason. The baselines (uniform average, task arithmetic
+at lambda = 1, a seeding soup) live in a side study ``<run>.baselines`` so the
+sampler's model of the space only ever sees its own proposals; the leaderboard
+ranks both together.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import optuna
+
+from mergesearch.errors import MergeSearchError
+
+log = logging.getLogger(__name__)
+RESULTS = Path("results")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def run_dir(run: str, root: Path = RESULTS) -> Path:
+    return root / run
+
+
+def default_storage(run: str, root: Path = RESULTS) -> str:
+    return f"sqlite:///{(run_dir(run, root) / 'study.db').resolve()}"
+
+
+def open_storage(url: str, where: str = "--storage") -> optuna.storages.BaseStorage:
+    """An RDB storage, refused with one line when it cannot be reached."""
+    try:
+        if url.startswith("sqlite:///"):
+            db = Path(url[len("sqlite:///"):])
+            if not db.parent.is_dir():
+                raise MergeSearchError(f"{where}: folder {db.parent} does not exist")
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}
+                                          if not url.startswith("sqlite") else {"connect_args": {"timeout": 30}})
+    except MergeSearchError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MergeSearchError(f"{where}: cannot open storage {url} ({first[:200]})") from None
+
+
+def study_names(storage) -> list[str]:
+    return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+
+
+def load_run(run: str, storage_url: str | None = None, root: Path = RESULTS) -> tuple[optuna.Study, object]:
+    url = storage_url or default_storage(run, root)
+    if storage_url is None and not (run_dir(run, root) / "study.db").exists():
+        raise MergeSearchError(f"{run_dir(run, root)}: no such run (no study.db)")
+    storage = open_storage(url)
+    if run not in study_names(storage):
+        raise MergeSearchError(f"run '{run}' not found in {url}")
+    return optuna.load_study(study_name=run, storage=storage), storage
+
+
+def all_trials(study: optuna.Study, storage) -> list[tuple[str, optuna.trial.FrozenTrial]]:
+    out = [("search", t) for t in study.get_trials(deepcopy=False)]
+    if f"{study.study_name}.baselines" in study_names(storage):
+        side = optuna.load_study(study_name=f"{study.study_name}.baselines", storage=storage)
+        out += [("baseline", t) for t in side.get_trials(deepcopy=False)]
+    return out
+
+
+def leaderboard(study: optuna.Study, storage, top: int | None = None, include_failed: bool = False):
+    """A pandas DataFrame ranked by feasibility, then aggregate dev score."""
+    import pandas as pd
+
+    rows = []
+    tasks: list[str] = []
+    for kind, t in all_trials(study, storage):
+        ua = t.user_attrs
+        if t.state != optuna.trial.TrialState.COMPLETE and not include_failed:
+            continue
+        scores = ua.get("scores") or {}
+        for k in scores:
+            if k not in tasks:
+                tasks.append(k)
+        recipe = ua.get("recipe") or {}
+        rows.append({
+            "trial": t.number if kind == "search" else f"b{t.number}",
+            "kind": ua.get("baseline", kind),
+            "state": t.state.name,
+            "aggregate": ua.get("aggregate"),
+            "feasible": ua.get("feasible", True),
+            **{f"dev:{k}": v for k, v in scores.items()},
+            "method": recipe.get("method"),
+            "params": ua.get("summary", ""),
+            "worker": ua.get("worker"),
+            "materialize_s": ua.get("materialize_s"),
+            "eval_s": ua.get("eval_s"),
+            "reason": ua.get("reason"),
+        })
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    df["_ok"] = df["state"] == "COMPLETE"
+    df = df.sort_values(["_ok", "feasible", "aggregate"], ascending=[False, False, False], kind="stable")
+    df = df.drop(columns="_ok").reset_index(drop=True)
+    df.insert(0, "rank", range(1, len(df) + 1))
+    return df.head(top) if top else df
+
+
+def find_trial(study: optuna.Study, storage, trial: str | int | None) -> optuna.trial.FrozenTrial:
+    """The best complete trial (by the leaderboard), or the one named (``7`` or ``b0``)."""
+    trials = dict((("b" if kind == "baseline" else "") + str(t.number), t) for kind, t in all_trials(study, storage))
+    if trial is None:
+        board = leaderboard(study, storage)
+        if board.empty:
+            raise MergeSearchError(f"run '{study.study_name}' has no completed trial to export")
+        return trials[str(board.iloc[0]["trial"])]
+    t = trials.get(str(trial))
+    if t is None:
+        raise MergeSearchError(f"run '{study.study_name}' has no trial {trial}")
+    if t.state != optuna.trial.TrialState.COMPLETE:
+        raise MergeSearchError(f"trial {trial} of run '{study.study_name}' did not complete ({t.state.name})")
+    return t
+
+
+def record(trial_or_study_trial, payload: dict) -> None:
+    for k, v in payload.items():
+        trial_or_study_trial.set_user_attr(k, json.loads(json.dumps(v)))
