@@ -156,7 +156,10 @@ def _short(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}"
     if isinstance(v, list):
-        return "[" + ",".join(_short(x.value if isinstance(x, Conditional) else x) for x in v) + "]"
+        values = [_short(x.value if isinstance(x, Conditional) else x) for x in v]
+        if v and isinstance(v[0], Conditional):  # one value per group, in first-seen order
+            values = list(dict.fromkeys(values))
+        return "[" + ",".join(values) + "]"
     return str(v)
 
 

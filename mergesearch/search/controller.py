@@ -155,9 +155,8 @@ class Controller:
             if self.opts.ray_address:
                 ray.init(address=self.opts.ray_address, log_to_driver=False)
             else:
-                tmp = (self.dir / "ray").resolve() if self.opts.storage is None else Path(f"/tmp/ray-{self.opts.run}")
                 ray.init(num_cpus=self.opts.workers, include_dashboard=False, log_to_driver=False,
-                         _temp_dir=str(tmp), configure_logging=False)
+                         _temp_dir=self._ray_temp_dir(), configure_logging=False)
             started_ray = True
             methods = sorted(set(self.space.methods) | {"linear", "task_arithmetic"})
             faults = parse_faults(os.environ.get("MERGESEARCH_FAULT"))
@@ -182,7 +181,26 @@ class Controller:
                 self.pool.shutdown()
             if started_ray:
                 ray.shutdown()
+            link = getattr(self, "_ray_link", None)
+            if link is not None and link.is_symlink():
+                link.unlink()
         return summary
+
+    def _ray_temp_dir(self) -> str:
+        """Ray's temp dir, under the run folder. Ray's socket paths must stay under
+        107 bytes, so a deep run folder is reached through a short symlink in /tmp."""
+        import hashlib
+        import tempfile
+        real = (self.dir / "ray").resolve()
+        real.mkdir(parents=True, exist_ok=True)
+        if len(str(real)) <= 40:
+            return str(real)
+        link = Path(tempfile.gettempdir()) / f"msray-{hashlib.sha1(str(real).encode()).hexdigest()[:8]}"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(real, target_is_directory=True)
+        self._ray_link = link
+        return str(link)
 
     def _on_sigint(self, *_):
         if self.interrupted:

@@ -1,0 +1,171 @@
+"""The search end to end on the zoo: a real Ray local instance and a real SQLite store."""
+
+import json
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from mergesearch.cli import main
+from mergesearch.space import SearchSpace, make_groups, Granularity
+from mergesearch.store import leaderboard, load_run
+
+from test_zoo_eval import zoo  # noqa: F401  (session fixture)
+
+pytestmark = pytest.mark.slow
+
+
+def write_space(tmp_path: Path, zoo: Path, **overrides) -> Path:
+    data = {
+        "base": str(zoo / "base"),
+        "models": [str(zoo / f"ft_{t}") for t in ("reverse", "shift", "max", "add")],
+        "evaluator": {"tasks": ["reverse", "shift", "max", "add"], "task_dir": str(zoo), "limit": 60},
+        "methods": ["ties"],
+        "parameters": {"weight": {"low": 0.2, "high": 1.5}, "density": {"low": 0.2, "high": 1.0}},
+        "granularity": {"level": "groups", "n_groups": 2},
+        "sampler": {"name": "cmaes"},
+        "budget": {"n_trials": 6},
+        "seed": 3,
+    }
+    for k, v in overrides.items():
+        data[k] = v
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_search_end_to_end(tmp_path, zoo, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    space = write_space(tmp_path, zoo)
+    assert main(["search", str(space), "--run", "e2e", "--workers", "2"]) == 0
+    run = tmp_path / "results" / "e2e"
+    study, storage = load_run("e2e", root=tmp_path / "results") if False else (None, None)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{run / 'study.db'}")
+    study = optuna.load_study(study_name="e2e", storage=storage)
+    trials = study.get_trials()
+    assert len(trials) == 6 and all(t.state.name == "COMPLETE" for t in trials)
+    for t in trials:
+        ua = t.user_attrs
+        assert ua["recipe"]["method"] == "ties" and len(ua["recipe"]["models"]) == 4
+        assert set(ua["scores"]) == {"reverse", "shift", "max", "add"}
+        assert ua["aggregate"] == pytest.approx(sum(ua["scores"].values()) / 4)
+        assert t.value == pytest.approx(ua["aggregate"])
+        assert ua["materialize_s"] > 0 and ua["eval_s"] > 0 and ua["worker"] in (0, 1)
+    assert {t.user_attrs["worker"] for t in trials} == {0, 1}  # both workers took trials
+    # the per-group coefficients reach the recipe as filters
+    w = trials[0].user_attrs["recipe"]["models"][0]["parameters"]["weight"]
+    assert [c.get("filter") for c in w][:4] == ["embed_tokens", "lm_head", "model.norm.", "model.layers.0."]
+    # baselines are on the leaderboard
+    board = leaderboard(study, storage)
+    assert len(board) == 8 and set(board["kind"]) == {"search", "uniform average", "task arithmetic 1.0"}
+    assert list(board["rank"]) == list(range(1, 9))
+    assert board["aggregate"].is_monotonic_decreasing
+    # export files and the re-score verification
+    for f in ("best_recipe.yaml", "best_mergekit.yaml", "scores.json", "model/model.safetensors", "model/README.md"):
+        assert (run / f).exists(), f
+    scores = json.loads((run / "scores.json").read_text())
+    assert scores["dev"]["verified"] is True
+    assert scores["dev"]["rescored"] == scores["dev"]["stored"]
+    assert str(scores["trial"]) == str(board.iloc[0]["trial"])
+    assert set(scores["test"]["sources"]) == {str(zoo / "base")} | {str(zoo / f"ft_{t}") for t in ("reverse", "shift", "max", "add")}
+    assert "dev re-score matches" in capsys.readouterr().out
+    assert not list((tmp_path / "results").glob(".*tmp*"))
+    # leaderboard command and csv
+    assert main(["leaderboard", "e2e", "--top", "3", "--csv", str(tmp_path / "lb.csv")]) == 0
+    assert len((tmp_path / "lb.csv").read_text().splitlines()) == 9
+
+
+def test_resume_continues_to_the_new_budget(tmp_path, zoo, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    space = write_space(tmp_path, zoo, budget={"n_trials": 5}, initial_trials=False,
+                        sampler={"name": "cmaes", "population": 3}, granularity={"level": "model"})
+    assert main(["search", str(space), "--run", "r", "--workers", "1", "--no-export"]) == 0
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'results' / 'r' / 'study.db'}")
+    first = [t.params for t in optuna.load_study(study_name="r", storage=storage).get_trials()]
+    assert len(first) == 5
+    assert main(["search", str(space), "--run", "r", "--workers", "1", "--resume", "--n-trials", "10",
+                 "--no-export"]) == 0
+    study = optuna.load_study(study_name="r", storage=storage)
+    trials = study.get_trials()
+    assert len(trials) == 10 and all(t.state.name == "COMPLETE" for t in trials)
+    assert [t.params for t in trials[:5]] == first  # nothing lost or re-run
+    # CMA-ES state carried over: generation numbers continue rather than restart
+    gens = [next((v for k, v in t.system_attrs.items() if k.endswith(":generation")), None) for t in trials]
+    seen = [g for g in gens if g is not None]
+    assert seen == sorted(seen) and seen[-1] >= 1
+    assert gens[4] is not None and gens[5] == gens[4]  # the generation open at the stop goes on after it
+
+
+def test_method_choice_space(tmp_path, zoo, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    space = write_space(tmp_path, zoo, methods=["ties", "task_arithmetic", "dare_linear"],
+                        parameters={"weight": {"low": 0.2, "high": 1.2}, "density": {"low": 0.3, "high": 1.0}},
+                        granularity={"level": "model"}, sampler={"name": "cmaes"}, budget={"n_trials": 6},
+                        initial_trials=False)
+    assert main(["search", str(space), "--run", "mc", "--workers", "2", "--no-export"]) == 0
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'results' / 'mc' / 'study.db'}")
+    trials = optuna.load_study(study_name="mc", storage=storage).get_trials()
+    assert all("method" in t.params for t in trials)
+    for t in trials:
+        has_density = any("density" in k for k in t.params)
+        assert has_density == (t.params["method"] != "task_arithmetic")
+
+
+def test_groups_and_module_filters():
+    groups = make_groups(Granularity(level="layer", special=True, modules=["attn", "mlp"]), 2, "model.layers.")
+    names = [g.name for g in groups]
+    assert names == ["embed", "lm_head", "norm", "L0.attn", "L0.mlp", "L1.attn", "L1.mlp"]
+    assert groups[4].filters == ["model.layers.0.mlp"] and groups[3].fallback == ["model.layers.0."]
+
+
+# -- bad input: one line, exit 2, no run folder left -------------------------------
+
+def refused(tmp_path, capsys, args, *expect):
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for e in expect:
+        assert e in err, err
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+    return err
+
+
+def test_bad_spaces(tmp_path, zoo, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    p = write_space(tmp_path, zoo, sampler={"name": "cmaes", "popsize": 4})
+    refused(tmp_path, capsys, ["search", str(p)], str(p), "unknown key 'sampler.popsize'")
+    p = write_space(tmp_path, zoo, budget={"n_trials": "many"})
+    refused(tmp_path, capsys, ["search", str(p)], str(p), "budget.n_trials")
+    p = write_space(tmp_path, zoo, parameters={"weight": {"low": 1.0, "high": 0.1}, "density": 0.5})
+    refused(tmp_path, capsys, ["search", str(p)], str(p), "bounds reversed")
+    p = write_space(tmp_path, zoo, parameters={"weight": 1.0, "t": {"low": 0, "high": 1}})
+    refused(tmp_path, capsys, ["search", str(p)], str(p), "parameters.t: not a parameter of ties")
+    p = write_space(tmp_path, zoo, evaluator={"tasks": ["nosuch"], "task_dir": str(zoo)})
+    refused(tmp_path, capsys, ["search", str(p)], "task file not found")
+
+
+def test_incompatible_models_refused_before_ray(tmp_path, zoo, monkeypatch, capsys):
+    from conftest import copy_model, edit_config
+    monkeypatch.chdir(tmp_path)
+    bad = copy_model(zoo / "ft_max", tmp_path / "bad")
+    edit_config(bad, vocab_size=300)
+    p = write_space(tmp_path, zoo, models=[str(zoo / "ft_reverse"), str(bad)])
+    refused(tmp_path, capsys, ["search", str(p)], str(bad), "vocab size 300")
+
+
+def test_resume_problems_and_storage(tmp_path, zoo, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    p = write_space(tmp_path, zoo)
+    refused(tmp_path, capsys, ["search", str(p), "--run", "ghost", "--resume"], "cannot resume")
+    refused(tmp_path, capsys, ["search", str(p), "--storage", "postgresql://nobody@127.0.0.1:1/none"],
+            "cannot open storage")
+    # a run whose space changed
+    p = write_space(tmp_path, zoo, budget={"n_trials": 2}, initial_trials=False)
+    assert main(["search", str(p), "--run", "x", "--workers", "1", "--no-export"]) == 0
+    p2 = write_space(tmp_path, zoo, budget={"n_trials": 2}, initial_trials=False, seed=4)
+    code = main(["search", str(p2), "--run", "x", "--workers", "1", "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "the space changed" in err
