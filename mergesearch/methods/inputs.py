@@ -49,6 +49,8 @@ class TensorInputs:
         self.ranks = ranks
         self.seed = seed
         self._generator: torch.Generator | None = None
+        self._delta_cache: dict[int, torch.Tensor] = {}
+        self._abs_cache: dict[int, torch.Tensor] = {}
 
     @property
     def n(self) -> int:
@@ -66,16 +68,28 @@ class TensorInputs:
     def delta(self, i: int) -> torch.Tensor:
         if self._deltas is not None:
             return self._deltas[i]
-        return self._tensors[i] - self.base
+        if i not in self._delta_cache:
+            self._delta_cache[i] = self._tensors[i] - self.base
+        return self._delta_cache[i]
+
+    def abs_delta(self, i: int) -> torch.Tensor:
+        """|delta_i|, flattened (computed once)."""
+        if i not in self._abs_cache:
+            self._abs_cache[i] = self.delta(i).abs().reshape(-1)
+        return self._abs_cache[i]
 
     def kth_smallest_abs(self, i: int, k: int) -> torch.Tensor:
         """The k-th smallest |delta_i| (0-based)."""
-        return torch.kthvalue(self.delta(i).abs().reshape(-1), k + 1).values
+        return torch.kthvalue(self.abs_delta(i), k + 1).values
 
     def count_abs(self, i: int, value: torch.Tensor) -> tuple[int, int]:
         """(#|delta_i| < value, #|delta_i| <= value)."""
-        a = self.delta(i).abs()
+        a = self.abs_delta(i)
         return int((a < value).sum()), int((a <= value).sum())
+
+    def positions_equal(self, i: int, value: torch.Tensor) -> torch.Tensor:
+        """Flat indices where |delta_i| == value, ascending."""
+        return (self.abs_delta(i) == value).nonzero().reshape(-1)
 
     @property
     def generator(self) -> torch.Generator:

@@ -27,13 +27,15 @@ _compiled = None
 _compile_failed = False
 
 
-def _combine(base: torch.Tensor, deltas: list[torch.Tensor], keys: list, lo: list[torch.Tensor],
-             hi: list[torch.Tensor], weights: list[float], lam: float, normalize: bool, consensus: bool,
-             divisor: float) -> torch.Tensor:
+def _combine(base: torch.Tensor, deltas: list[torch.Tensor], windows: list[tuple], weights: list[float],
+             lam: float, normalize: bool, consensus: bool, divisor: float) -> torch.Tensor:
     parts = []
-    for d, key, a, b, w in zip(deltas, keys, lo, hi, weights):
+    idx = torch.arange(base.numel(), device=base.device).reshape(base.shape)
+    for d, (key, lo, hi, jlo, jhi), w in zip(deltas, windows, weights):
         key = d.abs() if key is None else key
-        parts.append(torch.where((key >= a) & (key <= b), d * w, 0.0))
+        keep = ((key > lo) | ((key == lo) & (idx >= jlo))) & ((key < hi) | ((key == hi) & (idx < jhi)))
+        # zero deltas (pruned or not) contribute exactly +0.0, whatever the weight's sign
+        parts.append(torch.where(keep & (d != 0), d * w, 0.0))
     if consensus:
         total = parts[0]
         for p in parts[1:]:
@@ -45,7 +47,7 @@ def _combine(base: torch.Tensor, deltas: list[torch.Tensor], keys: list, lo: lis
             agree = p.sign() == majority
             mixed = mixed + torch.where(agree, p, 0.0)
             div = div + torch.where(agree, w, 0.0)
-        div = torch.where(div == 0, 1.0, div)
+        div = div + (div == 0).to(div.dtype)
     else:
         mixed = parts[0]
         for p in parts[1:]:
@@ -62,15 +64,14 @@ def _compile_available() -> bool:
     return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
 
 
-def combine(base, deltas, keys, lo, hi, weights, lam, normalize, consensus, divisor=1.0) -> torch.Tensor:
+def combine(base, deltas, windows, weights, lam, normalize, consensus, divisor=1.0) -> torch.Tensor:
     """base + lam * merge of the selected, weighted deltas (see module docstring).
 
-    Model i keeps the elements with ``lo[i] <= keys[i] <= hi[i]`` (0-d bounds); a
-    key of None means |delta_i| (bounds 0 and inf keep everything).
+    ``windows[i]`` is the selection of model i from :func:`sparsify.window`.
     ``divisor`` is the normalizer without consensus (the sum of the weights)."""
     global _compiled, _compile_failed
-    args = (base, list(deltas), list(keys), list(lo), list(hi), [float(w) for w in weights], float(lam), bool(normalize),
-            bool(consensus), float(divisor))
+    args = (base, list(deltas), [tuple(w) for w in windows], [float(w) for w in weights], float(lam),
+            bool(normalize), bool(consensus), float(divisor))
     if base.numel() >= COMPILE_MIN_NUMEL and not _compile_failed and _compile_available():
         if _compiled is None:
             _compiled = torch.compile(_combine, dynamic=True)

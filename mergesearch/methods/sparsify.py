@@ -51,44 +51,46 @@ def keep_range(kind: str, n: int, density: float, gamma: float = 0.0) -> tuple[i
 def window(x: TensorInputs, i: int, start: int, end: int) -> tuple:
     """Select positions [start, end) of the stable ascending order of |delta_i|.
 
-    Returns ``(key, lo, hi)``: keep the elements with lo <= key <= hi, where a key
-    of None stands for |delta_i|. With precomputed ranks the key is the rank and
-    the bounds are the positions; otherwise the bounds are magnitude thresholds
-    (k-th values), and a threshold inside a run of equal magnitudes falls back to
-    an explicit 0/1 mask. All three select exactly the same elements."""
+    Returns ``(key, lo, hi, jlo, jhi)``: element e (flat index j) is kept when
+    ``(key > lo or (key == lo and j >= jlo)) and (key < hi or (key == hi and j < jhi))``,
+    where a key of None stands for |delta_i|. With precomputed ranks the key is the
+    rank and the bounds are the positions; otherwise the bounds are magnitude
+    thresholds (k-th values) and jlo/jhi split a run of equal magnitudes at a
+    threshold by flat index. Both select exactly the same elements."""
     like = x.like
     n = like.numel()
+    as_t = (lambda v: torch.tensor(v, dtype=torch.int64, device=like.device))
+    inf = like.new_full((), float("inf"))
     if start <= 0 and end >= n:
-        return None, like.new_zeros(()), like.new_full((), float("inf"))
+        return None, like.new_zeros(()), inf, as_t(0), as_t(n)
     if start >= end:
-        inf = like.new_full((), float("inf"))
-        return None, inf, inf
+        return None, inf, inf, as_t(n), as_t(0)
     if x.ranks is not None:
         r = x.ranks[i]
-        return r, r.new_full((), start), r.new_full((), end - 1)
-    lo = x.kth_smallest_abs(i, start)
-    hi = x.kth_smallest_abs(i, end - 1)
-    less_lo, _ = x.count_abs(i, lo)
-    less_hi, leq_hi = x.count_abs(i, hi)
-    if less_lo == start and leq_hi == end:
-        return None, lo, hi
-    a = x.delta(i).abs()
-    flat = a.reshape(-1)
-    m = (flat >= lo) & (flat <= hi)
-    if less_lo != start:  # drop the first (start - less_lo) elements equal to lo
-        eq = flat == lo
-        m &= ~(eq & (eq.cumsum(0) <= start - less_lo))
-    if leq_hi != end:  # keep only the first (end - less_hi) elements equal to hi
-        eq = flat == hi
-        m &= ~(eq & (eq.cumsum(0) > end - less_hi))
-    one = torch.ones((), dtype=torch.uint8, device=a.device)
-    return m.reshape(a.shape).to(torch.uint8), one, one
+        return r, r.new_full((), start), r.new_full((), end - 1), as_t(0), as_t(n)
+    lo = x.kth_smallest_abs(i, start) if start > 0 else like.new_zeros(())
+    hi = x.kth_smallest_abs(i, end - 1) if end < n else inf
+    jlo, jhi = 0, n
+    if start > 0:
+        less_lo, leq_lo = x.count_abs(i, lo)
+        if less_lo != start:  # drop the first (start - less_lo) elements equal to lo
+            jlo = int(x.positions_equal(i, lo)[start - less_lo])
+    if end < n:
+        less_hi, leq_hi = x.count_abs(i, hi)
+        if leq_hi != end:  # keep only the first (end - less_hi) elements equal to hi
+            jhi = int(x.positions_equal(i, hi)[end - less_hi])
+    return None, lo, hi, as_t(jlo), as_t(jhi)
+
+
+def window_mask(key: torch.Tensor, lo, hi, jlo, jhi) -> torch.Tensor:
+    idx = torch.arange(key.numel(), device=key.device).reshape(key.shape)
+    return ((key > lo) | ((key == lo) & (idx >= jlo))) & ((key < hi) | ((key == hi) & (idx < jhi)))
 
 
 def apply_window(delta: torch.Tensor, w: tuple) -> torch.Tensor:
-    key, lo, hi = w
+    key, lo, hi, jlo, jhi = w
     key = delta.abs() if key is None else key
-    return torch.where((key >= lo) & (key <= hi), delta, 0.0)
+    return torch.where(window_mask(key, lo, hi, jlo, jhi), delta, 0.0)
 
 
 def magnitude(x: TensorInputs, i: int, density: float, rescale: bool) -> torch.Tensor:

@@ -48,32 +48,28 @@ def task_vector_merge(x: TensorInputs, g: dict, m: list[dict], *, sparsifier: st
     ``normalize`` divides by the sum of the weights that took part.
 
     Magnitude pruning without rescale reaches the fused kernel as a selection
-    (ranks or thresholds), so no masked copy of a task vector is ever made; other
-    sparsifiers prepare their deltas first.
+    (ranks, or thresholds with a tie split by index), so no masked copy of a task
+    vector is made; other sparsifiers prepare their deltas first.
     """
     base = x.base
-    zero, inf = base.new_zeros(()), base.new_full((), float("inf"))
-    deltas, keys, lo, hi = [], [], [], []
+    n = base.numel()
+    deltas, windows = [], []
     for i, p in enumerate(m):
         if sparsifier in ("magnitude", "outliers"):
-            w = sparsify.window(x, i, *sparsify.keep_range(sparsifier, base.numel(), p["density"], p.get("gamma", 0.0)))
+            w = sparsify.window(x, i, *sparsify.keep_range(sparsifier, n, p["density"], p.get("gamma", 0.0)))
             if not g["rescale"]:
                 deltas.append(x.delta(i))
-                keys.append(w[0])
-                lo.append(w[1])
-                hi.append(w[2])
+                windows.append(w)
                 continue
             d = sparsify.rescale_l1(x.delta(i), sparsify.apply_window(x.delta(i), w))
         else:
             d = sparsified_delta(sparsifier, x, i, p, g["rescale"])
         deltas.append(d)
-        keys.append(None)
-        lo.append(zero)
-        hi.append(inf)
+        windows.append(sparsify.window(x, i, 0, n))  # keep everything
     weights = [p["weight"] for p in m]
     total = sum(weights)
     divisor = 1.0 if abs(total) < 1e-8 else total
-    return kernels.combine(base, deltas, keys, lo, hi, weights, g["lambda"], g["normalize"], consensus, divisor)
+    return kernels.combine(base, deltas, windows, weights, g["lambda"], g["normalize"], consensus, divisor)
 
 
 WEIGHT = Param("weight", "model", float, help="coefficient of this model (negative negates a task vector)")
