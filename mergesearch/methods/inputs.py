@@ -15,6 +15,9 @@ import hashlib
 import torch
 
 
+RADIX_MIN_NUMEL = 1 << 20
+
+
 def magnitude_ranks(delta: torch.Tensor) -> torch.Tensor:
     """Each element's position in the stable ascending order of |delta| (int32, same shape)."""
     flat = delta.abs().reshape(-1)
@@ -51,6 +54,7 @@ class TensorInputs:
         self._generator: torch.Generator | None = None
         self._delta_cache: dict[int, torch.Tensor] = {}
         self._abs_cache: dict[int, torch.Tensor] = {}
+        self._hist_cache: dict[int, tuple] = {}
 
     @property
     def n(self) -> int:
@@ -78,14 +82,23 @@ class TensorInputs:
             self._abs_cache[i] = self.delta(i).abs().reshape(-1)
         return self._abs_cache[i]
 
-    def kth_smallest_abs(self, i: int, k: int) -> torch.Tensor:
-        """The k-th smallest |delta_i| (0-based)."""
-        return torch.kthvalue(self.abs_delta(i), k + 1).values
-
-    def count_abs(self, i: int, value: torch.Tensor) -> tuple[int, int]:
-        """(#|delta_i| < value, #|delta_i| <= value)."""
+    def select_abs(self, i: int, k: int) -> tuple[torch.Tensor, int, int]:
+        """The k-th smallest |delta_i| (0-based) with the counts of elements below it
+        and at or below it. Large tensors use a radix select on the float bits (a
+        histogram of the top 16 bits, then an exact k-th value inside one bucket)."""
         a = self.abs_delta(i)
-        return int((a < value).sum()), int((a <= value).sum())
+        if a.numel() < RADIX_MIN_NUMEL or a.dtype != torch.float32:
+            v = torch.kthvalue(a, k + 1).values
+            return v, int((a < v).sum()), int((a <= v).sum())
+        if i not in self._hist_cache:
+            top = a.view(torch.int32) >> 16  # non-negative floats order like their bits
+            self._hist_cache[i] = (top, torch.bincount(top.reshape(-1), minlength=1 << 15).cumsum(0))
+        top, cum = self._hist_cache[i]
+        b = int(torch.searchsorted(cum, torch.tensor([k], device=cum.device), right=True))
+        below = int(cum[b - 1]) if b > 0 else 0
+        bucket = a[top == b]
+        v = torch.kthvalue(bucket, k - below + 1).values
+        return v, below + int((bucket < v).sum()), below + int((bucket <= v).sum())
 
     def positions_equal(self, i: int, value: torch.Tensor) -> torch.Tensor:
         """Flat indices where |delta_i| == value, ascending."""

@@ -2,7 +2,7 @@
 
 All functions take the delta of model ``i`` from a :class:`TensorInputs` and return
 the sparsified delta in float32 (float64 for float64 inputs). Thresholds come from
-``TensorInputs.kth_smallest_abs``, a lookup when the materializer has precomputed
+``TensorInputs.select_abs`` (a radix select), or from the ranks the materializer precomputed
 the sorted magnitudes.
 
 Magnitude pruning keeps exactly the requested count. Elements are ordered by
@@ -68,15 +68,13 @@ def window(x: TensorInputs, i: int, start: int, end: int) -> tuple:
     if x.ranks is not None:
         r = x.ranks[i]
         return r, r.new_full((), start), r.new_full((), end - 1), as_t(0), as_t(n)
-    lo = x.kth_smallest_abs(i, start) if start > 0 else like.new_zeros(())
-    hi = x.kth_smallest_abs(i, end - 1) if end < n else inf
-    jlo, jhi = 0, n
+    lo, hi, jlo, jhi = like.new_zeros(()), inf, 0, n
     if start > 0:
-        less_lo, leq_lo = x.count_abs(i, lo)
+        lo, less_lo, _ = x.select_abs(i, start)
         if less_lo != start:  # drop the first (start - less_lo) elements equal to lo
             jlo = int(x.positions_equal(i, lo)[start - less_lo])
     if end < n:
-        less_hi, leq_hi = x.count_abs(i, hi)
+        hi, less_hi, leq_hi = x.select_abs(i, end - 1)
         if leq_hi != end:  # keep only the first (end - less_hi) elements equal to hi
             jhi = int(x.positions_equal(i, hi)[end - less_hi])
     return None, lo, hi, as_t(jlo), as_t(jhi)
