@@ -1,14 +1,14 @@
-"""`make demo`: build the tiny zoo, merge its task fine-tunes, score the merges.
+"""`make demo`: the main job on the bundled tiny zoo.
 
-Until the search lands, this shows the pipeline end to end on real fine-tunes:
-1. `mergesearch zoo build` (cached after the first run);
-2. `mergesearch merge` of the four task fine-tunes with several methods;
-3. the mergekit YAML export of one recipe;
-4. dev and test accuracy of every merge next to the fine-tunes (loglik scorer).
+1. Build the zoo (cached after the first run).
+2. Run a CMA-ES search over search_spaces/demo.yaml with 2 Ray workers.
+3. Export the winner (recipe, mergekit YAML, checkpoint, model card, test scores).
+4. Print the top 5 of the leaderboard and the test table, with the two baselines.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -18,52 +18,54 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mergesearch.cli import load_model, main as cli  # noqa: E402
-from mergesearch.evaluate import EvalConfig, build_evaluator  # noqa: E402
-from mergesearch.recipe import from_dict  # noqa: E402
-from mergesearch.zoo.build import ZOO_TASKS, build_zoo  # noqa: E402
+from mergesearch.evaluate import build_evaluator  # noqa: E402
+from mergesearch.materialize import Materializer  # noqa: E402
+from mergesearch.search.controller import baseline_recipes  # noqa: E402
+from mergesearch.space import SearchSpace  # noqa: E402
+from mergesearch.zoo.build import build_zoo  # noqa: E402
+
+RUN = "demo"
 
 
 def main() -> int:
-    zoo = ROOT / "results" / "zoo"
     t0 = time.perf_counter()
+    zoo = ROOT / "results" / "zoo"
     manifest = build_zoo(zoo)
-    print(f"zoo: {zoo} ({len(manifest['models'])} models, tasks {', '.join(ZOO_TASKS)}; "
-          f"ready in {time.perf_counter() - t0:.0f}s)")
-    base = str(zoo / "base")
-    fts = [str(zoo / f"ft_{t}") for t in ZOO_TASKS]
-    recipes = {
-        "uniform average": dict(method="linear", models=[{"path": p, "parameters": {"weight": 1.0}} for p in fts]),
-        "task arithmetic 1.0": dict(method="task_arithmetic", models=[{"path": p, "parameters": {"weight": 1.0}} for p in fts]),
-        "task arithmetic 0.5": dict(method="task_arithmetic", models=[{"path": p, "parameters": {"weight": 0.5}} for p in fts]),
-        "ties": dict(method="ties", models=[{"path": p, "parameters": {"weight": 1.0, "density": 0.3}} for p in fts]),
-        "dare_ties": dict(method="dare_ties", models=[{"path": p, "parameters": {"weight": 1.0, "density": 0.5}} for p in fts]),
-        "breadcrumbs_ties": dict(method="breadcrumbs_ties", models=[{"path": p, "parameters": {"weight": 0.8}} for p in fts],
-                                 parameters={"density": 0.4, "gamma": 0.01}),
-    }
-    out_root = ROOT / "results" / "demo"
-    shutil.rmtree(out_root, ignore_errors=True)
-    out_root.mkdir(parents=True)
-    evs = {s: build_evaluator(EvalConfig(tasks=ZOO_TASKS, task_dir=str(zoo), split=s)) for s in ("dev", "test")}
-    rows = []
-    for name in ["base"] + [f"ft_{t}" for t in ZOO_TASKS]:
-        model, tok = load_model(zoo / name)
-        rows.append((name, {s: ev.score(model, tok) for s, ev in evs.items()}))
-    for label, body in recipes.items():
-        slug = label.replace(" ", "_").replace(".", "")
-        recipe = from_dict({"base": base, "seed": 0, **body})
-        recipe.save(out_root / f"{slug}.yaml")
-        if cli(["merge", str(out_root / f"{slug}.yaml"), "-o", str(out_root / slug)]) != 0:
-            return 1
-        model, tok = load_model(out_root / slug)
-        rows.append((label, {s: ev.score(model, tok) for s, ev in evs.items()}))
-    cli(["convert", str(out_root / "ties.yaml"), "-o", str(out_root / "ties_mergekit.yaml")])
-    print(f"\n{'model':<22}" + "".join(f"{t:>9}" for t in ZOO_TASKS) + f"{'mean':>9}   (test accuracy; dev mean)")
-    for name, res in rows:
-        test = res["test"]
-        print(f"{name:<22}" + "".join(f"{test[t]:>9.3f}" for t in ZOO_TASKS)
-              + f"{sum(test.values()) / len(test):>9.3f}   ({sum(res['dev'].values()) / len(test):.3f})")
-    print(f"\nrecipes, merged models and a mergekit YAML are under {out_root}")
-    return 0
+    print(f"[1/4] zoo ready: {zoo} ({len(manifest['models'])} models) in {time.perf_counter() - t0:.0f}s", flush=True)
+    run_dir = ROOT / "results" / RUN
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo starts its run afresh
+    space_file = ROOT / "search_spaces" / "demo.yaml"
+    print("[2/4] searching (CMA-ES, 2 Ray workers) ...", flush=True)
+    code = cli(["search", str(space_file), "--run", RUN, "--workers", "2"])
+    if code != 0:
+        return code
+    print("\n[3/4] exported to", run_dir, flush=True)
+    print("\n[4/4] leaderboard (top 5, dev):", flush=True)
+    cli(["leaderboard", RUN, "--top", "5"])
+    scores = json.loads((run_dir / "scores.json").read_text())
+    space = SearchSpace.load(space_file)
+    test_ev = build_evaluator(space.evaluator.model_copy(update={"split": "test"}))
+    mat = Materializer(space.base, space.models, methods=["linear", "task_arithmetic"])
+    model, tok = load_model(Path(space.base))
+    baselines = {}
+    for name, recipe in baseline_recipes(space).items():
+        mat.write_into(model, recipe)
+        s = test_ev.score(model, tok)
+        baselines[name] = (s, test_ev.aggregate(s))
+    tasks = space.evaluator.tasks
+    print(f"\ntest accuracy (never searched on)\n{'model':<24}" + "".join(f"{t:>9}" for t in tasks) + f"{'mean':>9}")
+    best = scores["test"]["merged"]
+    print(f"{'best merge (trial ' + str(scores['trial']) + ')':<24}" + "".join(f"{best[t]:>9.3f}" for t in tasks)
+          + f"{scores['test']['merged_aggregate']:>9.3f}")
+    for name, (s, agg) in baselines.items():
+        print(f"{name:<24}" + "".join(f"{s[t]:>9.3f}" for t in tasks) + f"{agg:>9.3f}")
+    for path, s in scores["test"]["sources"].items():
+        print(f"{Path(path).name:<24}" + "".join(f"{s['scores'][t]:>9.3f}" for t in tasks) + f"{s['aggregate']:>9.3f}")
+    beats = all(scores["test"]["merged_aggregate"] > agg for _, agg in baselines.values())
+    print(f"\nbest merge beats uniform averaging and task arithmetic (lambda = 1) on test: {'yes' if beats else 'NO'}"
+          f"; dev re-score after export {'matches' if scores['dev']['verified'] else 'DIFFERS'}"
+          f"; demo took {time.perf_counter() - t0:.0f}s")
+    return 0 if beats else 1
 
 
 if __name__ == "__main__":

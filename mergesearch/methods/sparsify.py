@@ -1,9 +1,9 @@
 """Sparsification of task vectors: magnitude top-k, DARE drop, breadcrumbs, DELLA.
 
 All functions take the delta of model ``i`` from a :class:`TensorInputs` and return
-the sparsified delta in float32 (float64 for float64 inputs). Thresholds come from
-``TensorInputs.select_abs`` (a radix select), or from the ranks the materializer precomputed
-the sorted magnitudes.
+the sparsified delta in float32 (float64 for float64 inputs). Selections come from
+``TensorInputs.select_abs`` (a radix select of the threshold) or, in the
+Materializer, from precomputed magnitude ranks.
 
 Magnitude pruning keeps exactly the requested count. Elements are ordered by
 magnitude, and equal magnitudes by flat index (a stable ascending sort); a
