@@ -1,11 +1,11 @@
 """In-memory materialization of candidate merges (the search hot loop).
 
-A :class:`Materializer` loads the base and the models once and keeps resident, on
-its device, what the methods it serves need: the base, the task vectors
-(model - base), the model tensors, and for magnitude-based sparsifiers (TIES,
+A :class:`Materializer` loads the base and the models once and keeps them
+resident on its device in their stored dtype (task vectors are formed inside the
+fused kernels, as in the export), and for magnitude-based sparsifiers (TIES,
 breadcrumbs) the rank of every element of every task vector in the stable
 magnitude order, so pruning at any density is one integer comparison inside the
-fused kernel instead of a top-k (and exact, ties included). A candidate is then computed by the
+fused kernel instead of a top-k (exact, ties included). A candidate is computed by the
 same per-tensor code as the streamed export and written into an existing
 ``nn.Module`` in place, with no disk I/O. Results are bit-equal to
 :func:`mergesearch.merge.stream_merge` for the same recipe.
@@ -21,7 +21,8 @@ import torch
 
 from mergesearch.checkpoint import Checkpoint, check_compatible
 from mergesearch.errors import MergeSearchError
-from mergesearch.merge import merge_tensor, work_dtype
+from mergesearch.merge import merge_tensor
+from mergesearch.methods.inputs import work_dtype
 from mergesearch.methods import REGISTRY, TensorInputs, get_method
 from mergesearch.methods.inputs import magnitude_ranks
 from mergesearch.recipe import Recipe, layer_position
@@ -49,52 +50,41 @@ class Materializer:
             check_compatible(self.base_ckpt, self.model_ckpts, allow_unrelated=allow_unrelated)
         self.paths = {str(Path(p).resolve()): i for i, p in enumerate(models)}
         self.base_path = str(Path(base).resolve())
-        keep_tensors = any(s.needs_tensors for s in specs)
-        keep_deltas = any(s.needs_deltas for s in specs)
         keep_ranks = any(s.sparsifier in ("magnitude", "outliers") for s in specs)
         self.num_layers = self.base_ckpt.num_layers
         self.names = self.base_ckpt.names()
         self.float_names = [n for n in self.names if self.base_ckpt.dtype(n).is_floating_point]
+        # Resident, in their stored dtype (bf16 stays bf16): the base and every model.
+        # Task vectors are taken inside the fused kernels, exactly as the export does.
         self.base: dict[str, torch.Tensor] = {}
-        self.tensors: dict[str, list[torch.Tensor]] | None = {} if keep_tensors else None
-        self.deltas: dict[str, list[torch.Tensor]] | None = {} if keep_deltas else None
+        self.tensors: dict[str, list[torch.Tensor]] = {}
         self.ranks: dict[str, list[torch.Tensor]] | None = {} if keep_ranks else None
         self.constants: dict[str, torch.Tensor] = {}
-        # Tensors whose model weights are exactly base + delta in the work dtype
-        # (always so for bf16/fp16 sources): their model tensors are not stored.
-        self.derivable: set[str] = set()
         for name in self.names:
             if name not in self.float_names:
                 self.constants[name] = self.base_ckpt.get(name).to(self.device)
                 continue
             b = self._load(self.base_ckpt, name)
-            self.base[name] = b
             ts = [self._load(m, name) for m in self.model_ckpts]
-            ds = [t - b for t in ts] if (self.deltas is not None or self.ranks is not None) else None
-            if self.deltas is not None:
-                self.deltas[name] = ds
-                if all(torch.equal(b + d, t) for d, t in zip(ds, ts)):
-                    self.derivable.add(name)
-            if self.tensors is not None and name not in self.derivable:
-                self.tensors[name] = ts
+            self.base[name] = b
+            self.tensors[name] = ts
             if self.ranks is not None:
-                self.ranks[name] = [magnitude_ranks(d) for d in ds]
-            del ts, ds
+                wb = b.to(work_dtype(b.dtype))
+                self.ranks[name] = [magnitude_ranks(t.to(wb.dtype) - wb) for t in ts]
             for c in [self.base_ckpt, *self.model_ckpts]:
                 c.release()
         self.setup_seconds = time.perf_counter() - t0
         self.resident_bytes = sum(
             t.numel() * t.element_size()
-            for store in (self.tensors, self.deltas, self.ranks)
+            for store in (self.tensors, self.ranks)
             if store is not None
             for ts in store.values()
             for t in ts
         ) + sum(t.numel() * t.element_size() for t in self.base.values())
 
     def _load(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
-        t = ckpt.get(name)
-        t = t.to(device=self.device, dtype=work_dtype(t.dtype))
-        if not torch.isfinite(t).all():
+        t = ckpt.get(name).to(device=self.device)
+        if not torch.isfinite(t.sum(dtype=work_dtype(t.dtype))):
             raise MergeSearchError(f"{ckpt.path}: tensor '{name}' contains NaN or Inf")
         return t
 
@@ -112,15 +102,12 @@ class Materializer:
     def inputs(self, recipe: Recipe, name: str) -> TensorInputs:
         spec = recipe.spec
         idx = self._indices(recipe)
-        pick = (lambda store: [store[name][i] for i in idx] if store is not None and name in store else None)
-        tensors, deltas, ranks = pick(self.tensors), pick(self.deltas), pick(self.ranks)
-        if (spec.needs_tensors and tensors is None and name not in self.derivable) or \
-                (spec.needs_deltas and not spec.needs_tensors and deltas is None):
+        if spec.sparsifier in ("magnitude", "outliers") and self.ranks is None:
             raise MergeSearchError(f"method '{spec.name}' was not among the materializer's methods")
-        if spec.needs_tensors and tensors is None:
-            tensors = [self.base[name] + d for d in deltas]  # exact: name is derivable
+        tensors = [self.tensors[name][i] for i in idx]
+        ranks = [self.ranks[name][i] for i in idx] if self.ranks is not None else None
         base = self.base[name] if spec.uses_base != "no" else None
-        return TensorInputs(name, base, tensors=tensors, deltas=deltas, ranks=ranks, seed=recipe.seed)
+        return TensorInputs(name, base, tensors=tensors, ranks=ranks, seed=recipe.seed)
 
     def tensor(self, recipe: Recipe, name: str) -> torch.Tensor:
         if name in self.constants:

@@ -22,6 +22,7 @@ from mergesearch.checkpoint import (
 )
 from mergesearch.errors import MergeSearchError
 from mergesearch.methods import MethodSpec, TensorInputs
+from mergesearch.methods.inputs import work_dtype
 from mergesearch.recipe import Recipe, layer_position
 
 log = logging.getLogger(__name__)
@@ -29,15 +30,11 @@ log = logging.getLogger(__name__)
 RELEASE_EVERY_BYTES = 256 * 1024**2
 
 
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def merge_tensor(recipe: Recipe, spec: MethodSpec, x: TensorInputs, t: float, check_finite: bool = True) -> torch.Tensor:
     """One output tensor in the work dtype: resolve parameters, call the method."""
     g, per_model = recipe.resolve(x.name, t)
     out = spec.fn(x, g, per_model)
-    if check_finite and not torch.isfinite(out).all():
+    if check_finite and not torch.isfinite(out.sum()):
         raise MergeSearchError(f"{x.name}: the merge produced NaN or Inf (check the parameters)")
     return out
 
@@ -94,22 +91,20 @@ def open_plan(recipe: Recipe, *, allow_unrelated: bool = False, check: bool = Tr
 
 
 def build_inputs(plan: MergePlan, name: str, device: str) -> TensorInputs:
-    """Read one tensor from every input into the work dtype on ``device``."""
-    spec = plan.spec
+    """Read one tensor from every input, as stored, on ``device`` (the methods make
+    float32 views when they need them; the fused kernels read the raw tensors)."""
     base = None
-    if plan.base is not None:
+    if plan.base is not None and plan.spec.uses_base != "no":
         base = _read_checked(plan.base, name, device)
     tensors = [_read_checked(m, name, device) for m in plan.models]
-    use_base = base if spec.uses_base != "no" else None
-    return TensorInputs(name, use_base, tensors=tensors, seed=plan.recipe.seed)
+    return TensorInputs(name, base, tensors=tensors, seed=plan.recipe.seed)
 
 
 def _read_checked(ckpt: Checkpoint, name: str, device: str) -> torch.Tensor:
-    t = ckpt.get(name)
-    t = t.to(device=device, dtype=work_dtype(t.dtype))
+    t = ckpt.get(name).to(device=device)
     # one fast reduction instead of an elementwise isfinite: weights are far too small
     # for their float32 sum to overflow, so a non-finite sum means a NaN or Inf inside
-    if not torch.isfinite(t.sum()):
+    if not torch.isfinite(t.sum(dtype=work_dtype(t.dtype))):
         raise MergeSearchError(f"{ckpt.path}: tensor '{name}' contains NaN or Inf")
     return t
 

@@ -97,17 +97,48 @@ def self_rss() -> tuple[int, int]:
     return vals.get("VmRSS", 0), vals.get("VmHWM", 0)
 
 
+def cpu_busy() -> float:
+    """Busy CPU seconds of the whole machine since boot (user, nice, system, irq, softirq)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / os.sysconf("SC_CLK_TCK")
+
+
+QUIET = {"max_wait": 600.0, "cores": 0.15}
+CONTENDED_CORES = 0.25  # other processes' average CPU use above which a timing is flagged
+
+
+def wait_quiet() -> float:
+    """Wait (up to QUIET['max_wait'] s) until other processes use under QUIET['cores'] cores
+    over 3 s. Returns the load seen last, in cores."""
+    t_end = time.monotonic() + QUIET["max_wait"]
+    said = False
+    while True:
+        b0, t0 = cpu_busy(), time.monotonic()
+        time.sleep(3)
+        load = (cpu_busy() - b0) / (time.monotonic() - t0)
+        if load < QUIET["cores"] or time.monotonic() >= t_end:
+            return load
+        if not said:
+            print(f"  (waiting for other processes to finish: {load:.2f} cores busy)", flush=True)
+            said = True
+
+
 def run_process(cmd: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run one child; wall time and that child's own peak RSS (os.wait4 rusage)."""
+    """Run one child; wall time and that child's own peak RSS (os.wait4 rusage), and how many
+    cores other processes used meanwhile (machine busy time minus the child's CPU time)."""
     os.sync()  # no writeback of an earlier output during this timing
+    wait_quiet()
     with open(log, "w") as fh:
+        b0 = cpu_busy()
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         _, status, ru = os.wait4(p.pid, 0)
         wall = time.perf_counter() - t0
+        busy = cpu_busy() - b0
     p.returncode = os.waitstatus_to_exitcode(status)
+    other = max(0.0, busy - ru.ru_utime - ru.ru_stime) / wall
     res = {"seconds": wall, "peak_rss": ru.ru_maxrss * 1024, "user_s": ru.ru_utime, "sys_s": ru.ru_stime,
-           "rc": p.returncode, "log": str(log)}
+           "other_cores": other, "contended": other > CONTENDED_CORES, "rc": p.returncode, "log": str(log)}
     if p.returncode != 0:
         tail = log.read_text()[-2000:]
         res["error"] = tail.strip().splitlines()[-1] if tail.strip() else f"exit code {p.returncode}"
@@ -126,6 +157,8 @@ def median_run(cmd: list[str], log: Path, out: Path | None, repeat: int, env: di
     res = dict(sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2])
     res["all_seconds"] = [r["seconds"] for r in runs]
     res["peak_rss"] = max(r["peak_rss"] for r in runs)
+    res["contended"] = any(r["contended"] for r in runs)
+    res["other_cores"] = max(r["other_cores"] for r in runs)
     return res
 
 
@@ -294,11 +327,18 @@ def child_inmem(args: list[str]) -> int:
     t = time.perf_counter()
     candidate()  # warm-up (compilation, allocator)
     res["warmup_s"] = time.perf_counter() - t
+    import resource
     times = []
+    b0, r0 = cpu_busy(), resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(repeat):
         t = time.perf_counter()
         candidate()
         times.append(time.perf_counter() - t)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    own = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    res["candidate_cpu_s"] = own / repeat
+    res["other_cores"] = max(0.0, cpu_busy() - b0 - own) / sum(times)
+    res["contended"] = res["other_cores"] > CONTENDED_CORES
     res["candidate_s"] = times
     res["candidate_median_s"] = statistics.median(times)
     if side == "mergekit":
@@ -315,6 +355,13 @@ def child_inmem(args: list[str]) -> int:
 
 def fmt_s(x) -> str:
     return "-" if x is None else f"{x:.2f}s"
+
+
+def fmt_run(r: dict | None, key: str = "seconds") -> str:
+    """A timing, starred when other processes used more than CONTENDED_CORES meanwhile."""
+    if not r or r.get(key) is None or r.get("rc", 0) != 0:
+        return "-"
+    return f"{r[key]:.2f}s" + ("*" if r.get("contended") else "")
 
 
 def fmt_gb(x) -> str:
@@ -349,7 +396,12 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="timed in-memory candidates after the warm-up (median)")
     ap.add_argument("--stream-repeat", type=int, default=1, help="runs of each whole process (median)")
     ap.add_argument("--out-json", type=Path, help="write every figure here")
+    ap.add_argument("--rev", help="benchmark the mergesearch package of this git revision (extracted with "
+                                   "git archive under the cache folder) instead of the working tree")
+    ap.add_argument("--quiet-wait", type=float, default=600.0,
+                    help="before each timing, wait up to this many seconds for other processes to go idle")
     a = ap.parse_args()
+    QUIET["max_wait"] = a.quiet_wait
 
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     for m in methods:
@@ -365,7 +417,12 @@ def main() -> int:
     logs = cache / "logs"
     logs.mkdir(exist_ok=True)
 
-    sys.path.insert(0, str(ROOT))
+    if a.rev:
+        snap = snapshot(a.rev, cache)
+        sys.path.insert(0, str(snap))
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(snap), *filter(None, [os.environ.get("PYTHONPATH")])])
+    elif importlib.util.find_spec("mergesearch") is None:
+        sys.path.insert(0, str(ROOT))
     import torch
     from mergesearch.checkpoint import Checkpoint
     from mergesearch.recipe import from_dict
@@ -387,7 +444,9 @@ def main() -> int:
         "torch_threads": torch.get_num_threads(),
         "mergekit": _version("mergekit") if have_mk else None,
         "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", f"/tmp/torchinductor_{os.environ.get('USER', 'root')}"),
+        "mergesearch": code_revision(),
     }
+    print(f"mergesearch: {env['mergesearch']['describe']}", flush=True)
     print(f"family: {family_dir(cache, shape)} ({'generated' if gen_s > 1 else 'cached'}): base + {N_MODELS} fine-tunes, "
           f"{shape}, bf16, {n_params / 1e9:.3f}B params, {model_bytes / 1e6:.0f} MB per model")
     print(f"machine: {env['machine']} ({env['cpu']}); torch {env['torch']} ({env['torch_threads']} threads); "
@@ -408,7 +467,7 @@ def main() -> int:
         print("floor: read 4 inputs, weighted sum, write one file ...", flush=True)
         floor = median_run([py, script, "_floor", str(out), ",".join(map(str, FLOOR_WEIGHTS)), str(base), *map(str, fts)],
                            logs / "floor.log", out, a.stream_repeat)
-        print(f"  {fmt_s(floor['seconds'])}, peak RSS {fmt_gb(floor['peak_rss'])} GB", flush=True)
+        print(f"  {fmt_run(floor)}, peak RSS {fmt_gb(floor['peak_rss'])} GB", flush=True)
         results["floor"] = floor
         floor_out = out  # kept until task arithmetic has been compared with it
         for method in methods:
@@ -421,7 +480,7 @@ def main() -> int:
             r["mergesearch"] = median_run([str(BIN / "mergesearch"), "merge", str(rpath), "-o", str(ms_out)],
                                           logs / f"ms_{method}.log", ms_out, a.stream_repeat)
             r["mergesearch"]["loop_s"] = _merged_seconds(Path(r["mergesearch"]["log"]))
-            print(f"  {fmt_s(r['mergesearch']['seconds'])}, peak RSS {fmt_gb(r['mergesearch']['peak_rss'])} GB", flush=True)
+            print(f"  {fmt_run(r['mergesearch'])}, peak RSS {fmt_gb(r['mergesearch']['peak_rss'])} GB", flush=True)
             ok = r["mergesearch"]["rc"] == 0
             if ok:
                 r["mergesearch_digests"] = tensor_digests(ms_out)
@@ -435,7 +494,7 @@ def main() -> int:
                 print(f"{method}: mergekit-yaml ...", flush=True)
                 r["mergekit"] = median_run([str(BIN / "mergekit-yaml"), str(mk_cfg), str(mk_out), "--device", "cpu",
                                             "--quiet"], logs / f"mk_{method}.log", mk_out, a.stream_repeat)
-                print(f"  {fmt_s(r['mergekit']['seconds'])}, peak RSS {fmt_gb(r['mergekit']['peak_rss'])} GB", flush=True)
+                print(f"  {fmt_run(r['mergekit'])}, peak RSS {fmt_gb(r['mergekit']['peak_rss'])} GB", flush=True)
                 if ok and r["mergekit"]["rc"] == 0:
                     r["vs_mergekit_output"] = compare_outputs(ms_out, mk_out)
                 shutil.rmtree(mk_out, ignore_errors=True)
@@ -472,6 +531,10 @@ def main() -> int:
             if ms.get("digests") and stream.get("mergesearch_digests"):
                 ms["bit_equal_to_stream"] = ms["digests"] == stream["mergesearch_digests"]
 
+    after = code_revision()
+    if after["source_digest"] != env["mergesearch"]["source_digest"]:
+        env["mergesearch"]["changed_during_run"] = True
+        print("WARNING: mergesearch's source changed during the run; the figures mix two versions", file=sys.stderr)
     table = render(results, methods, use_mk)
     print("\n" + table)
     if a.out_json:
@@ -487,6 +550,47 @@ def main() -> int:
         print(f"\nfigures: {a.out_json}")
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def snapshot(rev: str, cache: Path) -> Path:
+    """mergesearch/ as of ``rev`` in a folder of its own (read-only git commands)."""
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    dest = cache / f"code-{sha}"
+    if not (dest / "mergesearch").is_dir():
+        tmp = cache / f".code-{sha}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha, "mergesearch"], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive.stdout, check=True)
+        tmp.rename(dest)
+    os.environ["BENCH_CODE_LABEL"] = f"commit {sha}, extracted with --rev {rev}"
+    return dest
+
+
+def code_revision() -> dict:
+    """Which mergesearch the children import: its folder, a digest of its sources, and the git
+    commit when that folder is this checkout (plus whether it has uncommitted changes)."""
+    spec = importlib.util.find_spec("mergesearch")
+    pkg = Path(spec.origin).parent if spec and spec.origin else ROOT / "mergesearch"
+    h = hashlib.blake2b(digest_size=8)
+    for f in sorted(pkg.rglob("*.py")):
+        h.update(str(f.relative_to(pkg)).encode())
+        h.update(f.read_bytes())
+    info = {"package": str(pkg), "source_digest": h.hexdigest(), "commit": None, "dirty": None}
+    if pkg.resolve() == (ROOT / "mergesearch").resolve():
+        try:
+            git = ["git", "-C", str(ROOT)]
+            info["commit"] = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                            check=True).stdout.strip()
+            info["dirty"] = bool(subprocess.run(git + ["status", "--porcelain", "--", "mergesearch"],
+                                                capture_output=True, text=True, check=True).stdout.strip())
+        except (OSError, subprocess.CalledProcessError):
+            pass
+    where = f"commit {info['commit']}" + (" with uncommitted changes" if info["dirty"] else "") if info["commit"] \
+        else os.environ.get("BENCH_CODE_LABEL", "not this checkout")
+    info["describe"] = f"{pkg} ({where}; source digest {info['source_digest']})"
+    return info
 
 
 def _version(pkg: str) -> str | None:
@@ -524,6 +628,7 @@ def render(res: dict, methods: list[str], use_mk: bool) -> str:
         f"intermediate {fam['intermediate']}, vocab {fam['vocab']}, bf16, {fam['params'] / 1e9:.3f}B params, "
         f"{fam['model_bytes'] / 1e6:.0f} MB per model; weight {res['weight']}, density {res['density']}",
         f"machine: {res['env']['machine']}; torch {res['env']['torch']}, mergekit {res['env']['mergekit'] or '-'}",
+        f"mergesearch: {res['env']['mergesearch']['describe']}",
     ]
     floor = res.get("floor")
     if floor:
@@ -531,7 +636,7 @@ def render(res: dict, methods: list[str], use_mk: bool) -> str:
         lines += ["", "Streamed export, whole processes (wall time, peak RSS in GB)", "",
                   "| method | mergesearch | / floor | target | mergekit | mergesearch / mergekit | RSS mergesearch | RSS target | RSS mergekit |",
                   "|---|---:|---:|---|---:|---:|---:|---|---:|",
-                  f"| floor (read 4, weighted sum, write) | {fmt_s(fl)} | 1.00x | | | | {fmt_gb(floor['peak_rss'])} | | |"]
+                  f"| floor (read 4, weighted sum, write) | {fmt_run(floor)} | 1.00x | | | | {fmt_gb(floor['peak_rss'])} | | |"]
         for m in methods:
             r = res["stream"].get(m)
             if not r:
@@ -541,8 +646,8 @@ def render(res: dict, methods: list[str], use_mk: bool) -> str:
             tk = mk.get("seconds") if mk and mk.get("rc") == 0 else None
             ratio = t / fl if t and fl else None
             lines.append(
-                f"| {m} | {fmt_s(t)} | {fmt_x(ratio)} | {passfail(ratio, TARGETS['stream_vs_floor'].get(m))} | "
-                f"{fmt_s(tk) if use_mk else 'not run'} | {fmt_x(t / tk) if t and tk else '-'} | "
+                f"| {m} | {fmt_run(ms)} | {fmt_x(ratio)} | {passfail(ratio, TARGETS['stream_vs_floor'].get(m))} | "
+                f"{fmt_run(mk) if use_mk else 'not run'} | {fmt_x(t / tk) if t and tk else '-'} | "
                 f"{fmt_gb(ms.get('peak_rss'))} | {passfail(ms.get('peak_rss', 0) / GB if t else None, TARGETS['stream_peak_rss_gb'])} | "
                 f"{fmt_gb(mk.get('peak_rss')) if mk else '-'} |")
         checks = []
@@ -561,6 +666,11 @@ def render(res: dict, methods: list[str], use_mk: bool) -> str:
             if r.get("mergesearch", {}).get("loop_s") is not None:
                 checks.append(f"- {m}: mergesearch's own merge-loop time (its summary line): {r['mergesearch']['loop_s']:.1f}s "
                               f"of {r['mergesearch']['seconds']:.1f}s")
+            for side in ("mergesearch", "mergekit"):
+                p = r.get(side)
+                if p and p.get("rc") == 0:
+                    checks.append(f"- {m}: {side} CPU time {p['user_s'] + p['sys_s']:.1f}s (user {p['user_s']:.1f}, "
+                                  f"sys {p['sys_s']:.1f}); other processes used {p['other_cores']:.2f} cores meanwhile")
         if checks:
             lines += ["", *checks]
     if any(res["inmemory"].values()):
@@ -576,9 +686,9 @@ def render(res: dict, methods: list[str], use_mk: bool) -> str:
             ms, mk = r.get("mergesearch", {}), r.get("mergekit", {})
             t, tk = ms.get("candidate_median_s"), mk.get("candidate_median_s")
             lines.append(
-                f"| {m} | {fmt_s(t) if t is not None else ms.get('skipped', 'failed')} | "
+                f"| {m} | {fmt_run(ms, 'candidate_median_s') if t is not None else ms.get('skipped', 'failed')} | "
                 f"{passfail(t, TARGETS['candidate_s'].get(m))} | "
-                f"{fmt_s(tk) if tk is not None else (mk.get('skipped', 'failed') if use_mk else 'not run')} | "
+                f"{fmt_run(mk, 'candidate_median_s') if tk is not None else (mk.get('skipped', 'failed') if use_mk else 'not run')} | "
                 f"{fmt_x(t / tk) if t and tk else '-'} | {fmt_s(ms.get('setup_s'))} | {fmt_s(mk.get('setup_s'))} | "
                 f"{fmt_gb(ms.get('resident_bytes'))} | {fmt_gb(mk.get('resident_bytes'))} | "
                 f"{fmt_gb(ms.get('process', {}).get('peak_rss'))} | {fmt_gb(mk.get('process', {}).get('peak_rss'))} |")
@@ -587,16 +697,21 @@ def render(res: dict, methods: list[str], use_mk: bool) -> str:
             r = res["inmemory"].get(m, {})
             ms, mk = r.get("mergesearch", {}), r.get("mergekit", {})
             if "candidate_s" in ms:
-                notes.append(f"- {m}: mergesearch runs {', '.join(f'{x:.2f}' for x in ms['candidate_s'])}s, warm-up "
+                notes.append(f"- {m}: mergesearch runs {', '.join(f'{x:.2f}' for x in ms['candidate_s'])}s "
+                             f"({ms['candidate_cpu_s']:.2f} CPU s each; other processes {ms['other_cores']:.2f} cores), warm-up "
                              f"{ms['warmup_s']:.2f}s, RSS after setup {fmt_gb(ms['rss_after_setup'])} GB"
                              + (f"; bit-equal to the streamed export: {ms['bit_equal_to_stream']}"
                                 if "bit_equal_to_stream" in ms else ""))
             if "candidate_s" in mk:
                 notes.append(f"- {m}: mergekit runs {', '.join(f'{x:.2f}' for x in mk['candidate_s'])}s "
+                             f"({mk['candidate_cpu_s']:.2f} CPU s each; other processes {mk['other_cores']:.2f} cores) "
                              f"(merge_state_dicts alone: median {mk['merge_only_median_s']:.2f}s, then load_state_dict), "
                              f"warm-up {mk['warmup_s']:.2f}s, RSS after setup {fmt_gb(mk['rss_after_setup'])} GB")
         if notes:
             lines += ["", *notes]
+    if any(c.endswith("*") or "s* |" in c for c in lines):
+        lines += ["", f"* other processes used more than {CONTENDED_CORES} cores on average during this timing "
+                      f"(the machine was shared), so it overstates the time."]
     return "\n".join(lines)
 
 

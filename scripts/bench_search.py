@@ -34,7 +34,7 @@ from mergesearch.zoo.build import build_zoo  # noqa: E402
 
 
 def run(space: SearchSpace, name: str, workers: int, n: int, root: Path) -> tuple[dict, list]:
-    opts = SearchOptions(run=name, workers=workers, n_trials=n, root=root, progress=False, export=False)
+    opts = SearchOptions(run=name, workers=workers, n_trials=n, root=root, progress=False)
     t0 = time.perf_counter()
     summary = Controller(space, opts).run()
     wall = time.perf_counter() - t0

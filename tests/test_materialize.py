@@ -66,7 +66,7 @@ def test_write_into_module_in_place(tmp_path, family, mat):
 def test_precomputed_magnitude_ranks(family, mat):
     name = "model.layers.1.self_attn.q_proj.weight"
     assert mat.ranks is not None and len(mat.ranks[name]) == 3
-    d = mat.deltas[name][1].abs().reshape(-1)
+    d = (mat.tensors[name][1].float() - mat.base[name].float()).abs().reshape(-1)
     r = mat.ranks[name][1].reshape(-1).long()
     assert r.dtype == torch.long and sorted(r.tolist()) == list(range(d.numel()))
     assert torch.equal(d[r.argsort()], d.sort().values)  # rank order is the magnitude order
@@ -75,9 +75,13 @@ def test_precomputed_magnitude_ranks(family, mat):
 
 def test_materializer_keeps_only_what_methods_need(family):
     m = Materializer(family["base"], [family["ft0"], family["ft1"]], methods=["task_arithmetic"])
-    assert m.deltas is not None and m.tensors is None and m.ranks is None
-    m2 = Materializer(family["base"], [family["ft0"], family["ft1"]], methods=["linear"])
-    assert m2.tensors is not None and m2.deltas is None
+    assert m.ranks is None and len(m.tensors) == len(m.float_names)
+    m2 = Materializer(family["base"], [family["ft0"], family["ft1"]], methods=["ties"])
+    # base + 2 float32 models, then one int32 rank per element of each model on top
+    assert m2.ranks is not None and m2.resident_bytes == m.resident_bytes // 3 * 5
+    with pytest.raises(Exception, match="not among the materializer's methods"):
+        m.state_dict(from_dict(dict(method="ties", base=str(family["base"]), models=[
+            {"path": str(family["ft0"]), "parameters": {"weight": 1.0, "density": 0.5}}])))
 
 
 def test_unknown_model_in_recipe(family, mat, other_family):
@@ -88,12 +92,11 @@ def test_unknown_model_in_recipe(family, mat, other_family):
         mat.state_dict(recipe)
 
 
-def test_bf16_sources_store_deltas_only_and_stay_bit_equal(tmp_path):
+def test_bf16_sources_stay_bf16_and_bit_equal(tmp_path):
     from mergesearch.synthetic import make_family
     fam = make_family(tmp_path / "bf16", n_models=2, dtype="bfloat16", noise=0.01, init_std=0.1, seed=4)
     m = Materializer(fam["base"], [fam["ft0"], fam["ft1"]], methods=["linear", "ties"])
-    assert m.derivable == set(m.float_names)  # bf16 - bf16 is exact in float32
-    assert m.tensors == {}
+    assert all(t.dtype == torch.bfloat16 for ts in m.tensors.values() for t in ts)  # resident as stored
     for method, params in [("linear", {"weight": 0.5}), ("ties", {"weight": 0.5, "density": 0.4})]:
         recipe = from_dict(dict(method=method, base=str(fam["base"]), models=[
             {"path": str(fam["ft0"]), "parameters": params}, {"path": str(fam["ft1"]), "parameters": params}]))

@@ -33,7 +33,16 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:7], "little")
 
 
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Merges compute in float32 (float64 stays float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class TensorInputs:
+    """``base`` and ``tensors`` may be in their storage dtype (e.g. bfloat16): the
+    work-dtype views (``base``, ``tensor(i)``, ``delta(i)``) are made on first use,
+    while the fused kernels read the raw tensors directly (``raw_base``, ``raw(i)``)."""
+
     def __init__(
         self,
         name: str,
@@ -46,12 +55,14 @@ class TensorInputs:
         if tensors is None and deltas is None:
             raise ValueError("TensorInputs needs tensors or deltas")
         self.name = name
-        self.base = base
+        self.raw_base = base
         self._tensors = tensors
         self._deltas = deltas
         self.ranks = ranks
         self.seed = seed
         self._generator: torch.Generator | None = None
+        self._base_work: torch.Tensor | None = None
+        self._tensor_cache: dict[int, torch.Tensor] = {}
         self._delta_cache: dict[int, torch.Tensor] = {}
         self._abs_cache: dict[int, torch.Tensor] = {}
         self._hist_cache: dict[int, tuple] = {}
@@ -61,19 +72,46 @@ class TensorInputs:
         return len(self._tensors if self._tensors is not None else self._deltas)
 
     @property
+    def base(self) -> torch.Tensor | None:
+        if self.raw_base is None:
+            return None
+        if self._base_work is None:
+            self._base_work = self.raw_base.to(work_dtype(self.raw_base.dtype))
+        return self._base_work
+
+    @property
     def like(self) -> torch.Tensor:
-        return self.base if self.base is not None else self.tensor(0)
+        return self.base if self.raw_base is not None else self.tensor(0)
+
+    def scalar(self, value) -> torch.Tensor:
+        """A 0-d tensor in the work dtype on the inputs' device (no conversion pass)."""
+        ref = self.raw_base if self.raw_base is not None else (
+            self._tensors[0] if self._tensors is not None else self._deltas[0])
+        return torch.full((), value, dtype=work_dtype(ref.dtype), device=ref.device)
+
+    @property
+    def numel(self) -> int:
+        ref = self.raw_base if self.raw_base is not None else (
+            self._tensors[0] if self._tensors is not None else self._deltas[0])
+        return ref.numel()
+
+    def raw(self, i: int) -> torch.Tensor | None:
+        """Model i's tensor as stored, or None when only its delta was given."""
+        return self._tensors[i] if self._tensors is not None else None
 
     def tensor(self, i: int) -> torch.Tensor:
-        if self._tensors is not None:
-            return self._tensors[i]
-        return self.base + self._deltas[i]
+        if self._tensors is None:
+            return self.base + self._deltas[i]
+        if i not in self._tensor_cache:
+            t = self._tensors[i]
+            self._tensor_cache[i] = t.to(work_dtype(t.dtype))
+        return self._tensor_cache[i]
 
     def delta(self, i: int) -> torch.Tensor:
         if self._deltas is not None:
             return self._deltas[i]
         if i not in self._delta_cache:
-            self._delta_cache[i] = self._tensors[i] - self.base
+            self._delta_cache[i] = self.tensor(i) - self.base
         return self._delta_cache[i]
 
     def abs_delta(self, i: int) -> torch.Tensor:

@@ -27,11 +27,14 @@ _compiled = None
 _compile_failed = False
 
 
-def _combine(base: torch.Tensor, deltas: list[torch.Tensor], windows: list[tuple], weights: list[float],
-             lam: float, normalize: bool, consensus: bool, divisor: float) -> torch.Tensor:
+def _combine(raw_base: torch.Tensor, sources: list[torch.Tensor], is_delta: list[bool], windows: list[tuple],
+             weights: list[float], lam: float, normalize: bool, consensus: bool, divisor: float) -> torch.Tensor:
+    wd = torch.float64 if raw_base.dtype == torch.float64 else torch.float32
+    base = raw_base.to(wd)
     parts = []
     idx = torch.arange(base.numel(), device=base.device).reshape(base.shape)
-    for d, (key, lo, hi, jlo, jhi), w in zip(deltas, windows, weights):
+    for src, delta_given, (key, lo, hi, jlo, jhi), w in zip(sources, is_delta, windows, weights):
+        d = src if delta_given else src.to(wd) - base
         key = d.abs() if key is None else key
         keep = ((key > lo) | ((key == lo) & (idx >= jlo))) & ((key < hi) | ((key == hi) & (idx < jhi)))
         # zero deltas (pruned or not) contribute exactly +0.0, whatever the weight's sign
@@ -58,26 +61,59 @@ def _combine(base: torch.Tensor, deltas: list[torch.Tensor], windows: list[tuple
     return base + mixed * lam
 
 
+def _weighted_sum(sources: list[torch.Tensor], weights: list[float], divisor: float, normalize: bool) -> torch.Tensor:
+    wd = torch.float64 if sources[0].dtype == torch.float64 else torch.float32
+    out = sources[0].to(wd) * weights[0]
+    for t, w in zip(sources[1:], weights[1:]):
+        out = out + t.to(wd) * w
+    return out / divisor if normalize else out
+
+
 def _compile_available() -> bool:
     if os.environ.get("MERGESEARCH_COMPILE", "1") == "0":
         return False
     return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
 
 
-def combine(base, deltas, windows, weights, lam, normalize, consensus, divisor=1.0) -> torch.Tensor:
+_compiled_sum = None
+
+
+def weighted_sum(sources, weights, divisor: float = 1.0, normalize: bool = False) -> torch.Tensor:
+    """sum_i w_i * sources_i (in the work dtype), divided by ``divisor`` if normalize."""
+    global _compiled_sum
+    args = (list(sources), [float(w) for w in weights], float(divisor), bool(normalize))
+    if sources[0].numel() >= COMPILE_MIN_NUMEL and not _compile_failed and _compile_available():
+        if _compiled_sum is None:
+            _compiled_sum = torch.compile(_weighted_sum, dynamic=True)
+        try:
+            return _compiled_sum(*args)
+        except Exception as e:
+            _disable(e)
+    return _weighted_sum(*args)
+
+
+def _disable(e: Exception) -> None:
+    global _compile_failed
+    _compile_failed = True
+    log.warning("torch.compile unavailable (%s); using the eager merge kernels", type(e).__name__)
+
+
+def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, consensus, divisor=1.0) -> torch.Tensor:
     """base + lam * merge of the selected, weighted deltas (see module docstring).
 
-    ``windows[i]`` is the selection of model i from :func:`sparsify.window`.
+    ``sources[i]`` is model i's tensor as stored (its delta is taken inside the
+    kernel, so bf16 inputs are read once, at 2 bytes an element) or, where
+    ``is_delta[i]``, an already sparsified float delta. ``windows[i]`` is the
+    selection of model i from :func:`sparsify.window`.
     ``divisor`` is the normalizer without consensus (the sum of the weights)."""
     global _compiled, _compile_failed
-    args = (base, list(deltas), [tuple(w) for w in windows], [float(w) for w in weights], float(lam),
+    args = (raw_base, list(sources), [bool(b) for b in is_delta], [tuple(w) for w in windows], [float(w) for w in weights], float(lam),
             bool(normalize), bool(consensus), float(divisor))
-    if base.numel() >= COMPILE_MIN_NUMEL and not _compile_failed and _compile_available():
+    if raw_base.numel() >= COMPILE_MIN_NUMEL and not _compile_failed and _compile_available():
         if _compiled is None:
             _compiled = torch.compile(_combine, dynamic=True)
         try:
             return _compiled(*args)
         except Exception as e:  # no working compiler toolchain: stay eager from now on
-            _compile_failed = True
-            log.warning("torch.compile unavailable (%s); using the eager merge kernel", type(e).__name__)
+            _disable(e)
     return _combine(*args)

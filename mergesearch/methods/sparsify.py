@@ -57,18 +57,17 @@ def window(x: TensorInputs, i: int, start: int, end: int) -> tuple:
     rank and the bounds are the positions; otherwise the bounds are magnitude
     thresholds (k-th values) and jlo/jhi split a run of equal magnitudes at a
     threshold by flat index. Both select exactly the same elements."""
-    like = x.like
-    n = like.numel()
-    as_t = (lambda v: torch.tensor(v, dtype=torch.int64, device=like.device))
-    inf = like.new_full((), float("inf"))
+    n = x.numel
+    zero, inf = x.scalar(0.0), x.scalar(float("inf"))
+    as_t = (lambda v: torch.tensor(v, dtype=torch.int64, device=zero.device))
     if start <= 0 and end >= n:
-        return None, like.new_zeros(()), inf, as_t(0), as_t(n)
+        return None, zero, inf, as_t(0), as_t(n)
     if start >= end:
         return None, inf, inf, as_t(n), as_t(0)
     if x.ranks is not None:
         r = x.ranks[i]
         return r, r.new_full((), start), r.new_full((), end - 1), as_t(0), as_t(n)
-    lo, hi, jlo, jhi = like.new_zeros(()), inf, 0, n
+    lo, hi, jlo, jhi = zero, inf, 0, n
     if start > 0:
         lo, less_lo, _ = x.select_abs(i, start)
         if less_lo != start:  # drop the first (start - less_lo) elements equal to lo

@@ -15,15 +15,11 @@ from mergesearch.methods.registry import MethodSpec, Param, register
 
 def linear(x: TensorInputs, g: dict, m: list[dict]) -> torch.Tensor:
     weights = [p["weight"] for p in m]
-    out = torch.zeros_like(x.tensor(0))
-    for i, w in enumerate(weights):
-        out.add_(x.tensor(i), alpha=w)
-    if g["normalize"]:
-        total = sum(weights)
-        if total == 0:
-            raise MergeSearchError(f"linear: weights sum to zero for tensor {x.name}; cannot normalize")
-        out.div_(total)
-    return out
+    total = sum(weights)
+    if g["normalize"] and total == 0:
+        raise MergeSearchError(f"linear: weights sum to zero for tensor {x.name}; cannot normalize")
+    sources = [x.raw(i) if x.raw(i) is not None else x.tensor(i) for i in range(x.n)]
+    return kernels.weighted_sum(sources, weights, total, g["normalize"])
 
 
 def sparsified_delta(kind: str | None, x: TensorInputs, i: int, p: dict, rescale: bool) -> torch.Tensor:
@@ -51,25 +47,33 @@ def task_vector_merge(x: TensorInputs, g: dict, m: list[dict], *, sparsifier: st
     (ranks, or thresholds with a tie split by index), so no masked copy of a task
     vector is made; other sparsifiers prepare their deltas first.
     """
-    base = x.base
-    n = base.numel()
-    deltas, windows = [], []
+    n = x.numel
+    sources, is_delta, windows = [], [], []
     for i, p in enumerate(m):
+        raw = x.raw(i)
         if sparsifier in ("magnitude", "outliers"):
             w = sparsify.window(x, i, *sparsify.keep_range(sparsifier, n, p["density"], p.get("gamma", 0.0)))
             if not g["rescale"]:
-                deltas.append(x.delta(i))
+                sources.append(raw if raw is not None else x.delta(i))
+                is_delta.append(raw is None)
                 windows.append(w)
                 continue
             d = sparsify.rescale_l1(x.delta(i), sparsify.apply_window(x.delta(i), w))
+        elif sparsifier is None and raw is not None:
+            sources.append(raw)
+            is_delta.append(False)
+            windows.append(sparsify.window(x, i, 0, n))
+            continue
         else:
             d = sparsified_delta(sparsifier, x, i, p, g["rescale"])
-        deltas.append(d)
+        sources.append(d)
+        is_delta.append(True)
         windows.append(sparsify.window(x, i, 0, n))  # keep everything
     weights = [p["weight"] for p in m]
     total = sum(weights)
     divisor = 1.0 if abs(total) < 1e-8 else total
-    return kernels.combine(base, deltas, windows, weights, g["lambda"], g["normalize"], consensus, divisor)
+    return kernels.combine(x.raw_base, sources, is_delta, windows, weights, g["lambda"], g["normalize"],
+                           consensus, divisor)
 
 
 WEIGHT = Param("weight", "model", float, help="coefficient of this model (negative negates a task vector)")

@@ -45,7 +45,6 @@ class SearchOptions:
     timeout: float | None = None
     root: Path = Path("results")
     progress: bool = True
-    export: bool = True
 
 
 def objective_values(space: SearchSpace, scores: dict[str, float]) -> tuple[float, bool, list[float] | float]:
