@@ -40,8 +40,8 @@ def scores_of(zoo, path, split="dev", evaluator="loglik"):
 
 def test_small_build_is_deterministic_and_cached(tmp_path):
     import time
-    a = build_zoo(tmp_path / "a", scale=0.02)
-    b = build_zoo(tmp_path / "b", scale=0.02)
+    a = build_zoo(tmp_path / "a", scale=0.01)
+    b = build_zoo(tmp_path / "b", scale=0.01)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert len(files) > 60
     for f in files:
@@ -49,7 +49,7 @@ def test_small_build_is_deterministic_and_cached(tmp_path):
             continue  # they name their own folder
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     t0 = time.perf_counter()
-    again = build_zoo(tmp_path / "a", scale=0.02)
+    again = build_zoo(tmp_path / "a", scale=0.01)
     assert time.perf_counter() - t0 < 0.5 and again == a
     assert [m["kind"] for m in a["models"]].count("checkpoint") >= 5
     assert [m["kind"] for m in a["models"]].count("sweep") >= 6

@@ -197,9 +197,10 @@ def _save(model, path: Path, opt: torch.optim.Optimizer | None = None) -> None:
     write_tokenizer(path, model.config.vocab_size)
     if opt is not None:
         from safetensors.torch import save_file
-        names = {id(p): n for n, p in model.named_parameters()}
-        moments = {names[id(p)]: st["exp_avg_sq"].contiguous() for p, st in opt.state.items() if "exp_avg_sq" in st}
-        save_file(moments, str(path / "exp_avg_sq.safetensors"), metadata={"format": "pt", "optimizer": "adamw"})
+        moments = {n: opt.state[p]["exp_avg_sq"].contiguous() for n, p in model.named_parameters()
+                   if "exp_avg_sq" in opt.state.get(p, {})}
+        # one metadata key only: safetensors writes a multi-key metadata map in random order
+        save_file(moments, str(path / "exp_avg_sq.safetensors"), metadata={"format": "pt"})
 
 
 def _save_trainer_checkpoint(model, opt, path: Path, step: int, total: int) -> None:
