@@ -39,13 +39,35 @@ def open_storage(url: str, where: str = "--storage") -> optuna.storages.BaseStor
             db = Path(url[len("sqlite:///"):])
             if not db.parent.is_dir():
                 raise MergeSearchError(f"{where}: folder {db.parent} does not exist")
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}
-                                          if not url.startswith("sqlite") else {"connect_args": {"timeout": 30}})
+        if not url.startswith("sqlite"):
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}})
+        _fast_sqlite(storage)
+        return storage
     except MergeSearchError:
         raise
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MergeSearchError(f"{where}: cannot open storage {url} ({first[:200]})") from None
+
+
+def _fast_sqlite(storage) -> None:
+    """WAL journal and NORMAL sync: a commit no longer waits for an fsync of the whole
+    database, which made a trial's handful of small writes a visible share of its
+    time. Committed trials survive a process crash either way (WAL is durable
+    against process death; only an OS crash can lose the last commits)."""
+    from sqlalchemy import event
+
+    engine = storage.engine
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _record):
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    engine.dispose()  # connections opened before the listener reconnect with it
 
 
 def study_names(storage) -> list[str]:

@@ -153,7 +153,10 @@ class WorkerPool:
         """Results that finished (or failed, or timed out) within ``timeout`` seconds."""
         if not self.busy:
             return []
-        ready, _ = self.ray.wait(list(self.busy), num_returns=len(self.busy), timeout=timeout)
+        ready, rest = self.ray.wait(list(self.busy), num_returns=1, timeout=timeout)
+        if ready and rest:  # whatever else finished meanwhile
+            more, _ = self.ray.wait(rest, num_returns=len(rest), timeout=0)
+            ready += more
         out = []
         for ref in ready:
             number, wid, _ = self.busy.pop(ref)

@@ -49,6 +49,7 @@ def main() -> int:
     ap.add_argument("--throughput-trials", type=int, default=24)
     ap.add_argument("--efficiency-trials", type=int, default=100)
     ap.add_argument("--samplers", default="cmaes,tpe,random")
+    ap.add_argument("--skip-efficiency", action="store_true", help="throughput only")
     args = ap.parse_args()
     build_zoo(ROOT / "results" / "zoo")
     base_space = SearchSpace.load(args.space)
@@ -78,7 +79,8 @@ def main() -> int:
         out["throughput"]["speedup_2_vs_1"] = speedup
         print(f"2 workers / 1 worker: {speedup:.2f}x (target >= 1.6x)")
 
-        zoo = Path(base_space.base).parent
+        if args.skip_efficiency:
+            return 0
         mat = Materializer(base_space.base, base_space.models, methods=base_space.methods)
         model, tok = load_model(Path(base_space.base))
         test_ev = build_evaluator(base_space.evaluator.model_copy(update={"split": "test"}))
@@ -99,10 +101,9 @@ def main() -> int:
                 row[c] = {"dev": best.user_attrs["aggregate"], "test": test, "trial": best.number}
             out["efficiency"][name] = row
             print(f"{name:<8}" + "".join(f"{row[c]['dev']:>8.3f} / {row[c]['test']:.3f}" for c in checkpoints))
-        del zoo
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    (ROOT / "results" / "bench_search.json").write_text(json.dumps(out, indent=2, default=str))
+        (ROOT / "results" / "bench_search.json").write_text(json.dumps(out, indent=2, default=str))
     return 0
 
 
