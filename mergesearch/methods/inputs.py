@@ -138,6 +138,12 @@ class TensorInputs:
         v = torch.kthvalue(bucket, k - below + 1).values
         return v, below + int((bucket < v).sum()), below + int((bucket <= v).sum())
 
+    def release(self, i: int) -> None:
+        """Drop model i's float32 delta and selection scratch (the kernels re-read the
+        raw tensor), so only one model's temporaries are alive at a time."""
+        for cache in (self._delta_cache, self._abs_cache, self._hist_cache, self._tensor_cache):
+            cache.pop(i, None)
+
     def positions_equal(self, i: int, value: torch.Tensor) -> torch.Tensor:
         """Flat indices where |delta_i| == value, ascending."""
         return (self.abs_delta(i) == value).nonzero().reshape(-1)

@@ -57,6 +57,8 @@ def task_vector_merge(x: TensorInputs, g: dict, m: list[dict], *, sparsifier: st
                 sources.append(raw if raw is not None else x.delta(i))
                 is_delta.append(raw is None)
                 windows.append(w)
+                if raw is not None:
+                    x.release(i)
                 continue
             d = sparsify.rescale_l1(x.delta(i), sparsify.apply_window(x.delta(i), w))
         elif sparsifier is None and raw is not None:
