@@ -313,8 +313,8 @@ def methods():
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, standalone_mode=False)
-        return 0
+        rv = app(args=argv, standalone_mode=False)
+        return rv if isinstance(rv, int) else 0  # click returns typer.Exit's code here
     except MergeSearchError as e:
         if _state["debug"]:
             raise

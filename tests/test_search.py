@@ -169,3 +169,68 @@ def test_resume_problems_and_storage(tmp_path, zoo, monkeypatch, capsys):
     code = main(["search", str(p2), "--run", "x", "--workers", "1", "--resume"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "the space changed" in err
+
+
+def test_worker_faults_fail_their_trials_and_the_search_completes(tmp_path, zoo, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MERGESEARCH_FAULT", "raise_eval@1,nan@2,exit@3,oom@4,hang@5,raise_materialize@6")
+    space = write_space(tmp_path, zoo, budget={"n_trials": 9}, initial_trials=False, trial_timeout=15,
+                        granularity={"level": "model"})
+    assert main(["search", str(space), "--run", "f", "--workers", "2", "--no-export"]) == 0
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'results' / 'f' / 'study.db'}")
+    trials = optuna.load_study(study_name="f", storage=storage).get_trials()
+    assert len(trials) == 9
+    failed = {t.number: t.user_attrs["reason"] for t in trials if t.state.name == "FAIL"}
+    assert sorted(failed) == [1, 2, 3, 4, 5, 6]
+    assert failed[1] == "RuntimeError: injected fault in evaluate"
+    assert failed[2] == "non-finite score for reverse, shift, max, add"
+    assert failed[3].startswith("worker died") and failed[3].endswith("replaced")
+    assert failed[4] == "MemoryError: injected out-of-memory (worker replaced)"
+    assert failed[5] == "timeout: no result after 15s (worker replaced)"
+    assert failed[6] == "RuntimeError: injected fault in materialize"
+    assert all(t.state.name == "COMPLETE" for t in trials if t.number not in failed)
+
+
+def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path, zoo):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    space = write_space(tmp_path, zoo, budget={"n_trials": 200}, initial_trials=False, granularity={"level": "model"})
+    exe = Path(sys.executable).parent / "mergesearch"
+    env = {**os.environ, "CI": "true"}
+    proc = subprocess.Popen([str(exe), "search", str(space), "--run", "c", "--workers", "2", "--no-export"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    db = tmp_path / "results" / "c" / "study.db"
+    deadline = time.time() + 240
+    done = 0
+    while time.time() < deadline and done < 4:
+        time.sleep(1)
+        if db.exists():
+            try:
+                st = optuna.storages.RDBStorage(f"sqlite:///{db}")
+                done = sum(t.state.name == "COMPLETE" for t in optuna.load_study(study_name="c", storage=st).get_trials())
+            except Exception:
+                pass
+    assert done >= 4
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "(interrupted)" in out
+    st = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    trials = optuna.load_study(study_name="c", storage=st).get_trials()
+    states = {t.state.name for t in trials}
+    assert "RUNNING" not in states and "WAITING" not in states  # nothing left dangling
+    for t in trials:
+        if t.state.name == "FAIL":
+            assert t.user_attrs["reason"] in ("interrupted", "interrupted before it ran")
+    complete = [t.number for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) >= 4
+    proc = subprocess.run([str(exe), "search", str(space), "--run", "c", "--workers", "1", "--resume",
+                           "--n-trials", str(len(trials) + 2), "--no-export"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    after = optuna.load_study(study_name="c", storage=st).get_trials()
+    assert len(after) == len(trials) + 2
+    assert [t.number for t in after if t.state.name == "COMPLETE"][:len(complete)] == complete

@@ -176,6 +176,8 @@ class Controller:
                 shutil.rmtree(self.dir, ignore_errors=True)
             raise
         finally:
+            if getattr(self, "_live", None) is not None:
+                self._live.stop()
             if hasattr(self, "pool"):
                 self.pool.shutdown()
             if started_ray:
@@ -307,6 +309,19 @@ class Controller:
         eta = (elapsed / n * (self.n_trials - n)) if n and not final else 0.0
         best_txt = (f"best {best.user_attrs['aggregate']:.4f} (trial {best.number}: {best.user_attrs['summary'][:80]})"
                     if best else "best -")
+        if self.opts.progress and not final:  # a live line on a terminal, log lines otherwise
+            if getattr(self, "_live", None) is None:
+                from rich.console import Console
+                from rich.live import Live
+                self._live = Live(console=Console(stderr=True), refresh_per_second=4, transient=True)
+                self._live.start()
+            from rich.text import Text
+            self._live.update(Text(f"{n}/{self.n_trials} trials  {len(failed)} failed  {best_txt}  "
+                                   f"elapsed {elapsed:.0f}s  eta {eta:.0f}s"))
+            return
+        if getattr(self, "_live", None) is not None:
+            self._live.stop()
+            self._live = None
         log.info("%s %d/%d trials, %d failed, %s, elapsed %.0fs%s", "done:" if final else "search:", n,
                  self.n_trials, len(failed), best_txt, elapsed, "" if final else f", eta {eta:.0f}s")
 
