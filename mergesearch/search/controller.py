@@ -216,9 +216,6 @@ class Controller:
         side = optuna.create_study(study_name=side_name, storage=self.storage,
                                    directions=self.study.directions)
         todo = dict(baseline_recipes(self.space))
-        if self.space.seed_from:
-            from mergesearch.search.soup import soup_recipe
-            todo[f"soup {self.space.seed_from}"] = soup_recipe(self.space.seed_from, self.storage)
         pending = {}
         for name, recipe in todo.items():
             t = side.ask()
