@@ -228,6 +228,15 @@ def _load_yaml(path: Path) -> dict:
     return data
 
 
+def load_validated(cls, path: Path):
+    """A user YAML file validated into the pydantic class ``cls``; errors name the file and key."""
+    data = _load_yaml(path)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise pydantic_error(e, str(path)) from None
+
+
 def pydantic_error(e: ValidationError, where: str) -> MergeSearchError:
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", "union[", "list[", "lax-")))

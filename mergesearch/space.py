@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from mergesearch.errors import MergeSearchError
 from mergesearch.evaluate.base import EvalConfig
 from mergesearch.methods import REGISTRY, get_method
-from mergesearch.recipe import StrictModel, from_dict, pydantic_error
+from mergesearch.recipe import StrictModel, from_dict
 
 
 class Bounds(StrictModel):
@@ -84,14 +84,9 @@ class SearchSpace(StrictModel):
     # -- loading and checks -----------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SearchSpace":
-        from mergesearch.recipe import _load_yaml
+        from mergesearch.recipe import load_validated
         path = Path(path)
-        data = _load_yaml(path)
-        try:
-            space = cls.model_validate(data)
-        except ValidationError as e:
-            raise pydantic_error(e, str(path)) from None
-        return space.resolved(path.parent).check(str(path))
+        return load_validated(cls, path).resolved(path.parent).check(str(path))
 
     def resolved(self, folder: Path) -> "SearchSpace":
         fix = (lambda p: p if os.path.isabs(p) else str((folder / p).resolve()))

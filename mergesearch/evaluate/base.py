@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal, Optional, Protocol, runtime_checkable
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mergesearch.errors import MergeSearchError
 
@@ -60,13 +60,9 @@ class EvalConfig(BaseModel):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "EvalConfig":
-        from mergesearch.recipe import _load_yaml, pydantic_error
+        from mergesearch.recipe import load_validated
         path = Path(path)
-        data = _load_yaml(path)
-        try:
-            cfg = cls.model_validate(data)
-        except ValidationError as e:
-            raise pydantic_error(e, str(path)) from None
+        cfg = load_validated(cls, path)
         if cfg.task_dir and not os.path.isabs(cfg.task_dir):
             cfg = cfg.model_copy(update={"task_dir": str((path.parent / cfg.task_dir).resolve())})
         return cfg.check(str(path))
