@@ -67,7 +67,8 @@ def main() -> int:
     doc = Path(args.doc)
     text = doc.read_text() if doc.exists() else ""
     start, end = "<!-- zoo-table -->", "<!-- /zoo-table -->"
-    block = f"{start}\n{table}\n\nBuild time: {manifest.get('build_seconds', '?')} s (2-core CPU).\n{end}"
+    block = (f"{start}\n{table}\n\nBuild time as recorded by this build: {manifest.get('build_seconds', '?')} s "
+             f"(2-core CPU).\n{end}")
     if start in text and end in text:
         text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
     else:
