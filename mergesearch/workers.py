@@ -140,6 +140,10 @@ class WorkerPool:
         self._spawn()
 
     @property
+    def size(self) -> int:
+        return len(self.actors)
+
+    @property
     def idle(self) -> list[int]:
         busy = {w for _, w, _ in self.busy.values()}
         return [w for w in self.actors if w not in busy]

@@ -244,16 +244,16 @@ class Controller:
             remaining = self.n_trials - finished - len(inflight) - len(queue)
             if self.interrupted or out_of_time:
                 break
-            if not queue and remaining > 0 and self.pool.idle:
+            self._dispatch(queue, inflight)
+            # Ask ahead while the workers run, so a worker that finishes gets its next
+            # trial at once instead of waiting on the sampler and the storage writes.
+            if len(queue) < self.pool.size and remaining > 0:
                 for _ in range(min(self.population, remaining)):
                     t = study.ask()
                     recipe = self.space.suggest(t, self.groups)
                     record(t, {"recipe": recipe.to_dict(), "summary": recipe.summary()})
                     queue.append(t)
-            while queue and self.pool.idle:
-                t = queue.pop(0)
-                inflight[t.number] = t
-                self.pool.submit(t.number, t.user_attrs["recipe"])
+                self._dispatch(queue, inflight)
             if not inflight and not queue and remaining <= 0:
                 break
             for res in self.pool.wait(0.5):
@@ -277,6 +277,12 @@ class Controller:
             record(t, {"reason": "interrupted before it ran" if self.interrupted else "not run (budget reached)"})
             study.tell(t, state=TrialState.FAIL)
         self._report(final=True)
+
+    def _dispatch(self, queue: list, inflight: dict) -> None:
+        while queue and self.pool.idle:
+            t = queue.pop(0)
+            inflight[t.number] = t
+            self.pool.submit(t.number, t.user_attrs["recipe"])
 
     def _finish(self, study, t: optuna.Trial, res) -> None:
         payload = {"worker": res.worker, **res.timings}
