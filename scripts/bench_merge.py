@@ -391,6 +391,8 @@ def main() -> int:
     ap.add_argument("--small", action="store_true", help="a tiny family for a quick smoke run")
     ap.add_argument("--cache", type=Path, default=ROOT / "results" / "bench_cache", help="family and output folder")
     ap.add_argument("--skip-mergekit", action="store_true", help="time mergesearch and the floor only")
+    ap.add_argument("--skip-mergesearch", action="store_true",
+                    help="time the floor and mergekit only (e.g. to fill in mergekit figures)")
     ap.add_argument("--skip-stream", action="store_true", help="skip the floor and the streamed exports")
     ap.add_argument("--skip-inmemory", action="store_true", help="skip the in-memory candidates")
     ap.add_argument("--repeat", type=int, default=3, help="timed in-memory candidates after the warm-up (median)")
@@ -411,7 +413,7 @@ def main() -> int:
     use_mk = have_mk and not a.skip_mergekit
     shape = SMALL if a.small else FULL
     cache = a.cache.resolve()
-    work = cache / "work"
+    work = cache / f"work-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     logs = cache / "logs"
@@ -476,12 +478,14 @@ def main() -> int:
             rpath = work / f"{method}.yaml"
             recipe.save(rpath)
             ms_out = work / f"ms_{method}"
-            print(f"{method}: mergesearch merge ...", flush=True)
-            r["mergesearch"] = median_run([str(BIN / "mergesearch"), "merge", str(rpath), "-o", str(ms_out)],
-                                          logs / f"ms_{method}.log", ms_out, a.stream_repeat)
-            r["mergesearch"]["loop_s"] = _merged_seconds(Path(r["mergesearch"]["log"]))
-            print(f"  {fmt_run(r['mergesearch'])}, peak RSS {fmt_gb(r['mergesearch']['peak_rss'])} GB", flush=True)
-            ok = r["mergesearch"]["rc"] == 0
+            ok = False
+            if not a.skip_mergesearch:
+                print(f"{method}: mergesearch merge ...", flush=True)
+                r["mergesearch"] = median_run([str(BIN / "mergesearch"), "merge", str(rpath), "-o", str(ms_out)],
+                                              logs / f"ms_{method}.log", ms_out, a.stream_repeat)
+                r["mergesearch"]["loop_s"] = _merged_seconds(Path(r["mergesearch"]["log"]))
+                print(f"  {fmt_run(r['mergesearch'])}, peak RSS {fmt_gb(r['mergesearch']['peak_rss'])} GB", flush=True)
+                ok = r["mergesearch"]["rc"] == 0
             if ok:
                 r["mergesearch_digests"] = tensor_digests(ms_out)
                 if method == "task_arithmetic" and floor["rc"] == 0:
@@ -504,7 +508,7 @@ def main() -> int:
 
     # -- in-memory candidates ------------------------------------------------------------
     if not a.skip_inmemory:
-        sides = ["mergesearch"] + (["mergekit"] if use_mk else [])
+        sides = ([] if a.skip_mergesearch else ["mergesearch"]) + (["mergekit"] if use_mk else [])
         for method in methods:
             results["inmemory"][method] = {}
             for side in sides:
@@ -648,8 +652,9 @@ def render(res: dict, methods: list[str], use_mk: bool) -> str:
             lines.append(
                 f"| {m} | {fmt_run(ms)} | {fmt_x(ratio)} | {passfail(ratio, TARGETS['stream_vs_floor'].get(m))} | "
                 f"{fmt_run(mk) if use_mk else 'not run'} | {fmt_x(t / tk) if t and tk else '-'} | "
-                f"{fmt_gb(ms.get('peak_rss'))} | {passfail(ms.get('peak_rss', 0) / GB if t else None, TARGETS['stream_peak_rss_gb'])} | "
-                f"{fmt_gb(mk.get('peak_rss')) if mk else '-'} |")
+                f"{fmt_gb(ms.get('peak_rss') if t else None)} | "
+                f"{passfail(ms['peak_rss'] / GB if t else None, TARGETS['stream_peak_rss_gb'])} | "
+                f"{fmt_gb(mk.get('peak_rss') if tk else None)} |")
         checks = []
         for m in methods:
             r = res["stream"].get(m, {})
@@ -691,7 +696,8 @@ def render(res: dict, methods: list[str], use_mk: bool) -> str:
                 f"{fmt_run(mk, 'candidate_median_s') if tk is not None else (mk.get('skipped', 'failed') if use_mk else 'not run')} | "
                 f"{fmt_x(t / tk) if t and tk else '-'} | {fmt_s(ms.get('setup_s'))} | {fmt_s(mk.get('setup_s'))} | "
                 f"{fmt_gb(ms.get('resident_bytes'))} | {fmt_gb(mk.get('resident_bytes'))} | "
-                f"{fmt_gb(ms.get('process', {}).get('peak_rss'))} | {fmt_gb(mk.get('process', {}).get('peak_rss'))} |")
+                f"{fmt_gb(ms.get('process', {}).get('peak_rss') if t is not None else None)} | "
+                f"{fmt_gb(mk.get('process', {}).get('peak_rss') if tk is not None else None)} |")
         notes = []
         for m in methods:
             r = res["inmemory"].get(m, {})

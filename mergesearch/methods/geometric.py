@@ -97,7 +97,7 @@ register(MethodSpec(
     name="slerp", fn=slerp,
     params=(Param("t", "global", float, low=0.0, high=1.0, help="interpolation from the base (0) to the model (1)"),),
     description="spherical interpolation between the base and one model",
-    uses_base="required", min_models=1, max_models=1, needs_tensors=True,
+    uses_base="required", min_models=1, max_models=1,
 ))
 register(MethodSpec(
     name="nuslerp", fn=nuslerp,
@@ -107,17 +107,17 @@ register(MethodSpec(
         Param("nuslerp_flatten", "global", bool, True, help="treat the tensor as one vector"),
     ),
     description="spherical interpolation of two models or two task vectors",
-    uses_base="optional", min_models=2, max_models=2, needs_tensors=True, needs_deltas=True,
+    uses_base="optional", min_models=2, max_models=2,
 ))
 register(MethodSpec(
     name="model_stock", fn=model_stock,
     params=(Param("filter_wise", "global", bool, False, help="one ratio per row instead of per tensor"),),
     description="Model Stock: base-to-average ratio from task-vector cosines",
-    uses_base="required", min_models=2, needs_tensors=True,
+    uses_base="required", min_models=2,
 ))
 register(MethodSpec(
     name="passthrough", fn=passthrough,
     params=(Param("scale", "model", float, 1.0, help="multiply the tensor by this"),),
     description="copy one model's tensors, optionally scaled",
-    uses_base="no", min_models=1, max_models=1, needs_tensors=True,
+    uses_base="no", min_models=1, max_models=1,
 ))

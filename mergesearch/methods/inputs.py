@@ -79,10 +79,6 @@ class TensorInputs:
             self._base_work = self.raw_base.to(work_dtype(self.raw_base.dtype))
         return self._base_work
 
-    @property
-    def like(self) -> torch.Tensor:
-        return self.base if self.raw_base is not None else self.tensor(0)
-
     def scalar(self, value) -> torch.Tensor:
         """A 0-d tensor in the work dtype on the inputs' device (no conversion pass)."""
         ref = self.raw_base if self.raw_base is not None else (
@@ -152,7 +148,7 @@ class TensorInputs:
     def generator(self) -> torch.Generator:
         """One generator per output tensor, seeded from the recipe seed and the name."""
         if self._generator is None:
-            device = self.like.device
+            device = self.scalar(0.0).device
             self._generator = torch.Generator(device=device)
             self._generator.manual_seed(tensor_seed(self.seed, self.name))
         return self._generator

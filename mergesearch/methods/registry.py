@@ -9,7 +9,7 @@ declaration.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
@@ -62,11 +62,8 @@ class MethodSpec:
     min_models: int = 1
     max_models: int | None = None
     random: bool = False
-    # Families the materializer uses to decide what to keep resident.
-    needs_deltas: bool = False
-    needs_tensors: bool = False
+    # magnitude-based sparsifiers make the Materializer precompute magnitude ranks
     sparsifier: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

@@ -25,12 +25,8 @@ def linear(x: TensorInputs, g: dict, m: list[dict]) -> torch.Tensor:
 def sparsified_delta(kind: str | None, x: TensorInputs, i: int, p: dict, rescale: bool) -> torch.Tensor:
     if kind is None:
         return x.delta(i)
-    if kind == "magnitude":
-        return sparsify.magnitude(x, i, p["density"], rescale)
     if kind == "random":
         return sparsify.dare(x, i, p["density"], rescale)
-    if kind == "outliers":
-        return sparsify.magnitude_outliers(x, i, p["density"], p["gamma"], rescale)
     if kind == "della":
         return sparsify.della(x, i, p["density"], p["epsilon"], rescale)
     raise ValueError(kind)
@@ -104,9 +100,7 @@ def _gta(name, sparsifier, consensus, normalize, rescale, description):
         description=description,
         uses_base="required",
         random=sparsifier in ("random", "della"),
-        needs_deltas=True,
         sparsifier=sparsifier,
-        extra={"consensus": consensus},
     ))
 
 
@@ -116,7 +110,6 @@ register(MethodSpec(
     params=(WEIGHT, Param("normalize", "global", bool, True, help="divide by the sum of weights")),
     description="weighted average of the models",
     uses_base="no",
-    needs_tensors=True,
 ))
 _gta("task_arithmetic", None, False, False, False, "base + lambda * sum of weighted task vectors")
 _gta("ties", "magnitude", True, True, False, "top-k magnitude pruning, sign election, disjoint mean")
