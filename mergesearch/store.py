@@ -108,7 +108,7 @@ def leaderboard(study: optuna.Study, storage, top: int | None = None, include_fa
                 tasks.append(k)
         recipe = ua.get("recipe") or {}
         rows.append({
-            "trial": t.number if kind == "search" else f"b{t.number}",
+            "trial": str(t.number) if kind == "search" else f"b{t.number}",  # one type: Parquet-safe
             "kind": ua.get("baseline", kind),
             "state": t.state.name,
             "aggregate": ua.get("aggregate"),

@@ -650,7 +650,7 @@ def render(res: dict, methods: list[str], use_mk: bool) -> str:
             tk = mk.get("seconds") if mk and mk.get("rc") == 0 else None
             ratio = t / fl if t and fl else None
             lines.append(
-                f"| {m} | {fmt_run(ms)} | {fmt_x(ratio)} | {passfail(ratio, TARGETS['stream_vs_floor'].get(m))} | "
+                f"| {m} | {fmt_run(ms) if ms else 'not run'} | {fmt_x(ratio)} | {passfail(ratio, TARGETS['stream_vs_floor'].get(m))} | "
                 f"{fmt_run(mk) if use_mk else 'not run'} | {fmt_x(t / tk) if t and tk else '-'} | "
                 f"{fmt_gb(ms.get('peak_rss') if t else None)} | "
                 f"{passfail(ms['peak_rss'] / GB if t else None, TARGETS['stream_peak_rss_gb'])} | "
@@ -691,7 +691,7 @@ def render(res: dict, methods: list[str], use_mk: bool) -> str:
             ms, mk = r.get("mergesearch", {}), r.get("mergekit", {})
             t, tk = ms.get("candidate_median_s"), mk.get("candidate_median_s")
             lines.append(
-                f"| {m} | {fmt_run(ms, 'candidate_median_s') if t is not None else ms.get('skipped', 'failed')} | "
+                f"| {m} | {fmt_run(ms, 'candidate_median_s') if t is not None else (ms.get('skipped', 'failed') if ms else 'not run')} | "
                 f"{passfail(t, TARGETS['candidate_s'].get(m))} | "
                 f"{fmt_run(mk, 'candidate_median_s') if tk is not None else (mk.get('skipped', 'failed') if use_mk else 'not run')} | "
                 f"{fmt_x(t / tk) if t and tk else '-'} | {fmt_s(ms.get('setup_s'))} | {fmt_s(mk.get('setup_s'))} | "

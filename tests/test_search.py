@@ -73,8 +73,12 @@ def test_search_end_to_end(tmp_path, zoo, monkeypatch, capsys):
     assert "dev re-score matches" in capsys.readouterr().out
     assert not list((tmp_path / "results").glob(".*tmp*"))
     # leaderboard command and csv
-    assert main(["leaderboard", "e2e", "--top", "3", "--csv", str(tmp_path / "lb.csv")]) == 0
+    assert main(["leaderboard", "e2e", "--top", "3", "--csv", str(tmp_path / "lb.csv"),
+                 "--parquet", str(tmp_path / "lb.parquet")]) == 0
     assert len((tmp_path / "lb.csv").read_text().splitlines()) == 9
+    import pandas as pd
+    pq = pd.read_parquet(tmp_path / "lb.parquet")
+    assert len(pq) == 8 and list(pq["rank"]) == list(range(1, 9))
 
 
 def test_resume_continues_to_the_new_budget(tmp_path, zoo, monkeypatch):
