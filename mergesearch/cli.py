@@ -228,8 +228,7 @@ def search(
 
     sp = SearchSpace.load(space_file)
     name = run or space_file.stem
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise MergeSearchError(f"--run: '{name}' must use letters, digits, '.', '_' or '-'")
+    _check_run_name(name)
     opts = SearchOptions(run=name, resume=resume, workers=workers, ray_address=ray_address, storage=storage,
                          n_trials=n_trials, timeout=timeout, progress=interactive())
     summary = Controller(sp, opts, str(space_file)).run()
@@ -254,6 +253,55 @@ def _export_and_print(run: str, trial, storage) -> None:
     for p, s in res["test"]["sources"].items():
         typer.echo(f"{Path(p).name[:28]:<28}" + "".join(f"{s['scores'][t]:>11.4f}" for t in tasks)
                    + f"{s['aggregate']:>9.4f}")
+
+
+@app.command()
+def soup(
+    models: Optional[list[str]] = typer.Argument(None, metavar="MODELS...",
+                                                 help="ingredient folders (a folder of checkpoint-* stands for all)"),
+    glob_pattern: Optional[str] = typer.Option(None, "--glob", help="ingredients by pattern, e.g. 'run/checkpoint-*'"),
+    strategy: str = typer.Option("greedy", "--strategy", help="greedy, uniform or last-n"),
+    n: Optional[int] = typer.Option(None, "--n", help="last-n: how many of the last checkpoints"),
+    eval_file: Path = typer.Option(..., "--eval", metavar="EVAL.yaml", help="evaluation config (split: dev)"),
+    run: Optional[str] = typer.Option(None, "--run", help="run name (default soup-<folder of the ingredients>)"),
+    workers: int = typer.Option(2, "--workers", min=1, help="Ray workers"),
+    base: Optional[str] = typer.Option(None, "--base", help="the common base: checks every ingredient against it"),
+    resume: bool = typer.Option(False, "--resume", help="continue a soup run; scored candidates are reused"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="SQLAlchemy URL (default results/<run>/study.db)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="join an existing Ray cluster"),
+    allow_unrelated: bool = typer.Option(False, "--allow-unrelated", help="skip the shared-base distance check"),
+    trial_timeout: float = typer.Option(600.0, "--trial-timeout", help="seconds per candidate on a worker"),
+    max_retries: int = typer.Option(1, "--max-retries", min=0, help="re-runs of a candidate whose worker died"),
+    no_export: bool = typer.Option(False, "--no-export", help="skip writing the final soup's checkpoint"),
+):
+    """Model soups: score every ingredient on dev, build the greedy (or uniform, or
+    last-N) soup, report it on test beside the best ingredient and the uniform soup."""
+    from mergesearch.search.soup_run import SoupOptions, SoupRunner, resolve_ingredients
+
+    if not models and not glob_pattern:
+        raise MergeSearchError("soup: give ingredient folders or --glob PATTERN")
+    ingredients = resolve_ingredients(models or [], glob_pattern)
+    name = run or f"soup-{Path(ingredients[0]).resolve().parent.name}"
+    _check_run_name(name)
+    opts = SoupOptions(run=name, strategy=strategy, n=n, base=base, workers=workers, resume=resume,
+                       storage=storage, ray_address=ray_address, allow_unrelated=allow_unrelated,
+                       trial_timeout=trial_timeout, max_retries=max_retries)
+    report = SoupRunner(ingredients, eval_file, opts).run()
+    rows = report["rows"]
+    typer.echo(f"soup run {name}: {strategy}, {len(report['members'])} of {len(report['ingredients'])} ingredients, "
+               f"{report['evaluations']} evaluations ({report['reused_from_store']} reused, {report['failed']} failed) "
+               f"in {report['seconds']:.0f}s")
+    fmt = (lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "-")
+    typer.echo(f"{'':<16}{'members':>8}{'dev':>9}{'test':>9}")
+    for k, r in rows.items():
+        typer.echo(f"{k:<16}{r['members']:>8}{fmt(r['dev']):>9}{fmt(r['test']):>9}")
+    if not no_export:
+        _export_and_print(name, str(report["final_trial"]), storage)
+
+
+def _check_run_name(name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise MergeSearchError(f"--run: '{name}' must use letters, digits, '.', '_' or '-'")
 
 
 @app.command()

@@ -39,7 +39,7 @@ def export_run(run: str, trial: str | int | None = None, storage_url: str | None
     t = find_trial(study, storage, trial)
     recipe = from_dict(t.user_attrs["recipe"], f"trial {trial if trial is not None else t.number}")
     space = study.user_attrs.get("space") or {}
-    eval_cfg = EvalConfig.model_validate(space.get("evaluator") or t.user_attrs.get("evaluator"))
+    eval_cfg = EvalConfig.model_validate(space.get("evaluator") or study.user_attrs.get("evaluator"))
     out = root / run
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

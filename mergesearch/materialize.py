@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class Materializer:
     def __init__(
         self,
-        base: str | Path,
+        base: str | Path | None,
         models: list[str | Path],
         methods: list[str] | None = None,
         device: str = "cpu",
@@ -44,16 +44,22 @@ class Materializer:
         self.device = torch.device(device)
         methods = methods or list(REGISTRY)
         specs = [get_method(m, "materializer") for m in methods]
-        self.base_ckpt = Checkpoint(base)
+        if base is None:  # soups: methods that never read the base
+            needs = [s.name for s in specs if s.uses_base == "required"]
+            if needs:
+                raise MergeSearchError(f"materializer without a base cannot serve {', '.join(needs)}")
         self.model_ckpts = [Checkpoint(p) for p in models]
+        self.base_ckpt = Checkpoint(base) if base is not None else None
         if check:
             check_compatible(self.base_ckpt, self.model_ckpts, allow_unrelated=allow_unrelated)
         self.paths = {str(Path(p).resolve()): i for i, p in enumerate(models)}
-        self.base_path = str(Path(base).resolve())
+        self.base_path = str(Path(base).resolve()) if base is not None else None
+        ref = self.base_ckpt if self.base_ckpt is not None else self.model_ckpts[0]
+        self.ref_ckpt = ref
         keep_ranks = any(s.sparsifier in ("magnitude", "outliers") for s in specs)
-        self.num_layers = self.base_ckpt.num_layers
-        self.names = self.base_ckpt.names()
-        self.float_names = [n for n in self.names if self.base_ckpt.dtype(n).is_floating_point]
+        self.num_layers = ref.num_layers
+        self.names = ref.names()
+        self.float_names = [n for n in self.names if ref.dtype(n).is_floating_point]
         # Resident, in their stored dtype (bf16 stays bf16): the base and every model.
         # Task vectors are taken inside the fused kernels, exactly as the export does.
         self.base: dict[str, torch.Tensor] = {}
@@ -62,16 +68,16 @@ class Materializer:
         self.constants: dict[str, torch.Tensor] = {}
         for name in self.names:
             if name not in self.float_names:
-                self.constants[name] = self.base_ckpt.get(name).to(self.device)
+                self.constants[name] = ref.get(name).to(self.device)
                 continue
-            b = self._load(self.base_ckpt, name)
             ts = [self._load(m, name) for m in self.model_ckpts]
-            self.base[name] = b
             self.tensors[name] = ts
+            if self.base_ckpt is not None:
+                b = self.base[name] = self._load(self.base_ckpt, name)
             if self.ranks is not None:
                 wb = b.to(work_dtype(b.dtype))
                 self.ranks[name] = [magnitude_ranks(t.to(wb.dtype) - wb) for t in ts]
-            for c in [self.base_ckpt, *self.model_ckpts]:
+            for c in [ref, *self.model_ckpts]:
                 c.release()
         self.setup_seconds = time.perf_counter() - t0
         self.resident_bytes = sum(
@@ -95,6 +101,8 @@ class Materializer:
             if key not in self.paths:
                 raise MergeSearchError(f"recipe model {m.path} is not loaded in this materializer")
             idx.append(self.paths[key])
+        if recipe.base and self.base_path is None:
+            raise MergeSearchError(f"recipe base {recipe.base}: this materializer holds no base")
         if recipe.base and str(Path(recipe.base).resolve()) != self.base_path:
             raise MergeSearchError(f"recipe base {recipe.base} differs from the materializer's base")
         return idx
@@ -106,7 +114,7 @@ class Materializer:
             raise MergeSearchError(f"method '{spec.name}' was not among the materializer's methods")
         tensors = [self.tensors[name][i] for i in idx]
         ranks = [self.ranks[name][i] for i in idx] if self.ranks is not None else None
-        base = self.base[name] if spec.uses_base != "no" else None
+        base = self.base.get(name) if spec.uses_base != "no" else None
         return TensorInputs(name, base, tensors=tensors, ranks=ranks, seed=recipe.seed)
 
     def tensor(self, recipe: Recipe, name: str) -> torch.Tensor:
@@ -122,7 +130,7 @@ class Materializer:
         out = {}
         for name in self.names:
             t = self.tensor(recipe, name)
-            out[name] = t.to(dtype or self.base_ckpt.dtype(name)) if t.is_floating_point() else t
+            out[name] = t.to(dtype or self.ref_ckpt.dtype(name)) if t.is_floating_point() else t
         return out
 
     @torch.no_grad()

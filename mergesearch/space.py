@@ -118,8 +118,8 @@ class SearchSpace(StrictModel):
             for p in s.params:
                 if p.required and p.name not in self.parameters:
                     raise MergeSearchError(f"{where}: method '{s.name}' needs bounds or a value for parameters.{p.name}")
-        if self.seed_from:
-            raise MergeSearchError(f"{where}: seed_from: soup runs are not available yet (the soups issue adds them)")
+        if self.seed_from is not None and not self.seed_from.strip():
+            raise MergeSearchError(f"{where}: seed_from: give the name of a soup run")
         self.evaluator.check(f"{where}: evaluator")
         unknown = sorted(set(self.objective.floors) - set(self.evaluator.tasks))
         if unknown:
@@ -161,6 +161,62 @@ class SearchSpace(StrictModel):
         if self.dtype:
             recipe["dtype"] = self.dtype
         return from_dict(recipe, "search trial")
+
+    def soup_params(self, members: list[str], groups: list["Group"]) -> dict | None:
+        """The trial parameters under which this space proposes the uniform soup of
+        ``members`` (a subset of its models), or None when it cannot express it.
+
+        A uniform soup puts weight 1/k on each of its k members. ``linear`` reaches it
+        with equal weights and ``normalize`` (or weights 1/k without); task
+        arithmetic with lambda * weight = 1/k (or equal weights, lambda 1 and
+        ``normalize``), since base + sum (theta_i - base) / k = sum theta_i / k.
+        Non-members need weight 0 in the bounds. Sparsifying methods are not exact.
+        """
+        keys = [str(Path(m).resolve()) for m in self.models]
+        try:
+            idx = {keys.index(str(Path(m).resolve())) for m in members}
+        except ValueError:
+            return None
+        k = len(idx)
+        for method in self.methods:
+            if method not in ("linear", "task_arithmetic"):
+                continue
+            spec = REGISTRY[method]
+            normalize = self.parameters.get("normalize", spec.param("normalize").default)
+            weight = self.parameters.get("weight", 1.0)
+            lam = self.parameters.get("lambda", 1.0) if method == "task_arithmetic" else 1.0
+            fits = (lambda b, v: (b.low <= v <= b.high) if isinstance(b, Bounds) else abs(b - v) < 1e-12)
+            choice = None
+            # (lambda, member weight) pairs to try, simplest first
+            lams = [1.0] + ([lam.low, lam.high] if isinstance(lam, Bounds) else [lam])
+            for L in lams:
+                if L <= 0 or not fits(lam, L):
+                    continue
+                if normalize:
+                    if L != 1.0:
+                        continue
+                    cands = [1.0] + ([weight.high] if isinstance(weight, Bounds) else [weight])
+                    w = next((v for v in cands if v > 0 and fits(weight, v)), None)
+                else:
+                    w = 1.0 / (k * L)
+                    w = w if fits(weight, w) else None
+                if w is not None:
+                    choice = (L, w)
+                    break
+            if choice is None or (k < len(self.models) and not fits(weight, 0.0)):
+                continue
+            L, w = choice
+            params: dict = {}
+            if len(self.methods) > 1:
+                params["method"] = method
+            if isinstance(weight, Bounds):
+                for i in range(len(self.models)):
+                    for g in groups:
+                        params["/".join(x for x in ("weight", f"m{i}", g.name) if x)] = w if i in idx else 0.0
+            if isinstance(lam, Bounds):
+                params["lambda"] = L
+            return params
+        return None
 
     def _value(self, trial, name: str, owner: str, groups: list["Group"]):
         bounds = self.parameters[name]

@@ -70,6 +70,36 @@ def _fast_sqlite(storage) -> None:
     engine.dispose()  # connections opened before the listener reconnect with it
 
 
+def claim_run(run: str, root: Path, storage_url: str | None, resume: bool):
+    """Check that a new run's name is free (or that a resumed run exists) before any
+    work; returns (url, storage or None when the default SQLite file is not created yet)."""
+    folder = run_dir(run, root)
+    if storage_url is None:
+        exists = (folder / "study.db").exists()
+        if resume and not exists:
+            raise MergeSearchError(f"{folder}: cannot resume, no such run")
+        if not resume and folder.exists():
+            raise MergeSearchError(f"{folder}: run exists (pass --resume to continue it, or pick another --run)")
+        return default_storage(run, root), None
+    storage = open_storage(storage_url)
+    names = study_names(storage)
+    if resume and run not in names:
+        raise MergeSearchError(f"cannot resume run '{run}': not in {storage_url}")
+    if not resume and run in names:
+        raise MergeSearchError(f"run '{run}' exists in {storage_url} (pass --resume)")
+    return storage_url, storage
+
+
+def mark_stale(study: optuna.Study) -> int:
+    """Fail the trials a dead controller left running; returns how many."""
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(t._trial_id, "reason", "stale: the controller stopped")
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        n += 1
+    return n
+
+
 def study_names(storage) -> list[str]:
     return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
 
@@ -109,7 +139,7 @@ def leaderboard(study: optuna.Study, storage, top: int | None = None, include_fa
         recipe = ua.get("recipe") or {}
         rows.append({
             "trial": str(t.number) if kind == "search" else f"b{t.number}",  # one type: Parquet-safe
-            "kind": ua.get("baseline", kind),
+            "kind": ua.get("baseline") or ua.get("role") or kind,
             "state": t.state.name,
             "aggregate": ua.get("aggregate"),
             "feasible": ua.get("feasible", True),
@@ -134,6 +164,11 @@ def leaderboard(study: optuna.Study, storage, top: int | None = None, include_fa
 def find_trial(study: optuna.Study, storage, trial: str | int | None) -> optuna.trial.FrozenTrial:
     """The best complete trial (by the leaderboard), or the one named (``7`` or ``b0``)."""
     trials = dict((("b" if kind == "baseline" else "") + str(t.number), t) for kind, t in all_trials(study, storage))
+    if trial is None and study.user_attrs.get("kind") == "soup":
+        final = study.user_attrs.get("final_trial")
+        if final is None:
+            raise MergeSearchError(f"soup run '{study.study_name}' has not finished (resume it with --resume)")
+        trial = final
     if trial is None:
         board = leaderboard(study, storage)
         if board.empty:

@@ -21,10 +21,49 @@ import logging
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def ray_session(run_dir: Path, num_cpus: int, address: str | None = None):
+    """A Ray instance for one run: a local one sized to ``num_cpus`` with its temp dir
+    under the run folder, or the cluster at ``address``. Always shut down on exit."""
+    import ray
+
+    link = None
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        temp, link = _ray_temp_dir(run_dir)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _temp_dir=temp,
+                 configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if link is not None and link.is_symlink():
+            link.unlink()
+
+
+def _ray_temp_dir(run_dir: Path) -> tuple[str, Path | None]:
+    """Ray's temp dir, under the run folder. Ray's socket paths must stay under
+    107 bytes, so a deep run folder is reached through a short symlink in /tmp."""
+    import hashlib
+    import tempfile
+
+    real = (run_dir / "ray").resolve()
+    real.mkdir(parents=True, exist_ok=True)
+    if len(str(real)) <= 40:
+        return str(real), None
+    link = Path(tempfile.gettempdir()) / f"msray-{hashlib.sha1(str(real).encode()).hexdigest()[:8]}"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(real, target_is_directory=True)
+    return str(link), link
 
 
 def parse_faults(text: str | None) -> dict[int, str]:
@@ -39,7 +78,7 @@ def parse_faults(text: str | None) -> dict[int, str]:
 class Worker:
     """The actor body (wrapped with ``ray.remote`` by the pool)."""
 
-    def __init__(self, worker_id: int, base: str, models: list[str], methods: list[str], eval_cfg: dict,
+    def __init__(self, worker_id: int, base: str | None, models: list[str], methods: list[str], eval_cfg: dict,
                  threads: int = 1, faults: dict[int, str] | None = None):
         import torch
 
@@ -53,16 +92,25 @@ class Worker:
         t0 = time.perf_counter()
         # compatibility was checked once by the controller, before Ray started
         self.mat = Materializer(base, models, methods=methods, device=self.device, check=False)
-        self.model, self.tokenizer = load_model(Path(base), device=self.device)
-        self.evaluator = build_evaluator(EvalConfig.model_validate(eval_cfg), device=self.device)
+        self.model, self.tokenizer = load_model(Path(base if base is not None else models[0]), device=self.device)
+        self.eval_cfg = EvalConfig.model_validate(eval_cfg)
+        self.evaluators = {self.eval_cfg.split: build_evaluator(self.eval_cfg, device=self.device)}
         self.setup_s = time.perf_counter() - t0
         self.faults = faults or {}
 
     def info(self) -> dict:
         return {"worker": self.worker_id, "pid": os.getpid(), "device": self.device, "setup_s": self.setup_s}
 
-    def run(self, number: int, recipe: dict) -> dict:
+    def run(self, number: int, recipe: dict, split: str | None = None) -> dict:
+        """Materialize ``recipe`` in place and score it (on the configured split, or
+        ``split``: soups report their final candidates on test)."""
+        from mergesearch.evaluate import build_evaluator
         from mergesearch.recipe import from_dict
+
+        split = split or self.eval_cfg.split
+        if split not in self.evaluators:
+            self.evaluators[split] = build_evaluator(self.eval_cfg.model_copy(update={"split": split}),
+                                                     device=self.device)
 
         fault = self.faults.get(number)
         r = from_dict(recipe, f"trial {number}")
@@ -79,7 +127,7 @@ class Worker:
             os._exit(1)
         if fault == "hang":
             time.sleep(10**6)
-        scores = self.evaluator.score(self.model, self.tokenizer)
+        scores = self.evaluators[split].score(self.model, self.tokenizer)
         if fault == "nan":
             scores = {k: float("nan") for k in scores}
         t2 = time.perf_counter()
@@ -101,7 +149,7 @@ class Result:
 class WorkerPool:
     """Ray actors, one trial each at a time; replaces dead and hung actors."""
 
-    def __init__(self, n: int, base: str, models: list[str], methods: list[str], eval_cfg: dict,
+    def __init__(self, n: int, base: str | None, models: list[str], methods: list[str], eval_cfg: dict,
                  trial_timeout: float, faults: dict[int, str] | None = None):
         import ray
 
@@ -148,9 +196,9 @@ class WorkerPool:
         busy = {w for _, w, _ in self.busy.values()}
         return [w for w in self.actors if w not in busy]
 
-    def submit(self, number: int, recipe: dict) -> None:
+    def submit(self, number: int, recipe: dict, split: str | None = None) -> None:
         wid = self.idle[0]
-        ref = self.actors[wid].run.remote(number, recipe)
+        ref = self.actors[wid].run.remote(number, recipe, split)
         self.busy[ref] = (number, wid, time.monotonic())
 
     def wait(self, timeout: float = 1.0) -> list[Result]:

@@ -1,5 +1,7 @@
 """Greedy-soup selection against scripted scores (no models involved)."""
 
+from pathlib import Path
+
 import pytest
 
 from mergesearch.errors import MergeSearchError
@@ -76,3 +78,90 @@ def test_soup_recipe_is_an_equal_weight_linear_merge():
     assert r.method == "linear" and r.base == "b"
     assert [m.parameters["weight"] for m in r.models] == [1.0, 1.0, 1.0]
     assert r.resolve("x", 0.0)[0]["normalize"] is True
+
+
+# -- seeding a search: the space's parameters that reproduce a soup ---------------------
+
+def soup_space(family, methods, parameters, n_groups=1):
+    from mergesearch.space import SearchSpace
+    return SearchSpace.model_validate({
+        "base": str(family["base"]), "models": [str(family[f"ft{i}"]) for i in range(3)],
+        "evaluator": {"tasks": ["x"]}, "methods": methods, "parameters": parameters,
+        "granularity": {"level": "groups", "n_groups": n_groups, "special": False} if n_groups > 1 else {},
+    })
+
+
+def merged(space, params, groups):
+    import optuna
+    from mergesearch.materialize import Materializer
+    recipe = space.suggest(optuna.trial.FixedTrial(params), groups)
+    return Materializer(space.base, space.models, methods=space.methods).state_dict(recipe)
+
+
+@pytest.mark.parametrize("methods,parameters,expect", [
+    (["task_arithmetic"], {"weight": {"low": 0.0, "high": 1.0}}, {"weight/m0": 0.5, "weight/m1": 0.0, "weight/m2": 0.5}),
+    (["task_arithmetic"], {"weight": {"low": 0.0, "high": 1.0}, "lambda": {"low": 0.5, "high": 2.0}},
+     {"weight/m0": 0.5, "weight/m1": 0.0, "weight/m2": 0.5, "lambda": 1.0}),
+    # weights cannot reach 1/2: lambda makes up the difference
+    (["task_arithmetic"], {"weight": {"low": 0.0, "high": 0.3}, "lambda": {"low": 1.0, "high": 2.0}},
+     {"weight/m0": 0.25, "weight/m1": 0.0, "weight/m2": 0.25, "lambda": 2.0}),
+    (["linear"], {"weight": {"low": 0.0, "high": 3.0}}, {"weight/m0": 1.0, "weight/m1": 0.0, "weight/m2": 1.0}),
+    (["ties", "task_arithmetic"], {"weight": {"low": 0.0, "high": 1.0}, "density": {"low": 0.1, "high": 1.0}},
+     {"method": "task_arithmetic", "weight/m0": 0.5, "weight/m1": 0.0, "weight/m2": 0.5}),
+])
+def test_soup_params_reproduce_the_uniform_soup(family, methods, parameters, expect):
+    import torch
+    from mergesearch.checkpoint import Checkpoint
+    space = soup_space(family, methods, parameters)
+    groups = space.groups(4, "model.layers.")
+    members = [str(family["ft0"]), str(family["ft2"])]
+    params = space.soup_params(members, groups)
+    assert params == expect
+    out = merged(space, params, groups)
+    a, b = Checkpoint(family["ft0"]), Checkpoint(family["ft2"])
+    for name, t in out.items():
+        torch.testing.assert_close(t, (a.get(name) + b.get(name)) / 2, rtol=0, atol=2e-7)
+
+
+def test_soup_params_per_group_and_refusals(family):
+    space = soup_space(family, ["task_arithmetic"], {"weight": {"low": 0.0, "high": 1.0}}, n_groups=2)
+    groups = space.groups(4, "model.layers.")
+    params = space.soup_params([str(family[f"ft{i}"]) for i in range(3)], groups)
+    assert params == {f"weight/m{i}/{g}": pytest.approx(1 / 3) for i in range(3) for g in ("L0-1", "L2-3")}
+    assert params["weight/m0/L0-1"] == 1.0 / 3
+    members = [str(family["ft0"])]
+    # TIES prunes and elects signs: no setting of it is a plain average
+    assert soup_space(family, ["ties"], {"weight": {"low": 0.0, "high": 1.0}}).soup_params(members, groups) is None
+    # non-members need weight 0 within the bounds
+    assert soup_space(family, ["task_arithmetic"], {"weight": {"low": 0.2, "high": 1.0}}).soup_params(members, groups) is None
+    # a fixed weight cannot drop the other models
+    assert soup_space(family, ["linear"], {"weight": 1.0}).soup_params(members, groups) is None
+    assert soup_space(family, ["linear"], {"weight": 1.0}).soup_params(
+        [str(family[f"ft{i}"]) for i in range(3)], groups) == {}
+    # a model outside the space
+    assert soup_space(family, ["linear"], {"weight": {"low": 0.0, "high": 1.0}}).soup_params(
+        [str(family["base"])], groups) is None
+
+
+def test_materializer_without_base_serves_linear_only(family):
+    import torch
+    from mergesearch.materialize import Materializer
+    from mergesearch.merge import open_plan, stream_merge
+    from mergesearch.checkpoint import Checkpoint
+    from mergesearch.errors import MergeSearchError
+    members = [str(family["ft0"]), str(family["ft1"])]
+    recipe = soup_recipe(members)
+    assert recipe.base is None
+    mat = Materializer(None, members, methods=["linear"])
+    assert mat.base == {}
+    state = mat.state_dict(recipe)
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        stream_merge(open_plan(recipe), Path(d) / "out")
+        out = Checkpoint(Path(d) / "out")
+        for name, t in state.items():
+            assert torch.equal(t, out.get(name)), name  # the soup a worker scores is the soup exported
+    with pytest.raises(MergeSearchError, match="materializer without a base cannot serve ties"):
+        Materializer(None, members, methods=["linear", "ties"])
+    with pytest.raises(MergeSearchError, match="holds no base"):
+        mat.state_dict(soup_recipe(members, base=str(family["base"])))

@@ -27,8 +27,8 @@ from mergesearch.evaluate.base import weighted_mean
 from mergesearch.recipe import Recipe, from_dict
 from mergesearch.search.samplers import make_sampler, population
 from mergesearch.space import SearchSpace, layer_prefix
-from mergesearch.store import default_storage, open_storage, record, run_dir, study_names
-from mergesearch.workers import WorkerPool, parse_faults
+from mergesearch.store import claim_run, mark_stale, open_storage, record, run_dir, study_names
+from mergesearch.workers import WorkerPool, parse_faults, ray_session
 
 log = logging.getLogger("mergesearch.search")
 TrialState = optuna.trial.TrialState
@@ -89,22 +89,34 @@ class Controller:
         build_evaluator(self.space.evaluator)  # task files and task names exist
         self.num_layers = base.num_layers
         self.groups = self.space.groups(self.num_layers, layer_prefix(base.names()))
-        exists = self.dir.exists() and (self.dir / "study.db").exists()
-        if self.opts.storage is None:
-            if self.opts.resume and not exists:
-                raise MergeSearchError(f"{self.dir}: cannot resume, no such run")
-            if not self.opts.resume and self.dir.exists():
-                raise MergeSearchError(f"{self.dir}: run exists (pass --resume to continue it, or pick another --run)")
-        url = self.opts.storage or default_storage(self.opts.run, self.opts.root)
-        if self.opts.storage is not None:
-            storage = open_storage(url)
-            names = study_names(storage)
-            if self.opts.resume and self.opts.run not in names:
-                raise MergeSearchError(f"cannot resume run '{self.opts.run}': not in {url}")
-            if not self.opts.resume and self.opts.run in names:
-                raise MergeSearchError(f"run '{self.opts.run}' exists in {url} (pass --resume)")
+        self.seed = self._seed_recipe() if self.space.seed_from else None
+        url, storage = claim_run(self.opts.run, self.opts.root, self.opts.storage, self.opts.resume)
+        if storage is not None:
             self.storage = storage
         self.url = url
+
+    def _seed_recipe(self) -> Recipe:
+        """The final recipe of the soup run named by ``seed_from``; its members must be
+        among the space's models."""
+        from mergesearch.store import load_run
+
+        name = self.space.seed_from
+        try:
+            soup, _ = load_run(name, self.opts.storage, self.opts.root)
+        except MergeSearchError as e:
+            raise MergeSearchError(f"{self.space_path}: seed_from: {e}") from None
+        if soup.user_attrs.get("kind") != "soup":
+            raise MergeSearchError(f"{self.space_path}: seed_from: run '{name}' is not a soup run")
+        final = soup.user_attrs.get("final_recipe")
+        if final is None:
+            raise MergeSearchError(f"{self.space_path}: seed_from: soup run '{name}' has not finished")
+        recipe = from_dict(final, f"soup run {name}")
+        ours = {str(Path(m).resolve()) for m in self.space.models}
+        extra = [m.path for m in recipe.models if str(Path(m.path).resolve()) not in ours]
+        if extra:
+            raise MergeSearchError(f"{self.space_path}: seed_from: soup '{name}' uses models not in this space's "
+                                   f"models: {', '.join(extra[:3])}")
+        return recipe
 
     def _open_study(self):
         if self.opts.storage is None:
@@ -118,16 +130,21 @@ class Controller:
             if study.user_attrs.get("space_fingerprint") != self.space.fingerprint():
                 raise MergeSearchError(f"{self.space_path}: the space changed since run '{self.opts.run}' started; "
                                        "start a new run instead of --resume")
-            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-                if t.state == TrialState.RUNNING:
-                    study._storage.set_trial_user_attr(t._trial_id, "reason", "stale: the controller stopped")
-                    study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            mark_stale(study)
         else:
             study = optuna.create_study(study_name=self.opts.run, storage=self.storage, sampler=sampler,
                                         directions=directions)
             study.set_user_attr("space", self.space.model_dump(mode="json"))
             study.set_user_attr("space_fingerprint", self.space.fingerprint())
             study.set_user_attr("kind", "search")
+            if self.seed is not None:
+                params = self.space.soup_params([m.path for m in self.seed.models], self.groups)
+                if params is not None:  # the sampler sees it as one of its own trials
+                    study.enqueue_trial(params, user_attrs={"role": f"soup {self.space.seed_from}"})
+                    self.seed_baseline = False
+                    log.info("seed: the soup of run '%s' is the first trial", self.space.seed_from)
+                else:  # not expressible in this space: run it beside the baselines
+                    self.seed_baseline = True
             (self.dir / "space.yaml").write_text(_yaml(self.space.model_dump(mode="json"))) if self.dir.exists() else None
         self.study = study
         self.population = population(self.space, self.opts.workers, n_vars)
@@ -144,19 +161,20 @@ class Controller:
 
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> dict:
-        import ray
-
         self.preflight()
         created_dir = not self.dir.exists()
-        started_ray = False
         try:
             self._open_study()
-            if self.opts.ray_address:
-                ray.init(address=self.opts.ray_address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=self.opts.workers, include_dashboard=False, log_to_driver=False,
-                         _temp_dir=self._ray_temp_dir(), configure_logging=False)
-            started_ray = True
+            with ray_session(self.dir, self.opts.workers, self.opts.ray_address):
+                summary = self._run_pool()
+        except BaseException:
+            if created_dir and self.opts.storage is None and not self.opts.resume and not hasattr(self, "study"):
+                shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        return summary
+
+    def _run_pool(self) -> dict:
+        try:
             methods = sorted(set(self.space.methods) | {"linear", "task_arithmetic"})
             faults = parse_faults(os.environ.get("MERGESEARCH_FAULT"))
             self.pool = WorkerPool(self.opts.workers, self.space.base, self.space.models, methods,
@@ -165,43 +183,17 @@ class Controller:
             self.busy_s = 0.0
             old = signal.signal(signal.SIGINT, self._on_sigint)
             try:
-                if self.space.initial_trials:
+                if self.space.initial_trials or getattr(self, "seed_baseline", False):
                     self._baselines()
                 self._loop()
             finally:
                 signal.signal(signal.SIGINT, old)
-            summary = self._summary()
-        except BaseException:
-            if created_dir and self.opts.storage is None and not self.opts.resume and not hasattr(self, "study"):
-                shutil.rmtree(self.dir, ignore_errors=True)
-            raise
+            return self._summary()
         finally:
             if getattr(self, "_live", None) is not None:
                 self._live.stop()
             if hasattr(self, "pool"):
                 self.pool.shutdown()
-            if started_ray:
-                ray.shutdown()
-            link = getattr(self, "_ray_link", None)
-            if link is not None and link.is_symlink():
-                link.unlink()
-        return summary
-
-    def _ray_temp_dir(self) -> str:
-        """Ray's temp dir, under the run folder. Ray's socket paths must stay under
-        107 bytes, so a deep run folder is reached through a short symlink in /tmp."""
-        import hashlib
-        import tempfile
-        real = (self.dir / "ray").resolve()
-        real.mkdir(parents=True, exist_ok=True)
-        if len(str(real)) <= 40:
-            return str(real)
-        link = Path(tempfile.gettempdir()) / f"msray-{hashlib.sha1(str(real).encode()).hexdigest()[:8]}"
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(real, target_is_directory=True)
-        self._ray_link = link
-        return str(link)
 
     def _on_sigint(self, *_):
         if self.interrupted:
@@ -215,7 +207,9 @@ class Controller:
             return
         side = optuna.create_study(study_name=side_name, storage=self.storage,
                                    directions=self.study.directions)
-        todo = dict(baseline_recipes(self.space))
+        todo = dict(baseline_recipes(self.space)) if self.space.initial_trials else {}
+        if getattr(self, "seed_baseline", False):
+            todo[f"soup {self.space.seed_from}"] = self.seed
         pending = {}
         for name, recipe in todo.items():
             t = side.ask()
