@@ -275,6 +275,67 @@ def is_trainer_checkpoint(path: Path) -> int | None:
     return None
 
 
+class SideFile:
+    """A safetensors file of per-tensor side inputs for one model: a diagonal metric
+    (same names and shapes as the model's float tensors) or Gram matrices (linear
+    weight names, ``[in, in]``). Read lazily, like a checkpoint."""
+
+    def __init__(self, path: str | os.PathLike, kind: str):
+        self.path = Path(path)
+        self.kind = kind
+        if not self.path.is_file():
+            raise MergeSearchError(f"{self.path}: {kind} file not found")
+        header = dict(read_safetensors_header(self.path))
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._shapes = {n: tuple(v["shape"]) for n, v in header.items()}
+        self._handle = None
+
+    def names(self) -> list[str]:
+        return list(self._shapes)
+
+    def has(self, name: str) -> bool:
+        return name in self._shapes
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._handle is None:
+            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+        t = self._handle.get_tensor(name)
+        if not torch.isfinite(t.sum(dtype=torch.float64)):
+            raise MergeSearchError(f"{self.path}: {self.kind} '{name}' contains NaN or Inf")
+        if self.kind == "metric" and bool((t < 0).any()):
+            raise MergeSearchError(f"{self.path}: metric '{name}' has negative values (a metric is a curvature)")
+        return t
+
+    def release(self) -> None:
+        self._handle = None
+
+    def check_against(self, model: "Checkpoint") -> "SideFile":
+        """Refuse a file that does not fit ``model`` (one line naming both)."""
+        floats = [n for n in model.names() if model.dtype(n).is_floating_point]
+        if self.kind == "metric":
+            missing = [n for n in floats if n not in self._shapes]
+            if missing:
+                raise MergeSearchError(f"{self.path}: metric has no tensor '{missing[0]}' of {model.path} "
+                                       f"({len(missing)} missing)")
+            for n in floats:
+                if self._shapes[n] != model.shape(n):
+                    raise MergeSearchError(f"{self.path}: metric '{n}' has shape {list(self._shapes[n])}, "
+                                           f"the model {list(model.shape(n))}")
+        else:
+            names = set(model.names())
+            for n, shape in self._shapes.items():
+                if n not in names:
+                    raise MergeSearchError(f"{self.path}: Gram matrix for '{n}', which {model.path} does not have")
+                ms = model.shape(n)
+                if len(ms) != 2 or shape != (ms[1], ms[1]):
+                    raise MergeSearchError(f"{self.path}: Gram matrix '{n}' has shape {list(shape)}; the layer's "
+                                           f"inputs need [{ms[1] if len(ms) == 2 else '?'}, same]")
+        return self
+
+
 # -- compatibility -------------------------------------------------------------
 
 

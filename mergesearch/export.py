@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mergesearch.checkpoint import atomic_file
 from mergesearch.errors import MergeSearchError
-from mergesearch.recipe import Recipe, from_dict, save_mergekit, to_mergekit
+from mergesearch.recipe import Recipe, from_dict, has_mergekit_equivalent, save_mergekit, to_mergekit
 
 log = logging.getLogger("mergesearch.export")
 
@@ -44,7 +44,10 @@ def export_run(run: str, trial: str | int | None = None, storage_url: str | None
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     recipe.save(out / "best_recipe.yaml")
-    save_mergekit(recipe, out / "best_mergekit.yaml")
+    if has_mergekit_equivalent(recipe):
+        save_mergekit(recipe, out / "best_mergekit.yaml")
+    else:  # curvature-based methods exist only here; never leave a stale file beside the recipe
+        (out / "best_mergekit.yaml").unlink(missing_ok=True)
 
     dev_stored = t.user_attrs.get("scores") or {}
     model_dir = out / "model"
@@ -114,5 +117,9 @@ def model_card(recipe: Recipe, result: dict, tasks: list[str]) -> str:
         lines.append("| merged (dev, searched on) | " + " | ".join(f"{dev[t]:.4f}" for t in tasks) + " | |")
     lines += ["", f"Re-scored on dev after export: {'identical to the search' if result['dev']['verified'] else 'DIFFERENT'}.",
               "", "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", "",
-              "## mergekit", "", "```yaml", yaml.safe_dump(to_mergekit(recipe), sort_keys=False).rstrip(), "```", ""]
+              "## mergekit", ""]
+    if has_mergekit_equivalent(recipe):
+        lines += ["```yaml", yaml.safe_dump(to_mergekit(recipe), sort_keys=False).rstrip(), "```", ""]
+    else:
+        lines += [f"`{recipe.method}` has no mergekit equivalent: it needs per-model metric files.", ""]
     return "\n".join(l for l in lines if l is not None)

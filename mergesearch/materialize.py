@@ -39,7 +39,12 @@ class Materializer:
         device: str = "cpu",
         allow_unrelated: bool = False,
         check: bool = True,
+        metrics: dict[str, str] | None = None,
+        grams: dict[str, str] | None = None,
+        base_metric: str | None = None,
     ):
+        """``metrics`` and ``grams`` map model paths to their side-input files (for
+        the curvature-based methods); they are loaded once and stay resident."""
         t0 = time.perf_counter()
         self.device = torch.device(device)
         methods = methods or list(REGISTRY)
@@ -79,6 +84,7 @@ class Materializer:
                 self.ranks[name] = [magnitude_ranks(t.to(wb.dtype) - wb) for t in ts]
             for c in [ref, *self.model_ckpts]:
                 c.release()
+        self._load_side(metrics or {}, grams or {}, base_metric)
         self.setup_seconds = time.perf_counter() - t0
         self.resident_bytes = sum(
             t.numel() * t.element_size()
@@ -87,6 +93,50 @@ class Materializer:
             for ts in store.values()
             for t in ts
         ) + sum(t.numel() * t.element_size() for t in self.base.values())
+
+    def _load_side(self, metrics: dict, grams: dict, base_metric: str | None) -> None:
+        from mergesearch.checkpoint import SideFile
+
+        def key(p):
+            return str(Path(p).resolve())
+        by_model = {key(c.path): i for i, c in enumerate(self.model_ckpts)}
+        self.side_files: dict[tuple[str, int], str] = {}
+        self.side: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        for kind, table in (("metric", metrics), ("gram", grams)):
+            for model, file in table.items():
+                i = by_model.get(key(model))
+                if i is None:
+                    raise MergeSearchError(f"{file}: {kind} for {model}, which is not among the models")
+                f = SideFile(file, kind).check_against(self.model_ckpts[i])
+                self.side_files[(kind, i)] = key(file)
+                self.side[(kind, i)] = {n: f.get(n).to(self.device) for n in f.names()}
+                f.release()
+        if base_metric is not None:
+            if self.base_ckpt is None:
+                raise MergeSearchError(f"{base_metric}: a base metric needs a base model")
+            f = SideFile(base_metric, "metric").check_against(self.base_ckpt)
+            self.side_files[("metric", -1)] = key(base_metric)
+            self.side[("metric", -1)] = {n: f.get(n).to(self.device) for n in f.names()}
+            f.release()
+
+    def _side_for(self, recipe: Recipe, idx: list[int], name: str) -> dict:
+        spec = recipe.spec
+        if spec.needs_metric == "no" and not spec.needs_gram:
+            return {}
+
+        def pick(kind: str, i: int, file: str | None):
+            if file is None:
+                return None
+            if self.side_files.get((kind, i)) != str(Path(file).resolve()):
+                raise MergeSearchError(f"recipe {kind} {file} is not loaded in this materializer")
+            return self.side[(kind, i)].get(name)
+        out = {}
+        if spec.needs_metric != "no":
+            out["metrics"] = [pick("metric", i, m.metric) for i, m in zip(idx, recipe.models)]
+            out["base_metric"] = pick("metric", -1, recipe.base_metric)
+        if spec.needs_gram:
+            out["grams"] = [pick("gram", i, m.gram) for i, m in zip(idx, recipe.models)]
+        return out
 
     def _load(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
         t = ckpt.get(name).to(device=self.device)
@@ -115,7 +165,8 @@ class Materializer:
         tensors = [self.tensors[name][i] for i in idx]
         ranks = [self.ranks[name][i] for i in idx] if self.ranks is not None else None
         base = self.base.get(name) if spec.uses_base != "no" else None
-        return TensorInputs(name, base, tensors=tensors, ranks=ranks, seed=recipe.seed)
+        return TensorInputs(name, base, tensors=tensors, ranks=ranks, seed=recipe.seed,
+                            **self._side_for(recipe, idx, name))
 
     def tensor(self, recipe: Recipe, name: str) -> torch.Tensor:
         if name in self.constants:

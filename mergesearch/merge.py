@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from mergesearch.checkpoint import (
-    Checkpoint, StreamingWriter, check_compatible, dtype_name, parse_dtype, tokenizer_vocab,
+    Checkpoint, SideFile, StreamingWriter, check_compatible, dtype_name, parse_dtype, tokenizer_vocab,
 )
 from mergesearch.errors import MergeSearchError
 from mergesearch.methods import MethodSpec, TensorInputs
@@ -48,6 +48,7 @@ class MergePlan:
     base: Checkpoint | None
     models: list[Checkpoint]
     distances: dict[str, float] = field(default_factory=dict)
+    side: "SideInputs | None" = None
 
     @property
     def ref(self) -> Checkpoint:
@@ -60,6 +61,8 @@ class MergePlan:
     def release(self) -> None:
         for c in self.checkpoints():
             c.release()
+        if self.side is not None:
+            self.side.release()
 
     def checkpoints(self) -> list[Checkpoint]:
         return ([self.base] if self.base is not None else []) + self.models
@@ -87,7 +90,47 @@ def open_plan(recipe: Recipe, *, allow_unrelated: bool = False, check: bool = Tr
         vocab, ref_vocab = tokenizer_vocab(Path(tok)), ref.tokenizer_vocab()
         if vocab is not None and ref_vocab is not None and vocab != ref_vocab:
             raise MergeSearchError(f"{tok}: tokenizer vocabulary differs from {ref.path}")
-    return MergePlan(recipe, recipe.spec, base, models, distances)
+    side = open_side_inputs(recipe, base, models)
+    return MergePlan(recipe, recipe.spec, base, models, distances, side)
+
+
+@dataclass
+class SideInputs:
+    """The per-model metric and Gram files of a recipe, checked against the models."""
+
+    metrics: list[SideFile | None]
+    grams: list[SideFile | None]
+    base_metric: SideFile | None
+
+    def read(self, name: str, device: str) -> dict:
+        def get(f: SideFile | None):
+            return f.get(name).to(device) if f is not None and f.has(name) else None
+        return {"metrics": [get(f) for f in self.metrics] if any(self.metrics) else None,
+                "grams": [get(f) for f in self.grams] if any(self.grams) else None,
+                "base_metric": get(self.base_metric)}
+
+    def release(self) -> None:
+        for f in [*self.metrics, *self.grams, self.base_metric]:
+            if f is not None:
+                f.release()
+
+
+def open_side_inputs(recipe: Recipe, base: Checkpoint | None, models: list[Checkpoint]) -> SideInputs | None:
+    entries = recipe.models
+    if not any(m.metric or m.gram for m in entries) and not recipe.base_metric:
+        return None
+    metrics = [SideFile(m.metric, "metric").check_against(c) if m.metric else None for m, c in zip(entries, models)]
+    grams = [SideFile(m.gram, "gram").check_against(c) if m.gram else None for m, c in zip(entries, models)]
+    present = [g for g in grams if g is not None]
+    if present:
+        keys = set(present[0].names())
+        for g in present[1:]:
+            if set(g.names()) != keys:
+                raise MergeSearchError(f"{g.path}: Gram matrices cover other layers than {present[0].path}")
+    base_metric = None
+    if recipe.base_metric:
+        base_metric = SideFile(recipe.base_metric, "metric").check_against(base if base is not None else models[0])
+    return SideInputs(metrics, grams, base_metric)
 
 
 def build_inputs(plan: MergePlan, name: str, device: str) -> TensorInputs:
@@ -97,7 +140,8 @@ def build_inputs(plan: MergePlan, name: str, device: str) -> TensorInputs:
     if plan.base is not None and plan.spec.uses_base != "no":
         base = _read_checked(plan.base, name, device)
     tensors = [_read_checked(m, name, device) for m in plan.models]
-    return TensorInputs(name, base, tensors=tensors, seed=plan.recipe.seed)
+    side = plan.side.read(name, device) if plan.side is not None else {}
+    return TensorInputs(name, base, tensors=tensors, seed=plan.recipe.seed, **side)
 
 
 def _read_checked(ckpt: Checkpoint, name: str, device: str) -> torch.Tensor:

@@ -43,6 +43,8 @@ Setting = Union[Scalar, list[Scalar], list[Conditional]]
 class ModelEntry(StrictModel):
     path: str
     parameters: dict[str, Setting] = {}
+    metric: Optional[str] = None  # diagonal metric file (fisher, preconditioned, gradient_matching)
+    gram: Optional[str] = None  # Gram matrices of linear-layer inputs (regmean)
 
 
 class Recipe(StrictModel):
@@ -53,6 +55,7 @@ class Recipe(StrictModel):
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
     seed: int = 0
     tokenizer_source: Optional[str] = None
+    base_metric: Optional[str] = None  # the base's curvature (gradient_matching)
 
     @field_validator("models")
     @classmethod
@@ -90,6 +93,19 @@ class Recipe(StrictModel):
                     why = "unknown parameter" if p is None else "a global parameter, set it under top-level 'parameters'"
                     raise MergeSearchError(f"{where}: models[{i}].parameters.{key}: {why} for method '{spec.name}'")
                 _check_leaves(p, setting, f"{where}: models[{i}].parameters.{key}")
+        for i, m in enumerate(self.models):
+            if m.metric is None and spec.needs_metric == "required":
+                raise MergeSearchError(f"{where}: models[{i}] ({m.path}) needs a 'metric' file for method "
+                                       f"'{spec.name}' (write one with: mergesearch curvature)")
+            if m.metric is not None and spec.needs_metric == "no":
+                raise MergeSearchError(f"{where}: models[{i}].metric: method '{spec.name}' uses no metric")
+            if m.gram is None and spec.needs_gram:
+                raise MergeSearchError(f"{where}: models[{i}] ({m.path}) needs a 'gram' file for method "
+                                       f"'{spec.name}' (write one with: mergesearch curvature --kind gram)")
+            if m.gram is not None and not spec.needs_gram:
+                raise MergeSearchError(f"{where}: models[{i}].gram: method '{spec.name}' uses no Gram matrices")
+        if self.base_metric is not None and spec.name != "gradient_matching":
+            raise MergeSearchError(f"{where}: base_metric: only gradient_matching uses a base curvature")
         for p in spec.params:
             if not p.required:
                 continue
@@ -128,7 +144,9 @@ class Recipe(StrictModel):
         return self.model_copy(update={
             "base": fix(self.base),
             "tokenizer_source": fix(self.tokenizer_source),
-            "models": [m.model_copy(update={"path": fix(m.path)}) for m in self.models],
+            "base_metric": fix(self.base_metric),
+            "models": [m.model_copy(update={"path": fix(m.path), "metric": fix(m.metric), "gram": fix(m.gram)})
+                       for m in self.models],
         })
 
     def to_dict(self) -> dict:
@@ -264,9 +282,16 @@ def _setting_to_mk(setting):
     return setting
 
 
+def has_mergekit_equivalent(recipe: Recipe) -> bool:
+    spec = recipe.spec
+    return spec.needs_metric == "no" and not spec.needs_gram
+
+
 def to_mergekit(recipe: Recipe) -> dict:
     """The equivalent mergekit configuration (mergekit computes in float32 like us)."""
     spec = recipe.spec
+    if not has_mergekit_equivalent(recipe):
+        raise MergeSearchError(f"method '{spec.name}' has no mergekit equivalent; use the mergesearch recipe")
     models = [{"model": m.path, **({"parameters": {k: _setting_to_mk(v) for k, v in m.parameters.items()}}
                                    if m.parameters else {})} for m in recipe.models]
     out: dict[str, Any] = {"merge_method": recipe.method}

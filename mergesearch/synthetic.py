@@ -131,3 +131,26 @@ def make_family(
             return b + torch.randn(shape, generator=_gen(seed, "ft", k, name)) * noise
         write_model(paths[f"ft{k}"], cfg, fn, torch_dtype, shard_bytes)
     return paths
+
+
+def quadratic_toy(dim: int = 6, seed: int = 0, steps: int = 200, lr: float = 0.5) -> dict:
+    """Two models trained on quadratic losses L_i(theta) = 1/2 sum_j h_ij (theta_j - c_ij)^2
+    from a shared start, each by gradient descent under its own diagonal preconditioner
+    P_i = H_i (float64). The second moments an Adam-like optimizer would hold are
+    v_i = P_i^2, so sqrt(v_i) is the preconditioner. The analytic optimum of
+    L_1 + L_2 is (H_1 c_1 + H_2 c_2) / (H_1 + H_2)."""
+    g = torch.Generator().manual_seed(seed)
+    theta0 = torch.randn(dim, generator=g, dtype=torch.float64)
+    hs = [torch.rand(dim, generator=g, dtype=torch.float64) * 3.5 + 0.5 for _ in range(2)]
+    hs[1] = hs[1] * 10  # a very different scale: the second model's curvature dominates
+    cs = [theta0 + torch.randn(dim, generator=g, dtype=torch.float64) for _ in range(2)]
+    thetas = []
+    for h, c in zip(hs, cs):
+        theta = theta0.clone()
+        for _ in range(steps):
+            grad = h * (theta - c)
+            theta = theta - lr * grad / h  # preconditioned by P = H
+        thetas.append(theta)
+    optimum = (hs[0] * cs[0] + hs[1] * cs[1]) / (hs[0] + hs[1])
+    return {"theta0": theta0, "thetas": thetas, "hessians": hs, "second_moments": [h * h for h in hs],
+            "optimum": optimum, "targets": cs}

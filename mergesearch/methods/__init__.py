@@ -3,7 +3,7 @@
 Importing this package registers every built-in method.
 """
 
-from mergesearch.methods import geometric, task_arithmetic  # noqa: F401  (registration)
+from mergesearch.methods import geometric, geometry, task_arithmetic  # noqa: F401  (registration)
 from mergesearch.methods.inputs import TensorInputs, tensor_seed
 from mergesearch.methods.registry import REGISTRY, MethodSpec, Param, get_method
 

@@ -51,6 +51,9 @@ class TensorInputs:
         deltas: list[torch.Tensor] | None = None,
         ranks: list[torch.Tensor] | None = None,
         seed: int = 0,
+        metrics: list[torch.Tensor | None] | None = None,
+        base_metric: torch.Tensor | None = None,
+        grams: list[torch.Tensor | None] | None = None,
     ):
         if tensors is None and deltas is None:
             raise ValueError("TensorInputs needs tensors or deltas")
@@ -60,6 +63,9 @@ class TensorInputs:
         self._deltas = deltas
         self.ranks = ranks
         self.seed = seed
+        self._metrics = metrics
+        self._base_metric = base_metric
+        self._grams = grams
         self._generator: torch.Generator | None = None
         self._base_work: torch.Tensor | None = None
         self._tensor_cache: dict[int, torch.Tensor] = {}
@@ -78,6 +84,25 @@ class TensorInputs:
         if self._base_work is None:
             self._base_work = self.raw_base.to(work_dtype(self.raw_base.dtype))
         return self._base_work
+
+    def metric(self, i: int, missing_ok: bool = False) -> torch.Tensor | None:
+        """Model i's diagonal metric for this tensor, in the work dtype."""
+        m = self._metrics[i] if self._metrics is not None else None
+        if m is None:
+            if missing_ok:
+                return None
+            raise ValueError(f"{self.name}: no metric for model {i}")
+        return m.to(work_dtype(m.dtype))
+
+    @property
+    def base_metric(self) -> torch.Tensor | None:
+        m = self._base_metric
+        return None if m is None else m.to(work_dtype(m.dtype))
+
+    def gram(self, i: int) -> torch.Tensor | None:
+        """Model i's input Gram matrix when this tensor is a linear layer's weight."""
+        g = self._grams[i] if self._grams is not None else None
+        return None if g is None else g.to(work_dtype(g.dtype))
 
     def scalar(self, value) -> torch.Tensor:
         """A 0-d tensor in the work dtype on the inputs' device (no conversion pass)."""

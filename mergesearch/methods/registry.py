@@ -64,6 +64,9 @@ class MethodSpec:
     random: bool = False
     # magnitude-based sparsifiers make the Materializer precompute magnitude ranks
     sparsifier: str | None = None
+    # per-model side inputs: a diagonal metric file (curvature), Gram matrices (RegMean)
+    needs_metric: Literal["no", "optional", "required"] = "no"
+    needs_gram: bool = False
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
