@@ -25,7 +25,7 @@ def interactive() -> bool:
 
 
 @contextmanager
-def tensor_progress(description: str):
+def tensor_progress(description: str, unit: str = "tensors"):
     """Yields a callback(done, total, name); a rich bar on a TTY, log lines otherwise."""
     if interactive():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -43,7 +43,7 @@ def tensor_progress(description: str):
         def cb(done, total, name):
             now = time.monotonic()
             if done == total or now - last["t"] >= 10:
-                logging.getLogger("mergesearch").info("%s: %d/%d tensors", description, done, total)
+                logging.getLogger("mergesearch").info("%s: %d/%d %s", description, done, total, unit)
                 last["t"] = now
         yield cb
 
@@ -253,6 +253,38 @@ def _export_and_print(run: str, trial, storage) -> None:
     for p, s in res["test"]["sources"].items():
         typer.echo(f"{Path(p).name[:28]:<28}" + "".join(f"{s['scores'][t]:>11.4f}" for t in tasks)
                    + f"{s['aggregate']:>9.4f}")
+
+
+@app.command()
+def curvature(
+    model_dir: Path = typer.Argument(..., metavar="MODEL", help="HF model folder"),
+    data: Optional[str] = typer.Option(None, "--data", help="a .jsonl file, or TASK:SPLIT under --task-dir"),
+    kind: str = typer.Option("fisher", "--kind", help="fisher, empirical_fisher, squared_grad, gram or adam"),
+    n_examples: int = typer.Option(128, "--n-examples", help="examples to average over"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="also write the estimate here (safetensors)"),
+    task_dir: str = typer.Option("results/zoo", "--task-dir", help="where TASK:SPLIT is looked up"),
+    batch_size: int = typer.Option(16, "--batch-size", help="batch size (squared_grad, gram)"),
+    seed: int = typer.Option(0, "--seed", help="sampling seed (fisher)"),
+    device: str = typer.Option("cpu", "--device"),
+):
+    """Diagonal curvature (or Gram matrices, or Adam second moments) of a model, cached
+    by content hash; the geometry-aware merge methods read these files."""
+    import shutil
+    import time
+
+    from mergesearch.curvature import curvature as compute
+
+    t0 = time.perf_counter()
+    with tensor_progress(f"curvature {kind}", "examples") as cb:
+        path, cached = compute(model_dir, kind, data, task_dir, n_examples, batch_size, seed, device,
+                               progress=lambda done, total: cb(done, total, ""))
+    if out is not None:
+        tmp = out.parent / f".{out.name}.tmp"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, out)
+    typer.echo(f"{kind} of {model_dir}: {'cached' if cached else 'computed'} in {time.perf_counter() - t0:.2f}s "
+               f"-> {out or path}")
 
 
 @app.command()

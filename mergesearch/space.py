@@ -64,6 +64,32 @@ class Budget(StrictModel):
     timeout: Optional[float] = Field(default=None, gt=0)  # seconds of wall time
 
 
+DataList = Union[str, list[str]]
+
+
+class CurvatureConfig(StrictModel):
+    """Where each model's diagonal metric comes from (fisher, preconditioned,
+    gradient_matching). Estimates are computed once and cached (mergesearch curvature)."""
+
+    kind: Literal["fisher", "empirical_fisher", "squared_grad", "adam", "files"] = "fisher"
+    data: Optional[DataList] = None  # TASK:SPLIT or .jsonl: one for all models, or one per model
+    files: Optional[list[Optional[str]]] = None  # kind files: one per model
+    identity: list[str] = []  # models trained without a preconditioner (SGD): metric = identity
+    n_examples: int = Field(default=128, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    seed: int = 0
+    base_data: Optional[DataList] = None  # the base's curvature (gradient_matching): mean over these
+    base_file: Optional[str] = None
+
+
+class GramConfig(StrictModel):
+    """Gram matrices of linear-layer inputs for regmean, per model on its own data."""
+
+    data: DataList
+    n_examples: int = Field(default=128, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+
+
 class SearchSpace(StrictModel):
     base: str
     models: list[str] = Field(min_length=1)
@@ -80,6 +106,8 @@ class SearchSpace(StrictModel):
     trial_timeout: float = Field(default=600.0, gt=0)  # seconds per candidate on a worker
     max_retries: int = Field(default=1, ge=0)  # re-runs of a trial whose worker died
     seed_from: Optional[str] = None  # a soup run whose recipe is enqueued first
+    curvature: Optional[CurvatureConfig] = None
+    gram: Optional[GramConfig] = None
 
     # -- loading and checks -----------------------------------------------------
     @classmethod
@@ -93,8 +121,21 @@ class SearchSpace(StrictModel):
         ev = self.evaluator
         if ev.task_dir:
             ev = ev.model_copy(update={"task_dir": fix(ev.task_dir)})
-        return self.model_copy(update={"base": fix(self.base), "models": [fix(m) for m in self.models],
-                                       "evaluator": ev})
+        def fix_data(d):  # .jsonl paths are relative to the space file; TASK:SPLIT stays
+            one = (lambda x: fix(x) if x.endswith(".jsonl") else x)
+            return None if d is None else one(d) if isinstance(d, str) else [one(x) for x in d]
+
+        update = {"base": fix(self.base), "models": [fix(m) for m in self.models], "evaluator": ev}
+        if self.curvature is not None:
+            c = self.curvature
+            update["curvature"] = c.model_copy(update={
+                "data": fix_data(c.data), "base_data": fix_data(c.base_data),
+                "files": None if c.files is None else [None if f is None else fix(f) for f in c.files],
+                "base_file": None if c.base_file is None else fix(c.base_file),
+                "identity": [fix(m) for m in c.identity]})
+        if self.gram is not None:
+            update["gram"] = self.gram.model_copy(update={"data": fix_data(self.gram.data)})
+        return self.model_copy(update=update)
 
     def check(self, where: str) -> "SearchSpace":
         specs = [get_method(m, where) for m in self.methods]
@@ -118,6 +159,7 @@ class SearchSpace(StrictModel):
             for p in s.params:
                 if p.required and p.name not in self.parameters:
                     raise MergeSearchError(f"{where}: method '{s.name}' needs bounds or a value for parameters.{p.name}")
+        self._check_side(specs, where)
         if self.seed_from is not None and not self.seed_from.strip():
             raise MergeSearchError(f"{where}: seed_from: give the name of a soup run")
         self.evaluator.check(f"{where}: evaluator")
@@ -127,6 +169,35 @@ class SearchSpace(StrictModel):
         if self.sampler.name == "nsga2" and self.objective.floors:
             raise MergeSearchError(f"{where}: objective.floors does not apply to the multi-objective nsga2 sampler")
         return self
+
+    def _check_side(self, specs, where: str) -> None:
+        n = len(self.models)
+        for s in specs:
+            if s.needs_metric == "required" and self.curvature is None:
+                raise MergeSearchError(f"{where}: method '{s.name}' needs a 'curvature' section (where each "
+                                       "model's metric comes from)")
+            if s.needs_gram and self.gram is None:
+                raise MergeSearchError(f"{where}: method '{s.name}' needs a 'gram' section (data for each model's "
+                                       "Gram matrices)")
+        c = self.curvature
+        if c is not None:
+            if c.kind == "files":
+                if c.files is None or len(c.files) != n:
+                    raise MergeSearchError(f"{where}: curvature.files: give one file per model ({n})")
+            elif c.kind != "adam" and c.data is None:
+                raise MergeSearchError(f"{where}: curvature.data: kind '{c.kind}' needs data (TASK:SPLIT or .jsonl)")
+            if isinstance(c.data, list) and len(c.data) != n:
+                raise MergeSearchError(f"{where}: curvature.data: give one entry per model ({n}) or a single one")
+            keys = {str(Path(m).resolve()) for m in self.models}
+            stray = [m for m in c.identity if str(Path(m).resolve()) not in keys]
+            if stray:
+                raise MergeSearchError(f"{where}: curvature.identity: {stray[0]} is not one of the models")
+            if c.identity and any(s.needs_metric == "required" for s in specs):
+                raise MergeSearchError(f"{where}: curvature.identity applies to 'preconditioned' only; "
+                                       f"{', '.join(s.name for s in specs if s.needs_metric == 'required')} "
+                                       "needs a real metric for every model")
+        if self.gram is not None and isinstance(self.gram.data, list) and len(self.gram.data) != n:
+            raise MergeSearchError(f"{where}: gram.data: give one entry per model ({n}) or a single one")
 
     def fingerprint(self) -> str:
         """Identity of the space for --resume (the budget may change between runs)."""
@@ -141,8 +212,9 @@ class SearchSpace(StrictModel):
     def groups(self, num_layers: int, layer_prefix: str) -> list["Group"]:
         return make_groups(self.granularity, num_layers, layer_prefix)
 
-    def suggest(self, trial, groups: list["Group"]):
-        """Ask the trial for every variable; returns the Recipe."""
+    def suggest(self, trial, groups: list["Group"], side: dict | None = None):
+        """Ask the trial for every variable; returns the Recipe. ``side`` holds the
+        resolved metric and Gram files (:func:`mergesearch.curvature.resolve_side_inputs`)."""
         method = self.methods[0] if len(self.methods) == 1 else trial.suggest_categorical("method", self.methods)
         spec = REGISTRY[method]
         models = []
@@ -151,13 +223,20 @@ class SearchSpace(StrictModel):
             for p in spec.model_params:
                 if p.name in self.parameters:
                     params[p.name] = self._value(trial, p.name, f"m{i}", groups)
-            models.append({"path": path, "parameters": params})
+            entry = {"path": path, "parameters": params}
+            if side and spec.needs_metric != "no" and side["metrics"].get(path):
+                entry["metric"] = side["metrics"][path]
+            if side and spec.needs_gram:
+                entry["gram"] = side["grams"][path]
+            models.append(entry)
         global_params = {}
         for p in spec.global_params:
             if p.name in self.parameters:
                 global_params[p.name] = self._value(trial, p.name, "", [groups[0].as_whole()])
         recipe = {"method": method, "base": self.base, "models": models, "parameters": global_params,
                   "seed": self.seed}
+        if side and spec.name == "gradient_matching" and side.get("base_metric"):
+            recipe["base_metric"] = side["base_metric"]
         if self.dtype:
             recipe["dtype"] = self.dtype
         return from_dict(recipe, "search trial")

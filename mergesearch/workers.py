@@ -79,7 +79,7 @@ class Worker:
     """The actor body (wrapped with ``ray.remote`` by the pool)."""
 
     def __init__(self, worker_id: int, base: str | None, models: list[str], methods: list[str], eval_cfg: dict,
-                 threads: int = 1, faults: dict[int, str] | None = None):
+                 threads: int = 1, faults: dict[int, str] | None = None, side: dict | None = None):
         import torch
 
         from mergesearch.cli import load_model
@@ -91,7 +91,10 @@ class Worker:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         t0 = time.perf_counter()
         # compatibility was checked once by the controller, before Ray started
-        self.mat = Materializer(base, models, methods=methods, device=self.device, check=False)
+        side = side or {}
+        self.mat = Materializer(base, models, methods=methods, device=self.device, check=False,
+                                metrics={m: f for m, f in (side.get("metrics") or {}).items() if f},
+                                grams=side.get("grams"), base_metric=side.get("base_metric"))
         self.model, self.tokenizer = load_model(Path(base if base is not None else models[0]), device=self.device)
         self.eval_cfg = EvalConfig.model_validate(eval_cfg)
         self.evaluators = {self.eval_cfg.split: build_evaluator(self.eval_cfg, device=self.device)}
@@ -150,7 +153,7 @@ class WorkerPool:
     """Ray actors, one trial each at a time; replaces dead and hung actors."""
 
     def __init__(self, n: int, base: str | None, models: list[str], methods: list[str], eval_cfg: dict,
-                 trial_timeout: float, faults: dict[int, str] | None = None):
+                 trial_timeout: float, faults: dict[int, str] | None = None, side: dict | None = None):
         import ray
 
         self.ray = ray
@@ -159,7 +162,7 @@ class WorkerPool:
         self.num_gpus = 1 if gpus >= 1 else 0
         self.threads = max(1, int(cpus // max(n, 1)))
         self.cls = ray.remote(num_cpus=1, num_gpus=self.num_gpus, max_restarts=0)(Worker)
-        self.args = (base, models, methods, eval_cfg, self.threads, faults or {})
+        self.args = (base, models, methods, eval_cfg, self.threads, faults or {}, side)
         self.trial_timeout = trial_timeout
         self.next_id = 0
         self.actors: dict[int, object] = {}

@@ -9,6 +9,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# curvature estimates are cached per session, never in the user's cache
+os.environ["MERGESEARCH_CACHE"] = __import__("tempfile").mkdtemp(prefix="mergesearch-cache-")
 
 from mergesearch.synthetic import make_family  # noqa: E402
 

@@ -94,6 +94,8 @@ class Controller:
         if storage is not None:
             self.storage = storage
         self.url = url
+        from mergesearch.curvature import resolve_side_inputs
+        self.side = resolve_side_inputs(self.space)  # computed once (cached on disk), before any worker starts
 
     def _seed_recipe(self) -> Recipe:
         """The final recipe of the soup run named by ``seed_from``; its members must be
@@ -178,7 +180,7 @@ class Controller:
             methods = sorted(set(self.space.methods) | {"linear", "task_arithmetic"})
             faults = parse_faults(os.environ.get("MERGESEARCH_FAULT"))
             self.pool = WorkerPool(self.opts.workers, self.space.base, self.space.models, methods,
-                                   self.space.evaluator.model_dump(), self.space.trial_timeout, faults)
+                                   self.space.evaluator.model_dump(), self.space.trial_timeout, faults, self.side)
             self.t_start = time.monotonic()
             self.busy_s = 0.0
             old = signal.signal(signal.SIGINT, self._on_sigint)
@@ -244,7 +246,7 @@ class Controller:
             if len(queue) < self.pool.size and remaining > 0:
                 for _ in range(min(self.population, remaining)):
                     t = study.ask()
-                    recipe = self.space.suggest(t, self.groups)
+                    recipe = self.space.suggest(t, self.groups, self.side)
                     record(t, {"recipe": recipe.to_dict(), "summary": recipe.summary()})
                     queue.append(t)
                 self._dispatch(queue, inflight)

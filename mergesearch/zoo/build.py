@@ -4,13 +4,17 @@
   pretrained on the task formats with random answers: it knows the alphabet and
   the formats but solves no task.
 - ``ft_<task>/``: one AdamW fine-tune of the base per task, each with its Adam
-  second moments in ``exp_avg_sq.safetensors`` (under the parameter names).
+  second moments in ``exp_avg_sq.safetensors`` (under the parameter names; the
+  metadata holds step, beta2 and eps for bias correction).
 - ``checkpoints/add/checkpoint-<step>/``: intermediate checkpoints of the ``add``
   fine-tune in HF Trainer's layout (model, optimizer.pt, trainer_state.json).
+- ``ft_shift_sgd/``: the shift fine-tune again (same data order) trained with SGD and
+  momentum instead of AdamW: the optimizer pair for geometry-aware merging.
 - ``sweep/reverse/<config>/``: fine-tunes of one task over learning rate, steps
   and seed, as in the model-soups setup.
-- ``data/<task>/{dev,test}.jsonl`` and ``tasks/<task>.yaml`` (lm-eval task files
-  reading those JSONL files), and ``manifest.json``.
+- ``data/<task>/{dev,test,train}.jsonl`` (train: examples for curvature and Gram
+  estimates), ``tasks/<task>.yaml`` (lm-eval task files reading the dev and test
+  JSONL files), and ``manifest.json``.
 
 Every random choice has a fixed seed, so a build gives the same files every time;
 a finished build is recognised by its manifest and returned at once.
@@ -36,10 +40,10 @@ from mergesearch.zoo.train import train
 
 log = logging.getLogger(__name__)
 
-ZOO_VERSION = 1
+ZOO_VERSION = 2
 DEFAULT_OUT = Path("results/zoo")
 ZOO_TASKS = ["reverse", "shift", "max", "add"]
-N_DEV, N_TEST = 200, 200
+N_DEV, N_TEST, N_TRAIN = 200, 200, 256
 MODEL = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, vocab_size=128, max_position_embeddings=64)
 PRETRAIN = dict(steps=200, lr=3e-3, seed=0)
@@ -47,6 +51,8 @@ FINETUNE = {"reverse": dict(steps=300, lr=3e-3), "shift": dict(steps=300, lr=3e-
             "max": dict(steps=300, lr=3e-3), "add": dict(steps=1000, lr=3e-3)}
 CHECKPOINT_TASK, CHECKPOINT_EVERY = "add", 150
 SWEEP_TASK = "reverse"
+# the optimizer pair: the shift fine-tune again, same data order, trained by SGD
+SGD_TASK, SGD = "shift", dict(steps=300, lr=0.1)
 SWEEP = [dict(lr=1e-3, steps=300, seed=1), dict(lr=2e-3, steps=300, seed=2), dict(lr=3e-3, steps=200, seed=3),
          dict(lr=3e-3, steps=300, seed=4), dict(lr=5e-3, steps=150, seed=5), dict(lr=1.5e-3, steps=250, seed=6)]
 
@@ -144,6 +150,14 @@ def _build(root: Path, final: Path, scale: float) -> dict:
         models.append({"name": f"sweep/{SWEEP_TASK}/{name}", "path": str(path.relative_to(root)), "kind": "sweep",
                        "task": SWEEP_TASK, "optimizer": "adamw", **hp})
 
+    model.load_state_dict(base_state)
+    log.info("zoo: fine-tuning on %s with SGD", SGD_TASK)
+    train(model, training_sampler(SGD_TASK, held_out[SGD_TASK]), _steps(SGD["steps"], scale), SGD["lr"],
+          seed=ZOO_TASKS.index(SGD_TASK) + 1, optimizer="sgd")
+    _save(model, root / f"ft_{SGD_TASK}_sgd")
+    models.append({"name": f"ft_{SGD_TASK}_sgd", "path": f"ft_{SGD_TASK}_sgd", "kind": "finetune", "task": SGD_TASK,
+                   "optimizer": "sgd", "momentum": 0.9, **SGD})
+
     return {
         "version": ZOO_VERSION,
         "scale": scale,
@@ -151,8 +165,9 @@ def _build(root: Path, final: Path, scale: float) -> dict:
         "models": models,
         "tasks": {t: {"kind": TASKS[t].kind, "description": TASKS[t].description,
                       "dev": f"data/{t}/dev.jsonl", "test": f"data/{t}/test.jsonl",
+                      "train": f"data/{t}/train.jsonl",
                       "lmeval_task": f"zoo_{t}_{{split}}"} for t in ZOO_TASKS},
-        "splits": {"dev": N_DEV, "test": N_TEST},
+        "splits": {"dev": N_DEV, "test": N_TEST, "train": N_TRAIN},
         "lmeval_include_path": "tasks",
     }
 
@@ -162,7 +177,9 @@ def _write_data(root: Path) -> dict:
     for task in ZOO_TASKS:
         dev = make_items(task, N_DEV, seed=1)
         test = make_items(task, N_TEST, seed=2, exclude={it["context"] for it in dev})
-        splits[task] = {"dev": dev, "test": test}
+        # examples for curvature and Gram estimates: drawn like training data, never dev or test
+        train = make_items(task, N_TRAIN, seed=3, exclude={it["context"] for it in dev + test})
+        splits[task] = {"dev": dev, "test": test, "train": train}
         folder = root / "data" / task
         folder.mkdir(parents=True)
         for split, items in splits[task].items():
@@ -199,8 +216,12 @@ def _save(model, path: Path, opt: torch.optim.Optimizer | None = None) -> None:
         from safetensors.torch import save_file
         moments = {n: opt.state[p]["exp_avg_sq"].contiguous() for n, p in model.named_parameters()
                    if "exp_avg_sq" in opt.state.get(p, {})}
-        # one metadata key only: safetensors writes a multi-key metadata map in random order
-        save_file(moments, str(path / "exp_avg_sq.safetensors"), metadata={"format": "pt"})
+        group = opt.param_groups[0]
+        step = int(next(iter(opt.state.values()))["step"])
+        # what bias correction needs, in one metadata key: safetensors writes a
+        # multi-key metadata map in random order, and builds must be byte-identical
+        info = json.dumps({"step": step, "beta2": group["betas"][1], "eps": group["eps"]}, sort_keys=True)
+        save_file(moments, str(path / "exp_avg_sq.safetensors"), metadata={"adam": info})
 
 
 def _save_trainer_checkpoint(model, opt, path: Path, step: int, total: int) -> None:

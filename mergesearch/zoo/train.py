@@ -45,11 +45,16 @@ def train(
     loss_on_context: bool = False,
     warmup: int = 20,
     on_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
-) -> torch.optim.AdamW:
-    """AdamW with linear warmup and cosine decay; ``sample(rng)`` draws one (context, answer)."""
+    optimizer: str = "adamw",
+) -> torch.optim.Optimizer:
+    """AdamW (or SGD with momentum 0.9: ``optimizer="sgd"``) with linear warmup and
+    cosine decay; ``sample(rng)`` draws one (context, answer)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(s / steps * 3.14159)).item()))
     model.train()
