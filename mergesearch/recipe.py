@@ -150,7 +150,15 @@ class Recipe(StrictModel):
         })
 
     def to_dict(self) -> dict:
-        return self.model_dump(mode="json", exclude_defaults=False)
+        data = self.model_dump(mode="json", exclude_defaults=False)
+        # side-input files appear only where a method uses them
+        for m in data["models"]:
+            for k in ("metric", "gram"):
+                if m.get(k) is None:
+                    m.pop(k, None)
+        if data.get("base_metric") is None:
+            data.pop("base_metric", None)
+        return data
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -44,15 +44,16 @@ TASK_OF = {"ft_reverse": "reverse", "ft_shift": "shift", "ft_shift_sgd": "shift"
 
 def spaces(zoo: Path, n_trials: int) -> dict[str, dict]:
     w01 = {"low": 0.0, "high": 1.0}
+    logw = {"low": 1e-4, "high": 1e2, "log": True}  # metrics of different models differ by orders of magnitude
     fisher = {"kind": "fisher", "data": [f"{TASK_OF[m]}:train" for m in MODELS], "n_examples": 256}
     out = {
         "linear": {"methods": ["linear"], "parameters": {"weight": w01}},
         "task_arithmetic": {"methods": ["task_arithmetic"], "parameters": {"weight": {"low": 0.0, "high": 1.5}}},
         "ties": {"methods": ["ties"], "parameters": {"weight": {"low": 0.0, "high": 1.5},
                                                       "density": {"low": 0.1, "high": 1.0}}},
-        "fisher": {"methods": ["fisher"], "parameters": {"weight": w01}, "curvature": fisher},
+        "fisher": {"methods": ["fisher"], "parameters": {"weight": logw}, "curvature": fisher},
         "preconditioned": {"methods": ["preconditioned"],
-                           "parameters": {"weight": {"low": 1e-4, "high": 1e2, "log": True}},
+                           "parameters": {"weight": logw},
                            "curvature": {"kind": "adam", "identity": [str(zoo / "ft_shift_sgd")]}},
         "gradient_matching": {"methods": ["gradient_matching"],
                               "parameters": {"weight": {"low": 0.0, "high": 1.5},
