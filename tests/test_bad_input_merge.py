@@ -212,5 +212,5 @@ def test_cli_exit_code_in_real_process(tmp_path, recipe_file):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [f"error: {r}: unknown merge method 'frankenmerge' (known: "
                                              "breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, "
-                                             "della_linear, linear, model_stock, nuslerp, passthrough, slerp, "
-                                             "task_arithmetic, ties)"]
+                                             "della_linear, fisher, gradient_matching, linear, model_stock, nuslerp, "
+                                             "passthrough, preconditioned, regmean, slerp, task_arithmetic, ties)"]

@@ -70,7 +70,7 @@ def test_splits_disjoint_from_each_other_and_training(zoo):
 def test_zoo_layout(zoo):
     manifest = json.loads((zoo / "manifest.json").read_text())
     kinds = [m["kind"] for m in manifest["models"]]
-    assert kinds.count("finetune") == 4 and kinds.count("checkpoint") >= 5 and kinds.count("sweep") >= 6
+    assert kinds.count("finetune") == 5 and kinds.count("checkpoint") >= 5 and kinds.count("sweep") >= 6
     from mergesearch.checkpoint import Checkpoint
     base = Checkpoint(zoo / "base")
     n = sum(base.numel(k) for k in base.names())
