@@ -70,9 +70,58 @@ def _fast_sqlite(storage) -> None:
     engine.dispose()  # connections opened before the listener reconnect with it
 
 
+STALE_RETRIES = 3  # re-runs of a trial whose controller died under it
+HEARTBEAT_S = 10.0  # a running controller refreshes its heartbeat this often
+GRACE_S = 60.0  # a controller heartbeat older than this is a dead controller
+
+
+class RunLock:
+    """One controller per run on this machine: an exclusive ``flock`` on
+    ``results/<run>/.lock``. The OS releases it when the process dies, ``kill -9``
+    included, so a crashed run can be resumed at once."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.fd: int | None = None
+
+    def acquire(self, create: bool) -> None:
+        import fcntl
+        import os
+
+        if create:
+            try:
+                self.folder.mkdir(parents=True)
+            except FileExistsError:  # another process created it first
+                raise MergeSearchError(f"{self.folder}: run exists (pass --resume to continue it, "
+                                       "or pick another --run)") from None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise MergeSearchError(f"{self.folder}: the run is in use by another mergesearch process (pid {holder}); "
+                                   "wait for it to finish or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        import fcntl
+        import os
+
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
 def claim_run(run: str, root: Path, storage_url: str | None, resume: bool):
-    """Check that a new run's name is free (or that a resumed run exists) before any
-    work; returns (url, storage or None when the default SQLite file is not created yet)."""
+    """Check that a new run's name is free (or that a resumed run exists), and take the
+    run's lock, before any work. Returns (url, storage or None when the default SQLite
+    file is not created yet, the held RunLock, whether the folder was created here)."""
     folder = run_dir(run, root)
     if storage_url is None:
         exists = (folder / "study.db").exists()
@@ -80,24 +129,103 @@ def claim_run(run: str, root: Path, storage_url: str | None, resume: bool):
             raise MergeSearchError(f"{folder}: cannot resume, no such run")
         if not resume and folder.exists():
             raise MergeSearchError(f"{folder}: run exists (pass --resume to continue it, or pick another --run)")
-        return default_storage(run, root), None
-    storage = open_storage(storage_url)
-    names = study_names(storage)
-    if resume and run not in names:
-        raise MergeSearchError(f"cannot resume run '{run}': not in {storage_url}")
-    if not resume and run in names:
-        raise MergeSearchError(f"run '{run}' exists in {storage_url} (pass --resume)")
-    return storage_url, storage
+        url, storage = default_storage(run, root), None
+    else:
+        storage = open_storage(storage_url)
+        names = study_names(storage)
+        if resume and run not in names:
+            raise MergeSearchError(f"cannot resume run '{run}': not in {storage_url}")
+        if not resume and run in names:
+            raise MergeSearchError(f"run '{run}' exists in {storage_url} (pass --resume)")
+        url = storage_url
+    created = not folder.exists()
+    lock = RunLock(folder)
+    lock.acquire(create=created and not resume)
+    return url, storage, lock, created
 
 
-def mark_stale(study: optuna.Study) -> int:
-    """Fail the trials a dead controller left running; returns how many."""
+def check_controller(study: optuna.Study) -> None:
+    """Refuse to resume a run whose controller is alive elsewhere (shared storages:
+    the local lock cannot see other machines). Its heartbeat is in the study."""
+    import os
+    import socket
+    import time as _time
+
+    c = study.user_attrs.get("controller")
+    if not c:
+        return
+    age = _time.time() - float(c.get("time", 0))
+    same_host = c.get("host") == socket.gethostname()
+    if same_host:
+        alive = c.get("pid") != os.getpid() and _pid_alive(int(c.get("pid", 0)))
+    else:
+        alive = age < GRACE_S
+    if alive:
+        raise MergeSearchError(f"run '{study.study_name}' is being searched by pid {c.get('pid')} on "
+                               f"{c.get('host')} (heartbeat {age:.0f}s ago); stop it first"
+                               + ("" if same_host else f", or wait {GRACE_S:.0f}s if it is gone"))
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def heartbeat(study: optuna.Study, stopped: bool = False) -> None:
+    """Record that this process is the run's live controller (or that it stopped)."""
+    import os
+    import socket
+    import time as _time
+
+    study.set_user_attr("controller", None if stopped else
+                        {"host": socket.gethostname(), "pid": os.getpid(), "time": _time.time()})
+
+
+def requeue_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str,
+                   max_retry: int = STALE_RETRIES) -> bool:
+    """Fail a trial that was abandoned through no fault of its own (its controller died,
+    or stopped) and queue it again with the same parameters through Optuna's
+    stale-trial retry (``RetryHeartbeatStaleTrialCallback``), at most ``max_retry``
+    times along its retry history. Returns whether it was queued."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    storage = study._storage
+    queued = len(trial.system_attrs.get("retry_history", [])) + 1 <= max_retry
+    storage.set_trial_user_attr(trial._trial_id, "reason", reason)
+    storage.set_trial_user_attr(trial._trial_id, "requeued", queued)
+    if trial.state == optuna.trial.TrialState.RUNNING:
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    if queued:
+        RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, storage.get_trial(trial._trial_id))
+    return queued
+
+
+def recover_stale(study: optuna.Study, requeue: bool = True) -> int:
+    """Trials a dead controller left running: failed, and (``requeue``) queued again."""
     n = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "reason", "stale: the controller stopped")
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        if requeue:
+            requeue_failed(study, t, "stale: the controller stopped")
+        else:
+            study._storage.set_trial_user_attr(t._trial_id, "reason", "stale: the controller stopped")
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
         n += 1
     return n
+
+
+def counts_toward_budget(t: optuna.trial.FrozenTrial) -> bool:
+    """Finished trials, except failures that were queued again (their retry counts)."""
+    if t.state == optuna.trial.TrialState.FAIL:
+        return not t.user_attrs.get("requeued", False)
+    return t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
 def study_names(storage) -> list[str]:

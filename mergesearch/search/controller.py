@@ -27,7 +27,10 @@ from mergesearch.evaluate.base import weighted_mean
 from mergesearch.recipe import Recipe, from_dict
 from mergesearch.search.samplers import make_sampler, population
 from mergesearch.space import SearchSpace, layer_prefix
-from mergesearch.store import claim_run, mark_stale, open_storage, record, run_dir, study_names
+from mergesearch.store import (
+    HEARTBEAT_S, check_controller, claim_run, counts_toward_budget, heartbeat, open_storage, record, recover_stale,
+    requeue_failed, run_dir, study_names,
+)
 from mergesearch.workers import WorkerPool, parse_faults, ray_session
 
 log = logging.getLogger("mergesearch.search")
@@ -90,7 +93,8 @@ class Controller:
         self.num_layers = base.num_layers
         self.groups = self.space.groups(self.num_layers, layer_prefix(base.names()))
         self.seed = self._seed_recipe() if self.space.seed_from else None
-        url, storage = claim_run(self.opts.run, self.opts.root, self.opts.storage, self.opts.resume)
+        url, storage, self.lock, self.created_dir = claim_run(self.opts.run, self.opts.root, self.opts.storage,
+                                                              self.opts.resume)
         if storage is not None:
             self.storage = storage
         self.url = url
@@ -132,7 +136,10 @@ class Controller:
             if study.user_attrs.get("space_fingerprint") != self.space.fingerprint():
                 raise MergeSearchError(f"{self.space_path}: the space changed since run '{self.opts.run}' started; "
                                        "start a new run instead of --resume")
-            mark_stale(study)
+            check_controller(study)
+            n = recover_stale(study)
+            if n:
+                log.info("resume: %d trial(s) left running by the stopped controller failed and queued again", n)
         else:
             study = optuna.create_study(study_name=self.opts.run, storage=self.storage, sampler=sampler,
                                         directions=directions)
@@ -148,6 +155,7 @@ class Controller:
                 else:  # not expressible in this space: run it beside the baselines
                     self.seed_baseline = True
             (self.dir / "space.yaml").write_text(_yaml(self.space.model_dump(mode="json"))) if self.dir.exists() else None
+        heartbeat(study)
         self.study = study
         self.population = population(self.space, self.opts.workers, n_vars)
 
@@ -163,16 +171,19 @@ class Controller:
 
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> dict:
-        self.preflight()
-        created_dir = not self.dir.exists()
         try:
+            self.preflight()
             self._open_study()
             with ray_session(self.dir, self.opts.workers, self.opts.ray_address):
                 summary = self._run_pool()
+            heartbeat(self.study, stopped=True)
         except BaseException:
-            if created_dir and self.opts.storage is None and not self.opts.resume and not hasattr(self, "study"):
-                shutil.rmtree(self.dir, ignore_errors=True)
+            if getattr(self, "created_dir", False) and not hasattr(self, "study"):
+                shutil.rmtree(self.dir, ignore_errors=True)  # nothing of this run exists yet
             raise
+        finally:
+            if getattr(self, "lock", None) is not None:
+                self.lock.release()
         return summary
 
     def _run_pool(self) -> dict:
@@ -234,7 +245,11 @@ class Controller:
         inflight: dict[int, optuna.Trial] = {}
         retries: dict[int, int] = {}
         last_report = 0.0
+        last_beat = time.monotonic()
         while True:
+            if time.monotonic() - last_beat > HEARTBEAT_S:
+                heartbeat(study)
+                last_beat = time.monotonic()
             finished = self._count_finished()
             out_of_time = self.timeout is not None and time.monotonic() - self.t_start >= self.timeout
             remaining = self.n_trials - finished - len(inflight) - len(queue)
@@ -247,7 +262,10 @@ class Controller:
                 for _ in range(min(self.population, remaining)):
                     t = study.ask()
                     recipe = self.space.suggest(t, self.groups, self.side)
-                    record(t, {"recipe": recipe.to_dict(), "summary": recipe.summary()})
+                    fresh = {"recipe": recipe.to_dict(), "summary": recipe.summary()}
+                    if "reason" in t.user_attrs:  # a retry carries its failed original's attributes
+                        fresh.update(reason=None, requeued=False)
+                    record(t, fresh)
                     queue.append(t)
                 self._dispatch(queue, inflight)
             if not inflight and not queue and remaining <= 0:
@@ -264,14 +282,15 @@ class Controller:
             if time.monotonic() - last_report > (10 if not self.opts.progress else 1):
                 self._report()
                 last_report = time.monotonic()
-        # stop: abandon what is in flight, never leave a trial RUNNING
+        # stop: abandon what is in flight, never leave a trial RUNNING; the abandoned
+        # trials are queued again, so a resumed run runs them first
         for number in self.pool.cancel_all():
             t = inflight.pop(number)
-            record(t, {"reason": "interrupted" if self.interrupted else "abandoned at the time budget"})
-            study.tell(t, state=TrialState.FAIL)
+            requeue_failed(study, study._storage.get_trial(t._trial_id),
+                           "interrupted" if self.interrupted else "abandoned at the time budget")
         for t in queue:
-            record(t, {"reason": "interrupted before it ran" if self.interrupted else "not run (budget reached)"})
-            study.tell(t, state=TrialState.FAIL)
+            requeue_failed(study, study._storage.get_trial(t._trial_id),
+                           "interrupted before it ran" if self.interrupted else "not run (time budget reached)")
         self._report(final=True)
 
     def _dispatch(self, queue: list, inflight: dict) -> None:
@@ -294,8 +313,8 @@ class Controller:
             study.tell(t, state=TrialState.FAIL)
 
     def _count_finished(self) -> int:
-        return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL,
-                                                                   TrialState.PRUNED)))
+        return sum(counts_toward_budget(t) for t in self.study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)))
 
     def _report(self, final: bool = False) -> None:
         trials = self.study.get_trials(deepcopy=False)

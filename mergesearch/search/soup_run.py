@@ -36,7 +36,7 @@ from mergesearch.errors import MergeSearchError
 from mergesearch.evaluate import EvalConfig, build_evaluator
 from mergesearch.evaluate.base import weighted_mean
 from mergesearch.search.soup import greedy_soup, last_n_soup, order_ingredients, soup_recipe, uniform_soup
-from mergesearch.store import claim_run, mark_stale, open_storage, record, run_dir
+from mergesearch.store import claim_run, heartbeat, open_storage, record, recover_stale, run_dir, check_controller
 from mergesearch.workers import WorkerPool, parse_faults, ray_session
 
 log = logging.getLogger("mergesearch.soup")
@@ -164,7 +164,8 @@ class SoupRunner:
         self.ingredients = [str(Path(p).resolve()) for p in self.ingredients]
         if self.opts.strategy == "last-n" and self.opts.n > len(self.ingredients):
             raise MergeSearchError(f"--n: {self.opts.n} is more than the {len(self.ingredients)} ingredients")
-        self.url, storage = claim_run(self.opts.run, self.opts.root, self.opts.storage, self.opts.resume)
+        self.url, storage, self.lock, self.created_dir = claim_run(self.opts.run, self.opts.root, self.opts.storage,
+                                                                   self.opts.resume)
         if storage is not None:
             self.storage = storage
 
@@ -185,7 +186,8 @@ class SoupRunner:
             if study.user_attrs.get("soup_fingerprint") != fp:
                 raise MergeSearchError(f"run '{self.opts.run}': the ingredients, strategy or evaluator changed since it "
                                        "started; start a new run instead of --resume")
-            mark_stale(study)
+            check_controller(study)
+            recover_stale(study, requeue=False)  # the cache decides what runs again
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
                 e = _Eval(tuple(t.user_attrs["members"]), t.user_attrs["role"], t.value, t.user_attrs["scores"],
                           t.number)
@@ -196,26 +198,31 @@ class SoupRunner:
             study.set_user_attr("soup", spec)
             study.set_user_attr("soup_fingerprint", fp)
             study.set_user_attr("evaluator", spec["evaluator"])
+        heartbeat(study)
         self.study = study
 
     # -- the run ---------------------------------------------------------------------
     def run(self) -> dict:
-        self.preflight()
-        created = not self.dir.exists()
         try:
+            self.preflight()
             self._open_study()
             with ray_session(self.dir, self.opts.workers, self.opts.ray_address):
                 faults = parse_faults(os.environ.get("MERGESEARCH_FAULT"))
                 self.pool = WorkerPool(self.opts.workers, self.base, self.ingredients, ["linear"],
                                        self.eval_cfg.model_dump(), self.opts.trial_timeout, faults)
                 try:
-                    return self._soup()
+                    report = self._soup()
                 finally:
                     self.pool.shutdown()
+            heartbeat(self.study, stopped=True)
+            return report
         except BaseException:
-            if created and self.opts.storage is None and not hasattr(self, "study"):
+            if getattr(self, "created_dir", False) and not hasattr(self, "study"):
                 shutil.rmtree(self.dir, ignore_errors=True)
             raise
+        finally:
+            if getattr(self, "lock", None) is not None:
+                self.lock.release()
 
     def _soup(self) -> dict:
         t0 = time.monotonic()

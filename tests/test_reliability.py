@@ -1,0 +1,129 @@
+"""Reliability on the zoo with real processes: kill -9 of the controller and resume,
+one controller per run, concurrent searches on one SQLite file, determinism."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from mergesearch.cli import main
+from mergesearch.store import counts_toward_budget, load_run
+
+from test_search import write_space
+from test_zoo_eval import zoo  # noqa: F401  (session fixture)
+
+pytestmark = pytest.mark.slow
+EXE = Path(sys.executable).parent / "mergesearch"
+
+
+def start(tmp_path, *args):
+    env = {**os.environ, "CI": "true"}
+    return subprocess.Popen([str(EXE), *map(str, args)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def trials(db: Path, run: str) -> list:
+    if not db.exists():
+        return []
+    try:
+        st = optuna.storages.RDBStorage(f"sqlite:///{db}")
+        return optuna.load_study(study_name=run, storage=st).get_trials()
+    except Exception:
+        return []
+
+
+def test_kill_9_the_controller_three_times_then_resume(tmp_path, zoo):
+    space = write_space(tmp_path, zoo, budget={"n_trials": 14}, initial_trials=False,
+                        granularity={"level": "model"}, sampler={"name": "tpe"})
+    db = tmp_path / "results" / "k" / "study.db"
+    rng = random.Random(7)
+    snapshots = []
+    proc = start(tmp_path, "search", space, "--run", "k", "--workers", "1", "--no-export")
+    for kill in range(3):
+        before = sum(t.state.name == "COMPLETE" for t in trials(db, "k"))
+        target = before + rng.randint(1, 3)
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if sum(t.state.name == "COMPLETE" for t in trials(db, "k")) >= target:
+                break
+            time.sleep(0.2)
+        time.sleep(rng.uniform(0.0, 1.0))  # a random moment: mid-trial, between trials, mid-write
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        snapshots.append({t.number: t.value for t in trials(db, "k") if t.state.name == "COMPLETE"})
+        proc = start(tmp_path, "search", space, "--run", "k", "--workers", "1", "--no-export", "--resume")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    final = trials(db, "k")
+    done = {t.number: t.value for t in final if t.state.name == "COMPLETE"}
+    for snap in snapshots:  # no finished trial is lost or changed
+        assert all(done.get(n) == v for n, v in snap.items())
+    assert sum(counts_toward_budget(t) for t in final) == 14  # the budget is reached
+    assert not [t for t in final if t.state.name in ("RUNNING", "WAITING")]
+    stale = [t for t in final if t.state.name == "FAIL"]
+    assert stale, "the kills left no trial in flight"
+    by_number = {t.number: t for t in final}
+    for t in stale:
+        assert t.user_attrs["reason"] == "stale: the controller stopped" and t.user_attrs["requeued"] is True
+        # its retry ran the same parameters
+        retry = [r for r in final if r.system_attrs.get("failed_trial") == t.system_attrs.get("failed_trial", t.number)
+                 and t.number in r.system_attrs.get("retry_history", [])]
+        assert len(retry) == 1 and retry[0].params == t.params
+        assert by_number[retry[0].number].state.name in ("COMPLETE", "FAIL")
+    # no Ray process of the killed controllers is left behind
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path) not in ps
+
+
+def test_one_controller_per_run(tmp_path, zoo):
+    space = write_space(tmp_path, zoo, budget={"n_trials": 200}, initial_trials=False,
+                        granularity={"level": "model"})
+    db = tmp_path / "results" / "one" / "study.db"
+    proc = start(tmp_path, "search", space, "--run", "one", "--workers", "1", "--no-export")
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not [t for t in trials(db, "one") if t.state.name == "COMPLETE"]:
+            time.sleep(0.3)
+        second = subprocess.run([str(EXE), "search", str(space), "--run", "one", "--resume", "--no-export"],
+                                cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "CI": "true"})
+        assert second.returncode == 2
+        assert second.stderr.strip() == (f"error: results/one: the run is in use by another mergesearch process "
+                                         f"(pid {proc.pid}); wait for it to finish or stop it first")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=120)
+    assert proc.returncode == 130
+
+
+def test_two_searches_share_one_sqlite_file(tmp_path, zoo):
+    space = write_space(tmp_path, zoo, budget={"n_trials": 8}, initial_trials=False, granularity={"level": "model"})
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    procs = [start(tmp_path, "search", space, "--run", name, "--workers", "1", "--storage", url, "--no-export")
+             for name in ("a", "b")]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
+    storage = optuna.storages.RDBStorage(url)
+    for name in ("a", "b"):
+        ts = optuna.load_study(study_name=name, storage=storage).get_trials()
+        assert len(ts) == 8 and all(t.state.name == "COMPLETE" for t in ts)
+
+
+def test_same_space_seed_and_one_worker_give_the_same_recipes(tmp_path, zoo, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for sampler in ("cmaes", "tpe"):
+        space = write_space(tmp_path, zoo, budget={"n_trials": 6}, initial_trials=False, sampler={"name": sampler})
+        seqs = []
+        for run in (f"{sampler}1", f"{sampler}2"):
+            assert main(["search", str(space), "--run", run, "--workers", "1", "--no-export"]) == 0
+            study, _ = load_run(run, root=tmp_path / "results")
+            seqs.append([(t.user_attrs["recipe"], t.value) for t in study.get_trials()])
+        assert seqs[0] == seqs[1]
+        assert len({str(r) for r, _ in seqs[0]}) == 6
