@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import signal
 import time
+import uuid
 from pathlib import Path
 
-from mergesearch.checkpoint import atomic_file
+from mergesearch.checkpoint import atomic_file, replace_dir
 from mergesearch.errors import MergeSearchError
 from mergesearch.recipe import Recipe, from_dict, has_mergekit_equivalent, save_mergekit, to_mergekit
 
@@ -28,11 +32,7 @@ log = logging.getLogger("mergesearch.export")
 
 def export_run(run: str, trial: str | int | None = None, storage_url: str | None = None,
                root: Path = Path("results"), device: str = "cpu") -> dict:
-    import optuna  # noqa: F401
-
-    from mergesearch.cli import load_model
-    from mergesearch.evaluate import EvalConfig, build_evaluator
-    from mergesearch.merge import open_plan, stream_merge
+    from mergesearch.evaluate import EvalConfig
     from mergesearch.store import find_trial, load_run
 
     study, storage = load_run(run, storage_url, root)
@@ -42,17 +42,52 @@ def export_run(run: str, trial: str | int | None = None, storage_url: str | None
     eval_cfg = EvalConfig.model_validate(space.get("evaluator") or study.user_attrs.get("evaluator"))
     out = root / run
     out.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(out)
     t0 = time.perf_counter()
-    recipe.save(out / "best_recipe.yaml")
-    if has_mergekit_equivalent(recipe):
-        save_mergekit(recipe, out / "best_mergekit.yaml")
-    else:  # curvature-based methods exist only here; never leave a stale file beside the recipe
-        (out / "best_mergekit.yaml").unlink(missing_ok=True)
+    # Everything is staged in a hidden folder and moved into place at the end: a crash
+    # at any moment leaves the previous export (or none), never a partial one.
+    stage = out / f".export-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        result = _export_staged(run, t, recipe, eval_cfg, stage, out, device)
+        replace_dir(stage / "model", out / "model", force=True)
+        for name in ("best_recipe.yaml", "best_mergekit.yaml", "scores.json"):
+            if (stage / name).exists():
+                os.replace(stage / name, out / name)
+            elif name == "best_mergekit.yaml":  # curvature-based methods exist only here
+                (out / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    result["seconds"] = time.perf_counter() - t0
+    return result
 
+
+def _clean_leftovers(out: Path) -> None:
+    """Staging and temp folders of an export that was killed."""
+    for p in out.iterdir():
+        if p.is_dir() and (p.name.startswith(".export-") or p.name.startswith(".model.tmp-")
+                           or p.name.startswith(".model.old-")):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _export_staged(run: str, t, recipe: Recipe, eval_cfg, stage: Path, out: Path, device: str) -> dict:
+    from mergesearch.cli import load_model
+    from mergesearch.evaluate import build_evaluator
+    from mergesearch.merge import open_plan, stream_merge
+    from mergesearch.workers import parse_faults
+
+    recipe.save(stage / "best_recipe.yaml")
+    if has_mergekit_equivalent(recipe):
+        save_mergekit(recipe, stage / "best_mergekit.yaml")
     dev_stored = t.user_attrs.get("scores") or {}
-    model_dir = out / "model"
+    model_dir = stage / "model"
     plan = open_plan(recipe)
-    stream_merge(plan, model_dir, force=True, device=device)
+    kill_at = "export_kill" in (os.environ.get("MERGESEARCH_FAULT") or "")
+
+    def progress(done, total, name):  # the fault hook: die half-way through the tensors
+        if kill_at and done * 2 >= total:
+            os.kill(os.getpid(), signal.SIGKILL)
+    stream_merge(plan, model_dir, device=device, progress=progress)
 
     dev_ev = build_evaluator(eval_cfg.model_copy(update={"split": "dev"}))
     test_ev = build_evaluator(eval_cfg.model_copy(update={"split": "test"}))
@@ -75,16 +110,14 @@ def export_run(run: str, trial: str | int | None = None, storage_url: str | None
         "test": {"merged": test_scores, "merged_aggregate": test_ev.aggregate(test_scores),
                  "sources": {p: {"scores": s, "aggregate": test_ev.aggregate(s)} for p, s in sources.items()}},
         "dev": {"stored": dev_stored, "rescored": dev_again, "verified": verified},
-        "model": str(model_dir),
-        "seconds": time.perf_counter() - t0,
+        "model": str(out / "model"),
     }
     if not verified:
         log.warning("export: re-scored dev %s differs from the stored %s", dev_again, dev_stored)
-    with atomic_file(out / "scores.json") as f:
+    with atomic_file(stage / "scores.json") as f:  # no timings: a repeated export writes the same bytes
         json.dump(result, f, indent=2)
-    card = model_card(recipe, result, eval_cfg.tasks)
     with atomic_file(model_dir / "README.md") as f:
-        f.write(card)
+        f.write(model_card(recipe, result, eval_cfg.tasks))
     return result
 
 

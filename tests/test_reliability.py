@@ -127,3 +127,62 @@ def test_same_space_seed_and_one_worker_give_the_same_recipes(tmp_path, zoo, mon
             seqs.append([(t.user_attrs["recipe"], t.value) for t in study.get_trials()])
         assert seqs[0] == seqs[1]
         assert len({str(r) for r, _ in seqs[0]}) == 6
+
+
+def folder_bytes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_is_atomic_repeatable_and_equal_to_the_scored_candidate(tmp_path, zoo, monkeypatch):
+    import json
+
+    import torch
+
+    from mergesearch.checkpoint import Checkpoint
+    from mergesearch.cli import load_model
+    from mergesearch.materialize import Materializer
+    from mergesearch.recipe import from_dict
+
+    monkeypatch.chdir(tmp_path)
+    space = write_space(tmp_path, zoo, budget={"n_trials": 3}, initial_trials=False)
+    assert main(["search", str(space), "--run", "x", "--workers", "1", "--no-export"]) == 0
+    run = tmp_path / "results" / "x"
+
+    def export(**env):
+        return subprocess.run([str(EXE), "export", "x"], cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, "CI": "true", **env})
+
+    # killed half-way through the tensors, before any export: nothing at the final paths
+    p = export(MERGESEARCH_FAULT="export_kill")
+    assert p.returncode == -signal.SIGKILL
+    assert not (run / "model").exists() and not (run / "scores.json").exists()
+    assert not (run / "best_recipe.yaml").exists()
+    assert export().returncode == 0
+    # the killed export's leftovers are gone (.lock is the run's lock file)
+    assert [q.name for q in run.iterdir() if q.name.startswith(".")] == [".lock"]
+
+    def snapshot():
+        files = {f: (run / f).read_bytes() for f in ("best_recipe.yaml", "best_mergekit.yaml", "scores.json")}
+        return {**{f"model/{k}": v for k, v in folder_bytes(run / "model").items()}, **files}
+    first = snapshot()
+    assert len(first) >= 8
+    # killed again over a finished export: the finished one is untouched
+    assert export(MERGESEARCH_FAULT="export_kill").returncode == -signal.SIGKILL
+    assert snapshot() == first
+    # and exporting again gives the same bytes, scores included
+    assert export().returncode == 0
+    assert snapshot() == first
+    # the exported tensors are bit-equal to the candidate the worker scored (in place)
+    scores = json.loads((run / "scores.json").read_text())
+    recipe = from_dict(scores["recipe"])
+    model, _ = load_model(zoo / "base")
+    Materializer(recipe.base, [m.path for m in recipe.models], methods=[recipe.method]).write_into(model, recipe)
+    exported = Checkpoint(run / "model")
+    params = dict(model.named_parameters())
+    assert set(params) == set(exported.names())
+    for name, t in params.items():
+        assert torch.equal(t.detach(), exported.get(name)), name
+    # and the same recipe merged twice gives identical files
+    assert main(["merge", str(run / "best_recipe.yaml"), "-o", str(tmp_path / "m1")]) == 0
+    assert main(["merge", str(run / "best_recipe.yaml"), "-o", str(tmp_path / "m2")]) == 0
+    assert folder_bytes(tmp_path / "m1") == folder_bytes(tmp_path / "m2")
