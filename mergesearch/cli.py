@@ -153,6 +153,8 @@ def eval_cmd(
     task_dir: Optional[Path] = typer.Option(None, "--task-dir", help="zoo root, JSONL folder or lm-eval task folder"),
     limit: Optional[int] = typer.Option(None, help="items per task"),
     out: Optional[Path] = typer.Option(None, "--out", help="JSON output (default results/eval/<model>-<split>.json)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="run the model folder's own Python code (off by default)"),
 ):
     """Score a model on held-out tasks: prints a per-task table and writes JSON."""
     import json
@@ -172,6 +174,7 @@ def eval_cmd(
     else:
         raise MergeSearchError("eval: give --tasks or --config")
     updates = {k: v for k, v in {"split": split, "evaluator": evaluator, "limit": limit,
+                                 "trust_remote_code": trust_remote_code or None,
                                  "task_dir": str(task_dir) if task_dir else None}.items() if v is not None}
     try:
         cfg = EvalConfig.model_validate({**cfg.model_dump(), **updates})
@@ -179,7 +182,7 @@ def eval_cmd(
         raise pydantic_error(e, "eval options") from None
     cfg.check("eval options")
     ev = build_evaluator(cfg)
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, trust_remote_code=cfg.trust_remote_code)
     t0 = time.perf_counter()
     scores = ev.score(model, tokenizer)
     seconds = time.perf_counter() - t0
@@ -196,16 +199,21 @@ def eval_cmd(
     typer.echo(f"wrote {out}")
 
 
-def load_model(model_dir: Path, device: str = "cpu"):
-    """An HF causal LM and its tokenizer (safetensors only, no remote code)."""
+def load_model(model_dir: Path, device: str = "cpu", trust_remote_code: bool = False):
+    """An HF causal LM and its tokenizer: safetensors weights only, and a model's own
+    Python code (``auto_map``) only when the user passed ``trust_remote_code``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
     except Exception as e:
+        if "trust_remote_code" in str(e) and not trust_remote_code:
+            raise MergeSearchError(f"{model_dir}: cannot load model: it needs its own Python code (auto_map); "
+                                   "pass --trust-remote-code (or trust_remote_code: true) if you trust it") from None
         raise MergeSearchError(f"{model_dir}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return model.to(device).eval(), tokenizer
 
@@ -266,6 +274,8 @@ def curvature(
     batch_size: int = typer.Option(16, "--batch-size", help="batch size (squared_grad, gram)"),
     seed: int = typer.Option(0, "--seed", help="sampling seed (fisher)"),
     device: str = typer.Option("cpu", "--device"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="run the model folder's own Python code (off by default)"),
 ):
     """Diagonal curvature (or Gram matrices, or Adam second moments) of a model, cached
     by content hash; the geometry-aware merge methods read these files."""
@@ -277,7 +287,7 @@ def curvature(
     t0 = time.perf_counter()
     with tensor_progress(f"curvature {kind}", "examples") as cb:
         path, cached = compute(model_dir, kind, data, task_dir, n_examples, batch_size, seed, device,
-                               progress=lambda done, total: cb(done, total, ""))
+                               progress=lambda done, total: cb(done, total, ""), trust_remote_code=trust_remote_code)
     if out is not None:
         tmp = out.parent / f".{out.name}.tmp"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -229,7 +229,7 @@ def _map_optimizer_ids(model_dir: Path, state: dict, where: Path) -> dict[int, s
     norms). The first candidate whose group sizes and every shape match is taken."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.from_pretrained(model_dir)
+    cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     params = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
@@ -297,7 +297,8 @@ def _weights_digest(model_dir: Path) -> str:
 
 def curvature(model_dir: str | Path, kind: str, data: str | None = None, task_dir: str | None = None,
               n_examples: int = 128, batch_size: int = 16, seed: int = 0, device: str = "cpu",
-              progress: Callable[[int, int], None] | None = None) -> tuple[Path, bool]:
+              progress: Callable[[int, int], None] | None = None,
+              trust_remote_code: bool = False) -> tuple[Path, bool]:
     """The cached estimate's path, computing it if needed; returns (path, was cached)."""
     model_dir = Path(model_dir)
     if kind not in KINDS:
@@ -331,7 +332,7 @@ def curvature(model_dir: str | Path, kind: str, data: str | None = None, task_di
         tensors, info = adam_second_moments(model_dir)
         _check_names(tensors, model_dir)
     else:
-        model, tok = load_model(model_dir, device=device)
+        model, tok = load_model(model_dir, device=device, trust_remote_code=trust_remote_code)
         examples = load_examples(path, n_examples)
         tensors = estimate(model, tok, examples, kind, batch_size, seed, progress)
         info = {"data": str(path), "n_examples": n_examples}
@@ -361,6 +362,7 @@ def resolve_side_inputs(space, progress: bool = False) -> dict | None:
     if c is None and g is None:
         return None
     task_dir = space.evaluator.task_dir
+    trc = space.evaluator.trust_remote_code
     n = len(space.models)
 
     def per_model(d):
@@ -376,7 +378,8 @@ def resolve_side_inputs(space, progress: bool = False) -> dict | None:
                 out["metrics"][m] = c.files[i]
             else:
                 t0 = time.perf_counter()
-                path, cached = curvature(m, c.kind, data[i], task_dir, c.n_examples, c.batch_size, c.seed)
+                path, cached = curvature(m, c.kind, data[i], task_dir, c.n_examples, c.batch_size, c.seed,
+                                         trust_remote_code=trc)
                 log.info("curvature %s of %s: %s (%.1fs)", c.kind, Path(m).name, "cached" if cached else "computed",
                          time.perf_counter() - t0)
                 out["metrics"][m] = str(path)
@@ -384,12 +387,14 @@ def resolve_side_inputs(space, progress: bool = False) -> dict | None:
             out["base_metric"] = c.base_file
         elif c.base_data is not None:
             kind = "empirical_fisher" if c.kind in ("adam", "files") else c.kind
-            files = [curvature(space.base, kind, d, task_dir, c.n_examples, c.batch_size, c.seed)[0]
+            files = [curvature(space.base, kind, d, task_dir, c.n_examples, c.batch_size, c.seed,
+                               trust_remote_code=trc)[0]
                      for d in ([c.base_data] if isinstance(c.base_data, str) else c.base_data)]
             out["base_metric"] = str(files[0]) if len(files) == 1 else str(_mean_file(files))
     if g is not None:
         for m, d in zip(space.models, per_model(g.data)):
-            out["grams"][m] = str(curvature(m, "gram", d, task_dir, g.n_examples, g.batch_size)[0])
+            out["grams"][m] = str(curvature(m, "gram", d, task_dir, g.n_examples, g.batch_size,
+                                            trust_remote_code=trc)[0])
     return out
 
 

@@ -91,7 +91,7 @@ def _export_staged(run: str, t, recipe: Recipe, eval_cfg, stage: Path, out: Path
 
     dev_ev = build_evaluator(eval_cfg.model_copy(update={"split": "dev"}))
     test_ev = build_evaluator(eval_cfg.model_copy(update={"split": "test"}))
-    model, tok = load_model(model_dir, device=device)
+    model, tok = load_model(model_dir, device=device, trust_remote_code=eval_cfg.trust_remote_code)
     dev_again = dev_ev.score(model, tok)
     verified = dev_again == dev_stored
     test_scores = test_ev.score(model, tok)
@@ -99,7 +99,7 @@ def _export_staged(run: str, t, recipe: Recipe, eval_cfg, stage: Path, out: Path
     for path in [recipe.base] + [m.path for m in recipe.models] if recipe.base else [m.path for m in recipe.models]:
         if path in sources:
             continue
-        m, tk = load_model(Path(path), device=device)
+        m, tk = load_model(Path(path), device=device, trust_remote_code=eval_cfg.trust_remote_code)
         sources[path] = test_ev.score(m, tk)
     label = f"b{t.number}" if t.user_attrs.get("baseline") else str(t.number)
     result = {

@@ -95,7 +95,8 @@ class Worker:
         self.mat = Materializer(base, models, methods=methods, device=self.device, check=False,
                                 metrics={m: f for m, f in (side.get("metrics") or {}).items() if f},
                                 grams=side.get("grams"), base_metric=side.get("base_metric"))
-        self.model, self.tokenizer = load_model(Path(base if base is not None else models[0]), device=self.device)
+        self.model, self.tokenizer = load_model(Path(base if base is not None else models[0]), device=self.device,
+                                                trust_remote_code=bool(eval_cfg.get("trust_remote_code")))
         self.eval_cfg = EvalConfig.model_validate(eval_cfg)
         self.evaluators = {self.eval_cfg.split: build_evaluator(self.eval_cfg, device=self.device)}
         self.setup_s = time.perf_counter() - t0

@@ -41,6 +41,7 @@ class EvalConfig(BaseModel):
     weights: dict[str, float] = {}
     function: Optional[str] = None  # python evaluator: "module:function"
     options: dict = {}  # passed to the python evaluator's function
+    trust_remote_code: bool = False  # load models that ship their own Python code (auto_map)
 
     @field_validator("weights")
     @classmethod

@@ -9,10 +9,13 @@ evaluation configs you trust.
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 
 from mergesearch.errors import MergeSearchError
 from mergesearch.evaluate.base import EvalConfig, weighted_mean
+
+log = logging.getLogger("mergesearch.evaluate")
 
 
 class PythonEvaluator:
@@ -20,6 +23,7 @@ class PythonEvaluator:
         self.cfg = cfg
         self.tasks = list(cfg.tasks)
         spec = cfg.function or ""
+        log.warning("python evaluator: importing and running user code '%s' (use only evaluators you trust)", spec)
         module, _, attr = spec.partition(":")
         if not module or not attr:
             raise MergeSearchError(f"function '{spec}': expected 'module:function'")

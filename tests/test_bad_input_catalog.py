@@ -1,0 +1,222 @@
+"""The bad-input catalog (docs/ERRORS.md): every row is a case here. Each asserts the
+one-line message, exit code 2 and that no output is left behind."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mergesearch.cli import main
+
+from conftest import copy_model, rewrite_tensor
+from test_zoo_eval import zoo  # noqa: F401  (session fixture)
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "ERRORS.md"
+
+
+def space_dict(zoo: Path, **over) -> dict:
+    return {"base": str(zoo / "base"), "models": [str(zoo / "ft_add"), str(zoo / "ft_max")],
+            "evaluator": {"tasks": ["add"], "task_dir": str(zoo)}, "methods": ["task_arithmetic"],
+            "parameters": {"weight": {"low": 0.0, "high": 1.0}}, "budget": {"n_trials": 2}, **over}
+
+
+def write(path: Path, data) -> Path:
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def recipe(tmp: Path, family, **over) -> Path:
+    data = {"method": "task_arithmetic", "base": str(family["base"]),
+            "models": [{"path": str(family["ft0"]), "parameters": {"weight": 0.5}},
+                       {"path": str(family["ft1"]), "parameters": {"weight": 0.5}}], **over}
+    return write(tmp / "r.yaml", data)
+
+
+# Each case: (id, builder(tmp, family, other, zoo) -> (argv, [paths that must not exist]), [message fragments])
+def c_merge_missing(t, f, o, z):
+    return ["merge", t / "nope.yaml", "-o", t / "out"], [t / "out"]
+
+
+def c_merge_yaml(t, f, o, z):
+    return ["merge", write(t / "r.yaml", "method: [ties\n"), "-o", t / "out"], [t / "out"]
+
+
+def c_merge_method(t, f, o, z):
+    return ["merge", recipe(t, f, method="frankenmerge"), "-o", t / "out"], [t / "out"]
+
+
+def c_merge_range(t, f, o, z):
+    r = recipe(t, f, method="ties", models=[{"path": str(f["ft0"]), "parameters": {"weight": 1, "density": 1.5}}])
+    return ["merge", r, "-o", t / "out"], [t / "out"]
+
+
+def c_merge_shape(t, f, o, z):
+    return ["merge", recipe(t, f, models=[{"path": str(z / "ft_add"), "parameters": {"weight": 1}}]),
+            "-o", t / "out"], [t / "out"]
+
+
+def c_merge_unrelated(t, f, o, z):
+    return ["merge", recipe(t, f, models=[{"path": str(o["ft0"]), "parameters": {"weight": 1}}]),
+            "-o", t / "out"], [t / "out"]
+
+
+def c_merge_nan(t, f, o, z):
+    bad = copy_model(f["ft1"], t / "nan")
+    rewrite_tensor(bad, "model.norm.weight", lambda x: x * float("nan"))
+    return ["merge", recipe(t, f, models=[{"path": str(bad), "parameters": {"weight": 1}}]), "-o", t / "out"], \
+        [t / "out"]
+
+
+def c_merge_exists(t, f, o, z):
+    (t / "out").mkdir()
+    (t / "out" / "keep.txt").write_text("mine")
+    return ["merge", recipe(t, f), "-o", t / "out"], []
+
+
+def c_merge_metric(t, f, o, z):
+    r = recipe(t, f, method="fisher", models=[{"path": str(f["ft0"])}])
+    return ["merge", r, "-o", t / "out"], [t / "out"]
+
+
+def c_search_key(t, f, o, z):
+    return ["search", write(t / "s.yaml", space_dict(z, budgett={"n_trials": 2})), "--run", "r"], [t / "results"]
+
+
+def c_search_bounds(t, f, o, z):
+    return ["search", write(t / "s.yaml", space_dict(z, parameters={"weight": {"low": 1, "high": 0}})),
+            "--run", "r"], [t / "results"]
+
+
+def c_search_resume(t, f, o, z):
+    return ["search", write(t / "s.yaml", space_dict(z)), "--run", "r", "--resume"], [t / "results"]
+
+
+def c_search_curvature(t, f, o, z):
+    return ["search", write(t / "s.yaml", space_dict(z, methods=["fisher"])), "--run", "r"], [t / "results"]
+
+
+def c_search_seed(t, f, o, z):
+    return ["search", write(t / "s.yaml", space_dict(z, seed_from="nosoup")), "--run", "r"], [t / "results"]
+
+
+def c_search_name(t, f, o, z):
+    return ["search", write(t / "s.yaml", space_dict(z)), "--run", "a/b"], [t / "results"]
+
+
+def c_search_storage(t, f, o, z):
+    return ["search", write(t / "s.yaml", space_dict(z)), "--run", "r", "--storage",
+            f"sqlite:///{t / 'no' / 'x.db'}"], [t / "results", t / "no"]
+
+
+def evalf(t, z, **over):
+    return write(t / "e.yaml", {"tasks": ["add"], "task_dir": str(z), **over})
+
+
+def c_soup_one(t, f, o, z):
+    return ["soup", z / "ft_add", "--eval", evalf(t, z), "--run", "s"], [t / "results"]
+
+
+def c_soup_unrelated(t, f, o, z):
+    return ["soup", f["ft0"], o["ft0"], "--eval", evalf(t, z), "--run", "s"], [t / "results"]
+
+
+def c_soup_n(t, f, o, z):
+    return ["soup", z / "checkpoints" / "add", "--strategy", "last-n", "--eval", evalf(t, z), "--run", "s"], \
+        [t / "results"]
+
+
+def c_soup_split(t, f, o, z):
+    return ["soup", z / "checkpoints" / "add", "--eval", evalf(t, z, split="test"), "--run", "s"], [t / "results"]
+
+
+def c_eval_task(t, f, o, z):
+    return ["eval", z / "ft_add", "--tasks", "nosuch", "--task-dir", z, "--out", t / "e.json"], [t / "e.json"]
+
+
+def c_eval_jsonl(t, f, o, z):
+    data = t / "data" / "add"
+    data.mkdir(parents=True)
+    (data / "dev.jsonl").write_text('{"context": "a", "choices": ["b"], "answer": 0}\n{"context": \n')
+    return ["eval", z / "ft_add", "--tasks", "add", "--task-dir", t, "--out", t / "e.json"], [t / "e.json"]
+
+
+def c_eval_model(t, f, o, z):
+    return ["eval", t / "nomodel", "--tasks", "add", "--task-dir", z, "--out", t / "e.json"], [t / "e.json"]
+
+
+def c_curvature_kind(t, f, o, z):
+    return ["curvature", z / "ft_add", "--kind", "hessian", "--data", "add:train", "--task-dir", z,
+            "-o", t / "c.safetensors"], [t / "c.safetensors"]
+
+
+def c_curvature_n(t, f, o, z):
+    return ["curvature", z / "ft_add", "--kind", "fisher", "--data", "add:dev", "--task-dir", z,
+            "--n-examples", "999", "-o", t / "c.safetensors"], [t / "c.safetensors"]
+
+
+def c_export_run(t, f, o, z):
+    return ["export", "nosuchrun"], [t / "results" / "nosuchrun"]
+
+
+CASES = [
+    ("merge-missing-recipe", c_merge_missing, ["nope.yaml", "no such file"]),
+    ("merge-invalid-yaml", c_merge_yaml, ["r.yaml", "invalid YAML"]),
+    ("merge-unknown-method", c_merge_method, ["unknown merge method 'frankenmerge'"]),
+    ("merge-out-of-range", c_merge_range, ["parameter 'density' = 1.5 is outside its valid range [0.0, 1.0]"]),
+    ("merge-shape-mismatch", c_merge_shape, ["ft_add", "shape mismatch for"]),
+    ("merge-not-a-finetune", c_merge_unrelated, ["not a fine-tune of", "pass --allow-unrelated"]),
+    ("merge-nan-weights", c_merge_nan, ["nan: tensor 'model.norm.weight' contains NaN or Inf"]),
+    ("merge-output-exists", c_merge_exists, ["output path exists (pass --force to replace it)"]),
+    ("merge-missing-metric", c_merge_metric, ["needs a 'metric' file for method 'fisher'"]),
+    ("search-unknown-key", c_search_key, ["s.yaml", "budgett"]),
+    ("search-reversed-bounds", c_search_bounds, ["s.yaml", "bounds reversed: low 1.0 > high 0.0"]),
+    ("search-resume-missing", c_search_resume, ["cannot resume, no such run"]),
+    ("search-no-curvature", c_search_curvature, ["method 'fisher' needs a 'curvature' section"]),
+    ("search-seed-missing", c_search_seed, ["seed_from:", "nosoup"]),
+    ("search-bad-run-name", c_search_name, ["--run: 'a/b' must use letters, digits"]),
+    ("search-storage-folder", c_search_storage, ["--storage: folder", "does not exist"]),
+    ("soup-one-ingredient", c_soup_one, ["soup: needs at least 2 ingredients, got 1"]),
+    ("soup-unrelated", c_soup_unrelated, ["does not share a base with", "--allow-unrelated"]),
+    ("soup-last-n-without-n", c_soup_n, ["--strategy last-n needs --n K"]),
+    ("soup-test-split", c_soup_split, ["split: test: soups select on dev and report on test"]),
+    ("eval-missing-task", c_eval_task, ["task file not found (task 'nosuch', split 'dev')"]),
+    ("eval-malformed-jsonl", c_eval_jsonl, ["dev.jsonl:2: malformed JSON line"]),
+    ("eval-missing-model", c_eval_model, ["nomodel: no such file or directory"]),
+    ("curvature-unknown-kind", c_curvature_kind, ["--kind: 'hessian' is not one of"]),
+    ("curvature-too-many-examples", c_curvature_n, ["--n-examples 999 but the file has 200 items"]),
+    ("export-unknown-run", c_export_run, ["nosuchrun: no such run"]),
+]
+
+
+@pytest.mark.parametrize("case,build,fragments", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, build, fragments, tmp_path, family, other_family, zoo, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv, absent = build(tmp_path, family, other_family, zoo)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if not line.startswith(("merging", "curvature"))]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for frag in fragments:
+        assert frag in lines[0], lines[0]
+    for p in absent:
+        assert not Path(p).exists(), p
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert after == before  # nothing written, no temp files
+    if case == "merge-output-exists":
+        assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_the_catalog_documents_every_case():
+    rows = [line for line in DOC.read_text().splitlines() if line.startswith("| `")]
+    documented = {re.match(r"\| `([^`]+)`", r).group(1): r for r in rows}
+    assert sorted(documented) == sorted(c[0] for c in CASES)
+    for case, _, fragments in CASES:
+        row = documented[case]
+        assert "| 2 |" in row
+        for frag in fragments:
+            assert frag.replace("|", "\\|") in row, (case, frag)
+    assert len(CASES) >= 15
