@@ -11,7 +11,8 @@ actor is replaced.
 
 Fault hook (for tests and drills): set ``MERGESEARCH_FAULT`` in the environment
 of the search process to ``<kind>@<trial>[,<kind>@<trial>...]``, where kind is
-``raise_materialize``, ``raise_eval``, ``exit``, ``nan``, ``hang`` or ``oom``;
+``raise_materialize``, ``raise_eval``, ``exit`` (``os._exit``), ``kill`` (SIGKILL),
+``nan``, ``inf``, ``hang`` or ``oom``;
 the worker injects that fault when it runs that trial number.
 """
 
@@ -129,11 +130,14 @@ class Worker:
             raise RuntimeError("injected fault in evaluate")
         if fault == "exit":
             os._exit(1)
+        if fault == "kill":
+            import signal
+            os.kill(os.getpid(), signal.SIGKILL)
         if fault == "hang":
             time.sleep(10**6)
         scores = self.evaluators[split].score(self.model, self.tokenizer)
-        if fault == "nan":
-            scores = {k: float("nan") for k in scores}
+        if fault in ("nan", "inf"):
+            scores = {k: float(fault) for k in scores}
         t2 = time.perf_counter()
         return {"scores": scores, "materialize_s": t1 - t0, "eval_s": t2 - t1, "worker": self.worker_id,
                 "pid": os.getpid()}

@@ -177,21 +177,23 @@ def test_resume_problems_and_storage(tmp_path, zoo, monkeypatch, capsys):
 
 def test_worker_faults_fail_their_trials_and_the_search_completes(tmp_path, zoo, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MERGESEARCH_FAULT", "raise_eval@1,nan@2,exit@3,oom@4,hang@5,raise_materialize@6")
-    space = write_space(tmp_path, zoo, budget={"n_trials": 9}, initial_trials=False, trial_timeout=15,
+    monkeypatch.setenv("MERGESEARCH_FAULT", "raise_eval@1,nan@2,exit@3,oom@4,hang@5,raise_materialize@6,kill@7,inf@8")
+    space = write_space(tmp_path, zoo, budget={"n_trials": 11}, initial_trials=False, trial_timeout=15,
                         granularity={"level": "model"})
     assert main(["search", str(space), "--run", "f", "--workers", "2", "--no-export"]) == 0
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'results' / 'f' / 'study.db'}")
     trials = optuna.load_study(study_name="f", storage=storage).get_trials()
-    assert len(trials) == 9
+    assert len(trials) == 11
     failed = {t.number: t.user_attrs["reason"] for t in trials if t.state.name == "FAIL"}
-    assert sorted(failed) == [1, 2, 3, 4, 5, 6]
+    assert sorted(failed) == [1, 2, 3, 4, 5, 6, 7, 8]
     assert failed[1] == "RuntimeError: injected fault in evaluate"
     assert failed[2] == "non-finite score for reverse, shift, max, add"
     assert failed[3].startswith("worker died") and failed[3].endswith("replaced")
     assert failed[4] == "MemoryError: injected out-of-memory (worker replaced)"
     assert failed[5] == "timeout: no result after 15s (worker replaced)"
     assert failed[6] == "RuntimeError: injected fault in materialize"
+    assert failed[7].startswith("worker died") and failed[7].endswith("replaced")
+    assert failed[8] == "non-finite score for reverse, shift, max, add"
     assert all(t.state.name == "COMPLETE" for t in trials if t.number not in failed)
 
 
