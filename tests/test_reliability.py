@@ -39,7 +39,7 @@ def trials(db: Path, run: str) -> list:
 
 
 def test_kill_9_the_controller_three_times_then_resume(tmp_path, zoo):
-    space = write_space(tmp_path, zoo, budget={"n_trials": 14}, initial_trials=False,
+    space = write_space(tmp_path, zoo, budget={"n_trials": 10}, initial_trials=False,
                         granularity={"level": "model"}, sampler={"name": "tpe"})
     db = tmp_path / "results" / "k" / "study.db"
     rng = random.Random(7)
@@ -65,7 +65,7 @@ def test_kill_9_the_controller_three_times_then_resume(tmp_path, zoo):
     done = {t.number: t.value for t in final if t.state.name == "COMPLETE"}
     for snap in snapshots:  # no finished trial is lost or changed
         assert all(done.get(n) == v for n, v in snap.items())
-    assert sum(counts_toward_budget(t) for t in final) == 14  # the budget is reached
+    assert sum(counts_toward_budget(t) for t in final) == 10  # the budget is reached
     assert not [t for t in final if t.state.name in ("RUNNING", "WAITING")]
     stale = [t for t in final if t.state.name == "FAIL"]
     assert stale, "the kills left no trial in flight"
@@ -118,8 +118,9 @@ def test_two_searches_share_one_sqlite_file(tmp_path, zoo):
 
 def test_same_space_seed_and_one_worker_give_the_same_recipes(tmp_path, zoo, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for sampler in ("cmaes", "tpe"):
-        space = write_space(tmp_path, zoo, budget={"n_trials": 6}, initial_trials=False, sampler={"name": sampler})
+    for sampler in ("tpe",):
+        space = write_space(tmp_path, zoo, budget={"n_trials": 6}, initial_trials=False, sampler={"name": sampler},
+                            granularity={"level": "model"})
         seqs = []
         for run in (f"{sampler}1", f"{sampler}2"):
             assert main(["search", str(space), "--run", run, "--workers", "1", "--no-export"]) == 0

@@ -10,7 +10,7 @@ import yaml
 
 from mergesearch.cli import main
 from mergesearch.space import SearchSpace, make_groups, Granularity
-from mergesearch.store import leaderboard, load_run
+from mergesearch.store import counts_toward_budget, leaderboard, load_run
 
 from test_zoo_eval import zoo  # noqa: F401  (session fixture)
 
@@ -178,7 +178,7 @@ def test_resume_problems_and_storage(tmp_path, zoo, monkeypatch, capsys):
 def test_worker_faults_fail_their_trials_and_the_search_completes(tmp_path, zoo, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MERGESEARCH_FAULT", "raise_eval@1,nan@2,exit@3,oom@4,hang@5,raise_materialize@6,kill@7,inf@8")
-    space = write_space(tmp_path, zoo, budget={"n_trials": 11}, initial_trials=False, trial_timeout=15,
+    space = write_space(tmp_path, zoo, budget={"n_trials": 11}, initial_trials=False, trial_timeout=10,
                         granularity={"level": "model"})
     assert main(["search", str(space), "--run", "f", "--workers", "2", "--no-export"]) == 0
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'results' / 'f' / 'study.db'}")
@@ -190,7 +190,7 @@ def test_worker_faults_fail_their_trials_and_the_search_completes(tmp_path, zoo,
     assert failed[2] == "non-finite score for reverse, shift, max, add"
     assert failed[3].startswith("worker died") and failed[3].endswith("replaced")
     assert failed[4] == "MemoryError: injected out-of-memory (worker replaced)"
-    assert failed[5] == "timeout: no result after 15s (worker replaced)"
+    assert failed[5] == "timeout: no result after 10s (worker replaced)"
     assert failed[6] == "RuntimeError: injected fault in materialize"
     assert failed[7].startswith("worker died") and failed[7].endswith("replaced")
     assert failed[8] == "non-finite score for reverse, shift, max, add"
@@ -228,17 +228,25 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path, zoo):
     assert "(interrupted)" in out
     st = optuna.storages.RDBStorage(f"sqlite:///{db}")
     trials = optuna.load_study(study_name="c", storage=st).get_trials()
-    states = {t.state.name for t in trials}
-    assert "RUNNING" not in states and "WAITING" not in states  # nothing left dangling
-    for t in trials:
-        if t.state.name == "FAIL":
-            assert t.user_attrs["reason"] in ("interrupted", "interrupted before it ran")
+    states = [t.state.name for t in trials]
+    assert "RUNNING" not in states  # nothing left dangling
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert failed, "no trial was in flight at the interrupt"
+    for t in failed:  # abandoned, not the trial's fault: queued again with the same parameters
+        assert t.user_attrs["reason"] in ("interrupted", "interrupted before it ran") and t.user_attrs["requeued"]
+    waiting = [t for t in trials if t.state.name == "WAITING"]
+    assert sorted(t.system_attrs["failed_trial"] for t in waiting) == sorted(t.number for t in failed)
+    assert all(w.params == trials[w.system_attrs["failed_trial"]].params for w in waiting)
     complete = [t.number for t in trials if t.state.name == "COMPLETE"]
     assert len(complete) >= 4
+    counted = sum(counts_toward_budget(t) for t in trials)
+    assert counted == len(complete)
     proc = subprocess.run([str(exe), "search", str(space), "--run", "c", "--workers", "1", "--resume",
-                           "--n-trials", str(len(trials) + 2), "--no-export"], cwd=tmp_path, env=env,
+                           "--n-trials", str(counted + len(waiting) + 1), "--no-export"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     after = optuna.load_study(study_name="c", storage=st).get_trials()
-    assert len(after) == len(trials) + 2
+    assert not [t for t in after if t.state.name in ("RUNNING", "WAITING")]
+    assert sum(counts_toward_budget(t) for t in after) == counted + len(waiting) + 1
+    assert all(after[w.number].state.name == "COMPLETE" for w in waiting)  # the retries ran first
     assert [t.number for t in after if t.state.name == "COMPLETE"][:len(complete)] == complete

@@ -83,8 +83,9 @@ def test_model_code_runs_only_with_trust_remote_code(tmp_path, family, capsys):
 
 def test_python_evaluator_says_it_runs_user_code(tmp_path, caplog, monkeypatch):
     from mergesearch.evaluate import EvalConfig, build_evaluator
-    (tmp_path / "myscore.py").write_text("def score(model, tok, **kw):\n    return {'x': 1.0}\n")
+    (tmp_path / "security_probe_score.py").write_text("def score(model, tok, **kw):\n    return {'x': 1.0}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(__import__("sys").modules, "security_probe_score", raising=False)
     with caplog.at_level("WARNING"):
-        build_evaluator(EvalConfig(evaluator="python", tasks=["x"], function="myscore:score"))
-    assert "python evaluator: importing and running user code 'myscore:score'" in caplog.text
+        build_evaluator(EvalConfig(evaluator="python", tasks=["x"], function="security_probe_score:score"))
+    assert "python evaluator: importing and running user code 'security_probe_score:score'" in caplog.text
