@@ -315,6 +315,8 @@ def soup(
     trial_timeout: float = typer.Option(600.0, "--trial-timeout", help="seconds per candidate on a worker"),
     max_retries: int = typer.Option(1, "--max-retries", min=0, help="re-runs of a candidate whose worker died"),
     no_export: bool = typer.Option(False, "--no-export", help="skip writing the final soup's checkpoint"),
+    no_speculate: bool = typer.Option(False, "--no-speculate",
+                                      help="greedy: one candidate at a time instead of scoring ahead on idle workers"),
 ):
     """Model soups: score every ingredient on dev, build the greedy (or uniform, or
     last-N) soup, report it on test beside the best ingredient and the uniform soup."""
@@ -327,7 +329,7 @@ def soup(
     _check_run_name(name)
     opts = SoupOptions(run=name, strategy=strategy, n=n, base=base, workers=workers, resume=resume,
                        storage=storage, ray_address=ray_address, allow_unrelated=allow_unrelated,
-                       trial_timeout=trial_timeout, max_retries=max_retries)
+                       trial_timeout=trial_timeout, max_retries=max_retries, speculate=not no_speculate)
     report = SoupRunner(ingredients, eval_file, opts).run()
     rows = report["rows"]
     typer.echo(f"soup run {name}: {strategy}, {len(report['members'])} of {len(report['ingredients'])} ingredients, "

@@ -31,11 +31,12 @@ BEGIN, END = "<!-- soup-table:begin -->", "<!-- soup-table:end -->"
 
 
 def run_soup(root: Path, zoo: Path, name: str, ingredients: list[str], task: str, strategy: str,
-             n: int | None = None, workers: int = 2) -> dict:
+             n: int | None = None, workers: int = 2, speculate: bool = True) -> dict:
     ev = root / f"eval_{task}.yaml"
     ev.write_text(yaml.safe_dump({"evaluator": "loglik", "tasks": [task], "task_dir": str(zoo), "split": "dev"}))
     shutil.rmtree(root / name, ignore_errors=True)
-    opts = SoupOptions(run=name, strategy=strategy, n=n, base=str(zoo / "base"), workers=workers, root=root)
+    opts = SoupOptions(run=name, strategy=strategy, n=n, base=str(zoo / "base"), workers=workers, root=root,
+                       speculate=speculate)
     t0 = time.perf_counter()
     report = SoupRunner(resolve_ingredients(ingredients), ev, opts).run()
     report["wall_s"] = time.perf_counter() - t0
@@ -59,27 +60,32 @@ def main() -> int:
     sweep = sorted(str(p) for p in (zoo / "sweep" / "reverse").iterdir())
     ckpts = [str(zoo / "checkpoints" / "add")]
     sets = [
-        ("reverse sweep", sweep, "reverse", [("greedy", None)]),
-        ("add checkpoints", ckpts, "add", [("greedy", None), ("last-n", 3)]),
+        ("reverse sweep", sweep, "reverse", [("greedy", None), ("sequential", None)]),
+        ("add checkpoints", ckpts, "add", [("greedy", None), ("sequential", None), ("last-n", 3)]),
     ]
     lines = [
         "| model set (task) | ingredients | best ingredient | uniform soup | greedy soup (members) | last-3 soup | "
-        "evaluations | wall |",
-        "|---|---|---|---|---|---|---|---|",
+        "evaluations | wall | greedy pass: sequential / speculative |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     results = {}
     for label, ingredients, task, strategies in sets:
         reports = {}
         for strategy, n in strategies:
             name = f"{task}-{strategy}"
-            reports[strategy] = run_soup(root, zoo, name, ingredients, task, strategy, n, a.workers)
+            real = "greedy" if strategy == "sequential" else strategy
+            reports[strategy] = run_soup(root, zoo, name, ingredients, task, real, n, a.workers,
+                                         speculate=strategy != "sequential")
         g = reports["greedy"]["rows"]
         last = reports.get("last-n")
         lines.append(
             f"| {label} ({task}) | {len(reports['greedy']['ingredients'])} | {cell(g['best ingredient'])} | "
             f"{cell(g['uniform soup'])} | {cell(g['final soup'])} ({g['final soup']['members']}) | "
             + (cell(last["rows"]["final soup"]) if last else "-") + " | "
-            f"{reports['greedy']['evaluations']} | {reports['greedy']['wall_s']:.0f} s |")
+            f"{reports['greedy']['evaluations']} | {reports['greedy']['wall_s']:.0f} s | "
+            f"{reports['sequential']['greedy_seconds']:.2f} s / {reports['greedy']['greedy_seconds']:.2f} s "
+            f"({reports['sequential']['greedy_seconds'] / reports['greedy']['greedy_seconds']:.2f}x) |")
+        assert reports["sequential"]["members"] == reports["greedy"]["members"]  # the same soup
         results[label] = {k: {"rows": r["rows"], "members": r["members"], "steps": r["steps"],
                               "ingredients": r["ingredients"], "wall_s": r["wall_s"]} for k, r in reports.items()}
         for r in reports["greedy"]["steps"]:

@@ -165,3 +165,42 @@ def test_materializer_without_base_serves_linear_only(family):
         Materializer(None, members, methods=["linear", "ties"])
     with pytest.raises(MergeSearchError, match="holds no base"):
         mat.state_dict(soup_recipe(members, base=str(family["base"])))
+
+
+@pytest.mark.parametrize("width", [2, 3, 4, 8])
+def test_speculative_greedy_gives_the_sequential_soup(width):
+    import itertools
+    import random
+    rng = random.Random(width)
+    names = list("abcdefg")
+    # scores of every member set: a mix of accepted and rejected steps
+    table = {frozenset(c): round(rng.uniform(0.3, 0.9), 3)
+             for r in range(1, len(names) + 1) for c in itertools.combinations(names, r)}
+    score, _ = scripted(table)
+    sequential = greedy_soup(names, score)
+    batches = []
+
+    def batch_score(cands):
+        batches.append([sorted(c) for c in cands])
+        return [table[frozenset(c)] for c in cands]
+    fast = greedy_soup(names, ingredient_scores=sequential.ingredient_scores, batch_score=batch_score, width=width)
+    assert fast.members == sequential.members and fast.score == sequential.score
+    assert fast.steps == sequential.steps
+    assert all(len(b) <= width for b in batches)
+    assert sum(map(len, batches)) == len(fast.steps) + fast.wasted  # every score either used or counted wasted
+    accepted = sum(s.accepted for s in fast.steps)
+    assert len(batches) <= len(fast.steps)  # never more rounds than the sequential pass
+    assert fast.wasted <= accepted * (width - 1)
+
+
+def test_speculation_when_every_candidate_is_rejected_takes_n_over_width_rounds():
+    names = list("abcdefgh")
+    singles = {n: 0.9 - 0.01 * i for i, n in enumerate(names)}
+    batches = []
+
+    def batch_score(cands):
+        batches.append(len(cands))
+        return [0.1] * len(cands)  # every soup is worse than the best ingredient
+    r = greedy_soup(names, ingredient_scores=singles, batch_score=batch_score, width=3)
+    assert r.members == ["a"] and r.wasted == 0
+    assert batches == [3, 3, 1]  # 7 candidates in 3 rounds instead of 7

@@ -12,7 +12,9 @@ uniform average of the soup plus it scores **at least as well** as the soup
 without it (ties are accepted: an ingredient that does not hurt stays in, which
 can only help held-out robustness and never lowers the dev score). By
 construction the final dev score is never below the best single ingredient's,
-and it takes N - 1 soup evaluations after the N ingredient scores.
+and it takes N - 1 soup evaluations after the N ingredient scores. With several
+workers the pass speculates along the rejection branch (see :func:`greedy_soup`),
+which gives the same soup in fewer rounds.
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ class SoupResult:
     score: float
     ingredient_scores: dict[str, float]
     steps: list[SoupStep] = field(default_factory=list)
+    wasted: int = 0  # speculative candidates scored but not needed
 
     @property
     def evaluations(self) -> int:
-        return len(self.ingredient_scores) + len(self.steps)
+        return len(self.ingredient_scores) + len(self.steps) + self.wasted
 
 
 def order_ingredients(paths: Sequence[str | Path]) -> list[str]:
@@ -54,12 +57,25 @@ def order_ingredients(paths: Sequence[str | Path]) -> list[str]:
     return paths
 
 
-def greedy_soup(ingredients: Sequence[str], score: Callable[[list[str]], float],
-                ingredient_scores: dict[str, float] | None = None) -> SoupResult:
+def greedy_soup(ingredients: Sequence[str], score: Callable[[list[str]], float] | None = None,
+                ingredient_scores: dict[str, float] | None = None,
+                batch_score: Callable[[list[list[str]]], list[float]] | None = None,
+                width: int = 1) -> SoupResult:
     """The greedy soup. ``score(members)`` returns the dev score of the uniform
-    average of ``members``; ``ingredient_scores`` may supply the singletons'."""
+    average of ``members``; ``ingredient_scores`` may supply the singletons'.
+
+    With ``batch_score`` (scores of several member lists at once, e.g. on parallel
+    workers) and ``width`` > 1, the pass speculates: beside the next candidate it
+    scores the ``width - 1`` candidates that follow if the earlier ones are all
+    rejected. The result is exactly the sequential one; a speculative score is only
+    wasted when an earlier candidate of its batch is accepted (``SoupResult.wasted``).
+    """
     if not ingredients:
         raise MergeSearchError("soup: no ingredients")
+    if score is None and batch_score is None:
+        raise ValueError("greedy_soup needs score or batch_score")
+    if score is None:
+        score = (lambda members: batch_score([members])[0])
     singles = dict(ingredient_scores or {})
     for ing in ingredients:
         if ing not in singles:
@@ -69,14 +85,22 @@ def greedy_soup(ingredients: Sequence[str], score: Callable[[list[str]], float],
     members = [ranked[0]]
     current = singles[ranked[0]]
     steps = []
-    for ing in ranked[1:]:
-        s = score(members + [ing])
-        accepted = s >= current
-        steps.append(SoupStep(ing, s, accepted))
-        if accepted:
-            members.append(ing)
-            current = s
-    return SoupResult("greedy", members, current, singles, steps)
+    wasted = 0
+    k = 1
+    while k < len(ranked):
+        n = max(1, width) if batch_score is not None else 1
+        cands = [members + [ranked[j]] for j in range(k, min(k + n, len(ranked)))]
+        scores = batch_score(cands) if batch_score is not None else [score(cands[0])]
+        for idx, (cand, s) in enumerate(zip(cands, scores)):
+            accepted = s >= current
+            steps.append(SoupStep(cand[-1], s, accepted))
+            k += 1
+            if accepted:  # the rest of the batch assumed the old soup
+                members.append(cand[-1])
+                current = s
+                wasted += len(cands) - idx - 1
+                break
+    return SoupResult("greedy", members, current, singles, steps, wasted)
 
 
 def uniform_soup(ingredients: Sequence[str], score: Callable[[list[str]], float]) -> SoupResult:

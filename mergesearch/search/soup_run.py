@@ -58,6 +58,7 @@ class SoupOptions:
     allow_unrelated: bool = False
     trial_timeout: float = 600.0
     max_retries: int = 1
+    speculate: bool = True  # greedy: score the rejection branch ahead on idle workers
 
 
 def resolve_ingredients(models: list[str], pattern: str | None = None) -> list[str]:
@@ -243,12 +244,20 @@ class SoupRunner:
             return e.score if e.score is not None else -math.inf
 
         valid = [i for i in self.ingredients if i in ok]
+        t_pass = time.monotonic()
+        def batch_score(candidates: list[list[str]]) -> list[float]:
+            evals = self._evaluate([(tuple(c), "candidate") for c in candidates])
+            return [e.score if e.score is not None else -math.inf for e in evals]
+
         if self.opts.strategy == "greedy":
-            result = greedy_soup(valid, score, ingredient_scores=ok)
+            # speculate across the idle workers: same soup, fewer sequential rounds
+            width = self.pool.size if self.opts.speculate else 1
+            result = greedy_soup(valid, ingredient_scores=ok, batch_score=batch_score, width=width)
         elif self.opts.strategy == "uniform":
             result = uniform_soup(valid, score)
         else:
             result = last_n_soup(valid, self.opts.n, score)
+        greedy_s = time.monotonic() - t_pass
         final = self.cache.get(tuple(result.members))
         if final is None or final.score is None:
             raise MergeSearchError(f"soup: the final soup failed to evaluate ({final.reason if final else 'not run'})")
@@ -266,9 +275,11 @@ class SoupRunner:
                          "test": test.get(k, {}).get("aggregate"), "test_scores": test.get(k, {}).get("scores")}
                      for k, e in report_rows.items()},
             "evaluations": len(self.evals),
+            "speculative_unused": result.wasted,
             "reused_from_store": self.reused,
             "failed": sum(1 for e in self.evals if e.score is None),
             "seconds": time.monotonic() - t0,
+            "greedy_seconds": greedy_s,
         }
         self.study.set_user_attr("final_trial", final.trial)
         self.study.set_user_attr("final_recipe", self._recipe(result.members).to_dict())
