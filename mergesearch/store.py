@@ -33,16 +33,32 @@ def default_storage(run: str, root: Path = RESULTS) -> str:
 
 
 def open_storage(url: str, where: str = "--storage") -> optuna.storages.BaseStorage:
-    """An RDB storage, refused with one line when it cannot be reached."""
+    """An RDB storage, refused with one line when it cannot be reached.
+
+    Several processes may open one new database at once (concurrent searches sharing a
+    SQLite file or a server): the loser of the race to create Optuna's schema fails on
+    the winner's rows or tables, and simply opens the database again."""
+    import time as _time
+
     try:
+        sqlite = url.startswith("sqlite")
         if url.startswith("sqlite:///"):
             db = Path(url[len("sqlite:///"):])
             if not db.parent.is_dir():
                 raise MergeSearchError(f"{where}: folder {db.parent} does not exist")
-        if not url.startswith("sqlite"):
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-        storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}})
-        _fast_sqlite(storage)
+        kwargs = {"connect_args": {"timeout": 30}} if sqlite else {"pool_pre_ping": True}
+        for attempt in range(6):
+            try:
+                storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+                break
+            except Exception as e:
+                text = str(e)
+                if attempt == 5 or not any(k in text for k in ("IntegrityError", "UniqueViolation", "already exists",
+                                                              "duplicate key", "database is locked")):
+                    raise
+                _time.sleep(0.2 * (attempt + 1))
+        if sqlite:
+            _fast_sqlite(storage)
         return storage
     except MergeSearchError:
         raise
