@@ -92,7 +92,8 @@ class Materializer:
             if store is not None
             for ts in store.values()
             for t in ts
-        ) + sum(t.numel() * t.element_size() for t in self.base.values())
+        ) + sum(t.numel() * t.element_size() for t in self.base.values()) + sum(
+            t.numel() * t.element_size() for tensors in self.side.values() for t in tensors.values())
 
     def _load_side(self, metrics: dict, grams: dict, base_metric: str | None) -> None:
         from mergesearch.checkpoint import SideFile
@@ -119,68 +120,68 @@ class Materializer:
             self.side[("metric", -1)] = {n: f.get(n).to(self.device) for n in f.names()}
             f.release()
 
-    def _side_for(self, recipe: Recipe, idx: list[int], name: str) -> dict:
-        spec = recipe.spec
-        if spec.needs_metric == "no" and not spec.needs_gram:
-            return {}
-
-        def pick(kind: str, i: int, file: str | None):
-            if file is None:
-                return None
-            if self.side_files.get((kind, i)) != str(Path(file).resolve()):
-                raise MergeSearchError(f"recipe {kind} {file} is not loaded in this materializer")
-            return self.side[(kind, i)].get(name)
-        out = {}
-        if spec.needs_metric != "no":
-            out["metrics"] = [pick("metric", i, m.metric) for i, m in zip(idx, recipe.models)]
-            out["base_metric"] = pick("metric", -1, recipe.base_metric)
-        if spec.needs_gram:
-            out["grams"] = [pick("gram", i, m.gram) for i, m in zip(idx, recipe.models)]
-        return out
-
     def _load(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
         t = ckpt.get(name).to(device=self.device)
         if not torch.isfinite(t.sum(dtype=work_dtype(t.dtype))):
             raise MergeSearchError(f"{ckpt.path}: tensor '{name}' contains NaN or Inf")
         return t
 
-    def _indices(self, recipe: Recipe) -> list[int]:
+    def bind(self, recipe: Recipe) -> tuple[list[int], dict]:
+        """Resolve a recipe's models and side-input files to resident slots: done once
+        per candidate, not once per tensor (path resolution is a filesystem call)."""
+        spec = recipe.spec
+        if recipe.base and self.base_path is None:
+            raise MergeSearchError(f"recipe base {recipe.base}: this materializer holds no base")
+        if recipe.base and str(Path(recipe.base).resolve()) != self.base_path:
+            raise MergeSearchError(f"recipe base {recipe.base} differs from the materializer's base")
+        if spec.sparsifier in ("magnitude", "outliers") and self.ranks is None:
+            raise MergeSearchError(f"method '{spec.name}' was not among the materializer's methods")
         idx = []
         for m in recipe.models:
             key = str(Path(m.path).resolve())
             if key not in self.paths:
                 raise MergeSearchError(f"recipe model {m.path} is not loaded in this materializer")
             idx.append(self.paths[key])
-        if recipe.base and self.base_path is None:
-            raise MergeSearchError(f"recipe base {recipe.base}: this materializer holds no base")
-        if recipe.base and str(Path(recipe.base).resolve()) != self.base_path:
-            raise MergeSearchError(f"recipe base {recipe.base} differs from the materializer's base")
-        return idx
 
-    def inputs(self, recipe: Recipe, name: str) -> TensorInputs:
-        spec = recipe.spec
-        idx = self._indices(recipe)
-        if spec.sparsifier in ("magnitude", "outliers") and self.ranks is None:
-            raise MergeSearchError(f"method '{spec.name}' was not among the materializer's methods")
+        def slot(kind: str, i: int, file: str | None):
+            if file is None:
+                return None
+            if self.side_files.get((kind, i)) != str(Path(file).resolve()):
+                raise MergeSearchError(f"recipe {kind} {file} is not loaded in this materializer")
+            return (kind, i)
+        side: dict = {}
+        if spec.needs_metric != "no":
+            side["metrics"] = [slot("metric", i, m.metric) for i, m in zip(idx, recipe.models)]
+            side["base_metric"] = slot("metric", -1, recipe.base_metric)
+        if spec.needs_gram:
+            side["grams"] = [slot("gram", i, m.gram) for i, m in zip(idx, recipe.models)]
+        return idx, side
+
+    def inputs(self, recipe: Recipe, name: str, bound: tuple[list[int], dict] | None = None) -> TensorInputs:
+        idx, side = bound if bound is not None else self.bind(recipe)
         tensors = [self.tensors[name][i] for i in idx]
         ranks = [self.ranks[name][i] for i in idx] if self.ranks is not None else None
-        base = self.base.get(name) if spec.uses_base != "no" else None
-        return TensorInputs(name, base, tensors=tensors, ranks=ranks, seed=recipe.seed,
-                            **self._side_for(recipe, idx, name))
+        base = self.base.get(name) if recipe.spec.uses_base != "no" else None
 
-    def tensor(self, recipe: Recipe, name: str) -> torch.Tensor:
+        def get(key):
+            return None if key is None else self.side[key].get(name)
+        extra = {k: [get(x) for x in v] if isinstance(v, list) else get(v) for k, v in side.items()}
+        return TensorInputs(name, base, tensors=tensors, ranks=ranks, seed=recipe.seed, **extra)
+
+    def tensor(self, recipe: Recipe, name: str, bound: tuple[list[int], dict] | None = None) -> torch.Tensor:
         if name in self.constants:
             return self.constants[name]
         # No finiteness pass in the hot loop: a non-finite candidate shows up as a
         # non-finite score and fails its trial.
-        return merge_tensor(recipe, recipe.spec, self.inputs(recipe, name), layer_position(name, self.num_layers),
-                            check_finite=False)
+        return merge_tensor(recipe, recipe.spec, self.inputs(recipe, name, bound),
+                            layer_position(name, self.num_layers), check_finite=False)
 
     def state_dict(self, recipe: Recipe, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The merged weights (for tests and small models)."""
         out = {}
+        bound = self.bind(recipe)
         for name in self.names:
-            t = self.tensor(recipe, name)
+            t = self.tensor(recipe, name, bound)
             out[name] = t.to(dtype or self.ref_ckpt.dtype(name)) if t.is_floating_point() else t
         return out
 
@@ -190,9 +191,10 @@ class Materializer:
         recipe.validate_semantics()
         targets = dict(module.named_parameters())
         targets.update(dict(module.named_buffers()))
+        bound = self.bind(recipe)
         for name in self.names:
             target = targets.get(name)
             if target is None:
                 continue  # e.g. a tied lm_head absent from the module's names
-            merged = self.tensor(recipe, name)
+            merged = self.tensor(recipe, name, bound)
             target.copy_(merged.to(dtype=target.dtype, device=target.device))
