@@ -25,6 +25,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,27 @@ class WorkerPool:
         if bad:
             return Result(number, False, r["scores"], timings, wid, f"non-finite score for {', '.join(bad)}")
         return Result(number, True, r["scores"], timings, wid)
+
+    def run_batch(self, jobs: dict[int, tuple[dict, str | None]], max_retries: int = 0,
+                  stop: Callable[[], bool] | None = None):
+        """Run recipes ({number: (recipe, split)}) on the idle workers; yields each final
+        Result. A job whose worker died is retried up to ``max_retries`` times. A
+        consumer that stops early, or ``stop()`` turning true, leaves the rest unrun or
+        in flight (``cancel_all`` ends them)."""
+        queue = list(jobs)
+        retries: dict[int, int] = {}
+        while (queue or self.busy) and not (stop and stop()):
+            while queue and self.idle:
+                n = queue.pop(0)
+                self.submit(n, *jobs[n])
+            for res in self.wait(0.5):
+                if not res.ok and res.retryable and retries.get(res.number, 0) < max_retries:
+                    retries[res.number] = retries.get(res.number, 0) + 1
+                    log.info("trial %d: %s; retrying (%d/%d)", res.number, res.reason, retries[res.number],
+                             max_retries)
+                    queue.insert(0, res.number)
+                    continue
+                yield res
 
     def cancel_all(self) -> list[int]:
         """Abandon in-flight trials (their actors are killed); returns their numbers."""

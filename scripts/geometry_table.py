@@ -35,6 +35,7 @@ import yaml  # noqa: E402
 from mergesearch.export import export_run  # noqa: E402
 from mergesearch.search.controller import Controller, SearchOptions  # noqa: E402
 from mergesearch.space import SearchSpace  # noqa: E402
+from doc_markers import write_between  # noqa: E402
 from mergesearch.zoo.build import ZOO_TASKS, build_zoo  # noqa: E402
 
 BEGIN, END = "<!-- geometry-table:begin -->", "<!-- geometry-table:end -->"
@@ -110,13 +111,7 @@ def main() -> int:
                      + " | ".join(f"{r['test'][t]:.3f}" for t in ZOO_TASKS) + f" | {r['search_s']:.0f} s |")
     table = "\n".join(lines)
     print(table)
-    doc = Path(a.doc)
-    text = doc.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        doc.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
-        print(f"updated {doc}")
+    write_between(Path(a.doc), BEGIN, END, table)
     return 0
 
 

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from mergesearch.search.soup_run import SoupOptions, SoupRunner, resolve_ingredients  # noqa: E402
+from doc_markers import write_between  # noqa: E402
 from mergesearch.zoo.build import build_zoo  # noqa: E402
 
 BEGIN, END = "<!-- soup-table:begin -->", "<!-- soup-table:end -->"
@@ -94,13 +95,7 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     (root / "soup_table.json").write_text(json.dumps(results, indent=2))
-    doc = Path(a.doc)
-    text = doc.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        doc.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
-        print(f"updated {doc}")
+    write_between(Path(a.doc), BEGIN, END, table)
     return 0
 
 

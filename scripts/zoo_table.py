@@ -19,6 +19,7 @@ from mergesearch.evaluate import EvalConfig  # noqa: E402
 from mergesearch.evaluate.loglik import LoglikEvaluator  # noqa: E402
 from mergesearch.materialize import Materializer  # noqa: E402
 from mergesearch.recipe import from_dict  # noqa: E402
+from doc_markers import write_between  # noqa: E402
 from mergesearch.zoo.build import ZOO_TASKS, build_zoo  # noqa: E402
 
 
@@ -64,16 +65,9 @@ def main() -> int:
         lines.append(f"| {label} | {cells} | {md:.3f} | {mt:.3f} |")
     table = "\n".join(lines)
     print(table)
-    doc = Path(args.doc)
-    text = doc.read_text() if doc.exists() else ""
-    start, end = "<!-- zoo-table -->", "<!-- /zoo-table -->"
-    block = (f"{start}\n{table}\n\nBuild time as recorded by this build: {manifest.get('build_seconds', '?')} s "
-             f"(2-core CPU).\n{end}")
-    if start in text and end in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text += "\n" + block + "\n"
-    doc.write_text(text)
+    write_between(Path(args.doc), "<!-- zoo-table -->", "<!-- /zoo-table -->",
+                  f"{table}\n\nBuild time as recorded by this build: {manifest.get('build_seconds', '?')} s "
+                  "(2-core CPU).")
     return 0
 
 

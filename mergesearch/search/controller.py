@@ -92,7 +92,7 @@ class Controller:
         build_evaluator(self.space.evaluator)  # task files and task names exist
         self.num_layers = base.num_layers
         self.groups = self.space.groups(self.num_layers, layer_prefix(base.names()))
-        self.seed = self._seed_recipe() if self.space.seed_from else None
+        self.seed_recipe = self._seed_recipe() if self.space.seed_from else None
         url, storage, self.lock, self.created_dir = claim_run(self.opts.run, self.opts.root, self.opts.storage,
                                                               self.opts.resume)
         if storage is not None:
@@ -146,8 +146,8 @@ class Controller:
             study.set_user_attr("space", self.space.model_dump(mode="json"))
             study.set_user_attr("space_fingerprint", self.space.fingerprint())
             study.set_user_attr("kind", "search")
-            if self.seed is not None:
-                params = self.space.soup_params([m.path for m in self.seed.models], self.groups)
+            if self.seed_recipe is not None:
+                params = self.space.soup_params([m.path for m in self.seed_recipe.models], self.groups)
                 if params is not None:  # the sampler sees it as one of its own trials
                     study.enqueue_trial(params, user_attrs={"role": f"soup {self.space.seed_from}"})
                     self.seed_baseline = False
@@ -222,22 +222,22 @@ class Controller:
                                    directions=self.study.directions)
         todo = dict(baseline_recipes(self.space)) if self.space.initial_trials else {}
         if getattr(self, "seed_baseline", False):
-            todo[f"soup {self.space.seed_from}"] = self.seed
-        pending = {}
+            todo[f"soup {self.space.seed_from}"] = self.seed_recipe
+        pending = {}  # pool numbers are negative: never a search trial's
         for name, recipe in todo.items():
             t = side.ask()
             record(t, {"recipe": recipe.to_dict(), "baseline": name, "summary": recipe.summary()})
-            pending[t.number] = (t, name)
-        queue = list(pending)
-        while (queue or self.pool.busy) and not self.interrupted:
-            while queue and self.pool.idle:
-                n = queue.pop(0)
-                self.pool.submit(-1 - n, pending[n][0].user_attrs["recipe"])
-            for res in self.pool.wait(0.5):
-                t, name = pending[-1 - res.number]
-                self._finish(side, t, res)
-                log.info("baseline %s: %s", name, f"{t.user_attrs.get('aggregate', float('nan')):.4f}"
-                         if res.ok else f"failed ({res.reason})")
+            pending[-1 - t.number] = (t, name)
+        jobs = {n: (t.user_attrs["recipe"], None) for n, (t, _) in pending.items()}
+        for res in self.pool.run_batch(jobs, self.space.max_retries, stop=lambda: self.interrupted):
+            t, name = pending.pop(res.number)
+            self._finish(side, t, res)
+            log.info("baseline %s: %s", name, f"{t.user_attrs.get('aggregate', float('nan')):.4f}"
+                     if res.ok else f"failed ({res.reason})")
+        self.pool.cancel_all()  # only after an interrupt is anything still in flight
+        for t, _ in pending.values():
+            record(t, {"reason": "interrupted"})
+            side.tell(t, state=TrialState.FAIL)
 
     def _loop(self) -> None:
         study = self.study

@@ -238,16 +238,15 @@ class SoupRunner:
         if not ok:
             raise MergeSearchError(f"soup: every ingredient failed to evaluate (first: {singles[0].reason})")
 
-        def score(members: list[str]) -> float:
-            (e,) = self._evaluate([(tuple(members), "candidate")])
-            return e.score if e.score is not None else -math.inf
-
-        valid = [i for i in self.ingredients if i in ok]
-        t_pass = time.monotonic()
-
         def batch_score(candidates: list[list[str]]) -> list[float]:
             evals = self._evaluate([(tuple(c), "candidate") for c in candidates])
             return [e.score if e.score is not None else -math.inf for e in evals]
+
+        def score(members: list[str]) -> float:
+            return batch_score([members])[0]
+
+        valid = [i for i in self.ingredients if i in ok]
+        t_pass = time.monotonic()
 
         if self.opts.strategy == "greedy":
             # speculate across the idle workers: same soup, fewer sequential rounds
@@ -294,24 +293,6 @@ class SoupRunner:
     def _recipe(self, members) -> "Recipe":  # noqa: F821
         return soup_recipe(list(members), base=None)
 
-    def _jobs(self, jobs: dict[int, tuple[dict, str | None]]):
-        """Run recipes ({number: (recipe, split)}) on the pool; yields each final Result.
-        A trial whose worker died is retried up to ``max_retries`` times."""
-        queue = list(jobs)
-        retries: dict[int, int] = {}
-        while queue or self.pool.busy:
-            while queue and self.pool.idle:
-                n = queue.pop(0)
-                self.pool.submit(n, *jobs[n])
-            for res in self.pool.wait(0.5):
-                if not res.ok and res.retryable and retries.get(res.number, 0) < self.opts.max_retries:
-                    retries[res.number] = retries.get(res.number, 0) + 1
-                    log.info("soup trial %d: %s; retrying (%d/%d)", res.number, res.reason, retries[res.number],
-                             self.opts.max_retries)
-                    queue.insert(0, res.number)
-                    continue
-                yield res
-
     def _evaluate(self, items: list[tuple[tuple[str, ...], str]]) -> list[_Eval]:
         """Dev scores of the uniform soups ``items`` ((members, role)), in parallel;
         member sets scored before (in this run or a resumed one) are not run again."""
@@ -336,7 +317,8 @@ class SoupRunner:
             self.evals.append(e)
             out.append(e)
         try:
-            for res in self._jobs({n: (t.user_attrs["recipe"], None) for n, (t, _) in todo.items()}):
+            for res in self.pool.run_batch({n: (t.user_attrs["recipe"], None) for n, (t, _) in todo.items()},
+                                           self.opts.max_retries):
                 t, e = todo[res.number]
                 payload = {"worker": res.worker, **res.timings}
                 if res.ok:
@@ -378,7 +360,7 @@ class SoupRunner:
                 numbers[e.members] = -1 - len(numbers)  # never an Optuna trial number
                 jobs[numbers[e.members]] = (self._recipe(e.members).to_dict(), "test")
             keys.setdefault(numbers[e.members], []).append(k)
-        for res in self._jobs(jobs):
+        for res in self.pool.run_batch(jobs, self.opts.max_retries):
             for k in keys[res.number]:
                 out[k] = ({"scores": res.scores, "aggregate": weighted_mean(res.scores, self.eval_cfg.weights)}
                           if res.ok else {"scores": None, "aggregate": None, "reason": res.reason})
