@@ -38,6 +38,16 @@ def trials(db: Path, run: str) -> list:
         return []
 
 
+def ray_processes(tmp_path: Path, run: str) -> list[str]:
+    """Command lines naming the run's Ray temp dir (reached through a short /tmp link
+    when the run folder is deep: Ray's socket paths must stay under 107 bytes)."""
+    import hashlib
+    real = str((tmp_path / "results" / run / "ray").resolve())
+    marks = [real, f"msray-{hashlib.sha1(real.encode()).hexdigest()[:8]}"]
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in ps if any(m in line for m in marks)]
+
+
 def test_kill_9_the_controller_three_times_then_resume(tmp_path, zoo):
     space = write_space(tmp_path, zoo, budget={"n_trials": 10}, initial_trials=False,
                         granularity={"level": "model"}, sampler={"name": "tpe"})
@@ -55,6 +65,7 @@ def test_kill_9_the_controller_three_times_then_resume(tmp_path, zoo):
             time.sleep(0.2)
         time.sleep(rng.uniform(0.0, 1.0))  # a random moment: mid-trial, between trials, mid-write
         assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert ray_processes(tmp_path, "k")  # the check below sees this run's Ray processes
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         snapshots.append({t.number: t.value for t in trials(db, "k") if t.state.name == "COMPLETE"})
@@ -75,11 +86,16 @@ def test_kill_9_the_controller_three_times_then_resume(tmp_path, zoo):
         # its retry ran the same parameters
         retry = [r for r in final if r.system_attrs.get("failed_trial") == t.system_attrs.get("failed_trial", t.number)
                  and t.number in r.system_attrs.get("retry_history", [])]
-        assert len(retry) == 1 and retry[0].params == t.params
+        assert len(retry) == 1
+        # the same parameters; a trial killed between ask() and its first suggestion has
+        # none yet, and its retry draws them
+        assert retry[0].params == t.params or not t.params
         assert by_number[retry[0].number].state.name in ("COMPLETE", "FAIL")
     # no Ray process of the killed controllers is left behind
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert str(tmp_path) not in ps
+    deadline = time.time() + 30
+    while ray_processes(tmp_path, "k") and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray_processes(tmp_path, "k") == []
 
 
 def test_one_controller_per_run(tmp_path, zoo):
