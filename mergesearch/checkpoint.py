@@ -191,6 +191,17 @@ class Checkpoint:
         except Exception as e:
             raise MergeSearchError(f"{file}: cannot read tensor '{name}' ({e})") from None
 
+    def mapped(self) -> dict[str, torch.Tensor]:
+        """Every tensor as a zero-copy view of its memory-mapped file: the pages live in
+        the page cache, one copy per node however many processes map them."""
+        out: dict[str, torch.Tensor] = {}
+        for file in sorted(set(self.files.values())):
+            if file.suffix == ".safetensors":
+                out.update(mapped_safetensors(file))
+            else:  # torch.load(mmap=True) already maps the archive's storages
+                out.update(self._load_bin(file))
+        return {n: out[n] for n in self.files}
+
     def release(self) -> None:
         """Drop memory mappings (they are reopened on the next read)."""
         self._handles.clear()
@@ -258,6 +269,33 @@ def read_safetensors_header(file: Path) -> dict:
         raise MergeSearchError(f"{file}: corrupt safetensors header ({e})") from None
 
 
+def mapped_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as read-only, zero-copy views of one shared
+    memory map (a tensor whose offset is not aligned to its element size is copied)."""
+    import warnings
+
+    import numpy as np
+
+    header = read_safetensors_header(file)
+    with open(file, "rb") as f:
+        start = 8 + struct.unpack("<Q", f.read(8))[0]
+    mm = np.memmap(file, dtype=np.uint8, mode="r")
+    out = {}
+    with warnings.catch_warnings():  # the views are never written to
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.from_numpy(mm)
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_TO_TORCH[info["dtype"]]
+        a, b = info["data_offsets"]
+        chunk = raw[start + a:start + b]
+        if (start + a) % dtype.itemsize:
+            chunk = chunk.clone()
+        out[name] = chunk.view(dtype).reshape(info["shape"])
+    return out
+
+
 def layer_index(name: str) -> int | None:
     """The transformer block index in a tensor name (``model.layers.3.mlp...`` -> 3)."""
     parts = name.split(".")
@@ -288,6 +326,7 @@ class SideFile:
         header = dict(read_safetensors_header(self.path))
         self.metadata = header.pop("__metadata__", None) or {}
         self._shapes = {n: tuple(v["shape"]) for n, v in header.items()}
+        self._dtypes = {n: _ST_TO_TORCH[v["dtype"]] for n, v in header.items()}
         self._handle = None
 
     def names(self) -> list[str]:
@@ -299,15 +338,24 @@ class SideFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 
-    def get(self, name: str) -> torch.Tensor:
-        if self._handle is None:
-            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-        t = self._handle.get_tensor(name)
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtypes[name]
+
+    def numel(self, name: str) -> int:
+        return math.prod(self._shapes[name])
+
+    def check_values(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """Refuse non-finite values, and negative ones in a metric."""
         if not torch.isfinite(t.sum(dtype=torch.float64)):
             raise MergeSearchError(f"{self.path}: {self.kind} '{name}' contains NaN or Inf")
         if self.kind == "metric" and bool((t < 0).any()):
             raise MergeSearchError(f"{self.path}: metric '{name}' has negative values (a metric is a curvature)")
         return t
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._handle is None:
+            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+        return self.check_values(name, self._handle.get_tensor(name))
 
     def release(self) -> None:
         self._handle = None

@@ -48,21 +48,6 @@ def tensor_progress(description: str, unit: str = "tensors"):
         yield cb
 
 
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)?\s*", text.lower())
-    if not m:
-        raise MergeSearchError(f"--shard-size: cannot parse '{text}' (use e.g. 2GB, 500MB or a byte count)")
-    value = float(m.group(1))
-    unit = (m.group(2) or "").rstrip("b").rstrip("i")
-    scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[unit]
-    if "i" in (m.group(2) or ""):
-        scale = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}[unit]
-    size = int(value * scale)
-    if size <= 0:
-        raise MergeSearchError(f"--shard-size: must be positive, got '{text}'")
-    return size
-
-
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
           verbose: bool = typer.Option(False, "-v", "--verbose", help="more log output")):
@@ -90,7 +75,8 @@ def merge(
         raise MergeSearchError("merge: give a recipe file or --mergekit CONFIG (one of them)")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise MergeSearchError(f"--device: unknown device '{device}' (use cpu or cuda)")
-    max_bytes = parse_size(shard_size)
+    from mergesearch.plan import parse_size
+    max_bytes = parse_size(shard_size, "--shard-size")
     if out.exists() and not force:
         raise MergeSearchError(f"{out}: output path exists (pass --force to replace it)")
     r = load_mergekit(mergekit_config) if mergekit_config else Recipe.load(recipe)
@@ -182,6 +168,7 @@ def eval_cmd(
         raise pydantic_error(e, "eval options") from None
     cfg.check("eval options")
     ev = build_evaluator(cfg)
+    from mergesearch.models import load_model
     model, tokenizer = load_model(model_dir, trust_remote_code=cfg.trust_remote_code)
     t0 = time.perf_counter()
     scores = ev.score(model, tokenizer)
@@ -199,25 +186,6 @@ def eval_cmd(
     typer.echo(f"wrote {out}")
 
 
-def load_model(model_dir: Path, device: str = "cpu", trust_remote_code: bool = False):
-    """An HF causal LM and its tokenizer: safetensors weights only, and a model's own
-    Python code (``auto_map``) only when the user passed ``trust_remote_code``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
-    except Exception as e:
-        if "trust_remote_code" in str(e) and not trust_remote_code:
-            raise MergeSearchError(f"{model_dir}: cannot load model: it needs its own Python code (auto_map); "
-                                   "pass --trust-remote-code (or trust_remote_code: true) if you trust it") from None
-        raise MergeSearchError(f"{model_dir}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    return model.to(device).eval(), tokenizer
-
-
 @app.command()
 def search(
     space_file: Path = typer.Argument(..., metavar="SPACE.yaml", help="search space"),
@@ -229,16 +197,21 @@ def search(
     n_trials: Optional[int] = typer.Option(None, "--n-trials", min=1, help="override the space's trial budget"),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="override the wall-time budget (s)"),
     no_export: bool = typer.Option(False, "--no-export", help="skip the export at the end"),
+    device_memory: Optional[str] = typer.Option(None, "--device-memory", metavar="SIZE",
+                                                help="each worker's device memory budget, e.g. 80GB "
+                                                     "(overrides resources.device_memory)"),
 ):
     """Search merges: propose with Optuna, score on Ray workers, rank, export the winner."""
+    from mergesearch.plan import parse_size
     from mergesearch.search.controller import Controller, SearchOptions
     from mergesearch.space import SearchSpace
 
     sp = SearchSpace.load(space_file)
     name = run or space_file.stem
     _check_run_name(name)
+    budget = parse_size(device_memory, "--device-memory") if device_memory is not None else None
     opts = SearchOptions(run=name, resume=resume, workers=workers, ray_address=ray_address, storage=storage,
-                         n_trials=n_trials, timeout=timeout, progress=interactive())
+                         n_trials=n_trials, timeout=timeout, progress=interactive(), device_memory=budget)
     summary = Controller(sp, opts, str(space_file)).run()
     typer.echo(f"run {name}: {summary['complete']} complete, {summary['failed']} failed trials in "
                f"{summary['elapsed_s']:.0f}s" + (" (interrupted)" if summary["interrupted"] else ""))
@@ -246,6 +219,39 @@ def search(
         _export_and_print(name, None, storage)
     if summary["interrupted"]:
         raise typer.Exit(130)
+
+
+@app.command("plan")
+def plan_cmd(
+    space_file: Path = typer.Argument(..., metavar="SPACE.yaml", help="search space"),
+    device_memory: Optional[str] = typer.Option(None, "--device-memory", metavar="SIZE",
+                                                help="device memory budget per worker, e.g. 80GB"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when visible)"),
+    as_json: bool = typer.Option(False, "--json", help="print the placement as JSON"),
+):
+    """Show where each worker's inputs would live: bytes per tier, bytes moved and the
+    predicted time per candidate. Reads file headers only."""
+    from mergesearch.plan import dumps, parse_size, space_plan
+    from mergesearch.space import SearchSpace
+
+    if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
+        raise MergeSearchError(f"--device: use cpu or cuda, got '{device}'")
+    sp = SearchSpace.load(space_file)
+    budget = parse_size(device_memory, "--device-memory") if device_memory is not None else None
+    side = _planned_side(sp)
+    p = space_plan(sp, device=device, budget=budget, side=side)
+    if side is None and (sp.curvature is not None or sp.gram is not None):
+        p.notes.append("curvature/gram files are computed when the search starts; they are not counted here")
+    typer.echo(dumps(p) if as_json else p.render())
+
+
+def _planned_side(space) -> dict | None:
+    """Side files a space names directly (curvature kind 'files'); None otherwise."""
+    c = space.curvature
+    if c is None or c.kind != "files":
+        return None
+    return {"metrics": {m: f for m, f in zip(space.models, c.files) if f}, "grams": {},
+            "base_metric": c.base_file}
 
 
 def _export_and_print(run: str, trial, storage) -> None:

@@ -325,7 +325,7 @@ def curvature(model_dir: str | Path, kind: str, data: str | None = None, task_di
         return out, True
     from safetensors.torch import save_file
 
-    from mergesearch.cli import load_model
+    from mergesearch.models import load_model
 
     t0 = time.perf_counter()
     if kind == "adam":

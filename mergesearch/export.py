@@ -71,7 +71,7 @@ def _clean_leftovers(out: Path) -> None:
 
 
 def _export_staged(run: str, t, recipe: Recipe, eval_cfg, stage: Path, out: Path, device: str) -> dict:
-    from mergesearch.cli import load_model
+    from mergesearch.models import load_model
     from mergesearch.evaluate import build_evaluator
     from mergesearch.merge import open_plan, stream_merge
     from mergesearch.workers import parse_faults

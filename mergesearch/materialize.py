@@ -1,33 +1,104 @@
 """In-memory materialization of candidate merges (the search hot loop).
 
-A :class:`Materializer` loads the base and the models once and keeps them
-resident on its device in their stored dtype (task vectors are formed inside the
-fused kernels, as in the export), and for magnitude-based sparsifiers (TIES,
-breadcrumbs) the rank of every element of every task vector in the stable
-magnitude order, so pruning at any density is one integer comparison inside the
-fused kernel instead of a top-k (exact, ties included). A candidate is computed by the
-same per-tensor code as the streamed export and written into an existing
-``nn.Module`` in place, with no disk I/O. Results are bit-equal to
-:func:`mergesearch.merge.stream_merge` for the same recipe.
+A :class:`Materializer` holds a family's inputs where a :class:`~mergesearch.plan.Placement`
+puts them: on the device (resident, in their stored dtype) or on the host, as
+zero-copy views of the memory-mapped files, which the page cache keeps once per node
+for every worker there. A candidate is computed tensor by tensor by the same
+per-tensor code as the streamed export (:func:`mergesearch.merge.merge_tensor`),
+cast to the dtype the export writes, and written into an existing ``nn.Module`` in
+place, with no disk I/O. Host inputs are read in place on the CPU (``stream: view``)
+or staged into the device through two slots, one tensor ahead of the merge
+(:class:`Stager`). TIES and breadcrumbs thresholds are selected per candidate (a
+radix select), exactly as the export selects them, so nothing per element is
+precomputed. Results are bit-equal to :func:`mergesearch.merge.stream_merge` for the
+same recipe in every placement and dtype.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from mergesearch.checkpoint import Checkpoint, check_compatible
+from mergesearch.checkpoint import Checkpoint, SideFile, check_compatible, mapped_safetensors, parse_dtype
 from mergesearch.errors import MergeSearchError
 from mergesearch.merge import merge_tensor
-from mergesearch.methods.inputs import work_dtype
 from mergesearch.methods import REGISTRY, TensorInputs, get_method
-from mergesearch.methods.inputs import magnitude_ranks
+from mergesearch.methods.inputs import work_dtype
+from mergesearch.plan import SLOT_ALIGN, Placement, make_plan
 from mergesearch.recipe import Recipe, layer_position
 
 log = logging.getLogger(__name__)
+
+
+class Stager:
+    """Copies host tensors into one of two device slots on a background thread, one
+    tensor ahead of the consumer. On CUDA the copy goes through a pinned buffer and a
+    copy stream; the compute stream waits for the copy, and a slot is refilled only
+    after the compute that read it."""
+
+    def __init__(self, device: torch.device, slot_bytes: int):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.slot_bytes = slot_bytes
+        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+        self.pinned = ([torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+                       if self.cuda else None)
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.copied: list = [None, None]  # CUDA events: a slot's copy has landed
+        self.consumed: list = [None, None]  # CUDA events: the compute that read a slot is done
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="stager")
+
+    def _fill(self, slot: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        offsets, off = [], 0
+        for t in tensors:
+            offsets.append(off)
+            off += -(-t.numel() * t.element_size() // SLOT_ALIGN) * SLOT_ALIGN
+        if off > self.slot_bytes:
+            raise MergeSearchError(f"staging slot of {self.slot_bytes} bytes cannot hold {off} bytes")
+
+        def place(buf, t, o):
+            return buf[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        if not self.cuda:
+            return [place(self.slots[slot], t, o).copy_(t) for t, o in zip(tensors, offsets)]
+        if self.copied[slot] is not None:
+            self.copied[slot].synchronize()  # the pinned buffer's last copy has left it
+        pin = self.pinned[slot]
+        for t, o in zip(tensors, offsets):
+            place(pin, t, o).copy_(t)
+        with torch.cuda.stream(self.copy_stream):
+            if self.consumed[slot] is not None:
+                self.copy_stream.wait_event(self.consumed[slot])
+            self.slots[slot][:off].copy_(pin[:off], non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self.copy_stream)
+            self.copied[slot] = ev
+        return [place(self.slots[slot], t, o) for t, o in zip(tensors, offsets)]
+
+    def run(self, jobs: list[tuple[str, list[torch.Tensor]]]) -> Iterator[tuple[str, list[torch.Tensor]]]:
+        """Yields (name, device copies) in order; the next job is copied meanwhile."""
+        if not jobs:
+            return
+        pending = self.pool.submit(self._fill, 0, jobs[0][1])
+        for k, (name, _) in enumerate(jobs):
+            staged = pending.result()
+            if k + 1 < len(jobs):
+                nxt = (k + 1) % 2
+                if self.cuda:  # everything enqueued so far read slot nxt at the latest
+                    ev = torch.cuda.Event()
+                    ev.record(torch.cuda.current_stream(self.device))
+                    self.consumed[nxt] = ev
+                pending = self.pool.submit(self._fill, nxt, jobs[k + 1][1])
+            if self.cuda:
+                torch.cuda.current_stream(self.device).wait_event(self.copied[k % 2])
+            yield name, staged
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
 
 
 class Materializer:
@@ -42,9 +113,13 @@ class Materializer:
         metrics: dict[str, str] | None = None,
         grams: dict[str, str] | None = None,
         base_metric: str | None = None,
+        placement: Placement | None = None,
+        budget: int | None = None,
+        stream: str = "auto",
     ):
-        """``metrics`` and ``grams`` map model paths to their side-input files (for
-        the curvature-based methods); they are loaded once and stay resident."""
+        """``metrics`` and ``grams`` map model paths to their side-input files (for the
+        curvature-based methods). ``placement`` (or a plan made here for ``budget``
+        bytes of device memory) says which inputs are resident on the device."""
         t0 = time.perf_counter()
         self.device = torch.device(device)
         methods = methods or list(REGISTRY)
@@ -61,140 +136,164 @@ class Materializer:
         self.base_path = str(Path(base).resolve()) if base is not None else None
         ref = self.base_ckpt if self.base_ckpt is not None else self.model_ckpts[0]
         self.ref_ckpt = ref
-        keep_ranks = any(s.sparsifier in ("magnitude", "outliers") for s in specs)
         self.num_layers = ref.num_layers
         self.names = ref.names()
         self.float_names = [n for n in self.names if ref.dtype(n).is_floating_point]
-        # Resident, in their stored dtype (bf16 stays bf16): the base and every model.
-        # Task vectors are taken inside the fused kernels, exactly as the export does.
-        self.base: dict[str, torch.Tensor] = {}
-        self.tensors: dict[str, list[torch.Tensor]] = {}
-        self.ranks: dict[str, list[torch.Tensor]] | None = {} if keep_ranks else None
-        self.constants: dict[str, torch.Tensor] = {}
-        for name in self.names:
-            if name not in self.float_names:
-                self.constants[name] = ref.get(name).to(self.device)
-                continue
-            ts = [self._load(m, name) for m in self.model_ckpts]
-            self.tensors[name] = ts
-            if self.base_ckpt is not None:
-                b = self.base[name] = self._load(self.base_ckpt, name)
-            if self.ranks is not None:
-                wb = b.to(work_dtype(b.dtype))
-                self.ranks[name] = [magnitude_ranks(t.to(wb.dtype) - wb) for t in ts]
-            for c in [ref, *self.model_ckpts]:
-                c.release()
-        self._load_side(metrics or {}, grams or {}, base_metric)
+        side = {"metrics": {str(k): v for k, v in (metrics or {}).items() if v},
+                "grams": {str(k): v for k, v in (grams or {}).items() if v}, "base_metric": base_metric}
+        self.placement = placement or make_plan(
+            None if base is None else str(base), [str(m) for m in models], methods, device=str(self.device),
+            budget=budget, side=side, stream=stream, bandwidth={"device": 1.0, "link": 1.0, "source": "not used"})
+        self.stream = self.placement.stream
+        self.constants = {n: ref.get(n).to(self.device) for n in self.names if n not in self.float_names}
+        self.slots: dict[str, dict[str, torch.Tensor]] = {}  # input key -> tensor name -> tensor
+        self.side_files: dict[str, str] = {}  # side key -> resolved path
+        if self.base_ckpt is not None:
+            self._place("base", self.base_ckpt.mapped(), self.base_ckpt.path)
+        for i, c in enumerate(self.model_ckpts):
+            self._place(f"m{i}", c.mapped(), c.path)
+        self._place_side(side)
+        for c in [ref, *self.model_ckpts]:
+            c.release()
+        host = [k for k in self.slots if not self.placement.on_device(k)]
+        self.host_keys = set(host)
+        slot = max((sum(-(-self.slots[k][n].numel() * self.slots[k][n].element_size() // SLOT_ALIGN) * SLOT_ALIGN
+                        for k in host if n in self.slots[k]) for n in self.float_names), default=0)
+        copying = host and (self.stream == "copy" or self.device.type != "cpu")
+        self.stager = Stager(self.device, slot) if copying else None
         self.setup_seconds = time.perf_counter() - t0
-        self.resident_bytes = sum(
-            t.numel() * t.element_size()
-            for store in (self.tensors, self.ranks)
-            if store is not None
-            for ts in store.values()
-            for t in ts
-        ) + sum(t.numel() * t.element_size() for t in self.base.values()) + sum(
-            t.numel() * t.element_size() for tensors in self.side.values() for t in tensors.values())
+        self.resident_bytes = sum(self._bytes(k) for k in self.slots if k not in self.host_keys)
+        self.host_bytes = sum(self._bytes(k) for k in self.host_keys)
+        self.last_moved = 0
 
-    def _load_side(self, metrics: dict, grams: dict, base_metric: str | None) -> None:
-        from mergesearch.checkpoint import SideFile
+    def _bytes(self, key: str) -> int:
+        return sum(t.numel() * t.element_size() for t in self.slots[key].values())
 
-        def key(p):
-            return str(Path(p).resolve())
-        by_model = {key(c.path): i for i, c in enumerate(self.model_ckpts)}
-        self.side_files: dict[tuple[str, int], str] = {}
-        self.side: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
-        for kind, table in (("metric", metrics), ("gram", grams)):
-            for model, file in table.items():
-                i = by_model.get(key(model))
+    def _place(self, key: str, views: dict[str, torch.Tensor], where, side: SideFile | None = None) -> None:
+        """Check every float tensor once (non-finite values; for metrics, negative ones),
+        then keep it as a view of its mapped file (host) or as a device copy."""
+        resident = self.placement.on_device(key)
+        out = {}
+        for name, t in views.items():
+            if not t.is_floating_point():
+                continue
+            if side is not None:
+                side.check_values(name, t)
+            elif not torch.isfinite(t.sum(dtype=work_dtype(t.dtype))):
+                raise MergeSearchError(f"{where}: tensor '{name}' contains NaN or Inf")
+            out[name] = torch.empty_like(t, device=self.device).copy_(t) if resident else t
+        self.slots[key] = out
+
+    def _place_side(self, side: dict) -> None:
+        by_model = {str(c.path.resolve()): i for i, c in enumerate(self.model_ckpts)}
+        for kind in ("metric", "gram"):
+            for model, file in side[f"{kind}s"].items():
+                i = by_model.get(str(Path(model).resolve()))
                 if i is None:
                     raise MergeSearchError(f"{file}: {kind} for {model}, which is not among the models")
                 f = SideFile(file, kind).check_against(self.model_ckpts[i])
-                self.side_files[(kind, i)] = key(file)
-                self.side[(kind, i)] = {n: f.get(n).to(self.device) for n in f.names()}
-                f.release()
-        if base_metric is not None:
+                self.side_files[f"{kind}:m{i}"] = str(Path(file).resolve())
+                self._place(f"{kind}:m{i}", mapped_safetensors(f.path), f.path, side=f)
+        if side["base_metric"] is not None:
             if self.base_ckpt is None:
-                raise MergeSearchError(f"{base_metric}: a base metric needs a base model")
-            f = SideFile(base_metric, "metric").check_against(self.base_ckpt)
-            self.side_files[("metric", -1)] = key(base_metric)
-            self.side[("metric", -1)] = {n: f.get(n).to(self.device) for n in f.names()}
-            f.release()
+                raise MergeSearchError(f"{side['base_metric']}: a base metric needs a base model")
+            f = SideFile(side["base_metric"], "metric").check_against(self.base_ckpt)
+            self.side_files["metric:base"] = str(Path(f.path).resolve())
+            self._place("metric:base", mapped_safetensors(f.path), f.path, side=f)
 
-    def _load(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
-        t = ckpt.get(name).to(device=self.device)
-        if not torch.isfinite(t.sum(dtype=work_dtype(t.dtype))):
-            raise MergeSearchError(f"{ckpt.path}: tensor '{name}' contains NaN or Inf")
-        return t
-
-    def bind(self, recipe: Recipe) -> tuple[list[int], dict]:
-        """Resolve a recipe's models and side-input files to resident slots: done once
-        per candidate, not once per tensor (path resolution is a filesystem call)."""
+    def bind(self, recipe: Recipe) -> tuple[list[str], str | None, dict]:
+        """Resolve a recipe's models and side-input files to input keys: done once per
+        candidate, not once per tensor (path resolution is a filesystem call)."""
         spec = recipe.spec
         if recipe.base and self.base_path is None:
             raise MergeSearchError(f"recipe base {recipe.base}: this materializer holds no base")
         if recipe.base and str(Path(recipe.base).resolve()) != self.base_path:
             raise MergeSearchError(f"recipe base {recipe.base} differs from the materializer's base")
-        if spec.sparsifier in ("magnitude", "outliers") and self.ranks is None:
-            raise MergeSearchError(f"method '{spec.name}' was not among the materializer's methods")
-        idx = []
+        keys = []
         for m in recipe.models:
-            key = str(Path(m.path).resolve())
-            if key not in self.paths:
+            i = self.paths.get(str(Path(m.path).resolve()))
+            if i is None:
                 raise MergeSearchError(f"recipe model {m.path} is not loaded in this materializer")
-            idx.append(self.paths[key])
+            keys.append(f"m{i}")
 
-        def slot(kind: str, i: int, file: str | None):
+        def slot(kind: str, owner: str, file: str | None):
             if file is None:
                 return None
-            if self.side_files.get((kind, i)) != str(Path(file).resolve()):
+            key = f"{kind}:{owner}"
+            if self.side_files.get(key) != str(Path(file).resolve()):
                 raise MergeSearchError(f"recipe {kind} {file} is not loaded in this materializer")
-            return (kind, i)
+            return key
         side: dict = {}
         if spec.needs_metric != "no":
-            side["metrics"] = [slot("metric", i, m.metric) for i, m in zip(idx, recipe.models)]
-            side["base_metric"] = slot("metric", -1, recipe.base_metric)
+            side["metrics"] = [slot("metric", k, m.metric) for k, m in zip(keys, recipe.models)]
+            side["base_metric"] = slot("metric", "base", recipe.base_metric)
         if spec.needs_gram:
-            side["grams"] = [slot("gram", i, m.gram) for i, m in zip(idx, recipe.models)]
-        return idx, side
+            side["grams"] = [slot("gram", k, m.gram) for k, m in zip(keys, recipe.models)]
+        base = "base" if spec.uses_base != "no" and "base" in self.slots else None
+        return keys, base, side
 
-    def inputs(self, recipe: Recipe, name: str, bound: tuple[list[int], dict] | None = None) -> TensorInputs:
-        idx, side = bound if bound is not None else self.bind(recipe)
-        tensors = [self.tensors[name][i] for i in idx]
-        ranks = [self.ranks[name][i] for i in idx] if self.ranks is not None else None
-        base = self.base.get(name) if recipe.spec.uses_base != "no" else None
+    def _candidate(self, recipe: Recipe, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The merged tensors (work dtype) of ``names`` in order, host inputs streamed."""
+        keys, base, side = self.bind(recipe)
+        used = [k for k in [base, *keys] if k is not None]
+        used += [k for v in side.values() for k in (v if isinstance(v, list) else [v]) if k is not None]
+        used = list(dict.fromkeys(used))
+        staged_keys = [k for k in used if k in self.host_keys] if self.stager is not None else []
+        self.last_moved = 0
 
-        def get(key):
-            return None if key is None else self.side[key].get(name)
-        extra = {k: [get(x) for x in v] if isinstance(v, list) else get(v) for k, v in side.items()}
-        return TensorInputs(name, base, tensors=tensors, ranks=ranks, seed=recipe.seed, **extra)
+        def build(name: str, staged: dict) -> TensorInputs:
+            def get(key):
+                if key is None:
+                    return None
+                return staged[key] if key in staged else self.slots[key].get(name)
+            extra = {k: [get(x) for x in v] if isinstance(v, list) else get(v) for k, v in side.items()}
+            return TensorInputs(name, get(base), tensors=[get(k) for k in keys], seed=recipe.seed, **extra)
 
-    def tensor(self, recipe: Recipe, name: str, bound: tuple[list[int], dict] | None = None) -> torch.Tensor:
-        if name in self.constants:
-            return self.constants[name]
-        # No finiteness pass in the hot loop: a non-finite candidate shows up as a
-        # non-finite score and fails its trial.
-        return merge_tensor(recipe, recipe.spec, self.inputs(recipe, name, bound),
-                            layer_position(name, self.num_layers), check_finite=False)
+        floats = [n for n in names if n not in self.constants]
+        if staged_keys:
+            jobs = [(n, [self.slots[k][n] for k in staged_keys if n in self.slots[k]]) for n in floats]
+            stream = self.stager.run(jobs)
+        for name in names:
+            if name in self.constants:
+                yield name, self.constants[name]
+                continue
+            staged = {}
+            if staged_keys:
+                _, copies = next(stream)
+                present = [k for k in staged_keys if name in self.slots[k]]
+                staged = dict(zip(present, copies))
+                self.last_moved += sum(t.numel() * t.element_size() for t in copies)
+            # no finiteness pass in the hot loop: a non-finite candidate shows up as a
+            # non-finite score and fails its trial
+            yield name, merge_tensor(recipe, recipe.spec, build(name, staged),
+                                     layer_position(name, self.num_layers), check_finite=False)
 
-    def state_dict(self, recipe: Recipe, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The merged weights (for tests and small models)."""
-        out = {}
-        bound = self.bind(recipe)
-        for name in self.names:
-            t = self.tensor(recipe, name, bound)
-            out[name] = t.to(dtype or self.ref_ckpt.dtype(name)) if t.is_floating_point() else t
-        return out
+    def export_dtype(self, recipe: Recipe, name: str) -> torch.dtype:
+        """The dtype the streamed export writes this tensor in."""
+        src = self.ref_ckpt.dtype(name)
+        return (parse_dtype(recipe.dtype) or src) if src.is_floating_point else src
+
+    def state_dict(self, recipe: Recipe) -> dict[str, torch.Tensor]:
+        """The merged weights, as the export writes them (for tests and small models)."""
+        recipe.validate_semantics()
+        return {name: t.to(self.export_dtype(recipe, name)) for name, t in self._candidate(recipe, self.names)}
 
     @torch.no_grad()
     def write_into(self, module: torch.nn.Module, recipe: Recipe) -> None:
-        """Write the recipe's merged weights into ``module``'s parameters in place."""
+        """Write the recipe's merged weights into ``module``'s parameters in place, in
+        the dtype the export writes them (the module must hold them in that dtype)."""
         recipe.validate_semantics()
         targets = dict(module.named_parameters())
         targets.update(dict(module.named_buffers()))
-        bound = self.bind(recipe)
-        for name in self.names:
-            target = targets.get(name)
-            if target is None:
-                continue  # e.g. a tied lm_head absent from the module's names
-            merged = self.tensor(recipe, name, bound)
-            target.copy_(merged.to(dtype=target.dtype, device=target.device))
+        names = [n for n in self.names if n in targets]  # e.g. a tied lm_head is absent
+        for name, merged in self._candidate(recipe, names):
+            target = targets[name]
+            dtype = self.export_dtype(recipe, name)
+            if target.dtype != dtype:
+                raise MergeSearchError(f"evaluation model holds '{name}' in {target.dtype}, but the export writes "
+                                       f"{dtype}: load it in the recipe's dtype")
+            target.copy_(merged.to(dtype=dtype))
+
+    def close(self) -> None:
+        if self.stager is not None:
+            self.stager.close()

@@ -67,6 +67,23 @@ class Budget(StrictModel):
 DataList = Union[str, list[str]]
 
 
+class Resources(StrictModel):
+    """Where a worker's inputs live and what it may use (see mergesearch.plan)."""
+
+    device_memory: Optional[Union[str, int]] = None  # e.g. 80GB; default: the device's free memory
+    eval_memory: Optional[Union[str, int]] = None  # activations of the evaluation; default 20% of the model
+    gpus_per_worker: Optional[float] = Field(default=None, ge=0)  # a fraction shares a GPU; default: chosen
+    stream: Literal["auto", "view", "copy"] = "auto"  # host inputs: read in place (CPU) or staged copies
+    setup_timeout: float = Field(default=1800.0, gt=0)  # seconds for a worker to load before it counts as hung
+
+    @model_validator(mode="after")
+    def _whole_or_fraction(self):
+        g = self.gpus_per_worker
+        if g is not None and g > 1 and g != int(g):
+            raise ValueError(f"gpus_per_worker {g}: use a fraction below 1 or a whole number of GPUs")
+        return self
+
+
 class CurvatureConfig(StrictModel):
     """Where each model's diagonal metric comes from (fisher, preconditioned,
     gradient_matching). Estimates are computed once and cached (mergesearch curvature)."""
@@ -108,6 +125,7 @@ class SearchSpace(StrictModel):
     seed_from: Optional[str] = None  # a soup run whose recipe is enqueued first
     curvature: Optional[CurvatureConfig] = None
     gram: Optional[GramConfig] = None
+    resources: Resources = Resources()
 
     # -- loading and checks -----------------------------------------------------
     @classmethod
@@ -160,6 +178,11 @@ class SearchSpace(StrictModel):
                 if p.required and p.name not in self.parameters:
                     raise MergeSearchError(f"{where}: method '{s.name}' needs bounds or a value for parameters.{p.name}")
         self._check_side(specs, where)
+        from mergesearch.plan import parse_size
+        for key in ("device_memory", "eval_memory"):
+            value = getattr(self.resources, key)
+            if value is not None:
+                parse_size(value, f"{where}: resources.{key}")
         if self.seed_from is not None and not self.seed_from.strip():
             raise MergeSearchError(f"{where}: seed_from: give the name of a soup run")
         self.evaluator.check(f"{where}: evaluator")
@@ -200,8 +223,8 @@ class SearchSpace(StrictModel):
             raise MergeSearchError(f"{where}: gram.data: give one entry per model ({n}) or a single one")
 
     def fingerprint(self) -> str:
-        """Identity of the space for --resume (the budget may change between runs)."""
-        data = self.model_dump(mode="json", exclude={"budget"})
+        """Identity of the space for --resume (the budget and resources may change between runs)."""
+        data = self.model_dump(mode="json", exclude={"budget", "resources"})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     # -- variables -----------------------------------------------------------------

@@ -20,7 +20,7 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
 def llama_config(hidden: int, layers: int, intermediate: int, vocab: int, heads: int, dtype: str,
-                 tie: bool = False) -> dict:
+                 tie: bool = False, kv_heads: int | None = None) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -28,7 +28,7 @@ def llama_config(hidden: int, layers: int, intermediate: int, vocab: int, heads:
         "intermediate_size": intermediate,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
-        "num_key_value_heads": heads,
+        "num_key_value_heads": kv_heads or heads,
         "vocab_size": vocab,
         "max_position_embeddings": 256,
         "rms_norm_eps": 1e-5,
@@ -44,10 +44,11 @@ def llama_config(hidden: int, layers: int, intermediate: int, vocab: int, heads:
 
 def llama_layout(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    kv = h // cfg["num_attention_heads"] * cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     names = [("model.embed_tokens.weight", (v, h))]
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}."
-        names += [(p + f"self_attn.{x}_proj.weight", (h, h)) for x in "qkvo"]
+        names += [(p + f"self_attn.{x}_proj.weight", (h if x in "qo" else kv, h)) for x in "qkvo"]
         names += [(p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
                   (p + "mlp.down_proj.weight", (h, i))]
         names += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
@@ -70,6 +71,46 @@ def write_tokenizer(out: Path, vocab_size: int) -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
                                    eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(str(out))
+
+
+# An 8B Llama's shape (Llama 3): what `mergesearch plan` and the GPU benchmark size against.
+LLAMA_8B = dict(hidden=4096, layers=32, intermediate=14336, vocab=128256, heads=32, kv_heads=8)
+
+
+def write_shaped_model(out: Path, cfg: dict, dtype: str = "bfloat16") -> Path:
+    """A model folder whose ``model.safetensors`` has a real header but no data: a
+    sparse file, so a 16 GB model takes no disk. Enough for anything that reads
+    headers only (planning); never load its tensors."""
+    import struct
+
+    from mergesearch.checkpoint import _ST_DTYPE, DTYPES
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    item = DTYPES[dtype].itemsize
+    header, off = {}, 0
+    for name, shape in llama_layout(cfg):
+        n = item
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": _ST_DTYPE[DTYPES[dtype]], "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(out / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + off)
+    (out / "config.json").write_text(json.dumps({**cfg, "torch_dtype": dtype}, indent=2) + "\n")
+    return out
+
+
+def shaped_family(out: str | Path, n_models: int = 4, dtype: str = "bfloat16", **shape) -> dict[str, Path]:
+    """``base`` and ``ft0..`` as header-only models of ``shape`` (default: LLAMA_8B)."""
+    shape = {**LLAMA_8B, **shape}
+    cfg = llama_config(shape["hidden"], shape["layers"], shape["intermediate"], shape["vocab"], shape["heads"],
+                       dtype, kv_heads=shape.get("kv_heads"))
+    out = Path(out)
+    return {k: write_shaped_model(out / k, cfg, dtype) for k in ["base", *[f"ft{i}" for i in range(n_models)]]}
 
 
 def _gen(seed: int, *parts) -> torch.Generator:

@@ -9,11 +9,25 @@ Failures never stop a search: an exception, a non-finite score, a dead actor or
 a trial past its timeout fails that trial with its reason, and a dead or hung
 actor is replaced.
 
+Placement: each worker plans where its inputs live (:mod:`mergesearch.plan`) from the
+space's ``resources``: device-resident, or memory-mapped on the host (one copy per
+node, shared by its workers) and streamed per tensor. Workers ask Ray for
+``gpus_per_worker`` GPUs, a fraction when several share one GPU.
+
+Clocks: a trial's timeout runs from when its worker is ready, so a replacement
+worker's loading never counts against ``trial_timeout``; loading has its own limit,
+``resources.setup_timeout``.
+
+Out of memory (``torch.OutOfMemoryError`` on CUDA, ``MemoryError`` on the host)
+fails the trial with reason ``oom: ...``. The worker empties the CUDA cache and
+keeps going when it can still allocate its merge scratch; otherwise it is replaced.
+
 Fault hook (for tests and drills): set ``MERGESEARCH_FAULT`` in the environment
 of the search process to ``<kind>@<trial>[,<kind>@<trial>...]``, where kind is
 ``raise_materialize``, ``raise_eval``, ``exit`` (``os._exit``), ``kill`` (SIGKILL),
-``nan``, ``inf``, ``hang`` or ``oom``;
-the worker injects that fault when it runs that trial number.
+``nan``, ``inf``, ``hang`` or ``oom`` (raises ``torch.OutOfMemoryError``);
+the worker injects that fault when it runs that trial number. ``setup_sleep@S``
+makes every worker sleep S seconds while it loads.
 """
 
 from __future__ import annotations
@@ -68,44 +82,81 @@ def _ray_temp_dir(run_dir: Path) -> tuple[str, Path | None]:
     return str(link), link
 
 
-def parse_faults(text: str | None) -> dict[int, str]:
-    faults = {}
+def parse_faults(text: str | None) -> dict[int | str, str | float]:
+    faults: dict = {}
     for part in (text or "").split(","):
         if "@" in part:
             kind, _, number = part.strip().partition("@")
-            faults[int(number)] = kind
+            if kind == "setup_sleep":
+                faults["setup_sleep"] = float(number)
+            else:
+                faults[int(number)] = kind
     return faults
+
+
 
 
 class Worker:
     """The actor body (wrapped with ``ray.remote`` by the pool)."""
 
     def __init__(self, worker_id: int, base: str | None, models: list[str], methods: list[str], eval_cfg: dict,
-                 threads: int = 1, faults: dict[int, str] | None = None, side: dict | None = None):
+                 threads: int = 1, faults: dict | None = None, side: dict | None = None,
+                 placement: dict | None = None):
+        """``placement``: budget (bytes or None), eval_reserve, stream, share (GPUs per
+        worker) and dtype (of the evaluation model and the export) for the plan."""
         import torch
 
-        from mergesearch.cli import load_model
         from mergesearch.evaluate import EvalConfig, build_evaluator
         from mergesearch.materialize import Materializer
+        from mergesearch.models import load_model
+        from mergesearch.plan import make_plan
 
         torch.set_num_threads(max(1, threads))
         self.worker_id = worker_id
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.faults = faults or {}
         t0 = time.perf_counter()
+        if self.faults.get("setup_sleep"):
+            time.sleep(self.faults["setup_sleep"])
         # compatibility was checked once by the controller, before Ray started
         side = side or {}
-        self.mat = Materializer(base, models, methods=methods, device=self.device, check=False,
-                                metrics={m: f for m, f in (side.get("metrics") or {}).items() if f},
-                                grams=side.get("grams"), base_metric=side.get("base_metric"))
+        metrics = {m: f for m, f in (side.get("metrics") or {}).items() if f}
+        opts = placement or {}
+        self.plan = make_plan(base, models, methods, device=self.device, budget=opts.get("budget"),
+                              eval_dtype=opts.get("dtype"), eval_reserve=opts.get("eval_reserve"),
+                              side={"metrics": metrics, "grams": side.get("grams") or {},
+                                    "base_metric": side.get("base_metric")},
+                              gpus_per_worker=opts.get("share") or 1.0, stream=opts.get("stream", "auto"),
+                              bandwidth={"device": 1.0, "link": 1.0, "source": "not used"})
+        self.mat = Materializer(base, models, methods=methods, device=self.device, check=False, metrics=metrics,
+                                grams=side.get("grams"), base_metric=side.get("base_metric"), placement=self.plan)
         self.model, self.tokenizer = load_model(Path(base if base is not None else models[0]), device=self.device,
-                                                trust_remote_code=bool(eval_cfg.get("trust_remote_code")))
+                                                trust_remote_code=bool(eval_cfg.get("trust_remote_code")),
+                                                dtype=opts.get("dtype"))
         self.eval_cfg = EvalConfig.model_validate(eval_cfg)
         self.evaluators = {self.eval_cfg.split: build_evaluator(self.eval_cfg, device=self.device)}
         self.setup_s = time.perf_counter() - t0
-        self.faults = faults or {}
 
     def info(self) -> dict:
-        return {"worker": self.worker_id, "pid": os.getpid(), "device": self.device, "setup_s": self.setup_s}
+        return {"worker": self.worker_id, "pid": os.getpid(), "device": self.device, "setup_s": self.setup_s,
+                "resident": self.plan.resident, "host": self.plan.host}
+
+    def _recover(self) -> bool:
+        """After an out-of-memory error: free what the failed candidate held and say
+        whether the worker can still allocate its merge scratch."""
+        import gc
+
+        import torch
+
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            probe = torch.empty(self.plan.scratch, dtype=torch.uint8, device=self.device)
+            del probe
+            return True
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError):
+            return False
 
     def run(self, number: int, recipe: dict, split: str | None = None) -> dict:
         """Materialize ``recipe`` in place and score it (on the configured split, or
@@ -118,30 +169,36 @@ class Worker:
             self.evaluators[split] = build_evaluator(self.eval_cfg.model_copy(update={"split": split}),
                                                      device=self.device)
 
+        import torch
+
         fault = self.faults.get(number)
         r = from_dict(recipe, f"trial {number}")
         t0 = time.perf_counter()
-        if fault == "raise_materialize":
-            raise RuntimeError("injected fault in materialize")
-        if fault == "oom":
-            raise MemoryError("injected out-of-memory")
-        self.mat.write_into(self.model, r)
-        t1 = time.perf_counter()
-        if fault == "raise_eval":
-            raise RuntimeError("injected fault in evaluate")
-        if fault == "exit":
-            os._exit(1)
-        if fault == "kill":
-            import signal
-            os.kill(os.getpid(), signal.SIGKILL)
-        if fault == "hang":
-            time.sleep(10**6)
-        scores = self.evaluators[split].score(self.model, self.tokenizer)
+        try:
+            if fault == "raise_materialize":
+                raise RuntimeError("injected fault in materialize")
+            if fault == "oom":
+                raise torch.OutOfMemoryError("injected out-of-memory")
+            self.mat.write_into(self.model, r)
+            t1 = time.perf_counter()
+            if fault == "raise_eval":
+                raise RuntimeError("injected fault in evaluate")
+            if fault == "exit":
+                os._exit(1)
+            if fault == "kill":
+                import signal
+                os.kill(os.getpid(), signal.SIGKILL)
+            if fault == "hang":
+                time.sleep(10**6)
+            scores = self.evaluators[split].score(self.model, self.tokenizer)
+        except (torch.OutOfMemoryError, MemoryError) as e:  # reported as a result: the actor may live on
+            first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            return {"oom": first, "usable": self._recover(), "worker": self.worker_id}
         if fault in ("nan", "inf"):
             scores = {k: float(fault) for k in scores}
         t2 = time.perf_counter()
         return {"scores": scores, "materialize_s": t1 - t0, "eval_s": t2 - t1, "worker": self.worker_id,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "moved_bytes": self.mat.last_moved}
 
 
 @dataclass
@@ -159,32 +216,80 @@ class WorkerPool:
     """Ray actors, one trial each at a time; replaces dead and hung actors."""
 
     def __init__(self, n: int, base: str | None, models: list[str], methods: list[str], eval_cfg: dict,
-                 trial_timeout: float, faults: dict[int, str] | None = None, side: dict | None = None):
+                 trial_timeout: float, faults: dict | None = None, side: dict | None = None,
+                 resources: dict | None = None, dtype: str | None = None):
         import ray
 
+        from mergesearch.errors import MergeSearchError
+        from mergesearch.plan import gpu_shares, parse_size
+
         self.ray = ray
-        gpus = ray.cluster_resources().get("GPU", 0)
-        cpus = ray.cluster_resources().get("CPU", 1)
-        self.num_gpus = 1 if gpus >= 1 else 0
+        res = resources or {}
+        cluster = ray.cluster_resources()
+        gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 1)
+        self.num_gpus = gpu_shares(n, gpus, res.get("gpus_per_worker"))
+        if n > cpus:
+            raise MergeSearchError(f"--workers {n}: the Ray cluster has {cpus:g} CPU(s) and each worker takes one")
         self.threads = max(1, int(cpus // max(n, 1)))
         self.cls = ray.remote(num_cpus=1, num_gpus=self.num_gpus, max_restarts=0)(Worker)
-        self.args = (base, models, methods, eval_cfg, self.threads, faults or {}, side)
+        placement = {"budget": parse_size(res["device_memory"], "resources.device_memory")
+                     if res.get("device_memory") is not None else None,
+                     "eval_reserve": parse_size(res["eval_memory"], "resources.eval_memory")
+                     if res.get("eval_memory") is not None else None,
+                     "stream": res.get("stream", "auto"), "share": self.num_gpus or 1.0, "dtype": dtype}
+        self.args = (base, models, methods, eval_cfg, self.threads, faults or {}, side, placement)
         self.trial_timeout = trial_timeout
+        self.setup_timeout = float(res.get("setup_timeout") or 1800.0)
         self.next_id = 0
         self.actors: dict[int, object] = {}
-        self.busy: dict[object, tuple[int, object, float]] = {}  # ref -> (number, actor id, start)
+        self.spawned: dict[int, float] = {}  # worker -> when it was started
+        self.ready_at: dict[int, float] = {}  # worker -> when its set-up finished
+        self.loading: dict[object, int] = {}  # info ref -> worker still loading
+        self.busy: dict[object, tuple[int, object, float]] = {}  # ref -> (number, worker, submitted)
+        self.infos: dict[int, dict] = {}
+        self.replaced = 0
         for _ in range(n):
             self._spawn()
         # wait for set-up so a broken environment fails fast and timings exclude it
-        infos = ray.get([a.info.remote() for a in self.actors.values()])
-        self.infos = {i["worker"]: i for i in infos}
-        self.replaced = 0
+        refs = list(self.loading)
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=self.setup_timeout)
+        if len(done) < len(refs):
+            self.shutdown()
+            raise MergeSearchError(
+                f"{len(refs) - len(done)} of {n} worker(s) did not start within {self.setup_timeout:.0f}s "
+                f"(resources.setup_timeout); each asks for 1 CPU and {self.num_gpus:g} GPU, the cluster has "
+                f"{cpus:g} CPU and {gpus:g} GPU")
+        try:
+            self._poll_ready(0, strict=True)
+        except ray.exceptions.RayActorError as e:
+            self.shutdown()
+            cause = getattr(e, "cause", None) or e
+            raise MergeSearchError(f"worker set-up failed: {str(cause).strip().splitlines()[-1][:300]}") from None
 
     def _spawn(self) -> int:
         wid = self.next_id
         self.next_id += 1
-        self.actors[wid] = self.cls.remote(wid, *self.args)
+        actor = self.cls.remote(wid, *self.args)
+        self.actors[wid] = actor
+        self.spawned[wid] = time.monotonic()
+        self.loading[actor.info.remote()] = wid
         return wid
+
+    def _poll_ready(self, timeout: float = 0, strict: bool = False) -> None:
+        """Note the workers whose set-up finished. A worker whose set-up failed raises
+        when ``strict`` (at start); later, its queued trial fails as "worker died"."""
+        if not self.loading:
+            return
+        done, _ = self.ray.wait(list(self.loading), num_returns=len(self.loading), timeout=timeout)
+        now = time.monotonic()
+        for ref in done:
+            wid = self.loading.pop(ref)
+            self.ready_at[wid] = now
+            try:
+                self.infos[wid] = self.ray.get(ref)
+            except self.ray.exceptions.RayActorError:
+                if strict:
+                    raise
 
     def _replace(self, wid: int) -> None:
         actor = self.actors.pop(wid, None)
@@ -193,6 +298,9 @@ class WorkerPool:
                 self.ray.kill(actor, no_restart=True)
             except Exception:
                 pass
+        for ref, w in list(self.loading.items()):
+            if w == wid:
+                self.loading.pop(ref)
         self.replaced += 1
         self._spawn()
 
@@ -211,7 +319,9 @@ class WorkerPool:
         self.busy[ref] = (number, wid, time.monotonic())
 
     def wait(self, timeout: float = 1.0) -> list[Result]:
-        """Results that finished (or failed, or timed out) within ``timeout`` seconds."""
+        """Results that finished (or failed, or timed out) within ``timeout`` seconds.
+        A trial's clock starts when its worker is ready (submit time or set-up end,
+        whichever is later); a worker still loading has ``setup_timeout``."""
         if not self.busy:
             return []
         ready, rest = self.ray.wait(list(self.busy), num_returns=1, timeout=timeout)
@@ -222,9 +332,18 @@ class WorkerPool:
         for ref in ready:
             number, wid, _ = self.busy.pop(ref)
             out.append(self._collect(ref, number, wid))
+        self._poll_ready(0)
         now = time.monotonic()
-        for ref, (number, wid, start) in list(self.busy.items()):
-            if now - start > self.trial_timeout:
+        for ref, (number, wid, submitted) in list(self.busy.items()):
+            if wid not in self.ready_at:
+                if now - self.spawned[wid] > self.setup_timeout:
+                    self.busy.pop(ref)
+                    self._replace(wid)
+                    out.append(Result(number, False, worker=wid, retryable=True,
+                                      reason=f"setup timeout: the worker did not load within "
+                                             f"{self.setup_timeout:.0f}s (replaced)"))
+                continue
+            if now - max(submitted, self.ready_at[wid]) > self.trial_timeout:
                 self.busy.pop(ref)
                 self._replace(wid)
                 out.append(Result(number, False, worker=wid,
@@ -242,8 +361,11 @@ class WorkerPool:
         except ray.exceptions.RayTaskError as e:
             cause = e.cause if getattr(e, "cause", None) is not None else e
             reason = f"{type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}"
-            if isinstance(cause, MemoryError):
-                self._replace(wid)  # its memory may be in a bad state
+            return Result(number, False, worker=wid, reason=reason)
+        if "oom" in r:
+            reason = f"oom: {r['oom']}"
+            if not r["usable"]:  # it cannot even allocate its merge scratch any more
+                self._replace(wid)
                 reason += " (worker replaced)"
             return Result(number, False, worker=wid, reason=reason)
         bad = [t for t, v in r["scores"].items() if not isinstance(v, (int, float)) or not math.isfinite(v)]

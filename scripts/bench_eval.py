@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mergesearch.cli import load_model  # noqa: E402
+from mergesearch.models import load_model  # noqa: E402
 from mergesearch.evaluate import EvalConfig, build_evaluator  # noqa: E402
 from mergesearch.materialize import Materializer  # noqa: E402
 from mergesearch.recipe import from_dict  # noqa: E402

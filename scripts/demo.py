@@ -17,7 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mergesearch.cli import load_model, main as cli  # noqa: E402
+from mergesearch.cli import main as cli  # noqa: E402
+from mergesearch.models import load_model  # noqa: E402
 from mergesearch.evaluate import build_evaluator  # noqa: E402
 from mergesearch.materialize import Materializer  # noqa: E402
 from mergesearch.search.controller import baseline_recipes  # noqa: E402

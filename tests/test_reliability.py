@@ -156,7 +156,7 @@ def test_export_is_atomic_repeatable_and_equal_to_the_scored_candidate(tmp_path,
     import torch
 
     from mergesearch.checkpoint import Checkpoint
-    from mergesearch.cli import load_model
+    from mergesearch.models import load_model
     from mergesearch.materialize import Materializer
     from mergesearch.recipe import from_dict
 

@@ -189,12 +189,47 @@ def test_worker_faults_fail_their_trials_and_the_search_completes(tmp_path, zoo,
     assert failed[1] == "RuntimeError: injected fault in evaluate"
     assert failed[2] == "non-finite score for reverse, shift, max, add"
     assert failed[3].startswith("worker died") and failed[3].endswith("replaced")
-    assert failed[4] == "MemoryError: injected out-of-memory (worker replaced)"
+    assert failed[4] == "oom: injected out-of-memory"  # torch.OutOfMemoryError; the worker recovered
     assert failed[5] == "timeout: no result after 10s (worker replaced)"
     assert failed[6] == "RuntimeError: injected fault in materialize"
     assert failed[7].startswith("worker died") and failed[7].endswith("replaced")
     assert failed[8] == "non-finite score for reverse, shift, max, add"
     assert all(t.state.name == "COMPLETE" for t in trials if t.number not in failed)
+
+
+def test_worker_setup_does_not_count_against_the_trial_timeout(tmp_path, zoo, monkeypatch):
+    """Trial 1 kills its worker (and its retry the replacement). Each replacement loads
+    for 4 s + start-up, longer than the 3 s trial timeout; the trials queued on it
+    still complete, because a trial's clock starts when its worker is ready."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MERGESEARCH_FAULT", "setup_sleep@4,kill@1")
+    space = write_space(tmp_path, zoo, budget={"n_trials": 4}, initial_trials=False, trial_timeout=3,
+                        granularity={"level": "model"}, sampler={"name": "random"})
+    assert main(["search", str(space), "--run", "s", "--workers", "1", "--no-export"]) == 0
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'results' / 's' / 'study.db'}")
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    states = {t.number: t.state.name for t in trials}
+    assert states == {0: "COMPLETE", 1: "FAIL", 2: "COMPLETE", 3: "COMPLETE"}
+    assert trials[1].user_attrs["reason"].startswith("worker died")
+    assert {t.user_attrs["worker"] for t in trials if t.number in (2, 3)} == {2}  # the second replacement
+
+
+def test_more_workers_than_gpus_is_refused_or_shared():
+    from mergesearch.errors import MergeSearchError
+    from mergesearch.plan import gpu_shares
+    assert gpu_shares(2, 0, None) == 0.0  # a CPU cluster
+    assert gpu_shares(2, 2, None) == 1.0
+    assert gpu_shares(2, 1, None) == 0.5  # two workers share the one GPU
+    assert gpu_shares(3, 1, None) == pytest.approx(1 / 3)
+    assert gpu_shares(5, 2, None) == pytest.approx(1 / 3)  # 3 + 2 on two GPUs
+    assert gpu_shares(4, 2, 0.5) == 0.5 and gpu_shares(2, 4, 2) == 2.0
+    with pytest.raises(MergeSearchError, match=r"^--workers 2 with resources.gpus_per_worker 1: the cluster's 1 "
+                                               r"GPU\(s\) seat only 1 worker\(s\); use fewer workers or a share such as 0.5$"):
+        gpu_shares(2, 1, 1.0)
+    with pytest.raises(MergeSearchError, match="seat only 2"):
+        gpu_shares(3, 1, 0.4)
+    with pytest.raises(MergeSearchError, match="the Ray cluster has no GPU"):
+        gpu_shares(1, 0, 0.5)
 
 
 def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path, zoo):

@@ -28,7 +28,7 @@ def trials_of(tmp_path: Path, run: str):
 
 
 def dev_score(zoo: Path, model: Path, task: str) -> float:
-    from mergesearch.cli import load_model
+    from mergesearch.models import load_model
     from mergesearch.evaluate import EvalConfig, build_evaluator
     m, tok = load_model(model)
     return build_evaluator(EvalConfig(tasks=[task], task_dir=str(zoo))).score(m, tok)[task]

@@ -28,12 +28,12 @@ def zoo() -> Path:
 
 @pytest.fixture(scope="session")
 def base_model(zoo):
-    from mergesearch.cli import load_model
+    from mergesearch.models import load_model
     return load_model(zoo / "base")
 
 
 def scores_of(zoo, path, split="dev", evaluator="loglik"):
-    from mergesearch.cli import load_model
+    from mergesearch.models import load_model
     model, tok = load_model(path)
     return build_evaluator(EvalConfig(evaluator=evaluator, tasks=ZOO_TASKS, task_dir=str(zoo), split=split)).score(model, tok)
 
@@ -99,7 +99,7 @@ def test_finetunes_solve_their_task_and_only_it(zoo):
 
 @pytest.mark.slow
 def test_loglik_and_lmeval_agree_on_every_task_and_split(zoo):
-    from mergesearch.cli import load_model
+    from mergesearch.models import load_model
     models = {name: load_model(zoo / name) for name in ("base", "ft_reverse", "ft_add")}
     for split in ("dev", "test"):
         cfg = EvalConfig(tasks=ZOO_TASKS, task_dir=str(zoo), split=split, limit=100)
@@ -111,7 +111,7 @@ def test_loglik_and_lmeval_agree_on_every_task_and_split(zoo):
 
 @pytest.mark.slow
 def test_lmeval_scores_follow_in_place_weight_change(zoo):
-    from mergesearch.cli import load_model
+    from mergesearch.models import load_model
     model, tok = load_model(zoo / "base")
     ev = build_evaluator(EvalConfig(evaluator="lmeval", tasks=["max", "add"], task_dir=str(zoo), limit=100))
     before = ev.score(model, tok)

@@ -3,9 +3,9 @@
 ``TensorInputs`` holds the base tensor and, for each model, its tensor or its task
 vector (delta = model - base), whichever the caller has. The streamed export fills
 it from memory-mapped files; the in-memory :class:`~mergesearch.materialize.Materializer`
-fills it from resident tensors and precomputed magnitude ranks, so TIES or
-breadcrumbs pruning at any density is a comparison instead of a top-k. Both go through the same method code, which is what
-makes in-memory candidates bit-equal to exported checkpoints.
+from device-resident tensors, mapped host tensors or staged copies of them, as its
+placement says. Both go through the same method code, which is what makes in-memory
+candidates bit-equal to exported checkpoints.
 """
 
 from __future__ import annotations
@@ -16,15 +16,6 @@ import torch
 
 
 RADIX_MIN_NUMEL = 1 << 20
-
-
-def magnitude_ranks(delta: torch.Tensor) -> torch.Tensor:
-    """Each element's position in the stable ascending order of |delta| (int32, same shape)."""
-    flat = delta.abs().reshape(-1)
-    order = torch.sort(flat, stable=True).indices
-    ranks = torch.empty(flat.numel(), dtype=torch.int32, device=flat.device)
-    ranks[order] = torch.arange(flat.numel(), dtype=torch.int32, device=flat.device)
-    return ranks.reshape(delta.shape)
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -49,7 +40,6 @@ class TensorInputs:
         base: torch.Tensor | None,
         tensors: list[torch.Tensor] | None = None,
         deltas: list[torch.Tensor] | None = None,
-        ranks: list[torch.Tensor] | None = None,
         seed: int = 0,
         metrics: list[torch.Tensor | None] | None = None,
         base_metric: torch.Tensor | None = None,
@@ -61,7 +51,6 @@ class TensorInputs:
         self.raw_base = base
         self._tensors = tensors
         self._deltas = deltas
-        self.ranks = ranks
         self.seed = seed
         self._metrics = metrics
         self._base_metric = base_metric

@@ -1,7 +1,7 @@
 """The fused combine step of the task-vector family.
 
 ``combine`` turns task vectors into the merged tensor in one pass over memory:
-select each delta's elements by magnitude (threshold or rank), weight it, elect signs (TIES), sum the
+select each delta's elements by magnitude (a threshold), weight it, elect signs (TIES), sum the
 agreeing parts, normalize, scale by lambda and add to the base. Eagerly that is
 some twenty full-tensor passes; compiled by TorchInductor into one fused loop it
 runs about 15x faster on large tensors (see docs/BENCHMARKS.md).

@@ -62,7 +62,7 @@ class MethodSpec:
     min_models: int = 1
     max_models: int | None = None
     random: bool = False
-    # magnitude-based sparsifiers make the Materializer precompute magnitude ranks
+    # how task vectors are sparsified: magnitude, outliers (breadcrumbs), random (DARE), della
     sparsifier: str | None = None
     # per-model side inputs: a diagonal metric file (curvature), Gram matrices (RegMean)
     needs_metric: Literal["no", "optional", "required"] = "no"

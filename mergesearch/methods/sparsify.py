@@ -2,8 +2,8 @@
 
 All functions take the delta of model ``i`` from a :class:`TensorInputs` and return
 the sparsified delta in float32 (float64 for float64 inputs). Selections come from
-``TensorInputs.select_abs`` (a radix select of the threshold) or, in the
-Materializer, from precomputed magnitude ranks.
+``TensorInputs.select_abs`` (a radix select of the threshold), in the export and
+the Materializer alike.
 
 Magnitude pruning keeps exactly the requested count. Elements are ordered by
 magnitude, and equal magnitudes by flat index (a stable ascending sort); a
@@ -53,10 +53,9 @@ def window(x: TensorInputs, i: int, start: int, end: int) -> tuple:
 
     Returns ``(key, lo, hi, jlo, jhi)``: element e (flat index j) is kept when
     ``(key > lo or (key == lo and j >= jlo)) and (key < hi or (key == hi and j < jhi))``,
-    where a key of None stands for |delta_i|. With precomputed ranks the key is the
-    rank and the bounds are the positions; otherwise the bounds are magnitude
-    thresholds (k-th values) and jlo/jhi split a run of equal magnitudes at a
-    threshold by flat index. Both select exactly the same elements."""
+    where a key of None stands for |delta_i|. The bounds are magnitude thresholds
+    (k-th values) and jlo/jhi split a run of equal magnitudes at a threshold by flat
+    index, so exactly ``end - start`` elements are selected."""
     n = x.numel
     zero, inf = x.scalar(0.0), x.scalar(float("inf"))
     as_t = (lambda v: torch.tensor(v, dtype=torch.int64, device=zero.device))
@@ -64,9 +63,6 @@ def window(x: TensorInputs, i: int, start: int, end: int) -> tuple:
         return None, zero, inf, as_t(0), as_t(n)
     if start >= end:
         return None, inf, inf, as_t(n), as_t(0)
-    if x.ranks is not None:
-        r = x.ranks[i]
-        return r, r.new_full((), start), r.new_full((), end - 1), as_t(0), as_t(n)
     lo, hi, jlo, jhi = zero, inf, 0, n
     if start > 0:
         lo, less_lo, _ = x.select_abs(i, start)

@@ -40,7 +40,7 @@ def task_vector_merge(x: TensorInputs, g: dict, m: list[dict], *, sparsifier: st
     ``normalize`` divides by the sum of the weights that took part.
 
     Magnitude pruning without rescale reaches the fused kernel as a selection
-    (ranks, or thresholds with a tie split by index), so no masked copy of a task
+    (thresholds with a tie split by index), so no masked copy of a task
     vector is made; other sparsifiers prepare their deltas first.
     """
     n = x.numel

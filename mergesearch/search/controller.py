@@ -48,6 +48,7 @@ class SearchOptions:
     timeout: float | None = None
     root: Path = Path("results")
     progress: bool = True
+    device_memory: int | None = None  # bytes; overrides the space's resources.device_memory
 
 
 def objective_values(space: SearchSpace, scores: dict[str, float]) -> tuple[float, bool, list[float] | float]:
@@ -100,6 +101,36 @@ class Controller:
         self.url = url
         from mergesearch.curvature import resolve_side_inputs
         self.side = resolve_side_inputs(self.space)  # computed once (cached on disk), before any worker starts
+        self.placement = self._plan()
+
+    def _plan(self):
+        """The workers' placement, refused here (before Ray starts) when the evaluation
+        model and the scratch cannot fit. Each worker plans again on its own device."""
+        import torch
+
+        from mergesearch.plan import space_plan
+        r = self.space.resources
+        budget = self.opts.device_memory
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif self.opts.ray_address and (r.gpus_per_worker or 0) > 0:
+            if budget is None and r.device_memory is None:
+                log.info("placement: planned by each worker on its GPU (declare resources.device_memory to check "
+                         "it here)")
+                return None
+            device = "cuda"
+        else:
+            device = "cpu"
+        p = space_plan(self.space, device=device, budget=budget, side=self.side)
+        log.info("placement: device %s (%s), host %s (%s)", ", ".join(p.resident) or "-",
+                 _gb(p.device_bytes), ", ".join(p.host) or "-", _gb(p.host_bytes))
+        return p
+
+    def _resources(self) -> dict:
+        r = self.space.resources.model_dump()
+        if self.opts.device_memory is not None:
+            r["device_memory"] = self.opts.device_memory
+        return r
 
     def _seed_recipe(self) -> Recipe:
         """The final recipe of the soup run named by ``seed_from``; its members must be
@@ -191,7 +222,8 @@ class Controller:
             methods = sorted(set(self.space.methods) | {"linear", "task_arithmetic"})
             faults = parse_faults(os.environ.get("MERGESEARCH_FAULT"))
             self.pool = WorkerPool(self.opts.workers, self.space.base, self.space.models, methods,
-                                   self.space.evaluator.model_dump(), self.space.trial_timeout, faults, self.side)
+                                   self.space.evaluator.model_dump(), self.space.trial_timeout, faults, self.side,
+                                   resources=self._resources(), dtype=self.space.dtype)
             self.t_start = time.monotonic()
             self.busy_s = 0.0
             old = signal.signal(signal.SIGINT, self._on_sigint)
@@ -356,6 +388,11 @@ class Controller:
 def _spec(name):
     from mergesearch.methods import REGISTRY
     return REGISTRY[name]
+
+
+def _gb(n: int) -> str:
+    from mergesearch.plan import fmt_bytes
+    return fmt_bytes(n)
 
 
 def _yaml(data) -> str:

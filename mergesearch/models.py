@@ -1,0 +1,44 @@
+"""Loading evaluation models: an HF causal LM and its tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mergesearch.errors import MergeSearchError
+
+
+def source_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype of a checkpoint's floating-point tensors, as stored (read from headers)."""
+    from mergesearch.checkpoint import Checkpoint
+    c = Checkpoint(model_dir)
+    return next((c.dtype(n) for n in c.names() if c.dtype(n).is_floating_point), torch.float32)
+
+
+def load_model(model_dir: Path, device: str = "cpu", trust_remote_code: bool = False,
+               dtype: torch.dtype | str | None = None):
+    """An HF causal LM and its tokenizer, in ``dtype`` (default: the dtype its weights
+    are stored in, never a library default, so a scored model is the stored one).
+    Safetensors weights only, and a model's own Python code (``auto_map``) only when
+    the user passed ``trust_remote_code``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from mergesearch.checkpoint import parse_dtype
+
+    model_dir = Path(model_dir)
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    dtype = dtype or source_dtype(model_dir)
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code)
+    except Exception as e:
+        if "trust_remote_code" in str(e) and not trust_remote_code:
+            raise MergeSearchError(f"{model_dir}: cannot load model: it needs its own Python code (auto_map); "
+                                   "pass --trust-remote-code (or trust_remote_code: true) if you trust it") from None
+        raise MergeSearchError(f"{model_dir}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), tokenizer

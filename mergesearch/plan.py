@@ -1,0 +1,385 @@
+"""Placement of a merge family under a device memory budget.
+
+Before any worker starts, the plan reads tensor sizes from the safetensors headers
+(nothing is loaded) and decides, per input (the base, each model, each side file),
+where it lives while a search runs:
+
+- **device**: resident in the worker's device memory, in its stored dtype;
+- **host**: memory-mapped from its files. The page cache holds one copy per node,
+  shared by every worker of that node. A candidate reads such an input tensor by
+  tensor: on a CUDA device through pinned staging buffers, one tensor ahead of the
+  compute (copies overlap the merge); on the CPU in place (zero copy), or through the
+  same staging buffers with ``stream: copy``.
+
+The evaluation model (in the space's dtype, else the sources'), the per-tensor scratch
+of the merge, an allowance for the evaluation's activations and, when anything is
+streamed, the staging buffers must always fit; otherwise the run is refused with the
+sizes, before Ray starts. Inputs go on the device in priority order (the base, then
+the models in order, then side files) while they fit.
+
+The budget is ``resources.device_memory`` (or ``--device-memory``), else the free
+memory of the CUDA device times ``gpus_per_worker`` when that is a fraction. On the
+CPU without a declared budget every input stays on the host: the worker's "device"
+is the same memory, so a private copy would only cost memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from mergesearch.errors import MergeSearchError
+
+GB = 1e9
+# Alignment of each input's part inside a staging slot (bytes).
+SLOT_ALIGN = 256
+# Float32 buffers of the largest tensor's size alive at once while one tensor is merged,
+# beside the inputs themselves: the base and the merged output, then, for methods that
+# select or elect, the selection temporaries (|delta|, its top bits, masks) and the
+# weighted parts the sign election sums. Upper bounds of the eager kernels; the
+# compiled ones keep fewer.
+SCRATCH_F32 = {"plain": 3, "select": 6}
+# Assumed bandwidths where none can be measured (bytes/s): HBM3 of an H100 at about
+# 60% of its peak for elementwise kernels, and a PCIe Gen5 x16 host link with pinned
+# buffers.
+ASSUMED = {"cuda": {"device": 2.0e12, "link": 2.5e10}}
+# Full float32 passes per element and model that a method adds to reading its inputs.
+EXTRA_PASSES = {None: 0, "magnitude": 6, "outliers": 6, "random": 4, "della": 10}
+
+
+def parse_size(text: str | int | float, where: str = "size") -> int:
+    """``80GB``, ``80GiB``, ``512MiB``, ``1.5e9`` or a byte count."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        size = int(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)?\s*", str(text).lower())
+        if not m:
+            raise MergeSearchError(f"{where}: cannot parse '{text}' (use e.g. 80GB, 512MiB or a byte count)")
+        unit = m.group(2) or ""
+        letter = unit.rstrip("b").rstrip("i")
+        scale = ({"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4} if "i" in unit
+                 else {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12})[letter]
+        size = int(float(m.group(1)) * scale)
+    if size <= 0:
+        raise MergeSearchError(f"{where}: must be positive, got '{text}'")
+    return size
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass
+class Input:
+    """One placed input: a checkpoint or a side file."""
+
+    key: str  # "base", "m0", "m1", ..., "metric:m0", "metric:base", "gram:m0"
+    path: str
+    nbytes: int  # its float tensors, as stored
+    role: str  # base | model | side
+    sizes: dict[str, int] = field(default_factory=dict, repr=False)  # tensor name -> bytes
+
+
+@dataclass
+class Placement:
+    device: str
+    budget: int | None
+    budget_source: str
+    stream: str  # view (zero copy, CPU) or copy (staging buffers)
+    eval_bytes: int
+    eval_dtype: str
+    eval_reserve: int
+    scratch: int
+    staging: int  # device bytes of the staging slots (pinned host memory of the same size)
+    inputs: list[Input]
+    resident: list[str]
+    host: list[str]
+    largest: tuple[str, int]  # the largest float tensor: name, elements
+    bandwidth: dict  # device / link bytes per second, and whether measured or assumed
+    read_per_candidate: int = 0
+    moved_per_candidate: int = 0
+    predicted_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def budget_for(self, k: int) -> int:
+        """Device bytes under which the first ``k`` inputs (in priority order) are resident."""
+        return (self.eval_bytes + self.eval_reserve + self.scratch + sum(i.nbytes for i in self.inputs[:k])
+                + staging_bytes(self.inputs[k:], self.stream))
+
+    def input(self, key: str) -> Input:
+        return next(i for i in self.inputs if i.key == key)
+
+    def on_device(self, key: str) -> bool:
+        return key in self.resident
+
+    @property
+    def device_bytes(self) -> int:
+        return (self.eval_bytes + self.eval_reserve + self.scratch + self.staging
+                + sum(self.input(k).nbytes for k in self.resident))
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(self.input(k).nbytes for k in self.host)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        for i in d["inputs"]:
+            i.pop("sizes")
+        d["tiers"] = {"device": self.device_bytes, "host": self.host_bytes,
+                      "pinned_host": self.staging if self.device.startswith("cuda") else 0}
+        return d
+
+    def render(self) -> str:
+        budget = fmt_bytes(self.budget) if self.budget is not None else "none declared"
+        lines = [f"device {self.device}: budget {budget} ({self.budget_source}); host inputs are memory-mapped "
+                 f"(one copy per node), read {'in place' if self.stream == 'view' else 'through staging buffers'}",
+                 f"  evaluation model      {fmt_bytes(self.eval_bytes):>12}  ({self.eval_dtype})",
+                 f"  evaluation reserve    {fmt_bytes(self.eval_reserve):>12}",
+                 f"  merge scratch         {fmt_bytes(self.scratch):>12}  (largest tensor {self.largest[0]}, "
+                 f"{self.largest[1]:,} elements)"]
+        if self.staging:
+            lines.append(f"  staging slots         {fmt_bytes(self.staging):>12}")
+        for i in self.inputs:
+            tier = "device" if i.key in self.resident else "host"
+            lines.append(f"  {i.key:<20}  {fmt_bytes(i.nbytes):>12}  {tier:<6}  {i.path}")
+        lines.append(f"tiers: device {fmt_bytes(self.device_bytes)}, host {fmt_bytes(self.host_bytes)}")
+        bw = self.bandwidth
+        lines.append(f"per candidate: reads {fmt_bytes(self.read_per_candidate)}, moves "
+                     f"{fmt_bytes(self.moved_per_candidate)} host->device; predicted {self.predicted_s:.3f} s "
+                     f"(device {bw['device'] / GB:.0f} GB/s, link {bw['link'] / GB:.1f} GB/s, {bw['source']})")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def scratch_bytes(largest_numel: int, methods: list[str], n_models: int, out_elem: int) -> int:
+    from mergesearch.methods import REGISTRY
+    select = any(REGISTRY[m].sparsifier is not None or "ties" in m or REGISTRY[m].needs_metric != "no"
+                 or REGISTRY[m].needs_gram for m in methods)
+    buffers = SCRATCH_F32["select" if select else "plain"] + (n_models if select else 0)
+    return largest_numel * (4 * buffers + out_elem)
+
+
+def measure_bandwidth(device: str) -> dict:
+    """Copy bandwidth of this machine (bytes/s): device-to-device and host-to-device
+    (pinned). Without a CUDA device for a cuda plan, the ASSUMED figures."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return {**ASSUMED["cuda"], "source": "assumed (no CUDA device here)"}
+        n = 256 << 20
+        src = torch.empty(n, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        out = {}
+        for label, fn in (("device", lambda: dst.copy_(src)), ("link", lambda: dst.copy_(host, non_blocking=True))):
+            fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+            moved = 5 * n * (2 if label == "device" else 1)  # a device copy reads and writes
+            out[label] = moved / (time.perf_counter() - t0)
+        return {**out, "source": "measured"}
+    n = 64 << 20
+    src = torch.ones(n, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src)
+    bw = 5 * n * 2 / (time.perf_counter() - t0)
+    return {"device": bw, "link": bw / 2, "source": "measured"}
+
+
+def input_sizes(path: str, kind: str = "checkpoint") -> dict[str, int]:
+    """Tensor name -> bytes of the float tensors of a model folder or side file (headers only)."""
+    from mergesearch.checkpoint import Checkpoint, SideFile
+    if kind == "checkpoint":
+        c = Checkpoint(path)
+        return {n: c.numel(n) * c.dtype(n).itemsize for n in c.names() if c.dtype(n).is_floating_point}
+    f = SideFile(path, kind)
+    return {n: f.numel(n) * f.dtype(n).itemsize for n in f.names()}
+
+
+def make_plan(base: str | None, models: list[str], methods: list[str], *, device: str = "cpu",
+              budget: int | None = None, eval_dtype: str | None = None, eval_reserve: int | None = None,
+              side: dict | None = None, gpus_per_worker: float = 1.0, stream: str = "auto",
+              bandwidth: dict | None = None) -> Placement:
+    """Place ``base``, ``models`` and the side files (``side``: metrics / grams / base_metric
+    as in :func:`mergesearch.curvature.resolve_side_inputs`) on ``device`` within ``budget``
+    bytes. Raises MergeSearchError when the evaluation model and the scratch do not fit."""
+    from mergesearch.checkpoint import Checkpoint, parse_dtype
+    from mergesearch.methods import REGISTRY
+
+    ref = Checkpoint(base if base is not None else models[0])
+    floats = [n for n in ref.names() if ref.dtype(n).is_floating_point]
+    src_dtype = next((ref.dtype(n) for n in floats), torch.float32)
+    edtype = parse_dtype(eval_dtype) or src_dtype
+    eval_bytes = sum(ref.numel(n) for n in floats) * edtype.itemsize
+    eval_bytes += sum(ref.numel(n) * ref.dtype(n).itemsize for n in ref.names() if n not in floats)
+    reserve = eval_reserve if eval_reserve is not None else int(0.2 * eval_bytes)
+    largest = max(floats, key=ref.numel)
+    scratch = scratch_bytes(ref.numel(largest), methods, len(models), edtype.itemsize)
+    uses_base = base is not None and any(REGISTRY[m].uses_base != "no" for m in methods)
+
+    inputs: list[Input] = []
+    if base is not None:
+        s = input_sizes(base)
+        inputs.append(Input("base", str(base), sum(s.values()), "base", s))
+    for i, m in enumerate(models):
+        s = input_sizes(m)
+        inputs.append(Input(f"m{i}", str(m), sum(s.values()), "model", s))
+    side = side or {}
+    for i, m in enumerate(models):
+        for kind in ("metric", "gram"):
+            f = (side.get(f"{kind}s") or {}).get(m)
+            if f:
+                s = input_sizes(f, kind)
+                inputs.append(Input(f"{kind}:m{i}", str(f), sum(s.values()), "side", s))
+    if side.get("base_metric"):
+        s = input_sizes(side["base_metric"], "metric")
+        inputs.append(Input("metric:base", str(side["base_metric"]), sum(s.values()), "side", s))
+
+    cuda = device.startswith("cuda")
+    if stream == "auto":
+        stream = "copy" if cuda else "view"
+    if cuda and stream == "view":
+        raise MergeSearchError("resources.stream: 'view' (zero copy) works on the CPU only; a CUDA device copies")
+    notes = []
+    if budget is not None:
+        source = "declared"
+    elif cuda and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        budget = int(free * min(1.0, gpus_per_worker))
+        source = "free CUDA memory" + (f" x {gpus_per_worker:g} GPU per worker" if gpus_per_worker < 1 else "")
+    elif cuda:
+        raise MergeSearchError("device memory: no CUDA device is visible here to measure; declare "
+                               "resources.device_memory (or --device-memory)")
+    else:
+        source = "none declared on the CPU: every input stays on the host, shared by the node's workers"
+
+    fixed = eval_bytes + reserve + scratch
+
+    def staging(host: list[Input]) -> int:
+        return staging_bytes(host, stream)
+
+    if budget is None:
+        resident: list[Input] = []
+    else:
+        resident = None
+        for k in range(len(inputs), -1, -1):
+            need = fixed + sum(i.nbytes for i in inputs[:k]) + staging(inputs[k:])
+            if need <= budget:
+                resident = inputs[:k]
+                break
+        if resident is None:
+            need = fixed + staging(inputs)
+            raise MergeSearchError(
+                f"device memory: the evaluation model ({fmt_bytes(eval_bytes)}, {_dname(edtype)}), its reserve "
+                f"({fmt_bytes(reserve)}), the merge scratch ({fmt_bytes(scratch)}) and the staging buffers "
+                f"({fmt_bytes(staging(inputs))}) need {fmt_bytes(need)}, more than the budget of "
+                f"{fmt_bytes(budget)} ({source})")
+    host = [i for i in inputs if i not in resident]
+    p = Placement(device=device, budget=budget, budget_source=source, stream=stream, eval_bytes=eval_bytes,
+                  eval_dtype=_dname(edtype), eval_reserve=reserve, scratch=scratch, staging=staging(host),
+                  inputs=inputs, resident=[i.key for i in resident], host=[i.key for i in host],
+                  largest=(largest, ref.numel(largest)), bandwidth=bandwidth or measure_bandwidth(device),
+                  notes=notes)
+    read = [i for i in inputs if i.role == "model" or (i.role == "base" and uses_base) or i.role == "side"]
+    p.read_per_candidate = sum(i.nbytes for i in read)
+    p.moved_per_candidate = 0 if stream == "view" else sum(i.nbytes for i in read if i.key in p.host)
+    numel = sum(ref.numel(n) for n in floats)
+    passes = max(EXTRA_PASSES.get(REGISTRY[m].sparsifier, 0) for m in methods)
+    compute_bytes = p.read_per_candidate + numel * (4 + 2 * edtype.itemsize) + numel * 4 * passes * len(models)
+    compute_s = compute_bytes / p.bandwidth["device"]
+    transfer_s = p.moved_per_candidate / p.bandwidth["link"]
+    p.predicted_s = max(compute_s, transfer_s)  # copies overlap the merge, one tensor ahead
+    if p.host:
+        try:
+            total = _mem_total()
+            if p.host_bytes > 0.8 * total:
+                notes.append(f"the host tier ({fmt_bytes(p.host_bytes)}) exceeds 80% of this node's memory "
+                             f"({fmt_bytes(total)}): the page cache cannot keep it, so inputs are re-read from disk")
+        except OSError:
+            pass
+    return p
+
+
+def staging_bytes(host: list[Input], stream: str) -> int:
+    """The two staging slots (one filled while the other is merged), each sized for the
+    largest set of host tensors that one output tensor reads."""
+    if not host or stream == "view":
+        return 0
+    names = set().union(*(i.sizes for i in host))
+    return 2 * max(sum(_aligned(i.sizes.get(n, 0)) for i in host) for n in names)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // SLOT_ALIGN) * SLOT_ALIGN
+
+
+def _dname(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _mem_total() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no MemTotal")
+
+
+def space_plan(space, *, device: str | None = None, budget: int | None = None, side: dict | None = None,
+               bandwidth: dict | None = None) -> Placement:
+    """The placement for a search space's workers (its ``resources``; ``budget``
+    overrides ``resources.device_memory``)."""
+    r = space.resources
+    methods = sorted(set(space.methods) | {"linear", "task_arithmetic"})
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if budget is None and r.device_memory is not None:
+        budget = parse_size(r.device_memory, "resources.device_memory")
+    reserve = parse_size(r.eval_memory, "resources.eval_memory") if r.eval_memory is not None else None
+    return make_plan(space.base, space.models, methods, device=device, budget=budget, eval_dtype=space.dtype,
+                     eval_reserve=reserve, side=side, gpus_per_worker=r.gpus_per_worker or 1.0, stream=r.stream,
+                     bandwidth=bandwidth)
+
+
+def dumps(p: Placement) -> str:
+    return json.dumps(p.to_json(), indent=2)
+
+
+def gpu_shares(workers: int, gpus: float, gpus_per_worker: float | None) -> float:
+    """GPUs each worker asks Ray for. ``None`` chooses: one GPU each when there are
+    enough, else an equal fraction so that every worker fits (1/k of a GPU for k
+    workers per GPU). An explicit share that cannot seat every worker is an error,
+    never a hang."""
+    if gpus <= 0:
+        if gpus_per_worker:
+            raise MergeSearchError(f"resources.gpus_per_worker: {gpus_per_worker:g} GPU per worker, but the Ray "
+                                   "cluster has no GPU")
+        return 0.0
+    if gpus_per_worker is None:
+        if workers <= gpus:
+            return 1.0
+        per_gpu = math.ceil(workers / math.floor(gpus))
+        return 1.0 / per_gpu
+    if gpus_per_worker <= 0:
+        return 0.0
+    if gpus_per_worker < 1:
+        seats = math.floor(1 / gpus_per_worker + 1e-9) * math.floor(gpus)
+    else:
+        seats = math.floor(gpus / gpus_per_worker + 1e-9)
+    if seats < workers:
+        raise MergeSearchError(
+            f"--workers {workers} with resources.gpus_per_worker {gpus_per_worker:g}: the cluster's {gpus:g} GPU(s) "
+            f"seat only {seats} worker(s); use fewer workers or a share such as {1 / math.ceil(workers / max(1, math.floor(gpus))):g}")
+    return float(gpus_per_worker)
