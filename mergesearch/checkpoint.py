@@ -61,6 +61,16 @@ MAX_FINETUNE_DISTANCE = 1.0
 CHECK_SAMPLE_ELEMENTS = 64_000_000
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in a floating tensor: its min and max are finite (NaN propagates
+    through both). Two reductions in the stored dtype, about 10x faster on the CPU than
+    a float32 sum of a bfloat16 tensor, and no overflow for float16."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def parse_dtype(name: str | None, where: str = "dtype") -> torch.dtype | None:
     if name is None:
         return None
@@ -346,9 +356,9 @@ class SideFile:
 
     def check_values(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """Refuse non-finite values, and negative ones in a metric."""
-        if not torch.isfinite(t.sum(dtype=torch.float64)):
+        if not all_finite(t):
             raise MergeSearchError(f"{self.path}: {self.kind} '{name}' contains NaN or Inf")
-        if self.kind == "metric" and bool((t < 0).any()):
+        if self.kind == "metric" and t.numel() and bool(t.min() < 0):
             raise MergeSearchError(f"{self.path}: metric '{name}' has negative values (a metric is a curvature)")
         return t
 
@@ -441,7 +451,7 @@ def check_compatible(
     for m in [ref, *others]:
         for name in sample:
             t = m.get(name)
-            if t.is_floating_point() and not torch.isfinite(t).all():
+            if t.is_floating_point() and not all_finite(t):
                 raise MergeSearchError(f"{m.path}: tensor '{name}' contains NaN or Inf")
     distances: dict[str, float] = {}
     if base is not None:

@@ -24,11 +24,12 @@ from typing import Iterator
 
 import torch
 
-from mergesearch.checkpoint import Checkpoint, SideFile, check_compatible, mapped_safetensors, parse_dtype
+from mergesearch.checkpoint import (
+    Checkpoint, SideFile, all_finite, check_compatible, mapped_safetensors, parse_dtype,
+)
 from mergesearch.errors import MergeSearchError
 from mergesearch.merge import merge_tensor
 from mergesearch.methods import REGISTRY, TensorInputs, get_method
-from mergesearch.methods.inputs import work_dtype
 from mergesearch.plan import SLOT_ALIGN, Placement, make_plan
 from mergesearch.recipe import Recipe, layer_position
 
@@ -179,9 +180,11 @@ class Materializer:
                 continue
             if side is not None:
                 side.check_values(name, t)
-            elif not torch.isfinite(t.sum(dtype=work_dtype(t.dtype))):
+            elif not all_finite(t):
                 raise MergeSearchError(f"{where}: tensor '{name}' contains NaN or Inf")
-            out[name] = torch.empty_like(t, device=self.device).copy_(t) if resident else t
+            if resident:  # a private copy (on the CPU, .to() would return the mapped view itself)
+                t = t.clone() if self.device.type == "cpu" else t.to(self.device)
+            out[name] = t
         self.slots[key] = out
 
     def _place_side(self, side: dict) -> None:

@@ -18,11 +18,10 @@ from typing import Callable
 import torch
 
 from mergesearch.checkpoint import (
-    Checkpoint, SideFile, StreamingWriter, check_compatible, dtype_name, parse_dtype, tokenizer_vocab,
+    Checkpoint, SideFile, StreamingWriter, all_finite, check_compatible, dtype_name, parse_dtype, tokenizer_vocab,
 )
 from mergesearch.errors import MergeSearchError
 from mergesearch.methods import MethodSpec, TensorInputs
-from mergesearch.methods.inputs import work_dtype
 from mergesearch.recipe import Recipe, layer_position
 
 log = logging.getLogger(__name__)
@@ -146,9 +145,7 @@ def build_inputs(plan: MergePlan, name: str, device: str) -> TensorInputs:
 
 def _read_checked(ckpt: Checkpoint, name: str, device: str) -> torch.Tensor:
     t = ckpt.get(name).to(device=device)
-    # one fast reduction instead of an elementwise isfinite: weights are far too small
-    # for their float32 sum to overflow, so a non-finite sum means a NaN or Inf inside
-    if not torch.isfinite(t.sum(dtype=work_dtype(t.dtype))):
+    if not all_finite(t):
         raise MergeSearchError(f"{ckpt.path}: tensor '{name}' contains NaN or Inf")
     return t
 

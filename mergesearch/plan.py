@@ -283,11 +283,13 @@ def make_plan(base: str | None, models: list[str], methods: list[str], *, device
                 break
         if resident is None:
             need = fixed + staging(inputs)
+            parts = [f"the evaluation model ({fmt_bytes(eval_bytes)}, {_dname(edtype)})",
+                     f"its reserve ({fmt_bytes(reserve)})", f"the merge scratch ({fmt_bytes(scratch)})"]
+            if staging(inputs):
+                parts.append(f"the staging slots ({fmt_bytes(staging(inputs))})")
             raise MergeSearchError(
-                f"device memory: the evaluation model ({fmt_bytes(eval_bytes)}, {_dname(edtype)}), its reserve "
-                f"({fmt_bytes(reserve)}), the merge scratch ({fmt_bytes(scratch)}) and the staging buffers "
-                f"({fmt_bytes(staging(inputs))}) need {fmt_bytes(need)}, more than the budget of "
-                f"{fmt_bytes(budget)} ({source})")
+                f"device memory: {', '.join(parts[:-1])} and {parts[-1]} need {fmt_bytes(need)}, more than the "
+                f"budget of {fmt_bytes(budget)} ({source})")
     host = [i for i in inputs if i not in resident]
     p = Placement(device=device, budget=budget, budget_source=source, stream=stream, eval_bytes=eval_bytes,
                   eval_dtype=_dname(edtype), eval_reserve=reserve, scratch=scratch, staging=staging(host),

@@ -110,6 +110,19 @@ def c_search_storage(t, f, o, z):
             f"sqlite:///{t / 'no' / 'x.db'}"], [t / "results", t / "no"]
 
 
+def c_search_memory(t, f, o, z):
+    return ["search", write(t / "s.yaml", space_dict(z)), "--run", "r", "--device-memory", "10kB"], [t / "results"]
+
+
+def c_search_gpus(t, f, o, z):
+    return ["search", write(t / "s.yaml", space_dict(z, resources={"gpus_per_worker": 1.5})), "--run", "r"], \
+        [t / "results"]
+
+
+def c_plan_size(t, f, o, z):
+    return ["plan", write(t / "s.yaml", space_dict(z)), "--device-memory", "lots"], [t / "results"]
+
+
 def evalf(t, z, **over):
     return write(t / "e.yaml", {"tasks": ["add"], "task_dir": str(z), **over})
 
@@ -177,6 +190,10 @@ CASES = [
     ("search-seed-missing", c_search_seed, ["seed_from:", "nosoup"]),
     ("search-bad-run-name", c_search_name, ["--run: 'a/b' must use letters, digits"]),
     ("search-storage-folder", c_search_storage, ["--storage: folder", "does not exist"]),
+    ("search-device-memory", c_search_memory, ["device memory: the evaluation model (",
+                                               "more than the budget of 10.00 kB (declared)"]),
+    ("search-gpu-share", c_search_gpus, ["s.yaml", "gpus_per_worker 1.5: use a fraction below 1 or a whole number"]),
+    ("plan-bad-size", c_plan_size, ["--device-memory: cannot parse 'lots'"]),
     ("soup-one-ingredient", c_soup_one, ["soup: needs at least 2 ingredients, got 1"]),
     ("soup-unrelated", c_soup_unrelated, ["does not share a base with", "--allow-unrelated"]),
     ("soup-last-n-without-n", c_soup_n, ["--strategy last-n needs --n K"]),

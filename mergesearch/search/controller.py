@@ -94,6 +94,8 @@ class Controller:
         self.num_layers = base.num_layers
         self.groups = self.space.groups(self.num_layers, layer_prefix(base.names()))
         self.seed_recipe = self._seed_recipe() if self.space.seed_from else None
+        self.side = None
+        self.placement = self._plan()  # refuse a budget that cannot fit before anything is created
         url, storage, self.lock, self.created_dir = claim_run(self.opts.run, self.opts.root, self.opts.storage,
                                                               self.opts.resume)
         if storage is not None:
@@ -105,7 +107,8 @@ class Controller:
 
     def _plan(self):
         """The workers' placement, refused here (before Ray starts) when the evaluation
-        model and the scratch cannot fit. Each worker plans again on its own device."""
+        model and the scratch cannot fit; planned again once the side files are known.
+        Each worker plans again on its own device."""
         import torch
 
         from mergesearch.plan import space_plan
