@@ -208,7 +208,7 @@ class Checkpoint:
         for file in sorted(set(self.files.values())):
             if file.suffix == ".safetensors":
                 out.update(mapped_safetensors(file))
-            else:  # torch.load(mmap=True) already maps the archive's storages
+            else:  # pickle archives are loaded memory-mapped already (see _load_bin)
                 out.update(self._load_bin(file))
         return {n: out[n] for n in self.files}
 

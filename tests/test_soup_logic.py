@@ -153,7 +153,7 @@ def test_materializer_without_base_serves_linear_only(family):
     recipe = soup_recipe(members)
     assert recipe.base is None
     mat = Materializer(None, members, methods=["linear"])
-    assert mat.base == {}
+    assert "base" not in mat.slots and mat.base_path is None
     state = mat.state_dict(recipe)
     import tempfile
     with tempfile.TemporaryDirectory() as d:

@@ -95,7 +95,7 @@ class Controller:
         self.groups = self.space.groups(self.num_layers, layer_prefix(base.names()))
         self.seed_recipe = self._seed_recipe() if self.space.seed_from else None
         self.side = None
-        self.placement = self._plan()  # refuse a budget that cannot fit before anything is created
+        self.placement = self._plan(quiet=True)  # refuse a budget that cannot fit before anything is created
         url, storage, self.lock, self.created_dir = claim_run(self.opts.run, self.opts.root, self.opts.storage,
                                                               self.opts.resume)
         if storage is not None:
@@ -105,7 +105,7 @@ class Controller:
         self.side = resolve_side_inputs(self.space)  # computed once (cached on disk), before any worker starts
         self.placement = self._plan()
 
-    def _plan(self):
+    def _plan(self, quiet: bool = False):
         """The workers' placement, refused here (before Ray starts) when the evaluation
         model and the scratch cannot fit; planned again once the side files are known.
         Each worker plans again on its own device."""
@@ -125,8 +125,9 @@ class Controller:
         else:
             device = "cpu"
         p = space_plan(self.space, device=device, budget=budget, side=self.side)
-        log.info("placement: device %s (%s), host %s (%s)", ", ".join(p.resident) or "-",
-                 _gb(p.device_bytes), ", ".join(p.host) or "-", _gb(p.host_bytes))
+        if not quiet:
+                log.info("placement: device %s (%s), host %s (%s)", ", ".join(p.resident) or "-",
+                     _gb(p.device_bytes), ", ".join(p.host) or "-", _gb(p.host_bytes))
         return p
 
     def _resources(self) -> dict:
