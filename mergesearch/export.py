@@ -110,6 +110,9 @@ def _export_staged(run: str, t, recipe: Recipe, eval_cfg, stage: Path, out: Path
         "test": {"merged": test_scores, "merged_aggregate": test_ev.aggregate(test_scores),
                  "sources": {p: {"scores": s, "aggregate": test_ev.aggregate(s)} for p, s in sources.items()}},
         "dev": {"stored": dev_stored, "rescored": dev_again, "verified": verified},
+        # which documents each split scored (test: never seen by the search), and the metrics
+        "items": {"dev": getattr(dev_ev, "item_record", None), "test": getattr(test_ev, "item_record", None)},
+        "metrics": getattr(test_ev, "directions", None),
         "model": str(out / "model"),
     }
     if not verified:

@@ -42,6 +42,18 @@ class EvalConfig(BaseModel):
     function: Optional[str] = None  # python evaluator: "module:function"
     options: dict = {}  # passed to the python evaluator's function
     trust_remote_code: bool = False  # load models that ship their own Python code (auto_map)
+    # item-level dev/test splits of tasks with one evaluation split (mergesearch.evaluate.items)
+    dev_items: Optional[int] = Field(default=None, ge=1)
+    test_items: Optional[int] = Field(default=None, ge=1)
+    dev_fraction: Optional[float] = Field(default=None, gt=0, lt=1)
+    test_fraction: Optional[float] = Field(default=None, gt=0, lt=1)
+    split_seed: int = 0
+    dev_from: Optional[Literal["validation"]] = None  # dev on the task's validation split, test on its test split
+    metrics: dict[str, str] = {}  # task -> "metric" or "metric,filter" (lm-eval); default: the task's first
+    max_gen_toks: Optional[int] = Field(default=None, ge=1)  # generation tasks: greedy decoding up to this
+    fewshot_seed: int = 1234  # every candidate sees the same few-shot examples
+    apply_chat_template: bool = False
+    system_instruction: Optional[str] = None
 
     @field_validator("weights")
     @classmethod
@@ -55,6 +67,16 @@ class EvalConfig(BaseModel):
         unknown = sorted(set(self.weights) - set(self.tasks))
         if unknown:
             raise MergeSearchError(f"{where}: weights name tasks not in 'tasks': {', '.join(unknown)}")
+        unknown = sorted(set(self.metrics) - set(self.tasks))
+        if unknown:
+            raise MergeSearchError(f"{where}: metrics name tasks not in 'tasks': {', '.join(unknown)}")
+        for a, b in (("dev_items", "dev_fraction"), ("test_items", "test_fraction")):
+            if getattr(self, a) is not None and getattr(self, b) is not None:
+                raise MergeSearchError(f"{where}: give {a} or {b}, not both")
+        if (self.dev_fraction or 0) + (self.test_fraction or 0) > 1:
+            raise MergeSearchError(f"{where}: dev_fraction + test_fraction exceed 1")
+        if self.metrics and self.evaluator != "lmeval":
+            raise MergeSearchError(f"{where}: metrics: only the lmeval evaluator has metrics to choose from")
         if self.evaluator == "python" and not self.function:
             raise MergeSearchError(f"{where}: the python evaluator needs 'function: module:function'")
         return self

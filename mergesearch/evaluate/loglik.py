@@ -91,7 +91,13 @@ class LoglikEvaluator:
         self.cfg = cfg
         self.tasks = list(cfg.tasks)
         self.device = device
-        self.items = {t: read_items(task_file(cfg, t, cfg.split), cfg.limit) for t in self.tasks}
+        from mergesearch.evaluate import items as item_split
+        self.items, self.item_record = {}, {}
+        for t in self.tasks:
+            every = read_items(task_file(cfg, t, cfg.split))
+            chosen = item_split.choose(len(every), cfg, cfg.split, t, f"evaluator: task '{t}'", own_split=True)
+            self.items[t] = [every[i] for i in chosen]
+            self.item_record[t] = item_split.record(chosen, len(every), cfg, cfg.split, "its own split file")
         self._prepared_for = None
 
     def aggregate(self, scores: dict[str, float]) -> float:
