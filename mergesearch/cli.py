@@ -384,6 +384,10 @@ def leaderboard(
     cols = ["rank", "trial", "kind", "aggregate"] + [c for c in df.columns if c.startswith("dev:")] + ["params"]
     with pd.option_context("display.max_colwidth", 70, "display.width", 200):
         typer.echo(df[cols].head(top).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    for task, d in (study.user_attrs.get("metrics") or {}).items():
+        if not d.get("higher_is_better", True):
+            typer.echo(f"dev:{task} is minus {d['metric']} ({d['filter']}): lower {d['metric']} is better, "
+                       "so the scores are maximized")
 
 
 @app.command()

@@ -3,6 +3,10 @@
 Per candidate = one Materializer write (a TIES merge of the four task fine-tunes)
 plus one evaluation. One-off costs (task loading, tokenization, building the
 HFLM) are reported separately. Target: <= 2 s per candidate for the fast scorer.
+
+Then lm-eval tasks with one evaluation split, scored on an item subset (100 dev items of
+160 documents): the generation task (greedy, 3 new tokens) and the multiple-choice task
+through lm-eval, and the same multiple-choice items through the built-in scorer.
 """
 
 from __future__ import annotations
@@ -66,8 +70,47 @@ def main() -> int:
     ratio = out["lmeval"]["per_candidate_s"] / out["loglik"]["per_candidate_s"]
     print(f"lm-eval / loglik per candidate: {ratio:.1f}x; target loglik <= 2 s: "
           f"{'met' if out['loglik']['per_candidate_s'] <= 2 else 'MISSED'}")
+    out["item_subsets"] = item_subsets(zoo, mat, model, tok, recipes, args.repeats)
     (ROOT / "results" / "bench_eval.json").write_text(json.dumps(out, indent=2))
     return 0
+
+
+def item_subsets(zoo: Path, mat, model, tok, recipes, repeats: int) -> dict:
+    import tempfile
+
+    from mergesearch.zoo.tasks import write_lmeval_examples
+    folder = Path(tempfile.mkdtemp(prefix="bench-eval-"))
+    files = write_lmeval_examples(folder, ROOT / "tests" / "lmeval_tasks", 160)
+    setups = {
+        "generation (lm-eval, gen_add)": EvalConfig(evaluator="lmeval", tasks=["gen_add"], task_dir=str(folder),
+                                                   dev_items=100, test_items=60, max_gen_toks=3,
+                                                   metrics={"gen_add": "exact_match,flexible-extract"}),
+        "multiple choice (lm-eval, mc_max)": EvalConfig(evaluator="lmeval", tasks=["mc_max"], task_dir=str(folder),
+                                                       dev_items=100, test_items=60),
+        "multiple choice (built-in, same items)": EvalConfig(evaluator="loglik", tasks=[str(files["loglik_max"])],
+                                                            limit=100),
+    }
+    res = {}
+    print("\nlm-eval tasks on an item subset (100 dev items), median of", repeats)
+    for label, cfg in setups.items():
+        t0 = time.perf_counter()
+        ev = build_evaluator(cfg)
+        load = time.perf_counter() - t0
+        mat.write_into(model, recipes[0])
+        t0 = time.perf_counter()
+        first_scores = ev.score(model, tok)
+        first = time.perf_counter() - t0
+        evals = []
+        for r in recipes[1:]:
+            mat.write_into(model, r)
+            t0 = time.perf_counter()
+            ev.score(model, tok)
+            evals.append(time.perf_counter() - t0)
+        res[label] = {"task_loading_s": load, "first_call_s": first, "eval_s": statistics.median(evals),
+                      "first_scores": first_scores}
+        print(f"  {label:<40} loading {load:6.2f}s  first call {first:6.2f}s  per candidate "
+              f"{statistics.median(evals):6.2f}s")
+    return res
 
 
 if __name__ == "__main__":

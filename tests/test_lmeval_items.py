@@ -21,21 +21,10 @@ N_DOCS = 160  # per task (tiny: 3)
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory) -> Path:
     """The task YAMLs under tests/lmeval_tasks with their JSONL data, written from the zoo's
-    task generators (held-out seeds: no item the zoo models trained on)."""
-    from mergesearch.zoo.tasks import make_items
+    task generators."""
+    from mergesearch.zoo.tasks import write_lmeval_examples
     root = tmp_path_factory.mktemp("lmeval_tasks")
-    add, mx = make_items("add", N_DOCS, seed=901), make_items("max", N_DOCS, seed=902)
-
-    def arc(items):
-        return [{"question": it["context"], "answerKey": "ABCD"[it["answer"]],
-                 "choices": {"text": it["choices"], "label": list("ABCD")[:len(it["choices"])]}} for it in items]
-    data = {"gen_add": [{"question": it["context"], "answer": it["choices"][it["answer"]]} for it in add],
-            "mc_max": arc(mx), "mc_add": arc(add), "tiny": arc(mx[:3]),
-            "ppl_add": [{"text": it["context"] + it["choices"][it["answer"]]} for it in add]}
-    for name, rows in data.items():
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for t in TEMPLATES.glob("*.yaml"):
-        (root / t.name).write_text(t.read_text().replace("__DATA__", str(root)))
+    write_lmeval_examples(root, TEMPLATES, N_DOCS)
     return root
 
 
@@ -146,23 +135,28 @@ def test_a_task_too_small_to_split_is_refused_on_the_command_line(task_dir, zoo,
 
 
 @pytest.mark.slow
-def test_search_on_a_generation_task_scores_dev_and_exports_on_test(task_dir, zoo, tmp_path, monkeypatch):
+def test_search_on_a_generation_task_scores_dev_and_exports_on_test(task_dir, zoo, tmp_path, monkeypatch, capsys):
     import yaml
     monkeypatch.chdir(tmp_path)
     space = {"base": str(zoo / "base"), "models": [str(zoo / "ft_add"), str(zoo / "ft_max")],
-             "evaluator": {"evaluator": "lmeval", "tasks": ["gen_add", "mc_max"], "task_dir": str(task_dir),
-                           "dev_items": 40, "test_items": 60, "batch_size": 32, "max_gen_toks": 3,
-                           "metrics": {"gen_add": "exact_match,flexible-extract"}},
+             "evaluator": {"evaluator": "lmeval", "tasks": ["gen_add", "mc_max", "ppl_add"],
+                           "task_dir": str(task_dir), "dev_items": 40, "test_items": 60, "batch_size": 32,
+                           "max_gen_toks": 3, "metrics": {"gen_add": "exact_match,flexible-extract",
+                                                          "ppl_add": "bits_per_byte"}},
              "methods": ["task_arithmetic"], "parameters": {"weight": {"low": 0.0, "high": 1.0}},
              "sampler": {"name": "random"}, "budget": {"n_trials": 4}, "seed": 2}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(space))
     assert main(["search", str(tmp_path / "s.yaml"), "--run", "gen", "--workers", "2"]) == 0
     scores = json.loads((tmp_path / "results" / "gen" / "scores.json").read_text())
     items = scores["items"]
-    for task in ("gen_add", "mc_max"):
+    for task in ("gen_add", "mc_max", "ppl_add"):
         assert items["dev"][task]["count"] == 40 and items["test"][task]["count"] == 60
         assert items["dev"][task]["sha256"] != items["test"][task]["sha256"]
     assert scores["metrics"]["gen_add"]["filter"] == "flexible-extract"
+    assert scores["metrics"]["ppl_add"]["higher_is_better"] is False and scores["test"]["merged"]["ppl_add"] < 0
+    capsys.readouterr()
+    assert main(["leaderboard", "gen"]) == 0
+    assert "dev:ppl_add is minus bits_per_byte (none): lower bits_per_byte is better" in capsys.readouterr().out
     assert scores["dev"]["verified"]  # the exported model re-scores its stored dev score exactly
     # the test score is the one lm-eval gives on exactly the 60 test items
     test_ev = build_evaluator(EvalConfig.model_validate({**space["evaluator"], "split": "test"}))

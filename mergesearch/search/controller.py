@@ -90,7 +90,8 @@ class Controller:
         base = Checkpoint(self.space.base)
         models = [Checkpoint(m) for m in self.space.models]
         check_compatible(base, models)
-        build_evaluator(self.space.evaluator)  # task files and task names exist
+        ev = build_evaluator(self.space.evaluator)  # task files, task names, metrics and item splits are valid
+        self.directions = getattr(ev, "directions", None)
         self.num_layers = base.num_layers
         self.groups = self.space.groups(self.num_layers, layer_prefix(base.names()))
         self.seed_recipe = self._seed_recipe() if self.space.seed_from else None
@@ -181,6 +182,8 @@ class Controller:
             study.set_user_attr("space", self.space.model_dump(mode="json"))
             study.set_user_attr("space_fingerprint", self.space.fingerprint())
             study.set_user_attr("kind", "search")
+            if self.directions:  # which metric each task's score is, and how it is maximized
+                study.set_user_attr("metrics", self.directions)
             if self.seed_recipe is not None:
                 params = self.space.soup_params([m.path for m in self.seed_recipe.models], self.groups)
                 if params is not None:  # the sampler sees it as one of its own trials

@@ -9,6 +9,7 @@ lm-eval ``multiple_choice`` ``acc`` metric).
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
@@ -104,3 +105,31 @@ def make_items(task: str, n: int, seed: int, exclude: set[str] | None = None) ->
         rng.shuffle(choices)
         items.append({"context": ctx, "choices": choices, "answer": choices.index(ans)})
     return items
+
+
+def write_lmeval_examples(root: Path, templates: Path, n_docs: int = 160) -> dict[str, Path]:
+    """lm-eval task files over the zoo's skills, each with one evaluation split (as real
+    benchmarks have): a gsm8k-style generation task, arc-style multiple choice, a
+    perplexity task, a group and a too-small task. ``templates`` holds the YAMLs with
+    ``__DATA__`` where the data folder goes. The items are drawn with seeds the zoo's own
+    splits do not use. Returns the JSONL file of each task."""
+    import json
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    add, mx = make_items("add", n_docs, seed=901), make_items("max", n_docs, seed=902)
+
+    def arc(items):
+        return [{"question": it["context"], "answerKey": "ABCD"[it["answer"]],
+                 "choices": {"text": it["choices"], "label": list("ABCD")[:len(it["choices"])]}} for it in items]
+    data = {"gen_add": [{"question": it["context"], "answer": it["choices"][it["answer"]]} for it in add],
+            "mc_max": arc(mx), "mc_add": arc(add), "tiny": arc(mx[:3]),
+            "ppl_add": [{"text": it["context"] + it["choices"][it["answer"]]} for it in add],
+            "loglik_max": mx}  # the same items as mc_max, in the built-in scorer's format
+    files = {}
+    for name, rows in data.items():
+        files[name] = root / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for t in Path(templates).glob("*.yaml"):
+        (root / t.name).write_text(t.read_text().replace("__DATA__", str(root)))
+    return files
