@@ -106,6 +106,17 @@ def test_groups_share_their_counts_and_aggregate_like_lm_eval(task_dir, models):
     assert ev.score(model, tok)["pair"] == pytest.approx(res["pair"]["acc,none"]) == pytest.approx(by_size)
 
 
+def test_dev_from_validation_keeps_the_task_splits(task_dir):
+    dev = build_evaluator(cfg(task_dir, ["vt_max"], dev_from="validation"))
+    test = build_evaluator(cfg(task_dir, ["vt_max"], dev_from="validation", split="test"))
+    assert dev.item_record["vt_max"]["source"] == "its validation split" and len(dev.samples["vt_max"]) == 60
+    assert test.item_record["vt_max"]["source"] == "its test split" and len(test.samples["vt_max"]) == N_DOCS - 60
+    capped = build_evaluator(cfg(task_dir, ["vt_max"], dev_from="validation", dev_items=20))
+    assert capped.samples["vt_max"] == list(range(20))
+    with pytest.raises(MergeSearchError, match="dev_from: validation, but lm-eval task 'mc_max' has no validation"):
+        build_evaluator(cfg(task_dir, ["mc_max"], dev_from="validation"))
+
+
 @pytest.mark.parametrize("over,message", [
     ({"metrics": {"gen_add": "bleu"}}, "evaluator: metrics.gen_add: task 'gen_add' has no metric 'bleu' "
                                        "(it has: exact_match)"),

@@ -125,7 +125,8 @@ def write_lmeval_examples(root: Path, templates: Path, n_docs: int = 160) -> dic
     data = {"gen_add": [{"question": it["context"], "answer": it["choices"][it["answer"]]} for it in add],
             "mc_max": arc(mx), "mc_add": arc(add), "tiny": arc(mx[:3]),
             "ppl_add": [{"text": it["context"] + it["choices"][it["answer"]]} for it in add],
-            "loglik_max": mx}  # the same items as mc_max, in the built-in scorer's format
+            "loglik_max": mx,  # the same items as mc_max, in the built-in scorer's format
+            "vt_max_validation": arc(mx[:60]), "vt_max_test": arc(mx[60:])}
     files = {}
     for name, rows in data.items():
         files[name] = root / f"{name}.jsonl"
