@@ -18,7 +18,8 @@ sizes, before Ray starts. Inputs go on the device in priority order (the base, t
 the models in order, then side files) while they fit.
 
 The budget is ``resources.device_memory`` (or ``--device-memory``), else the free
-memory of the CUDA device times ``gpus_per_worker`` when that is a fraction. On the
+memory of the CUDA device; with a fractional ``gpus_per_worker``, that share of the
+card's memory (at most what is free). On the
 CPU without a declared budget every input stays on the host: the worker's "device"
 is the same memory, so a private copy would only cost memory.
 """
@@ -258,9 +259,11 @@ def make_plan(base: str | None, models: list[str], methods: list[str], *, device
     if budget is not None:
         source = "declared"
     elif cuda and torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        budget = int(free * min(1.0, gpus_per_worker))
-        source = "free CUDA memory" + (f" x {gpus_per_worker:g} GPU per worker" if gpus_per_worker < 1 else "")
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        # a shared GPU: this worker's share of the card, or what is still free if less
+        budget = int(min(free, total * gpus_per_worker)) if gpus_per_worker < 1 else int(free)
+        source = ("free CUDA memory" if gpus_per_worker >= 1
+                  else f"{gpus_per_worker:g} of the GPU's memory per worker, at most what is free")
     elif cuda:
         raise MergeSearchError("device memory: no CUDA device is visible here to measure; declare "
                                "resources.device_memory (or --device-memory)")
