@@ -81,14 +81,17 @@ def item_subsets(zoo: Path, mat, model, tok, recipes, repeats: int) -> dict:
     from mergesearch.zoo.tasks import write_lmeval_examples
     folder = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     files = write_lmeval_examples(folder, ROOT / "tests" / "lmeval_tasks", 160)
+    mc = EvalConfig(evaluator="lmeval", tasks=["mc_max"], task_dir=str(folder), dev_items=100, test_items=60)
+    # the built-in scorer gets exactly the dev items lm-eval scores
+    every = files["loglik_max"].read_text().splitlines()
+    same = folder / "loglik_max_dev.jsonl"
+    same.write_text("".join(every[i] + "\n" for i in build_evaluator(mc).samples["mc_max"]))
     setups = {
         "generation (lm-eval, gen_add)": EvalConfig(evaluator="lmeval", tasks=["gen_add"], task_dir=str(folder),
                                                    dev_items=100, test_items=60, max_gen_toks=3,
                                                    metrics={"gen_add": "exact_match,flexible-extract"}),
-        "multiple choice (lm-eval, mc_max)": EvalConfig(evaluator="lmeval", tasks=["mc_max"], task_dir=str(folder),
-                                                       dev_items=100, test_items=60),
-        "multiple choice (built-in, same items)": EvalConfig(evaluator="loglik", tasks=[str(files["loglik_max"])],
-                                                            limit=100),
+        "multiple choice (lm-eval, mc_max)": mc,
+        "multiple choice (built-in, same items)": EvalConfig(evaluator="loglik", tasks=[str(same)]),
     }
     res = {}
     print("\nlm-eval tasks on an item subset (100 dev items), median of", repeats)
@@ -109,7 +112,7 @@ def item_subsets(zoo: Path, mat, model, tok, recipes, repeats: int) -> dict:
         res[label] = {"task_loading_s": load, "first_call_s": first, "eval_s": statistics.median(evals),
                       "first_scores": first_scores}
         print(f"  {label:<40} loading {load:6.2f}s  first call {first:6.2f}s  per candidate "
-              f"{statistics.median(evals):6.2f}s")
+              f"{statistics.median(evals):6.2f}s  score {list(first_scores.values())[0]:.3f}")
     return res
 
 
