@@ -126,6 +126,31 @@ class SearchSpace(StrictModel):
     curvature: Optional[CurvatureConfig] = None
     gram: Optional[GramConfig] = None
     resources: Resources = Resources()
+    # search a global scale (lambda) for every method that has one: true = bounds [0.5, 2.0]
+    scale: Union[bool, Bounds] = False
+
+    @model_validator(mode="after")
+    def _add_scale(self):
+        if self.scale is not False and "lambda" not in self.parameters:
+            if any(REGISTRY[m].param("lambda") is not None for m in self.methods if m in REGISTRY):
+                bounds = self.scale if isinstance(self.scale, Bounds) else Bounds(low=0.5, high=2.0)
+                self.parameters = {**self.parameters, "lambda": bounds}
+        return self
+
+    def scale_warning(self) -> str | None:
+        """Why this space cannot scale the merged task vector, when it cannot: a method that
+        normalizes its weights with lambda fixed at 1 can only average task vectors, and good
+        merges of gentle fine-tunes often need more (lambda > 1)."""
+        lam = self.parameters.get("lambda", 1.0)
+        if isinstance(lam, Bounds) or lam != 1.0:
+            return None
+        stuck = [m for m in self.methods if m in REGISTRY and REGISTRY[m].param("lambda") is not None
+                 and self.parameters.get("normalize", REGISTRY[m].param("normalize").default) is True]
+        if not stuck:
+            return None
+        return (f"{', '.join(stuck)} normalize{'s' if len(stuck) == 1 else ''} the weights and lambda is fixed at 1, "
+                "so no candidate can scale the merged task vector; add 'scale: true' (or bounds for "
+                "parameters.lambda) to search it")
 
     # -- loading and checks -----------------------------------------------------
     @classmethod
@@ -225,6 +250,8 @@ class SearchSpace(StrictModel):
     def fingerprint(self) -> str:
         """Identity of the space for --resume (the budget and resources may change between runs)."""
         data = self.model_dump(mode="json", exclude={"budget", "resources"})
+        if data.get("scale") is False:  # absent before it existed: runs started then still resume
+            data.pop("scale")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     # -- variables -----------------------------------------------------------------

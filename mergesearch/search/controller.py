@@ -105,6 +105,9 @@ class Controller:
         from mergesearch.curvature import resolve_side_inputs
         self.side = resolve_side_inputs(self.space)  # computed once (cached on disk), before any worker starts
         self.placement = self._plan()
+        warning = self.space.scale_warning()
+        if warning:
+            log.warning("%s: %s", self.space_path, warning)
 
     def _plan(self, quiet: bool = False):
         """The workers' placement, refused here (before Ray starts) when the evaluation
