@@ -381,7 +381,7 @@ def leaderboard(
     if df.empty:
         typer.echo(f"run {run}: no completed trials")
         return
-    cols = ["rank", "trial", "kind", "aggregate"] + [c for c in df.columns if c.startswith("dev:")] + ["params"]
+    cols = ["rank", "trial", "kind", "aggregate", "worst"] + [c for c in df.columns if c.startswith("dev:")] + ["params"]
     with pd.option_context("display.max_colwidth", 70, "display.width", 200):
         typer.echo(df[cols].head(top).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     for task, d in (study.user_attrs.get("metrics") or {}).items():

@@ -49,8 +49,20 @@ class Granularity(StrictModel):
 
 
 class Objective(StrictModel):
-    kind: Literal["mean", "min"] = "mean"
+    """How per-task dev scores become the value a sampler maximizes.
+
+    ``kind``: the weighted mean, the worst task (``min``), or a soft minimum
+    (``softmin``: -T log mean exp(-s/T), between the two; T = ``temperature``).
+    ``normalize: sources`` divides each task's score by the best source model's dev score
+    on it (the sources are scored first, as baselines), so every task counts relative to
+    its specialist. ``floors`` (per task) and ``min_task`` (every task) are minimum raw
+    scores; a shortfall is subtracted from the value, and the trial is marked infeasible."""
+
+    kind: Literal["mean", "min", "softmin"] = "mean"
     floors: dict[str, float] = {}  # per-task minimum; violations are penalized
+    min_task: Optional[float] = None  # a floor for every task
+    normalize: Optional[Literal["sources"]] = None
+    temperature: float = Field(default=0.05, gt=0)  # softmin
 
 
 class SamplerConfig(StrictModel):
@@ -214,8 +226,8 @@ class SearchSpace(StrictModel):
         unknown = sorted(set(self.objective.floors) - set(self.evaluator.tasks))
         if unknown:
             raise MergeSearchError(f"{where}: objective.floors names unknown tasks: {', '.join(unknown)}")
-        if self.sampler.name == "nsga2" and self.objective.floors:
-            raise MergeSearchError(f"{where}: objective.floors does not apply to the multi-objective nsga2 sampler")
+        if self.sampler.name == "nsga2" and (self.objective.floors or self.objective.min_task is not None):
+            raise MergeSearchError(f"{where}: objective floors do not apply to the multi-objective nsga2 sampler")
         return self
 
     def _check_side(self, specs, where: str) -> None:

@@ -286,6 +286,7 @@ def leaderboard(study: optuna.Study, storage, top: int | None = None, include_fa
             "kind": ua.get("baseline") or ua.get("role") or kind,
             "state": t.state.name,
             "aggregate": ua.get("aggregate"),
+            "worst": min(scores.values()) if scores else None,
             "feasible": ua.get("feasible", True),
             **{f"dev:{k}": v for k, v in scores.items()},
             "method": recipe.get("method"),

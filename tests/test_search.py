@@ -214,6 +214,31 @@ def test_worker_setup_does_not_count_against_the_trial_timeout(tmp_path, zoo, mo
     assert {t.user_attrs["worker"] for t in trials if t.number in (2, 3)} == {2}  # the second replacement
 
 
+def test_normalized_objective_scores_the_sources_first(tmp_path, zoo, monkeypatch, capsys):
+    """objective.normalize: sources scores each source model first; every task is then
+    divided by the best source's dev score, and the leaderboard shows each worst task."""
+    monkeypatch.chdir(tmp_path)
+    space = write_space(tmp_path, zoo, budget={"n_trials": 2}, initial_trials=False,
+                        granularity={"level": "model"}, objective={"kind": "mean", "normalize": "sources"})
+    assert main(["search", str(space), "--run", "n", "--workers", "1", "--no-export"]) == 0
+    study, st = load_run("n", root=tmp_path / "results")
+    ref = study.user_attrs["reference"]
+    board = leaderboard(study, st)
+    sources = board[board["kind"].str.startswith("source ")]
+    assert sorted(sources["kind"]) == ["source ft_add", "source ft_max", "source ft_reverse", "source ft_shift"]
+    tasks = ["reverse", "shift", "max", "add"]
+    assert ref == {t: max(sources[f"dev:{t}"]) for t in tasks}
+    for _, row in board.iterrows():
+        assert row["aggregate"] == pytest.approx(sum(row[f"dev:{t}"] / ref[t] for t in tasks) / 4)
+        assert row["worst"] == min(row[f"dev:{t}"] for t in tasks)
+    # each fine-tune is the best source on its own task: its own task counts 1.0
+    own = sources.set_index("kind").loc["source ft_add"]
+    assert own["dev:add"] == ref["add"]
+    capsys.readouterr()
+    assert main(["leaderboard", "n"]) == 0
+    assert "worst" in capsys.readouterr().out.splitlines()[0]
+
+
 def test_more_workers_than_gpus_is_refused_or_shared():
     from mergesearch.errors import MergeSearchError
     from mergesearch.plan import gpu_shares

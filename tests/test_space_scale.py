@@ -40,3 +40,24 @@ def test_warning_for_spaces_that_cannot_scale(over, warns):
     assert (w is not None) == warns
     if warns:
         assert "lambda is fixed at 1" in w and "add 'scale: true'" in w
+
+
+def test_objectives_that_keep_every_task():
+    import math
+
+    from mergesearch.search.controller import objective_values
+    scores = {"a": 0.9, "b": 0.3}
+    mean = objective_values(space(evaluator={"tasks": ["a", "b"]}), scores)
+    assert mean == (pytest.approx(0.6), True, pytest.approx(0.6))
+    low = objective_values(space(evaluator={"tasks": ["a", "b"]}, objective={"kind": "min"}), scores)
+    assert low[0] == 0.3
+    soft = objective_values(space(evaluator={"tasks": ["a", "b"]},
+                                  objective={"kind": "softmin", "temperature": 0.1}), scores)[0]
+    assert soft == pytest.approx(-0.1 * math.log((math.exp(-9) + math.exp(-3)) / 2)) and 0.3 < soft < 0.6
+    # min_task: a floor for every task; the shortfall is subtracted and the trial infeasible
+    floor = objective_values(space(evaluator={"tasks": ["a", "b"]}, objective={"min_task": 0.5}), scores)
+    assert floor == (pytest.approx(0.6), False, pytest.approx(0.6 - 0.2))
+    # normalized by the best source's dev score per task
+    norm = space(evaluator={"tasks": ["a", "b"]}, objective={"normalize": "sources"})
+    agg, ok, value = objective_values(norm, scores, {"a": 1.0, "b": 0.4})
+    assert agg == pytest.approx((0.9 + 0.75) / 2) and ok and value == agg

@@ -51,14 +51,35 @@ class SearchOptions:
     device_memory: int | None = None  # bytes; overrides the space's resources.device_memory
 
 
-def objective_values(space: SearchSpace, scores: dict[str, float]) -> tuple[float, bool, list[float] | float]:
-    """(aggregate, feasible, value(s) told to the sampler)."""
+def objective_values(space: SearchSpace, scores: dict[str, float],
+                     reference: dict[str, float] | None = None) -> tuple[float, bool, list[float] | float]:
+    """(aggregate, feasible, value(s) told to the sampler). ``reference``: the best source
+    model's dev score per task, for ``objective.normalize: sources``."""
+    obj = space.objective
     weights = space.evaluator.weights
-    agg = weighted_mean(scores, weights) if space.objective.kind == "mean" else min(scores.values())
-    violation = sum(max(0.0, floor - scores[t]) for t, floor in space.objective.floors.items())
+    s = scores
+    if obj.normalize == "sources" and reference:
+        s = {t: v / reference[t] if reference.get(t) else v for t, v in scores.items()}
+    if obj.kind == "mean":
+        agg = weighted_mean(s, weights)
+    elif obj.kind == "min":
+        agg = min(s.values())
+    else:  # softmin: -T log(mean exp(-s/T)), stable around the minimum
+        lo, T = min(s.values()), obj.temperature
+        agg = lo - T * math.log(sum(math.exp(-(v - lo) / T) for v in s.values()) / len(s))
+    floors = {t: obj.min_task for t in scores} if obj.min_task is not None else {}
+    floors.update(obj.floors)
+    violation = sum(max(0.0, floor - scores[t]) for t, floor in floors.items())
     if space.multi_objective:
         return agg, True, [scores[t] for t in space.evaluator.tasks]
     return agg, violation == 0, agg - violation  # infeasible trials are penalized by their shortfall
+
+
+def source_recipes(space: SearchSpace) -> dict[str, Recipe]:
+    """Each source model as a recipe (itself, exactly): the references of a normalized objective."""
+    return {f"source {Path(m).name}": from_dict(dict(method="linear", models=[{"path": m, "parameters": {"weight": 1.0}}],
+                                                     seed=space.seed, **({"dtype": space.dtype} if space.dtype else {})))
+            for m in space.models}
 
 
 def baseline_recipes(space: SearchSpace) -> dict[str, Recipe]:
@@ -238,7 +259,9 @@ class Controller:
             self.busy_s = 0.0
             old = signal.signal(signal.SIGINT, self._on_sigint)
             try:
-                if self.space.initial_trials or getattr(self, "seed_baseline", False):
+                self.reference = self.study.user_attrs.get("reference")
+                if (self.space.initial_trials or getattr(self, "seed_baseline", False)
+                        or self.space.objective.normalize == "sources"):
                     self._baselines()
                 self._loop()
             finally:
@@ -265,21 +288,46 @@ class Controller:
         todo = dict(baseline_recipes(self.space)) if self.space.initial_trials else {}
         if getattr(self, "seed_baseline", False):
             todo[f"soup {self.space.seed_from}"] = self.seed_recipe
+        sources = source_recipes(self.space) if self.space.objective.normalize == "sources" else {}
         pending = {}  # pool numbers are negative: never a search trial's
-        for name, recipe in todo.items():
+        for name, recipe in {**sources, **todo}.items():
             t = side.ask()
             record(t, {"recipe": recipe.to_dict(), "baseline": name, "summary": recipe.summary()})
             pending[-1 - t.number] = (t, name)
-        jobs = {n: (t.user_attrs["recipe"], None) for n, (t, _) in pending.items()}
-        for res in self.pool.run_batch(jobs, self.space.max_retries, stop=lambda: self.interrupted):
-            t, name = pending.pop(res.number)
-            self._finish(side, t, res)
-            log.info("baseline %s: %s", name, f"{t.user_attrs.get('aggregate', float('nan')):.4f}"
-                     if res.ok else f"failed ({res.reason})")
+        batches = [{n: v for n, v in pending.items() if v[1] in sources},
+                   {n: v for n, v in pending.items() if v[1] not in sources}]
+        for k, batch in enumerate(batches):
+            jobs = {n: (t.user_attrs["recipe"], None) for n, (t, _) in batch.items()}
+            held = []
+            for res in self.pool.run_batch(jobs, self.space.max_retries, stop=lambda: self.interrupted):
+                if k == 0:
+                    held.append(res)
+                else:
+                    self._finish_baseline(side, pending.pop(res.number), res)
+            if k == 0 and sources:  # the references first: the sources' own scores are normalized too
+                self.reference = self._reference([r for r in held if r.ok])
+                for res in held:
+                    self._finish_baseline(side, pending.pop(res.number), res)
         self.pool.cancel_all()  # only after an interrupt is anything still in flight
         for t, _ in pending.values():
             record(t, {"reason": "interrupted"})
             side.tell(t, state=TrialState.FAIL)
+
+    def _finish_baseline(self, side, entry, res) -> None:
+        t, name = entry
+        self._finish(side, t, res)
+        log.info("baseline %s: %s", name, f"{t.user_attrs.get('aggregate', float('nan')):.4f}"
+                 if res.ok else f"failed ({res.reason})")
+
+    def _reference(self, results: list) -> dict[str, float]:
+        """The best source model's dev score per task (stored with the study for --resume)."""
+        if not results:
+            raise MergeSearchError("objective.normalize: sources: no source model could be scored")
+        ref = {task: max(r.scores[task] for r in results) for task in self.space.evaluator.tasks}
+        self.study.set_user_attr("reference", ref)
+        log.info("objective: each task is divided by the best source's dev score: %s",
+                 ", ".join(f"{t} {v:.4f}" for t, v in ref.items()))
+        return ref
 
     def _loop(self) -> None:
         study = self.study
@@ -344,7 +392,7 @@ class Controller:
     def _finish(self, study, t: optuna.Trial, res) -> None:
         payload = {"worker": res.worker, **res.timings}
         if res.ok:
-            agg, feasible, value = objective_values(self.space, res.scores)
+            agg, feasible, value = objective_values(self.space, res.scores, getattr(self, "reference", None))
             payload.update(scores=res.scores, aggregate=agg, feasible=feasible)
             record(t, payload)
             study.tell(t, value)
