@@ -69,6 +69,13 @@ class SamplerConfig(StrictModel):
     name: Literal["cmaes", "tpe", "gp", "random", "nsga2"] = "cmaes"
     population: Optional[int] = Field(default=None, ge=1)  # trials asked per batch
     n_startup_trials: Optional[int] = Field(default=None, ge=0)
+    # CMA-ES: where the search starts (the best baseline's coefficients, or variable ->
+    # value), its initial step, restarts with a growing population, and the separable
+    # (diagonal) variant for many variables
+    x0: Union[Literal["best_baseline"], dict[str, float], None] = None
+    sigma0: Optional[float] = Field(default=None, gt=0)
+    restart: Optional[Literal["ipop", "bipop"]] = None
+    separable: bool = False
 
 
 class Budget(StrictModel):
@@ -226,6 +233,11 @@ class SearchSpace(StrictModel):
         unknown = sorted(set(self.objective.floors) - set(self.evaluator.tasks))
         if unknown:
             raise MergeSearchError(f"{where}: objective.floors names unknown tasks: {', '.join(unknown)}")
+        sc = self.sampler
+        if (sc.x0 is not None or sc.sigma0 is not None or sc.restart or sc.separable) and sc.name != "cmaes":
+            raise MergeSearchError(f"{where}: sampler: x0, sigma0, restart and separable apply to cmaes only")
+        if sc.x0 == "best_baseline" and len(self.methods) > 1:
+            raise MergeSearchError(f"{where}: sampler.x0: best_baseline needs a single method (mixed spaces run TPE)")
         if self.sampler.name == "nsga2" and (self.objective.floors or self.objective.min_task is not None):
             raise MergeSearchError(f"{where}: objective floors do not apply to the multi-objective nsga2 sampler")
         return self

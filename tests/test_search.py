@@ -239,6 +239,26 @@ def test_normalized_objective_scores_the_sources_first(tmp_path, zoo, monkeypatc
     assert "worst" in capsys.readouterr().out.splitlines()[0]
 
 
+def test_cmaes_warm_starts_from_the_best_baseline(tmp_path, zoo, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    space = write_space(tmp_path, zoo, budget={"n_trials": 3}, granularity={"level": "model"}, scale=True,
+                        sampler={"name": "cmaes", "x0": "best_baseline", "sigma0": 1e-4, "restart": "ipop"})
+    assert main(["search", str(space), "--run", "w", "--workers", "1", "--no-export"]) == 0
+    study, st = load_run("w", root=tmp_path / "results")
+    board = leaderboard(study, st)
+    baselines = board[board["trial"].str.startswith("b")]
+    best = baselines.iloc[0]["kind"]  # the leaderboard ranks by dev aggregate
+    assert study.user_attrs["x0_from"] == best
+    x0 = study.user_attrs["x0"]
+    # both baselines give every model weight 1 (within the bounds), density 1 (nothing
+    # pruned: its default) and lambda 1
+    assert x0 == {**{f"weight/m{i}": 1.0 for i in range(4)}, **{f"density/m{i}": 1.0 for i in range(4)},
+                  "lambda": 1.0}
+    trials = study.get_trials()
+    assert trials[0].params == x0 and trials[0].user_attrs["role"] == "warm start"
+    assert all(abs(trials[1].params[k] - v) < 0.01 for k, v in x0.items())  # CMA-ES samples around it
+
+
 def test_more_workers_than_gpus_is_refused_or_shared():
     from mergesearch.errors import MergeSearchError
     from mergesearch.plan import gpu_shares

@@ -189,6 +189,7 @@ class Controller:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.storage = open_storage(self.url)
         n_vars = self._n_variables()
+        self.n_vars = n_vars
         sampler = make_sampler(self.space, n_vars)
         directions = ["maximize"] * (len(self.space.evaluator.tasks) if self.space.multi_objective else 1)
         if self.opts.resume:
@@ -263,6 +264,7 @@ class Controller:
                 if (self.space.initial_trials or getattr(self, "seed_baseline", False)
                         or self.space.objective.normalize == "sources"):
                     self._baselines()
+                self._warm_start()
                 self._loop()
             finally:
                 signal.signal(signal.SIGINT, old)
@@ -312,6 +314,43 @@ class Controller:
         for t, _ in pending.values():
             record(t, {"reason": "interrupted"})
             side.tell(t, state=TrialState.FAIL)
+
+    def _warm_start(self) -> None:
+        """``sampler.x0: best_baseline``: CMA-ES starts from the best baseline's
+        coefficients (chosen once, stored with the study, reused on --resume)."""
+        cfg = self.space.sampler
+        if cfg.x0 != "best_baseline" or cfg.name != "cmaes" or len(self.space.methods) > 1:
+            return
+        from mergesearch.search.samplers import baseline_x0
+        x0 = self.study.user_attrs.get("x0")
+        if x0 is None:
+            side_name = f"{self.opts.run}.baselines"
+            done = []
+            if side_name in study_names(self.storage):
+                side = optuna.load_study(study_name=side_name, storage=self.storage)
+                done = [t for t in side.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+            if not done:
+                log.warning("sampler.x0: best_baseline: no baseline was scored; CMA-ES starts at the centre")
+                return
+            best = max(done, key=lambda t: (t.user_attrs.get("feasible", True), t.value))
+            x0 = baseline_x0(self.space, best.user_attrs["recipe"], self.groups)
+            self.study.set_user_attr("x0", x0)
+            self.study.set_user_attr("x0_from", best.user_attrs.get("baseline"))
+            # Optuna's CMA-ES learns the search space from a finished trial, and draws trials
+            # independently until then: score the start point itself first
+            self.study.enqueue_trial(x0, user_attrs={"role": "warm start"})
+            t = self.study.ask()
+            recipe = self.space.suggest(t, self.groups, self.side)
+            record(t, {"recipe": recipe.to_dict(), "summary": recipe.summary()})
+            for res in self.pool.run_batch({t.number: (t.user_attrs["recipe"], None)}, self.space.max_retries,
+                                           stop=lambda: self.interrupted):
+                self._finish(self.study, t, res)
+            self.pool.cancel_all()
+            if t.number not in {x.number for x in self.study.get_trials(deepcopy=False)
+                                if x.state != TrialState.RUNNING}:
+                requeue_failed(self.study, self.study._storage.get_trial(t._trial_id), "interrupted")
+            log.info("sampler: CMA-ES starts from the best baseline, %s", best.user_attrs.get("baseline"))
+        self.study.sampler = make_sampler(self.space, self.n_vars, x0=x0)
 
     def _finish_baseline(self, side, entry, res) -> None:
         t, name = entry

@@ -20,7 +20,8 @@ from mergesearch.space import SearchSpace
 log = logging.getLogger(__name__)
 
 
-def make_sampler(space: SearchSpace, n_variables: int) -> optuna.samplers.BaseSampler:
+def make_sampler(space: SearchSpace, n_variables: int, x0: dict | None = None) -> optuna.samplers.BaseSampler:
+    """``x0``: CMA-ES's starting point (variable -> value), when the space asks for one."""
     cfg = space.sampler
     seed = space.seed
     name = cfg.name
@@ -29,9 +30,11 @@ def make_sampler(space: SearchSpace, n_variables: int) -> optuna.samplers.BaseSa
         name = "tpe"
     startup = cfg.n_startup_trials
     if name == "cmaes":
+        if x0 is None and isinstance(cfg.x0, dict):
+            x0 = cfg.x0
         return optuna.samplers.CmaEsSampler(
-            seed=seed, n_startup_trials=startup or 0, popsize=cfg.population,
-            warn_independent_sampling=False)
+            seed=seed, n_startup_trials=startup or 0, popsize=cfg.population, x0=x0, sigma0=cfg.sigma0,
+            restart_strategy=cfg.restart, use_separable_cma=cfg.separable, warn_independent_sampling=False)
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
                                           n_startup_trials=startup if startup is not None else 10,
@@ -43,6 +46,33 @@ def make_sampler(space: SearchSpace, n_variables: int) -> optuna.samplers.BaseSa
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=cfg.population or 8)
     raise ValueError(name)
+
+
+def baseline_x0(space: SearchSpace, recipe: dict, groups) -> dict[str, float]:
+    """CMA-ES's starting point from a baseline recipe: every search variable takes the
+    recipe's value where the recipe sets that parameter (a model's weight, lambda), else
+    the parameter's default (density 1: nothing pruned), clipped into its bounds."""
+    from mergesearch.methods import REGISTRY
+    from mergesearch.space import Bounds
+
+    spec = REGISTRY[space.methods[0]]
+    by_path = {m["path"]: m.get("parameters", {}) for m in recipe.get("models", [])}
+    x0 = {}
+    for name, b in space.parameters.items():
+        if not isinstance(b, Bounds):
+            continue
+        p = spec.param(name)
+        default = p.default if not p.required else 1.0
+        if p.scope == "global":
+            v = (recipe.get("parameters") or {}).get(name, default)
+            x0[name] = min(max(float(v), b.low), b.high)
+            continue
+        for i, path in enumerate(space.models):
+            v = by_path.get(path, {}).get(name, default)
+            v = v if isinstance(v, (int, float)) else default
+            for g in groups:
+                x0["/".join(x for x in (name, f"m{i}", g.name) if x)] = min(max(float(v), b.low), b.high)
+    return x0
 
 
 def population(space: SearchSpace, workers: int, n_variables: int) -> int:
