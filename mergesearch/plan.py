@@ -163,8 +163,8 @@ class Placement:
 
 def scratch_bytes(largest_numel: int, methods: list[str], n_models: int, out_elem: int) -> int:
     from mergesearch.methods import REGISTRY
-    select = any(REGISTRY[m].sparsifier is not None or "ties" in m or REGISTRY[m].needs_metric != "no"
-                 or REGISTRY[m].needs_gram for m in methods)
+    select = any(REGISTRY[m].sparsifier is not None or REGISTRY[m].needs_metric != "no" or REGISTRY[m].needs_gram
+                 for m in methods)
     buffers = SCRATCH_F32["select" if select else "plain"] + (n_models if select else 0)
     return largest_numel * (4 * buffers + out_elem)
 
