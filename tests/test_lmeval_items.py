@@ -78,6 +78,21 @@ def test_metric_and_filter_are_the_ones_asked_for(task_dir, models):
     assert out["n-samples"]["gen_add"]["effective"] == 60
 
 
+def test_every_candidate_sees_the_same_few_shot_examples(task_dir, models):
+    ev = build_evaluator(cfg(task_dir, ["mc_max"], dev_items=20, test_items=20, num_fewshot=3))
+    model, tok = models["base"]
+    task = ev.leaves["mc_max"][0]
+    prompts = []
+    for _ in range(2):
+        ev.run(model, tok)
+        prompts.append(sorted({inst.args[0] for inst in task.instances}))
+    assert len(prompts[0]) == 20 and prompts[0] == prompts[1]
+    assert all(p.count("max:") == 4 for p in prompts[0])  # three examples, then the item
+    other = build_evaluator(cfg(task_dir, ["mc_max"], dev_items=20, test_items=20, num_fewshot=3, fewshot_seed=7))
+    other.run(model, tok)
+    assert sorted({inst.args[0] for inst in other.leaves["mc_max"][0].instances}) != prompts[0]
+
+
 def test_lower_is_better_metrics_are_maximized(task_dir, models):
     ev = build_evaluator(cfg(task_dir, ["ppl_add"], dev_items=50, test_items=50,
                              metrics={"ppl_add": "word_perplexity"}))
