@@ -49,7 +49,10 @@ def ray_processes(tmp_path: Path, run: str) -> list[str]:
 
 
 def test_kill_9_the_controller_three_times_then_resume(tmp_path, zoo):
-    space = write_space(tmp_path, zoo, budget={"n_trials": 10}, initial_trials=False,
+    # a budget the three kills cannot exhaust: a zoo trial takes about 0.1 s, and each kill
+    # waits for up to 3 more trials and then up to 1 s
+    budget = 60
+    space = write_space(tmp_path, zoo, budget={"n_trials": budget}, initial_trials=False,
                         granularity={"level": "model"}, sampler={"name": "tpe"})
     db = tmp_path / "results" / "k" / "study.db"
     rng = random.Random(7)
@@ -76,7 +79,7 @@ def test_kill_9_the_controller_three_times_then_resume(tmp_path, zoo):
     done = {t.number: t.value for t in final if t.state.name == "COMPLETE"}
     for snap in snapshots:  # no finished trial is lost or changed
         assert all(done.get(n) == v for n, v in snap.items())
-    assert sum(counts_toward_budget(t) for t in final) == 10  # the budget is reached
+    assert sum(counts_toward_budget(t) for t in final) == budget  # the budget is reached
     assert not [t for t in final if t.state.name in ("RUNNING", "WAITING")]
     stale = [t for t in final if t.state.name == "FAIL"]
     assert stale, "the kills left no trial in flight"
