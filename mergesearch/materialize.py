@@ -30,7 +30,7 @@ from mergesearch.checkpoint import (
 from mergesearch.errors import MergeSearchError
 from mergesearch.merge import merge_tensor
 from mergesearch.methods import REGISTRY, TensorInputs, get_method
-from mergesearch.plan import SLOT_ALIGN, Placement, make_plan
+from mergesearch.plan import NO_BANDWIDTH, Placement, make_plan, slot_bytes
 from mergesearch.recipe import Recipe, layer_position
 
 log = logging.getLogger(__name__)
@@ -42,12 +42,12 @@ class Stager:
     copy stream; the compute stream waits for the copy, and a slot is refilled only
     after the compute that read it."""
 
-    def __init__(self, device: torch.device, slot_bytes: int):
+    def __init__(self, device: torch.device, capacity: int):
         self.device = device
         self.cuda = device.type == "cuda"
-        self.slot_bytes = slot_bytes
-        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
-        self.pinned = ([torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.capacity = capacity  # bytes per slot
+        self.slots = [torch.empty(capacity, dtype=torch.uint8, device=device) for _ in range(2)]
+        self.pinned = ([torch.empty(capacity, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
                        if self.cuda else None)
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.copied: list = [None, None]  # CUDA events: a slot's copy has landed
@@ -58,9 +58,9 @@ class Stager:
         offsets, off = [], 0
         for t in tensors:
             offsets.append(off)
-            off += -(-t.numel() * t.element_size() // SLOT_ALIGN) * SLOT_ALIGN
-        if off > self.slot_bytes:
-            raise MergeSearchError(f"staging slot of {self.slot_bytes} bytes cannot hold {off} bytes")
+            off += slot_bytes(t.numel() * t.element_size())
+        if off > self.capacity:
+            raise MergeSearchError(f"staging slot of {self.capacity} bytes cannot hold {off} bytes")
 
         def place(buf, t, o):
             return buf[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
@@ -144,7 +144,7 @@ class Materializer:
                 "grams": {str(k): v for k, v in (grams or {}).items() if v}, "base_metric": base_metric}
         self.placement = placement or make_plan(
             None if base is None else str(base), [str(m) for m in models], methods, device=str(self.device),
-            budget=budget, side=side, stream=stream, bandwidth={"device": 1.0, "link": 1.0, "source": "not used"})
+            budget=budget, side=side, stream=stream, bandwidth=NO_BANDWIDTH)
         self.stream = self.placement.stream
         self.constants = {n: ref.get(n).to(self.device) for n in self.names if n not in self.float_names}
         self.slots: dict[str, dict[str, torch.Tensor]] = {}  # input key -> tensor name -> tensor
@@ -158,7 +158,7 @@ class Materializer:
             c.release()
         host = [k for k in self.slots if not self.placement.on_device(k)]
         self.host_keys = set(host)
-        slot = max((sum(-(-self.slots[k][n].numel() * self.slots[k][n].element_size() // SLOT_ALIGN) * SLOT_ALIGN
+        slot = max((sum(slot_bytes(self.slots[k][n].numel() * self.slots[k][n].element_size())
                         for k in host if n in self.slots[k]) for n in self.float_names), default=0)
         copying = host and (self.stream == "copy" or self.device.type != "cpu")
         self.stager = Stager(self.device, slot) if copying else None

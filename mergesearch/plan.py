@@ -40,6 +40,8 @@ from mergesearch.errors import MergeSearchError
 GB = 1e9
 # Alignment of each input's part inside a staging slot (bytes).
 SLOT_ALIGN = 256
+# For plans that place inputs but predict no time (the Materializer's, a worker's).
+NO_BANDWIDTH = {"device": 1.0, "link": 1.0, "source": "not measured"}
 # Float32 buffers of the largest tensor's size alive at once while one tensor is merged,
 # beside the inputs themselves: the base and the merged output, then, for methods that
 # select or elect, the selection temporaries (|delta|, its top bits, masks) and the
@@ -325,10 +327,11 @@ def staging_bytes(host: list[Input], stream: str) -> int:
     if not host or stream == "view":
         return 0
     names = set().union(*(i.sizes for i in host))
-    return 2 * max(sum(_aligned(i.sizes.get(n, 0)) for i in host) for n in names)
+    return 2 * max(sum(slot_bytes(i.sizes.get(n, 0)) for i in host) for n in names)
 
 
-def _aligned(n: int) -> int:
+def slot_bytes(n: int) -> int:
+    """Bytes a tensor of ``n`` bytes takes in a staging slot (aligned for any dtype)."""
     return -(-n // SLOT_ALIGN) * SLOT_ALIGN
 
 

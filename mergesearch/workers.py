@@ -109,7 +109,7 @@ class Worker:
         from mergesearch.evaluate import EvalConfig, build_evaluator
         from mergesearch.materialize import Materializer
         from mergesearch.models import load_model
-        from mergesearch.plan import make_plan
+        from mergesearch.plan import NO_BANDWIDTH, make_plan
 
         torch.set_num_threads(max(1, threads))
         self.worker_id = worker_id
@@ -127,7 +127,7 @@ class Worker:
                               side={"metrics": metrics, "grams": side.get("grams") or {},
                                     "base_metric": side.get("base_metric")},
                               gpus_per_worker=opts.get("share") or 1.0, stream=opts.get("stream", "auto"),
-                              bandwidth={"device": 1.0, "link": 1.0, "source": "not used"})
+                              bandwidth=NO_BANDWIDTH)
         self.mat = Materializer(base, models, methods=methods, device=self.device, check=False, metrics=metrics,
                                 grams=side.get("grams"), base_metric=side.get("base_metric"), placement=self.plan)
         self.model, self.tokenizer = load_model(Path(base if base is not None else models[0]), device=self.device,
