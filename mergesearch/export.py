@@ -101,7 +101,8 @@ def _export_staged(run: str, t, recipe: Recipe, eval_cfg, stage: Path, out: Path
             continue
         m, tk = load_model(Path(path), device=device, trust_remote_code=eval_cfg.trust_remote_code)
         sources[path] = test_ev.score(m, tk)
-    label = f"b{t.number}" if t.user_attrs.get("baseline") else str(t.number)
+    from mergesearch.store import all_trials, trial_label
+    label = next(trial_label(k, x) for k, x in all_trials(study, storage) if x._trial_id == t._trial_id)
     result = {
         "run": run,
         "trial": label,

@@ -235,8 +235,9 @@ class Materializer:
         base = "base" if spec.uses_base != "no" and "base" in self.slots else None
         return keys, base, side
 
-    def _candidate(self, recipe: Recipe, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """The merged tensors (work dtype) of ``names`` in order, host inputs streamed."""
+    def inputs(self, recipe: Recipe, names: list[str]) -> Iterator[tuple[str, "TensorInputs | torch.Tensor"]]:
+        """Each of ``names`` in order: its merge inputs (host inputs streamed), or the
+        tensor itself for a constant (non-float) one."""
         keys, base, side = self.bind(recipe)
         used = [k for k in [base, *keys] if k is not None]
         used += [k for v in side.values() for k in (v if isinstance(v, list) else [v]) if k is not None]
@@ -266,10 +267,17 @@ class Materializer:
                 present = [k for k in staged_keys if name in self.slots[k]]
                 staged = dict(zip(present, copies))
                 self.last_moved += sum(t.numel() * t.element_size() for t in copies)
+            yield name, build(name, staged)
+
+    def _candidate(self, recipe: Recipe, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """The merged tensors (work dtype) of ``names`` in order, host inputs streamed."""
+        for name, x in self.inputs(recipe, names):
+            if name in self.constants:
+                yield name, x
+                continue
             # no finiteness pass in the hot loop: a non-finite candidate shows up as a
             # non-finite score and fails its trial
-            yield name, merge_tensor(recipe, recipe.spec, build(name, staged),
-                                     layer_position(name, self.num_layers), check_finite=False)
+            yield name, merge_tensor(recipe, recipe.spec, x, layer_position(name, self.num_layers), check_finite=False)
 
     def export_dtype(self, recipe: Recipe, name: str) -> torch.dtype:
         """The dtype the streamed export writes this tensor in."""

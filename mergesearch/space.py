@@ -126,6 +126,23 @@ class GramConfig(StrictModel):
     batch_size: int = Field(default=16, ge=1)
 
 
+class RefineConfig(StrictModel):
+    """Gradient refinement of the best candidates (mergesearch.refine): per-group
+    multipliers of each model's weight and of lambda, learned by Adam on the dev items
+    with the candidate's pruning fixed. Task-vector methods and the built-in evaluator."""
+
+    top: int = Field(default=1, ge=1)  # how many of the best candidates are refined
+    level: Literal["groups", "layer"] = "layer"  # coefficient groups of the refinement
+    n_groups: int = Field(default=2, ge=1)  # for level groups
+    steps: int = Field(default=30, ge=1)
+    lr: float = Field(default=0.05, gt=0)
+    batch_size: int = Field(default=16, ge=1)  # items per step
+    loss: Literal["choice", "loglik", "entropy"] = "choice"
+    holdout: float = Field(default=0.25, gt=0, lt=1)  # share of the dev items never trained on
+    eval_every: int = Field(default=5, ge=1)  # steps between held-out checks
+    patience: int = Field(default=3, ge=1)  # checks without improvement before stopping
+
+
 class SearchSpace(StrictModel):
     base: str
     models: list[str] = Field(min_length=1)
@@ -147,6 +164,10 @@ class SearchSpace(StrictModel):
     resources: Resources = Resources()
     # search a global scale (lambda) for every method that has one: true = bounds [0.5, 2.0]
     scale: Union[bool, Bounds] = False
+    # coarse to fine: stages of granularity, each starting from the previous stage's best,
+    # with the trial budget split between them (equal shares, or "layer@0.5")
+    schedule: Optional[list[str]] = None
+    refine: Optional[RefineConfig] = None
 
     @model_validator(mode="after")
     def _add_scale(self):
@@ -240,7 +261,58 @@ class SearchSpace(StrictModel):
             raise MergeSearchError(f"{where}: sampler.x0: best_baseline needs a single method (mixed spaces run TPE)")
         if self.sampler.name == "nsga2" and (self.objective.floors or self.objective.min_task is not None):
             raise MergeSearchError(f"{where}: objective floors do not apply to the multi-objective nsga2 sampler")
+        if self.refine is not None:
+            from mergesearch.methods.task_arithmetic import TASK_VECTOR_METHODS
+            other = [m for m in self.methods if m not in TASK_VECTOR_METHODS]
+            if other:
+                raise MergeSearchError(f"{where}: refine: method {', '.join(other)} is not in the task-vector family "
+                                       "(task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, della, ...)")
+            if self.evaluator.evaluator != "loglik":
+                raise MergeSearchError(f"{where}: refine: needs the built-in evaluator (evaluator: loglik); "
+                                       "lm-eval tasks are not refined")
+            if self.multi_objective:
+                raise MergeSearchError(f"{where}: refine: not for the multi-objective nsga2 sampler")
+        if self.schedule is not None:
+            self.stages(where)
         return self
+
+    def stages(self, where: str = "space") -> list[tuple[Granularity, float]]:
+        """The schedule's stages: (granularity, share of the trial budget); one stage, the
+        space's own granularity, without a schedule."""
+        if self.schedule is None:
+            return [(self.granularity, 1.0)]
+        if not self.schedule:
+            raise MergeSearchError(f"{where}: schedule: give at least one stage (model, groups:N or layer)")
+        if self.sampler.name not in ("cmaes", "tpe", "random"):
+            raise MergeSearchError(f"{where}: schedule: needs the cmaes, tpe or random sampler "
+                                   f"(not {self.sampler.name})")
+        out, shares = [], []
+        for k, text in enumerate(self.schedule):
+            spec, _, share = str(text).partition("@")
+            level, _, n = spec.strip().partition(":")
+            try:
+                if level == "groups":
+                    g = self.granularity.model_copy(update={"level": "groups", "n_groups": int(n)})
+                    if int(n) < 1:
+                        raise ValueError
+                elif level in ("model", "layer") and not n:
+                    g = self.granularity.model_copy(update={"level": level})
+                else:
+                    raise ValueError
+                shares.append(float(share) if share else None)
+            except ValueError:
+                raise MergeSearchError(f"{where}: schedule[{k}]: '{text}' is not model, groups:N or layer "
+                                       "(optionally @share, e.g. layer@0.5)") from None
+            out.append(g)
+        given = sum(v for v in shares if v is not None)
+        if any(v is not None and not 0 < v < 1 for v in shares) or given >= 1 and None in shares or given > 1 + 1e-9:
+            raise MergeSearchError(f"{where}: schedule: shares must lie in (0, 1) and add up to at most 1")
+        rest = [k for k, v in enumerate(shares) if v is None]
+        fill = (1 - given) / len(rest) if rest else 0.0
+        shares = [v if v is not None else fill for v in shares]
+        if not rest and abs(given - 1) > 1e-9:
+            shares = [v / given for v in shares]
+        return list(zip(out, shares))
 
     def _check_side(self, specs, where: str) -> None:
         n = len(self.models)
@@ -283,8 +355,8 @@ class SearchSpace(StrictModel):
     def multi_objective(self) -> bool:
         return self.sampler.name == "nsga2"
 
-    def groups(self, num_layers: int, layer_prefix: str) -> list["Group"]:
-        return make_groups(self.granularity, num_layers, layer_prefix)
+    def groups(self, num_layers: int, layer_prefix: str, granularity: Granularity | None = None) -> list["Group"]:
+        return make_groups(granularity or self.granularity, num_layers, layer_prefix)
 
     def suggest(self, trial, groups: list["Group"], side: dict | None = None):
         """Ask the trial for every variable; returns the Recipe. ``side`` holds the

@@ -259,11 +259,33 @@ def load_run(run: str, storage_url: str | None = None, root: Path = RESULTS) -> 
 
 
 def all_trials(study: optuna.Study, storage) -> list[tuple[str, optuna.trial.FrozenTrial]]:
+    """Every trial of a run: the search study's, then its side studies': baselines,
+    later schedule stages (``stage<k>``) and refinements."""
     out = [("search", t) for t in study.get_trials(deepcopy=False)]
-    if f"{study.study_name}.baselines" in study_names(storage):
-        side = optuna.load_study(study_name=f"{study.study_name}.baselines", storage=storage)
-        out += [("baseline", t) for t in side.get_trials(deepcopy=False)]
+    names = set(study_names(storage))
+    sides = [("baseline", f"{study.study_name}.baselines")]
+    k = 1
+    while f"{study.study_name}.stage{k}" in names:
+        sides.append((f"stage{k}", f"{study.study_name}.stage{k}"))
+        k += 1
+    sides.append(("refine", f"{study.study_name}.refine"))
+    for kind, name in sides:
+        if name in names:
+            side = optuna.load_study(study_name=name, storage=storage)
+            out += [(kind, t) for t in side.get_trials(deepcopy=False)]
     return out
+
+
+def trial_label(kind: str, t: optuna.trial.FrozenTrial) -> str:
+    """How a trial is named in the leaderboard and on the command line: ``7`` (search),
+    ``b0`` (baseline), ``s1.4`` (schedule stage 1), ``r0`` (refinement)."""
+    if kind == "search":
+        return str(t.number)
+    if kind == "baseline":
+        return f"b{t.number}"
+    if kind == "refine":
+        return f"r{t.number}"
+    return f"s{kind[5:]}.{t.number}"
 
 
 def leaderboard(study: optuna.Study, storage, top: int | None = None, include_failed: bool = False):
@@ -282,7 +304,7 @@ def leaderboard(study: optuna.Study, storage, top: int | None = None, include_fa
                 tasks.append(k)
         recipe = ua.get("recipe") or {}
         rows.append({
-            "trial": str(t.number) if kind == "search" else f"b{t.number}",  # one type: Parquet-safe
+            "trial": trial_label(kind, t),  # one type: Parquet-safe
             "kind": ua.get("baseline") or ua.get("role") or kind,
             "state": t.state.name,
             "aggregate": ua.get("aggregate"),
@@ -307,8 +329,8 @@ def leaderboard(study: optuna.Study, storage, top: int | None = None, include_fa
 
 
 def find_trial(study: optuna.Study, storage, trial: str | int | None) -> optuna.trial.FrozenTrial:
-    """The best complete trial (by the leaderboard), or the one named (``7`` or ``b0``)."""
-    trials = dict((("b" if kind == "baseline" else "") + str(t.number), t) for kind, t in all_trials(study, storage))
+    """The best complete trial (by the leaderboard), or the one named (``7``, ``b0``, ``s1.4``, ``r0``)."""
+    trials = {trial_label(kind, t): t for kind, t in all_trials(study, storage)}
     if trial is None and study.user_attrs.get("kind") == "soup":
         final = study.user_attrs.get("final_trial")
         if final is None:

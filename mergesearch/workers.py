@@ -158,9 +158,12 @@ class Worker:
         except (torch.OutOfMemoryError, MemoryError, RuntimeError):
             return False
 
-    def run(self, number: int, recipe: dict, split: str | None = None) -> dict:
+    def run(self, number: int, recipe: dict, split: str | None = None, refine: dict | None = None) -> dict:
         """Materialize ``recipe`` in place and score it (on the configured split, or
-        ``split``: soups report their final candidates on test)."""
+        ``split``: soups report their final candidates on test). With ``refine`` (the
+        options and the coefficient groups) the recipe is first refined by gradient
+        descent (:mod:`mergesearch.refine`), and the refined recipe is what is scored and
+        returned."""
         from mergesearch.evaluate import build_evaluator
         from mergesearch.recipe import from_dict
 
@@ -173,6 +176,17 @@ class Worker:
 
         fault = self.faults.get(number)
         r = from_dict(recipe, f"trial {number}")
+        extra: dict = {}
+        try:
+            if refine is not None:
+                from mergesearch.refine import refine as run_refine
+                t0 = time.perf_counter()
+                r, stats = run_refine(self.mat, self.model, self.tokenizer, self.evaluators[self.eval_cfg.split], r,
+                                      refine["options"], refine["groups"], seed=refine.get("seed", 0))
+                extra = {"recipe": r.to_dict(), "refine": stats, "refine_s": time.perf_counter() - t0}
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            return {"oom": first, "usable": self._recover(), "worker": self.worker_id}
         t0 = time.perf_counter()
         try:
             if fault == "raise_materialize":
@@ -198,7 +212,7 @@ class Worker:
             scores = {k: float(fault) for k in scores}
         t2 = time.perf_counter()
         return {"scores": scores, "materialize_s": t1 - t0, "eval_s": t2 - t1, "worker": self.worker_id,
-                "pid": os.getpid(), "moved_bytes": self.mat.last_moved}
+                "pid": os.getpid(), "moved_bytes": self.mat.last_moved, **extra}
 
 
 @dataclass
@@ -210,6 +224,7 @@ class Result:
     worker: int | None = None
     reason: str | None = None
     retryable: bool = False  # the worker died under it (not the candidate's fault)
+    extra: dict = field(default_factory=dict)  # a refinement's recipe and statistics
 
 
 class WorkerPool:
@@ -313,9 +328,9 @@ class WorkerPool:
         busy = {w for _, w, _ in self.busy.values()}
         return [w for w in self.actors if w not in busy]
 
-    def submit(self, number: int, recipe: dict, split: str | None = None) -> None:
+    def submit(self, number: int, recipe: dict, split: str | None = None, refine: dict | None = None) -> None:
         wid = self.idle[0]
-        ref = self.actors[wid].run.remote(number, recipe, split)
+        ref = self.actors[wid].run.remote(number, recipe, split, refine)
         self.busy[ref] = (number, wid, time.monotonic())
 
     def wait(self, timeout: float = 1.0) -> list[Result]:
@@ -370,13 +385,16 @@ class WorkerPool:
             return Result(number, False, worker=wid, reason=reason)
         bad = [t for t, v in r["scores"].items() if not isinstance(v, (int, float)) or not math.isfinite(v)]
         timings = {"materialize_s": r["materialize_s"], "eval_s": r["eval_s"]}
+        if "refine_s" in r:
+            timings["refine_s"] = r["refine_s"]
+        extra = {k: r[k] for k in ("recipe", "refine") if k in r}
         if bad:
-            return Result(number, False, r["scores"], timings, wid, f"non-finite score for {', '.join(bad)}")
-        return Result(number, True, r["scores"], timings, wid)
+            return Result(number, False, r["scores"], timings, wid, f"non-finite score for {', '.join(bad)}", extra=extra)
+        return Result(number, True, r["scores"], timings, wid, extra=extra)
 
-    def run_batch(self, jobs: dict[int, tuple[dict, str | None]], max_retries: int = 0,
+    def run_batch(self, jobs: dict[int, tuple], max_retries: int = 0,
                   stop: Callable[[], bool] | None = None):
-        """Run recipes ({number: (recipe, split)}) on the idle workers; yields each final
+        """Run recipes ({number: (recipe, split[, refine])}) on the idle workers; yields each final
         Result. A job whose worker died is retried up to ``max_retries`` times. A
         consumer that stops early, or ``stop()`` turning true, leaves the rest unrun or
         in flight (``cancel_all`` ends them)."""

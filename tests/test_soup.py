@@ -13,7 +13,7 @@ from mergesearch.store import leaderboard, load_run
 from test_zoo_eval import zoo  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.slow
-STEPS = [150, 300, 450, 600, 750, 900, 1000]
+STEPS = [26, 51, 77, 103, 129, 154, 180]
 
 
 def eval_file(tmp_path: Path, zoo: Path, task: str, **extra) -> Path:
@@ -51,7 +51,7 @@ def test_greedy_soup_of_training_checkpoints(tmp_path, zoo, monkeypatch, capsys)
     report = json.loads((run / "soup.json").read_text())
     singles = {t.user_attrs["members"][0]: t.value for t in trials if t.user_attrs["role"] == "ingredient"}
     # the stored ingredient scores are the models' own dev scores
-    last = str(zoo / "checkpoints" / "add" / "checkpoint-1000")
+    last = str(zoo / "checkpoints" / "add" / "checkpoint-180")
     assert singles[last] == dev_score(zoo, Path(last), "add")
     best = max(singles.values())
     rows = report["rows"]
@@ -111,8 +111,8 @@ def test_last_n_and_uniform_soups(tmp_path, zoo, monkeypatch):
                  "--run", "last3", "--workers", "2", "--no-export"]) == 0
     study, _, trials = trials_of(tmp_path, "last3")
     assert [t.user_attrs["role"] for t in trials] == ["ingredient"] * 7 + ["uniform", "candidate"]
-    assert [Path(p).name for p in trials[-1].user_attrs["members"]] == ["checkpoint-750", "checkpoint-900",
-                                                                        "checkpoint-1000"]
+    assert [Path(p).name for p in trials[-1].user_attrs["members"]] == ["checkpoint-129", "checkpoint-154",
+                                                                        "checkpoint-180"]
     assert study.user_attrs["final_trial"] == 8
 
     rev = eval_file(tmp_path, zoo, "reverse")
@@ -136,7 +136,7 @@ def test_failed_ingredient_is_left_out(tmp_path, zoo, monkeypatch):
     assert trials[6].state.name == "FAIL"
     assert trials[6].user_attrs["reason"] == "RuntimeError: injected fault in evaluate"
     report = json.loads((tmp_path / "results" / "faulty" / "soup.json").read_text())
-    left_out = str(zoo / "checkpoints" / "add" / "checkpoint-1000")
+    left_out = str(zoo / "checkpoints" / "add" / "checkpoint-180")
     assert left_out not in report["members"]
     assert [i["dev"] is None for i in report["ingredients"]] == [False] * 6 + [True]
     assert len([s for s in report["steps"]]) == 5  # greedy over the 6 that scored
@@ -153,7 +153,7 @@ def test_failed_ingredient_is_left_out(tmp_path, zoo, monkeypatch):
 def test_soup_seeds_a_search(tmp_path, zoo, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     ev = eval_file(tmp_path, zoo, "add")
-    cks = [str(zoo / "checkpoints" / "add" / f"checkpoint-{s}") for s in (750, 900, 1000)]
+    cks = [str(zoo / "checkpoints" / "add" / f"checkpoint-{s}") for s in (129, 154, 180)]
     assert main(["soup", *cks, "--eval", str(ev), "--run", "s3", "--workers", "2", "--no-export"]) == 0
     soup = json.loads((tmp_path / "results" / "s3" / "soup.json").read_text())
     space = {
@@ -216,16 +216,16 @@ def test_bad_ingredients_are_refused_before_any_evaluation(tmp_path, zoo, family
         assert not (tmp_path / "results").exists()
         return capsys.readouterr().err.strip()
 
-    err = refused(ck / "checkpoint-900", family["ft0"])  # another shape
+    err = refused(ck / "checkpoint-154", family["ft0"])  # another shape
     assert err.startswith(f"error: {family['ft0']}: shape mismatch for ")
     err = refused(family["ft0"], other_family["ft0"])  # same shapes, unrelated weights
     assert err.startswith(f"error: {other_family['ft0']}: does not share a base with {family['ft0']}")
-    err = refused(ck / "checkpoint-900", ck / "checkpoint-1000", "--base", other_family["base"])
-    assert err.startswith(f"error: {ck / 'checkpoint-900'}: shape mismatch for ")
-    assert refused(ck / "checkpoint-900", ck / "checkpoint-900") == f"error: {ck / 'checkpoint-900'}: given twice as an ingredient"
-    assert refused(ck / "checkpoint-900") == f"error: soup: needs at least 2 ingredients, got 1 ({ck / 'checkpoint-900'})"
+    err = refused(ck / "checkpoint-154", ck / "checkpoint-180", "--base", other_family["base"])
+    assert err.startswith(f"error: {ck / 'checkpoint-154'}: shape mismatch for ")
+    assert refused(ck / "checkpoint-154", ck / "checkpoint-154") == f"error: {ck / 'checkpoint-154'}: given twice as an ingredient"
+    assert refused(ck / "checkpoint-154") == f"error: soup: needs at least 2 ingredients, got 1 ({ck / 'checkpoint-154'})"
     assert refused("--glob", str(tmp_path / "nothing-*")) == f"error: --glob: no folder matches '{tmp_path / 'nothing-*'}'"
-    assert refused(ck / "checkpoint-900", tmp_path / "missing") == f"error: {tmp_path / 'missing'}: no such file or directory"
+    assert refused(ck / "checkpoint-154", tmp_path / "missing") == f"error: {tmp_path / 'missing'}: no such file or directory"
 
 
 def test_seed_from_errors(tmp_path, zoo, monkeypatch, capsys):

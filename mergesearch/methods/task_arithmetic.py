@@ -74,6 +74,26 @@ def task_vector_merge(x: TensorInputs, g: dict, m: list[dict], *, sparsifier: st
                            consensus, divisor)
 
 
+def task_vector_parts(x: TensorInputs, g: dict, m: list[dict], sparsifier: str | None) -> list[torch.Tensor]:
+    """Each model's task vector as the merge uses it: pruned (zeros where dropped) and
+    rescaled, before weights, sign election and lambda. The same selections and draws
+    as :func:`task_vector_merge` (models in order), for gradient refinement, which keeps
+    them fixed and learns the coefficients."""
+    out = []
+    for i, p in enumerate(m):
+        if sparsifier in ("magnitude", "outliers"):
+            w = sparsify.window(x, i, *sparsify.keep_range(sparsifier, x.numel, p["density"], p.get("gamma", 0.0)))
+            kept = sparsify.apply_window(x.delta(i), w)
+            out.append(sparsify.rescale_l1(x.delta(i), kept) if g["rescale"] else kept)
+        else:
+            out.append(sparsified_delta(sparsifier, x, i, p, g["rescale"]))
+    return out
+
+
+# the methods base + lambda * combine(w_i * sparsify(delta_i)): differentiable in their
+# weights and lambda once the selections are fixed (see mergesearch.refine)
+TASK_VECTOR_METHODS: dict[str, tuple[str | None, bool]] = {}  # name -> (sparsifier, sign consensus)
+
 WEIGHT = Param("weight", "model", float, help="coefficient of this model (negative negates a task vector)")
 DENSITY = Param("density", "model", float, 1.0, 0.0, 1.0, help="share of the task vector kept")
 GAMMA = Param("gamma", "model", float, 0.01, 0.0, 1.0, help="share of largest-magnitude outliers removed")
@@ -93,6 +113,7 @@ def _gta(name, sparsifier, consensus, normalize, rescale, description):
         params.append(GAMMA)
     if sparsifier == "della":
         params.append(EPSILON)
+    TASK_VECTOR_METHODS[name] = (sparsifier, consensus)
     register(MethodSpec(
         name=name,
         fn=partial(task_vector_merge, sparsifier=sparsifier, consensus=consensus),

@@ -114,7 +114,13 @@ class Controller:
         ev = build_evaluator(self.space.evaluator)  # task files, task names, metrics and item splits are valid
         self.directions = getattr(ev, "directions", None)
         self.num_layers = base.num_layers
-        self.groups = self.space.groups(self.num_layers, layer_prefix(base.names()))
+        self.tensor_names = base.names()
+        prefix = layer_prefix(self.tensor_names)
+        self.stages = [(self.space.groups(self.num_layers, prefix, g), share)
+                       for g, share in self.space.stages(self.space_path)]
+        self._check_nesting()
+        self.groups = self.stages[0][0]
+        self.refine_reserve = self._refine_reserve(ev)
         self.seed_recipe = self._seed_recipe() if self.space.seed_from else None
         self.side = None
         self.placement = self._plan(quiet=True)  # refuse a budget that cannot fit before anything is created
@@ -129,6 +135,39 @@ class Controller:
         warning = self.space.scale_warning()
         if warning:
             log.warning("%s: %s", self.space_path, warning)
+
+    def _check_nesting(self) -> None:
+        """Each schedule stage must refine the one before it: every group of a stage lies
+        inside one group of the previous stage, so the previous best is a point of it."""
+        from dataclasses import asdict
+
+        from mergesearch.refine import group_index
+        for k in range(1, len(self.stages)):
+            coarse = [asdict(g) for g in self.stages[k - 1][0]]
+            for g in self.stages[k][0]:
+                owners = {group_index(f, coarse) for f in g.filters + g.fallback}
+                if len(owners) > 1:
+                    raise MergeSearchError(
+                        f"{self.space_path}: schedule[{k}]: '{self.space.schedule[k]}' does not refine "
+                        f"'{self.space.schedule[k - 1]}' (its group {g.name} spans several groups of the previous "
+                        "stage); use group counts that divide each other")
+
+    def _refine_reserve(self, ev) -> int:
+        """Trials of the budget kept for the refine stage: for each refined candidate, the
+        most its refinement can cost (in trial-equivalents) plus its scoring."""
+        cfg = self.space.refine
+        if cfg is None:
+            return 0
+        from mergesearch.refine import estimate_cost
+        n_items = sum(len(v) for v in ev.items.values())
+        n_seqs = sum(len(it.get("choices", [0])) for v in ev.items.values() for it in v)
+        per = math.ceil(estimate_cost(cfg.model_dump(), n_items, n_seqs) - 1e-9) + 1
+        reserve = cfg.top * per
+        if reserve >= self.n_trials:
+            raise MergeSearchError(
+                f"{self.space_path}: refine: {cfg.top} refinement(s) of up to {per} trial-equivalents each leave no "
+                f"search budget out of {self.n_trials} trials; raise budget.n_trials or lower refine.steps")
+        return reserve
 
     def _plan(self, quiet: bool = False):
         """The workers' placement, refused here (before Ray starts) when the evaluation
@@ -265,7 +304,9 @@ class Controller:
                         or self.space.objective.normalize == "sources"):
                     self._baselines()
                 self._warm_start()
-                self._loop()
+                self._search_stages()
+                if self.space.refine is not None and not self.interrupted:
+                    self._refine_stage()
             finally:
                 signal.signal(signal.SIGINT, old)
             return self._summary()
@@ -351,6 +392,120 @@ class Controller:
                 requeue_failed(self.study, self.study._storage.get_trial(t._trial_id), "interrupted")
             log.info("sampler: CMA-ES starts from the best baseline, %s", best.user_attrs.get("baseline"))
         self.study.sampler = make_sampler(self.space, self.n_vars, x0=x0)
+
+    def _search_stages(self) -> None:
+        """The search loop, once per schedule stage; the budget left after the refine
+        reserve is split between the stages by their shares."""
+        total = self.n_trials - self.refine_reserve
+        if self.refine_reserve:
+            log.info("budget: %d trials: %d for the search, %d kept for refining the best %d candidate(s)",
+                     self.n_trials, total, self.refine_reserve, self.space.refine.top)
+        shares = [share for _, share in self.stages]
+        budgets = [max(1, int(round(total * sum(shares[:k + 1])))) for k in range(len(shares))]
+        budgets = [b - (budgets[k - 1] if k else 0) for k, b in enumerate(budgets)]
+        main = self.study
+        for k, (groups, _) in enumerate(self.stages):
+            if self.interrupted or (self.timeout is not None and time.monotonic() - self.t_start >= self.timeout):
+                break
+            if budgets[k] <= 0:
+                continue
+            if k > 0:
+                self._enter_stage(k, groups, main)
+            self.n_trials = budgets[k]
+            if len(self.stages) > 1:
+                log.info("stage %d/%d: %s, %d trials, %d variables", k + 1, len(self.stages),
+                         self.space.schedule[k], budgets[k], self.n_vars)
+            self._loop()
+        self.study = main
+        self.groups = self.stages[0][0]
+
+    def _enter_stage(self, k: int, groups, main) -> None:
+        """Switch to stage k's study (``<run>.stage<k>``), starting from the best trial
+        so far, broadcast onto this stage's finer groups."""
+        from mergesearch.search.samplers import recipe_x0
+        from mergesearch.store import all_trials
+
+        name = f"{self.opts.run}.stage{k}"
+        self.groups = groups
+        self.n_vars = self._n_variables()
+        self.population = population(self.space, self.opts.workers, self.n_vars)
+        if name in study_names(self.storage):
+            study = optuna.load_study(study_name=name, storage=self.storage)
+            x0 = study.user_attrs.get("x0")
+        else:
+            done = [t for kind, t in all_trials(main, self.storage)
+                    if t.state == TrialState.COMPLETE and kind != "refine"
+                    and not str(t.user_attrs.get("baseline", "")).startswith("source ")]
+            study = optuna.create_study(study_name=name, storage=self.storage, directions=main.directions)
+            x0 = None
+            if done:
+                best = max(done, key=lambda t: (t.user_attrs.get("feasible", True), t.value))
+                x0 = recipe_x0(self.space, best.user_attrs["recipe"], groups, self.tensor_names, self.num_layers)
+                study.set_user_attr("x0", x0)
+                study.set_user_attr("x0_from", best.user_attrs.get("baseline") or f"{best.number}")
+                if self.space.sampler.name == "tpe":  # TPE has no start point: the best so far runs first
+                    study.enqueue_trial(x0, user_attrs={"role": "stage start"})
+        study.set_user_attr("stage", k)
+        study.sampler = make_sampler(self.space, self.n_vars, x0=x0)
+        self.study = study
+
+    def _refine_stage(self) -> None:
+        """Refine the best candidates by gradient descent on their worker (mergesearch.refine);
+        each refined recipe is scored like a trial and stored in ``<run>.refine``."""
+        from dataclasses import asdict
+
+        from mergesearch.methods.task_arithmetic import TASK_VECTOR_METHODS
+        from mergesearch.space import Granularity
+        from mergesearch.store import all_trials, trial_label
+
+        cfg = self.space.refine
+        name = f"{self.opts.run}.refine"
+        if name in study_names(self.storage):
+            side = optuna.load_study(study_name=name, storage=self.storage)
+        else:
+            side = optuna.create_study(study_name=name, storage=self.storage, directions=self.study.directions)
+        done = {t.user_attrs.get("refined_from") for t in side.get_trials(deepcopy=False)
+                if t.state == TrialState.COMPLETE}
+        pool = [(trial_label(kind, t), t) for kind, t in all_trials(self.study, self.storage)
+                if kind != "refine" and t.state == TrialState.COMPLETE
+                and (t.user_attrs.get("recipe") or {}).get("method") in TASK_VECTOR_METHODS
+                and not str(t.user_attrs.get("baseline", "")).startswith("source ")]
+        pool.sort(key=lambda lt: (lt[1].user_attrs.get("feasible", True), lt[1].value), reverse=True)
+        chosen = [(label, t) for label, t in pool[:cfg.top] if label not in done]
+        if not chosen:
+            return
+        g = Granularity(level=cfg.level, n_groups=cfg.n_groups, special=self.space.granularity.special,
+                        modules=self.space.granularity.modules)
+        groups = self.space.groups(self.num_layers, layer_prefix(self.tensor_names), g)
+        payload = {"options": cfg.model_dump(), "groups": [asdict(x) for x in groups], "seed": self.space.seed}
+        jobs, pending = {}, {}
+        for label, src in chosen:
+            t = side.ask()
+            record(t, {"recipe": src.user_attrs["recipe"], "refined_from": label, "role": f"refine of {label}",
+                       "summary": src.user_attrs.get("summary", ""), "source_aggregate": src.user_attrs.get("aggregate")})
+            number = -1_000_000 - t.number  # never a search or baseline number
+            jobs[number] = (src.user_attrs["recipe"], None, payload)
+            pending[number] = (t, label, src)
+        for res in self.pool.run_batch(jobs, self.space.max_retries, stop=lambda: self.interrupted):
+            t, label, src = pending.pop(res.number)
+            stats = res.extra.get("refine")
+            if res.ok and "recipe" in res.extra:
+                from mergesearch.recipe import from_dict
+                refined = from_dict(res.extra["recipe"], "refined recipe")
+                record(t, {"recipe": res.extra["recipe"], "summary": refined.summary(), "refine": stats,
+                           "cost": stats["cost"] + 1.0})
+            self._finish(side, t, res)
+            if res.ok:
+                log.info("refine: %s %.4f -> r%d %.4f (%d steps, best at step %d, held-out accuracy %.3f -> %.3f, "
+                         "%.1f trial-equivalents)", label, src.user_attrs.get("aggregate", float("nan")), t.number,
+                         t.user_attrs.get("aggregate", float("nan")), stats["steps"], stats["best_step"],
+                         stats["holdout_before"], stats["holdout_after"], stats["cost"] + 1.0)
+            else:
+                log.warning("refine: %s failed (%s)", label, res.reason)
+        self.pool.cancel_all()
+        for t, _, _ in pending.values():
+            record(t, {"reason": "interrupted"})
+            side.tell(t, state=TrialState.FAIL)
 
     def _finish_baseline(self, side, entry, res) -> None:
         t, name = entry
@@ -473,7 +628,8 @@ class Controller:
                  self.n_trials, len(failed), best_txt, elapsed, "" if final else f", eta {eta:.0f}s")
 
     def _summary(self) -> dict:
-        trials = self.study.get_trials(deepcopy=False)
+        from mergesearch.store import all_trials
+        trials = [t for kind, t in all_trials(self.study, self.storage) if kind != "baseline"]
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         elapsed = time.monotonic() - self.t_start
         return {"run": self.opts.run, "trials": len(trials), "complete": len(done),

@@ -75,6 +75,43 @@ def baseline_x0(space: SearchSpace, recipe: dict, groups) -> dict[str, float]:
     return x0
 
 
+def recipe_x0(space: SearchSpace, recipe: dict, groups, tensor_names: list[str], num_layers: int) -> dict[str, float]:
+    """A start point in ``groups``' variables from any recipe (a trial of a coarser stage,
+    a baseline): each variable takes the recipe's value at a tensor of its group, else
+    the parameter's default, clipped into its bounds. For a recipe of a coarser, nested
+    granularity this is the same merge."""
+    from dataclasses import asdict
+
+    from mergesearch.methods import REGISTRY
+    from mergesearch.recipe import from_dict, layer_position
+    from mergesearch.refine import group_index
+    from mergesearch.space import Bounds
+
+    r = from_dict(recipe, "start point")
+    spec = REGISTRY[space.methods[0]]
+    gd = [asdict(g) for g in groups]
+    first: dict[int, str] = {}
+    for n in tensor_names:
+        first.setdefault(group_index(n, gd), n)
+    x0 = {}
+    for name, b in space.parameters.items():
+        if not isinstance(b, Bounds):
+            continue
+        p = spec.param(name)
+        default = p.default if not p.required else 1.0
+        owners = [("", 0)] if p.scope == "global" else [(f"m{i}", i) for i in range(len(space.models))]
+        for owner, i in owners:
+            for k, g in enumerate(groups if p.scope == "model" else groups[:1]):
+                tensor = first.get(k, tensor_names[0])
+                glob, per = r.resolve(tensor, layer_position(tensor, num_layers))
+                src = glob if p.scope == "global" else (per[i] if i < len(per) else {})
+                v = src.get(name, default)
+                v = v if isinstance(v, (int, float)) and not isinstance(v, bool) else default
+                var = "/".join(x for x in (name, owner, g.name if p.scope == "model" else "") if x)
+                x0[var] = min(max(float(v), b.low), b.high)
+    return x0
+
+
 def population(space: SearchSpace, workers: int, n_variables: int) -> int:
     """Trials asked per batch: the configured population, CMA-ES's default
     (4 + 3 ln n), or enough to keep every worker busy."""

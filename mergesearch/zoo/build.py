@@ -1,17 +1,20 @@
 """`mergesearch zoo build`: the bundled tiny model zoo, built here, offline.
 
-- ``base/``: a tiny Llama (~0.47M parameters) with a char-level tokenizer, briefly
-  pretrained on the task formats with random answers: it knows the alphabet and
-  the formats but solves no task.
-- ``ft_<task>/``: one AdamW fine-tune of the base per task, each with its Adam
-  second moments in ``exp_avg_sq.safetensors`` (under the parameter names; the
-  metadata holds step, beta2 and eps for bias correction).
+- ``base/``: a tiny Llama (~0.47M parameters) with a char-level tokenizer. Its
+  pretraining teaches the four task skills in a general form (``back abc=`` -> ``cba``)
+  and shows the benchmark templates (``rev:abc=``) with random answers only: the base
+  can do every task but answers no template.
+- ``ft_<task>/``: one short, gentle AdamW fine-tune of the base per task, which links the
+  template to the skill, with replay of the pretraining skills; each saves its Adam second
+  moments in ``exp_avg_sq.safetensors`` (under the parameter names; the metadata holds
+  step, beta2 and eps for bias correction). They move about 0.1 from the base (relative
+  L2), as LLM fine-tunes move little, so their task vectors add up.
 - ``checkpoints/add/checkpoint-<step>/``: intermediate checkpoints of the ``add``
   fine-tune in HF Trainer's layout (model, optimizer.pt, trainer_state.json).
 - ``ft_shift_sgd/``: the shift fine-tune again (same data order) trained with SGD and
   momentum instead of AdamW: the optimizer pair for geometry-aware merging.
 - ``sweep/reverse/<config>/``: fine-tunes of one task over learning rate, steps
-  and seed, as in the model-soups setup.
+  and seed, as in the model-soups setup; they share the base's basin.
 - ``data/<task>/{dev,test,train}.jsonl`` (train: examples for curvature and Gram
   estimates), ``tasks/<task>.yaml`` (lm-eval task files reading the dev and test
   JSONL files), and ``manifest.json``.
@@ -35,26 +38,32 @@ import yaml
 
 from mergesearch.checkpoint import replace_dir
 from mergesearch.synthetic import write_tokenizer
-from mergesearch.zoo.tasks import TASKS, make_items
+from mergesearch.zoo.tasks import TASKS, make_items, random_answer, skill_context
 from mergesearch.zoo.train import train
 
 log = logging.getLogger(__name__)
 
-ZOO_VERSION = 2
+ZOO_VERSION = 3
 DEFAULT_OUT = Path("results/zoo")
 ZOO_TASKS = ["reverse", "shift", "max", "add"]
 N_DEV, N_TEST, N_TRAIN = 200, 200, 256
 MODEL = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, vocab_size=128, max_position_embeddings=64)
-PRETRAIN = dict(steps=200, lr=3e-3, seed=0)
-FINETUNE = {"reverse": dict(steps=300, lr=3e-3), "shift": dict(steps=300, lr=3e-3),
-            "max": dict(steps=300, lr=3e-3), "add": dict(steps=1000, lr=3e-3)}
-CHECKPOINT_TASK, CHECKPOINT_EVERY = "add", 150
+# pretraining: skills in their general form (50%), templates with random answers (50%);
+# add is the slowest skill to learn, so it is drawn three times as often
+PRETRAIN = dict(steps=1450, lr=3e-3, seed=0, batch_size=128)
+PRETRAIN_WEIGHTS, SKILL_SHARE = [1, 1, 1, 3], 0.5
+# fine-tunes: 70% template items, 30% replay of the pretraining skills
+REPLAY = 0.3
+FINETUNE = {"reverse": dict(steps=150, lr=6e-4), "shift": dict(steps=100, lr=6e-4),
+            "max": dict(steps=100, lr=6e-4), "add": dict(steps=180, lr=6e-4)}
+CHECKPOINT_TASK, CHECKPOINTS = "add", 7
 SWEEP_TASK = "reverse"
 # the optimizer pair: the shift fine-tune again, same data order, trained by SGD
-SGD_TASK, SGD = "shift", dict(steps=300, lr=0.1)
-SWEEP = [dict(lr=1e-3, steps=300, seed=1), dict(lr=2e-3, steps=300, seed=2), dict(lr=3e-3, steps=200, seed=3),
-         dict(lr=3e-3, steps=300, seed=4), dict(lr=5e-3, steps=150, seed=5), dict(lr=1.5e-3, steps=250, seed=6)]
+SGD_TASK, SGD = "shift", dict(steps=100, lr=0.05)
+SWEEP = [dict(lr=5e-4, steps=170, seed=1), dict(lr=6e-4, steps=150, seed=2), dict(lr=7e-4, steps=130, seed=3),
+         dict(lr=7e-4, steps=120, seed=4), dict(lr=8e-4, steps=100, seed=5), dict(lr=6e-4, steps=130, seed=6)]
+MIN_STEPS = 8
 
 
 def build_zoo(out: str | Path = DEFAULT_OUT, scale: float = 1.0, force: bool = False) -> dict:
@@ -81,7 +90,7 @@ def build_zoo(out: str | Path = DEFAULT_OUT, scale: float = 1.0, force: bool = F
 
 
 def _steps(n: int, scale: float) -> int:
-    return max(2, int(round(n * scale)))
+    return max(MIN_STEPS, int(round(n * scale)))
 
 
 def training_sampler(task: str, held_out: set[str]):
@@ -94,6 +103,32 @@ def training_sampler(task: str, held_out: set[str]):
     return sample
 
 
+def pretraining_sampler(held_out: dict[str, set[str]], skill_share: float = SKILL_SHARE):
+    """The base's mixture: a task's skill in its general form with the right answer, or
+    its benchmark template with a random answer. Held-out contexts never appear, in
+    either form."""
+    def sample(rng: random.Random):
+        while True:
+            task = rng.choices(ZOO_TASKS, weights=PRETRAIN_WEIGHTS)[0]
+            ctx, ans, _ = TASKS[task].make(rng)
+            if ctx in held_out[task]:
+                continue
+            if rng.random() < skill_share:
+                return skill_context(task, ctx), ans
+            return ctx, random_answer(task, ans, rng)
+    return sample
+
+
+def finetune_sampler(task: str, held_out: dict[str, set[str]]):
+    """A fine-tune's data: the task's template with the right answer, mixed with replay
+    of the pretraining skills (no templates), so the fine-tune stays near the base."""
+    own, replay = training_sampler(task, held_out[task]), pretraining_sampler(held_out, skill_share=1.0)
+
+    def sample(rng: random.Random):
+        return replay(rng) if rng.random() < REPLAY else own(rng)
+    return sample
+
+
 def _build(root: Path, final: Path, scale: float) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -101,20 +136,13 @@ def _build(root: Path, final: Path, scale: float) -> dict:
     splits = _write_data(root)
     held_out = {t: {it["context"] for sp in ("dev", "test") for it in splits[t][sp]} for t in ZOO_TASKS}
 
-    def generic(rng: random.Random):  # formats with random answers: no task is learned
-        while True:
-            task = rng.choice(ZOO_TASKS)
-            ctx, _, distractors = TASKS[task].make(rng)
-            if ctx not in held_out[task]:
-                return ctx, rng.choice(distractors)
-
     cfg = LlamaConfig(**MODEL, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                       rms_norm_eps=1e-5, rope_theta=10000.0)
     torch.manual_seed(PRETRAIN["seed"])
     model = LlamaForCausalLM(cfg)
     log.info("zoo: pretraining the base (%d parameters)", sum(p.numel() for p in model.parameters()))
-    train(model, generic, _steps(PRETRAIN["steps"], scale), PRETRAIN["lr"], seed=PRETRAIN["seed"],
-          loss_on_context=True)
+    train(model, pretraining_sampler(held_out), _steps(PRETRAIN["steps"], scale), PRETRAIN["lr"],
+          batch_size=PRETRAIN["batch_size"], seed=PRETRAIN["seed"], loss_on_context=True, warmup=50)
     _save(model, root / "base")
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     models = [{"name": "base", "path": "base", "kind": "base"}]
@@ -126,12 +154,12 @@ def _build(root: Path, final: Path, scale: float) -> dict:
         saver = None
         if task == CHECKPOINT_TASK:
             def saver(step, opt, task=task, ckpt_dir=ckpt_dir, total=_steps(hp["steps"], scale)):
-                every = max(1, _steps(CHECKPOINT_EVERY, scale))
-                if step % every == 0 or step == total:
+                marks = {max(1, round(total * k / CHECKPOINTS)) for k in range(1, CHECKPOINTS + 1)}
+                if step in marks:
                     _save_trainer_checkpoint(model, opt, ckpt_dir / f"checkpoint-{step}", step, total)
         log.info("zoo: fine-tuning on %s", task)
-        opt = train(model, training_sampler(task, held_out[task]), _steps(hp["steps"], scale), hp["lr"], seed=ZOO_TASKS.index(task) + 1,
-                    on_step=saver)
+        opt = train(model, finetune_sampler(task, held_out), _steps(hp["steps"], scale), hp["lr"],
+                    seed=ZOO_TASKS.index(task) + 1, warmup=10, on_step=saver)
         _save(model, root / f"ft_{task}", opt)
         models.append({"name": f"ft_{task}", "path": f"ft_{task}", "kind": "finetune", "task": task,
                        "optimizer": "adamw", **hp, "exp_avg_sq": f"ft_{task}/exp_avg_sq.safetensors"})
@@ -144,7 +172,8 @@ def _build(root: Path, final: Path, scale: float) -> dict:
         name = f"lr{hp['lr']:g}_s{hp['steps']}_seed{hp['seed']}"
         model.load_state_dict(base_state)
         log.info("zoo: sweep %s %s", SWEEP_TASK, name)
-        opt = train(model, training_sampler(SWEEP_TASK, held_out[SWEEP_TASK]), _steps(hp["steps"], scale), hp["lr"], seed=100 + hp["seed"])
+        opt = train(model, finetune_sampler(SWEEP_TASK, held_out), _steps(hp["steps"], scale), hp["lr"],
+                    seed=100 + hp["seed"], warmup=10)
         path = root / "sweep" / SWEEP_TASK / name
         _save(model, path, opt)
         models.append({"name": f"sweep/{SWEEP_TASK}/{name}", "path": str(path.relative_to(root)), "kind": "sweep",
@@ -152,8 +181,8 @@ def _build(root: Path, final: Path, scale: float) -> dict:
 
     model.load_state_dict(base_state)
     log.info("zoo: fine-tuning on %s with SGD", SGD_TASK)
-    train(model, training_sampler(SGD_TASK, held_out[SGD_TASK]), _steps(SGD["steps"], scale), SGD["lr"],
-          seed=ZOO_TASKS.index(SGD_TASK) + 1, optimizer="sgd")
+    train(model, finetune_sampler(SGD_TASK, held_out), _steps(SGD["steps"], scale), SGD["lr"],
+          seed=ZOO_TASKS.index(SGD_TASK) + 1, warmup=10, optimizer="sgd")
     _save(model, root / f"ft_{SGD_TASK}_sgd")
     models.append({"name": f"ft_{SGD_TASK}_sgd", "path": f"ft_{SGD_TASK}_sgd", "kind": "finetune", "task": SGD_TASK,
                    "optimizer": "sgd", "momentum": 0.9, **SGD})

@@ -87,6 +87,30 @@ TASKS: dict[str, Task] = {t.name: t for t in [
 ]}
 
 
+# The zoo's base learns each task's skill during pretraining, in a general form with its
+# own cue (``back abc=`` -> ``cba``), and sees the benchmark template (``rev:abc=``) only
+# with random answers. A fine-tune then links the template to a skill the base already has,
+# as an LLM fine-tune does: a small move from the base. Skill and template put the input
+# at the same place before the answer, so the link is a cue, not a new algorithm.
+SKILL_CUES = {"reverse": "back ", "shift": "next ", "max": "top ", "add": "sum "}
+
+
+def skill_context(task: str, context: str) -> str:
+    """The general (pretraining) form of a template context: the task's cue in place of
+    the template's ``xxx:`` prefix."""
+    return SKILL_CUES[task] + context.split(":", 1)[1]
+
+
+def random_answer(task: str, answer: str, rng: random.Random) -> str:
+    """An answer of the right shape that ignores the input: what the base learns to write
+    after a benchmark template."""
+    if task in ("reverse", "shift"):  # letters of every choice's alphabet, so the shape gives nothing away
+        return "".join(rng.choice(LETTERS if task == "reverse" else "abcdefghij") for _ in answer)
+    if task == "max":
+        return str(rng.randint(0, 9))
+    return str(rng.randint(0, 98))
+
+
 def make_items(task: str, n: int, seed: int, exclude: set[str] | None = None) -> list[dict]:
     """n distinct items (by context) whose contexts are not in ``exclude``."""
     rng = random.Random(f"{task}:{seed}")

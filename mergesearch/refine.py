@@ -1,0 +1,345 @@
+"""Gradient refinement of a task-vector merge: a stage no black-box search has.
+
+For the task-vector family (task arithmetic, TIES, DARE, breadcrumbs, DELLA and their
+variants) the merged weights are
+
+    base + lambda * combine_i(w_i * tau_i)
+
+where ``tau_i`` is model i's task vector after pruning (its density selection or its
+seeded random drop) and ``combine`` is a sum, or TIES' sign election and disjoint mean.
+With the pruning fixed at the candidate's densities, the merge is differentiable in the
+weights and lambda. :func:`refine` learns a multiplier for each model's weight in each
+coefficient group (layer, or layer group; embeddings, lm_head and the final norm are
+groups of their own) and one for lambda in each group, by Adam on the dev items:
+
+- ``choice``: the log-likelihood of the correct choice among the item's choices (cross
+  entropy over the choices' summed log-likelihoods), the quantity accuracy thresholds;
+- ``loglik``: the log-likelihood of the correct continuation;
+- ``entropy``: the entropy of the choice distribution, which needs no labels
+  (AdaMerging's objective, for unlabelled inputs).
+
+Sign election is recomputed at every step from the current coefficients (it selects,
+it has no gradient), so the model being trained is the merge the engine computes for
+those coefficients. A share of the dev items (``holdout``) is never trained on: it is
+scored every ``eval_every`` steps, and the coefficients with the best held-out accuracy
+(then loss) are kept; ``patience`` checks without improvement stop early. The result is
+an ordinary recipe (per-group weights and lambda), which the caller materializes with
+the engine and scores like any trial, so the stored score is that of the exported
+weights.
+
+Cost is counted in forward-pass equivalents: a training sequence costs 3 (forward and
+backward), a held-out sequence 1; divided by the sequences one trial scores, it is the
+refinement's cost in trials.
+
+Memory: the base and each model's pruned task vector are held in float32 on the
+worker's device for the duration, (models + 1) x 4 bytes per parameter.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from mergesearch.errors import MergeSearchError
+
+log = logging.getLogger(__name__)
+
+TRAIN_COST = 3.0  # a training sequence, in forward passes (forward + backward)
+COEF_MAX = 4.0
+
+
+@dataclass
+class _Term:
+    name: str
+    base: torch.Tensor  # float32
+    parts: list[torch.Tensor]  # pruned task vectors, float32
+    weights: list[float]
+    lam: float
+    normalize: bool
+    consensus: bool
+    group: int
+    dtype: torch.dtype
+
+
+def group_index(name: str, groups: list[dict]) -> int:
+    """The coefficient group of a tensor, as a recipe's filter list resolves it: the first
+    group with a matching filter, then the groups' fallbacks, then the default group."""
+    for k, g in enumerate(groups):
+        if any(f in name for f in g["filters"]):
+            return k
+    for k, g in enumerate(groups):
+        if any(f in name for f in g.get("fallback", [])):
+            return k
+    return next(k for k, g in enumerate(groups) if g.get("default"))
+
+
+def group_setting(groups: list[dict], values: list[float]):
+    """A per-group value as a recipe parameter (a filter list), or a scalar for one group."""
+    if len(groups) == 1:
+        return values[0]
+    setting = [{"filter": f, "value": v} for g, v in zip(groups, values) for f in g["filters"]]
+    setting += [{"filter": f, "value": v} for g, v in zip(groups, values) for f in g.get("fallback", [])]
+    setting.append({"value": values[next(k for k, g in enumerate(groups) if g.get("default"))]})
+    return setting
+
+
+def estimate_cost(cfg: dict, n_items: int, n_seqs: int) -> float:
+    """The most a refinement can cost, in trials: every step and every check run."""
+    per_item = n_seqs / max(n_items, 1)
+    holdout_seqs = n_seqs * cfg["holdout"]
+    checks = cfg["steps"] // cfg["eval_every"] + 1
+    return (cfg["steps"] * cfg["batch_size"] * per_item * TRAIN_COST + checks * holdout_seqs) / max(n_seqs, 1)
+
+
+class _Items:
+    """The evaluator's dev items, tokenized once, split into train and holdout."""
+
+    def __init__(self, evaluator, tokenizer, holdout: float, seed: int, device):
+        from mergesearch.evaluate.loglik import encode_pair
+
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.device = device
+        self.train: dict[str, list] = {}
+        self.holdout: dict[str, list] = {}
+        self.n_seqs = 0
+        for task, items in evaluator.items.items():
+            rows = []
+            for it in items:
+                conts = it["choices"] if "choices" in it else [it["target"]]
+                seqs = []
+                for cont in conts:
+                    ctx, cont_ids = encode_pair(tokenizer, it["context"], cont)
+                    seqs.append(((ctx or [prefix]) + cont_ids, len(cont_ids)))
+                rows.append((seqs, it.get("answer", 0), "choices" in it))
+                self.n_seqs += len(seqs)
+            order = list(range(len(rows)))
+            random.Random(f"refine:{seed}:{task}").shuffle(order)
+            k = max(1, int(round(holdout * len(rows)))) if len(rows) > 1 else 0
+            self.holdout[task] = [rows[i] for i in order[:k]]
+            self.train[task] = [rows[i] for i in order[k:]] or self.holdout[task]
+        self.n_items = sum(len(v) for v in evaluator.items.values())
+
+    def batch(self, rows: list) -> tuple:
+        seqs = [s for r in rows for s in r[0]]
+        width = max(len(ids) - 1 for ids, _ in seqs)
+        inp = torch.full((len(seqs), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        tgt = torch.zeros((len(seqs), width), dtype=torch.long)
+        tmask = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for j, (ids, n) in enumerate(seqs):
+            L = len(ids) - 1
+            inp[j, :L] = torch.tensor(ids[:-1])
+            mask[j, :L] = 1
+            tgt[j, :L] = torch.tensor(ids[1:])
+            tmask[j, L - n:L] = True
+        d = self.device
+        return inp.to(d), mask.to(d), tgt.to(d), tmask.to(d), len(seqs)
+
+
+def _sequence_loglik(model, params: dict, batch) -> torch.Tensor:
+    inp, mask, tgt, tmask, _ = batch
+    logits = torch.func.functional_call(model, params, args=(), kwargs={"input_ids": inp, "attention_mask": mask}).logits
+    logp = logits.float().log_softmax(-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    return (logp * tmask).sum(-1)
+
+
+def _losses(rows: list, ll: torch.Tensor, kind: str) -> tuple[torch.Tensor, int]:
+    """Mean loss over the rows and the number they got right (the first best choice wins)."""
+    out, correct, k = [], 0, 0
+    for seqs, answer, is_mc in rows:
+        v = ll[k:k + len(seqs)]
+        k += len(seqs)
+        if is_mc:
+            vals = v.detach().tolist()
+            best = max(range(len(seqs)), key=lambda i: (vals[i], -i))
+            correct += int(best == answer)
+            logp = v.log_softmax(-1)
+            if kind == "choice":
+                out.append(-logp[answer])
+            elif kind == "loglik":
+                out.append(-v[answer])
+            else:  # entropy of the choice distribution: no label needed
+                out.append(-(logp.exp() * logp).sum())
+        else:
+            if kind != "entropy":
+                out.append(-v[0])
+    loss = torch.stack(out).mean() if out else ll.sum() * 0.0
+    return loss, correct
+
+
+def build_terms(mat, recipe, groups: list[dict], names: list[str], dtypes: dict, device) -> tuple[list, dict, dict]:
+    """Each tensor's fixed parts (base, pruned task vectors, weights, lambda, group) and
+    each group's weight per model and lambda, read from the candidate's recipe."""
+    from mergesearch.methods.task_arithmetic import TASK_VECTOR_METHODS, task_vector_parts
+    from mergesearch.recipe import layer_position
+
+    spec = recipe.spec
+    if spec.name not in TASK_VECTOR_METHODS:
+        raise MergeSearchError(f"refine: method '{spec.name}' is not in the task-vector family "
+                               f"({', '.join(sorted(TASK_VECTOR_METHODS))})")
+    sparsifier, consensus = TASK_VECTOR_METHODS[spec.name]
+    terms: list[_Term] = []
+    group_w: dict[tuple[int, int], float] = {}
+    group_lam: dict[int, float] = {}
+    with torch.no_grad():
+        for name, x in mat.inputs(recipe, names):
+            g, per = recipe.resolve(name, layer_position(name, mat.num_layers))
+            k = group_index(name, groups)
+            w = [float(p["weight"]) for p in per]
+            for i, v in enumerate(w):
+                if abs(group_w.setdefault((k, i), v) - v) > 1e-12:
+                    raise MergeSearchError(
+                        f"refine: model {i}'s weight varies inside refine group '{groups[k]['name'] or 'all'}' "
+                        f"({group_w[(k, i)]:g} vs {v:g} at {name}); refine at a level at least as fine as "
+                        "the space's granularity")
+            if abs(group_lam.setdefault(k, float(g["lambda"])) - float(g["lambda"])) > 1e-12:
+                raise MergeSearchError(f"refine: lambda varies inside refine group '{groups[k]['name']}'")
+            parts = [p.to(device=device, dtype=torch.float32) for p in task_vector_parts(x, g, per, sparsifier)]
+            terms.append(_Term(name, x.base.to(device=device, dtype=torch.float32), parts, w, float(g["lambda"]),
+                               bool(g["normalize"]), consensus, k, dtypes[name]))
+    return terms, group_w, group_lam
+
+
+def merged_params(terms: list[_Term], coef: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The merged tensors for per-group weight multipliers ``coef`` (groups x models) and
+    lambda multipliers ``scale`` (groups), differentiable in both; the same arithmetic as
+    the engine's combine step, with sign election recomputed from the current weights."""
+    out = {}
+    for t in terms:
+        c = coef[t.group]
+        n = len(t.parts)
+        parts = [c[i] * t.weights[i] * d for i, d in enumerate(t.parts)]
+        if t.consensus:
+            with torch.no_grad():
+                majority = torch.where(sum(p.detach() for p in parts) >= 0, 1.0, -1.0)
+            mixed = torch.zeros_like(t.base)
+            div = torch.zeros_like(t.base)
+            for i, p in enumerate(parts):
+                agree = p.detach().sign() == majority
+                mixed = mixed + torch.where(agree, p, 0.0)
+                div = div + torch.where(agree, c[i] * t.weights[i], 0.0)
+            div = div + (div == 0).to(div.dtype)
+        else:
+            mixed = sum(parts)
+            total = sum(c[i] * t.weights[i] for i in range(n))
+            div = total if abs(float(total)) >= 1e-8 else 1.0
+        if t.normalize:
+            mixed = mixed / div
+        out[t.name] = (t.base + mixed * (t.lam * scale[t.group])).to(t.dtype)
+    return out
+
+
+def refined_recipe(recipe, groups: list[dict], group_w: dict, group_lam: dict, coef: torch.Tensor,
+                   scale: torch.Tensor):
+    """The recipe of the merge :func:`merged_params` computes: each model's weight and
+    lambda per group, times the multipliers (as filter lists)."""
+    from mergesearch.recipe import from_dict
+
+    data = recipe.to_dict()
+    for i, m in enumerate(data["models"]):
+        params = dict(m.get("parameters") or {})
+        params["weight"] = group_setting(groups, [group_w.get((k, i), 0.0) * float(coef[k, i])
+                                                 for k in range(len(groups))])
+        m["parameters"] = params
+    data["parameters"] = {**(data.get("parameters") or {}),
+                          "lambda": group_setting(groups, [group_lam.get(k, 1.0) * float(scale[k])
+                                                           for k in range(len(groups))])}
+    return from_dict(data, "refined recipe")
+
+
+def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dict], seed: int = 0):
+    """Learn per-group coefficients for ``recipe`` (see the module docstring); returns
+    (refined Recipe, stats). ``groups``: the coefficient groups, as dicts with
+    ``name``, ``filters``, ``fallback`` and ``default``."""
+    if not hasattr(evaluator, "items"):
+        raise MergeSearchError("refine: needs the built-in loglik evaluator (its items are the training data)")
+    device = next(model.parameters()).device
+    targets = dict(model.named_parameters())
+    names = [n for n in mat.names if n in targets and targets[n].is_floating_point()]
+    terms, group_w, group_lam = build_terms(mat, recipe, groups, names, {n: targets[n].dtype for n in names}, device)
+    n_models = len(recipe.models)
+    coef = torch.ones(len(groups), n_models, device=device, requires_grad=True)
+    scale = torch.ones(len(groups), device=device, requires_grad=True)
+    opt = torch.optim.Adam([coef, scale], lr=cfg["lr"])
+
+    items = _Items(evaluator, tokenizer, cfg["holdout"], seed, device)
+    tasks = list(items.train)
+    rng = random.Random(f"refine-batches:{seed}")
+    pools = {t: [] for t in tasks}
+    cost_seqs = 0.0
+    was_training = model.training
+    model.eval()
+
+    def check() -> tuple[float, float]:
+        nonlocal cost_seqs
+        accs, losses = [], []
+        with torch.no_grad():
+            params = merged_params(terms, coef, scale)
+            for task in tasks:
+                rows = items.holdout[task]
+                right, loss_sum = 0, 0.0
+                for s in range(0, len(rows), 32):
+                    chunk = rows[s:s + 32]
+                    batch = items.batch(chunk)
+                    loss, c = _losses(chunk, _sequence_loglik(model, params, batch), cfg["loss"])
+                    right += c
+                    loss_sum += float(loss) * len(chunk)
+                    cost_seqs += batch[4]
+                accs.append(right / max(len(rows), 1))
+                losses.append(loss_sum / max(len(rows), 1))
+        return sum(accs) / len(accs), sum(losses) / len(losses)
+
+    def draw() -> list:
+        rows = []
+        while len(rows) < cfg["batch_size"]:
+            for task in tasks:
+                if len(rows) >= cfg["batch_size"]:
+                    break
+                if not pools[task]:
+                    pools[task] = list(items.train[task])
+                    rng.shuffle(pools[task])
+                rows.append(pools[task].pop())
+        return rows
+
+    try:
+        acc0, loss0 = check()
+        best = (acc0, -loss0, 0, coef.detach().clone(), scale.detach().clone())
+        history = [{"step": 0, "holdout_acc": acc0, "holdout_loss": loss0}]
+        stale, step = 0, 0
+        for step in range(1, cfg["steps"] + 1):
+            rows = draw()
+            batch = items.batch(rows)
+            loss, _ = _losses(rows, _sequence_loglik(model, merged_params(terms, coef, scale), batch), cfg["loss"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                coef.clamp_(0.0, COEF_MAX)
+                scale.clamp_(0.0, COEF_MAX)
+            cost_seqs += TRAIN_COST * batch[4]
+            if not math.isfinite(float(loss)):
+                raise MergeSearchError(f"refine: the loss became {float(loss)} at step {step}")
+            if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
+                acc, hl = check()
+                history.append({"step": step, "train_loss": float(loss), "holdout_acc": acc, "holdout_loss": hl})
+                if (acc, -hl) > best[:2]:
+                    best = (acc, -hl, step, coef.detach().clone(), scale.detach().clone())
+                    stale = 0
+                else:
+                    stale += 1
+                    if stale >= cfg["patience"]:
+                        break
+    finally:
+        if was_training:
+            model.train()
+    _, _, best_step, c_best, s_best = best
+    out = refined_recipe(recipe, groups, group_w, group_lam, c_best, s_best)
+    stats = {"steps": step, "best_step": best_step, "holdout_before": acc0, "holdout_after": best[0],
+             "cost": cost_seqs / max(items.n_seqs, 1), "loss": cfg["loss"], "history": history,
+             "groups": [g["name"] or "all" for g in groups]}
+    return out, stats

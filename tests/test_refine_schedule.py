@@ -1,0 +1,184 @@
+"""Gradient refinement (mergesearch.refine) and coarse-to-fine schedules, on the zoo."""
+
+import random
+from dataclasses import asdict
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from mergesearch.cli import main
+from mergesearch.errors import MergeSearchError
+from mergesearch.evaluate import EvalConfig, build_evaluator
+from mergesearch.materialize import Materializer
+from mergesearch.models import load_model
+from mergesearch.recipe import from_dict
+from mergesearch.refine import build_terms, estimate_cost, merged_params, refine, refined_recipe
+from mergesearch.space import Granularity, SearchSpace, make_groups
+from mergesearch.store import leaderboard, load_run
+
+from test_zoo_eval import zoo  # noqa: F401  (session fixture)
+
+TASKS = ["reverse", "shift", "max", "add"]
+CFG = dict(top=1, level="layer", n_groups=2, steps=8, lr=0.05, batch_size=8, loss="choice", holdout=0.25,
+           eval_every=4, patience=3)
+
+
+def layer_groups(level="layer", n=2):
+    return [asdict(g) for g in make_groups(Granularity(level=level, n_groups=n), 4, "model.layers.")]
+
+
+def candidate(zoo, method, **params):
+    fts = [str(zoo / f"ft_{t}") for t in TASKS]
+    per = {"weight": 1.0, **({"density": 0.5} if method != "task_arithmetic" else {}), **params}
+    return from_dict(dict(method=method, base=str(zoo / "base"), parameters={"lambda": 1.2}, seed=5,
+                          models=[{"path": p, "parameters": dict(per, weight=0.6 + 0.2 * i)} for i, p in enumerate(fts)]))
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties"])
+def test_trained_model_is_the_engine_merge_for_any_coefficients(zoo, method):
+    """The differentiable merge equals the engine's merge of the refined recipe, at the
+    start (multipliers 1) and at random multipliers (sign election recomputed)."""
+    r = candidate(zoo, method)
+    mat = Materializer(zoo / "base", [m.path for m in r.models], methods=[method])
+    groups = layer_groups()
+    names = list(mat.names)
+    dtypes = {n: torch.float32 for n in names}
+    terms, gw, gl = build_terms(mat, r, groups, names, dtypes, "cpu")
+    assert len(terms) == len(names) and {t.group for t in terms} == set(range(len(groups)))
+    ones_c, ones_s = torch.ones(len(groups), 4), torch.ones(len(groups))
+    engine = mat.state_dict(r)
+    ours = merged_params(terms, ones_c, ones_s)
+    for n in names:
+        torch.testing.assert_close(ours[n], engine[n], rtol=0, atol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    coef, scale = 0.3 + 1.5 * torch.rand(len(groups), 4, generator=g), 0.5 + torch.rand(len(groups), generator=g)
+    ours = merged_params(terms, coef, scale)
+    again = mat.state_dict(refined_recipe(r, groups, gw, gl, coef, scale))
+    for n in names:
+        torch.testing.assert_close(ours[n], again[n], rtol=1e-5, atol=1e-6)
+    # it differs from the candidate: the multipliers reached every group
+    assert sum(float((again[n] - engine[n]).abs().max()) > 1e-4 for n in names) >= len(names) // 2
+
+
+def test_refine_improves_held_out_items_counts_cost_and_is_deterministic(zoo):
+    r = candidate(zoo, "ties")
+    mat = Materializer(zoo / "base", [m.path for m in r.models], methods=["ties"])
+    model, tok = load_model(zoo / "base")
+    ev = build_evaluator(EvalConfig(tasks=TASKS, task_dir=str(zoo), split="dev", limit=40))
+    out, stats = refine(mat, model, tok, ev, r, CFG, layer_groups())
+    assert stats["steps"] == 8 and stats["best_step"] in (0, 4, 8)
+    assert stats["holdout_after"] >= stats["holdout_before"]
+    assert [h["step"] for h in stats["history"]] == [0, 4, 8]
+    # cost: 8 steps x 8 items x 4 choices x 3 (forward + backward) and 3 checks of the
+    # 40 held-out items (10 per task) x 4 choices, over the 160 items x 4 choices one trial scores
+    assert stats["cost"] == pytest.approx((8 * 8 * 4 * 3 + 3 * 40 * 4) / 640)
+    assert stats["cost"] <= estimate_cost(CFG, 160, 640) + 1e-9
+    w = out.models[0].parameters["weight"]
+    assert [c.filter for c in w[:4]] == ["embed_tokens", "lm_head", "model.norm.", "model.layers.0."]
+    assert out.models[0].parameters["density"] == 0.5
+    again, _ = refine(mat, model, tok, ev, r, CFG, layer_groups())
+    assert again.to_dict() == out.to_dict()
+
+
+def test_entropy_refinement_uses_no_labels(zoo):
+    r = candidate(zoo, "task_arithmetic")
+    mat = Materializer(zoo / "base", [m.path for m in r.models], methods=["task_arithmetic"])
+    model, tok = load_model(zoo / "base")
+    cfg = dict(CFG, loss="entropy", steps=4)
+    ev = build_evaluator(EvalConfig(tasks=TASKS, task_dir=str(zoo), split="dev", limit=20))
+    a, _ = refine(mat, model, tok, ev, r, cfg, layer_groups("groups"))
+    rng = random.Random(0)
+    for items in ev.items.values():  # scramble every label
+        for it in items:
+            it["answer"] = rng.randrange(len(it["choices"]))
+    b, _ = refine(mat, model, tok, ev, r, cfg, layer_groups("groups"))
+    a_w = [c.value for c in a.models[1].parameters["weight"]]
+    assert a_w == [c.value for c in b.models[1].parameters["weight"]] and a_w != [0.8] * len(a_w)
+
+
+def test_refine_refuses_a_coarser_level_than_the_candidate(zoo):
+    r = candidate(zoo, "ties")
+    data = r.to_dict()
+    data["models"][0]["parameters"]["weight"] = [{"filter": "model.layers.0.", "value": 0.3}, {"value": 1.0}]
+    r = from_dict(data)
+    mat = Materializer(zoo / "base", [m.path for m in r.models], methods=["ties"])
+    with pytest.raises(MergeSearchError, match="weight varies inside refine group 'L0-1'"):
+        build_terms(mat, r, layer_groups("groups"), list(mat.names), {n: torch.float32 for n in mat.names}, "cpu")
+
+
+def space(**over) -> SearchSpace:
+    data = {"base": "/m/base", "models": ["/m/a", "/m/b"], "evaluator": {"tasks": ["t"]}, "methods": ["ties"],
+            "parameters": {"weight": {"low": 0.0, "high": 1.0}}, **over}
+    return SearchSpace.model_validate(data).check("space.yaml")
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"methods": ["linear"], "refine": {}}, "refine: method linear is not in the task-vector family"),
+    ({"refine": {}, "evaluator": {"evaluator": "lmeval", "tasks": ["t"]}}, "refine: needs the built-in evaluator"),
+    ({"schedule": []}, "schedule: give at least one stage"),
+    ({"schedule": ["model", "groups"]}, "schedule[1]: 'groups' is not model, groups:N or layer"),
+    ({"schedule": ["model", "layers"]}, "schedule[1]: 'layers' is not model"),
+    ({"schedule": ["model@0.7", "layer@0.6"]}, "schedule: shares must lie in (0, 1) and add up to at most 1"),
+    ({"schedule": ["model", "layer"], "sampler": {"name": "gp"}}, "schedule: needs the cmaes, tpe or random sampler"),
+])
+def test_bad_refine_and_schedule_sections(over, message):
+    with pytest.raises(MergeSearchError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        space(**over)
+
+
+def test_schedule_shares():
+    s = space(schedule=["model", "groups:2", "layer@0.5"])
+    stages = s.stages()
+    assert [(g.level, g.n_groups) for g, _ in stages] == [("model", 1), ("groups", 2), ("layer", 1)]
+    assert [share for _, share in stages] == [0.25, 0.25, 0.5]
+    assert [share for _, share in space(schedule=["model", "layer"]).stages()] == [0.5, 0.5]
+    assert s.fingerprint() != space().fingerprint()
+
+
+@pytest.mark.slow
+def test_coarse_to_fine_search_with_refinement(tmp_path, zoo, monkeypatch, capsys):
+    """Two stages (whole models, then 2 layer groups) and a refine stage, with two workers:
+    the budget splits as planned, stage 2 starts from stage 1's best, the refined candidate
+    is scored like a trial and can be exported."""
+    monkeypatch.chdir(tmp_path)
+    data = {
+        "base": str(zoo / "base"), "models": [str(zoo / f"ft_{t}") for t in TASKS],
+        "evaluator": {"tasks": TASKS, "task_dir": str(zoo), "limit": 60},
+        "methods": ["ties"], "scale": True,
+        "parameters": {"weight": {"low": 0.2, "high": 1.5}, "density": {"low": 0.2, "high": 1.0}},
+        "schedule": ["model", "groups:2"],
+        "refine": {"steps": 10, "eval_every": 5, "batch_size": 16},
+        "sampler": {"name": "cmaes"}, "budget": {"n_trials": 14}, "seed": 3,
+    }
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump(data))
+    assert main(["search", str(p), "--run", "c2f", "--workers", "2", "--no-export"]) == 0
+    err = capsys.readouterr().err
+    # refine reserve: (10 x 16 x 4 x 3 + 3 x 60 x 4) / 960 = 2.75 -> 3, plus its scoring
+    assert "budget: 14 trials: 10 for the search, 4 kept for refining the best 1 candidate(s)" in err
+    study, storage = load_run("c2f", root=tmp_path / "results")
+    stage1 = study.get_trials()
+    stage2 = optuna.load_study(study_name="c2f.stage1", storage=storage)
+    assert len(stage1) == 5 and len(stage2.trials) == 5
+    assert all(set(t.params) == {"weight/m0", "weight/m1", "weight/m2", "weight/m3", "density/m0", "density/m1",
+                                 "density/m2", "density/m3", "lambda"} for t in stage1)
+    assert all(len(t.params) == 4 * 2 * 5 + 1 for t in stage2.trials)  # 2 layer groups + embed, lm_head, norm
+    # stage 2 starts at stage 1's best (baselines included), broadcast to every group
+    board = leaderboard(study, storage)
+    first = board[~board["trial"].str.startswith("s1.") & ~board["trial"].str.startswith("r")].iloc[0]
+    x0 = stage2.user_attrs["x0"]
+    assert stage2.user_attrs["x0_from"] in (str(first["trial"]), first["kind"])
+    assert len({v for k, v in x0.items() if k.startswith("weight/m0/")}) == 1
+    refined = optuna.load_study(study_name="c2f.refine", storage=storage).trials
+    assert len(refined) == 1 and refined[0].state.name == "COMPLETE"
+    ua = refined[0].user_attrs
+    assert ua["refine"]["steps"] >= 5 and ua["cost"] == pytest.approx(ua["refine"]["cost"] + 1)
+    refinable = board[(board["method"] != "linear") & ~board["trial"].str.startswith("r")]
+    assert ua["refined_from"] == refinable.iloc[0]["trial"]
+    assert isinstance(ua["recipe"]["parameters"]["lambda"], list)  # lambda per layer
+    assert "r0" in set(board["trial"]) and any(k.startswith("s1.") for k in board["trial"])
+    assert main(["export", "c2f", "--trial", "r0"]) == 0
+    assert "dev re-score matches" in capsys.readouterr().out
