@@ -322,11 +322,12 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
                 coef.clamp_(0.0, COEF_MAX)
                 scale.clamp_(0.0, COEF_MAX)
             cost_seqs += TRAIN_COST * batch[4]
-            if not math.isfinite(float(loss)):
-                raise MergeSearchError(f"refine: the loss became {float(loss)} at step {step}")
+            lv = float(loss.detach())
+            if not math.isfinite(lv):
+                raise MergeSearchError(f"refine: the loss became {lv} at step {step}")
             if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
                 acc, hl = check()
-                history.append({"step": step, "train_loss": float(loss), "holdout_acc": acc, "holdout_loss": hl})
+                history.append({"step": step, "train_loss": lv, "holdout_acc": acc, "holdout_loss": hl})
                 if (acc, -hl) > best[:2]:
                     best = (acc, -hl, step, coef.detach().clone(), scale.detach().clone())
                     stale = 0

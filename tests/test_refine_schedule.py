@@ -182,3 +182,17 @@ def test_coarse_to_fine_search_with_refinement(tmp_path, zoo, monkeypatch, capsy
     assert "r0" in set(board["trial"]) and any(k.startswith("s1.") for k in board["trial"])
     assert main(["export", "c2f", "--trial", "r0"]) == 0
     assert "dev re-score matches" in capsys.readouterr().out
+
+
+def test_example_spaces_load_and_can_scale():
+    """Every example search space is valid, and none leaves a normalizing method unable to
+    scale the merged task vector."""
+    from pathlib import Path
+    folder = Path(__file__).resolve().parents[1] / "search_spaces"
+    spaces = [p for p in sorted(folder.glob("*.yaml")) if not p.name.startswith("eval_")]
+    assert len(spaces) >= 6
+    for p in spaces:
+        s = SearchSpace.load(p).resolved(p.parent).check(str(p))
+        assert s.scale_warning() is None, p.name
+    demo = SearchSpace.load(folder / "demo.yaml")
+    assert demo.schedule and demo.refine is not None and demo.objective.normalize == "sources"

@@ -403,7 +403,7 @@ class Controller:
         shares = [share for _, share in self.stages]
         budgets = [max(1, int(round(total * sum(shares[:k + 1])))) for k in range(len(shares))]
         budgets = [b - (budgets[k - 1] if k else 0) for k, b in enumerate(budgets)]
-        main = self.study
+        main = self.main_study = self.study
         for k, (groups, _) in enumerate(self.stages):
             if self.interrupted or (self.timeout is not None and time.monotonic() - self.t_start >= self.timeout):
                 break
@@ -432,6 +432,10 @@ class Controller:
         if name in study_names(self.storage):
             study = optuna.load_study(study_name=name, storage=self.storage)
             x0 = study.user_attrs.get("x0")
+            n = recover_stale(study)
+            if n:
+                log.info("resume: %d trial(s) of stage %d left running by the stopped controller failed and "
+                         "queued again", n, k + 1)
         else:
             done = [t for kind, t in all_trials(main, self.storage)
                     if t.state == TrialState.COMPLETE and kind != "refine"
@@ -532,7 +536,7 @@ class Controller:
         last_beat = time.monotonic()
         while True:
             if time.monotonic() - last_beat > HEARTBEAT_S:
-                heartbeat(study)
+                heartbeat(getattr(self, "main_study", study))  # the run's liveness lives on its main study
                 last_beat = time.monotonic()
             finished = self._count_finished()
             out_of_time = self.timeout is not None and time.monotonic() - self.t_start >= self.timeout

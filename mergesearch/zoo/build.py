@@ -39,7 +39,7 @@ import yaml
 from mergesearch.checkpoint import replace_dir
 from mergesearch.synthetic import write_tokenizer
 from mergesearch.zoo.tasks import TASKS, make_items, random_answer, skill_context
-from mergesearch.zoo.train import train
+from mergesearch.zoo.train import mc_accuracy, train
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,12 @@ N_DEV, N_TEST, N_TRAIN = 200, 200, 256
 MODEL = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, vocab_size=128, max_position_embeddings=64)
 # pretraining: skills in their general form (50%), templates with random answers (50%);
-# add is the slowest skill to learn, so it is drawn three times as often
-PRETRAIN = dict(steps=1450, lr=3e-3, seed=0, batch_size=128)
-PRETRAIN_WEIGHTS, SKILL_SHARE = [1, 1, 1, 3], 0.5
+# add is the slowest skill to learn, so it is drawn four times as often. It runs until
+# every skill scores SKILL_TARGET on held-out skill items (checked every CHECK_EVERY steps
+# from min_steps on; deterministic, like everything else), at most ``steps`` steps.
+PRETRAIN = dict(steps=2000, min_steps=1200, lr=3e-3, seed=0, batch_size=128)
+PRETRAIN_WEIGHTS, SKILL_SHARE = [1, 1, 1, 4], 0.5
+SKILL_TARGET, CHECK_EVERY = 0.97, 100
 # fine-tunes: 70% template items, 30% replay of the pretraining skills
 REPLAY = 0.3
 FINETUNE = {"reverse": dict(steps=150, lr=6e-4), "shift": dict(steps=100, lr=6e-4),
@@ -61,8 +64,8 @@ CHECKPOINT_TASK, CHECKPOINTS = "add", 7
 SWEEP_TASK = "reverse"
 # the optimizer pair: the shift fine-tune again, same data order, trained by SGD
 SGD_TASK, SGD = "shift", dict(steps=100, lr=0.05)
-SWEEP = [dict(lr=5e-4, steps=170, seed=1), dict(lr=6e-4, steps=150, seed=2), dict(lr=7e-4, steps=130, seed=3),
-         dict(lr=7e-4, steps=120, seed=4), dict(lr=8e-4, steps=100, seed=5), dict(lr=6e-4, steps=130, seed=6)]
+SWEEP = [dict(lr=5e-4, steps=160, seed=1), dict(lr=6e-4, steps=140, seed=2), dict(lr=7e-4, steps=120, seed=3),
+         dict(lr=7e-4, steps=110, seed=4), dict(lr=8e-4, steps=100, seed=5), dict(lr=6e-4, steps=130, seed=6)]
 MIN_STEPS = 8
 
 
@@ -141,8 +144,24 @@ def _build(root: Path, final: Path, scale: float) -> dict:
     torch.manual_seed(PRETRAIN["seed"])
     model = LlamaForCausalLM(cfg)
     log.info("zoo: pretraining the base (%d parameters)", sum(p.numel() for p in model.parameters()))
+    # skill checks on items of their own, disjoint from dev, test and train
+    taken = {t: held_out[t] | {it["context"] for it in splits[t]["train"]} for t in ZOO_TASKS}
+    probes = {t: [dict(it, context=skill_context(t, it["context"])) for it in make_items(t, 100, seed=4, exclude=taken[t])]
+              for t in ZOO_TASKS}
+    skill_log: list = []
+
+    def skills_learned(step, opt):
+        if step < _steps(PRETRAIN["min_steps"], scale) or step % CHECK_EVERY:
+            return False
+        acc = {t: mc_accuracy(model, items) for t, items in probes.items()}
+        model.train()
+        skill_log.append({"step": step, **acc})
+        return min(acc.values()) >= SKILL_TARGET
     train(model, pretraining_sampler(held_out), _steps(PRETRAIN["steps"], scale), PRETRAIN["lr"],
-          batch_size=PRETRAIN["batch_size"], seed=PRETRAIN["seed"], loss_on_context=True, warmup=50)
+          batch_size=PRETRAIN["batch_size"], seed=PRETRAIN["seed"], loss_on_context=True, warmup=50,
+          on_step=skills_learned)
+    model.eval()
+    log.info("zoo: base skills %s", skill_log[-1] if skill_log else "not checked")
     _save(model, root / "base")
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     models = [{"name": "base", "path": "base", "kind": "base"}]
@@ -198,6 +217,7 @@ def _build(root: Path, final: Path, scale: float) -> dict:
                       "lmeval_task": f"zoo_{t}_{{split}}"} for t in ZOO_TASKS},
         "splits": {"dev": N_DEV, "test": N_TEST, "train": N_TRAIN},
         "lmeval_include_path": "tasks",
+        "base_skill_checks": skill_log,
     }
 
 

@@ -44,11 +44,12 @@ def train(
     weight_decay: float = 0.0,
     loss_on_context: bool = False,
     warmup: int = 20,
-    on_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
+    on_step: Callable[[int, torch.optim.Optimizer], bool | None] | None = None,
     optimizer: str = "adamw",
 ) -> torch.optim.Optimizer:
     """AdamW (or SGD with momentum 0.9: ``optimizer="sgd"``) with linear warmup and
-    cosine decay; ``sample(rng)`` draws one (context, answer)."""
+    cosine decay; ``sample(rng)`` draws one (context, answer). ``on_step(step, opt)``
+    runs after every step; when it returns True, training stops there."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     if optimizer == "sgd":
@@ -66,8 +67,8 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if on_step:
-            on_step(step, opt)
+        if on_step and on_step(step, opt):  # a true return stops training here
+            break
     model.eval()
     return opt
 
