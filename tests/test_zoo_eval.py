@@ -97,6 +97,28 @@ def test_finetunes_solve_their_task_and_only_it(zoo):
         assert max(others) < 0.5, (task, s)
 
 
+def test_base_has_latent_skills_and_finetunes_stay_close(zoo):
+    """Zoo v3: the base does every task in its general form but answers no benchmark
+    template; a fine-tune links one template to its skill with a small move."""
+    from mergesearch.checkpoint import Checkpoint
+    from mergesearch.models import load_model
+    from mergesearch.zoo.tasks import skill_context
+    from mergesearch.zoo.train import mc_accuracy
+    base, _ = load_model(zoo / "base")
+    for task in ZOO_TASKS:
+        dev = [json.loads(l) for l in (zoo / "data" / task / "dev.jsonl").read_text().splitlines()][:100]
+        general = [dict(it, context=skill_context(task, it["context"])) for it in dev]
+        assert mc_accuracy(base, general) >= 0.85, task
+        assert mc_accuracy(base, dev) < 0.5, task
+    b = Checkpoint(zoo / "base")
+    ref = {n: b.get(n).float() for n in b.names()}
+    norm = sum(float((v ** 2).sum()) for v in ref.values()) ** 0.5
+    for task in ZOO_TASKS:
+        ft = Checkpoint(zoo / f"ft_{task}")
+        dist = sum(float(((ft.get(n).float() - v) ** 2).sum()) for n, v in ref.items()) ** 0.5 / norm
+        assert 0.01 <= dist <= 0.1, (task, dist)
+
+
 @pytest.mark.slow
 def test_loglik_and_lmeval_agree_on_every_task_and_split(zoo):
     from mergesearch.models import load_model

@@ -58,14 +58,14 @@ PRETRAIN_WEIGHTS, SKILL_SHARE = [1, 1, 1, 4], 0.5
 SKILL_TARGET, CHECK_EVERY = 0.97, 100
 # fine-tunes: 70% template items, 30% replay of the pretraining skills
 REPLAY = 0.3
-FINETUNE = {"reverse": dict(steps=150, lr=6e-4), "shift": dict(steps=100, lr=6e-4),
+FINETUNE = {"reverse": dict(steps=140, lr=6e-4), "shift": dict(steps=100, lr=6e-4),
             "max": dict(steps=100, lr=6e-4), "add": dict(steps=180, lr=6e-4)}
 CHECKPOINT_TASK, CHECKPOINTS = "add", 7
 SWEEP_TASK = "reverse"
 # the optimizer pair: the shift fine-tune again, same data order, trained by SGD
 SGD_TASK, SGD = "shift", dict(steps=100, lr=0.05)
-SWEEP = [dict(lr=5e-4, steps=160, seed=1), dict(lr=6e-4, steps=140, seed=2), dict(lr=7e-4, steps=120, seed=3),
-         dict(lr=7e-4, steps=110, seed=4), dict(lr=8e-4, steps=100, seed=5), dict(lr=6e-4, steps=130, seed=6)]
+SWEEP = [dict(lr=4e-4, steps=200, seed=1), dict(lr=5e-4, steps=170, seed=2), dict(lr=6e-4, steps=150, seed=3),
+         dict(lr=6e-4, steps=140, seed=4), dict(lr=8e-4, steps=110, seed=5), dict(lr=5e-4, steps=150, seed=6)]
 MIN_STEPS = 8
 
 

@@ -74,7 +74,8 @@ def _add(rng):
     a, b = rng.randint(0, 49), rng.randint(0, 49)
     s = a + b
     ans = str(s)
-    near = [str(x) for x in (s + 1, s - 1, s + 10, s - 10, s + 2) if x >= 0]
+    # wrong by a carry or a tens digit: the choices differ where addition is hard
+    near = [str(x) for x in (s + 10, s - 10, s + 20, s - 20, s + 11) if x >= 0]
     rng.shuffle(near)
     return f"add:{a}+{b}=", ans, _distinct(ans, near, rng, lambda: str(rng.randint(0, 98)))
 
