@@ -37,6 +37,8 @@ def export_run(run: str, trial: str | int | None = None, storage_url: str | None
 
     study, storage = load_run(run, storage_url, root)
     t = find_trial(study, storage, trial)
+    from mergesearch.store import all_trials, trial_label
+    label = next(trial_label(k, x) for k, x in all_trials(study, storage) if x._trial_id == t._trial_id)
     recipe = from_dict(t.user_attrs["recipe"], f"trial {trial if trial is not None else t.number}")
     space = study.user_attrs.get("space") or {}
     eval_cfg = EvalConfig.model_validate(space.get("evaluator") or study.user_attrs.get("evaluator"))
@@ -49,7 +51,7 @@ def export_run(run: str, trial: str | int | None = None, storage_url: str | None
     stage = out / f".export-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
-        result = _export_staged(run, t, recipe, eval_cfg, stage, out, device)
+        result = _export_staged(run, t, label, recipe, eval_cfg, stage, out, device)
         replace_dir(stage / "model", out / "model", force=True)
         for name in ("best_recipe.yaml", "best_mergekit.yaml", "scores.json"):
             if (stage / name).exists():
@@ -70,7 +72,7 @@ def _clean_leftovers(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _export_staged(run: str, t, recipe: Recipe, eval_cfg, stage: Path, out: Path, device: str) -> dict:
+def _export_staged(run: str, t, label: str, recipe: Recipe, eval_cfg, stage: Path, out: Path, device: str) -> dict:
     from mergesearch.models import load_model
     from mergesearch.evaluate import build_evaluator
     from mergesearch.merge import open_plan, stream_merge
@@ -101,8 +103,6 @@ def _export_staged(run: str, t, recipe: Recipe, eval_cfg, stage: Path, out: Path
             continue
         m, tk = load_model(Path(path), device=device, trust_remote_code=eval_cfg.trust_remote_code)
         sources[path] = test_ev.score(m, tk)
-    from mergesearch.store import all_trials, trial_label
-    label = next(trial_label(k, x) for k, x in all_trials(study, storage) if x._trial_id == t._trial_id)
     result = {
         "run": run,
         "trial": label,

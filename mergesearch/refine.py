@@ -227,7 +227,7 @@ def merged_params(terms: list[_Term], coef: torch.Tensor, scale: torch.Tensor) -
         else:
             mixed = sum(parts)
             total = sum(c[i] * t.weights[i] for i in range(n))
-            div = total if abs(float(total)) >= 1e-8 else 1.0
+            div = total if abs(float(total.detach())) >= 1e-8 else 1.0
         if t.normalize:
             mixed = mixed / div
         out[t.name] = (t.base + mixed * (t.lam * scale[t.group])).to(t.dtype)

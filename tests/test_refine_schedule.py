@@ -139,7 +139,7 @@ def test_schedule_shares():
 
 
 @pytest.mark.slow
-def test_coarse_to_fine_search_with_refinement(tmp_path, zoo, monkeypatch, capsys):
+def test_coarse_to_fine_search_with_refinement(tmp_path, zoo, monkeypatch, capsys, caplog):
     """Two stages (whole models, then 2 layer groups) and a refine stage, with two workers:
     the budget splits as planned, stage 2 starts from stage 1's best, the refined candidate
     is scored like a trial and can be exported."""
@@ -155,8 +155,9 @@ def test_coarse_to_fine_search_with_refinement(tmp_path, zoo, monkeypatch, capsy
     }
     p = tmp_path / "space.yaml"
     p.write_text(yaml.safe_dump(data))
+    caplog.set_level("INFO", logger="mergesearch")
     assert main(["search", str(p), "--run", "c2f", "--workers", "2", "--no-export"]) == 0
-    err = capsys.readouterr().err
+    err = caplog.text
     # refine reserve: (10 x 16 x 4 x 3 + 3 x 60 x 4) / 960 = 2.75 -> 3, plus its scoring
     assert "budget: 14 trials: 10 for the search, 4 kept for refining the best 1 candidate(s)" in err
     study, storage = load_run("c2f", root=tmp_path / "results")

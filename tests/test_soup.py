@@ -45,10 +45,12 @@ def test_greedy_soup_of_training_checkpoints(tmp_path, zoo, monkeypatch, capsys)
     ingredients = study.user_attrs["soup"]["ingredients"]
     assert [Path(p).name for p in ingredients] == [f"checkpoint-{s}" for s in STEPS]  # sorted by step, not by name
     roles = [t.user_attrs["role"] for t in trials]
-    # N ingredients + the uniform soup of all, then N - 1 greedy candidates: O(N)
-    assert roles == ["ingredient"] * 7 + ["uniform"] + ["candidate"] * 6
-    assert all(t.state.name == "COMPLETE" for t in trials)
     report = json.loads((run / "soup.json").read_text())
+    # N ingredients + the uniform soup of all, then N - 1 greedy candidates: O(N), plus the
+    # speculative candidates whose score went unused (an earlier one of their batch was accepted)
+    assert roles == ["ingredient"] * 7 + ["uniform"] + ["candidate"] * (6 + report["speculative_unused"])
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    n_scored = 14 + report["speculative_unused"]
     singles = {t.user_attrs["members"][0]: t.value for t in trials if t.user_attrs["role"] == "ingredient"}
     # the stored ingredient scores are the models' own dev scores
     last = str(zoo / "checkpoints" / "add" / "checkpoint-180")
@@ -60,8 +62,10 @@ def test_greedy_soup_of_training_checkpoints(tmp_path, zoo, monkeypatch, capsys)
     # the greedy walk: candidates in descending ingredient order, each the soup so far plus one
     ranked = sorted(ingredients, key=lambda p: -singles[p])
     members = [ranked[0]]
-    for t, step in zip([t for t in trials if t.user_attrs["role"] == "candidate"], report["steps"]):
-        assert t.user_attrs["members"] == members + [step["ingredient"]]
+    candidates = {tuple(t.user_attrs["members"]): t for t in trials if t.user_attrs["role"] == "candidate"}
+    assert len(report["steps"]) == 6
+    for step in report["steps"]:
+        t = candidates[tuple(members + [step["ingredient"]])]
         assert step["accepted"] == (t.value >= _soup_score(trials, members))
         if step["accepted"]:
             members = members + [step["ingredient"]]
@@ -80,13 +84,13 @@ def test_greedy_soup_of_training_checkpoints(tmp_path, zoo, monkeypatch, capsys)
     out = capsys.readouterr().out
     assert "final soup" in out and "best ingredient" in out and "uniform soup" in out
     board = leaderboard(study, storage)
-    assert len(board) == 14 and set(board["kind"]) == {"ingredient", "uniform", "candidate"}
+    assert len(board) == n_scored and set(board["kind"]) == {"ingredient", "uniform", "candidate"}
 
     # --resume of a finished run reuses every scored candidate and runs none
     assert main(["soup", "--glob", pattern, "--eval", str(ev), "--base", str(zoo / "base"), "--workers", "1",
                  "--resume", "--no-export"]) == 0
     _, _, again = trials_of(tmp_path, "soup-add")
-    assert len(again) == 14
+    assert len(again) == n_scored
     report2 = json.loads((run / "soup.json").read_text())
     assert report2["reused_from_store"] == 14 and report2["members"] == report["members"]
     assert report2["rows"] == report["rows"]
