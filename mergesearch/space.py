@@ -134,6 +134,7 @@ class RefineConfig(StrictModel):
     top: int = Field(default=1, ge=1)  # how many of the best candidates are refined
     level: Literal["groups", "layer"] = "layer"  # coefficient groups of the refinement
     n_groups: int = Field(default=2, ge=1)  # for level groups
+    modules: Optional[list[Literal["attn", "mlp"]]] = None  # split groups by module; default: the space's
     steps: int = Field(default=30, ge=1)
     lr: float = Field(default=0.05, gt=0)
     batch_size: int = Field(default=16, ge=1)  # items per step

@@ -479,7 +479,7 @@ class Controller:
         if not chosen:
             return
         g = Granularity(level=cfg.level, n_groups=cfg.n_groups, special=self.space.granularity.special,
-                        modules=self.space.granularity.modules)
+                        modules=self.space.granularity.modules if cfg.modules is None else cfg.modules)
         groups = self.space.groups(self.num_layers, layer_prefix(self.tensor_names), g)
         payload = {"options": cfg.model_dump(), "groups": [asdict(x) for x in groups], "seed": self.space.seed}
         jobs, pending = {}, {}
