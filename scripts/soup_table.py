@@ -3,7 +3,7 @@ model sets, on dev (selected on) and test (never seen by the selection).
 
 - the `reverse` hyperparameter sweep (6 fine-tunes of the base: learning rate,
   steps and seed vary), scored on the reverse task;
-- the checkpoints of the `add` fine-tune (steps 150 to 1000), scored on add, with
+- the checkpoints of the `add` fine-tune (steps 26 to 180), scored on add, with
   the last-3 soup as well.
 
 Runs real soups (Ray workers, SQLite store) under results/soup_table/ and writes
