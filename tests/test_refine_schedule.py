@@ -183,6 +183,12 @@ def test_coarse_to_fine_search_with_refinement(tmp_path, zoo, monkeypatch, capsy
     assert "r0" in set(board["trial"]) and any(k.startswith("s1.") for k in board["trial"])
     assert main(["export", "c2f", "--trial", "r0"]) == 0
     assert "dev re-score matches" in capsys.readouterr().out
+    # resuming the finished run runs nothing again: every stage is full, r0 is done
+    assert main(["search", str(p), "--run", "c2f", "--workers", "1", "--no-export", "--resume"]) == 0
+    study, storage = load_run("c2f", root=tmp_path / "results")
+    assert len(study.get_trials()) == 5
+    assert len(optuna.load_study(study_name="c2f.stage1", storage=storage).trials) == 5
+    assert len(optuna.load_study(study_name="c2f.refine", storage=storage).trials) == 1
 
 
 def test_example_spaces_load_and_can_scale():

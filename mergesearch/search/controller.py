@@ -466,6 +466,7 @@ class Controller:
         name = f"{self.opts.run}.refine"
         if name in study_names(self.storage):
             side = optuna.load_study(study_name=name, storage=self.storage)
+            recover_stale(side, requeue=False)  # a refinement cut off by a dead controller runs again
         else:
             side = optuna.create_study(study_name=name, storage=self.storage, directions=self.study.directions)
         done = {t.user_attrs.get("refined_from") for t in side.get_trials(deepcopy=False)
