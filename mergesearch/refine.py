@@ -99,9 +99,8 @@ class _Items:
     """The evaluator's dev items, tokenized once, split into train and holdout."""
 
     def __init__(self, evaluator, tokenizer, holdout: float, seed: int, device):
-        from mergesearch.evaluate.loglik import encode_pair
+        from mergesearch.curvature import _encode
 
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.device = device
         self.train: dict[str, list] = {}
@@ -111,10 +110,7 @@ class _Items:
             rows = []
             for it in items:
                 conts = it["choices"] if "choices" in it else [it["target"]]
-                seqs = []
-                for cont in conts:
-                    ctx, cont_ids = encode_pair(tokenizer, it["context"], cont)
-                    seqs.append(((ctx or [prefix]) + cont_ids, len(cont_ids)))
+                seqs = _encode(tokenizer, [(it["context"], c) for c in conts])
                 rows.append((seqs, it.get("answer", 0), "choices" in it))
                 self.n_seqs += len(seqs)
             order = list(range(len(rows)))
@@ -125,20 +121,11 @@ class _Items:
         self.n_items = sum(len(v) for v in evaluator.items.values())
 
     def batch(self, rows: list) -> tuple:
+        from mergesearch.curvature import _batch
+
         seqs = [s for r in rows for s in r[0]]
-        width = max(len(ids) - 1 for ids, _ in seqs)
-        inp = torch.full((len(seqs), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        tgt = torch.zeros((len(seqs), width), dtype=torch.long)
-        tmask = torch.zeros((len(seqs), width), dtype=torch.bool)
-        for j, (ids, n) in enumerate(seqs):
-            L = len(ids) - 1
-            inp[j, :L] = torch.tensor(ids[:-1])
-            mask[j, :L] = 1
-            tgt[j, :L] = torch.tensor(ids[1:])
-            tmask[j, L - n:L] = True
         d = self.device
-        return inp.to(d), mask.to(d), tgt.to(d), tmask.to(d), len(seqs)
+        return (*(t.to(d) for t in _batch(seqs, self.pad)), len(seqs))
 
 
 def _sequence_loglik(model, params: dict, batch) -> torch.Tensor:

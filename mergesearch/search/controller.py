@@ -362,7 +362,7 @@ class Controller:
         cfg = self.space.sampler
         if cfg.x0 != "best_baseline" or cfg.name != "cmaes" or len(self.space.methods) > 1:
             return
-        from mergesearch.search.samplers import baseline_x0
+        from mergesearch.search.samplers import recipe_x0
         x0 = self.study.user_attrs.get("x0")
         if x0 is None:
             side_name = f"{self.opts.run}.baselines"
@@ -374,7 +374,7 @@ class Controller:
                 log.warning("sampler.x0: best_baseline: no baseline was scored; CMA-ES starts at the centre")
                 return
             best = max(done, key=lambda t: (t.user_attrs.get("feasible", True), t.value))
-            x0 = baseline_x0(self.space, best.user_attrs["recipe"], self.groups)
+            x0 = recipe_x0(self.space, best.user_attrs["recipe"], self.groups, self.tensor_names, self.num_layers)
             self.study.set_user_attr("x0", x0)
             self.study.set_user_attr("x0_from", best.user_attrs.get("baseline"))
             # Optuna's CMA-ES learns the search space from a finished trial, and draws trials

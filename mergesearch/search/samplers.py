@@ -48,33 +48,6 @@ def make_sampler(space: SearchSpace, n_variables: int, x0: dict | None = None) -
     raise ValueError(name)
 
 
-def baseline_x0(space: SearchSpace, recipe: dict, groups) -> dict[str, float]:
-    """CMA-ES's starting point from a baseline recipe: every search variable takes the
-    recipe's value where the recipe sets that parameter (a model's weight, lambda), else
-    the parameter's default (density 1: nothing pruned), clipped into its bounds."""
-    from mergesearch.methods import REGISTRY
-    from mergesearch.space import Bounds
-
-    spec = REGISTRY[space.methods[0]]
-    by_path = {m["path"]: m.get("parameters", {}) for m in recipe.get("models", [])}
-    x0 = {}
-    for name, b in space.parameters.items():
-        if not isinstance(b, Bounds):
-            continue
-        p = spec.param(name)
-        default = p.default if not p.required else 1.0
-        if p.scope == "global":
-            v = (recipe.get("parameters") or {}).get(name, default)
-            x0[name] = min(max(float(v), b.low), b.high)
-            continue
-        for i, path in enumerate(space.models):
-            v = by_path.get(path, {}).get(name, default)
-            v = v if isinstance(v, (int, float)) else default
-            for g in groups:
-                x0["/".join(x for x in (name, f"m{i}", g.name) if x)] = min(max(float(v), b.low), b.high)
-    return x0
-
-
 def recipe_x0(space: SearchSpace, recipe: dict, groups, tensor_names: list[str], num_layers: int) -> dict[str, float]:
     """A start point in ``groups``' variables from any recipe (a trial of a coarser stage,
     a baseline): each variable takes the recipe's value at a tensor of its group, else
