@@ -254,10 +254,10 @@ def _planned_side(space) -> dict | None:
             "base_metric": c.base_file}
 
 
-def _export_and_print(run: str, trial, storage) -> None:
+def _export_and_print(run: str, trial, storage, device: str | None = None) -> None:
     from mergesearch.export import export_run
 
-    res = export_run(run, trial, storage)
+    res = export_run(run, trial, storage, device=device)
     tasks = list(res["test"]["merged"])
     typer.echo(f"exported trial {res['trial']} -> {res['model']} "
                f"(dev re-score {'matches' if res['dev']['verified'] else 'DIFFERS'})")
@@ -395,9 +395,13 @@ def export(
     run: str = typer.Argument(..., help="run name"),
     trial: Optional[str] = typer.Option(None, "--trial", help="trial number (default: the best); b0 for a baseline"),
     storage: Optional[str] = typer.Option(None, "--storage"),
+    device: Optional[str] = typer.Option(None, "--device",
+                                         help="cpu or cuda (default: where the trial was scored)"),
 ):
     """Write the best (or a chosen) trial's recipe, checkpoint, model card and test scores."""
-    _export_and_print(run, trial, storage)
+    if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
+        raise MergeSearchError(f"--device: use cpu or cuda, got '{device}'")
+    _export_and_print(run, trial, storage, device)
 
 
 @app.command()

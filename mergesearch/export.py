@@ -31,7 +31,10 @@ log = logging.getLogger("mergesearch.export")
 
 
 def export_run(run: str, trial: str | int | None = None, storage_url: str | None = None,
-               root: Path = Path("results"), device: str = "cpu") -> dict:
+               root: Path = Path("results"), device: str | None = None) -> dict:
+    """Export a trial. ``device``: where the merge runs; by default where the trial was
+    scored, since only that device writes exactly the scored weights (DARE draws its
+    masks with the device's generator, and fused kernels round differently)."""
     from mergesearch.evaluate import EvalConfig
     from mergesearch.store import find_trial, load_run
 
@@ -40,6 +43,7 @@ def export_run(run: str, trial: str | int | None = None, storage_url: str | None
     from mergesearch.store import all_trials, trial_label
     label = next(trial_label(k, x) for k, x in all_trials(study, storage) if x._trial_id == t._trial_id)
     recipe = from_dict(t.user_attrs["recipe"], f"trial {trial if trial is not None else t.number}")
+    device = _export_device(label, t.user_attrs.get("scored_on") or "cpu", device)
     space = study.user_attrs.get("space") or {}
     eval_cfg = EvalConfig.model_validate(space.get("evaluator") or study.user_attrs.get("evaluator"))
     out = root / run
@@ -62,6 +66,21 @@ def export_run(run: str, trial: str | int | None = None, storage_url: str | None
         shutil.rmtree(stage, ignore_errors=True)
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+def _export_device(label: str, scored_on: str, device: str | None) -> str:
+    import torch
+    if device is None:
+        if scored_on.startswith("cuda") and not torch.cuda.is_available():
+            raise MergeSearchError(
+                f"trial {label} was scored on {scored_on} and no CUDA device is visible here; a CPU export would not "
+                f"write the scored weights: export on a GPU machine, or pass --device cpu to export (and re-score) "
+                f"the CPU's merge")
+        return scored_on
+    if device.split(":")[0] != scored_on.split(":")[0]:
+        log.warning("trial %s was scored on %s; exporting on %s may write different weights (the dev re-score "
+                    "below tells)", label, scored_on, device)
+    return device
 
 
 def _clean_leftovers(out: Path) -> None:

@@ -278,6 +278,7 @@ class Materializer:
             # no finiteness pass in the hot loop: a non-finite candidate shows up as a
             # non-finite score and fails its trial
             yield name, merge_tensor(recipe, recipe.spec, x, layer_position(name, self.num_layers), check_finite=False)
+            del x  # its caches are not alive while the next tensor's inputs are prepared
 
     def export_dtype(self, recipe: Recipe, name: str) -> torch.dtype:
         """The dtype the streamed export writes this tensor in."""
@@ -304,6 +305,7 @@ class Materializer:
                 raise MergeSearchError(f"evaluation model holds '{name}' in {target.dtype}, but the export writes "
                                        f"{dtype}: load it in the recipe's dtype")
             target.copy_(merged.to(dtype=dtype))
+            del merged  # not alive while the next tensor is merged
 
     def close(self) -> None:
         if self.stager is not None:

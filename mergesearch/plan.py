@@ -43,11 +43,18 @@ SLOT_ALIGN = 256
 # For plans that place inputs but predict no time (the Materializer's, a worker's).
 NO_BANDWIDTH = {"device": 1.0, "link": 1.0, "source": "not measured"}
 # Float32 buffers of the largest tensor's size alive at once while one tensor is merged,
-# beside the inputs themselves: the base and the merged output, then, for methods that
-# select or elect, the selection temporaries (|delta|, its top bits, masks) and the
-# weighted parts the sign election sums. Upper bounds of the eager kernels; the
-# compiled ones keep fewer.
-SCRATCH_F32 = {"plain": 3, "select": 6}
+# beside the inputs themselves, as (fixed, per model), by kind of method: the merged
+# output, then the selection scratch (|delta| and its top bits, one model at a time),
+# the sparsified deltas that DARE and DELLA prepare, the norms and angles of
+# model_stock and the slerps, or the metric sums of the geometry-aware methods.
+# Measured on the eager kernels (tests/test_plan_scratch.py checks each kind with
+# tests/memtrack.py, within 2.5 buffers); the compiled kernels keep fewer.
+SCRATCH_F32 = {"plain": (1, 0), "select": (3, 0), "random": (4, 1), "della": (8, 1), "model_stock": (5, 2),
+               "nuslerp": (9, 0), "slerp": (5, 0), "fisher": (4, 2), "preconditioned": (4, 2),
+               "gradient_matching": (11, 2), "regmean": (2, 1)}
+# The eager kernels' temporaries, in float32 buffers of one chunk of
+# ``kernels.EAGER_CHUNK`` elements: (fixed, per model).
+CHUNK_F32 = (8, 2)
 # Assumed bandwidths where none can be measured (bytes/s): HBM3 of an H100 at about
 # 60% of its peak for elementwise kernels, and a PCIe Gen5 x16 host link with pinned
 # buffers.
@@ -163,12 +170,21 @@ class Placement:
         return "\n".join(lines)
 
 
-def scratch_bytes(largest_numel: int, methods: list[str], n_models: int, out_elem: int) -> int:
+def scratch_kind(method: str) -> str:
     from mergesearch.methods import REGISTRY
-    select = any(REGISTRY[m].sparsifier is not None or REGISTRY[m].needs_metric != "no" or REGISTRY[m].needs_gram
-                 for m in methods)
-    buffers = SCRATCH_F32["select" if select else "plain"] + (n_models if select else 0)
-    return largest_numel * (4 * buffers + out_elem)
+    spec = REGISTRY[method]
+    if method in SCRATCH_F32:
+        return method
+    return {None: "plain", "magnitude": "select", "outliers": "select", "random": "random",
+            "della": "della"}[spec.sparsifier]
+
+
+def scratch_bytes(largest_numel: int, methods: list[str], n_models: int, out_elem: int) -> int:
+    """Device bytes one tensor's merge needs beside its inputs (the worst of ``methods``)."""
+    from mergesearch.methods.kernels import EAGER_CHUNK
+    full = max(SCRATCH_F32[scratch_kind(m)][0] + SCRATCH_F32[scratch_kind(m)][1] * n_models for m in methods)
+    chunk = CHUNK_F32[0] + CHUNK_F32[1] * n_models
+    return largest_numel * (4 * full + out_elem) + min(largest_numel, EAGER_CHUNK) * 4 * chunk
 
 
 def measure_bandwidth(device: str) -> dict:

@@ -212,7 +212,7 @@ class Worker:
             scores = {k: float(fault) for k in scores}
         t2 = time.perf_counter()
         return {"scores": scores, "materialize_s": t1 - t0, "eval_s": t2 - t1, "worker": self.worker_id,
-                "pid": os.getpid(), "moved_bytes": self.mat.last_moved, **extra}
+                "device": self.device, "pid": os.getpid(), "moved_bytes": self.mat.last_moved, **extra}
 
 
 @dataclass
@@ -225,6 +225,7 @@ class Result:
     reason: str | None = None
     retryable: bool = False  # the worker died under it (not the candidate's fault)
     extra: dict = field(default_factory=dict)  # a refinement's recipe and statistics
+    device: str | None = None  # where the candidate was materialized and scored (cpu, cuda)
 
 
 class WorkerPool:
@@ -389,8 +390,9 @@ class WorkerPool:
             timings["refine_s"] = r["refine_s"]
         extra = {k: r[k] for k in ("recipe", "refine") if k in r}
         if bad:
-            return Result(number, False, r["scores"], timings, wid, f"non-finite score for {', '.join(bad)}", extra=extra)
-        return Result(number, True, r["scores"], timings, wid, extra=extra)
+            return Result(number, False, r["scores"], timings, wid, f"non-finite score for {', '.join(bad)}", extra=extra,
+                          device=r.get("device"))
+        return Result(number, True, r["scores"], timings, wid, extra=extra, device=r.get("device"))
 
     def run_batch(self, jobs: dict[int, tuple], max_retries: int = 0,
                   stop: Callable[[], bool] | None = None):

@@ -56,3 +56,25 @@ def test_compiled_and_eager_threshold_paths_agree_on_tied_magnitudes(method, mon
         outs.append(spec.fn(TensorInputs("w", base, deltas=deltas), gp, mp))
     assert not kernels._compile_failed
     assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "breadcrumbs_ties", "dare_ties", "linear"])
+def test_chunked_eager_kernels_give_the_same_bits(method, monkeypatch):
+    """The eager kernels over chunks (bounded temporaries) equal one pass over the whole
+    tensor, including the tie split by flat index at the thresholds, whose chunks start
+    mid-row and mid-run of equal magnitudes."""
+    g = torch.Generator().manual_seed(2)
+    base = (torch.randn(257, 193, generator=g) * 0.05).bfloat16().float()
+    models = [(base + torch.randn(257, 193, generator=g) * 0.01).bfloat16().float() for _ in range(3)]
+    spec = REGISTRY[method]
+    gp = {p.name: p.default for p in spec.global_params}
+    mp = [{**{p.name: p.default for p in spec.model_params}, "weight": w, **({"density": d} if "density" in
+          {p.name for p in spec.model_params} else {})} for w, d in [(0.5, 0.3), (-0.4, 0.6), (0.7, 0.5)]]
+    monkeypatch.setattr(kernels, "COMPILE_MIN_NUMEL", 10**12)
+    outs = []
+    for chunk in (10**9, 1000, 4099):
+        monkeypatch.setattr(kernels, "EAGER_CHUNK", chunk)
+        outs.append(spec.fn(TensorInputs("w", base, tensors=models, seed=5), gp, mp))
+    assert outs[0].shape == base.shape
+    assert not torch.equal(outs[0], base)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])

@@ -53,6 +53,7 @@ def test_search_end_to_end(tmp_path, zoo, monkeypatch, capsys):
         assert ua["aggregate"] == pytest.approx(sum(ua["scores"].values()) / 4)
         assert t.value == pytest.approx(ua["aggregate"])
         assert ua["materialize_s"] > 0 and ua["eval_s"] > 0 and ua["worker"] in (0, 1)
+        assert ua["scored_on"] == "cpu"
     assert {t.user_attrs["worker"] for t in trials} == {0, 1}  # both workers took trials
     # the per-group coefficients reach the recipe as filters
     w = trials[0].user_attrs["recipe"]["models"][0]["parameters"]["weight"]
@@ -79,6 +80,20 @@ def test_search_end_to_end(tmp_path, zoo, monkeypatch, capsys):
     import pandas as pd
     pq = pd.read_parquet(tmp_path / "lb.parquet")
     assert len(pq) == 8 and list(pq["rank"]) == list(range(1, 9))
+    # a trial scored on a GPU is exported on one, by default: not on a machine without CUDA
+    best = max((t for t in trials), key=lambda t: t.value)
+    import sqlite3
+    with sqlite3.connect(run / "study.db") as db:  # a finished trial's attributes are read-only through Optuna
+        assert db.execute("UPDATE trial_user_attributes SET value_json = ? WHERE trial_id = ? AND key = ?",
+                          ('"cuda"', best._trial_id, "scored_on")).rowcount == 1
+    before = (run / "model" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["export", "e2e", "--trial", str(best.number)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"trial {best.number} was scored on cuda and no CUDA device is visible here" in err[0]
+    assert (run / "model" / "model.safetensors").read_bytes() == before  # nothing touched
+    assert main(["export", "e2e", "--trial", str(best.number), "--device", "cpu"]) == 0
+    assert "dev re-score matches" in capsys.readouterr().out
 
 
 def test_resume_continues_to_the_new_budget(tmp_path, zoo, monkeypatch):

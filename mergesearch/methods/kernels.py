@@ -23,16 +23,24 @@ import torch
 log = logging.getLogger(__name__)
 
 COMPILE_MIN_NUMEL = 1 << 20
+# The eager kernels run over flat chunks of this many elements, so their temporaries
+# (some fifteen float32 buffers) are bounded by the chunk, not by the tensor. Every
+# operation is elementwise, so the result is the same, bit for bit.
+EAGER_CHUNK = 1 << 22
+# Variants of a compiled kernel (flags, model count, grad mode) each compile once; past
+# Dynamo's default limit of 8 it would silently fall back to the eager kernel.
+RECOMPILE_LIMIT = 64
 _compiled = None
 _compile_failed = False
 
 
 def _combine(raw_base: torch.Tensor, sources: list[torch.Tensor], is_delta: list[bool], windows: list[tuple],
-             weights: list[float], lam: float, normalize: bool, consensus: bool, divisor: float) -> torch.Tensor:
+             weights: list[float], lam: float, normalize: bool, consensus: bool, divisor: float,
+             offset: int = 0) -> torch.Tensor:
     wd = torch.float64 if raw_base.dtype == torch.float64 else torch.float32
     base = raw_base.to(wd)
     parts = []
-    idx = torch.arange(base.numel(), device=base.device).reshape(base.shape)
+    idx = torch.arange(offset, offset + base.numel(), device=base.device).reshape(base.shape)
     for src, delta_given, (key, lo, hi, jlo, jhi), w in zip(sources, is_delta, windows, weights):
         d = src if delta_given else src.to(wd) - base
         key = d.abs() if key is None else key
@@ -78,18 +86,61 @@ def _compile_available() -> bool:
 _compiled_sum = None
 
 
+def _flat(t: torch.Tensor | None, lo: int, hi: int):
+    return t if t is None or not isinstance(t, torch.Tensor) or t.dim() == 0 else t.reshape(-1)[lo:hi]
+
+
+def _combine_chunked(raw_base, sources, is_delta, windows, weights, lam, normalize, consensus, divisor):
+    """The eager :func:`_combine` over flat chunks of ``EAGER_CHUNK`` elements."""
+    n = raw_base.numel()
+    if n <= EAGER_CHUNK:
+        return _combine(raw_base, sources, is_delta, windows, weights, lam, normalize, consensus, divisor)
+    wd = torch.float64 if raw_base.dtype == torch.float64 else torch.float32
+    out = torch.empty(n, dtype=wd, device=raw_base.device)
+    for lo in range(0, n, EAGER_CHUNK):
+        hi = min(n, lo + EAGER_CHUNK)
+        out[lo:hi] = _combine(_flat(raw_base, lo, hi), [_flat(s, lo, hi) for s in sources], is_delta,
+                              [(_flat(w[0], lo, hi), *w[1:]) for w in windows], weights, lam, normalize, consensus,
+                              divisor, offset=lo)
+    return out.reshape(raw_base.shape)
+
+
+def _weighted_sum_chunked(sources, weights, divisor: float, normalize: bool) -> torch.Tensor:
+    n = sources[0].numel()
+    if n <= EAGER_CHUNK:
+        return _weighted_sum(sources, weights, divisor, normalize)
+    wd = torch.float64 if sources[0].dtype == torch.float64 else torch.float32
+    out = torch.empty(n, dtype=wd, device=sources[0].device)
+    for lo in range(0, n, EAGER_CHUNK):
+        hi = min(n, lo + EAGER_CHUNK)
+        out[lo:hi] = _weighted_sum([_flat(s, lo, hi) for s in sources], weights, divisor, normalize)
+    return out.reshape(sources[0].shape)
+
+
+def _compile(fn):
+    try:  # the option's name since torch 2.6; older releases call it cache_size_limit
+        import torch._dynamo.config as dcfg
+        for opt in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dcfg, opt):
+                setattr(dcfg, opt, max(getattr(dcfg, opt), RECOMPILE_LIMIT))
+                break
+    except ImportError:
+        pass
+    return torch.compile(fn, dynamic=True)
+
+
 def weighted_sum(sources, weights, divisor: float = 1.0, normalize: bool = False) -> torch.Tensor:
     """sum_i w_i * sources_i (in the work dtype), divided by ``divisor`` if normalize."""
     global _compiled_sum
     args = (list(sources), [float(w) for w in weights], float(divisor), bool(normalize))
     if sources[0].numel() >= COMPILE_MIN_NUMEL and not _compile_failed and _compile_available():
         if _compiled_sum is None:
-            _compiled_sum = torch.compile(_weighted_sum, dynamic=True)
+            _compiled_sum = _compile(_weighted_sum)
         try:
             return _compiled_sum(*args)
         except Exception as e:
             _disable(e)
-    return _weighted_sum(*args)
+    return _weighted_sum_chunked(*args)
 
 
 def _disable(e: Exception) -> None:
@@ -111,9 +162,9 @@ def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, conse
             bool(normalize), bool(consensus), float(divisor))
     if raw_base.numel() >= COMPILE_MIN_NUMEL and not _compile_failed and _compile_available():
         if _compiled is None:
-            _compiled = torch.compile(_combine, dynamic=True)
+            _compiled = _compile(_combine)
         try:
             return _compiled(*args)
         except Exception as e:  # no working compiler toolchain: stay eager from now on
             _disable(e)
-    return _combine(*args)
+    return _combine_chunked(*args)

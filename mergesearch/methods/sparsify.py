@@ -112,7 +112,8 @@ def dare(x: TensorInputs, i: int, density: float, rescale: bool) -> torch.Tensor
         return delta
     probs = torch.full_like(delta, density)
     mask = torch.bernoulli(probs, generator=x.generator)
-    masked = delta * mask
+    del probs
+    masked = mask.mul_(delta)  # delta * mask, in the mask's buffer
     return rescale_l1(delta, masked) if rescale else masked
 
 
@@ -136,5 +137,6 @@ def della(x: TensorInputs, i: int, density: float, epsilon: float, rescale: bool
     rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
     probs = (density - epsilon) + rank_norm * (2 * epsilon)
     mask = torch.bernoulli(probs, generator=x.generator)
-    masked = (rows * mask).reshape(delta.shape)
+    del probs, order, ranks, rank_norm
+    masked = mask.mul_(rows).reshape(delta.shape)
     return rescale_l1(delta, masked) if rescale else masked

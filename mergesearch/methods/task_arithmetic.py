@@ -64,6 +64,8 @@ def task_vector_merge(x: TensorInputs, g: dict, m: list[dict], *, sparsifier: st
             continue
         else:
             d = sparsified_delta(sparsifier, x, i, p, g["rescale"])
+        if raw is not None:
+            x.release(i)  # model i's float copies are no longer needed: only d is
         sources.append(d)
         is_delta.append(True)
         windows.append(sparsify.window(x, i, 0, n))  # keep everything

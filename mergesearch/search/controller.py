@@ -589,7 +589,7 @@ class Controller:
             self.pool.submit(t.number, t.user_attrs["recipe"])
 
     def _finish(self, study, t: optuna.Trial, res) -> None:
-        payload = {"worker": res.worker, **res.timings}
+        payload = {"worker": res.worker, **res.timings, **({"scored_on": res.device} if res.device else {})}
         if res.ok:
             agg, feasible, value = objective_values(self.space, res.scores, getattr(self, "reference", None))
             payload.update(scores=res.scores, aggregate=agg, feasible=feasible)

@@ -320,7 +320,7 @@ class SoupRunner:
             for res in self.pool.run_batch({n: (t.user_attrs["recipe"], None) for n, (t, _) in todo.items()},
                                            self.opts.max_retries):
                 t, e = todo[res.number]
-                payload = {"worker": res.worker, **res.timings}
+                payload = {"worker": res.worker, **res.timings, **({"scored_on": res.device} if res.device else {})}
                 if res.ok:
                     e.scores = res.scores
                     e.score = weighted_mean(res.scores, self.eval_cfg.weights)
