@@ -213,7 +213,9 @@ def search(
     opts = SearchOptions(run=name, resume=resume, workers=workers, ray_address=ray_address, storage=storage,
                          n_trials=n_trials, timeout=timeout, progress=interactive(), device_memory=budget)
     summary = Controller(sp, opts, str(space_file)).run()
-    typer.echo(f"run {name}: {summary['complete']} complete, {summary['failed']} failed trials in "
+    pruned = f", {summary['pruned']} pruned" if summary.get("pruned") else ""
+    items = f", {summary['items']} dev items scored" if summary.get("items") else ""
+    typer.echo(f"run {name}: {summary['complete']} complete, {summary['failed']} failed{pruned} trials{items} in "
                f"{summary['elapsed_s']:.0f}s" + (" (interrupted)" if summary["interrupted"] else ""))
     if not no_export and summary["complete"]:
         _export_and_print(name, None, storage)

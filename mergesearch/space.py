@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mergesearch.errors import MergeSearchError
 from mergesearch.evaluate.base import EvalConfig
@@ -81,6 +81,48 @@ class SamplerConfig(StrictModel):
 class Budget(StrictModel):
     n_trials: int = Field(default=50, ge=1)
     timeout: Optional[float] = Field(default=None, gt=0)  # seconds of wall time
+    # dev items scored in all (a pruned trial costs the items it scored): the fair unit
+    # between searches with and without pruning; it replaces n_trials when given
+    items: Optional[int] = Field(default=None, ge=1)
+
+
+class PrunerConfig(StrictModel):
+    """Optuna's pruners over the rungs of a multi-fidelity search (mergesearch.fidelity)."""
+
+    name: Literal["successive_halving", "hyperband", "median", "wilcoxon", "none"] = "successive_halving"
+    reduction_factor: Optional[int] = Field(default=None, ge=2)  # halving, hyperband: default from the rungs
+    min_early_stopping_rate: int = Field(default=0, ge=0)  # halving
+    n_startup_trials: int = Field(default=5, ge=0)  # median: trials before any is pruned
+    p_threshold: float = Field(default=0.1, gt=0, lt=1)  # wilcoxon
+    block: int = Field(default=8, ge=1)  # wilcoxon: items of one task per paired step
+
+
+class Fidelity(StrictModel):
+    """Score each candidate on growing shares of the dev items (``rungs``, the last 1.0)
+    and let ``pruner`` stop the weak ones after any rung."""
+
+    rungs: list[float]
+    pruner: PrunerConfig = PrunerConfig()
+    seed: int = 0  # of the stratified item order
+
+    @field_validator("pruner", mode="before")
+    @classmethod
+    def _pruner_name(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _rungs(self):
+        r = self.rungs
+        if not r:
+            raise ValueError("rungs: give at least one share of the dev items, ending at 1.0")
+        bad = [x for x in r if not 0 < x <= 1]
+        if bad:
+            raise ValueError(f"rungs: {bad[0]} is not a share of the dev items in (0, 1]")
+        if any(b <= a for a, b in zip(r, r[1:])):
+            raise ValueError(f"rungs: {r} must increase strictly")
+        if r[-1] != 1.0:
+            raise ValueError(f"rungs: {r} must end at 1.0 (the full dev set)")
+        return self
 
 
 DataList = Union[str, list[str]]
@@ -169,6 +211,7 @@ class SearchSpace(StrictModel):
     # with the trial budget split between them (equal shares, or "layer@0.5")
     schedule: Optional[list[str]] = None
     refine: Optional[RefineConfig] = None
+    fidelity: Optional[Fidelity] = None
 
     @model_validator(mode="after")
     def _add_scale(self):
@@ -260,6 +303,13 @@ class SearchSpace(StrictModel):
             raise MergeSearchError(f"{where}: sampler: x0, sigma0, restart and separable apply to cmaes only")
         if sc.x0 == "best_baseline" and len(self.methods) > 1:
             raise MergeSearchError(f"{where}: sampler.x0: best_baseline needs a single method (mixed spaces run TPE)")
+        if self.fidelity is not None:
+            if self.multi_objective:
+                raise MergeSearchError(f"{where}: fidelity: pruning needs a single objective (Optuna cannot prune "
+                                       f"multi-objective trials); drop fidelity or use a single-objective sampler")
+            if self.evaluator.evaluator != "loglik":
+                raise MergeSearchError(f"{where}: fidelity: only the built-in loglik evaluator scores item subsets "
+                                       f"(this space uses '{self.evaluator.evaluator}')")
         if self.sampler.name == "nsga2" and (self.objective.floors or self.objective.min_task is not None):
             raise MergeSearchError(f"{where}: objective floors do not apply to the multi-objective nsga2 sampler")
         if self.refine is not None:
@@ -349,6 +399,9 @@ class SearchSpace(StrictModel):
         data = self.model_dump(mode="json", exclude={"budget", "resources"})
         if data.get("scale") is False:  # absent before it existed: runs started then still resume
             data.pop("scale")
+        for key in ("fidelity",):  # likewise
+            if data.get(key) is None:
+                data.pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     # -- variables -----------------------------------------------------------------

@@ -158,12 +158,15 @@ class Worker:
         except (torch.OutOfMemoryError, MemoryError, RuntimeError):
             return False
 
-    def run(self, number: int, recipe: dict, split: str | None = None, refine: dict | None = None) -> dict:
+    def run(self, number: int, recipe: dict, split: str | None = None, refine: dict | None = None,
+            rung: dict | None = None) -> dict:
         """Materialize ``recipe`` in place and score it (on the configured split, or
         ``split``: soups report their final candidates on test). With ``refine`` (the
         options and the coefficient groups) the recipe is first refined by gradient
         descent (:mod:`mergesearch.refine`), and the refined recipe is what is scored and
-        returned."""
+        returned. With ``rung`` ({"k": rung, "items": {task: item indices}}) only those
+        items are scored, per item; the candidate stays materialized for the trial's next
+        rung, so a later rung of the same trial skips the write."""
         from mergesearch.evaluate import build_evaluator
         from mergesearch.recipe import from_dict
 
@@ -177,6 +180,8 @@ class Worker:
         fault = self.faults.get(number)
         r = from_dict(recipe, f"trial {number}")
         extra: dict = {}
+        if refine is not None:
+            self.held = None  # refinement writes its own weights into the model
         try:
             if refine is not None:
                 from mergesearch.refine import refine as run_refine
@@ -193,7 +198,11 @@ class Worker:
                 raise RuntimeError("injected fault in materialize")
             if fault == "oom":
                 raise torch.OutOfMemoryError("injected out-of-memory")
-            self.mat.write_into(self.model, r)
+            if rung is None or rung["k"] == 0 or getattr(self, "held", None) != number:
+                self.held = None
+                self.mat.write_into(self.model, r)
+                self.held = number if rung is not None else None
+                extra["wrote"] = True
             t1 = time.perf_counter()
             if fault == "raise_eval":
                 raise RuntimeError("injected fault in evaluate")
@@ -204,7 +213,12 @@ class Worker:
                 os.kill(os.getpid(), signal.SIGKILL)
             if fault == "hang":
                 time.sleep(10**6)
-            scores = self.evaluators[split].score(self.model, self.tokenizer)
+            if rung is not None:
+                items = self.evaluators[split].score_items(self.model, self.tokenizer, rung["items"])
+                extra["item_scores"] = items
+                scores = {t: sum(v) / len(v) for t, v in items.items() if v}
+            else:
+                scores = self.evaluators[split].score(self.model, self.tokenizer)
         except (torch.OutOfMemoryError, MemoryError) as e:  # reported as a result: the actor may live on
             first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
             return {"oom": first, "usable": self._recover(), "worker": self.worker_id}
@@ -329,9 +343,13 @@ class WorkerPool:
         busy = {w for _, w, _ in self.busy.values()}
         return [w for w in self.actors if w not in busy]
 
-    def submit(self, number: int, recipe: dict, split: str | None = None, refine: dict | None = None) -> None:
-        wid = self.idle[0]
-        ref = self.actors[wid].run.remote(number, recipe, split, refine)
+    def submit(self, number: int, recipe: dict, split: str | None = None, refine: dict | None = None,
+               rung: dict | None = None, worker: int | None = None) -> None:
+        """Run on an idle worker: ``worker`` when given (a trial's next rung goes to the
+        worker that holds its candidate), if it is still there and idle."""
+        idle = self.idle
+        wid = worker if worker in idle else idle[0]
+        ref = self.actors[wid].run.remote(number, recipe, split, refine, rung)
         self.busy[ref] = (number, wid, time.monotonic())
 
     def wait(self, timeout: float = 1.0) -> list[Result]:
@@ -388,7 +406,7 @@ class WorkerPool:
         timings = {"materialize_s": r["materialize_s"], "eval_s": r["eval_s"]}
         if "refine_s" in r:
             timings["refine_s"] = r["refine_s"]
-        extra = {k: r[k] for k in ("recipe", "refine") if k in r}
+        extra = {k: r[k] for k in ("recipe", "refine", "item_scores", "wrote") if k in r}
         if bad:
             return Result(number, False, r["scores"], timings, wid, f"non-finite score for {', '.join(bad)}", extra=extra,
                           device=r.get("device"))

@@ -121,8 +121,14 @@ class LoglikEvaluator:
                         raise MergeSearchError(f"tokenizer produces id {max(ids)} but the model has {vocab} embeddings")
                     rows.append((task, k, c, ids, len(cont_ids)))
         rows.sort(key=lambda r: len(r[3]))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.batches = []
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.rows = rows
+        self.batches = self._pack(rows)
+        self._prepared_for = (id(tokenizer), next(model.parameters()).device)
+
+    def _pack(self, rows: list) -> list:
+        pad = self.pad
+        batches = []
         bs = self.cfg.batch_size * 4
         for s in range(0, len(rows), bs):
             chunk = rows[s:s + bs]
@@ -137,18 +143,42 @@ class LoglikEvaluator:
                 mask[j, :L] = 1
                 tgt[j, :L] = torch.tensor(ids[1:])
                 tmask[j, L - n:L] = True
-            self.batches.append(([r[:3] for r in chunk], inp, mask, tgt, tmask))
-        self._prepared_for = (id(tokenizer), next(model.parameters()).device)
+            batches.append(([r[:3] for r in chunk], inp, mask, tgt, tmask))
+        return batches
 
     @torch.no_grad()
     def score(self, model, tokenizer) -> dict[str, float]:
+        loglik = self._run(model, tokenizer, None)
+        return {task: sum(self._correct(task, k, it, loglik) for k, it in enumerate(items)) / len(items)
+                for task, items in self.items.items()}
+
+    @torch.no_grad()
+    def score_items(self, model, tokenizer, subset: dict[str, list[int]]) -> dict[str, list[float]]:
+        """Per-item scores (1.0 right, 0.0 wrong) of ``subset`` (task -> item indices),
+        in its order; only those items are run through the model."""
+        loglik = self._run(model, tokenizer, subset)
+        return {task: [self._correct(task, k, self.items[task][k], loglik) for k in ks] for task, ks in subset.items()}
+
+    @staticmethod
+    def _correct(task: str, k: int, it: dict, loglik: dict) -> float:
+        if "choices" in it:
+            lls = [loglik[(task, k, c)][0] for c in range(len(it["choices"]))]
+            best = max(range(len(lls)), key=lambda i: (lls[i], -i))
+            return float(best == it["answer"])
+        return float(loglik[(task, k, 0)][1])
+
+    def _run(self, model, tokenizer, subset: dict[str, list[int]] | None) -> dict:
         device = next(model.parameters()).device
         if self._prepared_for != (id(tokenizer), device):
             self._prepare(tokenizer, model)
+        batches = self.batches
+        if subset is not None:
+            wanted = {(t, k) for t, ks in subset.items() for k in ks}
+            batches = self._pack([r for r in self.rows if (r[0], r[1]) in wanted])
         was_training = model.training
         model.eval()
         loglik: dict[tuple[str, int, int], tuple[float, bool]] = {}
-        for keys, inp, mask, tgt, tmask in self.batches:
+        for keys, inp, mask, tgt, tmask in batches:
             logits = model(input_ids=inp.to(device), attention_mask=mask.to(device)).logits.float()
             logp = logits.log_softmax(-1)
             tgt_d, tmask_d = tgt.to(device), tmask.to(device)
@@ -159,15 +189,4 @@ class LoglikEvaluator:
                 loglik[key] = (s, g)
         if was_training:
             model.train()
-        scores = {}
-        for task, items in self.items.items():
-            correct = 0
-            for k, it in enumerate(items):
-                if "choices" in it:
-                    lls = [loglik[(task, k, c)][0] for c in range(len(it["choices"]))]
-                    best = max(range(len(lls)), key=lambda i: (lls[i], -i))
-                    correct += int(best == it["answer"])
-                else:
-                    correct += int(loglik[(task, k, 0)][1])
-            scores[task] = correct / len(items)
-        return scores
+        return loglik

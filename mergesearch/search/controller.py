@@ -120,6 +120,16 @@ class Controller:
                        for g, share in self.space.stages(self.space_path)]
         self._check_nesting()
         self.groups = self.stages[0][0]
+        self.fid = None
+        self.n_dev_items = sum(len(v) for v in ev.items.values()) if hasattr(ev, "items") else None
+        if self.space.fidelity is not None:
+            from mergesearch.fidelity import plan_for
+            self.fid = plan_for(self.space, {t: len(v) for t, v in ev.items.items()})
+        if self.space.budget.items is not None and not self.opts.n_trials:
+            if not self.n_dev_items:
+                raise MergeSearchError(f"{self.space_path}: budget.items: the '{self.space.evaluator.evaluator}' "
+                                       "evaluator does not count its items; give budget.n_trials")
+            self.n_trials = self.space.budget.items / self.n_dev_items  # in trial-equivalents
         self.refine_reserve = self._refine_reserve(ev)
         self.seed_recipe = self._seed_recipe() if self.space.seed_from else None
         self.side = None
@@ -230,9 +240,13 @@ class Controller:
         n_vars = self._n_variables()
         self.n_vars = n_vars
         sampler = make_sampler(self.space, n_vars)
+        from mergesearch.fidelity import make_pruner
+        self.pruner = make_pruner(self.space, self.fid)
+        self.progress = {}
         directions = ["maximize"] * (len(self.space.evaluator.tasks) if self.space.multi_objective else 1)
         if self.opts.resume:
-            study = optuna.load_study(study_name=self.opts.run, storage=self.storage, sampler=sampler)
+            study = optuna.load_study(study_name=self.opts.run, storage=self.storage, sampler=sampler,
+                                      pruner=self.pruner)
             if study.user_attrs.get("space_fingerprint") != self.space.fingerprint():
                 raise MergeSearchError(f"{self.space_path}: the space changed since run '{self.opts.run}' started; "
                                        "start a new run instead of --resume")
@@ -242,7 +256,7 @@ class Controller:
                 log.info("resume: %d trial(s) left running by the stopped controller failed and queued again", n)
         else:
             study = optuna.create_study(study_name=self.opts.run, storage=self.storage, sampler=sampler,
-                                        directions=directions)
+                                        directions=directions, pruner=self.pruner)
             study.set_user_attr("space", self.space.model_dump(mode="json"))
             study.set_user_attr("space_fingerprint", self.space.fingerprint())
             study.set_user_attr("kind", "search")
@@ -430,7 +444,7 @@ class Controller:
         self.n_vars = self._n_variables()
         self.population = population(self.space, self.opts.workers, self.n_vars)
         if name in study_names(self.storage):
-            study = optuna.load_study(study_name=name, storage=self.storage)
+            study = optuna.load_study(study_name=name, storage=self.storage, pruner=self.pruner)
             x0 = study.user_attrs.get("x0")
             n = recover_stale(study)
             if n:
@@ -440,7 +454,8 @@ class Controller:
             done = [t for kind, t in all_trials(main, self.storage)
                     if t.state == TrialState.COMPLETE and kind != "refine"
                     and not str(t.user_attrs.get("baseline", "")).startswith("source ")]
-            study = optuna.create_study(study_name=name, storage=self.storage, directions=main.directions)
+            study = optuna.create_study(study_name=name, storage=self.storage, directions=main.directions,
+                                        pruner=self.pruner)
             x0 = None
             if done:
                 best = max(done, key=lambda t: (t.user_attrs.get("feasible", True), t.value))
@@ -541,7 +556,8 @@ class Controller:
                 last_beat = time.monotonic()
             finished = self._count_finished()
             out_of_time = self.timeout is not None and time.monotonic() - self.t_start >= self.timeout
-            remaining = self.n_trials - finished - len(inflight) - len(queue)
+            # in trial-equivalents: a pruned trial frees the rest of its share
+            remaining = math.ceil(self.n_trials - finished - len(inflight) - len(queue) - 1e-9)
             if self.interrupted or out_of_time:
                 break
             self._dispatch(queue, inflight)
@@ -565,9 +581,15 @@ class Controller:
                     retries[res.number] = retries.get(res.number, 0) + 1
                     log.info("trial %d: %s; retrying (%d/%d)", res.number, res.reason, retries[res.number],
                              self.space.max_retries)
+                    self.progress.pop(res.number, None)  # it starts again at the first rung
                     queue.insert(0, t)
                     continue
-                self._finish(study, t, res)
+                step = self._next_rung(study, t, res) if self.fid is not None and res.ok else "done"
+                if step == "sent":
+                    inflight[t.number] = t
+                if step != "done":
+                    continue
+                self._finish(study, t, res, self.progress.pop(res.number, None))
             if time.monotonic() - last_report > (10 if not self.opts.progress else 1):
                 self._report()
                 last_report = time.monotonic()
@@ -586,34 +608,95 @@ class Controller:
         while queue and self.pool.idle:
             t = queue.pop(0)
             inflight[t.number] = t
-            self.pool.submit(t.number, t.user_attrs["recipe"])
+            if self.fid is not None:
+                from mergesearch.fidelity import Progress
+                self.progress[t.number] = Progress(self.fid)
+                self.pool.submit(t.number, t.user_attrs["recipe"], rung={"k": 0, "items": self.fid.rung_items(0)})
+            else:
+                self.pool.submit(t.number, t.user_attrs["recipe"])
 
-    def _finish(self, study, t: optuna.Trial, res) -> None:
+    def _next_rung(self, study, t: optuna.Trial, res) -> str:
+        """A rung's result: add it, report it and ask the pruner. Returns "sent" when the
+        trial's next rung was sent (to the worker that holds the candidate), "pruned" when
+        the trial was pruned (and stored) here, "done" when it has scored every rung
+        (``_finish`` stores it)."""
+        p = self.progress[t.number]
+        first = p.rung
+        p.add(res.extra.get("item_scores") or {})
+        p.materialize_s += res.timings.get("materialize_s", 0.0)
+        p.eval_s += res.timings.get("eval_s", 0.0)
+        p.writes += int(bool(res.extra.get("wrote")))
+        p.worker, p.device = res.worker, res.device
+        if p.done:
+            return "done"
+        reference = getattr(self, "reference", None)
+        agg, feasible, value = objective_values(self.space, p.scores(), reference)
+        if self.space.fidelity.pruner.name == "wilcoxon":
+            ref = reference if self.space.objective.normalize == "sources" else None
+            for step, v in p.blocks(first, self.space.evaluator.weights, ref).items():
+                t.report(v, step)
+        else:
+            t.report(value, step=p.items)
+        if t.should_prune():
+            record(t, {"worker": p.worker, "materialize_s": p.materialize_s, "eval_s": p.eval_s,
+                       **({"scored_on": p.device} if p.device else {}), "scores": p.scores(), "aggregate": agg,
+                       "feasible": feasible, "items": p.items, "fidelity": p.share, "rungs": p.rung, "cost": p.share,
+                       "writes": p.writes})
+            study.tell(t, state=TrialState.PRUNED)
+            self.busy_s += p.materialize_s + p.eval_s
+            del self.progress[t.number]
+            return "pruned"
+        self.pool.submit(t.number, t.user_attrs["recipe"], rung={"k": p.rung, "items": self.fid.rung_items(p.rung)},
+                         worker=p.worker)
+        return "sent"
+
+    def _finish(self, study, t: optuna.Trial, res, progress=None) -> None:
+        """Store a trial's result; with ``progress`` (a multi-fidelity trial) the scores are
+        those of every rung, item by item."""
+        if progress is not None and res.ok:
+            from mergesearch.workers import Result
+            res = Result(res.number, True, progress.scores(), {"materialize_s": progress.materialize_s,
+                                                               "eval_s": progress.eval_s}, res.worker, device=res.device)
         payload = {"worker": res.worker, **res.timings, **({"scored_on": res.device} if res.device else {})}
         if res.ok:
             agg, feasible, value = objective_values(self.space, res.scores, getattr(self, "reference", None))
-            payload.update(scores=res.scores, aggregate=agg, feasible=feasible)
+            payload.update(scores=res.scores, aggregate=agg, feasible=feasible, fidelity=1.0)
+            if getattr(self, "n_dev_items", None):
+                payload["items"] = self.n_dev_items
+            if progress is not None:
+                payload.update(rungs=progress.rung, writes=progress.writes)
             record(t, payload)
             study.tell(t, value)
             self.busy_s += sum(res.timings.values())
         else:
             payload.update(reason=res.reason, scores=res.scores or None)
+            if progress is not None:
+                payload.update(items=progress.items, fidelity=progress.share)
             record(t, payload)
             study.tell(t, state=TrialState.FAIL)
 
-    def _count_finished(self) -> int:
-        return sum(counts_toward_budget(t) for t in self.study.get_trials(
-            deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)))
+    def _count_finished(self) -> float:
+        """Trial-equivalents spent: a pruned trial costs the share of the dev items it scored."""
+        return sum(t.user_attrs.get("cost", 1.0) if t.state == TrialState.PRUNED else 1.0
+                   for t in self.study.get_trials(deepcopy=False,
+                                                  states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED))
+                   if counts_toward_budget(t))
 
     def _report(self, final: bool = False) -> None:
         trials = self.study.get_trials(deepcopy=False)
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         failed = [t for t in trials if t.state == TrialState.FAIL]
+        pruned = [t for t in trials if t.state == TrialState.PRUNED]
         best = max(done, key=lambda t: (t.user_attrs.get("feasible", True), t.user_attrs.get("aggregate", -1)),
                    default=None)
         elapsed = time.monotonic() - self.t_start
-        n = len(done) + len(failed)
-        eta = (elapsed / n * (self.n_trials - n)) if n and not final else 0.0
+        n = len(done) + len(failed) + len(pruned)
+        spent = self._count_finished()
+        eta = (elapsed / spent * (self.n_trials - spent)) if spent and not final else 0.0
+        fid = ""
+        if self.fid is not None:
+            items = sum(t.user_attrs.get("items", 0) for t in done + pruned + failed)
+            fid = f"  {len(pruned)} pruned  {items} items ({items / self.fid.total:.1f} trial-equivalents)"
         best_txt = (f"best {best.user_attrs['aggregate']:.4f} (trial {best.number}: {best.user_attrs['summary'][:80]})"
                     if best else "best -")
         if self.opts.progress and not final:  # a live line on a terminal, log lines otherwise
@@ -623,14 +706,15 @@ class Controller:
                 self._live = Live(console=Console(stderr=True), refresh_per_second=4, transient=True)
                 self._live.start()
             from rich.text import Text
-            self._live.update(Text(f"{n}/{self.n_trials} trials  {len(failed)} failed  {best_txt}  "
+            self._live.update(Text(f"{n} trials ({spent:.1f}/{self.n_trials:g})  {len(failed)} failed{fid}  {best_txt}  "
                                    f"elapsed {elapsed:.0f}s  eta {eta:.0f}s"))
             return
         if getattr(self, "_live", None) is not None:
             self._live.stop()
             self._live = None
-        log.info("%s %d/%d trials, %d failed, %s, elapsed %.0fs%s", "done:" if final else "search:", n,
-                 self.n_trials, len(failed), best_txt, elapsed, "" if final else f", eta {eta:.0f}s")
+        log.info("%s %d trials (%.1f/%g), %d failed%s, %s, elapsed %.0fs%s", "done:" if final else "search:", n,
+                 spent, self.n_trials, len(failed), fid.replace("  ", ", "), best_txt, elapsed,
+                 "" if final else f", eta {eta:.0f}s")
 
     def _summary(self) -> dict:
         from mergesearch.store import all_trials
@@ -638,7 +722,10 @@ class Controller:
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         elapsed = time.monotonic() - self.t_start
         return {"run": self.opts.run, "trials": len(trials), "complete": len(done),
-                "failed": sum(t.state == TrialState.FAIL for t in trials), "elapsed_s": elapsed,
+                "failed": sum(t.state == TrialState.FAIL for t in trials),
+                "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+                "items": sum(t.user_attrs.get("items", 0) for t in trials if t.state != TrialState.RUNNING),
+                "elapsed_s": elapsed,
                 "worker_busy_s": self.busy_s, "interrupted": self.interrupted,
                 "replaced_workers": self.pool.replaced}
 

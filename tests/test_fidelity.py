@@ -1,0 +1,137 @@
+"""Multi-fidelity search: rungs of dev items, Optuna's pruners, budgets in items.
+Real Ray local instance, real SQLite store, the zoo."""
+
+import math
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from mergesearch.cli import main
+from mergesearch.fidelity import FidelityPlan, plan_for
+from mergesearch.space import SearchSpace
+
+from test_search import write_space
+from test_zoo_eval import zoo  # noqa: F401  (session fixture)
+
+TASKS = ["reverse", "shift", "max", "add"]
+
+
+def load(tmp_path, run):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'results' / run / 'study.db'}")
+    return optuna.load_study(study_name=run, storage=storage).get_trials()
+
+
+def test_rungs_are_disjoint_stratified_and_fixed(tmp_path, zoo):
+    space = SearchSpace.load(write_space(tmp_path, zoo, fidelity={"rungs": [0.125, 0.25, 0.5, 1.0]}))
+    counts = {"reverse": 100, "shift": 37, "max": 60, "add": 8}
+    plan = plan_for(space, counts)
+    again = plan_for(space, dict(counts))  # another worker, another process: the same order
+    assert plan.order == again.order
+    for t, n in counts.items():
+        seen = []
+        for k, share in enumerate(plan.rungs):
+            part = plan.rung_items(k)[t]
+            assert not set(part) & set(seen)  # no item scored twice
+            seen += part
+            assert len(seen) == math.ceil(share * n - 1e-9)
+        assert sorted(seen) == list(range(n))  # every item by the last rung
+        assert plan.order[t] != list(range(n)) or n < 3  # a permutation, not the file order
+    # every rung draws from every task in proportion
+    first = plan.rung_items(0)
+    assert {t: len(v) for t, v in first.items()} == {"reverse": 13, "shift": 5, "max": 8, "add": 1}
+    assert plan.items_through(0) == 27 and plan.items_through(3) == plan.total == 205
+    # another seed, another order
+    other = SearchSpace.load(write_space(tmp_path, zoo, fidelity={"rungs": [0.5, 1.0], "seed": 1}))
+    assert plan_for(other, counts).order != plan.order
+
+
+def test_wilcoxon_blocks_pair_the_same_items():
+    from mergesearch.fidelity import Progress, TASK_STRIDE
+    plan = FidelityPlan([0.5, 1.0], {"a": list(range(10)), "b": list(range(4))}, block=3)
+    p = Progress(plan)
+    p.add({"a": [1, 1, 0, 1, 0], "b": [1, 0]})
+    assert p.blocks(0, {}, None) == {0: 2 / 3}  # only the completed block of a
+    p.add({"a": [1, 1, 1, 1, 0], "b": [1, 1]})
+    assert p.done and p.items == 14 and p.share == 1.0
+    got = p.blocks(1, {"b": 2.0}, {"a": 0.5, "b": 1.0})
+    assert got == {1: 2 * 2 / 3, 2: 2 * 1.0, 3: 2 * 0.0, TASK_STRIDE: 2 * 2 / 3, TASK_STRIDE + 1: 2 * 1.0}
+    assert p.scores() == {"a": 0.7, "b": 0.75}
+
+
+@pytest.mark.parametrize("rungs,msg", [
+    ([0.5, 0.25, 1.0], "must increase strictly"),
+    ([0.25, 0.5], "must end at 1.0"),
+    ([], "at least one share"),
+    ([0.0, 1.0], "0.0 is not a share of the dev items"),
+])
+def test_bad_rungs_get_one_line(tmp_path, zoo, capsys, rungs, msg):
+    space = write_space(tmp_path, zoo, fidelity={"rungs": rungs})
+    assert main(["search", str(space), "--run", "bad"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0] and "space.yaml" in err[0]
+    assert not (tmp_path / "results" / "bad").exists()
+
+
+def test_fidelity_needs_a_single_objective_and_item_scores(tmp_path, zoo, capsys):
+    space = write_space(tmp_path, zoo, fidelity={"rungs": [0.5, 1.0]}, sampler={"name": "nsga2"})
+    assert main(["search", str(space), "--run", "bad"]) == 2
+    assert "pruning needs a single objective" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pruner", ["successive_halving", "hyperband", "median", "wilcoxon"])
+def test_each_pruner_end_to_end_with_two_workers(tmp_path, zoo, monkeypatch, pruner):
+    monkeypatch.chdir(tmp_path)
+    fid = {"rungs": [0.25, 0.5, 1.0], "pruner": {"name": pruner, "n_startup_trials": 2, "p_threshold": 0.3,
+                                                 "block": 4}}
+    space = write_space(tmp_path, zoo, fidelity=fid, sampler={"name": "tpe", "n_startup_trials": 4},
+                        budget={"n_trials": 10}, initial_trials=False,
+                        parameters={"weight": {"low": -1.0, "high": 1.5}, "density": {"low": 0.05, "high": 1.0}})
+    assert main(["search", str(space), "--run", "f", "--workers", "2", "--no-export"]) == 0
+    trials = load(tmp_path, "f")
+    total = 4 * 60  # 60 dev items a task (limit)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert done and len(done) + len(pruned) == len(trials)
+    for t in done:
+        ua = t.user_attrs
+        assert ua["fidelity"] == 1.0 and ua["items"] == total and ua["rungs"] == 3 and ua["writes"] == 1
+        assert t.value == pytest.approx(ua["aggregate"])
+        assert set(ua["scores"]) == set(TASKS)
+    for t in pruned:
+        ua = t.user_attrs
+        assert ua["items"] in (60, 120) and ua["rungs"] in (1, 2) and ua["writes"] == 1
+        assert ua["cost"] == ua["fidelity"] == ua["items"] / total
+        assert set(ua["scores"]) == set(TASKS)  # partial scores of every task
+        assert all(s * (ua["items"] // 4) == pytest.approx(round(s * (ua["items"] // 4))) for s in ua["scores"].values())
+        assert t.intermediate_values
+    # the budget is counted in trial-equivalents: pruned trials cost their share
+    spent = len(done) + sum(t.user_attrs["cost"] for t in pruned)
+    assert 10 <= spent < 11
+    if pruner == "successive_halving":
+        assert pruned  # ten trials over three rungs: halving stops some
+@pytest.mark.slow
+def test_items_budget_and_resume_keep_pruned_trials(tmp_path, zoo, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    total = 4 * 60
+    space = write_space(tmp_path, zoo, fidelity={"rungs": [0.25, 0.5, 1.0], "pruner": "successive_halving"},
+                        sampler={"name": "tpe", "n_startup_trials": 2}, budget={"items": 6 * total},
+                        initial_trials=False,
+                        parameters={"weight": {"low": -1.0, "high": 1.5}, "density": {"low": 0.05, "high": 1.0}})
+    assert main(["search", str(space), "--run", "r", "--workers", "2", "--no-export"]) == 0
+    out = capsys.readouterr().out
+    first = load(tmp_path, "r")
+    spent = sum(t.user_attrs["items"] for t in first)
+    assert 6 * total <= spent < 7 * total  # the item budget, overshot by less than one trial
+    pruned = {t.number: t.user_attrs for t in first if t.state == TrialState.PRUNED}
+    assert pruned and f"{len(pruned)} pruned trials, {spent} dev items scored" in out
+    assert main(["search", str(space), "--run", "r", "--workers", "2", "--no-export", "--resume",
+                 "--n-trials", "10"]) == 0
+    trials = load(tmp_path, "r")
+    assert len(trials) > len(first)
+    again = {t.number: t.user_attrs for t in trials if t.state == TrialState.PRUNED and t.number in pruned}
+    assert again == pruned  # kept as they were
+    spent = len([t for t in trials if t.state == TrialState.COMPLETE]) + sum(
+        t.user_attrs["cost"] for t in trials if t.state == TrialState.PRUNED)
+    assert 10 <= spent < 11
