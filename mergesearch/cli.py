@@ -364,15 +364,16 @@ def leaderboard(
     parquet: Optional[Path] = typer.Option(None, "--parquet", help="write the whole table as Parquet"),
     storage: Optional[str] = typer.Option(None, "--storage"),
     failed: bool = typer.Option(False, "--failed", help="include failed trials"),
+    pruned: bool = typer.Option(False, "--pruned", help="include pruned trials (partial scores)"),
 ):
     """Rank a run's trials: aggregate, per-task dev scores, key parameters."""
     import pandas as pd
 
     from mergesearch.checkpoint import atomic_file
-    from mergesearch.store import leaderboard as board, load_run
+    from mergesearch.store import leaderboard as board, load_run, run_counts
 
     study, st = load_run(run, storage)
-    df = board(study, st, include_failed=failed)
+    df = board(study, st, include_failed=failed, include_pruned=pruned)
     if csv:
         with atomic_file(csv) as f:
             df.to_csv(f, index=False)
@@ -383,7 +384,13 @@ def leaderboard(
     if df.empty:
         typer.echo(f"run {run}: no completed trials")
         return
-    cols = ["rank", "trial", "kind", "aggregate", "worst"] + [c for c in df.columns if c.startswith("dev:")] + ["params"]
+    n = run_counts(study, st)
+    typer.echo(f"run {run}: {n['complete']} complete, {n['pruned']} pruned, {n['failed']} failed trials"
+               + (f"; {n['items']} dev items scored" if n["items"] else ""))
+    cols = ["rank", "trial", "kind", "aggregate", "worst"] + [c for c in df.columns if c.startswith("dev:")]
+    if pruned and "fidelity" in df.columns:
+        cols.append("fidelity")
+    cols.append("params")
     with pd.option_context("display.max_colwidth", 70, "display.width", 200):
         typer.echo(df[cols].head(top).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     for task, d in (study.user_attrs.get("metrics") or {}).items():

@@ -288,15 +288,20 @@ def trial_label(kind: str, t: optuna.trial.FrozenTrial) -> str:
     return f"s{kind[5:]}.{t.number}"
 
 
-def leaderboard(study: optuna.Study, storage, top: int | None = None, include_failed: bool = False):
-    """A pandas DataFrame ranked by feasibility, then aggregate dev score."""
+def leaderboard(study: optuna.Study, storage, top: int | None = None, include_failed: bool = False,
+                include_pruned: bool = False):
+    """A pandas DataFrame ranked by feasibility, then aggregate dev score. Pruned trials
+    (partial scores, on the share ``fidelity`` of the dev items) and failed ones follow
+    the complete trials when asked for."""
     import pandas as pd
 
     rows = []
     tasks: list[str] = []
     for kind, t in all_trials(study, storage):
         ua = t.user_attrs
-        if t.state != optuna.trial.TrialState.COMPLETE and not include_failed:
+        st = optuna.trial.TrialState
+        if not (t.state == st.COMPLETE or (t.state == st.PRUNED and include_pruned)
+                or (t.state == st.FAIL and include_failed)):
             continue
         scores = ua.get("scores") or {}
         for k in scores:
@@ -316,6 +321,8 @@ def leaderboard(study: optuna.Study, storage, top: int | None = None, include_fa
             "worker": ua.get("worker"),
             "materialize_s": ua.get("materialize_s"),
             "eval_s": ua.get("eval_s"),
+            "fidelity": ua.get("fidelity"),
+            "items": ua.get("items"),
             "reason": ua.get("reason"),
         })
     df = pd.DataFrame(rows)
@@ -326,6 +333,19 @@ def leaderboard(study: optuna.Study, storage, top: int | None = None, include_fa
     df = df.drop(columns="_ok").reset_index(drop=True)
     df.insert(0, "rank", range(1, len(df) + 1))
     return df.head(top) if top else df
+
+
+def run_counts(study: optuna.Study, storage) -> dict:
+    """Trials by state over the run's studies (baselines, stages, refinements), and the
+    dev items they scored."""
+    out = {"complete": 0, "pruned": 0, "failed": 0, "items": 0}
+    st = optuna.trial.TrialState
+    for _, t in all_trials(study, storage):
+        key = {st.COMPLETE: "complete", st.PRUNED: "pruned", st.FAIL: "failed"}.get(t.state)
+        if key:
+            out[key] += 1
+            out["items"] += t.user_attrs.get("items") or 0
+    return out
 
 
 def find_trial(study: optuna.Study, storage, trial: str | int | None) -> optuna.trial.FrozenTrial:

@@ -135,3 +135,14 @@ def test_items_budget_and_resume_keep_pruned_trials(tmp_path, zoo, monkeypatch, 
     spent = len([t for t in trials if t.state == TrialState.COMPLETE]) + sum(
         t.user_attrs["cost"] for t in trials if t.state == TrialState.PRUNED)
     assert 10 <= spent < 11
+    # the leaderboard counts them, and lists them after the complete trials when asked
+    capsys.readouterr()
+    assert main(["leaderboard", "r", "--pruned", "--top", "100", "--csv", str(tmp_path / "lb.csv")]) == 0
+    out = capsys.readouterr().out
+    n_pruned = sum(t.state == TrialState.PRUNED for t in trials)
+    n_done = sum(t.state == TrialState.COMPLETE for t in trials)
+    assert f"run r: {n_done} complete, {n_pruned} pruned, 0 failed trials; " in out
+    import pandas as pd
+    lb = pd.read_csv(tmp_path / "lb.csv")
+    assert list(lb["state"]) == ["COMPLETE"] * n_done + ["PRUNED"] * n_pruned
+    assert (lb["fidelity"][:n_done] == 1.0).all() and (lb["fidelity"][n_done:] < 1.0).all()

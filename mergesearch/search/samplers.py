@@ -35,7 +35,9 @@ def make_sampler(space: SearchSpace, n_variables: int, x0: dict | None = None) -
         return optuna.samplers.CmaEsSampler(
             seed=seed, n_startup_trials=startup or 0, popsize=cfg.population, x0=x0, sigma0=cfg.sigma0,
             restart_strategy=cfg.restart, use_separable_cma=cfg.separable, warn_independent_sampling=False,
-            consider_pruned_trials=space.fidelity is not None)
+            # a pruned trial's value is its last report: the objective so far, except the
+            # Wilcoxon pruner's per-block reports, which CMA-ES must not take for one
+            consider_pruned_trials=space.fidelity is not None and space.fidelity.pruner.name != "wilcoxon")
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
                                           n_startup_trials=startup if startup is not None else 10,

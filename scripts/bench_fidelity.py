@@ -1,0 +1,221 @@
+"""Multi-fidelity search on the zoo: does pruning reach the full-fidelity result with
+fewer scored items, and without losing on test?
+
+Contenders, each with the same budget in dev items (the items of ``--trials`` full
+trials, default 100) and ``--seeds`` seeds (default 3): a full-fidelity search, and one
+search per pruner (successive halving, hyperband, median, Wilcoxon) over the rungs
+``--rungs`` (default 1/8, 1/4, 1/2, 1 of the dev items). The space: TIES over the four
+task fine-tunes, a weight and a density per model and per 2 layer groups, a searched
+lambda, the plain mean of the four tasks, TPE (which learns from pruned trials natively).
+
+For each run, at 25%, 50% and 100% of the item budget (trials ordered by when they
+finished, each costing the items it scored): the best dev mean so far, and the test mean
+of that best-on-dev candidate (scored here, on test items no search saw). Then the items
+each pruned run needed to reach the final dev best of the full-fidelity run of its seed,
+and the pruner's mistakes: of (up to ``--audit``) trials pruned at the first rung, scored
+here on every dev item, the share that would have beaten the best complete trial at the
+moment they were pruned. Writes results/bench_fidelity.json and the table between the
+markers in docs/BENCHMARKS.md.
+
+    .venv/bin/python scripts/bench_fidelity.py                   # about 30 minutes on 2 cores
+    .venv/bin/python scripts/bench_fidelity.py --trials 12 --seeds 1 --pruners successive_halving --no-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from mergesearch.evaluate import EvalConfig, build_evaluator  # noqa: E402
+from mergesearch.materialize import Materializer  # noqa: E402
+from mergesearch.models import load_model  # noqa: E402
+from mergesearch.recipe import from_dict  # noqa: E402
+from mergesearch.search.controller import Controller, SearchOptions  # noqa: E402
+from mergesearch.space import SearchSpace  # noqa: E402
+from mergesearch.store import load_run  # noqa: E402
+from mergesearch.zoo.build import ZOO_TASKS, build_zoo  # noqa: E402
+
+PRUNERS = ["successive_halving", "hyperband", "median", "wilcoxon"]
+FRACTIONS = (0.25, 0.5, 1.0)
+TARGET_ITEMS = 0.40
+
+
+def make_space(zoo: Path, seed: int, trials: int, total: int, pruner: str | None, rungs: list[float]) -> SearchSpace:
+    data = {
+        "base": str(zoo / "base"), "models": [str(zoo / f"ft_{t}") for t in ZOO_TASKS],
+        "evaluator": {"tasks": ZOO_TASKS, "task_dir": str(zoo), "split": "dev"},
+        "methods": ["ties"], "scale": {"low": 0.5, "high": 3.0},
+        "parameters": {"weight": {"low": 0.0, "high": 1.5}, "density": {"low": 0.1, "high": 1.0}},
+        "granularity": {"level": "groups", "n_groups": 2},
+        "sampler": {"name": "tpe", "n_startup_trials": 10}, "initial_trials": False, "seed": seed,
+        "budget": {"n_trials": trials} if pruner is None else {"items": trials * total},
+    }
+    if pruner is not None:
+        data["fidelity"] = {"rungs": rungs, "pruner": {"name": pruner}}
+    return SearchSpace.model_validate(data).check(f"bench space ({pruner or 'full'})")
+
+
+def history(study) -> list[dict]:
+    """The run's finished trials in the order they finished, with the items spent by then."""
+    from optuna.trial import TrialState
+    done = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    done.sort(key=lambda t: t.datetime_complete)
+    out, spent = [], 0
+    for t in done:
+        spent += t.user_attrs["items"]
+        out.append({"number": t.number, "state": t.state.name, "spent": spent, "items": t.user_attrs["items"],
+                    "rungs": t.user_attrs.get("rungs"), "dev": t.user_attrs["aggregate"],
+                    "recipe": t.user_attrs["recipe"]})
+    return out
+
+
+def best_by(hist: list[dict], spent: float) -> dict | None:
+    done = [h for h in hist if h["state"] == "COMPLETE" and h["spent"] <= spent + 1e-9]
+    return max(done, key=lambda h: h["dev"], default=None)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=100, help="the budget: the items of this many full trials")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--pruners", default=",".join(PRUNERS))
+    ap.add_argument("--rungs", default="0.125,0.25,0.5,1.0")
+    ap.add_argument("--audit", type=int, default=12, help="trials pruned at rung 1 scored fully, per run")
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench_fidelity.json")
+    ap.add_argument("--no-docs", action="store_true")
+    args = ap.parse_args()
+    pruners = [p for p in args.pruners.split(",") if p]
+    rungs = [float(r) for r in args.rungs.split(",")]
+    zoo = ROOT / "results" / "zoo"
+    build_zoo(zoo)
+    fts = [str(zoo / f"ft_{t}") for t in ZOO_TASKS]
+    mat = Materializer(str(zoo / "base"), fts, methods=["ties"])
+    model, tok = load_model(zoo / "base")
+    evs = {s: build_evaluator(EvalConfig(tasks=ZOO_TASKS, task_dir=str(zoo), split=s)) for s in ("dev", "test")}
+    total = sum(len(v) for v in evs["dev"].items.values())
+    cache: dict[str, dict] = {}
+
+    def score(recipe: dict, split: str) -> float:
+        key = json.dumps(recipe, sort_keys=True) + split
+        if key not in cache:
+            mat.write_into(model, from_dict(recipe))
+            s = evs[split].score(model, tok)
+            cache[key] = {"mean": sum(s.values()) / len(s), "tasks": s}
+        return cache[key]["mean"]
+
+    budget = args.trials * total
+    res: dict = {"trials": args.trials, "seeds": args.seeds, "rungs": rungs, "dev_items": total, "budget_items": budget,
+                 "runs": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-fidelity-") as tmp:
+        for name in ["full", *pruners]:
+            runs = []
+            for seed in range(args.seeds):
+                run = f"{name}-{seed}"
+                space = make_space(zoo, seed, args.trials, total, None if name == "full" else name, rungs)
+                t0 = time.perf_counter()
+                Controller(space, SearchOptions(run=run, workers=args.workers, root=Path(tmp), progress=False)).run()
+                wall = time.perf_counter() - t0
+                study, _ = load_run(run, root=Path(tmp))
+                hist = history(study)
+                r = {"seed": seed, "wall_s": wall, "spent": hist[-1]["spent"] if hist else 0,
+                     "complete": sum(h["state"] == "COMPLETE" for h in hist),
+                     "pruned": sum(h["state"] == "PRUNED" for h in hist), "at": {}}
+                for f in FRACTIONS:
+                    b = best_by(hist, f * budget)
+                    r["at"][str(f)] = None if b is None else {"dev": b["dev"], "test": score(b["recipe"], "test"),
+                                                              "trial": b["number"]}
+                r["history"] = [{k: h[k] for k in ("number", "state", "spent", "items", "rungs", "dev")} for h in hist]
+                if name != "full":
+                    early = [h for h in hist if h["state"] == "PRUNED" and h["rungs"] == 1]
+                    sample = random.Random(seed).sample(early, min(args.audit, len(early)))
+                    wrong = 0
+                    for h in sample:
+                        kept = best_by(hist, h["spent"])
+                        full = score(h["recipe"], "dev")
+                        wrong += int(kept is not None and full > kept["dev"])
+                    r["audit"] = {"sampled": len(sample), "of": len(early), "would_have_won": wrong}
+                runs.append(r)
+                at = r["at"]["1.0"] or {}
+                print(f"{name:20} seed {seed}: {r['complete']} complete, {r['pruned']} pruned, {r['spent']} items, "
+                      f"best dev {at.get('dev', float('nan')):.4f} test {at.get('test', float('nan')):.4f}, "
+                      f"{wall:.0f}s" + (f"; audit {r['audit']}" if "audit" in r else ""), flush=True)
+            res["runs"][name] = runs
+    # items to reach the full-fidelity run's final dev best, seed by seed
+    for name in pruners:
+        for r, full in zip(res["runs"][name], res["runs"]["full"]):
+            goal = full["at"]["1.0"]["dev"]
+            hit = next((h["spent"] for h in r["history"] if h["state"] == "COMPLETE" and h["dev"] >= goal - 1e-12), None)
+            r["items_to_full_best"] = hit
+            r["share_to_full_best"] = None if hit is None else hit / full["spent"]
+    table = render(res, pruners)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    if not args.no_docs:
+        from doc_markers import write_between
+        write_between(ROOT / "docs" / "BENCHMARKS.md", "<!-- bench_fidelity:begin -->", "<!-- bench_fidelity:end -->",
+                      table)
+    return 0
+
+
+def _ms(values: list[float]) -> str:
+    if not values:
+        return "-"
+    m = statistics.mean(values)
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+    return f"{m:.4f} ± {se:.4f}"
+
+
+def render(res: dict, pruners: list[str]) -> str:
+    n = res["seeds"]
+    lines = [f"Budget: {res['budget_items']:,} dev items ({res['trials']} full trials of {res['dev_items']} items); "
+             f"rungs {', '.join(f'{r:g}' for r in res['rungs'])}; {n} seed(s); mean ± standard error over seeds.", "",
+             "| search | trials (complete / pruned) | best dev at 25% | 50% | 100% | test of best-on-dev at 25% | 50% "
+             "| 100% | items to the full search's final dev best | pruned at rung 1 that would have won |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    full_test = [r["at"]["1.0"]["test"] for r in res["runs"]["full"]]
+    for name in ["full", *pruners]:
+        runs = res["runs"][name]
+        cells = []
+        for key in ("dev", "test"):
+            for f in FRACTIONS:
+                cells.append(_ms([r["at"][str(f)][key] for r in runs if r["at"][str(f)]]))
+        if name == "full":
+            reach, audit = "100% (by definition)", "-"
+        else:
+            shares = [r["share_to_full_best"] for r in runs]
+            got = [s for s in shares if s is not None]
+            reach = (f"{statistics.mean(got) * 100:.0f}%" if got else "not reached") + \
+                    f" ({len(got)}/{len(runs)} seeds: {', '.join('-' if s is None else f'{s * 100:.0f}%' for s in shares)})"
+            a = [r["audit"] for r in runs]
+            sampled, wrong = sum(x["sampled"] for x in a), sum(x["would_have_won"] for x in a)
+            audit = f"{wrong}/{sampled}" + (f" ({wrong / sampled * 100:.0f}%)" if sampled else "")
+        trials = f"{statistics.mean(r['complete'] for r in runs):.0f} / {statistics.mean(r['pruned'] for r in runs):.0f}"
+        lines.append(f"| {name.replace('_', ' ')} | {trials} | " + " | ".join(cells) + f" | {reach} | {audit} |")
+    lines += ["", f"Target: the full search's final dev best within {TARGET_ITEMS:.0%} of its items, with no loss on test "
+                  f"(within one standard error). Full search test: {_ms(full_test)}."]
+    for name in pruners:
+        runs = res["runs"][name]
+        shares = [r["share_to_full_best"] for r in runs]
+        tests = [r["at"]["1.0"]["test"] for r in runs]
+        se = statistics.stdev(full_test) / len(full_test) ** 0.5 if len(full_test) > 1 else 0.0
+        met_items = all(s is not None and s <= TARGET_ITEMS for s in shares)
+        met_test = statistics.mean(tests) >= statistics.mean(full_test) - se
+        lines.append(f"- {name.replace('_', ' ')}: items {'met' if met_items else 'missed'}, "
+                     f"test {'met' if met_test else 'missed'} ({_ms(tests)})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
