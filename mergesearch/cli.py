@@ -66,6 +66,8 @@ def merge(
     force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
     allow_unrelated: bool = typer.Option(False, "--allow-unrelated",
                                          help="merge models that look unrelated to the base"),
+    strict: bool = typer.Option(False, "--strict", help="--mergekit: refuse parameters the method does not use "
+                                                        "(by default they are ignored with a warning, as mergekit does)"),
 ):
     """Merge checkpoints as a recipe says and write an HF model folder."""
     from mergesearch.merge import open_plan, stream_merge
@@ -79,7 +81,7 @@ def merge(
     max_bytes = parse_size(shard_size, "--shard-size")
     if out.exists() and not force:
         raise MergeSearchError(f"{out}: output path exists (pass --force to replace it)")
-    r = load_mergekit(mergekit_config) if mergekit_config else Recipe.load(recipe)
+    r = load_mergekit(mergekit_config, strict=strict) if mergekit_config else Recipe.load(recipe)
     plan = open_plan(r, allow_unrelated=allow_unrelated)
     with tensor_progress(f"merging ({r.method})") as cb:
         summary = stream_merge(plan, out, dtype=dtype, device=device, max_shard_bytes=max_bytes,
@@ -219,6 +221,9 @@ def search(
                f"{summary['elapsed_s']:.0f}s" + (" (interrupted)" if summary["interrupted"] else ""))
     if not no_export and summary["complete"]:
         _export_and_print(name, None, storage)
+    from mergesearch.report import refresh
+    if refresh(name, storage):
+        typer.echo(f"report: results/{name}/report.html")
     if summary["interrupted"]:
         raise typer.Exit(130)
 
@@ -349,6 +354,9 @@ def soup(
         typer.echo(f"{k:<16}{r['members']:>8}{fmt(r['dev']):>9}{fmt(r['test']):>9}")
     if not no_export:
         _export_and_print(name, str(report["final_trial"]), storage)
+    from mergesearch.report import refresh
+    if refresh(name, storage):
+        typer.echo(f"report: results/{name}/report.html")
 
 
 def _check_run_name(name: str) -> None:
@@ -411,6 +419,25 @@ def export(
     if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
         raise MergeSearchError(f"--device: use cpu or cuda, got '{device}'")
     _export_and_print(run, trial, storage, device)
+
+
+@app.command()
+def report(
+    run: str = typer.Argument(..., help="run name (a search or a soup)"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="HTML file (default: results/RUN/report.html)"),
+    storage: Optional[str] = typer.Option(None, "--storage"),
+):
+    """Write the run's report: one self-contained HTML file that works offline."""
+    from mergesearch.report import write_report
+
+    path = write_report(run, storage, out=out)
+    if out is None:  # the run's own report: the dashboard's note and chart are refreshed too
+        from mergesearch.report import dashboard_extras
+        from mergesearch.store import load_run
+        study, st = load_run(run, storage)
+        if study.user_attrs.get("kind") != "soup":
+            dashboard_extras(study, st)
+    typer.echo(f"wrote {path}")
 
 
 @app.command()

@@ -15,6 +15,7 @@ These are mergekit's rules, so its YAML converts both ways (:func:`to_mergekit`,
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -24,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError, field_v
 
 from mergesearch.errors import MergeSearchError
 from mergesearch.methods import MethodSpec, get_method
+
+log = logging.getLogger(__name__)
 
 Scalar = Union[StrictBool, float]
 
@@ -318,8 +321,12 @@ def to_mergekit(recipe: Recipe) -> dict:
     return out
 
 
-def from_mergekit(data: dict, where: str = "mergekit config") -> Recipe:
-    """Build a recipe from a mergekit configuration with a ``models`` list."""
+def from_mergekit(data: dict, where: str = "mergekit config", strict: bool = False) -> Recipe:
+    """Build a recipe from a mergekit configuration with a ``models`` list.
+
+    As mergekit runs them: parameters the method does not use (published configs often
+    carry ``density`` for task arithmetic, or a misspelled name) are dropped with one
+    warning line naming them all; ``strict`` refuses them instead."""
     if not isinstance(data, dict):
         raise MergeSearchError(f"{where}: expected a mapping")
     unsupported = [k for k in ("slices", "modules", "tokenizer", "chat_template") if data.get(k)]
@@ -343,6 +350,21 @@ def from_mergekit(data: dict, where: str = "mergekit config") -> Recipe:
             continue
         models.append({"path": path, "parameters": m.get("parameters") or {}})
     params = dict(data.get("parameters") or {})
+    known = {p.name for p in spec.params}
+    unused = [f"parameters.{k}" for k in params if k not in known]
+    for i, m in enumerate(models):
+        if isinstance(m["parameters"], dict):
+            unused += [f"models[{i}].parameters.{k}" for k in m["parameters"] if k not in known]
+    if unused:
+        if strict:
+            raise MergeSearchError(f"{where}: {unused[0]}: not a parameter of '{spec.name}' "
+                                   f"(known: {', '.join(sorted(known))}); without --strict it is ignored, as mergekit does")
+        log.warning("%s: ignoring what '%s' does not use, as mergekit does: %s (--strict refuses)", where, spec.name,
+                    ", ".join(unused))
+        params = {k: v for k, v in params.items() if k in known}
+        for m in models:
+            if isinstance(m["parameters"], dict):
+                m["parameters"] = {k: v for k, v in m["parameters"].items() if k in known}
     if spec.name == "linear" and base and all(m["path"] != base for m in models):
         # mergekit adds an unlisted base as an input; it takes the global weight.
         models.append({"path": base, "parameters": {}})
@@ -359,9 +381,9 @@ def from_mergekit(data: dict, where: str = "mergekit config") -> Recipe:
     return from_dict(recipe, where)
 
 
-def load_mergekit(path: str | os.PathLike) -> Recipe:
+def load_mergekit(path: str | os.PathLike, strict: bool = False) -> Recipe:
     path = Path(path)
-    return from_mergekit(_load_yaml(path), str(path)).with_paths_relative_to(path.parent)
+    return from_mergekit(_load_yaml(path), str(path), strict=strict).with_paths_relative_to(path.parent)
 
 
 def save_mergekit(recipe: Recipe, path: str | os.PathLike) -> None:

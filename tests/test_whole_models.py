@@ -125,6 +125,32 @@ def test_merge_takes_mergekit_config_directly(tmp_path, family):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_mergekit_config_with_parameters_the_method_ignores(tmp_path, family, capsys, caplog):
+    """A published-style task_arithmetic config that carries density (and a misspelled
+    global) runs as mergekit runs it: same tensors as mergekit-yaml, one warning line;
+    --strict refuses it in one line."""
+    b, m0, m1 = (str(family[k]) for k in ("base", "ft0", "ft1"))
+    config = {"merge_method": "task_arithmetic", "base_model": b, "dtype": "float32",
+              "parameters": {"lambda": 0.8, "denisty": 0.5},
+              "models": [{"model": m0, "parameters": {"weight": 0.6, "density": 0.5}},
+                         {"model": m1, "parameters": {"weight": 0.3, "density": 0.7}}]}
+    (tmp_path / "mk.yml").write_text(yaml.safe_dump(config))
+    exe = Path(sys.executable).parent / "mergekit-yaml"
+    subprocess.run([str(exe), str(tmp_path / "mk.yml"), str(tmp_path / "mk_out")], check=True,
+                   capture_output=True, timeout=300)
+    capsys.readouterr()
+    assert main(["merge", "--mergekit", str(tmp_path / "mk.yml"), "-o", str(tmp_path / "ours")]) == 0
+    err = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+    assert len(err) == 1 and "\n" not in err[0] and "parameters.denisty, models[0].parameters.density, models[1].parameters.density" in err[0]
+    a, k = load_weights(tmp_path / "ours"), load_weights(tmp_path / "mk_out")
+    assert set(a) == set(k)
+    assert max((a[n] - k[n]).abs().max().item() for n in a) <= 1e-6
+    assert main(["merge", "--mergekit", str(tmp_path / "mk.yml"), "-o", str(tmp_path / "strict"), "--strict"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "parameters.denisty: not a parameter of 'task_arithmetic'" in err[0]
+    assert not (tmp_path / "strict").exists()
+
+
 def test_output_loads_in_transformers_sharded_bf16(tmp_path, family):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     recipe = from_dict(recipes(family)["ties"])

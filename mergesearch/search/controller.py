@@ -49,6 +49,8 @@ class SearchOptions:
     root: Path = Path("results")
     progress: bool = True
     device_memory: int | None = None  # bytes; overrides the space's resources.device_memory
+    report_every_s: float = 300.0  # refresh results/<run>/report.html during the run this often,
+    report_every_trials: int = 25  # or after this many finished trials, whichever comes first
 
 
 def objective_values(space: SearchSpace, scores: dict[str, float],
@@ -257,6 +259,7 @@ class Controller:
         else:
             study = optuna.create_study(study_name=self.opts.run, storage=self.storage, sampler=sampler,
                                         directions=directions, pruner=self.pruner)
+            _set_metric_names(study, self.space)
             study.set_user_attr("space", self.space.model_dump(mode="json"))
             study.set_user_attr("space_fingerprint", self.space.fingerprint())
             study.set_user_attr("kind", "search")
@@ -323,6 +326,7 @@ class Controller:
                     self._refine_stage()
             finally:
                 signal.signal(signal.SIGINT, old)
+            self._refresh_report(force=True)
             return self._summary()
         finally:
             if getattr(self, "_live", None) is not None:
@@ -456,6 +460,7 @@ class Controller:
                     and not str(t.user_attrs.get("baseline", "")).startswith("source ")]
             study = optuna.create_study(study_name=name, storage=self.storage, directions=main.directions,
                                         pruner=self.pruner)
+            _set_metric_names(study, self.space)
             x0 = None
             if done:
                 best = max(done, key=lambda t: (t.user_attrs.get("feasible", True), t.value))
@@ -593,6 +598,7 @@ class Controller:
             if time.monotonic() - last_report > (10 if not self.opts.progress else 1):
                 self._report()
                 last_report = time.monotonic()
+                self._refresh_report()
         # stop: abandon what is in flight, never leave a trial RUNNING; the abandoned
         # trials are queued again, so a resumed run runs them first
         for number in self.pool.cancel_all():
@@ -640,6 +646,7 @@ class Controller:
         if t.should_prune():
             record(t, {"worker": p.worker, "materialize_s": p.materialize_s, "eval_s": p.eval_s,
                        **({"scored_on": p.device} if p.device else {}), "scores": p.scores(), "aggregate": agg,
+                       **_flat_scores(p.scores()),
                        "feasible": feasible, "items": p.items, "fidelity": p.share, "rungs": p.rung, "cost": p.share,
                        "writes": p.writes})
             study.tell(t, state=TrialState.PRUNED)
@@ -660,7 +667,7 @@ class Controller:
         payload = {"worker": res.worker, **res.timings, **({"scored_on": res.device} if res.device else {})}
         if res.ok:
             agg, feasible, value = objective_values(self.space, res.scores, getattr(self, "reference", None))
-            payload.update(scores=res.scores, aggregate=agg, feasible=feasible, fidelity=1.0)
+            payload.update(scores=res.scores, aggregate=agg, feasible=feasible, fidelity=1.0, **_flat_scores(res.scores))
             if getattr(self, "n_dev_items", None):
                 payload["items"] = self.n_dev_items
             if progress is not None:
@@ -674,6 +681,21 @@ class Controller:
                 payload.update(items=progress.items, fidelity=progress.share)
             record(t, payload)
             study.tell(t, state=TrialState.FAIL)
+
+    def _refresh_report(self, force: bool = False) -> None:
+        """Rewrite results/<run>/report.html every ``report_every_s`` seconds or
+        ``report_every_trials`` finished trials, so an overnight run can be watched."""
+        now, n = time.monotonic(), len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        last = getattr(self, "_last_html", None)
+        if not force and last is not None and now - last[0] < self.opts.report_every_s \
+                and n - last[1] < self.opts.report_every_trials:
+            return
+        if last is None and not force:
+            self._last_html = (now, n)
+            return
+        from mergesearch.report import refresh
+        refresh(self.opts.run, self.opts.storage, self.opts.root)
+        self._last_html = (time.monotonic(), n)
 
     def _count_finished(self) -> float:
         """Trial-equivalents spent: a pruned trial costs the share of the dev items it scored."""
@@ -728,6 +750,21 @@ class Controller:
                 "elapsed_s": elapsed,
                 "worker_busy_s": self.busy_s, "interrupted": self.interrupted,
                 "replaced_workers": self.pool.replaced}
+
+
+def _set_metric_names(study, space) -> None:
+    import warnings
+
+    from mergesearch.report import metric_names
+    with warnings.catch_warnings():  # experimental in Optuna
+        warnings.simplefilter("ignore")
+        study.set_metric_names(metric_names(space))
+
+
+def _flat_scores(scores: dict | None) -> dict:
+    """Per-task dev scores as attributes of their own (``dev:<task>``), which optuna-dashboard
+    can show and sort as columns."""
+    return {f"dev:{t}": v for t, v in (scores or {}).items()}
 
 
 def _spec(name):
