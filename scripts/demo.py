@@ -43,7 +43,7 @@ def main() -> int:
     code = cli(["search", str(space_file), "--run", RUN, "--workers", "2"])
     if code != 0:
         return code
-    print("\n[3/4] exported to", run_dir, flush=True)
+    print(f"\n[3/4] exported to {run_dir}; the report: {run_dir / 'report.html'} (open it in a browser)", flush=True)
     print("\n[4/4] leaderboard (top 5, dev):", flush=True)
     cli(["leaderboard", RUN, "--top", "5"])
     scores = json.loads((run_dir / "scores.json").read_text())

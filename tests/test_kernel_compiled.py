@@ -78,3 +78,31 @@ def test_chunked_eager_kernels_give_the_same_bits(method, monkeypatch):
     assert outs[0].shape == base.shape
     assert not torch.equal(outs[0], base)
     assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@pytest.mark.slow
+def test_new_weights_and_lambda_do_not_recompile(monkeypatch):
+    """Weights and lambda reach the compiled kernel as Python floats: after the first
+    change (Dynamo then marks them dynamic) new values reuse the compiled graph."""
+    if not kernels._compile_available():
+        pytest.skip("no C++ compiler for torch.compile")
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(kernels, "COMPILE_MIN_NUMEL", 1)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(96, 40, generator=g)
+    models = [base + 0.1 * torch.randn(96, 40, generator=g) for _ in range(3)]
+    spec = REGISTRY["ties"]
+    gp = {p.name: p.default for p in spec.global_params}
+
+    def run(k):
+        mp = [{**{p.name: p.default for p in spec.model_params}, "weight": 0.2 + 0.1 * k + i * 0.05,
+               "density": 0.5} for i in range(3)]
+        return spec.fn(TensorInputs("w", base, tensors=models), {**gp, "lambda": 0.8 + 0.2 * k}, mp)
+
+    run(0)
+    run(1)
+    frames = counters["frames"]["total"]
+    outs = [run(k) for k in range(2, 7)]
+    assert counters["frames"]["total"] == frames  # five new weight and lambda values, no new compilation
+    assert not kernels._compile_failed
+    assert not torch.equal(outs[0], outs[1])
