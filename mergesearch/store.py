@@ -370,5 +370,29 @@ def find_trial(study: optuna.Study, storage, trial: str | int | None) -> optuna.
 
 
 def record(trial_or_study_trial, payload: dict) -> None:
-    for k, v in payload.items():
-        trial_or_study_trial.set_user_attr(k, json.loads(json.dumps(v)))
+    """Store a trial's payload as user attributes, in one transaction on an SQL storage
+    (one commit instead of one per attribute)."""
+    data = {k: json.loads(json.dumps(v)) for k, v in payload.items()}
+    t = trial_or_study_trial
+    if _record_batched(getattr(t, "storage", None), getattr(t, "_trial_id", None), data):
+        cached = getattr(t, "_cached_frozen_trial", None)  # what Trial.user_attrs reads, as set_user_attr keeps it
+        if cached is not None:
+            cached.user_attrs.update(data)
+        return
+    for k, v in data.items():
+        t.set_user_attr(k, v)
+
+
+def _record_batched(storage, trial_id, data: dict) -> bool:
+    try:  # Optuna's RDB storage writes one attribute per transaction; several go in one here
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import RDBStorage, _create_scoped_session
+    except ImportError:
+        return False
+    backend = getattr(storage, "_backend", storage)
+    if trial_id is None or not isinstance(backend, RDBStorage) or not hasattr(backend, "_set_trial_attr_without_commit"):
+        return False
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        for k, v in data.items():
+            backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, k, v)
+    return True

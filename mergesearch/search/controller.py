@@ -550,6 +550,7 @@ class Controller:
 
     def _loop(self) -> None:
         study = self.study
+        self._tally_reset()
         queue: list[optuna.Trial] = []
         inflight: dict[int, optuna.Trial] = {}
         retries: dict[int, int] = {}
@@ -594,7 +595,9 @@ class Controller:
                     inflight[t.number] = t
                 if step != "done":
                     continue
-                self._finish(study, t, res, self.progress.pop(res.number, None))
+                payload = self._finish(study, t, res, self.progress.pop(res.number, None))
+                self._tally_add(TrialState.COMPLETE if res.ok else TrialState.FAIL, payload, t.number,
+                                summary=t.user_attrs.get("summary") if res.ok else None)
             if time.monotonic() - last_report > (10 if not self.opts.progress else 1):
                 self._report()
                 last_report = time.monotonic()
@@ -650,6 +653,7 @@ class Controller:
                        "feasible": feasible, "items": p.items, "fidelity": p.share, "rungs": p.rung, "cost": p.share,
                        "writes": p.writes})
             study.tell(t, state=TrialState.PRUNED)
+            self._tally_add(TrialState.PRUNED, {"items": p.items, "cost": p.share}, t.number)
             self.busy_s += p.materialize_s + p.eval_s
             del self.progress[t.number]
             return "pruned"
@@ -681,11 +685,14 @@ class Controller:
                 payload.update(items=progress.items, fidelity=progress.share)
             record(t, payload)
             study.tell(t, state=TrialState.FAIL)
+        return payload
 
     def _refresh_report(self, force: bool = False) -> None:
         """Rewrite results/<run>/report.html every ``report_every_s`` seconds or
         ``report_every_trials`` finished trials, so an overnight run can be watched."""
-        now, n = time.monotonic(), len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        T = getattr(self, "_tally", None)
+        now = time.monotonic()
+        n = T["complete"] + T["pruned"] if T is not None else 0
         last = getattr(self, "_last_html", None)
         if not force and last is not None and now - last[0] < self.opts.report_every_s \
                 and n - last[1] < self.opts.report_every_trials:
@@ -698,29 +705,49 @@ class Controller:
         self._last_html = (time.monotonic(), n)
 
     def _count_finished(self) -> float:
-        """Trial-equivalents spent: a pruned trial costs the share of the dev items it scored."""
+        """Trial-equivalents spent: a pruned trial costs the share of the dev items it scored
+        (kept in memory during a loop)."""
+        if getattr(self, "_tally", None) is not None:
+            return self._tally["spent"]
         return sum(t.user_attrs.get("cost", 1.0) if t.state == TrialState.PRUNED else 1.0
                    for t in self.study.get_trials(deepcopy=False,
                                                   states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED))
                    if counts_toward_budget(t))
 
+    # -- counts kept in memory: one scan when a loop starts, then each result adds itself
+    def _tally_reset(self) -> None:
+        self._tally = {"complete": 0, "failed": 0, "pruned": 0, "items": 0, "spent": 0.0, "best": None}
+        for t in self.study.get_trials(deepcopy=False):
+            self._tally_add(t.state, t.user_attrs, t.number, counts_toward_budget(t), t.user_attrs.get("summary"))
+
+    def _tally_add(self, state, attrs: dict, number: int, counted: bool = True, summary: str | None = None) -> None:
+        T = self._tally
+        key = {TrialState.COMPLETE: "complete", TrialState.FAIL: "failed", TrialState.PRUNED: "pruned"}.get(state)
+        if key is None:
+            return
+        T[key] += 1
+        T["items"] += attrs.get("items") or 0
+        if counted:
+            T["spent"] += attrs.get("cost", 1.0) if state == TrialState.PRUNED else 1.0
+        if state == TrialState.COMPLETE:
+            rank = (attrs.get("feasible", True), attrs.get("aggregate", -1))
+            if T["best"] is None or rank > T["best"][0]:
+                T["best"] = (rank, number, summary if summary is not None else "")
+
     def _report(self, final: bool = False) -> None:
-        trials = self.study.get_trials(deepcopy=False)
-        done = [t for t in trials if t.state == TrialState.COMPLETE]
-        failed = [t for t in trials if t.state == TrialState.FAIL]
-        pruned = [t for t in trials if t.state == TrialState.PRUNED]
-        best = max(done, key=lambda t: (t.user_attrs.get("feasible", True), t.user_attrs.get("aggregate", -1)),
-                   default=None)
+        T = getattr(self, "_tally", None)
+        if T is None:
+            self._tally_reset()
+            T = self._tally
         elapsed = time.monotonic() - self.t_start
-        n = len(done) + len(failed) + len(pruned)
-        spent = self._count_finished()
+        n = T["complete"] + T["failed"] + T["pruned"]
+        spent = T["spent"]
         eta = (elapsed / spent * (self.n_trials - spent)) if spent and not final else 0.0
         fid = ""
         if self.fid is not None:
-            items = sum(t.user_attrs.get("items", 0) for t in done + pruned + failed)
-            fid = f"  {len(pruned)} pruned  {items} items ({items / self.fid.total:.1f} trial-equivalents)"
-        best_txt = (f"best {best.user_attrs['aggregate']:.4f} (trial {best.number}: {best.user_attrs['summary'][:80]})"
-                    if best else "best -")
+            fid = f"  {T['pruned']} pruned  {T['items']} items ({T['items'] / self.fid.total:.1f} trial-equivalents)"
+        best = T["best"]
+        best_txt = f"best {best[0][1]:.4f} (trial {best[1]}: {best[2][:80]})" if best else "best -"
         if self.opts.progress and not final:  # a live line on a terminal, log lines otherwise
             if getattr(self, "_live", None) is None:
                 from rich.console import Console
@@ -728,14 +755,14 @@ class Controller:
                 self._live = Live(console=Console(stderr=True), refresh_per_second=4, transient=True)
                 self._live.start()
             from rich.text import Text
-            self._live.update(Text(f"{n} trials ({spent:.1f}/{self.n_trials:g})  {len(failed)} failed{fid}  {best_txt}  "
+            self._live.update(Text(f"{n} trials ({spent:.1f}/{self.n_trials:g})  {T['failed']} failed{fid}  {best_txt}  "
                                    f"elapsed {elapsed:.0f}s  eta {eta:.0f}s"))
             return
         if getattr(self, "_live", None) is not None:
             self._live.stop()
             self._live = None
         log.info("%s %d trials (%.1f/%g), %d failed%s, %s, elapsed %.0fs%s", "done:" if final else "search:", n,
-                 spent, self.n_trials, len(failed), fid.replace("  ", ", "), best_txt, elapsed,
+                 spent, self.n_trials, T["failed"], fid.replace("  ", ", "), best_txt, elapsed,
                  "" if final else f", eta {eta:.0f}s")
 
     def _summary(self) -> dict:
