@@ -94,7 +94,17 @@ def main() -> int:
     ap.add_argument("--audit", type=int, default=12, help="trials pruned at rung 1 scored fully, per run")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench_fidelity.json")
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--render", type=Path, help="only render the table of this results JSON")
     args = ap.parse_args()
+    if args.render:
+        res = json.loads(args.render.read_text())
+        table = render(res, [p for p in res["runs"] if p != "full"])
+        print(table)
+        if not args.no_docs:
+            from doc_markers import write_between
+            write_between(ROOT / "docs" / "BENCHMARKS.md", "<!-- bench_fidelity:begin -->",
+                          "<!-- bench_fidelity:end -->", table)
+        return 0
     pruners = [p for p in args.pruners.split(",") if p]
     rungs = [float(r) for r in args.rungs.split(",")]
     zoo = ROOT / "results" / "zoo"
@@ -203,17 +213,23 @@ def render(res: dict, pruners: list[str]) -> str:
             audit = f"{wrong}/{sampled}" + (f" ({wrong / sampled * 100:.0f}%)" if sampled else "")
         trials = f"{statistics.mean(r['complete'] for r in runs):.0f} / {statistics.mean(r['pruned'] for r in runs):.0f}"
         lines.append(f"| {name.replace('_', ' ')} | {trials} | " + " | ".join(cells) + f" | {reach} | {audit} |")
-    lines += ["", f"Target: the full search's final dev best within {TARGET_ITEMS:.0%} of its items, with no loss on test "
-                  f"(within one standard error). Full search test: {_ms(full_test)}."]
+    lines += ["", f"Target: the full search's final dev best reached within {TARGET_ITEMS:.0%} of its items (mean over "
+                  f"the seeds, every seed reaching it), with no loss on test: the difference of the test means (pruned "
+                  f"minus full) no lower than minus one standard error of that difference. Full search test: "
+                  f"{_ms(full_test)}."]
     for name in pruners:
         runs = res["runs"][name]
         shares = [r["share_to_full_best"] for r in runs]
         tests = [r["at"]["1.0"]["test"] for r in runs]
-        se = statistics.stdev(full_test) / len(full_test) ** 0.5 if len(full_test) > 1 else 0.0
-        met_items = all(s is not None and s <= TARGET_ITEMS for s in shares)
-        met_test = statistics.mean(tests) >= statistics.mean(full_test) - se
-        lines.append(f"- {name.replace('_', ' ')}: items {'met' if met_items else 'missed'}, "
-                     f"test {'met' if met_test else 'missed'} ({_ms(tests)})")
+        var = (lambda v: statistics.variance(v) / len(v) if len(v) > 1 else 0.0)
+        se = (var(full_test) + var(tests)) ** 0.5
+        diff = statistics.mean(tests) - statistics.mean(full_test)
+        reached = all(s is not None for s in shares)
+        mean_share = statistics.mean(shares) if reached else None
+        met_items = reached and mean_share <= TARGET_ITEMS + 1e-9
+        lines.append(f"- {name.replace('_', ' ')}: items {'met' if met_items else 'missed'} ("
+                     + (f"{mean_share * 100:.1f}% on the mean" if reached else "not reached on every seed")
+                     + f"), test {'met' if diff >= -se else 'missed'} ({diff:+.4f} ± {se:.4f})")
     return "\n".join(lines)
 
 
