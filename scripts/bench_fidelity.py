@@ -50,7 +50,8 @@ FRACTIONS = (0.25, 0.5, 1.0)
 TARGET_ITEMS = 0.40
 
 
-def make_space(zoo: Path, seed: int, trials: int, total: int, pruner: str | None, rungs: list[float]) -> SearchSpace:
+def make_space(zoo: Path, seed: int, trials: int, total: int, pruner: str | None, rungs: list[float],
+               options: dict | None = None) -> SearchSpace:
     data = {
         "base": str(zoo / "base"), "models": [str(zoo / f"ft_{t}") for t in ZOO_TASKS],
         "evaluator": {"tasks": ZOO_TASKS, "task_dir": str(zoo), "split": "dev"},
@@ -61,7 +62,7 @@ def make_space(zoo: Path, seed: int, trials: int, total: int, pruner: str | None
         "budget": {"n_trials": trials} if pruner is None else {"items": trials * total},
     }
     if pruner is not None:
-        data["fidelity"] = {"rungs": rungs, "pruner": {"name": pruner}}
+        data["fidelity"] = {"rungs": rungs, "pruner": {"name": pruner, **(options or {})}}
     return SearchSpace.model_validate(data).check(f"bench space ({pruner or 'full'})")
 
 
@@ -95,6 +96,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench_fidelity.json")
     ap.add_argument("--no-docs", action="store_true")
     ap.add_argument("--render", type=Path, help="only render the table of this results JSON")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL:PRUNER:KEY=VALUE,...",
+                    help="a pruner with options, e.g. sh4:successive_halving:reduction_factor=4")
+    ap.add_argument("--full-from", type=Path, help="reuse the full-fidelity runs of this results JSON")
     args = ap.parse_args()
     if args.render:
         res = json.loads(args.render.read_text())
@@ -106,6 +110,12 @@ def main() -> int:
                           "<!-- bench_fidelity:end -->", table)
         return 0
     pruners = [p for p in args.pruners.split(",") if p]
+    variants = {p: (p, {}) for p in pruners}
+    for v in args.variant:
+        label, pruner, opts = (v.split(":") + [""])[:3]
+        variants[label] = (pruner, {k: float(x) if "." in x else int(x)
+                                    for k, x in (kv.split("=") for kv in opts.split(",") if kv)})
+    pruners = list(variants)
     rungs = [float(r) for r in args.rungs.split(",")]
     zoo = ROOT / "results" / "zoo"
     build_zoo(zoo)
@@ -128,11 +138,14 @@ def main() -> int:
     res: dict = {"trials": args.trials, "seeds": args.seeds, "rungs": rungs, "dev_items": total, "budget_items": budget,
                  "runs": {}}
     with tempfile.TemporaryDirectory(prefix="bench-fidelity-") as tmp:
-        for name in ["full", *pruners]:
+        if args.full_from:
+            res["runs"]["full"] = json.loads(args.full_from.read_text())["runs"]["full"][:args.seeds]
+        for name in ([] if args.full_from else ["full"]) + pruners:
             runs = []
             for seed in range(args.seeds):
                 run = f"{name}-{seed}"
-                space = make_space(zoo, seed, args.trials, total, None if name == "full" else name, rungs)
+                pruner, options = variants.get(name, (None, {}))
+                space = make_space(zoo, seed, args.trials, total, pruner, rungs, options)
                 t0 = time.perf_counter()
                 Controller(space, SearchOptions(run=run, workers=args.workers, root=Path(tmp), progress=False)).run()
                 wall = time.perf_counter() - t0

@@ -174,3 +174,29 @@ def test_optuna_dashboard_shows_the_run(search_run):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_multi_objective_report_lists_the_pareto_trials(zoo, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    space = write_space(tmp_path, zoo, sampler={"name": "nsga2", "population": 4}, budget={"n_trials": 6},
+                        granularity={"level": "model"}, initial_trials=False)
+    assert main(["search", str(space), "--run", "mo", "--workers", "1", "--no-export"]) == 0
+    html = (tmp_path / "results" / "mo" / "report.html").read_text()
+    names = re.findall(r"data-name='([a-z0-9-]+)'", html)
+    assert "pareto" in names and "winner" in names
+    import optuna
+    study = optuna.load_study(study_name="mo", storage=f"sqlite:///{tmp_path / 'results' / 'mo' / 'study.db'}")
+    assert study.metric_names == ["dev:reverse", "dev:shift", "dev:max", "dev:add"]
+    for t in study.best_trials:  # every Pareto trial, with the command that exports it
+        assert f"mergesearch export mo --trial {t.number}" in html
+
+
+def test_a_run_without_finished_trials_gets_a_report_that_says_so(tmp_path, monkeypatch, capsys):
+    import optuna
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results" / "empty").mkdir(parents=True)
+    study = optuna.create_study(study_name="empty", storage=f"sqlite:///{tmp_path / 'results' / 'empty' / 'study.db'}")
+    study.set_user_attr("space", {"evaluator": {"tasks": ["a"]}, "methods": ["ties"]})
+    assert main(["report", "empty"]) == 0
+    html = (tmp_path / "results" / "empty" / "report.html").read_text()
+    assert "No finished trials yet" in html and "content='0'" in html

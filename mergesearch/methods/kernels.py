@@ -86,6 +86,17 @@ def _compile_available() -> bool:
 _compiled_sum = None
 
 
+def _values(v, dtype: torch.dtype, device) -> torch.Tensor:
+    """Weights, lambda and divisors reach the kernels as tensors in the work dtype (the
+    same arithmetic as Python floats): a compiled kernel then takes new values without
+    recompiling. Python floats would be specialized, then made symbolic after the first
+    change, and torch 2.13 computed wrong merges with symbolic floats in this kernel
+    (tests/test_kernel_compiled.py)."""
+    if isinstance(v, (list, tuple)):
+        return torch.tensor([float(x) for x in v], dtype=dtype, device=device)
+    return torch.tensor(float(v), dtype=dtype, device=device)
+
+
 def _flat(t: torch.Tensor | None, lo: int, hi: int):
     return t if t is None or not isinstance(t, torch.Tensor) or t.dim() == 0 else t.reshape(-1)[lo:hi]
 
@@ -132,7 +143,9 @@ def _compile(fn):
 def weighted_sum(sources, weights, divisor: float = 1.0, normalize: bool = False) -> torch.Tensor:
     """sum_i w_i * sources_i (in the work dtype), divided by ``divisor`` if normalize."""
     global _compiled_sum
-    args = (list(sources), [float(w) for w in weights], float(divisor), bool(normalize))
+    wd = torch.float64 if sources[0].dtype == torch.float64 else torch.float32
+    args = (list(sources), _values(weights, wd, sources[0].device), _values(divisor, wd, sources[0].device),
+            bool(normalize))
     if sources[0].numel() >= COMPILE_MIN_NUMEL and not _compile_failed and _compile_available():
         if _compiled_sum is None:
             _compiled_sum = _compile(_weighted_sum)
@@ -158,8 +171,11 @@ def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, conse
     selection of model i from :func:`sparsify.window`.
     ``divisor`` is the normalizer without consensus (the sum of the weights)."""
     global _compiled, _compile_failed
-    args = (raw_base, list(sources), [bool(b) for b in is_delta], [tuple(w) for w in windows], [float(w) for w in weights], float(lam),
-            bool(normalize), bool(consensus), float(divisor))
+    wd = torch.float64 if raw_base.dtype == torch.float64 else torch.float32
+    dev = raw_base.device
+    args = (raw_base, list(sources), [bool(b) for b in is_delta], [tuple(w) for w in windows],
+            _values(weights, wd, dev), _values(lam, wd, dev), bool(normalize), bool(consensus),
+            _values(divisor, wd, dev))
     if raw_base.numel() >= COMPILE_MIN_NUMEL and not _compile_failed and _compile_available():
         if _compiled is None:
             _compiled = _compile(_combine)
