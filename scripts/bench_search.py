@@ -53,7 +53,9 @@ def main() -> int:
     args = ap.parse_args()
     build_zoo(ROOT / "results" / "zoo")
     base_space = SearchSpace.load(args.space)
-    base_space = base_space.model_copy(update={"initial_trials": False,
+    # one stage, no refinement: the loop alone (a schedule splits the trials across studies,
+    # and a refinement is one long job)
+    base_space = base_space.model_copy(update={"initial_trials": False, "schedule": None, "refine": None,
                                                "budget": base_space.budget.model_copy(update={"timeout": None})})
     root = Path(tempfile.mkdtemp(prefix="bench_search_", dir=ROOT / "results"))
     out: dict = {"throughput": {}, "efficiency": {}}
