@@ -115,6 +115,7 @@ class Worker:
         self.worker_id = worker_id
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.faults = faults or {}
+        self.held: int | None = None  # the trial whose candidate the model holds between rungs
         t0 = time.perf_counter()
         if self.faults.get("setup_sleep"):
             time.sleep(self.faults["setup_sleep"])
@@ -198,7 +199,7 @@ class Worker:
                 raise RuntimeError("injected fault in materialize")
             if fault == "oom":
                 raise torch.OutOfMemoryError("injected out-of-memory")
-            if rung is None or rung["k"] == 0 or getattr(self, "held", None) != number:
+            if rung is None or rung["k"] == 0 or self.held != number:
                 self.held = None
                 self.mat.write_into(self.model, r)
                 self.held = number if rung is not None else None

@@ -124,6 +124,7 @@ class LoglikEvaluator:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.rows = rows
         self.batches = self._pack(rows)
+        self._subsets: dict = {}
         self._prepared_for = (id(tokenizer), next(model.parameters()).device)
 
     def _pack(self, rows: list) -> list:
@@ -172,9 +173,12 @@ class LoglikEvaluator:
         if self._prepared_for != (id(tokenizer), device):
             self._prepare(tokenizer, model)
         batches = self.batches
-        if subset is not None:
-            wanted = {(t, k) for t, ks in subset.items() for k in ks}
-            batches = self._pack([r for r in self.rows if (r[0], r[1]) in wanted])
+        if subset is not None:  # a run's rungs are the same subsets for every trial: packed once
+            key = tuple((t, tuple(ks)) for t, ks in subset.items())
+            batches = self._subsets.get(key)
+            if batches is None:
+                wanted = {(t, k) for t, ks in subset.items() for k in ks}
+                batches = self._subsets[key] = self._pack([r for r in self.rows if (r[0], r[1]) in wanted])
         was_training = model.training
         model.eval()
         loglik: dict[tuple[str, int, int], tuple[float, bool]] = {}

@@ -92,9 +92,17 @@ def _values(v, dtype: torch.dtype, device) -> torch.Tensor:
     recompiling. Python floats would be specialized, then made symbolic after the first
     change, and torch 2.13 computed wrong merges with symbolic floats in this kernel
     (tests/test_kernel_compiled.py)."""
-    if isinstance(v, (list, tuple)):
-        return torch.tensor([float(x) for x in v], dtype=dtype, device=device)
-    return torch.tensor(float(v), dtype=dtype, device=device)
+    key = (tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else float(v), dtype, str(device))
+    t = _VALUES.get(key)
+    if t is None:  # one host-to-device copy per distinct value set, not one per tensor merged
+        if len(_VALUES) >= 512:
+            _VALUES.clear()
+        t = _VALUES[key] = torch.tensor(list(key[0]) if isinstance(key[0], tuple) else key[0], dtype=dtype,
+                                        device=device)
+    return t
+
+
+_VALUES: dict = {}
 
 
 def _flat(t: torch.Tensor | None, lo: int, hi: int):
