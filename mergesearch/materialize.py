@@ -4,7 +4,7 @@ A :class:`Materializer` holds a family's inputs where a :class:`~mergesearch.pla
 puts them: on the device (resident, in their stored dtype) or on the host, as
 zero-copy views of the memory-mapped files, which the page cache keeps once per node
 for every worker there. A candidate is computed tensor by tensor by the same
-per-tensor code as the streamed export (:func:`mergesearch.merge.merge_tensor`),
+per-tensor code as the streamed export (:class:`mergesearch.compiled.CompiledRecipe`),
 cast to the dtype the export writes, and written into an existing ``nn.Module`` in
 place, with no disk I/O. Host inputs are read in place on the CPU (``stream: view``)
 or staged into the device through two slots, one tensor ahead of the merge
@@ -28,10 +28,10 @@ from mergesearch.checkpoint import (
     Checkpoint, SideFile, all_finite, check_compatible, mapped_safetensors, parse_dtype,
 )
 from mergesearch.errors import MergeSearchError
-from mergesearch.merge import merge_tensor
+from mergesearch.compiled import CompiledRecipe
 from mergesearch.methods import REGISTRY, TensorInputs, get_method
 from mergesearch.plan import NO_BANDWIDTH, Placement, make_plan, slot_bytes
-from mergesearch.recipe import Recipe, layer_position
+from mergesearch.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -269,15 +269,22 @@ class Materializer:
                 self.last_moved += sum(t.numel() * t.element_size() for t in copies)
             yield name, build(name, staged)
 
-    def _candidate(self, recipe: Recipe, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    def compile(self, recipe: "Recipe | CompiledRecipe") -> CompiledRecipe:
+        """The recipe checked once and resolved for every tensor of this family (a
+        recipe compiled by the caller is taken as it is)."""
+        if isinstance(recipe, CompiledRecipe):
+            return recipe
+        return CompiledRecipe(recipe, self.names, self.num_layers)
+
+    def _candidate(self, compiled: CompiledRecipe, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """The merged tensors (work dtype) of ``names`` in order, host inputs streamed."""
-        for name, x in self.inputs(recipe, names):
+        for name, x in self.inputs(compiled.recipe, names):
             if name in self.constants:
                 yield name, x
                 continue
             # no finiteness pass in the hot loop: a non-finite candidate shows up as a
             # non-finite score and fails its trial
-            yield name, merge_tensor(recipe, recipe.spec, x, layer_position(name, self.num_layers), check_finite=False)
+            yield name, compiled.merge(x, check_finite=False)
             del x  # its caches are not alive while the next tensor's inputs are prepared
 
     def export_dtype(self, recipe: Recipe, name: str) -> torch.dtype:
@@ -285,20 +292,22 @@ class Materializer:
         src = self.ref_ckpt.dtype(name)
         return (parse_dtype(recipe.dtype) or src) if src.is_floating_point else src
 
-    def state_dict(self, recipe: Recipe) -> dict[str, torch.Tensor]:
+    def state_dict(self, recipe: "Recipe | CompiledRecipe") -> dict[str, torch.Tensor]:
         """The merged weights, as the export writes them (for tests and small models)."""
-        recipe.validate_semantics()
-        return {name: t.to(self.export_dtype(recipe, name)) for name, t in self._candidate(recipe, self.names)}
+        compiled = self.compile(recipe)
+        recipe = compiled.recipe
+        return {name: t.to(self.export_dtype(recipe, name)) for name, t in self._candidate(compiled, self.names)}
 
     @torch.no_grad()
-    def write_into(self, module: torch.nn.Module, recipe: Recipe) -> None:
+    def write_into(self, module: torch.nn.Module, recipe: "Recipe | CompiledRecipe") -> None:
         """Write the recipe's merged weights into ``module``'s parameters in place, in
         the dtype the export writes them (the module must hold them in that dtype)."""
-        recipe.validate_semantics()
+        compiled = self.compile(recipe)
+        recipe = compiled.recipe
         targets = dict(module.named_parameters())
         targets.update(dict(module.named_buffers()))
         names = [n for n in self.names if n in targets]  # e.g. a tied lm_head is absent
-        for name, merged in self._candidate(recipe, names):
+        for name, merged in self._candidate(compiled, names):
             target = targets[name]
             dtype = self.export_dtype(recipe, name)
             if target.dtype != dtype:

@@ -3,7 +3,8 @@
 Inputs are read lazily from memory-mapped files, each output tensor is computed
 by the registered method and written straight into its planned shard, so peak
 memory is a few tensors regardless of model size. The per-tensor computation
-(:func:`merge_tensor`) is shared with the in-memory Materializer.
+(:meth:`mergesearch.compiled.CompiledRecipe.merge`) is shared with the in-memory
+Materializer.
 """
 
 from __future__ import annotations
@@ -22,20 +23,12 @@ from mergesearch.checkpoint import (
 )
 from mergesearch.errors import MergeSearchError
 from mergesearch.methods import MethodSpec, TensorInputs
-from mergesearch.recipe import Recipe, layer_position
+from mergesearch.compiled import CompiledRecipe
+from mergesearch.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
 RELEASE_EVERY_BYTES = 256 * 1024**2
-
-
-def merge_tensor(recipe: Recipe, spec: MethodSpec, x: TensorInputs, t: float, check_finite: bool = True) -> torch.Tensor:
-    """One output tensor in the work dtype: resolve parameters, call the method."""
-    g, per_model = recipe.resolve(x.name, t)
-    out = spec.fn(x, g, per_model)
-    if check_finite and not torch.isfinite(out.sum()):
-        raise MergeSearchError(f"{x.name}: the merge produced NaN or Inf (check the parameters)")
-    return out
 
 
 @dataclass
@@ -175,6 +168,7 @@ def stream_merge(
     ref = plan.ref
     names = ref.names()
     layout = [(n, ref.shape(n), output_dtype(plan, n, override)) for n in names]
+    compiled = CompiledRecipe(plan.recipe, names, plan.num_layers, validate=False)  # open_plan validated it
     start = time.perf_counter()
     read_since_release = 0
     written = 0
@@ -184,7 +178,7 @@ def stream_merge(
                 merged = ref.get(name)
             else:
                 x = build_inputs(plan, name, device)
-                merged = merge_tensor(plan.recipe, plan.spec, x, layer_position(name, plan.num_layers))
+                merged = compiled.merge(x)
                 del x
             merged = merged.to(out_dtype)
             writer.write(name, merged)

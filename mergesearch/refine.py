@@ -163,7 +163,7 @@ def build_terms(mat, recipe, groups: list[dict], names: list[str], dtypes: dict,
     """Each tensor's fixed parts (base, pruned task vectors, weights, lambda, group) and
     each group's weight per model and lambda, read from the candidate's recipe."""
     from mergesearch.methods.task_arithmetic import TASK_VECTOR_METHODS, task_vector_parts
-    from mergesearch.recipe import layer_position
+    from mergesearch.compiled import CompiledRecipe
 
     spec = recipe.spec
     if spec.name not in TASK_VECTOR_METHODS:
@@ -173,9 +173,10 @@ def build_terms(mat, recipe, groups: list[dict], names: list[str], dtypes: dict,
     terms: list[_Term] = []
     group_w: dict[tuple[int, int], float] = {}
     group_lam: dict[int, float] = {}
+    compiled = CompiledRecipe(recipe, names, mat.num_layers)
     with torch.no_grad():
         for name, x in mat.inputs(recipe, names):
-            g, per = recipe.resolve(name, layer_position(name, mat.num_layers))
+            g, per = compiled[name]
             k = group_index(name, groups)
             w = [float(p["weight"]) for p in per]
             for i, v in enumerate(w):

@@ -133,6 +133,28 @@ def test_recipe_yaml_round_trip(tmp_path, family):
     assert per_model[1] == {"weight": 0.2, "density": 0.6}  # global density is the per-model default
 
 
+def test_compiled_recipe_resolves_every_tensor_once_per_filter_set(family):
+    from mergesearch.compiled import CompiledRecipe
+    r = from_dict(dict(method="ties", base=str(family["base"]), models=[
+        {"path": str(family["ft0"]), "parameters": {"weight": [0.1, 0.5], "density": 0.4}},
+        {"path": str(family["ft1"]), "parameters": {"weight": [{"filter": "mlp", "value": [0.2, 0.6]},
+                                                              {"filter": "self_attn", "value": 0.3}, {"value": 0.7}]}}],
+        parameters={"density": [{"filter": "up_proj", "value": 0.9}, {"value": 0.6}], "lambda": 1.2}))
+    names = Checkpoint(family["base"]).names()
+    layers = 4
+    c = CompiledRecipe(r, names, layers)
+    for n in names:
+        assert c[n] == r.resolve(n, layer_position(n, layers)), n
+    # one resolution per (filters matched, layer position): 3 disjoint filter sets x 4 layers + embeddings etc.
+    keys = {(tuple(f in n for f in ("mlp", "self_attn", "up_proj")), layer_position(n, layers)) for n in names}
+    assert c.distinct == len(keys) < len(names)
+    with pytest.raises(MergeSearchError, match="not a tensor of the compiled recipe"):
+        c["model.layers.99.nothing"]
+    bad = r.model_copy(update={"method": "slerp"})
+    with pytest.raises(MergeSearchError, match="slerp merges exactly 2 models"):
+        CompiledRecipe(bad, names, layers)
+
+
 def test_recipe_relative_paths(tmp_path, family):
     import shutil
     shutil.copytree(family["base"], tmp_path / "zoo" / "base")

@@ -1,0 +1,69 @@
+"""A recipe compiled once per candidate into a per-tensor plan.
+
+:class:`CompiledRecipe` checks a recipe's semantics once and resolves its parameters
+(filters, layer gradients, defaults) for every tensor name before any merge work. The
+in-memory Materializer, the streamed export and gradient refinement all read the
+per-tensor parameters from it, and :meth:`CompiledRecipe.merge` is the one per-tensor
+merge they share. Filters are matched once per distinct filter set, not once per tensor
+and parameter: tensors that match the same filters at the same layer position share one
+resolution.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from mergesearch.errors import MergeSearchError
+from mergesearch.methods import MethodSpec, TensorInputs
+from mergesearch.recipe import Conditional, Recipe, layer_position
+
+Params = tuple[dict[str, Any], list[dict[str, Any]]]
+
+
+def _filters(setting, out: set[str]) -> None:
+    if isinstance(setting, list):
+        for item in setting:
+            if isinstance(item, Conditional):
+                if item.filter not in (None, "*"):
+                    out.add(item.filter)
+                _filters(item.value, out)
+
+
+class CompiledRecipe:
+    """``recipe`` resolved for ``names`` (the tensors a model holds, in order)."""
+
+    def __init__(self, recipe: Recipe, names: Iterable[str], num_layers: int, *, validate: bool = True):
+        if validate:
+            recipe.validate_semantics()
+        self.recipe = recipe
+        self.spec: MethodSpec = recipe.spec
+        filters: set[str] = set()
+        for scope in [recipe.parameters, *(m.parameters for m in recipe.models)]:
+            for setting in scope.values():
+                _filters(setting, filters)
+        order = sorted(filters)
+        by_key: dict[tuple, Params] = {}
+        self.params: dict[str, Params] = {}
+        for name in names:
+            t = layer_position(name, num_layers)
+            key = (tuple(f in name for f in order), t)
+            if key not in by_key:
+                by_key[key] = recipe.resolve(name, t)
+            self.params[name] = by_key[key]
+        self.distinct = len(by_key)
+
+    def __getitem__(self, name: str) -> Params:
+        try:
+            return self.params[name]
+        except KeyError:
+            raise MergeSearchError(f"{name}: not a tensor of the compiled recipe") from None
+
+    def merge(self, x: TensorInputs, check_finite: bool = True) -> torch.Tensor:
+        """One output tensor in the work dtype."""
+        g, per_model = self[x.name]
+        out = self.spec.fn(x, g, per_model)
+        if check_finite and not torch.isfinite(out.sum()):
+            raise MergeSearchError(f"{x.name}: the merge produced NaN or Inf (check the parameters)")
+        return out
