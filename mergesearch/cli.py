@@ -148,7 +148,8 @@ def eval_cmd(
     import json
     import time
 
-    from mergesearch.checkpoint import Checkpoint, atomic_file
+    from mergesearch.checkpoint import Checkpoint
+    from mergesearch.fsutil import atomic_file
     from mergesearch.evaluate import EvalConfig, build_evaluator
     from mergesearch.recipe import pydantic_error
 
@@ -377,7 +378,7 @@ def leaderboard(
     """Rank a run's trials: aggregate, per-task dev scores, key parameters."""
     import pandas as pd
 
-    from mergesearch.checkpoint import atomic_file
+    from mergesearch.fsutil import atomic_file
     from mergesearch.store import leaderboard as board, load_run, run_counts
 
     study, st = load_run(run, storage)

@@ -23,7 +23,7 @@ import time
 import uuid
 from pathlib import Path
 
-from mergesearch.checkpoint import atomic_file, replace_dir
+from mergesearch.fsutil import atomic_file, replace_dir
 from mergesearch.errors import MergeSearchError
 from mergesearch.recipe import Recipe, from_dict, has_mergekit_equivalent, save_mergekit, to_mergekit
 
@@ -95,7 +95,6 @@ def _export_staged(run: str, t, label: str, recipe: Recipe, eval_cfg, stage: Pat
     from mergesearch.models import load_model
     from mergesearch.evaluate import build_evaluator
     from mergesearch.merge import open_plan, stream_merge
-    from mergesearch.workers import parse_faults
 
     recipe.save(stage / "best_recipe.yaml")
     if has_mergekit_equivalent(recipe):

@@ -24,11 +24,10 @@ from typing import Iterator
 
 import torch
 
-from mergesearch.checkpoint import (
-    Checkpoint, SideFile, all_finite, check_compatible, mapped_safetensors, parse_dtype,
-)
-from mergesearch.errors import MergeSearchError
+from mergesearch.checkpoint import Checkpoint, SideFile, all_finite, mapped_safetensors, parse_dtype
+from mergesearch.compat import check_compatible
 from mergesearch.compiled import CompiledRecipe
+from mergesearch.errors import MergeSearchError
 from mergesearch.methods import REGISTRY, TensorInputs, get_method
 from mergesearch.plan import NO_BANDWIDTH, Placement, make_plan, slot_bytes
 from mergesearch.recipe import Recipe

@@ -18,12 +18,12 @@ from typing import Callable
 
 import torch
 
-from mergesearch.checkpoint import (
-    Checkpoint, SideFile, StreamingWriter, all_finite, check_compatible, dtype_name, parse_dtype, tokenizer_vocab,
-)
+from mergesearch.checkpoint import Checkpoint, SideFile, all_finite, dtype_name, parse_dtype, tokenizer_vocab
+from mergesearch.compat import check_compatible
+from mergesearch.compiled import CompiledRecipe
 from mergesearch.errors import MergeSearchError
 from mergesearch.methods import MethodSpec, TensorInputs
-from mergesearch.compiled import CompiledRecipe
+from mergesearch.writer import StreamingWriter
 from mergesearch.recipe import Recipe
 
 log = logging.getLogger(__name__)

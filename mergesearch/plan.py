@@ -234,7 +234,7 @@ def make_plan(base: str | None, models: list[str], methods: list[str], *, device
               side: dict | None = None, gpus_per_worker: float = 1.0, stream: str = "auto",
               bandwidth: dict | None = None) -> Placement:
     """Place ``base``, ``models`` and the side files (``side``: metrics / grams / base_metric
-    as in :func:`mergesearch.curvature.resolve_side_inputs`) on ``device`` within ``budget``
+    as in :func:`mergesearch.search.side_inputs.resolve_side_inputs`) on ``device`` within ``budget``
     bytes. Raises MergeSearchError when the evaluation model and the scratch do not fit."""
     from mergesearch.checkpoint import Checkpoint, parse_dtype
     from mergesearch.methods import REGISTRY

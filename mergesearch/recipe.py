@@ -167,7 +167,7 @@ class Recipe(StrictModel):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, path: str | os.PathLike) -> None:
-        from mergesearch.checkpoint import atomic_file
+        from mergesearch.fsutil import atomic_file
         with atomic_file(path) as f:
             f.write(self.to_yaml())
 
@@ -387,6 +387,6 @@ def load_mergekit(path: str | os.PathLike, strict: bool = False) -> Recipe:
 
 
 def save_mergekit(recipe: Recipe, path: str | os.PathLike) -> None:
-    from mergesearch.checkpoint import atomic_file
+    from mergesearch.fsutil import atomic_file
     with atomic_file(path) as f:
         f.write(yaml.safe_dump(to_mergekit(recipe), sort_keys=False))

@@ -29,8 +29,6 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from mergesearch.errors import MergeSearchError
-
 log = logging.getLogger(__name__)
 
 FIGURE_CLASS = "ms-figure"

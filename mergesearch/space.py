@@ -414,7 +414,7 @@ class SearchSpace(StrictModel):
 
     def suggest(self, trial, groups: list["Group"], side: dict | None = None):
         """Ask the trial for every variable; returns the Recipe. ``side`` holds the
-        resolved metric and Gram files (:func:`mergesearch.curvature.resolve_side_inputs`)."""
+        resolved metric and Gram files (:func:`mergesearch.search.side_inputs.resolve_side_inputs`)."""
         method = self.methods[0] if len(self.methods) == 1 else trial.suggest_categorical("method", self.methods)
         spec = REGISTRY[method]
         models = []

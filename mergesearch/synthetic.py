@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mergesearch.checkpoint import StreamingWriter
+from mergesearch.writer import StreamingWriter
 
 CHARS = [chr(c) for c in range(32, 127)]
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -83,7 +83,7 @@ def write_shaped_model(out: Path, cfg: dict, dtype: str = "bfloat16") -> Path:
     headers only (planning); never load its tensors."""
     import struct
 
-    from mergesearch.checkpoint import _ST_DTYPE, DTYPES
+    from mergesearch.checkpoint import ST_DTYPE, DTYPES
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,7 +93,7 @@ def write_shaped_model(out: Path, cfg: dict, dtype: str = "bfloat16") -> Path:
         n = item
         for d in shape:
             n *= d
-        header[name] = {"dtype": _ST_DTYPE[DTYPES[dtype]], "shape": list(shape), "data_offsets": [off, off + n]}
+        header[name] = {"dtype": ST_DTYPE[DTYPES[dtype]], "shape": list(shape), "data_offsets": [off, off + n]}
         off += n
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)

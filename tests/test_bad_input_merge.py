@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from mergesearch import checkpoint
+from mergesearch import compat, writer
 from mergesearch.cli import main
 
 from conftest import copy_model, edit_config, rewrite_tensor
@@ -121,7 +121,7 @@ def test_nan_weights(tmp_path, capsys, recipe_file, family):
 
 def test_inf_weights_found_in_streamed_pass(tmp_path, capsys, recipe_file, family, monkeypatch):
     # beyond the pre-check sample, the streamed pass still refuses non-finite inputs
-    monkeypatch.setattr(checkpoint, "CHECK_SAMPLE_ELEMENTS", 1)
+    monkeypatch.setattr(compat, "CHECK_SAMPLE_ELEMENTS", 1)
     bad = copy_model(family["ft1"], tmp_path / "bad")
     rewrite_tensor(bad, "model.layers.0.self_attn.q_proj.weight", lambda t: t.index_fill(0, torch.tensor([0]), float("inf")))
     r = recipe_file(method="task_arithmetic", models=models(family["ft0"], bad))
@@ -191,7 +191,7 @@ def test_write_fails_midway(tmp_path, capsys, recipe_file, monkeypatch):
         if mode == "wb" and str(path).endswith(".safetensors"):
             return FullDisk(path, "wb")
         return open(path, mode, *a, **k)
-    monkeypatch.setattr(checkpoint, "open", fake_open, raising=False)
+    monkeypatch.setattr(writer, "open", fake_open, raising=False)
     r = recipe_file(method="ties")
     assert_refused(tmp_path, capsys, r, [str(tmp_path / "out"), "write failed", "No space left on device"])
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import yaml
 
-from mergesearch.checkpoint import Checkpoint, StreamingWriter, layer_index, read_safetensors_header
+from mergesearch.checkpoint import Checkpoint, layer_index, read_safetensors_header
+from mergesearch.writer import StreamingWriter
 from mergesearch.cli import main
 from mergesearch.errors import MergeSearchError
 from mergesearch.recipe import Recipe, from_dict, layer_position, resolve_setting, Conditional

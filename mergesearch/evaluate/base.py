@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 from typing import Literal, Optional, Protocol, runtime_checkable
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mergesearch.errors import MergeSearchError

@@ -10,7 +10,6 @@ counting), after marking trials left running by a dead controller as failed.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -107,7 +106,8 @@ class Controller:
 
     # -- checks before anything is created ------------------------------------------
     def preflight(self):
-        from mergesearch.checkpoint import Checkpoint, check_compatible
+        from mergesearch.checkpoint import Checkpoint
+        from mergesearch.compat import check_compatible
         from mergesearch.evaluate import build_evaluator
 
         base = Checkpoint(self.space.base)
@@ -141,7 +141,7 @@ class Controller:
         if storage is not None:
             self.storage = storage
         self.url = url
-        from mergesearch.curvature import resolve_side_inputs
+        from mergesearch.search.side_inputs import resolve_side_inputs
         self.side = resolve_side_inputs(self.space)  # computed once (cached on disk), before any worker starts
         self.placement = self._plan()
         warning = self.space.scale_warning()

@@ -28,10 +28,9 @@ from pathlib import Path
 
 import optuna
 
-from mergesearch.checkpoint import (
-    MAX_FINETUNE_DISTANCE, Checkpoint, _sample_names, atomic_file, check_compatible, is_trainer_checkpoint,
-    relative_distance,
-)
+from mergesearch.checkpoint import Checkpoint, is_trainer_checkpoint
+from mergesearch.compat import MAX_FINETUNE_DISTANCE, check_compatible, relative_distance, sample_names
+from mergesearch.fsutil import atomic_file
 from mergesearch.errors import MergeSearchError
 from mergesearch.evaluate import EvalConfig, build_evaluator
 from mergesearch.evaluate.base import weighted_mean
@@ -111,7 +110,7 @@ def check_ingredients(ingredients: list[str], base: str | None, allow_unrelated:
     if allow_unrelated:
         return
     first = ckpts[0]
-    sample = _sample_names(first)
+    sample = sample_names(first)
     for c in ckpts[1:]:
         d = relative_distance(first, c, sample)
         if d > MAX_FINETUNE_DISTANCE:
