@@ -245,6 +245,22 @@ class Result:
     device: str | None = None  # where the candidate was materialized and scored (cpu, cuda)
 
 
+class Retries:
+    """The one retry rule: a trial whose worker died (a retryable failure) runs again,
+    at most ``limit`` times; a trial that failed on its own merits does not."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used: dict[int, int] = {}
+
+    def again(self, res: "Result") -> bool:
+        if res.ok or not res.retryable or self.used.get(res.number, 0) >= self.limit:
+            return False
+        self.used[res.number] = self.used.get(res.number, 0) + 1
+        log.info("trial %d: %s; retrying (%d/%d)", res.number, res.reason, self.used[res.number], self.limit)
+        return True
+
+
 class WorkerPool:
     """Ray actors, one trial each at a time; replaces dead and hung actors."""
 
@@ -422,16 +438,13 @@ class WorkerPool:
         consumer that stops early, or ``stop()`` turning true, leaves the rest unrun or
         in flight (``cancel_all`` ends them)."""
         queue = list(jobs)
-        retries: dict[int, int] = {}
+        retries = Retries(max_retries)
         while (queue or self.busy) and not (stop and stop()):
             while queue and self.idle:
                 n = queue.pop(0)
                 self.submit(n, *jobs[n])
             for res in self.wait(0.5):
-                if not res.ok and res.retryable and retries.get(res.number, 0) < max_retries:
-                    retries[res.number] = retries.get(res.number, 0) + 1
-                    log.info("trial %d: %s; retrying (%d/%d)", res.number, res.reason, retries[res.number],
-                             max_retries)
+                if retries.again(res):
                     queue.insert(0, res.number)
                     continue
                 yield res

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -24,13 +22,14 @@ import optuna
 from mergesearch.errors import MergeSearchError
 from mergesearch.evaluate.base import weighted_mean
 from mergesearch.recipe import Recipe, from_dict
+from mergesearch.search.lifecycle import RunLifecycle
 from mergesearch.search.samplers import make_sampler, population
 from mergesearch.space import SearchSpace, layer_prefix
 from mergesearch.store import (
-    HEARTBEAT_S, check_controller, claim_run, counts_toward_budget, heartbeat, open_storage, record, recover_stale,
-    requeue_failed, run_dir, study_names,
+    HEARTBEAT_S, counts_toward_budget, heartbeat, record, recover_stale, requeue_failed, run_dir,
+    study_names,
 )
-from mergesearch.workers import WorkerPool, parse_faults, ray_session
+from mergesearch.workers import Retries, WorkerPool
 
 log = logging.getLogger("mergesearch.search")
 TrialState = optuna.trial.TrialState
@@ -94,7 +93,7 @@ def baseline_recipes(space: SearchSpace) -> dict[str, Recipe]:
     return out
 
 
-class Controller:
+class Controller(RunLifecycle):
     def __init__(self, space: SearchSpace, opts: SearchOptions, space_path: str = "space"):
         self.space = space
         self.opts = opts
@@ -136,11 +135,7 @@ class Controller:
         self.seed_recipe = self._seed_recipe() if self.space.seed_from else None
         self.side = None
         self.placement = self._plan(quiet=True)  # refuse a budget that cannot fit before anything is created
-        url, storage, self.lock, self.created_dir = claim_run(self.opts.run, self.opts.root, self.opts.storage,
-                                                              self.opts.resume)
-        if storage is not None:
-            self.storage = storage
-        self.url = url
+        self.claim()
         from mergesearch.search.side_inputs import resolve_side_inputs
         self.side = resolve_side_inputs(self.space)  # computed once (cached on disk), before any worker starts
         self.placement = self._plan()
@@ -235,10 +230,8 @@ class Controller:
                                    f"models: {', '.join(extra[:3])}")
         return recipe
 
-    def _open_study(self):
-        if self.opts.storage is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self.storage = open_storage(self.url)
+    def open_study(self):
+        self.storage_for_study()
         n_vars = self._n_variables()
         self.n_vars = n_vars
         sampler = make_sampler(self.space, n_vars)
@@ -252,8 +245,7 @@ class Controller:
             if study.user_attrs.get("space_fingerprint") != self.space.fingerprint():
                 raise MergeSearchError(f"{self.space_path}: the space changed since run '{self.opts.run}' started; "
                                        "start a new run instead of --resume")
-            check_controller(study)
-            n = recover_stale(study)
+            n = self.resume_checks(study)
             if n:
                 log.info("resume: %d trial(s) left running by the stopped controller failed and queued again", n)
         else:
@@ -274,7 +266,6 @@ class Controller:
                 else:  # not expressible in this space: run it beside the baselines
                     self.seed_baseline = True
             (self.dir / "space.yaml").write_text(_yaml(self.space.model_dump(mode="json"))) if self.dir.exists() else None
-        heartbeat(study)
         self.study = study
         self.population = population(self.space, self.opts.workers, n_vars)
 
@@ -289,29 +280,14 @@ class Controller:
         return n + (1 if len(self.space.methods) > 1 else 0)
 
     # -- the loop -----------------------------------------------------------------------
-    def run(self) -> dict:
-        try:
-            self.preflight()
-            self._open_study()
-            with ray_session(self.dir, self.opts.workers, self.opts.ray_address):
-                summary = self._run_pool()
-            heartbeat(self.study, stopped=True)
-        except BaseException:
-            if getattr(self, "created_dir", False) and not hasattr(self, "study"):
-                shutil.rmtree(self.dir, ignore_errors=True)  # nothing of this run exists yet
-            raise
-        finally:
-            if getattr(self, "lock", None) is not None:
-                self.lock.release()
-        return summary
+    def make_pool(self, faults: dict) -> WorkerPool:
+        methods = sorted(set(self.space.methods) | {"linear", "task_arithmetic"})
+        return WorkerPool(self.opts.workers, self.space.base, self.space.models, methods,
+                          self.space.evaluator.model_dump(), self.space.trial_timeout, faults, self.side,
+                          resources=self._resources(), dtype=self.space.dtype)
 
-    def _run_pool(self) -> dict:
+    def work(self) -> dict:
         try:
-            methods = sorted(set(self.space.methods) | {"linear", "task_arithmetic"})
-            faults = parse_faults(os.environ.get("MERGESEARCH_FAULT"))
-            self.pool = WorkerPool(self.opts.workers, self.space.base, self.space.models, methods,
-                                   self.space.evaluator.model_dump(), self.space.trial_timeout, faults, self.side,
-                                   resources=self._resources(), dtype=self.space.dtype)
             self.t_start = time.monotonic()
             self.busy_s = 0.0
             old = signal.signal(signal.SIGINT, self._on_sigint)
@@ -331,8 +307,6 @@ class Controller:
         finally:
             if getattr(self, "_live", None) is not None:
                 self._live.stop()
-            if hasattr(self, "pool"):
-                self.pool.shutdown()
 
     def _on_sigint(self, *_):
         if self.interrupted:
@@ -553,7 +527,7 @@ class Controller:
         self._tally_reset()
         queue: list[optuna.Trial] = []
         inflight: dict[int, optuna.Trial] = {}
-        retries: dict[int, int] = {}
+        retries = Retries(self.space.max_retries)
         last_report = 0.0
         last_beat = time.monotonic()
         while True:
@@ -583,10 +557,7 @@ class Controller:
                 break
             for res in self.pool.wait(0.5):
                 t = inflight.pop(res.number)
-                if not res.ok and res.retryable and retries.get(res.number, 0) < self.space.max_retries:
-                    retries[res.number] = retries.get(res.number, 0) + 1
-                    log.info("trial %d: %s; retrying (%d/%d)", res.number, res.reason, retries[res.number],
-                             self.space.max_retries)
+                if retries.again(res):
                     self.progress.pop(res.number, None)  # it starts again at the first rung
                     queue.insert(0, t)
                     continue

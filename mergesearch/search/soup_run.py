@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +34,10 @@ from mergesearch.errors import MergeSearchError
 from mergesearch.evaluate import EvalConfig, build_evaluator
 from mergesearch.evaluate.base import weighted_mean
 from mergesearch.search.soup import greedy_soup, last_n_soup, order_ingredients, soup_recipe, uniform_soup
-from mergesearch.store import claim_run, heartbeat, open_storage, record, recover_stale, run_dir, check_controller
-from mergesearch.workers import WorkerPool, parse_faults, ray_session
+from mergesearch.recipe import Recipe
+from mergesearch.search.lifecycle import RunLifecycle
+from mergesearch.store import record, run_dir
+from mergesearch.workers import WorkerPool
 
 log = logging.getLogger("mergesearch.soup")
 TrialState = optuna.trial.TrialState
@@ -130,7 +131,7 @@ class _Eval:
     reason: str | None = None
 
 
-class SoupRunner:
+class SoupRunner(RunLifecycle):
     def __init__(self, ingredients: list[str], eval_path: Path, opts: SoupOptions):
         if opts.strategy not in STRATEGIES:
             raise MergeSearchError(f"--strategy: '{opts.strategy}' is not one of {', '.join(STRATEGIES)}")
@@ -164,19 +165,14 @@ class SoupRunner:
         self.ingredients = [str(Path(p).resolve()) for p in self.ingredients]
         if self.opts.strategy == "last-n" and self.opts.n > len(self.ingredients):
             raise MergeSearchError(f"--n: {self.opts.n} is more than the {len(self.ingredients)} ingredients")
-        self.url, storage, self.lock, self.created_dir = claim_run(self.opts.run, self.opts.root, self.opts.storage,
-                                                                   self.opts.resume)
-        if storage is not None:
-            self.storage = storage
+        self.claim()
 
     def spec(self) -> dict:
         return {"strategy": self.opts.strategy, "n": self.opts.n, "base": self.base, "ingredients": self.ingredients,
                 "evaluator": self.eval_cfg.model_dump(mode="json")}
 
-    def _open_study(self) -> None:
-        if self.opts.storage is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self.storage = open_storage(self.url)
+    def open_study(self) -> None:
+        self.storage_for_study()
         spec = self.spec()
         fp = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
         if self.opts.resume:
@@ -186,8 +182,7 @@ class SoupRunner:
             if study.user_attrs.get("soup_fingerprint") != fp:
                 raise MergeSearchError(f"run '{self.opts.run}': the ingredients, strategy or evaluator changed since it "
                                        "started; start a new run instead of --resume")
-            check_controller(study)
-            recover_stale(study, requeue=False)  # the cache decides what runs again
+            self.resume_checks(study, requeue=False)  # the cache decides what runs again
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
                 e = _Eval(tuple(t.user_attrs["members"]), t.user_attrs["role"], t.value, t.user_attrs["scores"],
                           t.number)
@@ -198,33 +193,14 @@ class SoupRunner:
             study.set_user_attr("soup", spec)
             study.set_user_attr("soup_fingerprint", fp)
             study.set_user_attr("evaluator", spec["evaluator"])
-        heartbeat(study)
         self.study = study
 
     # -- the run ---------------------------------------------------------------------
-    def run(self) -> dict:
-        try:
-            self.preflight()
-            self._open_study()
-            with ray_session(self.dir, self.opts.workers, self.opts.ray_address):
-                faults = parse_faults(os.environ.get("MERGESEARCH_FAULT"))
-                self.pool = WorkerPool(self.opts.workers, self.base, self.ingredients, ["linear"],
-                                       self.eval_cfg.model_dump(), self.opts.trial_timeout, faults)
-                try:
-                    report = self._soup()
-                finally:
-                    self.pool.shutdown()
-            heartbeat(self.study, stopped=True)
-            return report
-        except BaseException:
-            if getattr(self, "created_dir", False) and not hasattr(self, "study"):
-                shutil.rmtree(self.dir, ignore_errors=True)
-            raise
-        finally:
-            if getattr(self, "lock", None) is not None:
-                self.lock.release()
+    def make_pool(self, faults: dict) -> WorkerPool:
+        return WorkerPool(self.opts.workers, self.base, self.ingredients, ["linear"], self.eval_cfg.model_dump(),
+                          self.opts.trial_timeout, faults)
 
-    def _soup(self) -> dict:
+    def work(self) -> dict:
         t0 = time.monotonic()
         # 1. every ingredient, and the uniform soup of all of them, in parallel
         singles = self._evaluate([((i,), "ingredient") for i in self.ingredients]
@@ -289,7 +265,7 @@ class SoupRunner:
                  report["evaluations"], report["reused_from_store"])
         return report
 
-    def _recipe(self, members) -> "Recipe":  # noqa: F821
+    def _recipe(self, members) -> Recipe:
         return soup_recipe(list(members), base=None)
 
     def _evaluate(self, items: list[tuple[tuple[str, ...], str]]) -> list[_Eval]:
