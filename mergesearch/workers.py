@@ -47,9 +47,12 @@ log = logging.getLogger(__name__)
 @contextmanager
 def ray_session(run_dir: Path, num_cpus: int, address: str | None = None):
     """A Ray instance for one run: a local one sized to ``num_cpus`` with its temp dir
-    under the run folder, or the cluster at ``address``. Always shut down on exit."""
+    under the run folder, or the cluster at ``address`` (by default the one named by
+    ``MERGESEARCH_RAY_ADDRESS``, when set). Always shut down on exit (for a cluster:
+    this driver disconnects, and the run's actors end with it)."""
     import ray
 
+    address = address or os.environ.get("MERGESEARCH_RAY_ADDRESS") or None
     link = None
     if address:
         ray.init(address=address, log_to_driver=False)

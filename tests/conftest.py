@@ -15,6 +15,76 @@ os.environ["MERGESEARCH_CACHE"] = __import__("tempfile").mkdtemp(prefix="mergese
 from mergesearch.synthetic import make_family  # noqa: E402
 
 
+RAY_ENV = ("MERGESEARCH_RAY_ADDRESS", "RAY_AUTH_MODE")
+
+
+def own_ray_env(env: dict | None = None) -> dict:
+    """The environment for a CLI run in a subprocess that starts its own local Ray (the
+    process and crash tests look at that instance's processes)."""
+    env = dict(os.environ if env is None else env)
+    for k in RAY_ENV:
+        env.pop(k, None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One local Ray cluster for the session's in-process runs. Each run joins it through
+    MERGESEARCH_RAY_ADDRESS (the cluster path of ``ray_session``) instead of starting and
+    stopping an instance of its own, which saves about 4 s a run. Runs in subprocesses
+    still start their own (:func:`own_ray_env`)."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    temp = Path(__import__("tempfile").mkdtemp(prefix="msray-tests-", dir="/tmp"))
+    exe = Path(sys.executable).parent / "ray"
+    out = subprocess.run([str(exe), "start", "--head", "--num-cpus=2", "--num-gpus=0", "--port=0",
+                          "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                         capture_output=True, text=True, env=own_ray_env(), timeout=120)
+    found = re.search(r"--address='([^']+)'", out.stdout + out.stderr)
+    if out.returncode != 0 or not found:
+        raise RuntimeError(f"ray start failed: {(out.stdout + out.stderr)[-2000:]}")
+    address = found.group(1)
+    probe = subprocess.run([sys.executable, "-c", "import ray, sys; ray.init(address=sys.argv[1]); ray.shutdown()",
+                            address], capture_output=True, text=True, timeout=120,
+                           env={**own_ray_env(), "MERGESEARCH_RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"})
+    try:
+        if probe.returncode != 0:  # each run then starts a local instance of its own, as users' runs do
+            import warnings
+            warnings.warn(f"the session's Ray cluster cannot be joined: {probe.stderr.strip()[-300:]}")
+            address = None
+        yield address
+    finally:
+        # stop this cluster's processes only (`ray stop` would stop every cluster here)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            ps = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+            pids = [int(line.split(None, 1)[0]) for line in ps.splitlines() if str(temp) in line]
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            if not pids:
+                break
+            time.sleep(2)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _join_the_session_ray(request, monkeypatch):
+    """Tests on the zoo run searches and soups in this process: they join the session's
+    cluster."""
+    if "zoo" in request.fixturenames:
+        address = request.getfixturevalue("ray_cluster")
+        if address:
+            monkeypatch.setenv("MERGESEARCH_RAY_ADDRESS", address)
+            monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the cluster's token is in ~/.ray
+    yield
+
+
 @pytest.fixture(scope="session")
 def family(tmp_path_factory) -> dict[str, Path]:
     """A float32 tiny Llama family: base + 3 fine-tunes (4 layers, hidden 64)."""

@@ -15,6 +15,7 @@ import pytest
 from mergesearch.cli import main
 from mergesearch.store import counts_toward_budget, load_run
 
+from conftest import own_ray_env
 from test_search import write_space
 from test_zoo_eval import zoo  # noqa: F401  (session fixture)
 
@@ -23,7 +24,7 @@ EXE = Path(sys.executable).parent / "mergesearch"
 
 
 def start(tmp_path, *args):
-    env = {**os.environ, "CI": "true"}
+    env = {**own_ray_env(), "CI": "true"}
     return subprocess.Popen([str(EXE), *map(str, args)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -111,7 +112,7 @@ def test_one_controller_per_run(tmp_path, zoo):
         while time.time() < deadline and not [t for t in trials(db, "one") if t.state.name == "COMPLETE"]:
             time.sleep(0.3)
         second = subprocess.run([str(EXE), "search", str(space), "--run", "one", "--resume", "--no-export"],
-                                cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "CI": "true"})
+                                cwd=tmp_path, capture_output=True, text=True, env={**own_ray_env(), "CI": "true"})
         assert second.returncode == 2
         assert second.stderr.strip() == (f"error: results/one: the run is in use by another mergesearch process "
                                          f"(pid {proc.pid}); wait for it to finish or stop it first")
@@ -170,7 +171,7 @@ def test_export_is_atomic_repeatable_and_equal_to_the_scored_candidate(tmp_path,
 
     def export(**env):
         return subprocess.run([str(EXE), "export", "x"], cwd=tmp_path, capture_output=True, text=True,
-                              env={**os.environ, "CI": "true", **env})
+                              env={**own_ray_env(), "CI": "true", **env})
 
     # killed half-way through the tensors, before any export: nothing at the final paths
     p = export(MERGESEARCH_FAULT="export_kill")

@@ -12,6 +12,7 @@ from mergesearch.cli import main
 from mergesearch.space import SearchSpace, make_groups, Granularity
 from mergesearch.store import counts_toward_budget, leaderboard, load_run
 
+from conftest import own_ray_env
 from test_zoo_eval import zoo  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.slow
@@ -193,7 +194,7 @@ def test_resume_problems_and_storage(tmp_path, zoo, monkeypatch, capsys):
 def test_worker_faults_fail_their_trials_and_the_search_completes(tmp_path, zoo, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MERGESEARCH_FAULT", "raise_eval@1,nan@2,exit@3,oom@4,hang@5,raise_materialize@6,kill@7,inf@8")
-    space = write_space(tmp_path, zoo, budget={"n_trials": 11}, initial_trials=False, trial_timeout=10,
+    space = write_space(tmp_path, zoo, budget={"n_trials": 11}, initial_trials=False, trial_timeout=4,
                         granularity={"level": "model"})
     assert main(["search", str(space), "--run", "f", "--workers", "2", "--no-export"]) == 0
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'results' / 'f' / 'study.db'}")
@@ -205,7 +206,7 @@ def test_worker_faults_fail_their_trials_and_the_search_completes(tmp_path, zoo,
     assert failed[2] == "non-finite score for reverse, shift, max, add"
     assert failed[3].startswith("worker died") and failed[3].endswith("replaced")
     assert failed[4] == "oom: injected out-of-memory"  # torch.OutOfMemoryError; the worker recovered
-    assert failed[5] == "timeout: no result after 10s (worker replaced)"
+    assert failed[5] == "timeout: no result after 4s (worker replaced)"
     assert failed[6] == "RuntimeError: injected fault in materialize"
     assert failed[7].startswith("worker died") and failed[7].endswith("replaced")
     assert failed[8] == "non-finite score for reverse, shift, max, add"
@@ -301,7 +302,7 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path, zoo):
     import time
     space = write_space(tmp_path, zoo, budget={"n_trials": 200}, initial_trials=False, granularity={"level": "model"})
     exe = Path(sys.executable).parent / "mergesearch"
-    env = {**os.environ, "CI": "true"}
+    env = {**own_ray_env(), "CI": "true"}
     proc = subprocess.Popen([str(exe), "search", str(space), "--run", "c", "--workers", "2", "--no-export"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     db = tmp_path / "results" / "c" / "study.db"
