@@ -71,7 +71,17 @@ MIN_STEPS = 8
 
 def build_zoo(out: str | Path = DEFAULT_OUT, scale: float = 1.0, force: bool = False) -> dict:
     """Build the zoo under ``out`` (cached). ``scale`` shrinks every step count (tests)."""
+    import fcntl
+
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one builder at a time: a second process waits, then finds the zoo built
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_locked(out, scale, force)
+
+
+def _build_locked(out: Path, scale: float, force: bool) -> dict:
     manifest_path = out / "manifest.json"
     if manifest_path.exists() and not force:
         manifest = json.loads(manifest_path.read_text())
