@@ -109,3 +109,45 @@ def test_new_weights_and_lambda_do_not_recompile_and_stay_exact(monkeypatch):
     assert not torch.equal(outs[0], outs[1])
     monkeypatch.setattr(kernels, "COMPILE_MIN_NUMEL", 10**12)
     assert all(torch.equal(o, run(k)) for k, o in zip(range(1, 7), outs))  # the eager kernel's bits
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "breadcrumbs_ties", "linear"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_blocked_selection_and_compiled_blocks_give_the_same_bits(method, compiled, monkeypatch):
+    """Large stored tensors are selected (radix histogram, bucket, tie positions) and
+    combined block by block: the same bits as one pass over the whole tensor, with bf16
+    inputs whose magnitudes tie at the thresholds across block edges."""
+    from mergesearch.methods import inputs
+    if compiled and not kernels._compile_available():
+        pytest.skip("no C++ compiler for torch.compile")
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(301, 211, generator=g) * 0.05).bfloat16()
+    models = [(base.float() + torch.randn(301, 211, generator=g) * 0.01).bfloat16() for _ in range(3)]
+    spec = REGISTRY[method]
+    gp = {p.name: p.default for p in spec.global_params}
+    names = {p.name for p in spec.model_params}
+    mp = [{**{p.name: p.default for p in spec.model_params}, "weight": w, **({"density": d} if "density" in names
+          else {})} for w, d in [(0.5, 0.3), (-0.4, 0.6), (0.7, 0.5)]]
+    monkeypatch.setattr(kernels, "COMPILE_MIN_NUMEL", 1 if compiled else 10**12)
+    monkeypatch.setattr(inputs, "RADIX_MIN_NUMEL", 1000)
+    outs, blocked = [], []
+    for block in (10**9, 4099, 20000):
+        monkeypatch.setattr(inputs, "SELECT_BLOCK", block)
+        monkeypatch.setattr(kernels, "COMPILED_BLOCK", block)
+        x = TensorInputs("w", base, tensors=models, seed=5)
+        blocked.append(x._blocked(0))
+        outs.append(spec.fn(x, gp, mp))
+    assert blocked == [False, True, True]
+    assert not kernels._compile_failed
+    assert not torch.equal(outs[0], base.float())
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    # and the blocked selection keeps exactly what the whole-tensor one keeps
+    if method in ("ties", "breadcrumbs_ties"):
+        from mergesearch.methods import sparsify
+        kind = spec.sparsifier
+        rng = sparsify.keep_range(kind, base.numel(), 0.3, mp[0].get("gamma", 0.0))
+        monkeypatch.setattr(inputs, "SELECT_BLOCK", 10**9)
+        whole = sparsify.window(TensorInputs("w", base, tensors=models), 0, *rng)
+        monkeypatch.setattr(inputs, "SELECT_BLOCK", 4099)
+        part = sparsify.window(TensorInputs("w", base, tensors=models), 0, *rng)
+        assert all(torch.equal(a, b) for a, b in zip(whole[1:], part[1:]))

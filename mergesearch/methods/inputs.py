@@ -16,6 +16,11 @@ import torch
 
 
 RADIX_MIN_NUMEL = 1 << 20
+# From this size the selection reads a stored tensor in flat blocks of SELECT_BLOCK
+# elements (|delta| is made per block, twice: once for the histogram, once to gather the
+# threshold's bucket), so its float32 scratch is a few blocks, not a few copies of the
+# tensor. The values, and so the thresholds, are the same bits either way.
+SELECT_BLOCK = 1 << 22
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -136,21 +141,57 @@ class TensorInputs:
                 self._abs_cache[i] = self.delta(i).abs().reshape(-1)
         return self._abs_cache[i]
 
+    def _blocked(self, i: int) -> bool:
+        """Whether model i's |delta| is read block by block (a large stored tensor whose
+        float32 delta is not already held)."""
+        return (self.numel > SELECT_BLOCK and self._tensors is not None and self.raw_base is not None
+                and i not in self._delta_cache and i not in self._abs_cache
+                and work_dtype(self._tensors[i].dtype) == torch.float32)
+
+    def _abs_blocks(self, i: int):
+        """(offset, |delta_i| of the block) over flat blocks of SELECT_BLOCK elements, each
+        made as :meth:`abs_delta` makes the whole one (the same bits)."""
+        t, b = self._tensors[i].reshape(-1), self.raw_base.reshape(-1)
+        for lo in range(0, t.numel(), SELECT_BLOCK):
+            hi = min(t.numel(), lo + SELECT_BLOCK)
+            a = t[lo:hi].to(torch.float32, copy=True)
+            a.sub_(b[lo:hi].to(torch.float32))
+            yield lo, a.abs_()
+
     def select_abs(self, i: int, k: int) -> tuple[torch.Tensor, int, int]:
         """The k-th smallest |delta_i| (0-based) with the counts of elements below it
         and at or below it. Large tensors use a radix select on the float bits (a
         histogram of the top 16 bits, then an exact k-th value inside one bucket)."""
+        if self._blocked(i):
+            return self._select_blocked(i, k)
         a = self.abs_delta(i)
         if a.numel() < RADIX_MIN_NUMEL or a.dtype != torch.float32:
             v = torch.kthvalue(a, k + 1).values
             return v, int((a < v).sum()), int((a <= v).sum())
-        if i not in self._hist_cache:
+        if i not in self._hist_cache or self._hist_cache[i][0] is None:
             top = a.view(torch.int32) >> 16  # non-negative floats order like their bits
             self._hist_cache[i] = (top, torch.bincount(top.reshape(-1), minlength=1 << 15).cumsum(0))
         top, cum = self._hist_cache[i]
         b = int(torch.searchsorted(cum, torch.tensor([k], device=cum.device), right=True))
         below = int(cum[b - 1]) if b > 0 else 0
         bucket = a[top == b]
+        v = torch.kthvalue(bucket, k - below + 1).values
+        return v, below + int((bucket < v).sum()), below + int((bucket <= v).sum())
+
+    def _select_blocked(self, i: int, k: int) -> tuple[torch.Tensor, int, int]:
+        """:meth:`select_abs` over blocks: the histogram of the top 16 bits is summed over
+        blocks (exact counts), then the one bucket holding the k-th value is gathered in
+        index order and selected in."""
+        if i not in self._hist_cache:
+            counts = None
+            for _, a in self._abs_blocks(i):
+                c = torch.bincount((a.view(torch.int32) >> 16), minlength=1 << 15)
+                counts = c if counts is None else counts.add_(c)
+            self._hist_cache[i] = (None, counts.cumsum(0))
+        _, cum = self._hist_cache[i]
+        b = int(torch.searchsorted(cum, torch.tensor([k], device=cum.device), right=True))
+        below = int(cum[b - 1]) if b > 0 else 0
+        bucket = torch.cat([a[(a.view(torch.int32) >> 16) == b] for _, a in self._abs_blocks(i)])
         v = torch.kthvalue(bucket, k - below + 1).values
         return v, below + int((bucket < v).sum()), below + int((bucket <= v).sum())
 
@@ -162,6 +203,8 @@ class TensorInputs:
 
     def positions_equal(self, i: int, value: torch.Tensor) -> torch.Tensor:
         """Flat indices where |delta_i| == value, ascending."""
+        if self._blocked(i):
+            return torch.cat([(a == value).nonzero().reshape(-1) + lo for lo, a in self._abs_blocks(i)])
         return (self.abs_delta(i) == value).nonzero().reshape(-1)
 
     @property

@@ -105,6 +105,17 @@ def _values(v, dtype: torch.dtype, device) -> torch.Tensor:
 _VALUES: dict = {}
 
 
+# The compiled kernels also run over flat blocks of this many elements: TorchInductor
+# keeps some full-size buffers (the sign election reads every part twice), so a
+# whole 49M-element embedding would hold several float32 copies at once.
+COMPILED_BLOCK = 1 << 23
+
+
+def _blocks(n: int, size: int):
+    for lo in range(0, n, size):
+        yield lo, min(n, lo + size)
+
+
 def _flat(t: torch.Tensor | None, lo: int, hi: int):
     return t if t is None or not isinstance(t, torch.Tensor) or t.dim() == 0 else t.reshape(-1)[lo:hi]
 
@@ -158,7 +169,13 @@ def weighted_sum(sources, weights, divisor: float = 1.0, normalize: bool = False
         if _compiled_sum is None:
             _compiled_sum = _compile(_weighted_sum)
         try:
-            return _compiled_sum(*args)
+            n = sources[0].numel()
+            if n <= COMPILED_BLOCK:
+                return _compiled_sum(*args)
+            out = torch.empty(n, dtype=wd, device=sources[0].device)
+            for lo, hi in _blocks(n, COMPILED_BLOCK):
+                out[lo:hi] = _compiled_sum([_flat(t, lo, hi) for t in args[0]], *args[1:])
+            return out.reshape(sources[0].shape)
         except Exception as e:
             _disable(e)
     return _weighted_sum_chunked(*args)
@@ -188,7 +205,14 @@ def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, conse
         if _compiled is None:
             _compiled = _compile(_combine)
         try:
-            return _compiled(*args)
+            n = raw_base.numel()
+            if n <= COMPILED_BLOCK:
+                return _compiled(*args)
+            out = torch.empty(n, dtype=wd, device=dev)
+            for lo, hi in _blocks(n, COMPILED_BLOCK):
+                out[lo:hi] = _compiled(_flat(raw_base, lo, hi), [_flat(t, lo, hi) for t in args[1]], args[2],
+                                       [(_flat(w[0], lo, hi), *w[1:]) for w in args[3]], *args[4:], offset=lo)
+            return out.reshape(raw_base.shape)
         except Exception as e:  # no working compiler toolchain: stay eager from now on
             _disable(e)
     return _combine_chunked(*args)
