@@ -64,6 +64,7 @@ class CompiledRecipe:
         """One output tensor in the work dtype."""
         g, per_model = self[x.name]
         out = self.spec.fn(x, g, per_model)
-        if check_finite and not torch.isfinite(out.sum()):
+        acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+        if check_finite and not torch.isfinite(out.sum(dtype=acc)):
             raise MergeSearchError(f"{x.name}: the merge produced NaN or Inf (check the parameters)")
         return out

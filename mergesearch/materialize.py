@@ -276,13 +276,15 @@ class Materializer:
         return CompiledRecipe(recipe, self.names, self.num_layers)
 
     def _candidate(self, compiled: CompiledRecipe, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """The merged tensors (work dtype) of ``names`` in order, host inputs streamed."""
+        """The merged tensors of ``names`` in order, host inputs streamed: in the work
+        dtype, or already in the export dtype where a large tensor is made in blocks."""
         for name, x in self.inputs(compiled.recipe, names):
             if name in self.constants:
                 yield name, x
                 continue
             # no finiteness pass in the hot loop: a non-finite candidate shows up as a
             # non-finite score and fails its trial
+            x.out_dtype = self.export_dtype(compiled.recipe, name)
             yield name, compiled.merge(x, check_finite=False)
             del x  # its caches are not alive while the next tensor's inputs are prepared
 

@@ -174,21 +174,25 @@ def stream_merge(
     written = 0
     with StreamingWriter(out, layout, max_shard_bytes=max_shard_bytes, force=force) as writer:
         for k, (name, _, out_dtype) in enumerate(layout):
+            # the mapped pages of the inputs count in the resident set: drop them before a
+            # tensor that would take the pages read since the last release over the limit
+            reads = ref.numel(name) * ref.dtype(name).itemsize * len(plan.checkpoints())
+            if read_since_release and read_since_release + reads > RELEASE_EVERY_BYTES:
+                plan.release()
+                read_since_release = 0
             if not ref.dtype(name).is_floating_point:
                 merged = ref.get(name)
             else:
                 x = build_inputs(plan, name, device)
+                x.out_dtype = out_dtype
                 merged = compiled.merge(x)
                 del x
             merged = merged.to(out_dtype)
             writer.write(name, merged)
             nbytes = merged.numel() * merged.element_size()
             written += nbytes
-            read_since_release += nbytes * len(plan.checkpoints())
+            read_since_release += reads
             del merged
-            if read_since_release > RELEASE_EVERY_BYTES:
-                plan.release()
-                read_since_release = 0
             if progress:
                 progress(k + 1, len(layout), name)
         source = Path(plan.recipe.base or plan.recipe.models[0].path)

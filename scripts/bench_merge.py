@@ -50,8 +50,9 @@ N_MODELS = 3
 FLOOR_WEIGHTS = (1.0 - N_MODELS * WEIGHT,) + (WEIGHT,) * N_MODELS  # base, ft0.. : task arithmetic
 
 FULL = dict(hidden=1536, layers=12, intermediate=4096, vocab=32000, heads=12)
-# Small, but the embeddings reach mergesearch's compile threshold (2**20 elements).
-SMALL = dict(hidden=256, layers=2, intermediate=512, vocab=4096, heads=4)
+# Small, but the embeddings reach mergesearch's compile threshold (2**20 elements) and span
+# several of its compiled blocks (2**21), so the warm-up compiles every kernel variant.
+SMALL = dict(hidden=256, layers=2, intermediate=512, vocab=16384, heads=4)
 
 TARGETS = {
     "stream_vs_floor": {"linear": 1.3, "task_arithmetic": 1.3, "ties": 2.0, "dare_ties": 2.0},

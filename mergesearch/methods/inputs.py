@@ -20,7 +20,7 @@ RADIX_MIN_NUMEL = 1 << 20
 # elements (|delta| is made per block, twice: once for the histogram, once to gather the
 # threshold's bucket), so its float32 scratch is a few blocks, not a few copies of the
 # tensor. The values, and so the thresholds, are the same bits either way.
-SELECT_BLOCK = 1 << 22
+SELECT_BLOCK = 1 << 18
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -49,6 +49,7 @@ class TensorInputs:
         metrics: list[torch.Tensor | None] | None = None,
         base_metric: torch.Tensor | None = None,
         grams: list[torch.Tensor | None] | None = None,
+        out_dtype: torch.dtype | None = None,
     ):
         if tensors is None and deltas is None:
             raise ValueError("TensorInputs needs tensors or deltas")
@@ -60,6 +61,9 @@ class TensorInputs:
         self._metrics = metrics
         self._base_metric = base_metric
         self._grams = grams
+        # the dtype the caller casts the merged tensor to: methods that compute large
+        # tensors in blocks may return it in this dtype already (the same bits)
+        self.out_dtype = out_dtype
         self._generator: torch.Generator | None = None
         self._base_work: torch.Tensor | None = None
         self._tensor_cache: dict[int, torch.Tensor] = {}
@@ -179,9 +183,11 @@ class TensorInputs:
         return v, below + int((bucket < v).sum()), below + int((bucket <= v).sum())
 
     def _select_blocked(self, i: int, k: int) -> tuple[torch.Tensor, int, int]:
-        """:meth:`select_abs` over blocks: the histogram of the top 16 bits is summed over
-        blocks (exact counts), then the one bucket holding the k-th value is gathered in
-        index order and selected in."""
+        """:meth:`select_abs` over blocks, as a two-level radix select on the float bits
+        (non-negative floats order like their bits): the histogram of the top 16 bits,
+        summed over blocks, finds the k-th value's bucket; a histogram of the low 16 bits
+        of that bucket's elements finds the value itself, and both give the exact counts.
+        No element is gathered."""
         if i not in self._hist_cache:
             counts = None
             for _, a in self._abs_blocks(i):
@@ -191,9 +197,29 @@ class TensorInputs:
         _, cum = self._hist_cache[i]
         b = int(torch.searchsorted(cum, torch.tensor([k], device=cum.device), right=True))
         below = int(cum[b - 1]) if b > 0 else 0
-        bucket = torch.cat([a[(a.view(torch.int32) >> 16) == b] for _, a in self._abs_blocks(i)])
-        v = torch.kthvalue(bucket, k - below + 1).values
-        return v, below + int((bucket < v).sum()), below + int((bucket <= v).sum())
+        low = None
+        for _, a in self._abs_blocks(i):
+            bits = a.view(torch.int32)
+            # elements outside the bucket go to an overflow bin, cut off below
+            c = torch.bincount(torch.where((bits >> 16) == b, bits & 0xFFFF, 1 << 16), minlength=(1 << 16) + 1)
+            low = c if low is None else low.add_(c)
+        cum2 = low[: 1 << 16].cumsum(0)
+        r = k - below
+        j = int(torch.searchsorted(cum2, torch.tensor([r], device=cum2.device), right=True))
+        v = torch.tensor([(b << 16) | j], dtype=torch.int32).view(torch.float32)[0].to(cum.device)
+        return v, below + (int(cum2[j - 1]) if j > 0 else 0), below + int(cum2[j])
+
+    def nth_position_equal(self, i: int, value: torch.Tensor, r: int) -> int:
+        """The flat index of the r-th element (0-based, in index order) with |delta_i| == value."""
+        if not self._blocked(i):
+            return int(self.positions_equal(i, value)[r])
+        for lo, a in self._abs_blocks(i):
+            eq = a == value
+            c = int(eq.sum())
+            if r < c:
+                return lo + int(eq.nonzero().reshape(-1)[r])
+            r -= c
+        raise IndexError(f"{self.name}: fewer elements equal to the threshold than counted")
 
     def release(self, i: int) -> None:
         """Drop model i's float32 delta and selection scratch (the kernels re-read the

@@ -26,7 +26,7 @@ COMPILE_MIN_NUMEL = 1 << 20
 # The eager kernels run over flat chunks of this many elements, so their temporaries
 # (some fifteen float32 buffers) are bounded by the chunk, not by the tensor. Every
 # operation is elementwise, so the result is the same, bit for bit.
-EAGER_CHUNK = 1 << 22
+EAGER_CHUNK = 1 << 18
 # Variants of a compiled kernel (flags, model count, grad mode) each compile once; past
 # Dynamo's default limit of 8 it would silently fall back to the eager kernel.
 RECOMPILE_LIMIT = 64
@@ -41,8 +41,12 @@ def _combine(raw_base: torch.Tensor, sources: list[torch.Tensor], is_delta: list
     base = raw_base.to(wd)
     parts = []
     idx = torch.arange(offset, offset + base.numel(), device=base.device).reshape(base.shape)
-    for src, delta_given, (key, lo, hi, jlo, jhi), w in zip(sources, is_delta, windows, weights):
+    for src, delta_given, window, w in zip(sources, is_delta, windows, weights):
         d = src if delta_given else src.to(wd) - base
+        if window is None:  # everything kept
+            parts.append(torch.where(d != 0, d * w, 0.0))
+            continue
+        key, lo, hi, jlo, jhi = window
         key = d.abs() if key is None else key
         keep = ((key > lo) | ((key == lo) & (idx >= jlo))) & ((key < hi) | ((key == hi) & (idx < jhi)))
         # zero deltas (pruned or not) contribute exactly +0.0, whatever the weight's sign
@@ -84,6 +88,9 @@ def _compile_available() -> bool:
 
 
 _compiled_sum = None
+# A weighted sum is a few passes eagerly, about as fast as the compiled loop, and
+# loading torch.compile costs some 5 s per process: it is not compiled.
+COMPILE_WEIGHTED_SUM = False
 
 
 def _values(v, dtype: torch.dtype, device) -> torch.Tensor:
@@ -108,7 +115,7 @@ _VALUES: dict = {}
 # The compiled kernels also run over flat blocks of this many elements: TorchInductor
 # keeps some full-size buffers (the sign election reads every part twice), so a
 # whole 49M-element embedding would hold several float32 copies at once.
-COMPILED_BLOCK = 1 << 23
+COMPILED_BLOCK = 1 << 21
 
 
 def _blocks(n: int, size: int):
@@ -120,27 +127,29 @@ def _flat(t: torch.Tensor | None, lo: int, hi: int):
     return t if t is None or not isinstance(t, torch.Tensor) or t.dim() == 0 else t.reshape(-1)[lo:hi]
 
 
-def _combine_chunked(raw_base, sources, is_delta, windows, weights, lam, normalize, consensus, divisor):
+def _combine_chunked(raw_base, sources, is_delta, windows, weights, lam, normalize, consensus, divisor,
+                     out_dtype=None):
     """The eager :func:`_combine` over flat chunks of ``EAGER_CHUNK`` elements."""
     n = raw_base.numel()
     if n <= EAGER_CHUNK:
         return _combine(raw_base, sources, is_delta, windows, weights, lam, normalize, consensus, divisor)
     wd = torch.float64 if raw_base.dtype == torch.float64 else torch.float32
-    out = torch.empty(n, dtype=wd, device=raw_base.device)
+    out = torch.empty(n, dtype=out_dtype or wd, device=raw_base.device)
     for lo in range(0, n, EAGER_CHUNK):
         hi = min(n, lo + EAGER_CHUNK)
         out[lo:hi] = _combine(_flat(raw_base, lo, hi), [_flat(s, lo, hi) for s in sources], is_delta,
-                              [(_flat(w[0], lo, hi), *w[1:]) for w in windows], weights, lam, normalize, consensus,
+                              [w if w is None else (_flat(w[0], lo, hi), *w[1:]) for w in windows], weights, lam,
+                              normalize, consensus,
                               divisor, offset=lo)
     return out.reshape(raw_base.shape)
 
 
-def _weighted_sum_chunked(sources, weights, divisor: float, normalize: bool) -> torch.Tensor:
+def _weighted_sum_chunked(sources, weights, divisor: float, normalize: bool, out_dtype=None) -> torch.Tensor:
     n = sources[0].numel()
     if n <= EAGER_CHUNK:
         return _weighted_sum(sources, weights, divisor, normalize)
     wd = torch.float64 if sources[0].dtype == torch.float64 else torch.float32
-    out = torch.empty(n, dtype=wd, device=sources[0].device)
+    out = torch.empty(n, dtype=out_dtype or wd, device=sources[0].device)
     for lo in range(0, n, EAGER_CHUNK):
         hi = min(n, lo + EAGER_CHUNK)
         out[lo:hi] = _weighted_sum([_flat(s, lo, hi) for s in sources], weights, divisor, normalize)
@@ -159,26 +168,29 @@ def _compile(fn):
     return torch.compile(fn, dynamic=True)
 
 
-def weighted_sum(sources, weights, divisor: float = 1.0, normalize: bool = False) -> torch.Tensor:
-    """sum_i w_i * sources_i (in the work dtype), divided by ``divisor`` if normalize."""
+def weighted_sum(sources, weights, divisor: float = 1.0, normalize: bool = False, out_dtype=None) -> torch.Tensor:
+    """sum_i w_i * sources_i (in the work dtype), divided by ``divisor`` if normalize.
+    A tensor large enough to be computed in blocks is returned in ``out_dtype`` (when
+    given), each block cast as it is made: no full-size work-dtype copy is held."""
     global _compiled_sum
     wd = torch.float64 if sources[0].dtype == torch.float64 else torch.float32
     args = (list(sources), _values(weights, wd, sources[0].device), _values(divisor, wd, sources[0].device),
             bool(normalize))
-    if sources[0].numel() >= COMPILE_MIN_NUMEL and not _compile_failed and _compile_available():
+    if COMPILE_WEIGHTED_SUM and sources[0].numel() >= COMPILE_MIN_NUMEL and not _compile_failed \
+            and _compile_available():
         if _compiled_sum is None:
             _compiled_sum = _compile(_weighted_sum)
         try:
             n = sources[0].numel()
             if n <= COMPILED_BLOCK:
                 return _compiled_sum(*args)
-            out = torch.empty(n, dtype=wd, device=sources[0].device)
+            out = torch.empty(n, dtype=out_dtype or wd, device=sources[0].device)
             for lo, hi in _blocks(n, COMPILED_BLOCK):
                 out[lo:hi] = _compiled_sum([_flat(t, lo, hi) for t in args[0]], *args[1:])
             return out.reshape(sources[0].shape)
         except Exception as e:
             _disable(e)
-    return _weighted_sum_chunked(*args)
+    return _weighted_sum_chunked(*args, out_dtype=out_dtype)
 
 
 def _disable(e: Exception) -> None:
@@ -187,32 +199,43 @@ def _disable(e: Exception) -> None:
     log.warning("torch.compile unavailable (%s); using the eager merge kernels", type(e).__name__)
 
 
-def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, consensus, divisor=1.0) -> torch.Tensor:
+def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, consensus, divisor=1.0,
+            out_dtype=None) -> torch.Tensor:
     """base + lam * merge of the selected, weighted deltas (see module docstring).
 
     ``sources[i]`` is model i's tensor as stored (its delta is taken inside the
     kernel, so bf16 inputs are read once, at 2 bytes an element) or, where
     ``is_delta[i]``, an already sparsified float delta. ``windows[i]`` is the
     selection of model i from :func:`sparsify.window`.
-    ``divisor`` is the normalizer without consensus (the sum of the weights)."""
+    ``divisor`` is the normalizer without consensus (the sum of the weights).
+    ``out_dtype``: as in :func:`weighted_sum`."""
     global _compiled, _compile_failed
     wd = torch.float64 if raw_base.dtype == torch.float64 else torch.float32
     dev = raw_base.device
-    args = (raw_base, list(sources), [bool(b) for b in is_delta], [tuple(w) for w in windows],
-            _values(weights, wd, dev), _values(lam, wd, dev), bool(normalize), bool(consensus),
-            _values(divisor, wd, dev))
-    if raw_base.numel() >= COMPILE_MIN_NUMEL and not _compile_failed and _compile_available():
+    selective = consensus or any(w is not None for w in windows)
+    if selective and raw_base.numel() >= COMPILE_MIN_NUMEL and not _compile_failed and _compile_available():
+        full = (None, _values(0.0, wd, dev), _values(float("inf"), wd, dev),
+                torch.zeros((), dtype=torch.int64, device=dev),
+                torch.full((), raw_base.numel(), dtype=torch.int64, device=dev))
+        args = (raw_base, list(sources), [bool(b) for b in is_delta],
+                [full if w is None else tuple(w) for w in windows], _values(weights, wd, dev),
+                _values(lam, wd, dev), bool(normalize), bool(consensus), _values(divisor, wd, dev))
         if _compiled is None:
             _compiled = _compile(_combine)
         try:
             n = raw_base.numel()
             if n <= COMPILED_BLOCK:
                 return _compiled(*args)
-            out = torch.empty(n, dtype=wd, device=dev)
+            out = torch.empty(n, dtype=out_dtype or wd, device=dev)
             for lo, hi in _blocks(n, COMPILED_BLOCK):
                 out[lo:hi] = _compiled(_flat(raw_base, lo, hi), [_flat(t, lo, hi) for t in args[1]], args[2],
                                        [(_flat(w[0], lo, hi), *w[1:]) for w in args[3]], *args[4:], offset=lo)
             return out.reshape(raw_base.shape)
         except Exception as e:  # no working compiler toolchain: stay eager from now on
             _disable(e)
-    return _combine_chunked(*args)
+    # without selection or sign election the eager kernel is a few passes, about as fast
+    # as the compiled loop, and needs no torch.compile (some 5 s to load per process)
+    args = (raw_base, list(sources), [bool(b) for b in is_delta], [w if w is None else tuple(w) for w in windows],
+            _values(weights, wd, dev), _values(lam, wd, dev), bool(normalize), bool(consensus),
+            _values(divisor, wd, dev))
+    return _combine_chunked(*args, out_dtype=out_dtype)

@@ -67,11 +67,11 @@ def window(x: TensorInputs, i: int, start: int, end: int) -> tuple:
     if start > 0:
         lo, less_lo, _ = x.select_abs(i, start)
         if less_lo != start:  # drop the first (start - less_lo) elements equal to lo
-            jlo = int(x.positions_equal(i, lo)[start - less_lo])
+            jlo = x.nth_position_equal(i, lo, start - less_lo)
     if end < n:
         hi, less_hi, leq_hi = x.select_abs(i, end - 1)
         if leq_hi != end:  # keep only the first (end - less_hi) elements equal to hi
-            jhi = int(x.positions_equal(i, hi)[end - less_hi])
+            jhi = x.nth_position_equal(i, hi, end - less_hi)
     return None, lo, hi, as_t(jlo), as_t(jhi)
 
 

@@ -19,7 +19,7 @@ def linear(x: TensorInputs, g: dict, m: list[dict]) -> torch.Tensor:
     if g["normalize"] and total == 0:
         raise MergeSearchError(f"linear: weights sum to zero for tensor {x.name}; cannot normalize")
     sources = [x.raw(i) if x.raw(i) is not None else x.tensor(i) for i in range(x.n)]
-    return kernels.weighted_sum(sources, weights, total, g["normalize"])
+    return kernels.weighted_sum(sources, weights, total, g["normalize"], out_dtype=x.out_dtype)
 
 
 def sparsified_delta(kind: str | None, x: TensorInputs, i: int, p: dict, rescale: bool) -> torch.Tensor:
@@ -48,7 +48,9 @@ def task_vector_merge(x: TensorInputs, g: dict, m: list[dict], *, sparsifier: st
     for i, p in enumerate(m):
         raw = x.raw(i)
         if sparsifier in ("magnitude", "outliers"):
-            w = sparsify.window(x, i, *sparsify.keep_range(sparsifier, n, p["density"], p.get("gamma", 0.0)))
+            start, end = sparsify.keep_range(sparsifier, n, p["density"], p.get("gamma", 0.0))
+            # None: everything kept (no selection pass in the kernel)
+            w = None if start <= 0 and end >= n else sparsify.window(x, i, start, end)
             if not g["rescale"]:
                 sources.append(raw if raw is not None else x.delta(i))
                 is_delta.append(raw is None)
@@ -56,11 +58,11 @@ def task_vector_merge(x: TensorInputs, g: dict, m: list[dict], *, sparsifier: st
                 if raw is not None:
                     x.release(i)
                 continue
-            d = sparsify.rescale_l1(x.delta(i), sparsify.apply_window(x.delta(i), w))
+            d = x.delta(i) if w is None else sparsify.rescale_l1(x.delta(i), sparsify.apply_window(x.delta(i), w))
         elif sparsifier is None and raw is not None:
             sources.append(raw)
             is_delta.append(False)
-            windows.append(sparsify.window(x, i, 0, n))
+            windows.append(None)
             continue
         else:
             d = sparsified_delta(sparsifier, x, i, p, g["rescale"])
@@ -68,12 +70,12 @@ def task_vector_merge(x: TensorInputs, g: dict, m: list[dict], *, sparsifier: st
             x.release(i)  # model i's float copies are no longer needed: only d is
         sources.append(d)
         is_delta.append(True)
-        windows.append(sparsify.window(x, i, 0, n))  # keep everything
+        windows.append(None)  # keep everything
     weights = [p["weight"] for p in m]
     total = sum(weights)
     divisor = 1.0 if abs(total) < 1e-8 else total
     return kernels.combine(x.raw_base, sources, is_delta, windows, weights, g["lambda"], g["normalize"],
-                           consensus, divisor)
+                           consensus, divisor, out_dtype=x.out_dtype)
 
 
 def task_vector_parts(x: TensorInputs, g: dict, m: list[dict], sparsifier: str | None) -> list[torch.Tensor]:
