@@ -58,7 +58,7 @@ SCRATCH_F32 = {"plain": (1, 0), "select": (3, 0), "random": (4, 1), "della": (8,
 SELECT_FULL_BLOCKED = 1
 SELECT_BLOCK_F32 = 6
 # The eager kernels' temporaries, in float32 buffers of one chunk of
-# ``kernels.EAGER_CHUNK`` elements: (fixed, per model).
+# ``kernels.eager_chunk(device)`` elements: (fixed, per model).
 CHUNK_F32 = (8, 2)
 # Assumed bandwidths where none can be measured (bytes/s): HBM3 of an H100 at about
 # 60% of its peak for elementwise kernels, and a PCIe Gen5 x16 host link with pinned
@@ -184,10 +184,10 @@ def scratch_kind(method: str) -> str:
             "della": "della"}[spec.sparsifier]
 
 
-def scratch_bytes(largest_numel: int, methods: list[str], n_models: int, out_elem: int) -> int:
+def scratch_bytes(largest_numel: int, methods: list[str], n_models: int, out_elem: int, device: str = "cpu") -> int:
     """Device bytes one tensor's merge needs beside its inputs (the worst of ``methods``)."""
     from mergesearch.methods.inputs import SELECT_BLOCK
-    from mergesearch.methods.kernels import EAGER_CHUNK
+    from mergesearch.methods.kernels import eager_chunk
 
     def full(kind: str) -> int:
         fixed, per = SCRATCH_F32[kind]
@@ -197,7 +197,7 @@ def scratch_bytes(largest_numel: int, methods: list[str], n_models: int, out_ele
     kinds = {scratch_kind(m) for m in methods}
     blocks = SELECT_BLOCK * 4 * SELECT_BLOCK_F32 if "select" in kinds and largest_numel > SELECT_BLOCK else 0
     chunk = CHUNK_F32[0] + CHUNK_F32[1] * n_models
-    return (largest_numel * (4 * max(map(full, kinds)) + out_elem) + min(largest_numel, EAGER_CHUNK) * 4 * chunk
+    return (largest_numel * (4 * max(map(full, kinds)) + out_elem) + min(largest_numel, eager_chunk(device)) * 4 * chunk
             + blocks)
 
 
@@ -261,7 +261,7 @@ def make_plan(base: str | None, models: list[str], methods: list[str], *, device
     eval_bytes += sum(ref.numel(n) * ref.dtype(n).itemsize for n in ref.names() if n not in floats)
     reserve = eval_reserve if eval_reserve is not None else int(0.2 * eval_bytes)
     largest = max(floats, key=ref.numel)
-    scratch = scratch_bytes(ref.numel(largest), methods, len(models), edtype.itemsize)
+    scratch = scratch_bytes(ref.numel(largest), methods, len(models), edtype.itemsize, device)
     uses_base = base is not None and any(REGISTRY[m].uses_base != "no" for m in methods)
 
     inputs: list[Input] = []

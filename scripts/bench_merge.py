@@ -2,8 +2,9 @@
 
 On a generated Llama-shaped family (base + 3 bf16 fine-tunes, cached under
 ``results/bench_cache/``) this measures, each as a separate process with its own peak
-RSS (from ``os.wait4``, which reports the rusage of that one child and its reaped
-descendants, not of every child the parent ever had):
+RSS (``os.wait4`` in a small launcher process, which reports the rusage of that one child
+and its reaped descendants; not in this script, whose own resident set a child forked from
+it would count as its own):
 
 - the floor: read the 4 inputs once with safetensors, weighted sum tensor by tensor in
   float32, write one bf16 safetensors file. Its weights (-0.2, 0.4, 0.4, 0.4) make it
@@ -126,21 +127,40 @@ def wait_quiet() -> float:
             said = True
 
 
+# A forked child's peak RSS starts at its parent's resident set at the fork (the pages are
+# mapped into both until the exec), so a child forked by this script, which grows as it
+# compares outputs, would report this script's memory as its own. Every timed command is
+# therefore started by this small launcher, a fresh interpreter, which times it and
+# reports its rusage.
+LAUNCHER = """
+import json, os, subprocess, sys, time
+t0 = time.perf_counter()
+p = subprocess.Popen(sys.argv[2:])
+_, status, ru = os.wait4(p.pid, 0)
+wall = time.perf_counter() - t0
+json.dump({"wall": wall, "maxrss_kb": ru.ru_maxrss, "user_s": ru.ru_utime, "sys_s": ru.ru_stime,
+           "rc": os.waitstatus_to_exitcode(status)}, open(sys.argv[1], "w"))
+"""
+
+
 def run_process(cmd: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run one child; wall time and that child's own peak RSS (os.wait4 rusage), and how many
-    cores other processes used meanwhile (machine busy time minus the child's CPU time)."""
+    """Run one child; wall time and that child's own peak RSS (its rusage, through
+    :data:`LAUNCHER`), and how many cores other processes used meanwhile (machine busy
+    time minus the child's CPU time)."""
     os.sync()  # no writeback of an earlier output during this timing
     wait_quiet()
+    stats = log.with_suffix(".rusage.json")
     with open(log, "w") as fh:
         b0 = cpu_busy()
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        _, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
+        p = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(stats), *cmd], stdout=fh,
+                             stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        p.wait()
         busy = cpu_busy() - b0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    other = max(0.0, busy - ru.ru_utime - ru.ru_stime) / wall
-    res = {"seconds": wall, "peak_rss": ru.ru_maxrss * 1024, "user_s": ru.ru_utime, "sys_s": ru.ru_stime,
+    ru = json.loads(stats.read_text())
+    wall = ru["wall"]
+    p.returncode = ru["rc"]
+    other = max(0.0, busy - ru["user_s"] - ru["sys_s"]) / wall
+    res = {"seconds": wall, "peak_rss": ru["maxrss_kb"] * 1024, "user_s": ru["user_s"], "sys_s": ru["sys_s"],
            "other_cores": other, "contended": other > CONTENDED_CORES, "rc": p.returncode, "log": str(log)}
     if p.returncode != 0:
         tail = log.read_text()[-2000:]

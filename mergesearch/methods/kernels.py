@@ -27,6 +27,13 @@ COMPILE_MIN_NUMEL = 1 << 20
 # (some fifteen float32 buffers) are bounded by the chunk, not by the tensor. Every
 # operation is elementwise, so the result is the same, bit for bit.
 EAGER_CHUNK = 1 << 18
+# On the CPU a chunk of 256K elements (1 MB of float32) stays in cache between the passes;
+# an accelerator wants fewer, larger launches.
+EAGER_CHUNK_ACCEL = 1 << 22
+
+
+def eager_chunk(device) -> int:
+    return EAGER_CHUNK if torch.device(device).type == "cpu" else EAGER_CHUNK_ACCEL
 # Variants of a compiled kernel (flags, model count, grad mode) each compile once; past
 # Dynamo's default limit of 8 it would silently fall back to the eager kernel.
 RECOMPILE_LIMIT = 64
@@ -88,9 +95,11 @@ def _compile_available() -> bool:
 
 
 _compiled_sum = None
-# A weighted sum is a few passes eagerly, about as fast as the compiled loop, and
-# loading torch.compile costs some 5 s per process: it is not compiled.
-COMPILE_WEIGHTED_SUM = False
+# On the CPU a weighted sum is a few cache-resident passes eagerly, about as fast as
+# the compiled loop, and loading torch.compile costs some 5 s per process: it is
+# compiled only on accelerators.
+def _compile_sum(device) -> bool:
+    return torch.device(device).type != "cpu"
 
 
 def _values(v, dtype: torch.dtype, device) -> torch.Tensor:
@@ -131,12 +140,13 @@ def _combine_chunked(raw_base, sources, is_delta, windows, weights, lam, normali
                      out_dtype=None):
     """The eager :func:`_combine` over flat chunks of ``EAGER_CHUNK`` elements."""
     n = raw_base.numel()
-    if n <= EAGER_CHUNK:
+    chunk = eager_chunk(raw_base.device)
+    if n <= chunk:
         return _combine(raw_base, sources, is_delta, windows, weights, lam, normalize, consensus, divisor)
     wd = torch.float64 if raw_base.dtype == torch.float64 else torch.float32
     out = torch.empty(n, dtype=out_dtype or wd, device=raw_base.device)
-    for lo in range(0, n, EAGER_CHUNK):
-        hi = min(n, lo + EAGER_CHUNK)
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
         out[lo:hi] = _combine(_flat(raw_base, lo, hi), [_flat(s, lo, hi) for s in sources], is_delta,
                               [w if w is None else (_flat(w[0], lo, hi), *w[1:]) for w in windows], weights, lam,
                               normalize, consensus,
@@ -146,12 +156,13 @@ def _combine_chunked(raw_base, sources, is_delta, windows, weights, lam, normali
 
 def _weighted_sum_chunked(sources, weights, divisor: float, normalize: bool, out_dtype=None) -> torch.Tensor:
     n = sources[0].numel()
-    if n <= EAGER_CHUNK:
+    chunk = eager_chunk(sources[0].device)
+    if n <= chunk:
         return _weighted_sum(sources, weights, divisor, normalize)
     wd = torch.float64 if sources[0].dtype == torch.float64 else torch.float32
     out = torch.empty(n, dtype=out_dtype or wd, device=sources[0].device)
-    for lo in range(0, n, EAGER_CHUNK):
-        hi = min(n, lo + EAGER_CHUNK)
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
         out[lo:hi] = _weighted_sum([_flat(s, lo, hi) for s in sources], weights, divisor, normalize)
     return out.reshape(sources[0].shape)
 
@@ -176,7 +187,7 @@ def weighted_sum(sources, weights, divisor: float = 1.0, normalize: bool = False
     wd = torch.float64 if sources[0].dtype == torch.float64 else torch.float32
     args = (list(sources), _values(weights, wd, sources[0].device), _values(divisor, wd, sources[0].device),
             bool(normalize))
-    if COMPILE_WEIGHTED_SUM and sources[0].numel() >= COMPILE_MIN_NUMEL and not _compile_failed \
+    if _compile_sum(sources[0].device) and sources[0].numel() >= COMPILE_MIN_NUMEL and not _compile_failed \
             and _compile_available():
         if _compiled_sum is None:
             _compiled_sum = _compile(_weighted_sum)
@@ -212,7 +223,8 @@ def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, conse
     global _compiled, _compile_failed
     wd = torch.float64 if raw_base.dtype == torch.float64 else torch.float32
     dev = raw_base.device
-    selective = consensus or any(w is not None for w in windows)
+    # on the CPU, a merge without selection or sign election runs eagerly (see below)
+    selective = consensus or any(w is not None for w in windows) or dev.type != "cpu"
     if selective and raw_base.numel() >= COMPILE_MIN_NUMEL and not _compile_failed and _compile_available():
         full = (None, _values(0.0, wd, dev), _values(float("inf"), wd, dev),
                 torch.zeros((), dtype=torch.int64, device=dev),
@@ -233,8 +245,9 @@ def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, conse
             return out.reshape(raw_base.shape)
         except Exception as e:  # no working compiler toolchain: stay eager from now on
             _disable(e)
-    # without selection or sign election the eager kernel is a few passes, about as fast
-    # as the compiled loop, and needs no torch.compile (some 5 s to load per process)
+    # on the CPU, without selection or sign election the eager kernel is a few
+    # cache-resident passes, about as fast as the compiled loop, and needs no
+    # torch.compile (some 5 s to load per process)
     args = (raw_base, list(sources), [bool(b) for b in is_delta], [w if w is None else tuple(w) for w in windows],
             _values(weights, wd, dev), _values(lam, wd, dev), bool(normalize), bool(consensus),
             _values(divisor, wd, dev))
