@@ -22,7 +22,7 @@ from mergesearch.checkpoint import Checkpoint, SideFile, all_finite, dtype_name,
 from mergesearch.compat import check_compatible
 from mergesearch.compiled import CompiledRecipe
 from mergesearch.errors import MergeSearchError
-from mergesearch.methods import MethodSpec, TensorInputs
+from mergesearch.methods import MethodSpec, TensorInputs, kernels
 from mergesearch.writer import StreamingWriter
 from mergesearch.recipe import Recipe
 
@@ -172,7 +172,7 @@ def stream_merge(
     start = time.perf_counter()
     read_since_release = 0
     written = 0
-    with StreamingWriter(out, layout, max_shard_bytes=max_shard_bytes, force=force) as writer:
+    with StreamingWriter(out, layout, max_shard_bytes=max_shard_bytes, force=force) as writer, kernels.streaming():
         for k, (name, _, out_dtype) in enumerate(layout):
             # the mapped pages of the inputs count in the resident set: drop them before a
             # tensor that would take the pages read since the last release over the limit

@@ -52,11 +52,6 @@ NO_BANDWIDTH = {"device": 1.0, "link": 1.0, "source": "not measured"}
 SCRATCH_F32 = {"plain": (1, 0), "select": (3, 0), "random": (4, 1), "della": (8, 1), "model_stock": (5, 2),
                "nuslerp": (9, 0), "slerp": (5, 0), "fisher": (4, 2), "preconditioned": (4, 2),
                "gradient_matching": (11, 2), "regmean": (2, 1)}
-# A selection over a tensor larger than ``inputs.SELECT_BLOCK`` runs block by block: its
-# full-size buffers are then only the output, and its block temporaries (|delta|, its
-# bits, the bins' input) take this many float32 buffers of one block.
-SELECT_FULL_BLOCKED = 1
-SELECT_BLOCK_F32 = 6
 # The eager kernels' temporaries, in float32 buffers of one chunk of
 # ``kernels.eager_chunk(device)`` elements: (fixed, per model).
 CHUNK_F32 = (8, 2)
@@ -186,19 +181,10 @@ def scratch_kind(method: str) -> str:
 
 def scratch_bytes(largest_numel: int, methods: list[str], n_models: int, out_elem: int, device: str = "cpu") -> int:
     """Device bytes one tensor's merge needs beside its inputs (the worst of ``methods``)."""
-    from mergesearch.methods.inputs import SELECT_BLOCK
     from mergesearch.methods.kernels import eager_chunk
-
-    def full(kind: str) -> int:
-        fixed, per = SCRATCH_F32[kind]
-        if kind == "select" and largest_numel > SELECT_BLOCK:
-            fixed = SELECT_FULL_BLOCKED
-        return fixed + per * n_models
-    kinds = {scratch_kind(m) for m in methods}
-    blocks = SELECT_BLOCK * 4 * SELECT_BLOCK_F32 if "select" in kinds and largest_numel > SELECT_BLOCK else 0
+    full = max(SCRATCH_F32[scratch_kind(m)][0] + SCRATCH_F32[scratch_kind(m)][1] * n_models for m in methods)
     chunk = CHUNK_F32[0] + CHUNK_F32[1] * n_models
-    return (largest_numel * (4 * max(map(full, kinds)) + out_elem) + min(largest_numel, eager_chunk(device)) * 4 * chunk
-            + blocks)
+    return largest_numel * (4 * full + out_elem) + min(largest_numel, eager_chunk(device)) * 4 * chunk
 
 
 def measure_bandwidth(device: str) -> dict:

@@ -131,13 +131,18 @@ def test_blocked_selection_and_compiled_blocks_give_the_same_bits(method, compil
     monkeypatch.setattr(kernels, "COMPILE_MIN_NUMEL", 1 if compiled else 10**12)
     monkeypatch.setattr(inputs, "RADIX_MIN_NUMEL", 1000)
     outs, blocked = [], []
-    for block in (10**9, 4099, 20000):
+    for block, one_shot in ((10**9, True), (4099, True), (20000, True), (4099, False)):
         monkeypatch.setattr(inputs, "SELECT_BLOCK", block)
         monkeypatch.setattr(kernels, "COMPILED_BLOCK", block)
         x = TensorInputs("w", base, tensors=models, seed=5)
-        blocked.append(x._blocked(0))
-        outs.append(spec.fn(x, gp, mp))
-    assert blocked == [False, True, True]
+        if one_shot:  # the streamed export
+            with kernels.streaming():
+                blocked.append(x._blocked(0))
+                outs.append(spec.fn(x, gp, mp))
+        else:  # a worker: whole-tensor selections
+            blocked.append(x._blocked(0))
+            outs.append(spec.fn(x, gp, mp))
+    assert blocked == [False, True, True, False]
     assert not kernels._compile_failed
     assert not torch.equal(outs[0], base.float())
     assert all(torch.equal(outs[0], o) for o in outs[1:])
@@ -149,5 +154,6 @@ def test_blocked_selection_and_compiled_blocks_give_the_same_bits(method, compil
         monkeypatch.setattr(inputs, "SELECT_BLOCK", 10**9)
         whole = sparsify.window(TensorInputs("w", base, tensors=models), 0, *rng)
         monkeypatch.setattr(inputs, "SELECT_BLOCK", 4099)
-        part = sparsify.window(TensorInputs("w", base, tensors=models), 0, *rng)
+        with kernels.streaming():
+            part = sparsify.window(TensorInputs("w", base, tensors=models), 0, *rng)
         assert all(torch.equal(a, b) for a, b in zip(whole[1:], part[1:]))

@@ -16,7 +16,8 @@ import torch
 
 
 RADIX_MIN_NUMEL = 1 << 20
-# From this size the selection reads a stored tensor in flat blocks of SELECT_BLOCK
+# In a one-shot merge (``kernels.streaming``), from this size the selection reads a
+# stored tensor in flat blocks of SELECT_BLOCK
 # elements (|delta| is made per block, twice: once for the histogram, once to gather the
 # threshold's bucket), so its float32 scratch is a few blocks, not a few copies of the
 # tensor. The values, and so the thresholds, are the same bits either way.
@@ -148,7 +149,8 @@ class TensorInputs:
     def _blocked(self, i: int) -> bool:
         """Whether model i's |delta| is read block by block (a large stored tensor whose
         float32 delta is not already held)."""
-        return (self.numel > SELECT_BLOCK and self._tensors is not None and self.raw_base is not None
+        from mergesearch.methods.kernels import is_streaming
+        return (is_streaming() and self.numel > SELECT_BLOCK and self._tensors is not None and self.raw_base is not None
                 and i not in self._delta_cache and i not in self._abs_cache
                 and work_dtype(self._tensors[i].dtype) == torch.float32)
 

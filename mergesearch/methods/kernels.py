@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 
 import torch
 
@@ -30,6 +31,28 @@ EAGER_CHUNK = 1 << 18
 # On the CPU a chunk of 256K elements (1 MB of float32) stays in cache between the passes;
 # an accelerator wants fewer, larger launches.
 EAGER_CHUNK_ACCEL = 1 << 22
+
+
+_streaming = False
+
+
+@contextmanager
+def streaming():
+    """A one-shot merge (the streamed export): on the CPU, merges without selection or
+    sign election run eagerly (loading torch.compile costs some 5 s per process, more than
+    it saves once), and selections read large tensors in blocks (bounded memory). A
+    long-lived worker keeps the compiled kernels and whole-tensor selections, which are
+    faster per candidate. Both give the same bits."""
+    global _streaming
+    old, _streaming = _streaming, True
+    try:
+        yield
+    finally:
+        _streaming = old
+
+
+def is_streaming() -> bool:
+    return _streaming
 
 
 def eager_chunk(device) -> int:
@@ -95,11 +118,10 @@ def _compile_available() -> bool:
 
 
 _compiled_sum = None
-# On the CPU a weighted sum is a few cache-resident passes eagerly, about as fast as
-# the compiled loop, and loading torch.compile costs some 5 s per process: it is
-# compiled only on accelerators.
+# In a one-shot merge on the CPU a weighted sum is a few cache-resident passes eagerly,
+# about as fast as the compiled loop, and loading torch.compile costs some 5 s.
 def _compile_sum(device) -> bool:
-    return torch.device(device).type != "cpu"
+    return torch.device(device).type != "cpu" or not _streaming
 
 
 def _values(v, dtype: torch.dtype, device) -> torch.Tensor:
@@ -223,8 +245,9 @@ def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, conse
     global _compiled, _compile_failed
     wd = torch.float64 if raw_base.dtype == torch.float64 else torch.float32
     dev = raw_base.device
-    # on the CPU, a merge without selection or sign election runs eagerly (see below)
-    selective = consensus or any(w is not None for w in windows) or dev.type != "cpu"
+    # in a one-shot merge on the CPU, a merge without selection or sign election runs
+    # eagerly (see below)
+    selective = consensus or any(w is not None for w in windows) or dev.type != "cpu" or not _streaming
     if selective and raw_base.numel() >= COMPILE_MIN_NUMEL and not _compile_failed and _compile_available():
         full = (None, _values(0.0, wd, dev), _values(float("inf"), wd, dev),
                 torch.zeros((), dtype=torch.int64, device=dev),
@@ -245,9 +268,8 @@ def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, conse
             return out.reshape(raw_base.shape)
         except Exception as e:  # no working compiler toolchain: stay eager from now on
             _disable(e)
-    # on the CPU, without selection or sign election the eager kernel is a few
-    # cache-resident passes, about as fast as the compiled loop, and needs no
-    # torch.compile (some 5 s to load per process)
+    # (in a one-shot merge on the CPU, without selection or sign election, the eager
+    # kernel is a few cache-resident passes and needs no torch.compile)
     args = (raw_base, list(sources), [bool(b) for b in is_delta], [w if w is None else tuple(w) for w in windows],
             _values(weights, wd, dev), _values(lam, wd, dev), bool(normalize), bool(consensus),
             _values(divisor, wd, dev))
