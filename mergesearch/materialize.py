@@ -268,12 +268,12 @@ class Materializer:
                 self.last_moved += sum(t.numel() * t.element_size() for t in copies)
             yield name, build(name, staged)
 
-    def compile(self, recipe: "Recipe | CompiledRecipe") -> CompiledRecipe:
-        """The recipe checked once and resolved for every tensor of this family (a
-        recipe compiled by the caller is taken as it is)."""
+    def compile(self, recipe: "Recipe | CompiledRecipe", validate: bool = True) -> CompiledRecipe:
+        """The recipe checked once (unless the caller did) and resolved for every tensor of
+        this family; a compiled recipe is taken as it is."""
         if isinstance(recipe, CompiledRecipe):
             return recipe
-        return CompiledRecipe(recipe, self.names, self.num_layers)
+        return CompiledRecipe(recipe, self.names, self.num_layers, validate=validate)
 
     def _candidate(self, compiled: CompiledRecipe, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """The merged tensors of ``names`` in order, host inputs streamed: in the work

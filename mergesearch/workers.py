@@ -171,7 +171,6 @@ class Worker:
         returned. With ``rung`` ({"k": rung, "items": {task: item indices}}) only those
         items are scored, per item; the candidate stays materialized for the trial's next
         rung, so a later rung of the same trial skips the write."""
-        from mergesearch.compiled import CompiledRecipe
         from mergesearch.evaluate import build_evaluator
         from mergesearch.recipe import from_dict
 
@@ -206,7 +205,7 @@ class Worker:
             if rung is None or rung["k"] == 0 or self.held != number:
                 self.held = None
                 # from_dict checked the recipe; compile it once without checking again
-                self.mat.write_into(self.model, CompiledRecipe(r, self.mat.names, self.mat.num_layers, validate=False))
+                self.mat.write_into(self.model, self.mat.compile(r, validate=False))
                 self.held = number if rung is not None else None
                 extra["wrote"] = True
             t1 = time.perf_counter()

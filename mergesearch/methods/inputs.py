@@ -17,10 +17,9 @@ import torch
 
 RADIX_MIN_NUMEL = 1 << 20
 # In a one-shot merge (``kernels.streaming``), from this size the selection reads a
-# stored tensor in flat blocks of SELECT_BLOCK
-# elements (|delta| is made per block, twice: once for the histogram, once to gather the
-# threshold's bucket), so its float32 scratch is a few blocks, not a few copies of the
-# tensor. The values, and so the thresholds, are the same bits either way.
+# stored tensor in flat blocks of SELECT_BLOCK elements (|delta| is made per block, once
+# per histogram pass), so its float32 scratch is a few blocks, not a few copies of the
+# tensor. The thresholds are the same bits either way.
 SELECT_BLOCK = 1 << 18
 
 
@@ -231,8 +230,6 @@ class TensorInputs:
 
     def positions_equal(self, i: int, value: torch.Tensor) -> torch.Tensor:
         """Flat indices where |delta_i| == value, ascending."""
-        if self._blocked(i):
-            return torch.cat([(a == value).nonzero().reshape(-1) + lo for lo, a in self._abs_blocks(i)])
         return (self.abs_delta(i) == value).nonzero().reshape(-1)
 
     @property

@@ -32,7 +32,6 @@ EAGER_CHUNK = 1 << 18
 # an accelerator wants fewer, larger launches.
 EAGER_CHUNK_ACCEL = 1 << 22
 
-
 _streaming = False
 
 
@@ -57,6 +56,8 @@ def is_streaming() -> bool:
 
 def eager_chunk(device) -> int:
     return EAGER_CHUNK if torch.device(device).type == "cpu" else EAGER_CHUNK_ACCEL
+
+
 # Variants of a compiled kernel (flags, model count, grad mode) each compile once; past
 # Dynamo's default limit of 8 it would silently fall back to the eager kernel.
 RECOMPILE_LIMIT = 64
@@ -245,16 +246,19 @@ def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, conse
     global _compiled, _compile_failed
     wd = torch.float64 if raw_base.dtype == torch.float64 else torch.float32
     dev = raw_base.device
-    # in a one-shot merge on the CPU, a merge without selection or sign election runs
-    # eagerly (see below)
+    windows = [w if w is None else tuple(w) for w in windows]  # None: everything kept
+    scalars = (_values(weights, wd, dev), _values(lam, wd, dev), bool(normalize), bool(consensus),
+               _values(divisor, wd, dev))
+    # in a one-shot merge on the CPU, a merge without selection or sign election is a few
+    # cache-resident eager passes and needs no torch.compile (some 5 s to load)
     selective = consensus or any(w is not None for w in windows) or dev.type != "cpu" or not _streaming
     if selective and raw_base.numel() >= COMPILE_MIN_NUMEL and not _compile_failed and _compile_available():
+        # the compiled kernel takes one form of window: "everything" as bounds
         full = (None, _values(0.0, wd, dev), _values(float("inf"), wd, dev),
                 torch.zeros((), dtype=torch.int64, device=dev),
                 torch.full((), raw_base.numel(), dtype=torch.int64, device=dev))
-        args = (raw_base, list(sources), [bool(b) for b in is_delta],
-                [full if w is None else tuple(w) for w in windows], _values(weights, wd, dev),
-                _values(lam, wd, dev), bool(normalize), bool(consensus), _values(divisor, wd, dev))
+        args = (raw_base, list(sources), [bool(b) for b in is_delta], [full if w is None else w for w in windows],
+                *scalars)
         if _compiled is None:
             _compiled = _compile(_combine)
         try:
@@ -268,9 +272,5 @@ def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, conse
             return out.reshape(raw_base.shape)
         except Exception as e:  # no working compiler toolchain: stay eager from now on
             _disable(e)
-    # (in a one-shot merge on the CPU, without selection or sign election, the eager
-    # kernel is a few cache-resident passes and needs no torch.compile)
-    args = (raw_base, list(sources), [bool(b) for b in is_delta], [w if w is None else tuple(w) for w in windows],
-            _values(weights, wd, dev), _values(lam, wd, dev), bool(normalize), bool(consensus),
-            _values(divisor, wd, dev))
-    return _combine_chunked(*args, out_dtype=out_dtype)
+    return _combine_chunked(raw_base, list(sources), [bool(b) for b in is_delta], windows, *scalars,
+                            out_dtype=out_dtype)
