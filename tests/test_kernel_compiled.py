@@ -159,3 +159,45 @@ def test_blocked_selection_and_compiled_blocks_give_the_same_bits(method, compil
         assert all(torch.equal(a, b) for a, b in zip(whole[1:], part[1:]))
         if method == "ties":  # here a run of equal magnitudes is split at the threshold
             assert int(whole[3]) > 0  # (its position found by counting per block)
+
+
+def test_radix_select_bits_matches_a_sort_with_ties_zeros_and_ends():
+    from mergesearch.methods.inputs import first_digit_cumsum, radix_select_bits
+    g = torch.Generator().manual_seed(11)
+    cases = [torch.randn(5000, generator=g).abs(),
+             (torch.randn(7000, generator=g) * 0.01).bfloat16().float().abs(),  # many ties
+             torch.cat([torch.zeros(3000), torch.rand(2000, generator=g)]),  # a run of zeros
+             torch.full((999,), 0.25)]
+    for a in cases:
+        s = a.sort().values
+        bits = a.view(torch.int32)
+        first = first_digit_cumsum(bits)
+        for k in (0, 1, a.numel() // 3, a.numel() // 2, a.numel() - 1):
+            vb, below, at = radix_select_bits(bits, k, first if k % 2 else None)
+            v = torch.tensor([vb], dtype=torch.int32).view(torch.float32)[0]
+            assert torch.equal(v, s[k])
+            assert (below, at) == (int((a < v).sum()), int((a <= v).sum()))
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_accelerator_selection_paths_give_the_cpu_bits(method, monkeypatch):
+    """The selection paths taken on an accelerator (a sort, then 8-bit radix passes),
+    run here on the CPU: the same merged bits as the CPU paths (kthvalue, 16-bit radix)."""
+    from mergesearch.methods import inputs
+    g = torch.Generator().manual_seed(4)
+    base = (torch.randn(257, 129, generator=g) * 0.05).bfloat16()
+    models = [(base.float() + torch.randn(257, 129, generator=g) * 0.01).bfloat16() for _ in range(3)]
+    spec = REGISTRY[method]
+    gp = {p.name: p.default for p in spec.global_params}
+    mp = [{**{p.name: p.default for p in spec.model_params}, "weight": w, "density": d}
+          for w, d in [(0.5, 0.3), (-0.4, 0.6), (0.7, 0.5)]]
+    monkeypatch.setattr(kernels, "COMPILE_MIN_NUMEL", 10**12)
+    outs = {}
+    for label, accel, radix_min in (("cpu kthvalue", False, 10**9), ("cpu radix16", False, 1000),
+                                    ("sort", True, 10**9), ("radix8", True, 1000)):
+        monkeypatch.setattr(inputs, "_select_by_sort_and_radix8", lambda device, accel=accel: accel)
+        monkeypatch.setattr(inputs, "SORT_MIN_NUMEL", 1000)
+        monkeypatch.setattr(inputs, "RADIX_MIN_NUMEL", radix_min)
+        outs[label] = spec.fn(TensorInputs("w", base, tensors=models, seed=5), gp, mp)
+    assert not torch.equal(outs["cpu kthvalue"], base.float())
+    assert all(torch.equal(outs["cpu kthvalue"], o) for o in outs.values())
