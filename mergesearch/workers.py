@@ -174,6 +174,7 @@ class Worker:
         from mergesearch.evaluate import build_evaluator
         from mergesearch.recipe import from_dict
 
+        entered, started_at = time.perf_counter(), time.time()
         split = split or self.eval_cfg.split
         if split not in self.evaluators:
             self.evaluators[split] = build_evaluator(self.eval_cfg.model_copy(update={"split": split}),
@@ -230,7 +231,8 @@ class Worker:
         if fault in ("nan", "inf"):
             scores = {k: float(fault) for k in scores}
         t2 = time.perf_counter()
-        return {"scores": scores, "materialize_s": t1 - t0, "eval_s": t2 - t1, "worker": self.worker_id,
+        return {"scores": scores, "materialize_s": t1 - t0, "eval_s": t2 - t1, "worker_s": time.perf_counter() - entered,
+                "started_at": started_at, "ended_at": time.time(), "worker": self.worker_id,
                 "device": self.device, "pid": os.getpid(), "moved_bytes": self.mat.last_moved, **extra}
 
 
@@ -297,6 +299,7 @@ class WorkerPool:
         self.ready_at: dict[int, float] = {}  # worker -> when its set-up finished
         self.loading: dict[object, int] = {}  # info ref -> worker still loading
         self.busy: dict[object, tuple[int, object, float]] = {}  # ref -> (number, worker, submitted)
+        self.sent_at: dict[object, float] = {}  # ref -> when it was sent (epoch seconds)
         self.infos: dict[int, dict] = {}
         self.replaced = 0
         for _ in range(n):
@@ -372,6 +375,7 @@ class WorkerPool:
         wid = worker if worker in idle else idle[0]
         ref = self.actors[wid].run.remote(number, recipe, split, refine, rung)
         self.busy[ref] = (number, wid, time.monotonic())
+        self.sent_at[ref] = time.time()
 
     def wait(self, timeout: float = 1.0) -> list[Result]:
         """Results that finished (or failed, or timed out) within ``timeout`` seconds.
@@ -386,13 +390,14 @@ class WorkerPool:
         out = []
         for ref in ready:
             number, wid, _ = self.busy.pop(ref)
-            out.append(self._collect(ref, number, wid))
+            out.append(self._collect(ref, number, wid, self.sent_at.pop(ref, None)))
         self._poll_ready(0)
         now = time.monotonic()
         for ref, (number, wid, submitted) in list(self.busy.items()):
             if wid not in self.ready_at:
                 if now - self.spawned[wid] > self.setup_timeout:
                     self.busy.pop(ref)
+                    self.sent_at.pop(ref, None)
                     self._replace(wid)
                     out.append(Result(number, False, worker=wid, retryable=True,
                                       reason=f"setup timeout: the worker did not load within "
@@ -400,12 +405,13 @@ class WorkerPool:
                 continue
             if now - max(submitted, self.ready_at[wid]) > self.trial_timeout:
                 self.busy.pop(ref)
+                self.sent_at.pop(ref, None)
                 self._replace(wid)
                 out.append(Result(number, False, worker=wid,
                                   reason=f"timeout: no result after {self.trial_timeout:.0f}s (worker replaced)"))
         return out
 
-    def _collect(self, ref, number: int, wid: int) -> Result:
+    def _collect(self, ref, number: int, wid: int, sent_at: float | None = None) -> Result:
         ray = self.ray
         try:
             r = ray.get(ref)
@@ -424,7 +430,10 @@ class WorkerPool:
                 reason += " (worker replaced)"
             return Result(number, False, worker=wid, reason=reason)
         bad = [t for t, v in r["scores"].items() if not isinstance(v, (int, float)) or not math.isfinite(v)]
-        timings = {"materialize_s": r["materialize_s"], "eval_s": r["eval_s"]}
+        timings = {"materialize_s": r["materialize_s"], "eval_s": r["eval_s"], "worker_s": r["worker_s"]}
+        if sent_at is not None:  # the Ray call's own latency, each way (one machine's clock)
+            timings.update(ray_in_s=r["started_at"] - sent_at, ray_out_s=time.time() - r["ended_at"],
+                           sent_at=sent_at)
         if "refine_s" in r:
             timings["refine_s"] = r["refine_s"]
         extra = {k: r[k] for k in ("recipe", "refine", "item_scores", "wrote") if k in r}
@@ -461,6 +470,7 @@ class WorkerPool:
             except Exception:
                 pass
         self.busy.clear()
+        self.sent_at.clear()
         return numbers
 
     def shutdown(self) -> None:

@@ -69,14 +69,24 @@ def main() -> int:
             span = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
             mat = sum(t.user_attrs["materialize_s"] for t in ok)
             ev = sum(t.user_attrs["eval_s"] for t in ok)
+            busy = sum(t.user_attrs.get("worker_s", 0.0) for t in ok)
             capacity = span * w
             overhead = 1 - (mat + ev) / capacity
             out["throughput"][w] = {"trials": len(ok), "span_s": span, "trials_per_hour": len(ok) / span * 3600,
                                     "materialize_s": mat, "eval_s": ev, "overhead_frac": overhead,
-                                    "startup_s": s["wall_s"] - span}
+                                    "startup_s": s["wall_s"] - span,
+                                    # inside the actor's run() but neither materializing nor evaluating
+                                    "in_worker_other_frac": (busy - mat - ev) / capacity,
+                                    # between runs: Ray calls, the controller's ask/tell/store, waiting
+                                    "between_runs_frac": 1 - busy / capacity,
+                                    # of which the Ray calls' latency, each way
+                                    "ray_in_frac": sum(t.user_attrs.get("ray_in_s", 0.0) for t in ok) / capacity,
+                                    "ray_out_frac": sum(t.user_attrs.get("ray_out_s", 0.0) for t in ok) / capacity}
             r = out["throughput"][w]
             print(f"{w:>8}{r['trials_per_hour']:>10.0f}{span:>8.1f}s{mat / capacity:>12.1%}{ev / capacity:>10.1%}"
-                  f"{overhead:>10.1%}")
+                  f"{overhead:>10.1%}   (in the worker {r['in_worker_other_frac']:.1%}, between runs "
+                  f"{r['between_runs_frac']:.1%}: Ray call in {r['ray_in_frac']:.1%}, result back "
+                  f"{r['ray_out_frac']:.1%}, the rest waiting on the controller)")
         speedup = out["throughput"][2]["trials_per_hour"] / out["throughput"][1]["trials_per_hour"]
         out["throughput"]["speedup_2_vs_1"] = speedup
         print(f"2 workers / 1 worker: {speedup:.2f}x (target >= 1.6x)")

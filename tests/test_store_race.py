@@ -50,3 +50,43 @@ def test_a_trial_payload_is_one_transaction(tmp_path):
     t2 = study.ask()
     record(t2, {"x": [1, 2]})
     assert t2.user_attrs == {"x": [1, 2]}  # the live trial sees what it recorded
+
+
+def test_suggested_parameters_are_one_transaction_with_the_same_values(tmp_path):
+    import optuna
+    import pytest
+    import sqlalchemy
+
+    from mergesearch.store import batched_params
+
+    def suggest(t):
+        return [t.suggest_float(f"w{k}", 0.0, 1.5) for k in range(6)] + [t.suggest_categorical("m", ["ties", "dare"])]
+
+    got, per_trial = {}, {}
+    for batched in (False, True):
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / f's{batched}.db'}")
+        study = optuna.create_study(storage=storage, sampler=optuna.samplers.TPESampler(seed=3, n_startup_trials=2))
+        commits = []
+        sqlalchemy.event.listen(storage.engine, "commit", lambda conn: commits.append(1))
+        values = []
+        for _ in range(4):
+            t = study.ask()
+            n = len(commits)
+            if batched:
+                with batched_params(t):
+                    v = suggest(t)
+            else:
+                v = suggest(t)
+            per_trial.setdefault(batched, []).append(len(commits) - n)
+            assert t.params == dict(zip([f"w{k}" for k in range(6)] + ["m"], v))
+            study.tell(t, sum(x for x in v if isinstance(x, float)))
+            values.append(v)
+        got[batched] = (values, [tr.params for tr in study.trials])
+    assert got[True] == got[False]  # the sampler saw the same history
+    assert per_trial[True] == [c - 6 for c in per_trial[False]]  # seven parameters, one commit
+    assert got[True][1][3] == dict(zip([f"w{k}" for k in range(6)] + ["m"], got[True][0][3]))  # stored
+    # a parameter whose distribution conflicts with the study's is still refused
+    t = study.ask()
+    with pytest.raises(ValueError):
+        with batched_params(t):
+            t.suggest_categorical("w0", ["a", "b"])

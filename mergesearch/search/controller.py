@@ -1,7 +1,7 @@
 """The search controller: Optuna ask/tell over a Ray worker pool.
 
-It asks for a batch of trials (a population), sends them to the idle workers and
-tells each result as it arrives. It stops at the trial budget or the wall-time
+It asks for trials ahead of the workers (one per worker), sends them to the idle
+workers and tells each result as it arrives. It stops at the trial budget or the wall-time
 budget; Ctrl-C stops it cleanly: no new trials, in-flight trials are abandoned
 and marked failed ("interrupted"), and the store stays consistent. ``resume``
 continues the same study, with the sampler's state (CMA-ES generations keep
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,10 @@ from mergesearch.errors import MergeSearchError
 from mergesearch.evaluate.base import weighted_mean
 from mergesearch.recipe import Recipe, from_dict
 from mergesearch.search.lifecycle import RunLifecycle
-from mergesearch.search.samplers import make_sampler, population
+from mergesearch.search.samplers import make_sampler
 from mergesearch.space import SearchSpace, layer_prefix
 from mergesearch.store import (
-    HEARTBEAT_S, counts_toward_budget, heartbeat, record, recover_stale, requeue_failed, run_dir,
+    HEARTBEAT_S, batched_params, counts_toward_budget, heartbeat, record, recover_stale, requeue_failed, run_dir,
     study_names,
 )
 from mergesearch.workers import Retries, WorkerPool
@@ -267,7 +268,6 @@ class Controller(RunLifecycle):
                     self.seed_baseline = True
             (self.dir / "space.yaml").write_text(_yaml(self.space.model_dump(mode="json"))) if self.dir.exists() else None
         self.study = study
-        self.population = population(self.space, self.opts.workers, n_vars)
 
     def _n_variables(self) -> int:
         from mergesearch.space import Bounds
@@ -373,7 +373,8 @@ class Controller(RunLifecycle):
             # independently until then: score the start point itself first
             self.study.enqueue_trial(x0, user_attrs={"role": "warm start"})
             t = self.study.ask()
-            recipe = self.space.suggest(t, self.groups, self.side)
+            with batched_params(t):
+                recipe = self.space.suggest(t, self.groups, self.side)
             record(t, {"recipe": recipe.to_dict(), "summary": recipe.summary()})
             for res in self.pool.run_batch({t.number: (t.user_attrs["recipe"], None)}, self.space.max_retries,
                                            stop=lambda: self.interrupted):
@@ -420,7 +421,6 @@ class Controller(RunLifecycle):
         name = f"{self.opts.run}.stage{k}"
         self.groups = groups
         self.n_vars = self._n_variables()
-        self.population = population(self.space, self.opts.workers, self.n_vars)
         if name in study_names(self.storage):
             study = optuna.load_study(study_name=name, storage=self.storage, pruner=self.pruner)
             x0 = study.user_attrs.get("x0")
@@ -541,31 +541,38 @@ class Controller(RunLifecycle):
             if self.interrupted or out_of_time:
                 break
             self._dispatch(queue, inflight)
-            # Ask ahead while the workers run, so a worker that finishes gets its next
-            # trial at once instead of waiting on the sampler and the storage writes.
-            if len(queue) < self.pool.size and remaining > 0:
-                for _ in range(min(self.population, remaining)):
-                    t = study.ask()
+            # Ask ahead while the workers run, one trial per pass (between passes the
+            # results are collected), so that a worker that finishes gets its next trial
+            # at once instead of waiting on the sampler and the storage writes.
+            more = len(queue) < self.pool.size and remaining > 0
+            if more:
+                t = study.ask()
+                with batched_params(t):
                     recipe = self.space.suggest(t, self.groups, self.side)
-                    fresh = {"recipe": recipe.to_dict(), "summary": recipe.summary()}
-                    if "reason" in t.user_attrs:  # a retry carries its failed original's attributes
-                        fresh.update(reason=None, requeued=False)
-                    record(t, fresh)
-                    queue.append(t)
+                fresh = {"recipe": recipe.to_dict(), "summary": recipe.summary()}
+                if "reason" in t.user_attrs:  # a retry carries its failed original's attributes
+                    fresh.update(reason=None, requeued=False)
+                record(t, fresh)
+                queue.append(t)
                 self._dispatch(queue, inflight)
+                more = len(queue) < self.pool.size and remaining > 1
             if not inflight and not queue and remaining <= 0:
                 break
-            for res in self.pool.wait(0.5):
+            done = []
+            for res in self.pool.wait(0 if more else 0.5):
                 t = inflight.pop(res.number)
                 if retries.again(res):
                     self.progress.pop(res.number, None)  # it starts again at the first rung
                     queue.insert(0, t)
                     continue
+                # a trial's next rung goes to the worker that holds its candidate
                 step = self._next_rung(study, t, res) if self.fid is not None and res.ok else "done"
                 if step == "sent":
                     inflight[t.number] = t
-                if step != "done":
-                    continue
+                if step == "done":
+                    done.append((t, res))
+            self._dispatch(queue, inflight)  # freed workers start before the bookkeeping
+            for t, res in done:
                 payload = self._finish(study, t, res, self.progress.pop(res.number, None))
                 self._tally_add(TrialState.COMPLETE if res.ok else TrialState.FAIL, payload, t.number,
                                 summary=t.user_attrs.get("summary") if res.ok else None)
@@ -672,7 +679,19 @@ class Controller(RunLifecycle):
             self._last_html = (now, n)
             return
         from mergesearch.report import refresh
-        refresh(self.opts.run, self.opts.storage, self.opts.root)
+        args = (self.opts.run, self.opts.storage, self.opts.root)
+        running = getattr(self, "_html_thread", None)
+        if force:
+            if running is not None:
+                running.join()
+            refresh(*args)
+        elif running is None or not running.is_alive():
+            # on a thread: building the report takes seconds, and the loop must keep
+            # collecting results and handing out trials meanwhile
+            self._html_thread = threading.Thread(target=refresh, args=args, name="report", daemon=True)
+            self._html_thread.start()
+        else:
+            return  # the last one is still being written
         self._last_html = (time.monotonic(), n)
 
     def _count_finished(self) -> float:

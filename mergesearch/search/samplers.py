@@ -86,14 +86,3 @@ def recipe_x0(space: SearchSpace, recipe: dict, groups, tensor_names: list[str],
                 var = "/".join(x for x in (name, owner, g.name if p.scope == "model" else "") if x)
                 x0[var] = min(max(float(v), b.low), b.high)
     return x0
-
-
-def population(space: SearchSpace, workers: int, n_variables: int) -> int:
-    """Trials asked per batch: the configured population, CMA-ES's default
-    (4 + 3 ln n), or enough to keep every worker busy."""
-    import math
-    if space.sampler.population:
-        return space.sampler.population
-    if space.sampler.name == "cmaes" and len(space.methods) == 1:
-        return max(workers, 4 + int(3 * math.log(max(n_variables, 1))))
-    return max(workers, 1)
