@@ -45,11 +45,12 @@ NO_BANDWIDTH = {"device": 1.0, "link": 1.0, "source": "not measured"}
 # Float32 buffers of the largest tensor's size alive at once while one tensor is merged,
 # beside the inputs themselves, as (fixed, per model), by kind of method: the merged
 # output, then the selection scratch (|delta| and its top bits, one model at a time),
-# the sparsified deltas that DARE and DELLA prepare, the norms and angles of
+# DARE's kept-element masks (a byte an element), the sparsified deltas that DELLA
+# prepares, the norms and angles of
 # model_stock and the slerps, or the metric sums of the geometry-aware methods.
 # Measured on the eager kernels (tests/test_plan_scratch.py checks each kind with
 # tests/memtrack.py, within 2.5 buffers); the compiled kernels keep fewer.
-SCRATCH_F32 = {"plain": (1, 0), "select": (3, 0), "random": (4, 1), "della": (8, 1), "model_stock": (5, 2),
+SCRATCH_F32 = {"plain": (1, 0), "select": (3, 0), "random": (2, 0.25), "della": (8, 1), "model_stock": (5, 2),
                "nuslerp": (9, 0), "slerp": (5, 0), "fisher": (4, 2), "preconditioned": (4, 2),
                "gradient_matching": (11, 2), "regmean": (2, 1)}
 # The eager kernels' temporaries, in float32 buffers of one chunk of
@@ -184,7 +185,7 @@ def scratch_bytes(largest_numel: int, methods: list[str], n_models: int, out_ele
     from mergesearch.methods.kernels import eager_chunk
     full = max(SCRATCH_F32[scratch_kind(m)][0] + SCRATCH_F32[scratch_kind(m)][1] * n_models for m in methods)
     chunk = CHUNK_F32[0] + CHUNK_F32[1] * n_models
-    return largest_numel * (4 * full + out_elem) + min(largest_numel, eager_chunk(device)) * 4 * chunk
+    return int(largest_numel * (4 * full + out_elem)) + min(largest_numel, eager_chunk(device)) * 4 * chunk
 
 
 def measure_bandwidth(device: str) -> dict:

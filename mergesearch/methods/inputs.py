@@ -153,6 +153,12 @@ class TensorInputs:
             self._tensors[0] if self._tensors is not None else self._deltas[0])
         return ref.numel()
 
+    @property
+    def shape(self) -> torch.Size:
+        ref = self.raw_base if self.raw_base is not None else (
+            self._tensors[0] if self._tensors is not None else self._deltas[0])
+        return ref.shape
+
     def raw(self, i: int) -> torch.Tensor | None:
         """Model i's tensor as stored, or None when only its delta was given."""
         return self._tensors[i] if self._tensors is not None else None
@@ -183,6 +189,21 @@ class TensorInputs:
             else:
                 self._abs_cache[i] = self.delta(i).abs().reshape(-1)
         return self._abs_cache[i]
+
+    def delta_blocks(self, i: int, size: int):
+        """(lo, hi, delta_i over flat elements [lo, hi)), in the work dtype: the same
+        bits as :meth:`delta`, without a whole float copy of a stored tensor."""
+        n = self.numel
+        whole = self._deltas[i] if self._deltas is not None else self._delta_cache.get(i)
+        if whole is None and (self._tensors is None or self.raw_base is None):
+            whole = self.delta(i)
+        for lo in range(0, n, size):
+            hi = min(n, lo + size)
+            if whole is not None:
+                yield lo, hi, whole.reshape(-1)[lo:hi]
+            else:
+                t, b = self._tensors[i].reshape(-1)[lo:hi], self.raw_base.reshape(-1)[lo:hi]
+                yield lo, hi, t.to(work_dtype(t.dtype)) - b.to(work_dtype(b.dtype))
 
     def _blocked(self, i: int) -> bool:
         """Whether model i's |delta| is read block by block (a large stored tensor whose

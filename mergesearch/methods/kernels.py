@@ -67,13 +67,16 @@ _compile_failed = False
 
 def _combine(raw_base: torch.Tensor, sources: list[torch.Tensor], is_delta: list[bool], windows: list[tuple],
              weights: list[float], lam: float, normalize: bool, consensus: bool, divisor: float,
-             offset: int = 0) -> torch.Tensor:
+             offset: int = 0, masks: list | None = None) -> torch.Tensor:
     wd = torch.float64 if raw_base.dtype == torch.float64 else torch.float32
     base = raw_base.to(wd)
     parts = []
     idx = torch.arange(offset, offset + base.numel(), device=base.device).reshape(base.shape)
-    for src, delta_given, window, w in zip(sources, is_delta, windows, weights):
+    for k, (src, delta_given, window, w) in enumerate(zip(sources, is_delta, windows, weights)):
         d = src if delta_given else src.to(wd) - base
+        if masks is not None and masks[k] is not None:  # DARE: kept elements, L1 factor
+            keep_k, factor = masks[k]
+            d = torch.where(keep_k, d if factor is None else d * factor, 0.0)
         if window is None:  # everything kept
             parts.append(torch.where(d != 0, d * w, 0.0))
             continue
@@ -159,13 +162,18 @@ def _flat(t: torch.Tensor | None, lo: int, hi: int):
     return t if t is None or not isinstance(t, torch.Tensor) or t.dim() == 0 else t.reshape(-1)[lo:hi]
 
 
+def _flat_masks(masks: list | None, lo: int, hi: int) -> list | None:
+    return None if masks is None else [mk if mk is None else (_flat(mk[0], lo, hi), mk[1]) for mk in masks]
+
+
 def _combine_chunked(raw_base, sources, is_delta, windows, weights, lam, normalize, consensus, divisor,
-                     out_dtype=None):
+                     out_dtype=None, masks=None):
     """The eager :func:`_combine` over flat chunks of ``EAGER_CHUNK`` elements."""
     n = raw_base.numel()
     chunk = eager_chunk(raw_base.device)
     if n <= chunk:
-        return _combine(raw_base, sources, is_delta, windows, weights, lam, normalize, consensus, divisor)
+        return _combine(raw_base, sources, is_delta, windows, weights, lam, normalize, consensus, divisor,
+                        masks=masks)
     wd = torch.float64 if raw_base.dtype == torch.float64 else torch.float32
     out = torch.empty(n, dtype=out_dtype or wd, device=raw_base.device)
     for lo in range(0, n, chunk):
@@ -173,7 +181,7 @@ def _combine_chunked(raw_base, sources, is_delta, windows, weights, lam, normali
         out[lo:hi] = _combine(_flat(raw_base, lo, hi), [_flat(s, lo, hi) for s in sources], is_delta,
                               [w if w is None else (_flat(w[0], lo, hi), *w[1:]) for w in windows], weights, lam,
                               normalize, consensus,
-                              divisor, offset=lo)
+                              divisor, offset=lo, masks=_flat_masks(masks, lo, hi))
     return out.reshape(raw_base.shape)
 
 
@@ -234,7 +242,7 @@ def _disable(e: Exception) -> None:
 
 
 def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, consensus, divisor=1.0,
-            out_dtype=None) -> torch.Tensor:
+            out_dtype=None, masks=None) -> torch.Tensor:
     """base + lam * merge of the selected, weighted deltas (see module docstring).
 
     ``sources[i]`` is model i's tensor as stored (its delta is taken inside the
@@ -242,6 +250,8 @@ def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, conse
     ``is_delta[i]``, an already sparsified float delta. ``windows[i]`` is the
     selection of model i from :func:`sparsify.window`.
     ``divisor`` is the normalizer without consensus (the sum of the weights).
+    ``masks[i]`` (DARE), when given: (kept elements as bool, L1 factor or None); model
+    i's delta is then ``delta * factor`` where kept and 0 elsewhere.
     ``out_dtype``: as in :func:`weighted_sum`."""
     global _compiled, _compile_failed
     wd = torch.float64 if raw_base.dtype == torch.float64 else torch.float32
@@ -264,13 +274,14 @@ def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, conse
         try:
             n = raw_base.numel()
             if n <= COMPILED_BLOCK:
-                return _compiled(*args)
+                return _compiled(*args, masks=masks)
             out = torch.empty(n, dtype=out_dtype or wd, device=dev)
             for lo, hi in _blocks(n, COMPILED_BLOCK):
                 out[lo:hi] = _compiled(_flat(raw_base, lo, hi), [_flat(t, lo, hi) for t in args[1]], args[2],
-                                       [(_flat(w[0], lo, hi), *w[1:]) for w in args[3]], *args[4:], offset=lo)
+                                       [(_flat(w[0], lo, hi), *w[1:]) for w in args[3]], *args[4:], offset=lo,
+                                       masks=_flat_masks(masks, lo, hi))
             return out.reshape(raw_base.shape)
         except Exception as e:  # no working compiler toolchain: stay eager from now on
             _disable(e)
     return _combine_chunked(raw_base, list(sources), [bool(b) for b in is_delta], windows, *scalars,
-                            out_dtype=out_dtype)
+                            out_dtype=out_dtype, masks=masks)

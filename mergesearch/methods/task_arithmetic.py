@@ -44,9 +44,21 @@ def task_vector_merge(x: TensorInputs, g: dict, m: list[dict], *, sparsifier: st
     vector is made; other sparsifiers prepare their deltas first.
     """
     n = x.numel
-    sources, is_delta, windows = [], [], []
+    sources, is_delta, windows, masks = [], [], [], []
     for i, p in enumerate(m):
         raw = x.raw(i)
+        masks.append(None)
+        if sparsifier == "random":
+            # DARE reaches the kernel as a bool mask and an L1 factor: no float copy of
+            # a sparsified task vector is held while the other models are prepared
+            if p["density"] < 1:
+                masks[-1] = sparsify.dare_mask(x, i, p["density"], g["rescale"])
+            sources.append(raw if raw is not None else x.delta(i))
+            is_delta.append(raw is None)
+            windows.append(None)
+            if raw is not None:
+                x.release(i)
+            continue
         if sparsifier in ("magnitude", "outliers"):
             start, end = sparsify.keep_range(sparsifier, n, p["density"], p.get("gamma", 0.0))
             # None: everything kept (no selection pass in the kernel)
@@ -75,7 +87,7 @@ def task_vector_merge(x: TensorInputs, g: dict, m: list[dict], *, sparsifier: st
     total = sum(weights)
     divisor = 1.0 if abs(total) < 1e-8 else total
     return kernels.combine(x.raw_base, sources, is_delta, windows, weights, g["lambda"], g["normalize"],
-                           consensus, divisor, out_dtype=x.out_dtype)
+                           consensus, divisor, out_dtype=x.out_dtype, masks=masks)
 
 
 def task_vector_parts(x: TensorInputs, g: dict, m: list[dict], sparsifier: str | None) -> list[torch.Tensor]:
