@@ -236,17 +236,17 @@ class TensorInputs:
                 n = torch.stack([(a < v).sum(), (a <= v).sum()]).tolist()
                 return v, n[0], n[1]
             bits = a.view(torch.int32)
-            if i not in self._hist_cache:
+            if self._hist_cache.get(i, ("",))[0] != "radix8":
                 self._hist_cache[i] = ("radix8", first_digit_cumsum(bits))
             vb, below, at = radix_select_bits(bits, k, self._hist_cache[i][1])
             return torch.tensor([vb], dtype=torch.int32).view(torch.float32)[0].to(a.device), below, at
         if a.numel() < RADIX_MIN_NUMEL or a.dtype != torch.float32:
             v = torch.kthvalue(a, k + 1).values
             return v, int((a < v).sum()), int((a <= v).sum())
-        if i not in self._hist_cache or self._hist_cache[i][0] is None:
+        if self._hist_cache.get(i, ("",))[0] != "whole":
             top = a.view(torch.int32) >> 16  # non-negative floats order like their bits
-            self._hist_cache[i] = (top, torch.bincount(top.reshape(-1), minlength=1 << 15).cumsum(0))
-        top, cum = self._hist_cache[i]
+            self._hist_cache[i] = ("whole", top, torch.bincount(top.reshape(-1), minlength=1 << 15).cumsum(0))
+        _, top, cum = self._hist_cache[i]
         b = int(torch.searchsorted(cum, torch.tensor([k], device=cum.device), right=True))
         below = int(cum[b - 1]) if b > 0 else 0
         bucket = a[top == b]
@@ -258,23 +258,25 @@ class TensorInputs:
         (non-negative floats order like their bits): the histogram of the top 16 bits,
         summed over blocks, finds the k-th value's bucket; a histogram of the low 16 bits
         of that bucket's elements finds the value itself, and both give the exact counts.
-        No element is gathered."""
-        if i not in self._hist_cache:
+        The first pass keeps each element's top 16 bits (2 bytes an element), so the
+        second reads only the bucket's elements again."""
+        if self._hist_cache.get(i, ("",))[0] != "blocked":
             counts = None
-            for _, a in self._abs_blocks(i):
-                c = torch.bincount((a.view(torch.int32) >> 16), minlength=1 << 15)
+            tops = torch.empty(self.numel, dtype=torch.int16, device=self._tensors[i].device)
+            for lo, a in self._abs_blocks(i):
+                top = a.view(torch.int32) >> 16  # at most 0x7F80 for a finite float: fits int16
+                c = torch.bincount(top, minlength=1 << 15)
                 counts = c if counts is None else counts.add_(c)
-            self._hist_cache[i] = (None, counts.cumsum(0))
-        _, cum = self._hist_cache[i]
+                tops[lo:lo + top.numel()] = top
+            self._hist_cache[i] = ("blocked", counts.cumsum(0), tops)
+        _, cum, tops = self._hist_cache[i]
         b = int(torch.searchsorted(cum, torch.tensor([k], device=cum.device), right=True))
         below = int(cum[b - 1]) if b > 0 else 0
-        low = None
-        for _, a in self._abs_blocks(i):
-            bits = a.view(torch.int32)
-            # elements outside the bucket go to an overflow bin, cut off below
-            c = torch.bincount(torch.where((bits >> 16) == b, bits & 0xFFFF, 1 << 16), minlength=(1 << 16) + 1)
-            low = c if low is None else low.add_(c)
-        cum2 = low[: 1 << 16].cumsum(0)
+        where = (tops == b).nonzero().reshape(-1)
+        t, base = self._tensors[i].reshape(-1), self.raw_base.reshape(-1)
+        a = t[where].to(torch.float32)
+        a.sub_(base[where].to(torch.float32))  # the bits :meth:`_abs_blocks` makes
+        cum2 = torch.bincount(a.abs_().view(torch.int32) & 0xFFFF, minlength=1 << 16).cumsum(0)
         r = k - below
         j = int(torch.searchsorted(cum2, torch.tensor([r], device=cum2.device), right=True))
         v = torch.tensor([(b << 16) | j], dtype=torch.int32).view(torch.float32)[0].to(cum.device)
