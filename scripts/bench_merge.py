@@ -199,7 +199,6 @@ def tensor_digests(folder: Path) -> dict[str, str]:
 
 def compare_outputs(a: Path, b: Path) -> dict:
     """Element-wise comparison of two model folders, tensor by tensor, in float32."""
-    import torch
     from safetensors import safe_open
     ha = {n: f for f in model_files(a) for n in safe_open(str(f), framework="pt").keys()}
     hb = {n: f for f in model_files(b) for n in safe_open(str(f), framework="pt").keys()}
@@ -717,8 +716,8 @@ def render(res: dict, methods: list[str], use_mk: bool) -> str:
         if checks:
             lines += ["", *checks]
     if any(res["inmemory"].values()):
-        lines += ["", f"One in-memory candidate (median of the timed runs after a warm-up; setup = loading and "
-                      f"precomputation, not timed in the candidate)", "",
+        lines += ["", "One in-memory candidate (median of the timed runs after a warm-up; setup = loading and "
+                      "precomputation, not timed in the candidate)", "",
                   "| method | mergesearch | target | mergekit | mergesearch / mergekit | setup ms | setup mk | "
                   "resident ms (GB) | resident mk (GB) | peak RSS ms | peak RSS mk |",
                   "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -115,7 +115,7 @@ def main() -> int:
         v = [r[split][key] for r in runs]
         return statistics.mean(v), (statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else 0.0)
 
-    print(f"\n| contender | dev mean | test mean | test worst task |\n|---|---|---|---|")
+    print("\n| contender | dev mean | test mean | test worst task |\n|---|---|---|---|")
     print(f"| hand-tuned TIES (grid of 12, best on dev) | {hand['dev']['mean']:.3f} | {hand['test']['mean']:.3f} | "
           f"{hand['test']['worst']:.3f} |")
     for name in spaces:

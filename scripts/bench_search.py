@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import optuna  # noqa: E402
 
 from mergesearch.models import load_model  # noqa: E402
-from mergesearch.evaluate import EvalConfig, build_evaluator  # noqa: E402
+from mergesearch.evaluate import build_evaluator  # noqa: E402
 from mergesearch.materialize import Materializer  # noqa: E402
 from mergesearch.recipe import from_dict  # noqa: E402
 from mergesearch.search.controller import Controller, SearchOptions  # noqa: E402

@@ -253,7 +253,7 @@ def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, conse
     ``masks[i]`` (DARE), when given: (kept elements as bool, L1 factor or None); model
     i's delta is then ``delta * factor`` where kept and 0 elsewhere.
     ``out_dtype``: as in :func:`weighted_sum`."""
-    global _compiled, _compile_failed
+    global _compiled
     wd = torch.float64 if raw_base.dtype == torch.float64 else torch.float32
     dev = raw_base.device
     windows = [w if w is None else tuple(w) for w in windows]  # None: everything kept
