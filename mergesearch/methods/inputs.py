@@ -214,14 +214,11 @@ class TensorInputs:
                 and work_dtype(self._tensors[i].dtype) == torch.float32)
 
     def _abs_blocks(self, i: int):
-        """(offset, |delta_i| of the block) over flat blocks of SELECT_BLOCK elements, each
-        made as :meth:`abs_delta` makes the whole one (the same bits)."""
-        t, b = self._tensors[i].reshape(-1), self.raw_base.reshape(-1)
-        for lo in range(0, t.numel(), SELECT_BLOCK):
-            hi = min(t.numel(), lo + SELECT_BLOCK)
-            a = t[lo:hi].to(torch.float32, copy=True)
-            a.sub_(b[lo:hi].to(torch.float32))
-            yield lo, a.abs_()
+        """(offset, |delta_i| of the block) over flat blocks of SELECT_BLOCK elements, the
+        same bits as :meth:`abs_delta` (only for :meth:`_blocked` models: each block is a
+        fresh tensor)."""
+        for lo, _, d in self.delta_blocks(i, SELECT_BLOCK):
+            yield lo, d.abs_()
 
     def select_abs(self, i: int, k: int) -> tuple[torch.Tensor, int, int]:
         """The k-th smallest |delta_i| (0-based) with the counts of elements below it

@@ -132,10 +132,9 @@ def dare_mask(x: TensorInputs, i: int, density: float, rescale: bool) -> tuple[t
     for lo, hi, d in x.delta_blocks(i, DARE_BLOCK):
         if cpu:
             kept = torch.empty(hi - lo, dtype=torch.int32).random_(0, 1 << 24, generator=x.generator).lt_(bound)
-            keep[lo:hi] = kept
         else:
             kept = torch.bernoulli(torch.full_like(d, density), generator=x.generator) != 0
-            keep[lo:hi] = kept
+        keep[lo:hi] = kept
         if rescale:
             a = d.abs()
             s0, s1 = a.sum(dtype=torch.float64), a.mul_(kept).sum(dtype=torch.float64)  # |d * m| = |d| * m

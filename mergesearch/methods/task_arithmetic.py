@@ -45,36 +45,34 @@ def task_vector_merge(x: TensorInputs, g: dict, m: list[dict], *, sparsifier: st
     """
     n = x.numel
     sources, is_delta, windows, masks = [], [], [], []
+
+    def stored(i: int, raw, window=None, mask=None) -> None:
+        """Model i reaches the kernel as stored (its delta taken there), with its
+        selection: a window of magnitudes or a DARE mask; its float copies go."""
+        sources.append(raw if raw is not None else x.delta(i))
+        is_delta.append(raw is None)
+        windows.append(window)
+        masks.append(mask)
+        if raw is not None:
+            x.release(i)
+
     for i, p in enumerate(m):
         raw = x.raw(i)
-        masks.append(None)
         if sparsifier == "random":
             # DARE reaches the kernel as a bool mask and an L1 factor: no float copy of
             # a sparsified task vector is held while the other models are prepared
-            if p["density"] < 1:
-                masks[-1] = sparsify.dare_mask(x, i, p["density"], g["rescale"])
-            sources.append(raw if raw is not None else x.delta(i))
-            is_delta.append(raw is None)
-            windows.append(None)
-            if raw is not None:
-                x.release(i)
+            stored(i, raw, mask=sparsify.dare_mask(x, i, p["density"], g["rescale"]) if p["density"] < 1 else None)
             continue
         if sparsifier in ("magnitude", "outliers"):
             start, end = sparsify.keep_range(sparsifier, n, p["density"], p.get("gamma", 0.0))
             # None: everything kept (no selection pass in the kernel)
             w = None if start <= 0 and end >= n else sparsify.window(x, i, start, end)
             if not g["rescale"]:
-                sources.append(raw if raw is not None else x.delta(i))
-                is_delta.append(raw is None)
-                windows.append(w)
-                if raw is not None:
-                    x.release(i)
+                stored(i, raw, window=w)
                 continue
             d = x.delta(i) if w is None else sparsify.rescale_l1(x.delta(i), sparsify.apply_window(x.delta(i), w))
         elif sparsifier is None and raw is not None:
-            sources.append(raw)
-            is_delta.append(False)
-            windows.append(None)
+            stored(i, raw)
             continue
         else:
             d = sparsified_delta(sparsifier, x, i, p, g["rescale"])
@@ -83,6 +81,7 @@ def task_vector_merge(x: TensorInputs, g: dict, m: list[dict], *, sparsifier: st
         sources.append(d)
         is_delta.append(True)
         windows.append(None)  # keep everything
+        masks.append(None)
     weights = [p["weight"] for p in m]
     total = sum(weights)
     divisor = 1.0 if abs(total) < 1e-8 else total
