@@ -67,7 +67,7 @@ class Objective(StrictModel):
 
 class SamplerConfig(StrictModel):
     name: Literal["cmaes", "tpe", "gp", "random", "nsga2"] = "cmaes"
-    population: Optional[int] = Field(default=None, ge=1)  # trials asked per batch
+    population: Optional[int] = Field(default=None, ge=1)  # CMA-ES popsize, NSGA-II population_size (default: theirs)
     n_startup_trials: Optional[int] = Field(default=None, ge=0)
     # CMA-ES: where the search starts (the best baseline's coefficients, or variable ->
     # value), its initial step, restarts with a growing population, and the separable

@@ -298,8 +298,7 @@ class WorkerPool:
         self.spawned: dict[int, float] = {}  # worker -> when it was started
         self.ready_at: dict[int, float] = {}  # worker -> when its set-up finished
         self.loading: dict[object, int] = {}  # info ref -> worker still loading
-        self.busy: dict[object, tuple[int, object, float]] = {}  # ref -> (number, worker, submitted)
-        self.sent_at: dict[object, float] = {}  # ref -> when it was sent (epoch seconds)
+        self.busy: dict[object, tuple[int, object, float, float]] = {}  # ref -> (number, worker, submitted, sent at)
         self.infos: dict[int, dict] = {}
         self.replaced = 0
         for _ in range(n):
@@ -364,7 +363,7 @@ class WorkerPool:
 
     @property
     def idle(self) -> list[int]:
-        busy = {w for _, w, _ in self.busy.values()}
+        busy = {w for _, w, *_ in self.busy.values()}
         return [w for w in self.actors if w not in busy]
 
     def submit(self, number: int, recipe: dict, split: str | None = None, refine: dict | None = None,
@@ -374,8 +373,7 @@ class WorkerPool:
         idle = self.idle
         wid = worker if worker in idle else idle[0]
         ref = self.actors[wid].run.remote(number, recipe, split, refine, rung)
-        self.busy[ref] = (number, wid, time.monotonic())
-        self.sent_at[ref] = time.time()
+        self.busy[ref] = (number, wid, time.monotonic(), time.time())  # the epoch time for the Ray latency
 
     def wait(self, timeout: float = 1.0) -> list[Result]:
         """Results that finished (or failed, or timed out) within ``timeout`` seconds.
@@ -389,15 +387,14 @@ class WorkerPool:
             ready += more
         out = []
         for ref in ready:
-            number, wid, _ = self.busy.pop(ref)
-            out.append(self._collect(ref, number, wid, self.sent_at.pop(ref, None)))
+            number, wid, _, sent_at = self.busy.pop(ref)
+            out.append(self._collect(ref, number, wid, sent_at))
         self._poll_ready(0)
         now = time.monotonic()
-        for ref, (number, wid, submitted) in list(self.busy.items()):
+        for ref, (number, wid, submitted, _) in list(self.busy.items()):
             if wid not in self.ready_at:
                 if now - self.spawned[wid] > self.setup_timeout:
                     self.busy.pop(ref)
-                    self.sent_at.pop(ref, None)
                     self._replace(wid)
                     out.append(Result(number, False, worker=wid, retryable=True,
                                       reason=f"setup timeout: the worker did not load within "
@@ -405,7 +402,6 @@ class WorkerPool:
                 continue
             if now - max(submitted, self.ready_at[wid]) > self.trial_timeout:
                 self.busy.pop(ref)
-                self.sent_at.pop(ref, None)
                 self._replace(wid)
                 out.append(Result(number, False, worker=wid,
                                   reason=f"timeout: no result after {self.trial_timeout:.0f}s (worker replaced)"))
@@ -432,8 +428,7 @@ class WorkerPool:
         bad = [t for t, v in r["scores"].items() if not isinstance(v, (int, float)) or not math.isfinite(v)]
         timings = {"materialize_s": r["materialize_s"], "eval_s": r["eval_s"], "worker_s": r["worker_s"]}
         if sent_at is not None:  # the Ray call's own latency, each way (one machine's clock)
-            timings.update(ray_in_s=r["started_at"] - sent_at, ray_out_s=time.time() - r["ended_at"],
-                           sent_at=sent_at)
+            timings.update(ray_in_s=r["started_at"] - sent_at, ray_out_s=time.time() - r["ended_at"])
         if "refine_s" in r:
             timings["refine_s"] = r["refine_s"]
         extra = {k: r[k] for k in ("recipe", "refine", "item_scores", "wrote") if k in r}
@@ -463,14 +458,13 @@ class WorkerPool:
     def cancel_all(self) -> list[int]:
         """Abandon in-flight trials (their actors are killed); returns their numbers."""
         numbers = []
-        for ref, (number, wid, _) in list(self.busy.items()):
+        for ref, (number, wid, *_) in list(self.busy.items()):
             numbers.append(number)
             try:
                 self.ray.kill(self.actors[wid], no_restart=True)
             except Exception:
                 pass
         self.busy.clear()
-        self.sent_at.clear()
         return numbers
 
     def shutdown(self) -> None:
