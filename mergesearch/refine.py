@@ -9,7 +9,7 @@ where ``tau_i`` is model i's task vector after pruning (its density selection or
 seeded random drop) and ``combine`` is a sum, or TIES' sign election and disjoint mean.
 With the pruning fixed at the candidate's densities, the merge is differentiable in the
 weights and lambda. :func:`refine` learns a multiplier for each model's weight in each
-coefficient group (layer, or layer group; embeddings, lm_head and the final norm are
+coefficient group (tensor, layer, or layer group; embeddings, lm_head and the final norm are
 groups of their own) and one for lambda in each group, by Adam on the dev items:
 
 - ``choice``: the log-likelihood of the correct choice among the item's choices (cross
@@ -22,7 +22,10 @@ Sign election is recomputed at every step from the current coefficients (it sele
 it has no gradient), so the model being trained is the merge the engine computes for
 those coefficients. A share of the dev items (``holdout``) is never trained on: it is
 scored every ``eval_every`` steps, and the coefficients with the best held-out accuracy
-(then loss) are kept; ``patience`` checks without improvement stop early. The result is
+(then loss) are kept; ``patience`` checks without improvement stop early. What is
+checked and kept is an exponential moving average of Adam's iterates (``average``, the
+decay per step): a step on 16-32 items moves the coefficients noisily, and the average
+scores higher on held-out items than the iterate it ends on. The result is
 an ordinary recipe (per-group weights and lambda), which the caller materializes with
 the engine and scores like any trial, so the stored score is that of the exported
 weights.
@@ -173,20 +176,27 @@ def build_terms(mat, recipe, groups: list[dict], names: list[str], dtypes: dict,
     terms: list[_Term] = []
     group_w: dict[tuple[int, int], float] = {}
     group_lam: dict[int, float] = {}
-    compiled = CompiledRecipe(recipe, names, mat.num_layers)
+    # every merged tensor sets its group's weights, so a group no trained tensor falls in
+    # (a tensor the model does not hold as a parameter) keeps the candidate's values
+    merged = [n for n in mat.names if n not in mat.constants]
+    compiled = CompiledRecipe(recipe, merged, mat.num_layers)
+    for name in merged:
+        g, per = compiled[name]
+        k = group_index(name, groups)
+        for i, p in enumerate(per):
+            v = float(p["weight"])
+            if abs(group_w.setdefault((k, i), v) - v) > 1e-12:
+                raise MergeSearchError(
+                    f"refine: model {i}'s weight varies inside refine group '{groups[k]['name'] or 'all'}' "
+                    f"({group_w[(k, i)]:g} vs {v:g} at {name}); refine at a level at least as fine as "
+                    "the space's granularity")
+        if abs(group_lam.setdefault(k, float(g["lambda"])) - float(g["lambda"])) > 1e-12:
+            raise MergeSearchError(f"refine: lambda varies inside refine group '{groups[k]['name']}'")
     with torch.no_grad():
         for name, x in mat.inputs(recipe, names):
             g, per = compiled[name]
             k = group_index(name, groups)
             w = [float(p["weight"]) for p in per]
-            for i, v in enumerate(w):
-                if abs(group_w.setdefault((k, i), v) - v) > 1e-12:
-                    raise MergeSearchError(
-                        f"refine: model {i}'s weight varies inside refine group '{groups[k]['name'] or 'all'}' "
-                        f"({group_w[(k, i)]:g} vs {v:g} at {name}); refine at a level at least as fine as "
-                        "the space's granularity")
-            if abs(group_lam.setdefault(k, float(g["lambda"])) - float(g["lambda"])) > 1e-12:
-                raise MergeSearchError(f"refine: lambda varies inside refine group '{groups[k]['name']}'")
             parts = [p.to(device=device, dtype=torch.float32) for p in task_vector_parts(x, g, per, sparsifier)]
             terms.append(_Term(name, x.base.to(device=device, dtype=torch.float32), parts, w, float(g["lambda"]),
                                bool(g["normalize"]), consensus, k, dtypes[name]))
@@ -254,6 +264,8 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
     coef = torch.ones(len(groups), n_models, device=device, requires_grad=True)
     scale = torch.ones(len(groups), device=device, requires_grad=True)
     opt = torch.optim.Adam([coef, scale], lr=cfg["lr"])
+    decay = float(cfg.get("average", 0.0))
+    avg_c, avg_s = coef.detach().clone(), scale.detach().clone()  # what is checked and kept
 
     items = _Items(evaluator, tokenizer, cfg["holdout"], seed, device)
     tasks = list(items.train)
@@ -267,7 +279,7 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
         nonlocal cost_seqs
         accs, losses = [], []
         with torch.no_grad():
-            params = merged_params(terms, coef, scale)
+            params = merged_params(terms, avg_c, avg_s)
             for task in tasks:
                 rows = items.holdout[task]
                 right, loss_sum = 0, 0.0
@@ -296,7 +308,7 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
 
     try:
         acc0, loss0 = check()
-        best = (acc0, -loss0, 0, coef.detach().clone(), scale.detach().clone())
+        best = (acc0, -loss0, 0, avg_c.clone(), avg_s.clone())
         history = [{"step": 0, "holdout_acc": acc0, "holdout_loss": loss0}]
         stale, step = 0, 0
         for step in range(1, cfg["steps"] + 1):
@@ -309,6 +321,8 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
             with torch.no_grad():
                 coef.clamp_(0.0, COEF_MAX)
                 scale.clamp_(0.0, COEF_MAX)
+                avg_c.mul_(decay).add_(coef.detach(), alpha=1.0 - decay)
+                avg_s.mul_(decay).add_(scale.detach(), alpha=1.0 - decay)
             cost_seqs += TRAIN_COST * batch[4]
             lv = float(loss.detach())
             if not math.isfinite(lv):
@@ -317,7 +331,7 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
                 acc, hl = check()
                 history.append({"step": step, "train_loss": lv, "holdout_acc": acc, "holdout_loss": hl})
                 if (acc, -hl) > best[:2]:
-                    best = (acc, -hl, step, coef.detach().clone(), scale.detach().clone())
+                    best = (acc, -hl, step, avg_c.clone(), avg_s.clone())
                     stale = 0
                 else:
                     stale += 1

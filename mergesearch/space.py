@@ -174,7 +174,8 @@ class RefineConfig(StrictModel):
     with the candidate's pruning fixed. Task-vector methods and the built-in evaluator."""
 
     top: int = Field(default=1, ge=1)  # how many of the best candidates are refined
-    level: Literal["groups", "layer"] = "layer"  # coefficient groups of the refinement
+    # coefficient groups of the refinement; "tensor": every tensor its own group
+    level: Literal["groups", "layer", "tensor"] = "layer"
     n_groups: int = Field(default=2, ge=1)  # for level groups
     modules: Optional[list[Literal["attn", "mlp"]]] = None  # split groups by module; default: the space's
     steps: int = Field(default=30, ge=1)
@@ -184,6 +185,9 @@ class RefineConfig(StrictModel):
     holdout: float = Field(default=0.25, gt=0, lt=1)  # share of the dev items never trained on
     eval_every: int = Field(default=5, ge=1)  # steps between held-out checks
     patience: int = Field(default=3, ge=1)  # checks without improvement before stopping
+    # the coefficients checked and kept are an exponential moving average of Adam's
+    # iterates with this decay per step (0: the iterates themselves)
+    average: float = Field(default=0.9, ge=0, lt=1)
 
 
 class SearchSpace(StrictModel):
@@ -546,6 +550,24 @@ def make_groups(g: Granularity, num_layers: int, prefix: str) -> list[Group]:
             groups.append(Group(label, [f"{prefix}{i}." for i in layers]))
     first_layer_group = 3 if g.special else 0
     groups[first_layer_group].default = True
+    return groups
+
+
+def tensor_groups(names: list[str], special: bool = True) -> list[Group]:
+    """One coefficient group per tensor (its full name as the filter), the finest level
+    a recipe can express; embed_tokens, lm_head and the final norm first, as in
+    :func:`make_groups`."""
+    groups: list[Group] = []
+    rest = list(names)
+    if special:
+        for label, key in (("embed", "embed_tokens"), ("lm_head", "lm_head"), ("norm", "model.norm.")):
+            mine = [n for n in rest if key in n]
+            if mine:
+                groups.append(Group(label, mine))
+                rest = [n for n in rest if key not in n]
+    first = len(groups)
+    groups += [Group(n, [n]) for n in rest]
+    groups[first if first < len(groups) else 0].default = True
     return groups
 
 

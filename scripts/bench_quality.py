@@ -1,19 +1,25 @@
 """Search quality on the zoo: does the search beat what a person or an evolve-style
-CMA-ES would find, on test items it never scored?
+CMA-ES would find, on test items it never scored? And which lever buys what?
 
-Contenders, each with the same trial budget (default 100) and 3 seeds:
+Contenders, each with the same budget of evaluations (default 100; a refinement counts
+its trial-equivalents) and 3 seeds:
 
 - **hand-tuned TIES**: the best on dev of a 12-point grid (density 0.3/0.5/0.7 x lambda
   1/1.5/2/3, weight 1), as a person tuning by hand would pick it (no seed: deterministic);
 - **evolve-style CMA-ES**: what mergekit-evolve searches: TIES with a weight and a density
-  per model, normalized, no lambda, CMA-ES from the centre, the plain mean as objective;
-- **mergesearch**: search_spaces/demo.yaml: lambda searched, CMA-ES from the best
-  baseline, whole models then 2 layer groups, the normalized objective and gradient
-  refinement of the best candidate, its cost taken from the same budget.
+  per model and per 2 layer groups, normalized, no lambda, CMA-ES from the centre, the
+  plain mean as objective;
+- the evolve-style search with one lever of search_spaces/demo.yaml added: **+ lambda**
+  (a searched global scale), **+ warm start** (the baselines first, CMA-ES from the best),
+  **+ coarse-to-fine** (whole models, then 2 layer groups), **+ refine** (gradient
+  refinement of the best candidate);
+- **mergesearch**: search_spaces/demo.yaml, every lever and the normalized objective.
 
-For each: the test mean (and worst task) of the best-on-dev candidate, as mean and
-standard error over the seeds, and the differences the issue sets as targets: mergesearch
-minus hand-tuned (target +0.10) and minus evolve-style (target +0.05). Writes
+For each: the test mean, the normalized test mean (each task over the best source
+model's test score on it) and the worst task of the best-on-dev candidate, as mean and
+standard error over the seeds; the dev mean of the best candidate so far after 10, 25,
+50 and 100 evaluations; and the differences the issue sets as targets: mergesearch minus
+hand-tuned (target +0.10) and minus evolve-style (target +0.05). Writes
 results/bench_quality.json; docs/BENCHMARKS.md keeps the table.
 """
 
@@ -40,15 +46,52 @@ from mergesearch.store import find_trial, load_run  # noqa: E402
 from mergesearch.zoo.build import ZOO_TASKS, build_zoo  # noqa: E402
 
 
-def evolve_space(demo: SearchSpace, seed: int) -> SearchSpace:
+def evolve_space(demo: SearchSpace, seed: int, lever: str | None = None) -> SearchSpace:
+    """The evolve-style space, or it with one of demo.yaml's levers."""
     data = demo.model_dump(mode="json")
     for k in ("schedule", "refine", "scale"):
         data.pop(k, None)
     data.update(parameters={"weight": {"low": 0.0, "high": 1.0}, "density": {"low": 0.1, "high": 1.0}},
-                granularity={"level": "model"}, objective={"kind": "mean"}, sampler={"name": "cmaes"},
-                initial_trials=False, seed=seed)
+                granularity={"level": "groups", "n_groups": 2}, objective={"kind": "mean"},
+                sampler={"name": "cmaes"}, initial_trials=False, seed=seed)
     data["budget"] = {"n_trials": demo.budget.n_trials}
-    return SearchSpace.model_validate(data).check("evolve-style space")
+    if lever == "lambda":
+        data["scale"] = demo.scale.model_dump(mode="json")
+    elif lever == "warm start":
+        data.update(sampler={"name": "cmaes", "x0": "best_baseline"}, initial_trials=True)
+    elif lever == "coarse-to-fine":
+        data["schedule"] = list(demo.schedule)
+    elif lever == "refine":
+        data["refine"] = demo.refine.model_dump(mode="json")
+    return SearchSpace.model_validate(data).check(f"evolve-style space + {lever}")
+
+
+CHECKPOINTS = (10, 25, 50, 100)
+
+
+def best_so_far(study, storage) -> dict[int, float | None]:
+    """The dev mean of the best candidate (by the run's own objective) after each of
+    CHECKPOINTS evaluations, in the order they finished; a refinement counts its cost."""
+    from optuna.trial import TrialState
+
+    from mergesearch.store import all_trials
+
+    done = sorted((t for _, t in all_trials(study, storage) if t.state == TrialState.COMPLETE),
+                  key=lambda t: t.datetime_complete)
+    out: dict[int, float | None] = {}
+    spent, best, k = 0.0, None, 0
+    for t in done:
+        spent += float(t.user_attrs.get("cost", 1.0))
+        while k < len(CHECKPOINTS) and spent > CHECKPOINTS[k] + 1e-9:
+            out[CHECKPOINTS[k]] = best[1] if best else None
+            k += 1
+        key = (t.user_attrs.get("feasible", True), t.value)
+        if best is None or key > best[0]:
+            scores = t.user_attrs["scores"]
+            best = (key, sum(scores.values()) / len(scores))
+    for c in CHECKPOINTS[k:]:
+        out[c] = best[1] if best else None
+    return out
 
 
 def main() -> int:
@@ -58,6 +101,7 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_quality.json"))
+    ap.add_argument("--only", nargs="*", help="contenders to run (default: all)")
     args = ap.parse_args()
     zoo = ROOT / "results" / "zoo"
     build_zoo(zoo)
@@ -69,15 +113,26 @@ def main() -> int:
     model, tok = load_model(Path(demo.base))
     evs = {s: build_evaluator(EvalConfig(tasks=ZOO_TASKS, task_dir=str(zoo), split=s)) for s in ("dev", "test")}
 
+    ref: dict[str, float] = {}  # the best source model's test score per task
+
     def score(recipe) -> dict:
         mat.write_into(model, recipe)
         out = {}
         for split, ev in evs.items():
             s = ev.score(model, tok)
             out[split] = {"mean": sum(s.values()) / len(s), "worst": min(s.values()), "tasks": s}
+        if ref:
+            out["test"]["normalized"] = sum(v / ref[t] for t, v in out["test"]["tasks"].items()) / len(ref)
         return out
 
-    results: dict = {"trials": args.trials, "seeds": args.seeds}
+    for p in fts:
+        s = score(from_dict(dict(method="linear", base=demo.base, models=[{"path": p, "parameters": {"weight": 1.0}}])))
+        for t, v in s["test"]["tasks"].items():
+            ref[t] = max(ref.get(t, 0.0), v)
+    base_test = score(from_dict(dict(method="task_arithmetic", base=demo.base, parameters={"lambda": 0.0},
+                                     models=[{"path": fts[0], "parameters": {"weight": 1.0}}])))["test"]["tasks"]
+    print("best source per task (test): " + ", ".join(f"{t} {v:.3f}" for t, v in ref.items()), flush=True)
+    results: dict = {"trials": args.trials, "seeds": args.seeds, "source_test": ref, "base_test": base_test}
     # hand-tuned TIES: the best on dev of the grid
     grid = []
     for density in (0.3, 0.5, 0.7):
@@ -86,18 +141,23 @@ def main() -> int:
                                models=[{"path": p, "parameters": {"weight": 1.0, "density": density}} for p in fts]))
             grid.append(((density, lam), score(r)))
     (d, lam), hand = max(grid, key=lambda x: x[1]["dev"]["mean"])
+    hand["test"]["normalized"] = sum(v / ref[t] for t, v in hand["test"]["tasks"].items()) / len(ref)
     results["hand_tuned"] = {"density": d, "lambda": lam, **hand}
     print(f"hand-tuned TIES (density {d}, lambda {lam:g}): dev {hand['dev']['mean']:.3f} test {hand['test']['mean']:.3f}",
           flush=True)
 
-    spaces = {"evolve-style CMA-ES": lambda seed: evolve_space(demo, seed),
-              "mergesearch": lambda seed: demo.model_copy(update={"seed": seed})}
+    spaces = {"evolve-style CMA-ES": lambda seed: evolve_space(demo, seed)}
+    for lever in ("lambda", "warm start", "coarse-to-fine", "refine"):
+        spaces[f"evolve-style + {lever}"] = lambda seed, lever=lever: evolve_space(demo, seed, lever)
+    spaces["mergesearch"] = lambda seed: demo.model_copy(update={"seed": seed})
+    if args.only:
+        spaces = {k: v for k, v in spaces.items() if k in args.only}
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         root = Path(tmp)
         for name, make in spaces.items():
             runs = []
             for seed in range(args.seeds):
-                run = f"{name.split()[0].lower()}-{seed}"
+                run = "".join(c if c.isalnum() else "-" for c in name.lower()) + f"-{seed}"
                 t0 = time.perf_counter()
                 summary = Controller(make(seed), SearchOptions(run=run, workers=args.workers, root=root,
                                                                progress=False)).run()
@@ -105,7 +165,8 @@ def main() -> int:
                 best = find_trial(study, storage, None)
                 s = score(from_dict(best.user_attrs["recipe"]))
                 runs.append({"seed": seed, "best": best.user_attrs.get("role") or best.user_attrs.get("baseline")
-                             or "search", "wall_s": time.perf_counter() - t0, "trials": summary["trials"], **s})
+                             or "search", "wall_s": time.perf_counter() - t0, "trials": summary["trials"],
+                             "best_so_far": best_so_far(study, storage), **s})
                 print(f"{name} seed {seed}: dev {s['dev']['mean']:.3f} test {s['test']['mean']:.3f} "
                       f"(worst task {s['test']['worst']:.3f}; winner: {runs[-1]['best']}; "
                       f"{runs[-1]['wall_s']:.0f}s)", flush=True)
@@ -115,17 +176,37 @@ def main() -> int:
         v = [r[split][key] for r in runs]
         return statistics.mean(v), (statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else 0.0)
 
-    print("\n| contender | dev mean | test mean | test worst task |\n|---|---|---|---|")
-    print(f"| hand-tuned TIES (grid of 12, best on dev) | {hand['dev']['mean']:.3f} | {hand['test']['mean']:.3f} | "
-          f"{hand['test']['worst']:.3f} |")
+    def cell(runs, split="test", key="mean") -> str:
+        m, se = stat(runs, split, key)
+        return f"{m:.3f} ± {se:.3f}"
+
+    def curve(runs) -> str:
+        cells = []
+        for c in CHECKPOINTS:
+            v = [r["best_so_far"][c] for r in runs if r["best_so_far"].get(c) is not None]
+            cells.append(f"{statistics.mean(v):.3f}" if len(v) == len(runs) else "-")
+        return " | ".join(cells)
+
+    print("\n| contender | test mean | normalized test mean | test worst task | dev best at 10 | 25 | 50 | 100 "
+          "evaluations |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| hand-tuned TIES (grid of 12, best on dev) | {hand['test']['mean']:.3f} | "
+          f"{hand['test']['normalized']:.3f} | {hand['test']['worst']:.3f} | - | - | - | "
+          f"{hand['dev']['mean']:.3f} (12) |")
     for name in spaces:
-        (dm, ds), (tm, ts), (wm, ws) = stat(results[name], "dev"), stat(results[name]), stat(results[name], "test", "worst")
-        print(f"| {name} ({args.seeds} seeds) | {dm:.3f} ± {ds:.3f} | {tm:.3f} ± {ts:.3f} | {wm:.3f} ± {ws:.3f} |")
-    ours, evo = stat(results["mergesearch"])[0], stat(results["evolve-style CMA-ES"])[0]
-    results["margin_vs_hand_tuned"] = ours - hand["test"]["mean"]
-    results["margin_vs_evolve"] = ours - evo
-    print(f"\nmergesearch - hand-tuned TIES: {ours - hand['test']['mean']:+.3f} on the test mean (target +0.10)")
-    print(f"mergesearch - evolve-style CMA-ES: {ours - evo:+.3f} on the test mean (target +0.05)")
+        runs = results[name]
+        print(f"| {name} | {cell(runs)} | {cell(runs, key='normalized')} | {cell(runs, key='worst')} | "
+              f"{curve(runs)} |")
+    if "mergesearch" in results:
+        ours = stat(results["mergesearch"])[0]
+        results["margin_vs_hand_tuned"] = ours - hand["test"]["mean"]
+        print(f"\nmergesearch - hand-tuned TIES: {ours - hand['test']['mean']:+.3f} on the test mean (target +0.10)")
+        if "evolve-style CMA-ES" in results:
+            evo = stat(results["evolve-style CMA-ES"])[0]
+            results["margin_vs_evolve"] = ours - evo
+            print(f"mergesearch - evolve-style CMA-ES: {ours - evo:+.3f} on the test mean (target +0.05)")
+        below = [(r["seed"], t) for r in results["mergesearch"] for t, v in r["test"]["tasks"].items()
+                 if v < base_test[t]]
+        print("tasks below the base model's score: " + (", ".join(f"seed {s} {t}" for s, t in below) or "none"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -15,7 +15,7 @@ from mergesearch.materialize import Materializer
 from mergesearch.models import load_model
 from mergesearch.recipe import from_dict
 from mergesearch.refine import build_terms, estimate_cost, merged_params, refine, refined_recipe
-from mergesearch.space import Granularity, SearchSpace, make_groups
+from mergesearch.space import Granularity, SearchSpace, make_groups, tensor_groups
 from mergesearch.store import leaderboard, load_run
 
 from test_zoo_eval import zoo  # noqa: F401  (session fixture)
@@ -60,6 +60,37 @@ def test_trained_model_is_the_engine_merge_for_any_coefficients(zoo, method):
         torch.testing.assert_close(ours[n], again[n], rtol=1e-5, atol=1e-6)
     # it differs from the candidate: the multipliers reached every group
     assert sum(float((again[n] - engine[n]).abs().max()) > 1e-4 for n in names) >= len(names) // 2
+
+
+def test_tensor_level_gives_every_tensor_its_own_coefficients(zoo):
+    """level tensor: one group per tensor (embeddings, lm_head and the final norm first);
+    the refined recipe, per tensor, is the differentiable merge; a tensor that is merged
+    but not trained keeps the candidate's weight and lambda."""
+    r = candidate(zoo, "ties")
+    mat = Materializer(zoo / "base", [m.path for m in r.models], methods=["ties"])
+    names = list(mat.names)
+    groups = [asdict(g) for g in tensor_groups(names)]
+    assert [g["name"] for g in groups[:3]] == ["embed", "lm_head", "norm"]
+    assert len(groups) == 3 + len([n for n in names if "model.layers." in n])
+    assert sum(g["default"] for g in groups) == 1
+    trained = [n for n in names if n != "model.layers.2.mlp.up_proj.weight"]
+    terms, gw, gl = build_terms(mat, r, groups, trained, {n: torch.float32 for n in names}, "cpu")
+    assert sorted({t.group for t in terms}) == [k for k, g in enumerate(groups)
+                                                if g["name"] != "model.layers.2.mlp.up_proj.weight"]
+    g = torch.Generator().manual_seed(1)
+    coef, scale = 0.5 + torch.rand(len(groups), 4, generator=g), 0.5 + torch.rand(len(groups), generator=g)
+    skipped = next(k for k, g in enumerate(groups) if g["name"] == "model.layers.2.mlp.up_proj.weight")
+    coef[skipped], scale[skipped] = 1.0, 1.0  # what Adam leaves on a group without a gradient
+    ours = merged_params(terms, coef, scale)
+    out = refined_recipe(r, groups, gw, gl, coef, scale)
+    again = mat.state_dict(out)
+    engine = mat.state_dict(r)
+    for n in trained:
+        torch.testing.assert_close(ours[n], again[n], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again["model.layers.2.mlp.up_proj.weight"], engine["model.layers.2.mlp.up_proj.weight"],
+                               rtol=0, atol=0)
+    # every other tensor moved: each has coefficients of its own
+    assert all(float((again[n] - engine[n]).abs().max()) > 1e-5 for n in trained if "layernorm" not in n)
 
 
 def test_refine_improves_held_out_items_counts_cost_and_is_deterministic(zoo):

@@ -453,7 +453,7 @@ class Controller(RunLifecycle):
         from dataclasses import asdict
 
         from mergesearch.methods.task_arithmetic import TASK_VECTOR_METHODS
-        from mergesearch.space import Granularity
+        from mergesearch.space import Granularity, tensor_groups
         from mergesearch.store import all_trials, trial_label
 
         cfg = self.space.refine
@@ -473,9 +473,12 @@ class Controller(RunLifecycle):
         chosen = [(label, t) for label, t in pool[:cfg.top] if label not in done]
         if not chosen:
             return
-        g = Granularity(level=cfg.level, n_groups=cfg.n_groups, special=self.space.granularity.special,
-                        modules=self.space.granularity.modules if cfg.modules is None else cfg.modules)
-        groups = self.space.groups(self.num_layers, layer_prefix(self.tensor_names), g)
+        if cfg.level == "tensor":
+            groups = tensor_groups(self.tensor_names, self.space.granularity.special)
+        else:
+            g = Granularity(level=cfg.level, n_groups=cfg.n_groups, special=self.space.granularity.special,
+                            modules=self.space.granularity.modules if cfg.modules is None else cfg.modules)
+            groups = self.space.groups(self.num_layers, layer_prefix(self.tensor_names), g)
         payload = {"options": cfg.model_dump(), "groups": [asdict(x) for x in groups], "seed": self.space.seed}
         jobs, pending = {}, {}
         for label, src in chosen:
