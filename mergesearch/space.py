@@ -240,6 +240,22 @@ class SearchSpace(StrictModel):
                 "so no candidate can scale the merged task vector; add 'scale: true' (or bounds for "
                 "parameters.lambda) to search it")
 
+    def lever_hints(self) -> list[str]:
+        """Short hints for the levers this space leaves out that the search-quality
+        benchmark found to matter (docs/BENCHMARKS.md, "Search quality"); lambda has its
+        own warning (:meth:`scale_warning`)."""
+        from mergesearch.methods.task_arithmetic import TASK_VECTOR_METHODS
+        hints = []
+        sc = self.sampler
+        if sc.name == "cmaes" and sc.x0 is None and len(self.methods) == 1:
+            hints.append("sampler.x0: best_baseline starts CMA-ES from the best baseline instead of the centre "
+                         "of the bounds")
+        if (self.refine is None and self.evaluator.evaluator == "loglik" and not self.multi_objective
+                and all(m in TASK_VECTOR_METHODS for m in self.methods)):
+            hints.append("refine: {level: tensor} refines the best candidate by gradient descent on the dev "
+                         "items, a coefficient per model and tensor")
+        return hints
+
     # -- loading and checks -----------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SearchSpace":

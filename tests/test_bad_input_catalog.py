@@ -19,7 +19,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "ERRORS.md"
 def space_dict(zoo: Path, **over) -> dict:
     return {"base": str(zoo / "base"), "models": [str(zoo / "ft_add"), str(zoo / "ft_max")],
             "evaluator": {"tasks": ["add"], "task_dir": str(zoo)}, "methods": ["task_arithmetic"],
-            "parameters": {"weight": {"low": 0.0, "high": 1.0}}, "budget": {"n_trials": 2}, **over}
+            "parameters": {"weight": {"low": 0.0, "high": 1.0}}, "budget": {"n_trials": 4}, **over}
 
 
 def write(path: Path, data) -> Path:
@@ -82,6 +82,10 @@ def c_merge_metric(t, f, o, z):
 
 def c_search_key(t, f, o, z):
     return ["search", write(t / "s.yaml", space_dict(z, budgett={"n_trials": 2})), "--run", "r"], [t / "results"]
+
+
+def c_search_budget(t, f, o, z):
+    return ["search", write(t / "s.yaml", space_dict(z, budget={"n_trials": 2})), "--run", "r"], [t / "results"]
 
 
 def c_search_bounds(t, f, o, z):
@@ -185,6 +189,7 @@ CASES = [
     ("merge-missing-metric", c_merge_metric, ["needs a 'metric' file for method 'fisher'"]),
     ("search-unknown-key", c_search_key, ["s.yaml", "budgett"]),
     ("search-reversed-bounds", c_search_bounds, ["s.yaml", "bounds reversed: low 1.0 > high 0.0"]),
+    ("search-budget-below-baselines", c_search_budget, ["s.yaml", "budget.n_trials 2 leaves no search trial after 2 baselines"]),
     ("search-resume-missing", c_search_resume, ["cannot resume, no such run"]),
     ("search-no-curvature", c_search_curvature, ["method 'fisher' needs a 'curvature' section"]),
     ("search-seed-missing", c_search_seed, ["seed_from:", "nosoup"]),

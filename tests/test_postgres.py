@@ -72,13 +72,13 @@ def postgres_url():
 
 def test_search_resume_leaderboard_and_export_on_postgresql(tmp_path, zoo, postgres_url, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    space = write_space(tmp_path, zoo, budget={"n_trials": 3}, initial_trials=True, granularity={"level": "model"})
+    space = write_space(tmp_path, zoo, budget={"n_trials": 5}, initial_trials=True, granularity={"level": "model"})
     assert main(["search", str(space), "--run", "pg", "--workers", "1", "--storage", postgres_url, "--no-export"]) == 0
     assert not (tmp_path / "results" / "pg" / "study.db").exists()  # the store is the server
     storage = optuna.storages.RDBStorage(postgres_url)
     assert sorted(s.study_name for s in optuna.get_all_study_summaries(storage)) == ["pg", "pg.baselines"]
     assert main(["search", str(space), "--run", "pg", "--workers", "1", "--storage", postgres_url, "--no-export",
-                 "--resume", "--n-trials", "5"]) == 0
+                 "--resume", "--n-trials", "7"]) == 0
     trials = optuna.load_study(study_name="pg", storage=storage).get_trials()
     assert len(trials) == 5 and all(t.state.name == "COMPLETE" for t in trials)
     assert main(["search", str(space), "--run", "pg", "--storage", postgres_url]) == 2

@@ -181,16 +181,19 @@ def test_coarse_to_fine_search_with_refinement(tmp_path, zoo, monkeypatch, capsy
         "methods": ["ties"], "scale": True,
         "parameters": {"weight": {"low": 0.2, "high": 1.5}, "density": {"low": 0.2, "high": 1.0}},
         "schedule": ["model", "groups:2"],
-        "refine": {"steps": 10, "eval_every": 5, "batch_size": 16},
-        "sampler": {"name": "cmaes"}, "budget": {"n_trials": 14}, "seed": 3,
+        "refine": {"steps": 10, "eval_every": 5, "batch_size": 16, "level": "tensor"},
+        "sampler": {"name": "cmaes"}, "budget": {"n_trials": 16}, "seed": 3,
     }
     p = tmp_path / "space.yaml"
     p.write_text(yaml.safe_dump(data))
     caplog.set_level("INFO", logger="mergesearch")
     assert main(["search", str(p), "--run", "c2f", "--workers", "2", "--no-export"]) == 0
     err = caplog.text
-    # refine reserve: (10 x 16 x 4 x 3 + 3 x 60 x 4) / 960 = 2.75 -> 3, plus its scoring
-    assert "budget: 14 trials: 10 for the search, 4 kept for refining the best 1 candidate(s)" in err
+    # refine reserve: (10 x 16 x 4 x 3 + 3 x 60 x 4) / 960 = 2.75 -> 3, plus its scoring; the two
+    # baselines (uniform average, task arithmetic) count too
+    assert "budget: 16 trials: 2 baselines, 10 for the search, 4 kept for refining the best 1 candidate(s)" in err
+    # CMA-ES from the centre: the one lever left out gets its hint
+    assert "hint: sampler.x0: best_baseline" in err and "hint: refine" not in err
     study, storage = load_run("c2f", root=tmp_path / "results")
     stage1 = study.get_trials()
     stage2 = optuna.load_study(study_name="c2f.stage1", storage=storage)
@@ -210,7 +213,10 @@ def test_coarse_to_fine_search_with_refinement(tmp_path, zoo, monkeypatch, capsy
     assert ua["refine"]["steps"] >= 5 and ua["cost"] == pytest.approx(ua["refine"]["cost"] + 1)
     refinable = board[(board["method"] != "linear") & ~board["trial"].str.startswith("r")]
     assert ua["refined_from"] == refinable.iloc[0]["trial"]
-    assert isinstance(ua["recipe"]["parameters"]["lambda"], list)  # lambda per layer
+    lam = ua["recipe"]["parameters"]["lambda"]  # lambda per tensor: embed, lm_head, norm, then each layer tensor
+    assert isinstance(lam, list) and [e["filter"] for e in lam[:3]] == ["model.embed_tokens.weight", "lm_head.weight",
+                                                               "model.norm.weight"]
+    assert len(lam) == 3 + 4 * 9 + 1  # and the default
     assert "r0" in set(board["trial"]) and any(k.startswith("s1.") for k in board["trial"])
     assert main(["export", "c2f", "--trial", "r0"]) == 0
     assert "dev re-score matches" in capsys.readouterr().out

@@ -73,7 +73,7 @@ def search_run(zoo, tmp_path_factory):
     os.chdir(tmp)
     try:
         os.environ["MERGESEARCH_FAULT"] = "raise_eval@4"
-        space = write_space(tmp, zoo, budget={"n_trials": 8})
+        space = write_space(tmp, zoo, budget={"n_trials": 10})  # 2 baselines, 8 search trials
         assert main(["search", str(space), "--run", "rep", "--workers", "2"]) == 0
     finally:
         os.environ.pop("MERGESEARCH_FAULT", None)

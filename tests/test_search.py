@@ -27,7 +27,7 @@ def write_space(tmp_path: Path, zoo: Path, **overrides) -> Path:
         "parameters": {"weight": {"low": 0.2, "high": 1.5}, "density": {"low": 0.2, "high": 1.0}},
         "granularity": {"level": "groups", "n_groups": 2},
         "sampler": {"name": "cmaes"},
-        "budget": {"n_trials": 6},
+        "budget": {"n_trials": 8},  # 2 baselines and 6 search trials
         "seed": 3,
     }
     for k, v in overrides.items():
@@ -236,7 +236,7 @@ def test_normalized_objective_scores_the_sources_first(tmp_path, zoo, monkeypatc
     """objective.normalize: sources scores each source model first; every task is then
     divided by the best source's dev score, and the leaderboard shows each worst task."""
     monkeypatch.chdir(tmp_path)
-    space = write_space(tmp_path, zoo, budget={"n_trials": 2}, initial_trials=False,
+    space = write_space(tmp_path, zoo, budget={"n_trials": 6}, initial_trials=False,  # 4 sources, 2 search trials
                         granularity={"level": "model"}, objective={"kind": "mean", "normalize": "sources"})
     assert main(["search", str(space), "--run", "n", "--workers", "1", "--no-export"]) == 0
     study, st = load_run("n", root=tmp_path / "results")
@@ -260,7 +260,7 @@ def test_normalized_objective_scores_the_sources_first(tmp_path, zoo, monkeypatc
 
 def test_cmaes_warm_starts_from_the_best_baseline(tmp_path, zoo, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    space = write_space(tmp_path, zoo, budget={"n_trials": 3}, granularity={"level": "model"}, scale=True,
+    space = write_space(tmp_path, zoo, budget={"n_trials": 5}, granularity={"level": "model"}, scale=True,
                         sampler={"name": "cmaes", "x0": "best_baseline", "sigma0": 1e-4, "restart": "ipop"})
     assert main(["search", str(space), "--run", "w", "--workers", "1", "--no-export"]) == 0
     study, st = load_run("w", root=tmp_path / "results")

@@ -61,3 +61,18 @@ def test_objectives_that_keep_every_task():
     norm = space(evaluator={"tasks": ["a", "b"]}, objective={"normalize": "sources"})
     agg, ok, value = objective_values(norm, scores, {"a": 1.0, "b": 0.4})
     assert agg == pytest.approx((0.9 + 0.75) / 2) and ok and value == agg
+
+
+def test_hints_for_levers_a_space_leaves_out():
+    """A space without a warm start or refinement gets a one-line hint for each; a space
+    that has them, or cannot use them, gets none."""
+    bare = space()  # cmaes from the centre, loglik evaluator, ties: both levers apply
+    hints = bare.lever_hints()
+    assert len(hints) == 2 and hints[0].startswith("sampler.x0: best_baseline") and hints[1].startswith("refine:")
+    assert space(sampler={"name": "cmaes", "x0": "best_baseline"}, refine={"level": "tensor"}).lever_hints() == []
+    assert space(sampler={"name": "tpe"}, refine={}).lever_hints() == []  # TPE takes no x0
+    lm = space(sampler={"name": "tpe"}, evaluator={"evaluator": "lmeval", "tasks": ["t"]})
+    assert lm.lever_hints() == []  # lm-eval tasks are not refined
+    assert space(sampler={"name": "tpe"}, methods=["linear"], parameters={"weight": {"low": 0, "high": 1}}
+                 ).lever_hints() == []  # linear is not in the task-vector family
+    assert "\n" not in "".join(hints)

@@ -133,6 +133,10 @@ class Controller(RunLifecycle):
                                        "evaluator does not count its items; give budget.n_trials")
             self.n_trials = self.space.budget.items / self.n_dev_items  # in trial-equivalents
         self.refine_reserve = self._refine_reserve(ev)
+        if self.n_trials - self.refine_reserve - self._n_baselines() < 1:
+            raise MergeSearchError(f"{self.space_path}: budget.n_trials {self.n_trials:g} leaves no search trial "
+                                   f"after {self._n_baselines()} baselines; raise budget.n_trials (every evaluation "
+                                   "counts, baselines included)")
         self.seed_recipe = self._seed_recipe() if self.space.seed_from else None
         self.side = None
         self.placement = self._plan(quiet=True)  # refuse a budget that cannot fit before anything is created
@@ -143,6 +147,8 @@ class Controller(RunLifecycle):
         warning = self.space.scale_warning()
         if warning:
             log.warning("%s: %s", self.space_path, warning)
+        for hint in self.space.lever_hints():
+            log.info("hint: %s", hint)
 
     def _check_nesting(self) -> None:
         """Each schedule stage must refine the one before it: every group of a stage lies
@@ -171,11 +177,17 @@ class Controller(RunLifecycle):
         n_seqs = sum(len(it.get("choices", [0])) for v in ev.items.values() for it in v)
         per = math.ceil(estimate_cost(cfg.model_dump(), n_items, n_seqs) - 1e-9) + 1
         reserve = cfg.top * per
-        if reserve >= self.n_trials:
+        if reserve + self._n_baselines() >= self.n_trials:
             raise MergeSearchError(
                 f"{self.space_path}: refine: {cfg.top} refinement(s) of up to {per} trial-equivalents each leave no "
-                f"search budget out of {self.n_trials} trials; raise budget.n_trials or lower refine.steps")
+                f"search budget out of {self.n_trials:g} trials ({self._n_baselines()} go to baselines); raise "
+                "budget.n_trials or lower refine.steps")
         return reserve
+
+    def _n_baselines(self) -> int:
+        """The baselines this run scores before the search (the budget counts them)."""
+        n = len(baseline_recipes(self.space)) if self.space.initial_trials else 0
+        return n + (len(self.space.models) if self.space.objective.normalize == "sources" else 0)
 
     def _plan(self, quiet: bool = False):
         """The workers' placement, refused here (before Ray starts) when the evaluation
@@ -389,10 +401,21 @@ class Controller(RunLifecycle):
     def _search_stages(self) -> None:
         """The search loop, once per schedule stage; the budget left after the refine
         reserve is split between the stages by their shares."""
-        total = self.n_trials - self.refine_reserve
-        if self.refine_reserve:
-            log.info("budget: %d trials: %d for the search, %d kept for refining the best %d candidate(s)",
-                     self.n_trials, total, self.refine_reserve, self.space.refine.top)
+        # every evaluation counts: the baselines (and source models) scored first, the
+        # search, and the refinements' trial-equivalents
+        side = f"{self.opts.run}.baselines"
+        n_base = (len(optuna.load_study(study_name=side, storage=self.storage).trials)
+                  if side in study_names(self.storage) else 0)
+        total = self.n_trials - self.refine_reserve - n_base
+        if n_base or self.refine_reserve:
+            log.info("budget: %g trials: %d baselines, %g for the search%s", self.n_trials, n_base, total,
+                     f", {self.refine_reserve} kept for refining the best {self.space.refine.top} candidate(s)"
+                     if self.refine_reserve else "")
+        if total < 1:
+            raise MergeSearchError(f"{self.space_path}: budget.n_trials {self.n_trials:g} leaves no search trial "
+                                   f"after {n_base} baselines" + (f" and {self.refine_reserve} for refining"
+                                                                  if self.refine_reserve else "")
+                                   + "; raise budget.n_trials")
         shares = [share for _, share in self.stages]
         budgets = [max(1, int(round(total * sum(shares[:k + 1])))) for k in range(len(shares))]
         budgets = [b - (budgets[k - 1] if k else 0) for k, b in enumerate(budgets)]
