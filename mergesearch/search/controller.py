@@ -133,11 +133,11 @@ class Controller(RunLifecycle):
                                        "evaluator does not count its items; give budget.n_trials")
             self.n_trials = self.space.budget.items / self.n_dev_items  # in trial-equivalents
         self.refine_reserve = self._refine_reserve(ev)
+        self.seed_recipe = self._seed_recipe() if self.space.seed_from else None
         if self.n_trials - self.refine_reserve - self._n_baselines() < 1:
             raise MergeSearchError(f"{self.space_path}: budget.n_trials {self.n_trials:g} leaves no search trial "
                                    f"after {self._n_baselines()} baselines; raise budget.n_trials (every evaluation "
                                    "counts, baselines included)")
-        self.seed_recipe = self._seed_recipe() if self.space.seed_from else None
         self.side = None
         self.placement = self._plan(quiet=True)  # refuse a budget that cannot fit before anything is created
         self.claim()
