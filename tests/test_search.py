@@ -275,26 +275,7 @@ def test_cmaes_warm_starts_from_the_best_baseline(tmp_path, zoo, monkeypatch):
                   "lambda": 1.0}
     trials = study.get_trials()
     assert trials[0].params == x0 and trials[0].user_attrs["role"] == "warm start"
-    # CMA-ES samples around it, moved a tenth of each range off the bounds: density 1 is
-    # the top of [0.2, 1], so its mean starts at 0.92
-    from mergesearch.search.samplers import inward
-    mean = inward(SearchSpace.load(space), x0)
-    assert mean["density/m0"] == pytest.approx(0.92) and mean["weight/m0"] == 1.0 and mean["lambda"] == 1.0
-    assert all(abs(trials[1].params[k] - v) < 0.01 for k, v in mean.items())
-
-
-def test_a_start_on_a_bound_is_moved_inside():
-    from mergesearch.search.samplers import inward
-    s = SearchSpace.model_validate({
-        "base": "/m/base", "models": ["/m/a"], "evaluator": {"tasks": ["t"]}, "methods": ["ties"],
-        "parameters": {"weight": {"low": 0.0, "high": 1.0}, "density": {"low": 1e-4, "high": 1.0, "log": True},
-                       "lambda": 1.0}})
-    out = inward(s, {"weight/m0/L0-1": 1.0, "weight/m0/L2-3": 0.0, "weight/m0/embed": 0.5,
-                     "density/m0": 1.0, "lambda": 1.0})
-    assert out["weight/m0/L0-1"] == pytest.approx(0.9) and out["weight/m0/L2-3"] == pytest.approx(0.1)
-    assert out["weight/m0/embed"] == 0.5  # inside: unchanged
-    assert out["density/m0"] == pytest.approx(10 ** -0.4)  # a tenth of the log range below 1
-    assert out["lambda"] == 1.0  # a fixed value is not a variable
+    assert all(abs(trials[1].params[k] - v) < 0.01 for k, v in x0.items())  # CMA-ES samples around it
 
 
 def test_more_workers_than_gpus_is_refused_or_shared():

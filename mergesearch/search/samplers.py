@@ -32,8 +32,6 @@ def make_sampler(space: SearchSpace, n_variables: int, x0: dict | None = None) -
     if name == "cmaes":
         if x0 is None and isinstance(cfg.x0, dict):
             x0 = cfg.x0
-        if x0 is not None:
-            x0 = inward(space, x0)
         return optuna.samplers.CmaEsSampler(
             seed=seed, n_startup_trials=startup or 0, popsize=cfg.population, x0=x0, sigma0=cfg.sigma0,
             restart_strategy=cfg.restart, use_separable_cma=cfg.separable, warn_independent_sampling=False,
@@ -51,35 +49,6 @@ def make_sampler(space: SearchSpace, n_variables: int, x0: dict | None = None) -
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=cfg.population or 8)
     raise ValueError(name)
-
-
-X0_MARGIN = 0.1  # of a variable's range: how far CMA-ES's mean starts from a bound
-
-
-def inward(space: SearchSpace, x0: dict[str, float]) -> dict[str, float]:
-    """CMA-ES's start point with every coordinate at least X0_MARGIN of its range inside
-    its bounds (in log space for log bounds). A start on a bound (a baseline's weight 1 at
-    the top of [0, 1], density 1) puts half of each coordinate's draws out of bounds, and
-    at a corner of many such coordinates nearly every draw: they are clipped onto the
-    corner and the search stalls there. The start point itself is still scored as given
-    (the warm-start trial)."""
-    import math
-
-    from mergesearch.space import Bounds
-
-    out = {}
-    for var, v in x0.items():
-        b = space.parameters.get(var.split("/")[0])
-        if not isinstance(b, Bounds) or b.high <= b.low:
-            out[var] = v
-            continue
-        if b.log and b.low > 0 and v > 0:
-            lo, hi, m = math.log(b.low), math.log(b.high), X0_MARGIN * (math.log(b.high) - math.log(b.low))
-            out[var] = math.exp(min(max(math.log(v), lo + m), hi - m))
-        else:
-            m = X0_MARGIN * (b.high - b.low)
-            out[var] = min(max(float(v), b.low + m), b.high - m)
-    return out
 
 
 def recipe_x0(space: SearchSpace, recipe: dict, groups, tensor_names: list[str], num_layers: int) -> dict[str, float]:
