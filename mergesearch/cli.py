@@ -399,9 +399,15 @@ def leaderboard(
     cols = ["rank", "trial", "kind", "aggregate", "worst"] + [c for c in df.columns if c.startswith("dev:")]
     if pruned and "fidelity" in df.columns:
         cols.append("fidelity")
+    refined = "held_out" in df.columns and df["held_out"].notna().any()
+    if refined:
+        cols.append("held_out")
     cols.append("params")
     with pd.option_context("display.max_colwidth", 70, "display.width", 200):
         typer.echo(df[cols].head(top).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if refined:
+        typer.echo("a refined trial's dev scores include the dev items it was trained on; held_out is its "
+                   "accuracy on those it never saw (its test score, at export, is on neither)")
     for task, d in (study.user_attrs.get("metrics") or {}).items():
         if not d.get("higher_is_better", True):
             typer.echo(f"dev:{task} is minus {d['metric']} ({d['filter']}): lower {d['metric']} is better, "

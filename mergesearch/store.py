@@ -317,6 +317,8 @@ def leaderboard(study: optuna.Study, storage, top: int | None = None, include_fa
             "worst": min(scores.values()) if scores else None,
             "feasible": ua.get("feasible", True),
             **{f"dev:{k}": v for k, v in scores.items()},
+            # a refinement trains on part of the dev items: its accuracy on the rest
+            "held_out": (ua.get("refine") or {}).get("holdout_after"),
             "method": recipe.get("method"),
             "params": ua.get("summary", ""),
             "worker": ua.get("worker"),

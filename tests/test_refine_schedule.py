@@ -218,6 +218,14 @@ def test_coarse_to_fine_search_with_refinement(tmp_path, zoo, monkeypatch, capsy
                                                                "model.norm.weight"]
     assert len(lam) == 3 + 4 * 9 + 1  # and the default
     assert "r0" in set(board["trial"]) and any(k.startswith("s1.") for k in board["trial"])
+    # the leaderboard shows the refined trial's held-out accuracy, and says why
+    r0 = board[board["trial"] == "r0"].iloc[0]
+    assert r0["held_out"] == ua["refine"]["holdout_after"]
+    assert board[board["trial"] != "r0"]["held_out"].isna().all()
+    capsys.readouterr()
+    assert main(["leaderboard", "c2f"]) == 0
+    out = capsys.readouterr().out
+    assert "held_out" in out.splitlines()[1] and "held_out is its accuracy on those it never saw" in out
     assert main(["export", "c2f", "--trial", "r0"]) == 0
     assert "dev re-score matches" in capsys.readouterr().out
     # resuming the finished run runs nothing again: every stage is full, r0 is done
