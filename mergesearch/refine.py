@@ -180,9 +180,10 @@ def build_terms(mat, recipe, groups: list[dict], names: list[str], dtypes: dict,
     # (a tensor the model does not hold as a parameter) keeps the candidate's values
     merged = [n for n in mat.names if n not in mat.constants]
     compiled = CompiledRecipe(recipe, merged, mat.num_layers)
+    group_of = {name: group_index(name, groups) for name in merged}
     for name in merged:
         g, per = compiled[name]
-        k = group_index(name, groups)
+        k = group_of[name]
         for i, p in enumerate(per):
             v = float(p["weight"])
             if abs(group_w.setdefault((k, i), v) - v) > 1e-12:
@@ -195,7 +196,7 @@ def build_terms(mat, recipe, groups: list[dict], names: list[str], dtypes: dict,
     with torch.no_grad():
         for name, x in mat.inputs(recipe, names):
             g, per = compiled[name]
-            k = group_index(name, groups)
+            k = group_of[name]
             w = [float(p["weight"]) for p in per]
             parts = [p.to(device=device, dtype=torch.float32) for p in task_vector_parts(x, g, per, sparsifier)]
             terms.append(_Term(name, x.base.to(device=device, dtype=torch.float32), parts, w, float(g["lambda"]),
@@ -264,7 +265,7 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
     coef = torch.ones(len(groups), n_models, device=device, requires_grad=True)
     scale = torch.ones(len(groups), device=device, requires_grad=True)
     opt = torch.optim.Adam([coef, scale], lr=cfg["lr"])
-    decay = float(cfg.get("average", 0.0))
+    decay = float(cfg["average"])
     avg_c, avg_s = coef.detach().clone(), scale.detach().clone()  # what is checked and kept
 
     items = _Items(evaluator, tokenizer, cfg["holdout"], seed, device)

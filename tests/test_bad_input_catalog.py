@@ -88,6 +88,10 @@ def c_search_budget(t, f, o, z):
     return ["search", write(t / "s.yaml", space_dict(z, budget={"n_trials": 2})), "--run", "r"], [t / "results"]
 
 
+def c_search_refine_budget(t, f, o, z):
+    return ["search", write(t / "s.yaml", space_dict(z, refine={"steps": 100})), "--run", "r"], [t / "results"]
+
+
 def c_search_bounds(t, f, o, z):
     return ["search", write(t / "s.yaml", space_dict(z, parameters={"weight": {"low": 1, "high": 0}})),
             "--run", "r"], [t / "results"]
@@ -189,7 +193,11 @@ CASES = [
     ("merge-missing-metric", c_merge_metric, ["needs a 'metric' file for method 'fisher'"]),
     ("search-unknown-key", c_search_key, ["s.yaml", "budgett"]),
     ("search-reversed-bounds", c_search_bounds, ["s.yaml", "bounds reversed: low 1.0 > high 0.0"]),
-    ("search-budget-below-baselines", c_search_budget, ["s.yaml", "budget.n_trials 2 leaves no search trial after 2 baselines"]),
+    ("search-budget-below-baselines", c_search_budget, ["s.yaml", "budget.n_trials 2 leaves no search trial after 2 baselines; raise"]),
+    # 100 steps x 16 items x 3 / 200 items + 21 checks x 0.25 = 29.25 -> 30, plus its scoring
+    ("search-budget-below-refine", c_search_refine_budget,
+     ["s.yaml", "budget.n_trials 4 leaves no search trial after 2 baselines and 31 trial-equivalents kept for refining; "
+                "raise budget.n_trials or lower refine.steps"]),
     ("search-resume-missing", c_search_resume, ["cannot resume, no such run"]),
     ("search-no-curvature", c_search_curvature, ["method 'fisher' needs a 'curvature' section"]),
     ("search-seed-missing", c_search_seed, ["seed_from:", "nosoup"]),

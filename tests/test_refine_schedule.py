@@ -22,7 +22,7 @@ from test_zoo_eval import zoo  # noqa: F401  (session fixture)
 
 TASKS = ["reverse", "shift", "max", "add"]
 CFG = dict(top=1, level="layer", n_groups=2, steps=8, lr=0.05, batch_size=8, loss="choice", holdout=0.25,
-           eval_every=4, patience=3)
+           eval_every=4, patience=3, average=0.0)
 
 
 def layer_groups(level="layer", n=2):

@@ -134,10 +134,7 @@ class Controller(RunLifecycle):
             self.n_trials = self.space.budget.items / self.n_dev_items  # in trial-equivalents
         self.refine_reserve = self._refine_reserve(ev)
         self.seed_recipe = self._seed_recipe() if self.space.seed_from else None
-        if self.n_trials - self.refine_reserve - self._n_baselines() < 1:
-            raise MergeSearchError(f"{self.space_path}: budget.n_trials {self.n_trials:g} leaves no search trial "
-                                   f"after {self._n_baselines()} baselines; raise budget.n_trials (every evaluation "
-                                   "counts, baselines included)")
+        self._check_budget(self._n_baselines())
         self.side = None
         self.placement = self._plan(quiet=True)  # refuse a budget that cannot fit before anything is created
         self.claim()
@@ -176,18 +173,24 @@ class Controller(RunLifecycle):
         n_items = sum(len(v) for v in ev.items.values())
         n_seqs = sum(len(it.get("choices", [0])) for v in ev.items.values() for it in v)
         per = math.ceil(estimate_cost(cfg.model_dump(), n_items, n_seqs) - 1e-9) + 1
-        reserve = cfg.top * per
-        if reserve + self._n_baselines() >= self.n_trials:
-            raise MergeSearchError(
-                f"{self.space_path}: refine: {cfg.top} refinement(s) of up to {per} trial-equivalents each leave no "
-                f"search budget out of {self.n_trials:g} trials ({self._n_baselines()} go to baselines); raise "
-                "budget.n_trials or lower refine.steps")
-        return reserve
+        return cfg.top * per
 
     def _n_baselines(self) -> int:
         """The baselines this run scores before the search (the budget counts them)."""
         n = len(baseline_recipes(self.space)) if self.space.initial_trials else 0
         return n + (len(self.space.models) if self.space.objective.normalize == "sources" else 0)
+
+    def _check_budget(self, n_base: int) -> float:
+        """The trials left for the search once ``n_base`` baselines and the refine reserve
+        are counted (every evaluation counts); refused when none is left."""
+        total = self.n_trials - self.refine_reserve - n_base
+        if total < 1:
+            raise MergeSearchError(
+                f"{self.space_path}: budget.n_trials {self.n_trials:g} leaves no search trial after {n_base} baselines"
+                + (f" and {self.refine_reserve} trial-equivalents kept for refining" if self.refine_reserve else "")
+                + "; raise budget.n_trials" + (" or lower refine.steps" if self.refine_reserve else "")
+                + " (every evaluation counts, baselines included)")
+        return total
 
     def _plan(self, quiet: bool = False):
         """The workers' placement, refused here (before Ray starts) when the evaluation
@@ -406,16 +409,11 @@ class Controller(RunLifecycle):
         side = f"{self.opts.run}.baselines"
         n_base = (len(optuna.load_study(study_name=side, storage=self.storage).trials)
                   if side in study_names(self.storage) else 0)
-        total = self.n_trials - self.refine_reserve - n_base
+        total = self._check_budget(n_base)  # a soup seed the space cannot express is one more baseline
         if n_base or self.refine_reserve:
             log.info("budget: %g trials: %d baselines, %g for the search%s", self.n_trials, n_base, total,
                      f", {self.refine_reserve} kept for refining the best {self.space.refine.top} candidate(s)"
                      if self.refine_reserve else "")
-        if total < 1:
-            raise MergeSearchError(f"{self.space_path}: budget.n_trials {self.n_trials:g} leaves no search trial "
-                                   f"after {n_base} baselines" + (f" and {self.refine_reserve} for refining"
-                                                                  if self.refine_reserve else "")
-                                   + "; raise budget.n_trials")
         shares = [share for _, share in self.stages]
         budgets = [max(1, int(round(total * sum(shares[:k + 1])))) for k in range(len(shares))]
         budgets = [b - (budgets[k - 1] if k else 0) for k, b in enumerate(budgets)]
