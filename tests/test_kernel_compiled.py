@@ -1,10 +1,18 @@
-"""The compiled fused kernel gives the same bits as the eager one, and mergekit's values."""
+"""The compiled fused kernel gives the same bits as the eager one, and mergekit's values
+(the torch kernels: the native CPU kernels are off in this module)."""
 
 import pytest
 import torch
 from mergekit.merge_methods import merge_tensors
 
 from mergesearch.methods import REGISTRY, TensorInputs, kernels
+
+
+@pytest.fixture(autouse=True)
+def torch_kernels(monkeypatch):
+    """These tests compare the torch kernels (compiled, eager): the native CPU kernels,
+    which would otherwise take every CPU merge, are off (tests/test_native.py compares them)."""
+    monkeypatch.setenv("MERGESEARCH_NATIVE", "0")
 
 
 @pytest.mark.slow

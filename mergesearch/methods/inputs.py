@@ -14,6 +14,8 @@ import hashlib
 
 import torch
 
+from mergesearch.methods import native
+
 
 RADIX_MIN_NUMEL = 1 << 20
 # In a one-shot merge (``kernels.streaming``), from this size the selection reads a
@@ -213,6 +215,12 @@ class TensorInputs:
                 and i not in self._delta_cache and i not in self._abs_cache
                 and work_dtype(self._tensors[i].dtype) == torch.float32)
 
+    def _native(self, i: int) -> bool:
+        """Whether model i's selection histograms come from the native kernels (a large
+        stored tensor on the CPU): no float copy of its delta is made at all."""
+        return (self.numel > SELECT_BLOCK and self._tensors is not None and self.raw_base is not None
+                and native.selects(self._tensors[i], self.raw_base))
+
     def _abs_blocks(self, i: int):
         """(offset, |delta_i| of the block) over flat blocks of SELECT_BLOCK elements, the
         same bits as :meth:`abs_delta` (only for :meth:`_blocked` models: each block is a
@@ -224,7 +232,7 @@ class TensorInputs:
         """The k-th smallest |delta_i| (0-based) with the counts of elements below it
         and at or below it. Large tensors use a radix select on the float bits (a
         histogram of the top 16 bits, then an exact k-th value inside one bucket)."""
-        if self._blocked(i):
+        if self._native(i) or self._blocked(i):
             return self._select_blocked(i, k)
         a = self.abs_delta(i)
         if _select_by_sort_and_radix8(a.device) and a.numel() >= SORT_MIN_NUMEL:
@@ -257,7 +265,11 @@ class TensorInputs:
         of that bucket's elements finds the value itself, and both give the exact counts.
         The first pass keeps each element's top 16 bits (2 bytes an element), so the
         second reads only the bucket's elements again."""
-        if self._hist_cache.get(i, ("",))[0] != "blocked":
+        nat = self._native(i)
+        if self._hist_cache.get(i, ("",))[0] != "blocked" and nat:
+            tops, counts = native.abs_top16(self._tensors[i], self.raw_base)
+            self._hist_cache[i] = ("blocked", counts.cumsum(0), tops)
+        elif self._hist_cache.get(i, ("",))[0] != "blocked":
             counts = None
             tops = torch.empty(self.numel, dtype=torch.int16, device=self._tensors[i].device)
             for lo, a in self._abs_blocks(i):
@@ -269,11 +281,14 @@ class TensorInputs:
         _, cum, tops = self._hist_cache[i]
         b = int(torch.searchsorted(cum, torch.tensor([k], device=cum.device), right=True))
         below = int(cum[b - 1]) if b > 0 else 0
-        where = (tops == b).nonzero().reshape(-1)
-        t, base = self._tensors[i].reshape(-1), self.raw_base.reshape(-1)
-        a = t[where].to(torch.float32)
-        a.sub_(base[where].to(torch.float32))  # the bits :meth:`_abs_blocks` makes
-        cum2 = torch.bincount(a.abs_().view(torch.int32) & 0xFFFF, minlength=1 << 16).cumsum(0)
+        if nat:
+            cum2 = native.abs_low16(self._tensors[i], self.raw_base, tops, b).cumsum(0)
+        else:
+            where = (tops == b).nonzero().reshape(-1)
+            t, base = self._tensors[i].reshape(-1), self.raw_base.reshape(-1)
+            a = t[where].to(torch.float32)
+            a.sub_(base[where].to(torch.float32))  # the bits :meth:`_abs_blocks` makes
+            cum2 = torch.bincount(a.abs_().view(torch.int32) & 0xFFFF, minlength=1 << 16).cumsum(0)
         r = k - below
         j = int(torch.searchsorted(cum2, torch.tensor([r], device=cum2.device), right=True))
         v = torch.tensor([(b << 16) | j], dtype=torch.int32).view(torch.float32)[0].to(cum.device)
@@ -281,6 +296,11 @@ class TensorInputs:
 
     def nth_position_equal(self, i: int, value: torch.Tensor, r: int) -> int:
         """The flat index of the r-th element (0-based, in index order) with |delta_i| == value."""
+        if self._native(i):
+            j = native.nth_equal(self._tensors[i], self.raw_base, value, r)
+            if j < 0:
+                raise IndexError(f"{self.name}: fewer elements equal to the threshold than counted")
+            return j
         if not self._blocked(i):
             return int(self.positions_equal(i, value)[r])
         for lo, a in self._abs_blocks(i):

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 
 import torch
 
+from mergesearch.methods import native
+
 log = logging.getLogger(__name__)
 
 COMPILE_MIN_NUMEL = 1 << 20
@@ -215,6 +217,10 @@ def weighted_sum(sources, weights, divisor: float = 1.0, normalize: bool = False
     A tensor large enough to be computed in blocks is returned in ``out_dtype`` (when
     given), each block cast as it is made: no full-size work-dtype copy is held."""
     global _compiled_sum
+    if sources[0].device.type == "cpu":
+        out = native.weighted_sum(list(sources), weights, divisor, normalize, out_dtype=out_dtype)
+        if out is not None:
+            return out
     wd = torch.float64 if sources[0].dtype == torch.float64 else torch.float32
     args = (list(sources), _values(weights, wd, sources[0].device), _values(divisor, wd, sources[0].device),
             bool(normalize))
@@ -257,6 +263,11 @@ def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, conse
     wd = torch.float64 if raw_base.dtype == torch.float64 else torch.float32
     dev = raw_base.device
     windows = [w if w is None else tuple(w) for w in windows]  # None: everything kept
+    if dev.type == "cpu":  # the native kernel: the same bits, no compilation, one pass
+        out = native.combine(raw_base, list(sources), is_delta, windows, weights, lam, normalize, consensus,
+                             divisor, out_dtype=out_dtype, masks=masks)
+        if out is not None:
+            return out
     scalars = (_values(weights, wd, dev), _values(lam, wd, dev), bool(normalize), bool(consensus),
                _values(divisor, wd, dev))
     # in a one-shot merge on the CPU, a merge without selection or sign election is a few

@@ -1,0 +1,233 @@
+"""Native CPU merge kernels: ``native.cpp``, built once per machine with the C++ compiler
+torch.compile would use, and loaded with ctypes.
+
+On the CPU these replace both the eager torch kernels and TorchInductor's compiled ones
+for float32, bfloat16 and float16 tensors: the same arithmetic in the same order, so the
+same bits (tests/test_native.py), in one pass over memory with tile-sized temporaries.
+They load in milliseconds, where torch.compile costs some 5 s per process, which matters
+in a one-shot export and in every worker's start.
+
+The library is built on first use into ``$MERGESEARCH_CACHE/native`` (default
+``~/.cache/mergesearch/native``), keyed by the source, the compiler and the CPU's
+features, and renamed into place when complete, so concurrent workers never load a
+partial file. Without a compiler, or with ``MERGESEARCH_NATIVE=0``, every function here
+returns None and the callers keep their torch kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native.cpp")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-std=c++17", "-shared", "-fPIC",
+         "-pthread"]
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+MAX_MODELS = 64
+
+_lib = None
+_tried = False
+
+
+def enabled() -> bool:
+    return os.environ.get("MERGESEARCH_NATIVE", "1") != "0"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MERGESEARCH_CACHE", Path.home() / ".cache" / "mergesearch")) / "native"
+
+
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
+def _compiler() -> str | None:
+    cxx = os.environ.get("CXX")
+    return shutil.which(cxx) if cxx else (shutil.which("g++") or shutil.which("c++"))
+
+
+def library_path(cxx: str) -> Path:
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), cxx.encode(), " ".join(FLAGS).encode(),
+                                     _cpu_features().encode()])).hexdigest()[:16]
+    return _cache_dir() / f"mergesearch_native_{key}.so"
+
+
+def _build(cxx: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "compiler failed")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def lib():
+    """The loaded library, or None (disabled, no compiler, or the build failed: logged once)."""
+    global _lib, _tried
+    if not enabled():
+        return None
+    if _lib is not None or _tried:
+        return _lib
+    _tried = True
+    cxx = _compiler()
+    if cxx is None:
+        log.info("no C++ compiler: the native merge kernels are off (torch kernels instead)")
+        return None
+    target = library_path(cxx)
+    try:
+        if not target.exists():
+            _build(cxx, target)
+        handle = ctypes.CDLL(str(target))
+    except Exception as e:  # keep the torch kernels
+        log.warning("native merge kernels unavailable (%s); using the torch kernels", e)
+        return None
+    _declare(handle)
+    _lib = handle
+    return _lib
+
+
+def _declare(h) -> None:
+    i64, i32, f32, vp = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    ptrs = ctypes.POINTER(vp)
+    ints = ctypes.POINTER(ctypes.c_int)
+    floats = ctypes.POINTER(ctypes.c_float)
+    i64s = ctypes.POINTER(ctypes.c_int64)
+    h.ms_combine.argtypes = [i64, i64, vp, i32, i32, ptrs, ints, ints, ptrs, ints, floats, ints, floats, floats,
+                             i64s, i64s, floats, f32, i32, i32, f32, vp, i32, i32]
+    h.ms_combine.restype = i32
+    h.ms_weighted_sum.argtypes = [i64, i32, ptrs, ints, floats, f32, i32, vp, i32, i32]
+    h.ms_weighted_sum.restype = i32
+    h.ms_abs_top16.argtypes = [i64, vp, i32, vp, i32, vp, vp, i32]
+    h.ms_abs_top16.restype = i32
+    h.ms_abs_low16.argtypes = [i64, vp, i32, vp, i32, vp, i32, vp, i32]
+    h.ms_abs_low16.restype = i32
+    h.ms_nth_equal.argtypes = [i64, vp, i32, vp, i32, ctypes.c_uint32, i64]
+    h.ms_nth_equal.restype = i64
+
+
+def _ok(t: torch.Tensor | None, dtypes=DTYPES) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype in dtypes and t.is_contiguous()
+
+
+def _arr(ctype, values):
+    return (ctype * len(values))(*values)
+
+
+def _f32(v) -> float:
+    """A weight, bound or factor as the float32 the torch kernels compute with."""
+    return float(torch.tensor(float(v), dtype=torch.float32))
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, consensus, divisor, out_dtype=None,
+            masks=None) -> torch.Tensor | None:
+    """:func:`kernels.combine` natively, or None where it does not apply (not the CPU, a
+    float64 tensor, a non-contiguous input, a window with its own key)."""
+    k = len(sources)
+    if not (1 <= k <= MAX_MODELS and _ok(raw_base)) or (out_dtype is not None and out_dtype not in DTYPES):
+        return None
+    masks = masks if masks is not None else [None] * k
+    for src, delta, win, mk in zip(sources, is_delta, windows, masks):
+        if not _ok(src, (torch.float32,) if delta else DTYPES) or src.numel() != raw_base.numel():
+            return None
+        if win is not None and win[0] is not None:
+            return None
+        if mk is not None and not (_ok(mk[0], (torch.bool,)) and mk[0].numel() == raw_base.numel()):
+            return None
+    h = lib()
+    if h is None:
+        return None
+    n = raw_base.numel()
+    out = torch.empty(raw_base.shape, dtype=out_dtype or torch.float32)
+    full = [w is None for w in windows]
+    rc = h.ms_combine(
+        n, 0, raw_base.data_ptr(), DTYPES[raw_base.dtype], k,
+        _arr(ctypes.c_void_p, [s.data_ptr() for s in sources]),
+        _arr(ctypes.c_int, [DTYPES[s.dtype] for s in sources]),
+        _arr(ctypes.c_int, [int(bool(d)) for d in is_delta]),
+        _arr(ctypes.c_void_p, [None if mk is None else mk[0].data_ptr() for mk in masks]),
+        _arr(ctypes.c_int, [int(mk is not None and mk[1] is not None) for mk in masks]),
+        _arr(ctypes.c_float, [0.0 if mk is None or mk[1] is None else _f32(mk[1]) for mk in masks]),
+        _arr(ctypes.c_int, [int(not f) for f in full]),
+        _arr(ctypes.c_float, [0.0 if f else _f32(w[1]) for w, f in zip(windows, full)]),
+        _arr(ctypes.c_float, [0.0 if f else _f32(w[2]) for w, f in zip(windows, full)]),
+        _arr(ctypes.c_int64, [0 if f else int(w[3]) for w, f in zip(windows, full)]),
+        _arr(ctypes.c_int64, [0 if f else int(w[4]) for w, f in zip(windows, full)]),
+        _arr(ctypes.c_float, [_f32(w) for w in weights]),
+        _f32(lam), int(bool(normalize)), int(bool(consensus)), _f32(divisor),
+        out.data_ptr(), DTYPES[out.dtype], _threads())
+    if rc != 0:
+        return None
+    return out
+
+
+def weighted_sum(sources, weights, divisor, normalize, out_dtype=None) -> torch.Tensor | None:
+    """:func:`kernels.weighted_sum` natively, or None where it does not apply."""
+    k = len(sources)
+    if not (1 <= k <= MAX_MODELS) or any(not _ok(s) or s.numel() != sources[0].numel() for s in sources) \
+            or (out_dtype is not None and out_dtype not in DTYPES):
+        return None
+    h = lib()
+    if h is None:
+        return None
+    out = torch.empty(sources[0].shape, dtype=out_dtype or torch.float32)
+    rc = h.ms_weighted_sum(sources[0].numel(), k, _arr(ctypes.c_void_p, [s.data_ptr() for s in sources]),
+                           _arr(ctypes.c_int, [DTYPES[s.dtype] for s in sources]),
+                           _arr(ctypes.c_float, [_f32(w) for w in weights]), _f32(divisor), int(bool(normalize)),
+                           out.data_ptr(), DTYPES[out.dtype], _threads())
+    return out if rc == 0 else None
+
+
+def selects(src: torch.Tensor | None, base: torch.Tensor | None) -> bool:
+    """Whether |src - base| can be histogrammed natively (and the library loads)."""
+    return _ok(src) and _ok(base) and src.numel() == base.numel() and lib() is not None
+
+
+def abs_top16(src: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the top 16 bits of each |src - base| as float32, as int16; their 32768-bin histogram)."""
+    n = src.numel()
+    tops = torch.empty(n, dtype=torch.int16)
+    counts = torch.empty(1 << 15, dtype=torch.int64)
+    lib().ms_abs_top16(n, src.data_ptr(), DTYPES[src.dtype], base.data_ptr(), DTYPES[base.dtype], tops.data_ptr(),
+                       counts.data_ptr(), _threads())
+    return tops, counts
+
+
+def abs_low16(src: torch.Tensor, base: torch.Tensor, tops: torch.Tensor, bucket: int) -> torch.Tensor:
+    """The 65536-bin histogram of the low 16 bits of |src - base| where ``tops == bucket``."""
+    counts = torch.empty(1 << 16, dtype=torch.int64)
+    lib().ms_abs_low16(src.numel(), src.data_ptr(), DTYPES[src.dtype], base.data_ptr(), DTYPES[base.dtype],
+                       tops.data_ptr(), int(bucket), counts.data_ptr(), _threads())
+    return counts
+
+
+def nth_equal(src: torch.Tensor, base: torch.Tensor, value: torch.Tensor, r: int) -> int:
+    """The flat index of the r-th element (0-based) with |src - base| == value (float32), or -1."""
+    bits = int(value.detach().to("cpu", torch.float32).reshape(1).view(torch.int32)[0]) & 0xFFFFFFFF
+    return int(lib().ms_nth_equal(src.numel(), src.data_ptr(), DTYPES[src.dtype], base.data_ptr(),
+                                  DTYPES[base.dtype], bits, int(r)))
