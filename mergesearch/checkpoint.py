@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from mergesearch import native
 from mergesearch.errors import MergeSearchError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,6 +42,9 @@ def all_finite(t: torch.Tensor) -> bool:
     a float32 sum of a bfloat16 tensor, and no overflow for float16."""
     if t.numel() == 0:
         return True
+    fast = native.all_finite(t)  # from the bits, one pass
+    if fast is not None:
+        return fast
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
+from mergesearch import native
 from mergesearch.checkpoint import Checkpoint, all_finite
 from mergesearch.errors import MergeSearchError
 
@@ -111,6 +112,10 @@ def sample_names(ckpt: Checkpoint) -> list[str]:
 def relative_distance(base: Checkpoint, model: Checkpoint, names: Iterable[str]) -> float:
     num = den = 0.0
     for name in names:
+        fast = native.squared_distance(model.get(name), base.get(name))
+        if fast is not None:
+            num, den = num + fast[0], den + fast[1]
+            continue
         b = base.get(name).float()
         num += float((model.get(name).float() - b).square().sum())
         den += float(b.square().sum())

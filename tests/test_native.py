@@ -7,7 +7,8 @@ import logging
 import pytest
 import torch
 
-from mergesearch.methods import REGISTRY, TensorInputs, inputs, kernels, native
+from mergesearch import native
+from mergesearch.methods import REGISTRY, TensorInputs, inputs, kernels
 
 METHODS = ["ties", "task_arithmetic", "breadcrumbs_ties", "breadcrumbs", "dare_ties", "dare_linear", "linear"]
 
@@ -139,9 +140,76 @@ def test_without_a_compiler_the_torch_kernels_merge_the_same(fresh_native, monke
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "_tried", False)
     monkeypatch.setenv("CXX", "false")  # a compiler that fails
-    with caplog.at_level(logging.WARNING, logger="mergesearch.methods.native"):
+    with caplog.at_level(logging.WARNING, logger="mergesearch.native"):
         got = _merge(spec, base, models, gp, mp, torch.bfloat16)
     assert native.lib() is None
     assert any("native merge kernels unavailable" in r.getMessage() for r in caplog.records)
     assert torch.equal(_bits(got), _bits(want))
     assert not any(p.name.endswith(".tmp") for p in fresh_native.glob("*"))  # no partial library left
+
+
+def test_native_dare_draws_and_exact_norms_are_torchs(monkeypatch):
+    """The native DARE mask is torch's random_ draws (from a generator already part-way
+    through its 624-draw refill, across several refills), the generator ends where
+    torch's ends, and the L1 norms are exact: equal to the torch blocks' mantissa bins
+    and to a sum of fractions, with magnitudes over many exponents, subnormals and zeros."""
+    if native.lib() is None:
+        pytest.skip("no C++ compiler for the native kernels")
+    from fractions import Fraction
+
+    from mergesearch.methods import sparsify
+    g = torch.Generator().manual_seed(9)
+    n = 40_000
+    base = torch.randn(n, generator=g)
+    delta = torch.randn(n, generator=g) * torch.exp2(torch.randint(-60, 10, (n,), generator=g).float())
+    delta[::7] = 0.0
+    delta[5:9] = torch.tensor([1e-40, -3e-42, 2.0**-126, 7e-45])  # subnormals
+    src = base + delta
+    bound = 5_000_000
+    a, b = torch.Generator().manual_seed(77), torch.Generator().manual_seed(77)
+    torch.empty(100, dtype=torch.int32).random_(0, 1 << 24, generator=a)
+    torch.empty(100, dtype=torch.int32).random_(0, 1 << 24, generator=b)
+    want = torch.empty(n, dtype=torch.int32).random_(0, 1 << 24, generator=a).lt_(bound)
+    keep, bins = native.dare_mask(b, bound, src, base, norms=True)
+    assert torch.equal(keep, want)
+    assert torch.equal(a.get_state(), b.get_state())
+    d = src - base
+    torch_bins = [0] * 512
+    for lo in range(0, n, 4096):
+        for k, c in enumerate(sparsify._mantissa_bins(d[lo:lo + 4096], want[lo:lo + 4096])):
+            torch_bins[k] += c
+    scale = 1 << 150
+    whole = sum(Fraction(v) for v in d.abs().double().tolist())
+    kept = sum(Fraction(v) for v, k in zip(d.abs().double().tolist(), want.tolist()) if k)
+    for bb in (bins, torch_bins):
+        assert Fraction(sum(c << max(e, 1) for e, c in enumerate(bb[:256])), scale) == whole
+        assert Fraction(sum(c << max(e, 1) for e, c in enumerate(bb[256:])), scale) == kept
+    factor = sparsify.exact_l1_factor(bins)
+    assert factor.dtype == torch.float32 and float(factor) == float(torch.tensor(float(whole / kept)).float())
+    assert sparsify.exact_l1_factor([0] * 512) is None
+    nan = [0] * 512
+    nan[255] = 1
+    assert torch.isnan(sparsify.exact_l1_factor(nan))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_native_finite_check_and_distance(dtype):
+    """The input check finds one NaN or Inf anywhere (here in the second thread's range),
+    and the relative distance's sums agree with float64 ones."""
+    if native.lib() is None:
+        pytest.skip("no C++ compiler for the native kernels")
+    from mergesearch.checkpoint import all_finite
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(300_001, generator=g).to(dtype)
+    assert native.all_finite(t) is True and all_finite(t)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u = t.clone()
+        u[250_000] = bad
+        assert native.all_finite(u) is False and not all_finite(u)
+    big = torch.full((10,), 60000.0).to(dtype)  # large but finite (float16's max is 65504)
+    assert native.all_finite(big) is True
+    m = (t.float() + 0.01 * torch.randn(300_001, generator=g)).to(dtype)
+    num, den = native.squared_distance(m, t)
+    want_num = float((m.double() - t.double()).square().sum())
+    want_den = float(t.double().square().sum())
+    assert num == pytest.approx(want_num, rel=1e-5) and den == pytest.approx(want_den, rel=1e-5)

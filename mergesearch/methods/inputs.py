@@ -14,7 +14,7 @@ import hashlib
 
 import torch
 
-from mergesearch.methods import native
+from mergesearch import native
 
 
 RADIX_MIN_NUMEL = 1 << 20

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 import torch
 
-from mergesearch.methods import native
+from mergesearch import native
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-// mergesearch's native CPU kernels (built on first use by mergesearch/methods/native.py).
+// mergesearch's native CPU kernels (built on first use by mergesearch/native.py).
 //
 // The fused combine of the task-vector family, the weighted sum, and the two histogram
 // passes of the magnitude selection, over float32 / bfloat16 / float16 tensors. Each is
@@ -257,6 +257,56 @@ int ms_abs_low16(int64_t n, const void* src, int src_dt, const void* base, int b
   return 0;
 }
 
+// Whether any of n elements is NaN or infinite (all exponent bits set), from the bits.
+int ms_any_nonfinite(int64_t n, const void* p, int dt, int nthreads) {
+  std::vector<int> found(std::max(1, nthreads), 0);
+  parallel(n, nthreads, [&](int r, int64_t start, int64_t stop) {
+    int any = 0;
+    if (dt == F32) {
+      const uint32_t* s = static_cast<const uint32_t*>(p);
+      for (int64_t j = start; j < stop; ++j) any |= (s[j] & 0x7F800000u) == 0x7F800000u;
+    } else {
+      const uint16_t* s = static_cast<const uint16_t*>(p);
+      const uint16_t mask = dt == BF16 ? 0x7F80u : 0x7C00u;
+      for (int64_t j = start; j < stop; ++j) any |= (s[j] & mask) == mask;
+    }
+    found[r] = any;
+  });
+  for (int f : found)
+    if (f) return 1;
+  return 0;
+}
+
+// sum((a - b)^2) and sum(b^2) in float64, into out[0] and out[1].
+int ms_sq_dist(int64_t n, const void* a, int a_dt, const void* b, int b_dt, double* out, int nthreads) {
+  std::vector<double> num(std::max(1, nthreads), 0.0), den(std::max(1, nthreads), 0.0);
+  parallel(n, nthreads, [&](int r, int64_t start, int64_t stop) {
+    float x[TILE], y[TILE];
+    double sn = 0.0, sd = 0.0;
+    for (int64_t lo = start; lo < stop; lo += TILE) {
+      const int64_t len = std::min(TILE, stop - lo);
+      load(a, a_dt, lo, len, x);
+      load(b, b_dt, lo, len, y);
+      float tn = 0.0f, td = 0.0f;  // a tile in float32, tiles in float64
+      for (int64_t j = 0; j < len; ++j) {
+        const float d = x[j] - y[j];
+        tn += d * d;
+        td += y[j] * y[j];
+      }
+      sn += tn;
+      sd += td;
+    }
+    num[r] = sn;
+    den[r] = sd;
+  });
+  out[0] = out[1] = 0.0;
+  for (size_t r = 0; r < num.size(); ++r) {
+    out[0] += num[r];
+    out[1] += den[r];
+  }
+  return 0;
+}
+
 // The flat index of the r-th element (0-based, in index order) whose |src - base| has the
 // float32 bits ``value_bits``, or -1 if there are not that many.
 int64_t ms_nth_equal(int64_t n, const void* src, int src_dt, const void* base, int base_dt, uint32_t value_bits,
@@ -274,6 +324,122 @@ int64_t ms_nth_equal(int64_t n, const void* src, int src_dt, const void* base, i
     }
   }
   return -1;
+}
+
+// DARE's mask for n elements, drawn from torch's CPU generator: the state is torch's
+// 5056-byte CPU generator state (Generator.get_state()), read and updated in place. Its
+// engine is the standard 32-bit Mersenne Twister, drawn one output per element, and
+// ``random_(0, 2**24)`` keeps an output's low 24 bits: element j is kept when they fall
+// below ``bound`` (native.py checks these draws against torch's once per process).
+// With ``bins`` (2 x 256 int64, added to), the L1 norms of |src - base| (|src| with no base) over all elements
+// and over the kept ones are summed exactly: float32 magnitudes as integer mantissas per
+// binary exponent (bins[e] and bins[256 + e]).
+namespace {
+constexpr int MT_N = 624, MT_M = 397;
+
+inline uint32_t mt_mix(uint32_t u, uint32_t v) {
+  return (((u & 0x80000000u) | (v & 0x7FFFFFFFu)) >> 1) ^ ((v & 1u) ? 0x9908B0DFu : 0u);
+}
+
+void mt_twist(uint32_t* s) {
+  int k = 0;
+  for (; k < MT_N - MT_M; ++k) s[k] = s[k + MT_M] ^ mt_mix(s[k], s[k + 1]);
+  for (; k < MT_N - 1; ++k) s[k] = s[k + MT_M - MT_N] ^ mt_mix(s[k], s[k + 1]);
+  s[MT_N - 1] = s[MT_M - 1] ^ mt_mix(s[MT_N - 1], s[0]);
+}
+}  // namespace
+
+int ms_dare_mask(int64_t n, uint8_t* rng_state, uint32_t bound, uint8_t* keep, const void* src, int src_dt,
+                 const void* base, int base_dt, int64_t* bins, int nthreads) {
+  int32_t left;
+  uint64_t next;
+  uint32_t mt[MT_N];
+  std::memcpy(&left, rng_state + 8, 4);
+  std::memcpy(&next, rng_state + 16, 8);
+  for (int k = 0; k < MT_N; ++k) {
+    uint64_t v;
+    std::memcpy(&v, rng_state + 24 + 8 * k, 8);
+    mt[k] = static_cast<uint32_t>(v);
+  }
+  if (left < 1 || left > MT_N || next > static_cast<uint64_t>(MT_N)) return 1;
+  int64_t j = 0;
+  while (j < n) {
+    if (left == 1) {  // the next draw twists first, then reads state[0]
+      mt_twist(mt);
+      left = MT_N + 1;
+      next = 0;
+    }
+    const int64_t take = std::min<int64_t>(n - j, left - 1);
+    const uint32_t* s = mt + next;
+    uint8_t* out = keep + j;
+    for (int64_t t = 0; t < take; ++t) {
+      uint32_t y = s[t];
+      y ^= y >> 11;
+      y ^= (y << 7) & 0x9D2C5680u;
+      y ^= (y << 15) & 0xEFC60000u;
+      y ^= y >> 18;
+      out[t] = (y & 0xFFFFFFu) < bound;
+    }
+    next += take;
+    left -= static_cast<int32_t>(take);
+    j += take;
+  }
+  std::memcpy(rng_state + 8, &left, 4);
+  std::memcpy(rng_state + 16, &next, 8);
+  for (int k = 0; k < MT_N; ++k) {
+    uint64_t v = mt[k];
+    std::memcpy(rng_state + 24 + 8 * k, &v, 8);
+  }
+  if (bins != nullptr) {
+    // Per tile, when the nonzero magnitudes' exponents span at most 29 (the usual case),
+    // the mantissas shifted to the smallest exponent sum exactly in an int64 (below
+    // 2^53 each, 512 of them) into that exponent's bin; otherwise each goes to its own bin.
+    std::vector<std::vector<int64_t>> local(std::max(1, nthreads), std::vector<int64_t>(512, 0));
+    parallel(n, nthreads, [&](int r, int64_t start, int64_t stop) {
+      float a[TILE], b[TILE];
+      uint32_t ex[TILE];
+      int64_t mant[TILE];
+      int64_t* c = local[r].data();
+      for (int64_t lo = start; lo < stop; lo += TILE) {
+        const int64_t len = std::min(TILE, stop - lo);
+        load(src, src_dt, lo, len, a);
+        if (base != nullptr)
+          load(base, base_dt, lo, len, b);
+        else
+          std::fill(b, b + len, 0.0f);  // src is the delta itself
+        uint32_t emin = 255, emax = 0;
+        for (int64_t t = 0; t < len; ++t) {
+          const uint32_t u = float_to_bits(std::fabs(a[t] - b[t]));
+          const uint32_t e = u >> 23;
+          const uint32_t m = (u & 0x7FFFFFu) | (e ? 0x800000u : 0u);
+          ex[t] = e ? e : 1;  // a subnormal's scale is exponent 1's
+          mant[t] = m;
+          emin = std::min(emin, m ? ex[t] : 255u);
+          emax = std::max(emax, m ? ex[t] : 0u);
+        }
+        const uint8_t* k = keep + lo;
+        if (emax == 0) continue;  // all zero
+        if (emax < 255 && emax - emin <= 29) {
+          int64_t sb = 0, sa = 0;
+          for (int64_t t = 0; t < len; ++t) {
+            const int64_t v = mant[t] << (ex[t] - emin);  // zeros stay 0 whatever the shift
+            sb += v;
+            sa += k[t] ? v : 0;
+          }
+          c[emin] += sb;
+          c[256 + emin] += sa;
+        } else {
+          for (int64_t t = 0; t < len; ++t) {
+            c[ex[t]] += mant[t];
+            c[256 + ex[t]] += k[t] ? mant[t] : 0;
+          }
+        }
+      }
+    });
+    for (auto& l : local)
+      for (int v = 0; v < 512; ++v) bins[v] += l[v];
+  }
+  return 0;
 }
 
 }  // extern "C"

@@ -123,6 +123,12 @@ def _declare(h) -> None:
     h.ms_abs_top16.restype = i32
     h.ms_abs_low16.argtypes = [i64, vp, i32, vp, i32, vp, i32, vp, i32]
     h.ms_abs_low16.restype = i32
+    h.ms_dare_mask.argtypes = [i64, vp, ctypes.c_uint32, vp, vp, i32, vp, i32, vp, i32]
+    h.ms_dare_mask.restype = i32
+    h.ms_any_nonfinite.argtypes = [i64, vp, i32, i32]
+    h.ms_any_nonfinite.restype = i32
+    h.ms_sq_dist.argtypes = [i64, vp, i32, vp, i32, vp, i32]
+    h.ms_sq_dist.restype = i32
     h.ms_nth_equal.argtypes = [i64, vp, i32, vp, i32, ctypes.c_uint32, i64]
     h.ms_nth_equal.restype = i64
 
@@ -203,6 +209,24 @@ def weighted_sum(sources, weights, divisor, normalize, out_dtype=None) -> torch.
     return out if rc == 0 else None
 
 
+def all_finite(t: torch.Tensor) -> bool | None:
+    """Whether a tensor holds no NaN or Inf, from its bits in one pass; None where the
+    native kernels do not apply."""
+    if not _ok(t) or lib() is None:
+        return None
+    return lib().ms_any_nonfinite(t.numel(), t.data_ptr(), DTYPES[t.dtype], _threads()) == 0
+
+
+def squared_distance(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float] | None:
+    """(sum((a - b)^2), sum(b^2)), float32 within tiles of 512, float64 across them; None
+    where the native kernels do not apply."""
+    if not (_ok(a) and _ok(b) and a.numel() == b.numel()) or lib() is None:
+        return None
+    out = (ctypes.c_double * 2)()
+    lib().ms_sq_dist(a.numel(), a.data_ptr(), DTYPES[a.dtype], b.data_ptr(), DTYPES[b.dtype], out, _threads())
+    return out[0], out[1]
+
+
 def selects(src: torch.Tensor | None, base: torch.Tensor | None) -> bool:
     """Whether |src - base| can be histogrammed natively (and the library loads)."""
     return _ok(src) and _ok(base) and src.numel() == base.numel() and lib() is not None
@@ -231,3 +255,54 @@ def nth_equal(src: torch.Tensor, base: torch.Tensor, value: torch.Tensor, r: int
     bits = int(value.detach().to("cpu", torch.float32).reshape(1).view(torch.int32)[0]) & 0xFFFFFFFF
     return int(lib().ms_nth_equal(src.numel(), src.data_ptr(), DTYPES[src.dtype], base.data_ptr(),
                                   DTYPES[base.dtype], bits, int(r)))
+
+
+_draws_ok: bool | None = None
+
+
+def _draws_match_torch() -> bool:
+    """Whether the native DARE draws are torch's: masks and generator states compared
+    once per process, across the engine's 624-draw refills (another torch could lay
+    its generator state out differently; then torch draws)."""
+    global _draws_ok
+    if _draws_ok is None:
+        a, b = torch.Generator().manual_seed(20240), torch.Generator().manual_seed(20240)
+        ok = True
+        for n in (1000, 3001, 17):
+            want = torch.empty(n, dtype=torch.int32).random_(0, 1 << 24, generator=a).lt_(5_000_000)
+            got = torch.empty(n, dtype=torch.bool)
+            state = b.get_state()
+            if lib().ms_dare_mask(n, state.data_ptr(), 5_000_000, got.data_ptr(), None, 0, None, 0, None, 1) != 0:
+                ok = False
+                break
+            b.set_state(state)
+            ok = ok and torch.equal(want, got)
+        _draws_ok = ok and torch.equal(a.get_state(), b.get_state())
+        if not _draws_ok:
+            log.info("this torch's CPU generator differs from the native DARE draws: torch draws")
+    return _draws_ok
+
+
+def draws(generator: torch.Generator, src: torch.Tensor | None, base: torch.Tensor | None) -> bool:
+    """Whether :func:`dare_mask` applies: a CPU generator, the library, torch's draws."""
+    return (generator.device.type == "cpu" and _ok(src) and (base is None or (_ok(base) and base.numel() == src.numel()))
+            and lib() is not None and _draws_match_torch())
+
+
+def dare_mask(generator: torch.Generator, bound: int, src: torch.Tensor, base: torch.Tensor | None,
+              norms: bool) -> tuple[torch.Tensor, list[int] | None]:
+    """DARE's kept elements (a flat bool tensor: the generator's next draws' low 24 bits
+    below ``bound``, as ``random_(0, 2**24)`` draws them; the generator advances as
+    torch's would) and, with ``norms``, the exact L1 norms of |src - base| over all and
+    over the kept elements, as 512 bins of integer mantissas (:func:`exact_sums`)."""
+    n = src.numel()
+    keep = torch.empty(n, dtype=torch.bool)
+    bins = torch.zeros(512, dtype=torch.int64) if norms else None
+    state = generator.get_state()
+    rc = lib().ms_dare_mask(n, state.data_ptr(), int(bound), keep.data_ptr(), src.data_ptr(), DTYPES[src.dtype],
+                            None if base is None else base.data_ptr(), DTYPES[(base if base is not None else src).dtype],
+                            None if bins is None else bins.data_ptr(), _threads())
+    if rc != 0:
+        raise RuntimeError("native DARE draws: unexpected generator state")
+    generator.set_state(state)
+    return keep, None if bins is None else bins.tolist()
