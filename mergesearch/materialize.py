@@ -275,9 +275,12 @@ class Materializer:
             return recipe
         return CompiledRecipe(recipe, self.names, self.num_layers, validate=validate)
 
-    def _candidate(self, compiled: CompiledRecipe, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    def _candidate(self, compiled: CompiledRecipe, names: list[str],
+                   targets: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """The merged tensors of ``names`` in order, host inputs streamed: in the work
-        dtype, or already in the export dtype where a large tensor is made in blocks."""
+        dtype, or already in the export dtype where a large tensor is made in blocks.
+        A kernel that can write a tensor straight into its ``targets`` entry does (and
+        yields it): no new buffer and no copy."""
         for name, x in self.inputs(compiled.recipe, names):
             if name in self.constants:
                 yield name, x
@@ -285,6 +288,8 @@ class Materializer:
             # no finiteness pass in the hot loop: a non-finite candidate shows up as a
             # non-finite score and fails its trial
             x.out_dtype = self.export_dtype(compiled.recipe, name)
+            if targets is not None:
+                x.out = targets.get(name)
             yield name, compiled.merge(x, check_finite=False)
             del x  # its caches are not alive while the next tensor's inputs are prepared
 
@@ -308,13 +313,15 @@ class Materializer:
         targets = dict(module.named_parameters())
         targets.update(dict(module.named_buffers()))
         names = [n for n in self.names if n in targets]  # e.g. a tied lm_head is absent
-        for name, merged in self._candidate(compiled, names):
-            target = targets[name]
+        for name in names:
             dtype = self.export_dtype(recipe, name)
-            if target.dtype != dtype:
-                raise MergeSearchError(f"evaluation model holds '{name}' in {target.dtype}, but the export writes "
-                                       f"{dtype}: load it in the recipe's dtype")
-            target.copy_(merged.to(dtype=dtype))
+            if targets[name].dtype != dtype:
+                raise MergeSearchError(f"evaluation model holds '{name}' in {targets[name].dtype}, but the export "
+                                       f"writes {dtype}: load it in the recipe's dtype")
+        for name, merged in self._candidate(compiled, names, {n: targets[n].data for n in names}):
+            target = targets[name]
+            if merged.data_ptr() != target.data_ptr():  # not already written in place
+                target.copy_(merged.to(dtype=self.export_dtype(recipe, name)))
             del merged  # not alive while the next tensor is merged
 
     def close(self) -> None:

@@ -213,15 +213,28 @@ int ms_abs_top16(int64_t n, const void* src, int src_dt, const void* base, int b
   std::vector<std::vector<int64_t>> local(std::max(1, nthreads), std::vector<int64_t>(1 << 15, 0));
   parallel(n, nthreads, [&](int r, int64_t start, int64_t stop) {
     float a[TILE], b[TILE];
+    // two interleaved 32-bit histograms per tile run (added to the 64-bit one per tile):
+    // consecutive elements often share a bin, and one histogram would chain the updates
+    std::vector<uint32_t> h(2 << 15, 0);
     int64_t* c = local[r].data();
     for (int64_t lo = start; lo < stop; lo += TILE) {
       const int64_t len = std::min(TILE, stop - lo);
       load(src, src_dt, lo, len, a);
       load(base, base_dt, lo, len, b);
-      for (int64_t j = 0; j < len; ++j) {
-        const uint32_t top = float_to_bits(std::fabs(a[j] - b[j])) >> 16;
-        tops[lo + j] = static_cast<int16_t>(top);
-        c[top] += 1;
+      int16_t* t = tops + lo;
+      for (int64_t j = 0; j < len; ++j)  // vectorized
+        t[j] = static_cast<int16_t>(float_to_bits(std::fabs(a[j] - b[j])) >> 16);
+      int64_t j = 0;
+      for (; j + 1 < len; j += 2) {
+        h[t[j]] += 1;
+        h[(1 << 15) + t[j + 1]] += 1;
+      }
+      if (j < len) h[t[j]] += 1;
+      if (((lo - start) / TILE) % 4096 == 4095 || lo + TILE >= stop) {  // at most 2M counts a bin
+        for (int v = 0; v < (1 << 15); ++v) {
+          c[v] += static_cast<int64_t>(h[v]) + h[(1 << 15) + v];
+          h[v] = h[(1 << 15) + v] = 0;
+        }
       }
     }
   });
@@ -241,12 +254,18 @@ int ms_abs_low16(int64_t n, const void* src, int src_dt, const void* base, int b
   parallel(n, nthreads, [&](int r, int64_t start, int64_t stop) {
     int64_t* c = local[r].data();
     const int16_t want = static_cast<int16_t>(bucket);
-    for (int64_t j = start; j < stop; ++j) {
-      if (tops[j] != want) continue;
-      float a, b;
-      load(src, src_dt, j, 1, &a);
-      load(base, base_dt, j, 1, &b);
-      c[float_to_bits(std::fabs(a - b)) & 0xFFFFu] += 1;
+    for (int64_t lo = start; lo < stop; lo += 64) {  // few elements match: skip 64 at a time
+      const int64_t len = std::min<int64_t>(64, stop - lo);
+      int any = 0;
+      for (int64_t j = 0; j < len; ++j) any |= tops[lo + j] == want;  // vectorized
+      if (!any) continue;
+      for (int64_t j = lo; j < lo + len; ++j) {
+        if (tops[j] != want) continue;
+        float a, b;
+        load(src, src_dt, j, 1, &a);
+        load(base, base_dt, j, 1, &b);
+        c[float_to_bits(std::fabs(a - b)) & 0xFFFFu] += 1;
+      }
     }
   });
   for (int64_t v = 0; v < (1 << 16); ++v) {
@@ -308,12 +327,19 @@ int ms_sq_dist(int64_t n, const void* a, int a_dt, const void* b, int b_dt, doub
 }
 
 // The flat index of the r-th element (0-based, in index order) whose |src - base| has the
-// float32 bits ``value_bits``, or -1 if there are not that many.
+// float32 bits ``value_bits``, or -1 if there are not that many. With ``tops`` (the top
+// 16 bits of every |src - base|), only the elements of the value's bucket are read.
 int64_t ms_nth_equal(int64_t n, const void* src, int src_dt, const void* base, int base_dt, uint32_t value_bits,
-                     int64_t r) {
+                     int64_t r, const int16_t* tops) {
   float a[TILE], b[TILE];
+  const int16_t want = static_cast<int16_t>(value_bits >> 16);
   for (int64_t lo = 0; lo < n; lo += TILE) {
     const int64_t len = std::min(TILE, n - lo);
+    if (tops != nullptr) {
+      int any = 0;
+      for (int64_t j = 0; j < len; ++j) any |= tops[lo + j] == want;  // vectorized
+      if (!any) continue;
+    }
     load(src, src_dt, lo, len, a);
     load(base, base_dt, lo, len, b);
     for (int64_t j = 0; j < len; ++j) {

@@ -129,7 +129,7 @@ def _declare(h) -> None:
     h.ms_any_nonfinite.restype = i32
     h.ms_sq_dist.argtypes = [i64, vp, i32, vp, i32, vp, i32]
     h.ms_sq_dist.restype = i32
-    h.ms_nth_equal.argtypes = [i64, vp, i32, vp, i32, ctypes.c_uint32, i64]
+    h.ms_nth_equal.argtypes = [i64, vp, i32, vp, i32, ctypes.c_uint32, i64, vp]
     h.ms_nth_equal.restype = i64
 
 
@@ -150,10 +150,20 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+def _destination(out: torch.Tensor | None, like: torch.Tensor, out_dtype) -> torch.Tensor:
+    """``out`` when the result can be written into it (same size, ``out_dtype``,
+    contiguous, on the CPU), else a new tensor of ``like``'s shape."""
+    dtype = out_dtype or torch.float32
+    if _ok(out) and out.dtype == dtype and out.numel() == like.numel():
+        return out
+    return torch.empty(like.shape, dtype=dtype)
+
+
 def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, consensus, divisor, out_dtype=None,
-            masks=None) -> torch.Tensor | None:
+            masks=None, out=None) -> torch.Tensor | None:
     """:func:`kernels.combine` natively, or None where it does not apply (not the CPU, a
-    float64 tensor, a non-contiguous input, a window with its own key)."""
+    float64 tensor, a non-contiguous input, a window with its own key). The result goes
+    into ``out`` when it fits (:func:`_destination`)."""
     k = len(sources)
     if not (1 <= k <= MAX_MODELS and _ok(raw_base)) or (out_dtype is not None and out_dtype not in DTYPES):
         return None
@@ -169,7 +179,7 @@ def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, conse
     if h is None:
         return None
     n = raw_base.numel()
-    out = torch.empty(raw_base.shape, dtype=out_dtype or torch.float32)
+    out = _destination(out, raw_base, out_dtype)
     full = [w is None for w in windows]
     rc = h.ms_combine(
         n, 0, raw_base.data_ptr(), DTYPES[raw_base.dtype], k,
@@ -192,7 +202,7 @@ def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, conse
     return out
 
 
-def weighted_sum(sources, weights, divisor, normalize, out_dtype=None) -> torch.Tensor | None:
+def weighted_sum(sources, weights, divisor, normalize, out_dtype=None, out=None) -> torch.Tensor | None:
     """:func:`kernels.weighted_sum` natively, or None where it does not apply."""
     k = len(sources)
     if not (1 <= k <= MAX_MODELS) or any(not _ok(s) or s.numel() != sources[0].numel() for s in sources) \
@@ -201,7 +211,7 @@ def weighted_sum(sources, weights, divisor, normalize, out_dtype=None) -> torch.
     h = lib()
     if h is None:
         return None
-    out = torch.empty(sources[0].shape, dtype=out_dtype or torch.float32)
+    out = _destination(out, sources[0], out_dtype)
     rc = h.ms_weighted_sum(sources[0].numel(), k, _arr(ctypes.c_void_p, [s.data_ptr() for s in sources]),
                            _arr(ctypes.c_int, [DTYPES[s.dtype] for s in sources]),
                            _arr(ctypes.c_float, [_f32(w) for w in weights]), _f32(divisor), int(bool(normalize)),
@@ -232,10 +242,39 @@ def selects(src: torch.Tensor | None, base: torch.Tensor | None) -> bool:
     return _ok(src) and _ok(base) and src.numel() == base.numel() and lib() is not None
 
 
+_POOL: list[torch.Tensor] = []
+POOL_BUFFERS = 4
+
+
+def _in_use(buf: torch.Tensor) -> bool:
+    """Whether any tensor other than ``buf`` (a view, a view of a view) still uses its
+    memory. Without torch's storage use count, every buffer counts as in use."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return True
+    return count(buf.untyped_storage()._cdata) > 2  # buf itself and the wrapper made here
+
+
+def _scratch(n: int) -> torch.Tensor:
+    """An int16 buffer of n elements for the selection's top bits, reused from earlier
+    selections once nothing uses it any more: a fresh buffer costs a page fault per 4 KB
+    on first touch (about 0.2 ms a MB here), a tenth of a TIES candidate's time."""
+    for buf in _POOL:
+        if buf.numel() >= n and not _in_use(buf):
+            return buf[:n]
+    buf = torch.empty(n, dtype=torch.int16)
+    free = [b for b in _POOL if not _in_use(b)]
+    if len(_POOL) >= POOL_BUFFERS and free:  # replace the smallest free one
+        _POOL.remove(min(free, key=torch.Tensor.numel))
+    if len(_POOL) < POOL_BUFFERS:
+        _POOL.append(buf)
+    return buf[:n]
+
+
 def abs_top16(src: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(the top 16 bits of each |src - base| as float32, as int16; their 32768-bin histogram)."""
     n = src.numel()
-    tops = torch.empty(n, dtype=torch.int16)
+    tops = _scratch(n)
     counts = torch.empty(1 << 15, dtype=torch.int64)
     lib().ms_abs_top16(n, src.data_ptr(), DTYPES[src.dtype], base.data_ptr(), DTYPES[base.dtype], tops.data_ptr(),
                        counts.data_ptr(), _threads())
@@ -250,11 +289,13 @@ def abs_low16(src: torch.Tensor, base: torch.Tensor, tops: torch.Tensor, bucket:
     return counts
 
 
-def nth_equal(src: torch.Tensor, base: torch.Tensor, value: torch.Tensor, r: int) -> int:
-    """The flat index of the r-th element (0-based) with |src - base| == value (float32), or -1."""
+def nth_equal(src: torch.Tensor, base: torch.Tensor, value: torch.Tensor, r: int,
+              tops: torch.Tensor | None = None) -> int:
+    """The flat index of the r-th element (0-based) with |src - base| == value (float32), or
+    -1. ``tops``: :func:`abs_top16`'s top bits of the same elements, to skip other buckets."""
     bits = int(value.detach().to("cpu", torch.float32).reshape(1).view(torch.int32)[0]) & 0xFFFFFFFF
     return int(lib().ms_nth_equal(src.numel(), src.data_ptr(), DTYPES[src.dtype], base.data_ptr(),
-                                  DTYPES[base.dtype], bits, int(r)))
+                                  DTYPES[base.dtype], bits, int(r), None if tops is None else tops.data_ptr()))
 
 
 _draws_ok: bool | None = None

@@ -213,3 +213,20 @@ def test_native_finite_check_and_distance(dtype):
     want_num = float((m.double() - t.double()).square().sum())
     want_den = float(t.double().square().sum())
     assert num == pytest.approx(want_num, rel=1e-5) and den == pytest.approx(want_den, rel=1e-5)
+
+
+def test_selection_scratch_is_reused_only_when_nothing_uses_it(monkeypatch):
+    if native.lib() is None:
+        pytest.skip("no C++ compiler for the native kernels")
+    monkeypatch.setattr(native, "_POOL", [])
+    a = native._scratch(1000)
+    b = native._scratch(1000)
+    assert a.data_ptr() != b.data_ptr()  # a is still held
+    derived = a.reshape(10, 100)  # a view of the view keeps the memory in use
+    ptr = a.data_ptr()
+    del a
+    c = native._scratch(1000)
+    assert c.data_ptr() != ptr
+    del derived
+    d = native._scratch(800)  # now free: reused
+    assert d.data_ptr() == ptr and d.numel() == 800

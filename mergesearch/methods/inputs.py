@@ -105,6 +105,9 @@ class TensorInputs:
         # the dtype the caller casts the merged tensor to: methods that compute large
         # tensors in blocks may return it in this dtype already (the same bits)
         self.out_dtype = out_dtype
+        # where the merged tensor may be written (e.g. the evaluation model's parameter, in
+        # out_dtype): kernels that can write into it do, and return it
+        self.out: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
         self._base_work: torch.Tensor | None = None
         self._tensor_cache: dict[int, torch.Tensor] = {}
@@ -297,7 +300,9 @@ class TensorInputs:
     def nth_position_equal(self, i: int, value: torch.Tensor, r: int) -> int:
         """The flat index of the r-th element (0-based, in index order) with |delta_i| == value."""
         if self._native(i):
-            j = native.nth_equal(self._tensors[i], self.raw_base, value, r)
+            cached = self._hist_cache.get(i, ("",))
+            j = native.nth_equal(self._tensors[i], self.raw_base, value, r,
+                                 tops=cached[2] if cached[0] == "blocked" else None)
             if j < 0:
                 raise IndexError(f"{self.name}: fewer elements equal to the threshold than counted")
             return j

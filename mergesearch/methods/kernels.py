@@ -212,15 +212,16 @@ def _compile(fn):
     return torch.compile(fn, dynamic=True)
 
 
-def weighted_sum(sources, weights, divisor: float = 1.0, normalize: bool = False, out_dtype=None) -> torch.Tensor:
+def weighted_sum(sources, weights, divisor: float = 1.0, normalize: bool = False, out_dtype=None,
+                 out=None) -> torch.Tensor:
     """sum_i w_i * sources_i (in the work dtype), divided by ``divisor`` if normalize.
     A tensor large enough to be computed in blocks is returned in ``out_dtype`` (when
     given), each block cast as it is made: no full-size work-dtype copy is held."""
     global _compiled_sum
     if sources[0].device.type == "cpu":
-        out = native.weighted_sum(list(sources), weights, divisor, normalize, out_dtype=out_dtype)
-        if out is not None:
-            return out
+        made = native.weighted_sum(list(sources), weights, divisor, normalize, out_dtype=out_dtype, out=out)
+        if made is not None:
+            return made
     wd = torch.float64 if sources[0].dtype == torch.float64 else torch.float32
     args = (list(sources), _values(weights, wd, sources[0].device), _values(divisor, wd, sources[0].device),
             bool(normalize))
@@ -248,7 +249,7 @@ def _disable(e: Exception) -> None:
 
 
 def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, consensus, divisor=1.0,
-            out_dtype=None, masks=None) -> torch.Tensor:
+            out_dtype=None, masks=None, out=None) -> torch.Tensor:
     """base + lam * merge of the selected, weighted deltas (see module docstring).
 
     ``sources[i]`` is model i's tensor as stored (its delta is taken inside the
@@ -258,16 +259,17 @@ def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, conse
     ``divisor`` is the normalizer without consensus (the sum of the weights).
     ``masks[i]`` (DARE), when given: (kept elements as bool, L1 factor or None); model
     i's delta is then ``delta * factor`` where kept and 0 elsewhere.
-    ``out_dtype``: as in :func:`weighted_sum`."""
+    ``out_dtype``: as in :func:`weighted_sum`. ``out``: a tensor the native kernel may
+    write the result into (and return); the other kernels leave it alone."""
     global _compiled
     wd = torch.float64 if raw_base.dtype == torch.float64 else torch.float32
     dev = raw_base.device
     windows = [w if w is None else tuple(w) for w in windows]  # None: everything kept
     if dev.type == "cpu":  # the native kernel: the same bits, no compilation, one pass
-        out = native.combine(raw_base, list(sources), is_delta, windows, weights, lam, normalize, consensus,
-                             divisor, out_dtype=out_dtype, masks=masks)
-        if out is not None:
-            return out
+        made = native.combine(raw_base, list(sources), is_delta, windows, weights, lam, normalize, consensus,
+                              divisor, out_dtype=out_dtype, masks=masks, out=out)
+        if made is not None:
+            return made
     scalars = (_values(weights, wd, dev), _values(lam, wd, dev), bool(normalize), bool(consensus),
                _values(divisor, wd, dev))
     # in a one-shot merge on the CPU, a merge without selection or sign election is a few

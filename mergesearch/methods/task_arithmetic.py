@@ -19,7 +19,7 @@ def linear(x: TensorInputs, g: dict, m: list[dict]) -> torch.Tensor:
     if g["normalize"] and total == 0:
         raise MergeSearchError(f"linear: weights sum to zero for tensor {x.name}; cannot normalize")
     sources = [x.raw(i) if x.raw(i) is not None else x.tensor(i) for i in range(x.n)]
-    return kernels.weighted_sum(sources, weights, total, g["normalize"], out_dtype=x.out_dtype)
+    return kernels.weighted_sum(sources, weights, total, g["normalize"], out_dtype=x.out_dtype, out=x.out)
 
 
 def sparsified_delta(kind: str | None, x: TensorInputs, i: int, p: dict, rescale: bool) -> torch.Tensor:
@@ -86,7 +86,7 @@ def task_vector_merge(x: TensorInputs, g: dict, m: list[dict], *, sparsifier: st
     total = sum(weights)
     divisor = 1.0 if abs(total) < 1e-8 else total
     return kernels.combine(x.raw_base, sources, is_delta, windows, weights, g["lambda"], g["normalize"],
-                           consensus, divisor, out_dtype=x.out_dtype, masks=masks)
+                           consensus, divisor, out_dtype=x.out_dtype, masks=masks, out=x.out)
 
 
 def task_vector_parts(x: TensorInputs, g: dict, m: list[dict], sparsifier: str | None) -> list[torch.Tensor]:
