@@ -234,13 +234,18 @@ def test_write_into_refuses_a_model_in_another_dtype(family):
     from mergesearch.models import load_model
     recipe = from_dict({**recipes(family)["ties"], "dtype": "bfloat16"})
     model, _ = load_model(family["base"])  # float32, as stored
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(MergeSearchError, match="export writes torch.bfloat16"):
         Materializer(family["base"], [family["ft0"], family["ft1"], family["ft2"]]).write_into(model, recipe)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before any write
 
 
-def test_large_tensors_take_the_compiled_and_radix_paths_in_every_placement(tmp_path):
-    """Tensors of 2**20+ elements run the compiled kernel and the radix select; mapped,
-    staged and resident inputs all give the exported bytes."""
+@pytest.mark.parametrize("native_kernels", ["1", "0"])
+def test_large_tensors_take_the_fast_paths_in_every_placement(tmp_path, native_kernels, monkeypatch):
+    """Tensors of 2**20+ elements run the native kernels (or, with them off, the compiled
+    kernel) and the radix select; mapped, staged and resident inputs all give the
+    exported bytes."""
+    monkeypatch.setenv("MERGESEARCH_NATIVE", native_kernels)
     from mergesearch.methods.inputs import RADIX_MIN_NUMEL
     from mergesearch.plan import make_plan
     from mergesearch.synthetic import make_family
