@@ -6,10 +6,12 @@ agreeing parts, normalize, scale by lambda and add to the base. Eagerly that is
 some twenty full-tensor passes; compiled by TorchInductor into one fused loop it
 runs about 15x faster on large tensors (see docs/BENCHMARKS.md).
 
-Which implementation runs depends only on the tensor's size (compiled from
-``COMPILE_MIN_NUMEL`` elements, when compilation is available), so the streamed
-export and the in-memory Materializer always take the same path for the same
-tensor and stay bit-equal. Set ``MERGESEARCH_COMPILE=0`` to never compile.
+On the CPU the native kernel (:mod:`mergesearch.native`) runs first, for every size: the
+eager kernel's arithmetic in one C++ loop. Elsewhere, or without it, which torch
+implementation runs depends only on the tensor's size (compiled from ``COMPILE_MIN_NUMEL``
+elements, when compilation is available). All three give the same bits, so the streamed
+export and the in-memory Materializer stay bit-equal whichever path each takes. Set
+``MERGESEARCH_COMPILE=0`` to never compile, ``MERGESEARCH_NATIVE=0`` to skip the native kernel.
 """
 
 from __future__ import annotations
