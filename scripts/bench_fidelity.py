@@ -89,19 +89,27 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=100, help="the budget: the items of this many full trials")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--pruners", default=",".join(PRUNERS))
     ap.add_argument("--rungs", default="0.125,0.25,0.5,1.0")
     ap.add_argument("--audit", type=int, default=12, help="trials pruned at rung 1 scored fully, per run")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench_fidelity.json")
     ap.add_argument("--no-docs", action="store_true")
-    ap.add_argument("--render", type=Path, help="only render the table of this results JSON")
+    ap.add_argument("--render", type=Path, nargs="+",
+                    help="only render the table of these results JSONs (runs of other seeds, concatenated)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL:PRUNER:KEY=VALUE,...",
                     help="a pruner with options, e.g. sh4:successive_halving:reduction_factor=4")
     ap.add_argument("--full-from", type=Path, help="reuse the full-fidelity runs of this results JSON")
     args = ap.parse_args()
     if args.render:
-        res = json.loads(args.render.read_text())
+        parts = [json.loads(p.read_text()) for p in args.render]
+        res = parts[0]
+        for other in parts[1:]:
+            if (other["trials"], other["rungs"]) != (res["trials"], res["rungs"]):
+                ap.error("--render: the files differ in budget or rungs")
+            res["runs"] = {k: v + other["runs"][k] for k, v in res["runs"].items() if k in other["runs"]}
+        res["seeds"] = len(res["runs"]["full"])
         table = render(res, [p for p in res["runs"] if p != "full"])
         print(table)
         if not args.no_docs:
@@ -139,10 +147,11 @@ def main() -> int:
                  "runs": {}}
     with tempfile.TemporaryDirectory(prefix="bench-fidelity-") as tmp:
         if args.full_from:
-            res["runs"]["full"] = json.loads(args.full_from.read_text())["runs"]["full"][:args.seeds]
+            full = {r["seed"]: r for r in json.loads(args.full_from.read_text())["runs"]["full"]}
+            res["runs"]["full"] = [full[sd] for sd in range(args.first_seed, args.first_seed + args.seeds)]
         for name in ([] if args.full_from else ["full"]) + pruners:
             runs = []
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 run = f"{name}-{seed}"
                 pruner, options = variants.get(name, (None, {}))
                 space = make_space(zoo, seed, args.trials, total, pruner, rungs, options)
