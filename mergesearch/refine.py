@@ -16,26 +16,36 @@ groups of their own) and one for lambda in each group, by Adam on the dev items:
   entropy over the choices' summed log-likelihoods), the quantity accuracy thresholds;
 - ``loglik``: the log-likelihood of the correct continuation;
 - ``entropy``: the entropy of the choice distribution, which needs no labels
-  (AdaMerging's objective, for unlabelled inputs).
+  (AdaMerging's objective, for unlabelled inputs);
+- ``distill``: the KL divergence from a teacher's choice distribution to the merge's,
+  each task's teacher being one of the source models (by default the one surest of its
+  answers on the task's items, which needs no labels either); ``distill_mix`` below 1
+  mixes in the ``choice`` loss with the labels. The teachers score every item once before
+  training (one trial per source model, counted in the cost).
+
+With a label-free loss (``entropy``, or ``distill`` alone with teachers chosen by
+confidence) the held-out checks keep the coefficients with the lowest held-out loss, so no
+label is read anywhere; otherwise the best held-out accuracy, then loss.
 
 Sign election is recomputed at every step from the current coefficients (it selects,
 it has no gradient), so the model being trained is the merge the engine computes for
 those coefficients. A share of the dev items (``holdout``) is never trained on: it is
-scored every ``eval_every`` steps, and the coefficients with the best held-out accuracy
-(then loss) are kept; ``patience`` checks without improvement stop early. What is
-checked and kept is an exponential moving average of Adam's iterates (``average``, the
-decay per step): a step on 16-32 items moves the coefficients noisily, and the average
-scores higher on held-out items than the iterate it ends on. The result is
-an ordinary recipe (per-group weights and lambda), which the caller materializes with
-the engine and scores like any trial, so the stored score is that of the exported
-weights.
+scored every ``eval_every`` steps, and the best coefficients (as above) are kept;
+``patience`` checks without improvement stop early. What is checked and kept is an
+exponential moving average of Adam's iterates (``average``, the decay per step): a step
+on 16-32 items moves the coefficients noisily, and the average scores higher on held-out
+items than the iterate it ends on. The result is an ordinary recipe (per-group weights
+and lambda), which the caller materializes with the engine and scores like any trial, so
+the stored score is that of the exported weights.
 
 Cost is counted in forward-pass equivalents: a training sequence costs 3 (forward and
 backward), a held-out sequence 1; divided by the sequences one trial scores, it is the
 refinement's cost in trials.
 
 Memory: the base and each model's pruned task vector are held in float32 on the
-worker's device for the duration, (models + 1) x 4 bytes per parameter.
+worker's device for the duration, (models + 1) x 4 bytes per parameter. The distill
+teachers come first, one source model's weights at a time (in the model's dtype), before
+those float32 copies exist.
 """
 
 from __future__ import annotations
@@ -90,12 +100,14 @@ def group_setting(groups: list[dict], values: list[float]):
     return setting
 
 
-def estimate_cost(cfg: dict, n_items: int, n_seqs: int) -> float:
-    """The most a refinement can cost, in trials: every step and every check run."""
+def estimate_cost(cfg: dict, n_items: int, n_seqs: int, n_models: int = 0) -> float:
+    """The most a refinement can cost, in trials: every step and every check run, and for
+    ``loss: distill`` each of the ``n_models`` source models scored once on every item."""
     per_item = n_seqs / max(n_items, 1)
     holdout_seqs = n_seqs * cfg["holdout"]
     checks = cfg["steps"] // cfg["eval_every"] + 1
-    return (cfg["steps"] * cfg["batch_size"] * per_item * TRAIN_COST + checks * holdout_seqs) / max(n_seqs, 1)
+    teachers = n_models if cfg["loss"] == "distill" else 0
+    return (cfg["steps"] * cfg["batch_size"] * per_item * TRAIN_COST + checks * holdout_seqs) / max(n_seqs, 1) + teachers
 
 
 class _Items:
@@ -114,7 +126,7 @@ class _Items:
             for it in items:
                 conts = it["choices"] if "choices" in it else [it["target"]]
                 seqs = _encode(tokenizer, [(it["context"], c) for c in conts])
-                rows.append((seqs, it.get("answer", 0), "choices" in it))
+                rows.append([seqs, it.get("answer", 0), "choices" in it, None])  # None: no teacher target yet
                 self.n_seqs += len(seqs)
             order = list(range(len(rows)))
             random.Random(f"refine:{seed}:{task}").shuffle(order)
@@ -138,10 +150,10 @@ def _sequence_loglik(model, params: dict, batch) -> torch.Tensor:
     return (logp * tmask).sum(-1)
 
 
-def _losses(rows: list, ll: torch.Tensor, kind: str) -> tuple[torch.Tensor, int]:
+def _losses(rows: list, ll: torch.Tensor, kind: str, mix: float = 1.0) -> tuple[torch.Tensor, int]:
     """Mean loss over the rows and the number they got right (the first best choice wins)."""
     out, correct, k = [], 0, 0
-    for seqs, answer, is_mc in rows:
+    for seqs, answer, is_mc, target in rows:
         v = ll[k:k + len(seqs)]
         k += len(seqs)
         if is_mc:
@@ -153,13 +165,64 @@ def _losses(rows: list, ll: torch.Tensor, kind: str) -> tuple[torch.Tensor, int]
                 out.append(-logp[answer])
             elif kind == "loglik":
                 out.append(-v[answer])
+            elif kind == "distill":  # the teacher's choice distribution, mixed with the label
+                ce = -logp[answer]
+                kl = (target * (target.clamp_min(1e-12).log() - logp)).sum()
+                out.append((1.0 - mix) * ce + mix * kl)
             else:  # entropy of the choice distribution: no label needed
                 out.append(-(logp.exp() * logp).sum())
-        else:
-            if kind != "entropy":
-                out.append(-v[0])
+        elif kind == "distill":  # a continuation item has no choices to distill: its label's share only
+            if mix < 1.0:
+                out.append((1.0 - mix) * -v[0])
+        elif kind != "entropy":
+            out.append(-v[0])
     loss = torch.stack(out).mean() if out else ll.sum() * 0.0
     return loss, correct
+
+
+def _teacher_targets(mat, model, recipe, names: list[str], targets: dict, items: "_Items", device,
+                     rule: str) -> dict:
+    """For ``loss: distill``: each task's teacher is one source model, chosen by ``rule``:
+    ``confidence``, the model whose choice distributions on the task's items have the lowest
+    mean entropy (no label needed: a fine-tune is surest on its own task), or ``accuracy``,
+    the most accurate on the task's training items. Every multiple-choice row of the task
+    gets its teacher's choice distribution as its target (stored in the row). Returns
+    {task: model index}."""
+    tasks = list(items.train)
+    probs: dict[int, list] = {}
+    stat: dict[tuple[int, str], float] = {}
+    with torch.no_grad():
+        for i in range(len(recipe.models)):
+            params = {name: x.tensor(i).to(device=device, dtype=targets[name].dtype)
+                      for name, x in mat.inputs(recipe, names) if not isinstance(x, torch.Tensor)}
+            for task in tasks:
+                train = {id(r) for r in items.train[task]}
+                rows = items.train[task] + [r for r in items.holdout[task] if id(r) not in train]
+                right, ent, n_mc = 0, 0.0, 0
+                for s in range(0, len(rows), 32):
+                    chunk = rows[s:s + 32]
+                    ll = _sequence_loglik(model, params, items.batch(chunk))
+                    k = 0
+                    for r in chunk:
+                        v = ll[k:k + len(r[0])]
+                        k += len(r[0])
+                        if r[2]:
+                            logp = v.log_softmax(-1)
+                            probs.setdefault(id(r), [None] * len(recipe.models))[i] = logp.exp()
+                            ent += float(-(logp.exp() * logp).sum())
+                            n_mc += 1
+                            right += int(id(r) in train and int(v.argmax()) == r[1])
+                stat[(i, task)] = (right / max(len(items.train[task]), 1) if rule == "accuracy"
+                                   else -ent / max(n_mc, 1))
+            del params
+    chosen = {}
+    for task in tasks:
+        i = max(range(len(recipe.models)), key=lambda m: (stat[(m, task)], -m))
+        chosen[task] = i
+        for r in items.train[task] + items.holdout[task]:
+            if r[2] and r[3] is None:
+                r[3] = probs[id(r)][i]
+    return chosen
 
 
 def build_terms(mat, recipe, groups: list[dict], names: list[str], dtypes: dict, device) -> tuple[list, dict, dict]:
@@ -260,21 +323,33 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
     device = next(model.parameters()).device
     targets = dict(model.named_parameters())
     names = [n for n in mat.names if n in targets and targets[n].is_floating_point()]
-    terms, group_w, group_lam = build_terms(mat, recipe, groups, names, {n: targets[n].dtype for n in names}, device)
     n_models = len(recipe.models)
+    items = _Items(evaluator, tokenizer, cfg["holdout"], seed, device)
+    tasks = list(items.train)
+    cost_seqs = 0.0
+    was_training = model.training
+    model.eval()
+    mix = float(cfg.get("distill_mix", 1.0))
+    teachers = None
+    if cfg["loss"] == "distill":  # before the float32 terms: one teacher's weights at a time
+        teachers = _teacher_targets(mat, model, recipe, names, targets, items, device,
+                                    cfg.get("teachers", "confidence"))
+        cost_seqs += n_models * items.n_seqs
+    # a label-free loss (entropy; distill from confidence-chosen teachers alone) also keeps
+    # the check with the lowest held-out loss, not the best held-out accuracy, which reads labels
+    label_free = cfg["loss"] == "entropy" or (cfg["loss"] == "distill" and mix == 1.0
+                                              and cfg.get("teachers", "confidence") == "confidence")
+    terms, group_w, group_lam = build_terms(mat, recipe, groups, names, {n: targets[n].dtype for n in names}, device)
     coef = torch.ones(len(groups), n_models, device=device, requires_grad=True)
     scale = torch.ones(len(groups), device=device, requires_grad=True)
     opt = torch.optim.Adam([coef, scale], lr=cfg["lr"])
     decay = float(cfg["average"])
     avg_c, avg_s = coef.detach().clone(), scale.detach().clone()  # what is checked and kept
-
-    items = _Items(evaluator, tokenizer, cfg["holdout"], seed, device)
-    tasks = list(items.train)
     rng = random.Random(f"refine-batches:{seed}")
     pools = {t: [] for t in tasks}
-    cost_seqs = 0.0
-    was_training = model.training
-    model.eval()
+
+    def rank(acc: float, loss: float) -> tuple[float, float]:
+        return (-loss, 0.0) if label_free else (acc, -loss)
 
     def check() -> tuple[float, float]:
         nonlocal cost_seqs
@@ -287,7 +362,7 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
                 for s in range(0, len(rows), 32):
                     chunk = rows[s:s + 32]
                     batch = items.batch(chunk)
-                    loss, c = _losses(chunk, _sequence_loglik(model, params, batch), cfg["loss"])
+                    loss, c = _losses(chunk, _sequence_loglik(model, params, batch), cfg["loss"], mix)
                     right += c
                     loss_sum += float(loss) * len(chunk)
                     cost_seqs += batch[4]
@@ -309,13 +384,13 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
 
     try:
         acc0, loss0 = check()
-        best = (acc0, -loss0, 0, avg_c.clone(), avg_s.clone())
+        best = (*rank(acc0, loss0), 0, avg_c.clone(), avg_s.clone(), acc0)
         history = [{"step": 0, "holdout_acc": acc0, "holdout_loss": loss0}]
         stale, step = 0, 0
         for step in range(1, cfg["steps"] + 1):
             rows = draw()
             batch = items.batch(rows)
-            loss, _ = _losses(rows, _sequence_loglik(model, merged_params(terms, coef, scale), batch), cfg["loss"])
+            loss, _ = _losses(rows, _sequence_loglik(model, merged_params(terms, coef, scale), batch), cfg["loss"], mix)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -331,8 +406,8 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
             if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
                 acc, hl = check()
                 history.append({"step": step, "train_loss": lv, "holdout_acc": acc, "holdout_loss": hl})
-                if (acc, -hl) > best[:2]:
-                    best = (acc, -hl, step, avg_c.clone(), avg_s.clone())
+                if rank(acc, hl) > best[:2]:
+                    best = (*rank(acc, hl), step, avg_c.clone(), avg_s.clone(), acc)
                     stale = 0
                 else:
                     stale += 1
@@ -341,9 +416,9 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
     finally:
         if was_training:
             model.train()
-    _, _, best_step, c_best, s_best = best
+    _, _, best_step, c_best, s_best, acc_best = best
     out = refined_recipe(recipe, groups, group_w, group_lam, c_best, s_best)
-    stats = {"steps": step, "best_step": best_step, "holdout_before": acc0, "holdout_after": best[0],
-             "cost": cost_seqs / max(items.n_seqs, 1), "loss": cfg["loss"], "history": history,
+    stats = {"steps": step, "best_step": best_step, "holdout_before": acc0, "holdout_after": acc_best,
+             "cost": cost_seqs / max(items.n_seqs, 1), "loss": cfg["loss"], "teachers": teachers, "history": history,
              "groups": [g["name"] or "all" for g in groups]}
     return out, stats

@@ -181,7 +181,10 @@ class RefineConfig(StrictModel):
     steps: int = Field(default=30, ge=1)
     lr: float = Field(default=0.05, gt=0)
     batch_size: int = Field(default=16, ge=1)  # items per step
-    loss: Literal["choice", "loglik", "entropy"] = "choice"
+    loss: Literal["choice", "loglik", "entropy", "distill"] = "choice"
+    distill_mix: float = Field(default=1.0, ge=0, le=1)  # distill: the teacher's share of the loss
+    # distill: how each task's teacher is chosen among the source models (confidence needs no label)
+    teachers: Literal["confidence", "accuracy"] = "confidence"
     holdout: float = Field(default=0.25, gt=0, lt=1)  # share of the dev items never trained on
     eval_every: int = Field(default=5, ge=1)  # steps between held-out checks
     patience: int = Field(default=3, ge=1)  # checks without improvement before stopping

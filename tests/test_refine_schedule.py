@@ -117,7 +117,7 @@ def test_entropy_refinement_uses_no_labels(zoo):
     r = candidate(zoo, "task_arithmetic")
     mat = Materializer(zoo / "base", [m.path for m in r.models], methods=["task_arithmetic"])
     model, tok = load_model(zoo / "base")
-    cfg = dict(CFG, loss="entropy", steps=4)
+    cfg = dict(CFG, loss="entropy", steps=12)  # the held-out entropy first rises, then falls below the start
     ev = build_evaluator(EvalConfig(tasks=TASKS, task_dir=str(zoo), split="dev", limit=20))
     a, _ = refine(mat, model, tok, ev, r, cfg, layer_groups("groups"))
     rng = random.Random(0)
@@ -127,6 +127,36 @@ def test_entropy_refinement_uses_no_labels(zoo):
     b, _ = refine(mat, model, tok, ev, r, cfg, layer_groups("groups"))
     a_w = [c.value for c in a.models[1].parameters["weight"]]
     assert a_w == [c.value for c in b.models[1].parameters["weight"]] and a_w != [0.8] * len(a_w)
+
+
+def test_distill_refinement_learns_from_the_specialists_without_labels(zoo):
+    """loss distill: each task's teacher is the source model surest on its items (here the
+    task's own fine-tune), found without labels; the teachers' pass is counted in the cost;
+    scrambled labels change nothing, and with distill_mix below 1 they do."""
+    r = candidate(zoo, "task_arithmetic")
+    mat = Materializer(zoo / "base", [m.path for m in r.models], methods=["task_arithmetic"])
+    model, tok = load_model(zoo / "base")
+    cfg = dict(CFG, loss="distill", steps=8, distill_mix=1.0, teachers="confidence")
+    ev = build_evaluator(EvalConfig(tasks=TASKS, task_dir=str(zoo), split="dev", limit=40))
+    a, stats = refine(mat, model, tok, ev, r, cfg, layer_groups("groups"))
+    assert stats["teachers"] == {"reverse": 0, "shift": 1, "max": 2, "add": 3}
+    # 4 teachers x 640 sequences, 8 steps x 8 items x 4 choices x 3, 3 checks of 40 held-out
+    # items x 4 choices, over the 160 items x 4 choices one trial scores
+    assert stats["steps"] == 8 and stats["best_step"] == 8
+    assert stats["history"][-1]["holdout_loss"] < stats["history"][0]["holdout_loss"]
+    assert stats["cost"] == pytest.approx((4 * 640 + 8 * 8 * 4 * 3 + 3 * 40 * 4) / 640)
+    assert stats["cost"] <= estimate_cost(cfg, 160, 640, 4) + 1e-9
+    assert estimate_cost(cfg, 160, 640, 4) == pytest.approx(estimate_cost(dict(cfg, loss="choice"), 160, 640, 4) + 4)
+    mixed, _ = refine(mat, model, tok, ev, r, dict(cfg, distill_mix=0.5), layer_groups("groups"))
+    rng = random.Random(0)
+    for items in ev.items.values():  # scramble every label
+        for it in items:
+            it["answer"] = rng.randrange(len(it["choices"]))
+    b, _ = refine(mat, model, tok, ev, r, cfg, layer_groups("groups"))
+    a_w = [c.value for c in a.models[1].parameters["weight"]]
+    assert a_w == [c.value for c in b.models[1].parameters["weight"]] and a_w != [0.8] * len(a_w)
+    mixed_b, _ = refine(mat, model, tok, ev, r, dict(cfg, distill_mix=0.5), layer_groups("groups"))
+    assert mixed.to_dict() != mixed_b.to_dict()
 
 
 def test_refine_refuses_a_coarser_level_than_the_candidate(zoo):

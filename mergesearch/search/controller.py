@@ -172,7 +172,7 @@ class Controller(RunLifecycle):
         from mergesearch.refine import estimate_cost
         n_items = sum(len(v) for v in ev.items.values())
         n_seqs = sum(len(it.get("choices", [0])) for v in ev.items.values() for it in v)
-        per = math.ceil(estimate_cost(cfg.model_dump(), n_items, n_seqs) - 1e-9) + 1
+        per = math.ceil(estimate_cost(cfg.model_dump(), n_items, n_seqs, len(self.space.models)) - 1e-9) + 1
         return cfg.top * per
 
     def _n_baselines(self) -> int:
