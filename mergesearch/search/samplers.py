@@ -1,6 +1,6 @@
 """Sampler name -> configured Optuna sampler.
 
-Categorical variables under CMA-ES: Optuna's CmaEsSampler models only numeric
+Categorical variables under CMA-ES: CMA-ES (mergesearch.search.cma) models only numeric
 variables and draws anything else independently, so with the merge method as a
 search variable (several ``methods``) the method would be chosen at random and
 each method's own parameters would fall out of the shared search space. Such
@@ -32,16 +32,18 @@ def make_sampler(space: SearchSpace, n_variables: int, x0: dict | None = None) -
     if name == "cmaes":
         if x0 is None and isinstance(cfg.x0, dict):
             x0 = cfg.x0
-        return optuna.samplers.CmaEsSampler(
-            seed=seed, n_startup_trials=startup or 0, popsize=cfg.population, x0=x0, sigma0=cfg.sigma0,
-            restart_strategy=cfg.restart, use_separable_cma=cfg.separable, warn_independent_sampling=False,
+        from mergesearch.search.cma import CmaSampler
+
+        return CmaSampler(
+            seed=seed, population=cfg.population, x0=x0, sigma0=cfg.sigma0, restart=cfg.restart,
+            separable=cfg.separable, n_startup_trials=startup or 0,
             # a pruned trial's value is its last report: the objective so far, except the
             # Wilcoxon pruner's per-block reports, which CMA-ES must not take for one
-            consider_pruned_trials=space.fidelity is not None and space.fidelity.pruner.name != "wilcoxon")
+            consider_pruned=space.fidelity is not None and space.fidelity.pruner.name != "wilcoxon")
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
                                           n_startup_trials=startup if startup is not None else 10,
-                                          constant_liar=True, warn_independent_sampling=False)
+                                          constant_liar=True)
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup if startup is not None else 10)
     if name == "random":

@@ -1,0 +1,254 @@
+"""CMA-ES as an Optuna sampler, with restarts (IPOP, BIPOP), a start point and a step.
+
+Optuna's own CmaEsSampler dropped restarts in 4.4 (``restart_strategy`` is accepted and
+ignored, with a FutureWarning) and deprecated ``x0`` and ``sigma0`` in 4.9, so a space's
+``sampler: {x0, sigma0, restart}`` would warn and, for restarts, silently do nothing.
+This sampler drives the ``cmaes`` package's CMA / SepCMA directly:
+
+- Variables are mapped to the unit cube (log-scaled where the distribution is), so
+  ``sigma0`` is a fraction of each range (default 1/6) and ``x0`` is given in the
+  variables' own units.
+- A generation is told once ``population`` trials asked from it have finished (complete,
+  or pruned with a reported value when ``consider_pruned``); trials asked beyond that, by
+  parallel workers, are scored but not told.
+- When the optimizer meets a stopping criterion it restarts from a uniformly random mean:
+  IPOP doubles the population each time; BIPOP alternates between doubling runs and small
+  runs with a smaller, randomly drawn population and step, choosing the regime that has
+  spent fewer evaluations so far (Hansen, 2009).
+- The state (optimizer and restart bookkeeping) is stored, pickled, in the system
+  attributes of the trial whose ask told the last generation, so a resumed study goes on
+  where it stopped. Each asked trial records its generation, counted across restarts, in
+  ``mergesearch:cma:generation``, and its restart in ``mergesearch:cma:restart``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
+from optuna.search_space import IntersectionSearchSpace
+from optuna.trial import FrozenTrial, TrialState
+
+PREFIX = "mergesearch:cma:"
+GENERATION = PREFIX + "generation"
+RESTART = PREFIX + "restart"
+STATE = PREFIX + "state:"
+CHUNK = 2000  # an RDB storage keeps a system attribute under 2,046 characters
+
+
+@dataclass
+class _State:
+    optimizer: Any
+    names: list[str]
+    restart: int = 0
+    offset: int = 0  # generations of the earlier runs, so generation numbers keep rising
+    default_population: int = 0
+    large_runs: int = 0  # BIPOP: runs in the large regime after the first
+    evals_large: int = 0
+    evals_small: int = 0
+    regime: str = "large"
+    history: list[dict] = field(default_factory=list)  # one entry per finished run
+
+
+class _Unit:
+    """The variables' values <-> the unit cube."""
+
+    def __init__(self, space: dict[str, BaseDistribution]):
+        self.names = sorted(space)
+        self.dists = [space[n] for n in self.names]
+        self.lo = np.array([math.log(d.low) if d.log else d.low for d in self.dists], dtype=float)
+        self.hi = np.array([math.log(d.high) if d.log else d.high for d in self.dists], dtype=float)
+
+    def to_unit(self, params: dict[str, Any]) -> np.ndarray:
+        v = np.array([math.log(params[n]) if d.log else float(params[n]) for n, d in zip(self.names, self.dists)])
+        return np.clip((v - self.lo) / (self.hi - self.lo), 0.0, 1.0)
+
+    def from_unit(self, x: np.ndarray) -> dict[str, Any]:
+        out = {}
+        for i, (n, d) in enumerate(zip(self.names, self.dists)):
+            v = self.lo[i] + float(np.clip(x[i], 0.0, 1.0)) * (self.hi[i] - self.lo[i])
+            v = math.exp(v) if d.log else v
+            if isinstance(d, IntDistribution):
+                step = d.step or 1
+                v = int(min(d.high, max(d.low, d.low + round((v - d.low) / step) * step)))
+            else:
+                if d.step is not None:
+                    v = d.low + round((v - d.low) / d.step) * d.step
+                v = min(d.high, max(d.low, v))
+            out[n] = v
+        return out
+
+
+class CmaSampler(optuna.samplers.BaseSampler):
+    def __init__(self, seed: Optional[int] = None, population: Optional[int] = None, x0: Optional[dict] = None,
+                 sigma0: Optional[float] = None, restart: Optional[str] = None, separable: bool = False,
+                 n_startup_trials: int = 0, consider_pruned: bool = False):
+        if restart not in (None, "ipop", "bipop"):
+            raise ValueError(f"restart: {restart!r} (ipop or bipop)")
+        self.seed = seed
+        self.population = population
+        self.x0 = x0
+        self.sigma0 = sigma0
+        self.restart = restart
+        self.separable = separable
+        self.n_startup_trials = n_startup_trials
+        self.consider_pruned = consider_pruned
+        self._rng = np.random.RandomState(seed)
+        self._space = IntersectionSearchSpace()
+        self._independent = optuna.samplers.RandomSampler(seed=seed)
+
+    # -- Optuna's interface ---------------------------------------------------------
+    def reseed_rng(self) -> None:
+        self._rng = np.random.RandomState()
+        self._independent.reseed_rng()
+
+    def infer_relative_search_space(self, study, trial) -> dict[str, BaseDistribution]:
+        return {n: d for n, d in self._space.calculate(study).items()
+                if isinstance(d, (FloatDistribution, IntDistribution)) and not d.single()}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._independent.sample_independent(study, trial, param_name, param_distribution)
+
+    def sample_relative(self, study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict:
+        if not search_space:
+            return {}
+        if study._is_multi_objective():
+            raise ValueError("CMA-ES optimizes one objective (use nsga2 for several)")
+        trials = study.get_trials(deepcopy=False)
+        told = self._finished(trials)
+        if len(told) < self.n_startup_trials:
+            return {}
+        unit = _Unit(search_space)
+        state = self._restore(trials)
+        if state is not None and state.names != unit.names:
+            return {}  # the space changed under the study: draw this trial independently
+        changed = state is None
+        if state is None:
+            state = self._first_run(unit)
+        opt = state.optimizer
+        gen = state.offset + opt.generation
+        solutions = [t for t in told if t.system_attrs.get(GENERATION) == gen]
+        if len(solutions) >= opt.population_size:
+            sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
+            opt.tell([(unit.to_unit(t.params), sign * t.value) for t in solutions[:opt.population_size]])
+            if self.restart and opt.should_stop():
+                self._restart(state, unit)
+            changed = True
+        if changed:
+            self._store(study, trial, state)
+        opt = state.optimizer
+        opt._rng.seed(int(self._rng.randint(1, 2 ** 16)) + trial.number)
+        x = opt.ask()
+        study._storage.set_trial_system_attr(trial._trial_id, GENERATION, state.offset + opt.generation)
+        study._storage.set_trial_system_attr(trial._trial_id, RESTART, state.restart)
+        return unit.from_unit(x)
+
+    def before_trial(self, study, trial) -> None:
+        self._independent.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._independent.after_trial(study, trial, state, values)
+
+    # -- runs and restarts ----------------------------------------------------------
+    def _finished(self, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+        out = []
+        for t in trials:
+            if t.state == TrialState.COMPLETE:
+                out.append(t)
+            elif self.consider_pruned and t.state == TrialState.PRUNED and t.intermediate_values:
+                value = t.intermediate_values[max(t.intermediate_values)]
+                if value is not None and math.isfinite(value):
+                    t = copy.deepcopy(t)
+                    t.value = value
+                    out.append(t)
+        return out
+
+    def _make(self, mean: np.ndarray, sigma: float, population: Optional[int]):
+        import cmaes
+
+        dim = len(mean)
+        bounds = np.array([[0.0, 1.0]] * dim)
+        seed = int(self._rng.randint(1, 2 ** 31 - 2))
+        sigma = max(sigma, 1e-10)
+        if self.separable and dim > 1:
+            return cmaes.SepCMA(mean=mean, sigma=sigma, bounds=bounds, seed=seed,
+                                n_max_resampling=10 * dim, population_size=population)
+        return cmaes.CMA(mean=mean, sigma=sigma, bounds=bounds, seed=seed,
+                         n_max_resampling=10 * dim, population_size=population)
+
+    def _sigma0(self) -> float:
+        return self.sigma0 if self.sigma0 is not None else 1 / 6
+
+    def _first_run(self, unit: _Unit) -> _State:
+        if self.x0:
+            missing = [n for n in unit.names if n not in self.x0]
+            mean = unit.to_unit({**{n: v for n, v in self.x0.items() if n in unit.names},
+                                 **{n: _centre(d) for n, d in zip(unit.names, unit.dists) if n in missing}})
+        else:
+            mean = np.full(len(unit.names), 0.5)
+        opt = self._make(mean, self._sigma0(), self.population)
+        return _State(optimizer=opt, names=unit.names, default_population=opt.population_size)
+
+    def _restart(self, state: _State, unit: _Unit) -> None:
+        old = state.optimizer
+        spent = old.generation * old.population_size
+        if state.regime == "large":
+            state.evals_large += spent
+        else:
+            state.evals_small += spent
+        state.history.append({"restart": state.restart, "regime": state.regime,
+                              "population": old.population_size, "generations": old.generation})
+        state.offset += old.generation
+        state.restart += 1
+        mean = self._rng.uniform(0.0, 1.0, len(unit.names))
+        sigma = self._sigma0()
+        if self.restart == "bipop" and state.evals_small < state.evals_large:
+            # a small run: a population between the default and half the latest large
+            # one (never below the default), and a step down to a hundredth of the initial
+            u = self._rng.uniform()
+            large = state.default_population * 2 ** state.large_runs
+            population = max(state.default_population,
+                             int(state.default_population * (0.5 * large / state.default_population) ** (u * u)))
+            sigma *= 10 ** (-2 * u)
+            state.regime = "small"
+        else:
+            state.large_runs += 1
+            population = state.default_population * 2 ** state.large_runs
+            state.regime = "large"
+        state.optimizer = self._make(mean, sigma, population)
+
+    # -- persistence ----------------------------------------------------------------
+    def _restore(self, trials: list[FrozenTrial]) -> Optional[_State]:
+        for t in reversed(trials):
+            chunks = {k: v for k, v in t.system_attrs.items() if k.startswith(STATE)}
+            if chunks:
+                text = "".join(chunks[f"{STATE}{i}"] for i in range(len(chunks)))
+                return pickle.loads(bytes.fromhex(text))
+        return None
+
+    def _store(self, study, trial: FrozenTrial, state: _State) -> None:
+        text = pickle.dumps(state).hex()
+        for i in range(0, max(1, math.ceil(len(text) / CHUNK))):
+            study._storage.set_trial_system_attr(trial._trial_id, f"{STATE}{i}", text[i * CHUNK:(i + 1) * CHUNK])
+
+
+def _centre(d: BaseDistribution) -> float:
+    return math.exp((math.log(d.low) + math.log(d.high)) / 2) if d.log else (d.low + d.high) / 2
+
+
+def restarts(study: optuna.Study) -> list[dict]:
+    """The finished runs of a study's CMA-ES (restart, regime, population, generations),
+    then the current one, from the stored state; [] before the first generation is told."""
+    for t in reversed(study.get_trials(deepcopy=False)):
+        if any(k.startswith(STATE) for k in t.system_attrs):
+            s = CmaSampler()._restore([t])
+            cur = s.optimizer
+            return s.history + [{"restart": s.restart, "regime": s.regime, "population": cur.population_size,
+                                 "generations": cur.generation}]
+    return []

@@ -1,0 +1,148 @@
+"""mergesearch's CMA-ES sampler (mergesearch.search.cma) on real Optuna studies:
+restarts actually happen (Optuna's CmaEsSampler accepts ``restart_strategy`` and ignores
+it since 4.4), the state survives a new sampler on a stored study, the start point and
+step are honoured, and nothing warns."""
+
+import warnings
+
+import numpy as np
+import optuna
+import pytest
+
+from mergesearch.search.cma import GENERATION, RESTART, CmaSampler, restarts
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def plateau(trial):
+    # flat almost everywhere: CMA-ES's function-value history goes flat and it stops
+    return round(trial.suggest_float("a", 0.0, 1.0) + trial.suggest_float("b", 0.0, 1.0), 0)
+
+
+def run(sampler, n, storage=None, name="s"):
+    study = optuna.create_study(sampler=sampler, storage=storage, study_name=name, load_if_exists=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation, no runtime warning
+        study.optimize(plateau, n_trials=n)
+    return study
+
+
+def generations(study):
+    return [t.system_attrs.get(GENERATION) for t in study.get_trials()]
+
+
+def test_ipop_restarts_with_a_doubled_population_and_generations_keep_counting():
+    study = run(CmaSampler(seed=0, population=4, restart="ipop"), 300)
+    runs = restarts(study)
+    assert [r["population"] for r in runs] == [4, 8] and [r["regime"] for r in runs] == ["large", "large"]
+    # the first run stopped on a criterion: flat history needs more than 10 + 30*2/4 generations
+    assert runs[0]["generations"] > 25
+    gens = [g for g in generations(study) if g is not None]
+    assert gens == sorted(gens)
+    first = runs[0]["generations"]
+    # the restarted run's trials carry its number and go on from the first run's count
+    after = [t for t in study.get_trials() if t.system_attrs.get(RESTART) == 1]
+    assert len(after) == 300 - 1 - 4 * first  # trial 0 is drawn independently
+    assert min(t.system_attrs[GENERATION] for t in after) == first
+    # each told generation is exactly one population
+    counts = np.bincount(gens)
+    assert set(counts[:first]) == {4} and set(counts[first:-1]) == {8}
+
+
+def test_without_restart_a_stopped_run_goes_on():
+    study = run(CmaSampler(seed=0, population=4), 300)
+    assert restarts(study) == [{"restart": 0, "regime": "large", "population": 4,
+                                "generations": (300 - 1) // 4}]
+
+
+def test_bipop_alternates_small_runs_and_growing_large_ones():
+    study = run(CmaSampler(seed=0, population=4, restart="bipop"), 700)
+    runs = restarts(study)
+    assert runs[0]["regime"] == "large" and runs[0]["population"] == 4
+    small = [r for r in runs if r["regime"] == "small"]
+    large = [r for r in runs[1:] if r["regime"] == "large"]
+    assert small and large
+    assert all(r["population"] >= 4 for r in small)
+    assert [r["population"] for r in large] == [4 * 2 ** (i + 1) for i in range(len(large))]
+    # a small run is chosen while the small regime has spent fewer evaluations than the large
+    spent = {"small": 0, "large": 0}
+    for prev, nxt in zip(runs, runs[1:]):
+        spent[prev["regime"]] += prev["population"] * prev["generations"]
+        assert nxt["regime"] == ("small" if spent["small"] < spent["large"] else "large")
+
+
+def test_a_new_sampler_on_the_stored_study_goes_on_where_it_stopped(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'cma.db'}"
+    run(CmaSampler(seed=0, population=4, restart="ipop"), 150, storage)
+    before = restarts(optuna.load_study(study_name="s", storage=storage))
+    assert [r["population"] for r in before] == [4, 8]  # restarted before the stop
+    last = max(g for g in generations(optuna.load_study(study_name="s", storage=storage)) if g is not None)
+    study = run(CmaSampler(seed=1, population=4, restart="ipop"), 50, storage)
+    after = restarts(study)
+    assert after[0] == before[0] and after[1]["population"] == 8 and after[1]["generations"] > before[1]["generations"]
+    new = [g for g in generations(study)[150:]]
+    assert None not in new and new == sorted(new) and new[0] in (last, last + 1)
+
+
+def test_start_point_and_step_are_the_space_s_and_nothing_warns():
+    x0 = {"a": 0.9, "b": 0.05}
+    study = run(CmaSampler(seed=0, x0=x0, sigma0=1e-3, population=6), 13)
+    drawn = [t.params for t in study.get_trials() if t.system_attrs.get(GENERATION) == 0]
+    assert len(drawn) == 6
+    for p in drawn:  # a step of a thousandth of each range around the start
+        assert abs(p["a"] - 0.9) < 0.01 and abs(p["b"] - 0.05) < 0.01
+    far = run(CmaSampler(seed=0, population=6), 13, name="centre")
+    assert any(abs(t.params["a"] - 0.5) > 0.02 for t in far.get_trials()[1:])
+
+
+def test_pruned_trials_with_a_value_are_told_when_asked_and_separable_uses_the_diagonal():
+    def objective(trial):
+        a = trial.suggest_float("a", 0.0, 1.0)
+        trial.suggest_float("b", 0.0, 1.0)
+        trial.report(a, step=1)
+        if trial.number % 2:
+            raise optuna.TrialPruned()
+        return a
+
+    for consider, told in ((True, 2), (False, 1)):
+        s = CmaSampler(seed=0, population=4, consider_pruned=consider, separable=True)
+        study = optuna.create_study(sampler=s)
+        study.optimize(objective, n_trials=12)
+        state = s._restore(study.get_trials())
+        assert type(state.optimizer).__name__ == "SepCMA"
+        # 11 trials asked by CMA-ES: with pruned trials counted, 4 per generation
+        # (generations 0 and 1 told); without, only the even ones finish generation 0
+        assert state.optimizer.generation == told
+
+
+def test_a_changed_space_draws_independently_and_bad_restart_is_refused():
+    with pytest.raises(ValueError, match="restart"):
+        CmaSampler(restart="sep")
+    s = CmaSampler(seed=0, population=4)
+    study = optuna.create_study(sampler=s)
+    study.optimize(plateau, n_trials=6)
+    study.optimize(lambda t: t.suggest_float("c", 0.0, 1.0) + t.suggest_float("a", 0.0, 1.0), n_trials=3)
+    # trial 6 is asked while every finished trial still has {a, b}; from trial 7 on the
+    # shared space is {a}, not the optimizer's
+    assert all(t.system_attrs.get(GENERATION) is None for t in study.get_trials()[7:])
+
+
+@pytest.mark.parametrize("name", ["cmaes", "tpe", "gp", "random", "nsga2"])
+def test_every_sampler_a_space_names_is_built_without_a_deprecation_warning(tmp_path, name):
+    from mergesearch.search.samplers import make_sampler
+    from mergesearch.space import SearchSpace
+
+    for m in ("base", "a", "b"):
+        (tmp_path / m).mkdir()
+    space = SearchSpace.model_validate({
+        "base": str(tmp_path / "base"), "models": [str(tmp_path / "a"), str(tmp_path / "b")],
+        "methods": ["ties"], "evaluator": {"evaluator": "loglik", "tasks": ["t"]},
+        "parameters": {"weight": {"low": 0.0, "high": 1.0}},
+        "sampler": {"name": name, **({"x0": {"weight/m0": 0.5}, "sigma0": 0.1, "restart": "ipop"}
+                                     if name == "cmaes" else {})}})
+    with warnings.catch_warnings():
+        # Optuna's ExperimentalWarning (multivariate TPE, GP) is expected; a deprecation is not
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        sampler = make_sampler(space, 2)
+    assert isinstance(sampler, CmaSampler if name == "cmaes" else optuna.samplers.BaseSampler)
