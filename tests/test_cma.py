@@ -31,9 +31,12 @@ def generations(study):
     return [t.system_attrs.get(GENERATION) for t in study.get_trials()]
 
 
-def test_ipop_restarts_with_a_doubled_population_and_generations_keep_counting():
-    study = run(CmaSampler(seed=0, population=4, restart="ipop"), 300)
+def test_ipop_restarts_with_a_doubled_population_and_generations_keep_counting(caplog):
+    with caplog.at_level("INFO", logger="mergesearch.search.cma"):
+        study = run(CmaSampler(seed=0, population=4, restart="ipop"), 300)
     runs = restarts(study)
+    assert caplog.messages == [f"cma-es: run 0 stopped after {runs[0]['generations']} generations of 4; "
+                               "restart 1 (ipop, large run): population 8, step 0.167"]
     assert [r["population"] for r in runs] == [4, 8] and [r["regime"] for r in runs] == ["large", "large"]
     # the first run stopped on a criterion: flat history needs more than 10 + 30*2/4 generations
     assert runs[0]["generations"] > 25

@@ -24,6 +24,7 @@ This sampler drives the ``cmaes`` package's CMA / SepCMA directly:
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import pickle
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ import optuna
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 from optuna.search_space import IntersectionSearchSpace
 from optuna.trial import FrozenTrial, TrialState
+
+log = logging.getLogger(__name__)
 
 PREFIX = "mergesearch:cma:"
 GENERATION = PREFIX + "generation"
@@ -222,6 +225,9 @@ class CmaSampler(optuna.samplers.BaseSampler):
             population = state.default_population * 2 ** state.large_runs
             state.regime = "large"
         state.optimizer = self._make(mean, sigma, population)
+        log.info("cma-es: run %d stopped after %d generations of %d; restart %d (%s, %s run): population %d, "
+                 "step %.3g", state.restart - 1, old.generation, old.population_size, state.restart, self.restart,
+                 state.regime, population, sigma)
 
     # -- persistence ----------------------------------------------------------------
     def _restore(self, trials: list[FrozenTrial]) -> Optional[_State]:
