@@ -53,6 +53,7 @@ class CompiledRecipe:
                 by_key[key] = recipe.resolve(name, t)
             self.params[name] = by_key[key]
         self.distinct = len(by_key)
+        self.rows = recipe.row_scales() if recipe.has_row_scales else None
 
     def __getitem__(self, name: str) -> Params:
         try:
@@ -63,8 +64,27 @@ class CompiledRecipe:
     def merge(self, x: TensorInputs, check_finite: bool = True) -> torch.Tensor:
         """One output tensor in the work dtype."""
         g, per_model = self[x.name]
+        if self.rows is not None:
+            per_model = self._row_weights(x, per_model)
         out = self.spec.fn(x, g, per_model)
         acc = torch.float64 if out.dtype == torch.float64 else torch.float32
         if check_finite and not torch.isfinite(out.sum(dtype=acc)):
             raise MergeSearchError(f"{x.name}: the merge produced NaN or Inf (check the parameters)")
+        return out
+
+    def _row_weights(self, x: TensorInputs, per_model: list[dict]) -> list[dict]:
+        """Each model's weight times its row scales for this tensor, where it has them: a
+        vector of one weight per output row."""
+        out = []
+        shape = tuple(x.raw_base.shape)
+        for i, (p, rows) in enumerate(zip(per_model, self.rows)):
+            v = None if rows is None else rows.get(x.name)
+            if v is None:
+                out.append(p)
+                continue
+            if len(shape) != 2 or tuple(v.shape) != (shape[0],):
+                where = self.recipe.models[i].row_scales or f"models[{i}] row scales"
+                raise MergeSearchError(f"{where}: {x.name}: {v.numel()} row scales for a tensor of shape "
+                                       f"{'x'.join(map(str, shape))}")
+            out.append({**p, "weight": v.to(device=x.raw_base.device, dtype=torch.float32) * float(p["weight"])})
         return out

@@ -57,6 +57,10 @@ def export_run(run: str, trial: str | int | None = None, storage_url: str | None
     try:
         result = _export_staged(run, t, label, recipe, eval_cfg, stage, out, device)
         replace_dir(stage / "model", out / "model", force=True)
+        if (stage / "best_row_scales").exists():  # before the recipe that names them
+            replace_dir(stage / "best_row_scales", out / "best_row_scales", force=True)
+        else:
+            shutil.rmtree(out / "best_row_scales", ignore_errors=True)
         for name in ("best_recipe.yaml", "best_mergekit.yaml", "scores.json"):
             if (stage / name).exists():
                 os.replace(stage / name, out / name)
@@ -87,7 +91,7 @@ def _clean_leftovers(out: Path) -> None:
     """Staging and temp folders of an export that was killed."""
     for p in out.iterdir():
         if p.is_dir() and (p.name.startswith(".export-") or p.name.startswith(".model.tmp-")
-                           or p.name.startswith(".model.old-")):
+                           or p.name.startswith(".model.old-") or p.name.startswith(".best_row_scales.old-")):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -96,7 +100,17 @@ def _export_staged(run: str, t, label: str, recipe: Recipe, eval_cfg, stage: Pat
     from mergesearch.evaluate import build_evaluator
     from mergesearch.merge import open_plan, stream_merge
 
-    recipe.save(stage / "best_recipe.yaml")
+    saved = recipe
+    if recipe.has_row_scales:  # the row scales travel with the recipe, named relative to it
+        models = []
+        for i, m in enumerate(recipe.models):
+            if m.row_scales:
+                (stage / "best_row_scales").mkdir(exist_ok=True)
+                shutil.copyfile(m.row_scales, stage / "best_row_scales" / f"m{i}.safetensors")
+                m = m.model_copy(update={"row_scales": f"best_row_scales/m{i}.safetensors"})
+            models.append(m)
+        saved = recipe.model_copy(update={"models": models})
+    saved.save(stage / "best_recipe.yaml")
     if has_mergekit_equivalent(recipe):
         save_mergekit(recipe, stage / "best_mergekit.yaml")
     dev_stored = t.user_attrs.get("scores") or {}
@@ -176,5 +190,7 @@ def model_card(recipe: Recipe, result: dict, tasks: list[str]) -> str:
     if has_mergekit_equivalent(recipe):
         lines += ["```yaml", yaml.safe_dump(to_mergekit(recipe), sort_keys=False).rstrip(), "```", ""]
     else:
-        lines += [f"`{recipe.method}` has no mergekit equivalent: it needs per-model metric files.", ""]
+        why = ("per-row weights (row_scales, from a refinement with `rows: true`)" if recipe.has_row_scales
+               else "per-model metric files")
+        lines += [f"This `{recipe.method}` merge has no mergekit equivalent: it needs {why}.", ""]
     return "\n".join(l for l in lines if l is not None)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, StrictBool, ValidationError, field_validator
 
 from mergesearch.errors import MergeSearchError
 from mergesearch.methods import MethodSpec, get_method
@@ -48,6 +48,9 @@ class ModelEntry(StrictModel):
     parameters: dict[str, Setting] = {}
     metric: Optional[str] = None  # diagonal metric file (fisher, preconditioned, gradient_matching)
     gram: Optional[str] = None  # Gram matrices of linear-layer inputs (regmean)
+    # a safetensors file: tensor name -> one multiplier per output row (float32), applied to
+    # this model's weight at that row (the task-vector family; written by refine.rows)
+    row_scales: Optional[str] = None
 
 
 class Recipe(StrictModel):
@@ -59,6 +62,9 @@ class Recipe(StrictModel):
     seed: int = 0
     tokenizer_source: Optional[str] = None
     base_metric: Optional[str] = None  # the base's curvature (gradient_matching)
+    # per model, row scales held in memory (a refinement's, before the controller writes
+    # them to files): model index -> tensor name -> multipliers; never serialized
+    _rows: Optional[dict] = PrivateAttr(default=None)
 
     @field_validator("models")
     @classmethod
@@ -107,6 +113,11 @@ class Recipe(StrictModel):
                                        f"'{spec.name}' (write one with: mergesearch curvature --kind gram)")
             if m.gram is not None and not spec.needs_gram:
                 raise MergeSearchError(f"{where}: models[{i}].gram: method '{spec.name}' uses no Gram matrices")
+        if any(m.row_scales for m in self.models) or self._rows:
+            from mergesearch.methods.task_arithmetic import TASK_VECTOR_METHODS
+            if spec.name not in TASK_VECTOR_METHODS:
+                raise MergeSearchError(f"{where}: row_scales: method '{spec.name}' is not in the task-vector family "
+                                       f"({', '.join(sorted(TASK_VECTOR_METHODS))})")
         if self.base_metric is not None and spec.name != "gradient_matching":
             raise MergeSearchError(f"{where}: base_metric: only gradient_matching uses a base curvature")
         for p in spec.params:
@@ -148,15 +159,46 @@ class Recipe(StrictModel):
             "base": fix(self.base),
             "tokenizer_source": fix(self.tokenizer_source),
             "base_metric": fix(self.base_metric),
-            "models": [m.model_copy(update={"path": fix(m.path), "metric": fix(m.metric), "gram": fix(m.gram)})
+            "models": [m.model_copy(update={"path": fix(m.path), "metric": fix(m.metric), "gram": fix(m.gram),
+                                            "row_scales": fix(m.row_scales)})
                        for m in self.models],
         })
+
+    @property
+    def has_row_scales(self) -> bool:
+        return bool(self._rows) or any(m.row_scales for m in self.models)
+
+    def with_rows(self, rows: dict[int, dict]) -> "Recipe":
+        """A copy holding per-model row scales in memory (model index -> tensor -> vector)."""
+        out = self.model_copy()
+        out._rows = {int(i): dict(v) for i, v in rows.items() if v}
+        return out
+
+    def row_scales(self) -> list[Optional[dict]]:
+        """Each model's row scales (tensor name -> float32 vector), from memory or its file;
+        None for a model without. A missing or unreadable file is a one-line error."""
+        out: list[Optional[dict]] = []
+        for i, m in enumerate(self.models):
+            if self._rows and i in self._rows:
+                out.append(self._rows[i])
+            elif m.row_scales:
+                from safetensors.torch import load_file
+                try:
+                    out.append(load_file(m.row_scales))
+                except FileNotFoundError:
+                    raise MergeSearchError(f"{m.row_scales}: models[{i}].row_scales: no such file") from None
+                except Exception as e:
+                    raise MergeSearchError(f"{m.row_scales}: models[{i}].row_scales: not a readable safetensors "
+                                           f"file ({str(e).splitlines()[0][:200]})") from None
+            else:
+                out.append(None)
+        return out
 
     def to_dict(self) -> dict:
         data = self.model_dump(mode="json", exclude_defaults=False)
         # side-input files appear only where a method uses them
         for m in data["models"]:
-            for k in ("metric", "gram"):
+            for k in ("metric", "gram", "row_scales"):
                 if m.get(k) is None:
                     m.pop(k, None)
         if data.get("base_metric") is None:
@@ -175,7 +217,7 @@ class Recipe(StrictModel):
         parts = [self.method]
         for m in self.models:
             ps = ",".join(f"{k}={_short(v)}" for k, v in m.parameters.items())
-            parts.append(f"{Path(m.path).name}({ps})")
+            parts.append(f"{Path(m.path).name}({ps}{',row scales' if m.row_scales else ''})")
         if self.parameters:
             parts.append(",".join(f"{k}={_short(v)}" for k, v in self.parameters.items()))
         return " ".join(parts)
@@ -295,14 +337,15 @@ def _setting_to_mk(setting):
 
 def has_mergekit_equivalent(recipe: Recipe) -> bool:
     spec = recipe.spec
-    return spec.needs_metric == "no" and not spec.needs_gram
+    return spec.needs_metric == "no" and not spec.needs_gram and not recipe.has_row_scales
 
 
 def to_mergekit(recipe: Recipe) -> dict:
     """The equivalent mergekit configuration (mergekit computes in float32 like us)."""
     spec = recipe.spec
     if not has_mergekit_equivalent(recipe):
-        raise MergeSearchError(f"method '{spec.name}' has no mergekit equivalent; use the mergesearch recipe")
+        why = "per-row weights (row_scales)" if recipe.has_row_scales else f"method '{spec.name}'"
+        raise MergeSearchError(f"{why} has no mergekit equivalent; use the mergesearch recipe")
     models = [{"model": m.path, **({"parameters": {k: _setting_to_mk(v) for k, v in m.parameters.items()}}
                                    if m.parameters else {})} for m in recipe.models]
     out: dict[str, Any] = {"merge_method": recipe.method}

@@ -27,6 +27,12 @@ With a label-free loss (``entropy``, or ``distill`` alone with teachers chosen b
 confidence) the held-out checks keep the coefficients with the lowest held-out loss, so no
 label is read anywhere; otherwise the best held-out accuracy, then loss.
 
+With ``rows``, each model also gets one multiplier per output row of every matrix (on top
+of its group's weight): a finer unit than a tensor, so task vectors that interfere inside a
+tensor can be weighted apart row by row. The refined recipe then carries them as
+``row_scales`` (held in memory until the controller writes one safetensors file per
+model), which the engine applies in :func:`mergesearch.methods.kernels.combine_rows`.
+
 Sign election is recomputed at every step from the current coefficients (it selects,
 it has no gradient), so the model being trained is the merge the engine computes for
 those coefficients. A share of the dev items (``holdout``) is never trained on: it is
@@ -267,14 +273,22 @@ def build_terms(mat, recipe, groups: list[dict], names: list[str], dtypes: dict,
     return terms, group_w, group_lam
 
 
-def merged_params(terms: list[_Term], coef: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+def merged_params(terms: list[_Term], coef: torch.Tensor, scale: torch.Tensor,
+                  rows: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The merged tensors for per-group weight multipliers ``coef`` (groups x models) and
-    lambda multipliers ``scale`` (groups), differentiable in both; the same arithmetic as
-    the engine's combine step, with sign election recomputed from the current weights."""
+    lambda multipliers ``scale`` (groups), and, where given, per-row multipliers ``rows``
+    (tensor name -> models x rows); differentiable in all; the same arithmetic as the
+    engine's combine step, with sign election recomputed from the current weights."""
     out = {}
     for t in terms:
         c = coef[t.group]
         n = len(t.parts)
+        r = None if rows is None else rows.get(t.name)
+        if r is not None:  # model i's weight at row k: c_i * w_i * r[i, k]
+            w = [(c[i] * t.weights[i] * r[i]).unsqueeze(-1) for i in range(n)]
+            parts = [w[i] * d for i, d in enumerate(t.parts)]
+            out[t.name] = _row_merge(t, parts, w, scale)
+            continue
         parts = [c[i] * t.weights[i] * d for i, d in enumerate(t.parts)]
         if t.consensus:
             with torch.no_grad():
@@ -294,6 +308,27 @@ def merged_params(terms: list[_Term], coef: torch.Tensor, scale: torch.Tensor) -
             mixed = mixed / div
         out[t.name] = (t.base + mixed * (t.lam * scale[t.group])).to(t.dtype)
     return out
+
+
+def _row_merge(t: _Term, parts: list, w: list, scale: torch.Tensor) -> torch.Tensor:
+    """:func:`merged_params` for a tensor with per-row weights ``w`` (models x rows x 1)."""
+    if t.consensus:
+        with torch.no_grad():
+            majority = torch.where(sum(p.detach() for p in parts) >= 0, 1.0, -1.0)
+        mixed = torch.zeros_like(t.base)
+        div = torch.zeros_like(t.base)
+        for p, wi in zip(parts, w):
+            agree = p.detach().sign() == majority
+            mixed = mixed + torch.where(agree, p, 0.0)
+            div = div + torch.where(agree, wi, 0.0)
+        div = div + (div == 0).to(div.dtype)
+    else:
+        mixed = sum(parts)
+        total = sum(w)
+        div = torch.where(total.detach().abs() < 1e-8, torch.ones_like(total), total)
+    if t.normalize:
+        mixed = mixed / div
+    return (t.base + mixed * (t.lam * scale[t.group])).to(t.dtype)
 
 
 def refined_recipe(recipe, groups: list[dict], group_w: dict, group_lam: dict, coef: torch.Tensor,
@@ -320,6 +355,9 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
     ``name``, ``filters``, ``fallback`` and ``default``."""
     if not hasattr(evaluator, "items"):
         raise MergeSearchError("refine: needs the built-in loglik evaluator (its items are the training data)")
+    if recipe.has_row_scales:
+        raise MergeSearchError("refine: the candidate already has row scales (it is a refinement's); refine the "
+                               "candidate it came from")
     device = next(model.parameters()).device
     targets = dict(model.named_parameters())
     names = [n for n in mat.names if n in targets and targets[n].is_floating_point()]
@@ -342,9 +380,14 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
     terms, group_w, group_lam = build_terms(mat, recipe, groups, names, {n: targets[n].dtype for n in names}, device)
     coef = torch.ones(len(groups), n_models, device=device, requires_grad=True)
     scale = torch.ones(len(groups), device=device, requires_grad=True)
-    opt = torch.optim.Adam([coef, scale], lr=cfg["lr"])
+    # per-row multipliers (models x rows) of every matrix, with ``rows``
+    row_mult = {t.name: torch.ones(n_models, t.base.shape[0], device=device, requires_grad=True)
+            for t in terms if cfg.get("rows") and t.base.dim() == 2}
+    opt = torch.optim.Adam([{"params": [coef, scale], "lr": cfg["lr"]},
+                            {"params": list(row_mult.values()), "lr": float(cfg.get("row_lr", 0.05))}])
     decay = float(cfg["average"])
     avg_c, avg_s = coef.detach().clone(), scale.detach().clone()  # what is checked and kept
+    avg_r = {k: v.detach().clone() for k, v in row_mult.items()}
     rng = random.Random(f"refine-batches:{seed}")
     pools = {t: [] for t in tasks}
 
@@ -355,7 +398,7 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
         nonlocal cost_seqs
         accs, losses = [], []
         with torch.no_grad():
-            params = merged_params(terms, avg_c, avg_s)
+            params = merged_params(terms, avg_c, avg_s, avg_r)
             for task in tasks:
                 rows = items.holdout[task]
                 right, loss_sum = 0, 0.0
@@ -384,13 +427,14 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
 
     try:
         acc0, loss0 = check()
-        best = (*rank(acc0, loss0), 0, avg_c.clone(), avg_s.clone(), acc0)
+        best = (*rank(acc0, loss0), 0, avg_c.clone(), avg_s.clone(), acc0, {k: v.clone() for k, v in avg_r.items()})
         history = [{"step": 0, "holdout_acc": acc0, "holdout_loss": loss0}]
         stale, step = 0, 0
         for step in range(1, cfg["steps"] + 1):
-            rows = draw()
-            batch = items.batch(rows)
-            loss, _ = _losses(rows, _sequence_loglik(model, merged_params(terms, coef, scale), batch), cfg["loss"], mix)
+            items_ = draw()
+            batch = items.batch(items_)
+            loss, _ = _losses(items_, _sequence_loglik(model, merged_params(terms, coef, scale, row_mult), batch),
+                              cfg["loss"], mix)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -399,6 +443,9 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
                 scale.clamp_(0.0, COEF_MAX)
                 avg_c.mul_(decay).add_(coef.detach(), alpha=1.0 - decay)
                 avg_s.mul_(decay).add_(scale.detach(), alpha=1.0 - decay)
+                for k, v in row_mult.items():
+                    v.clamp_(0.0, COEF_MAX)
+                    avg_r[k].mul_(decay).add_(v.detach(), alpha=1.0 - decay)
             cost_seqs += TRAIN_COST * batch[4]
             lv = float(loss.detach())
             if not math.isfinite(lv):
@@ -407,7 +454,8 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
                 acc, hl = check()
                 history.append({"step": step, "train_loss": lv, "holdout_acc": acc, "holdout_loss": hl})
                 if rank(acc, hl) > best[:2]:
-                    best = (*rank(acc, hl), step, avg_c.clone(), avg_s.clone(), acc)
+                    best = (*rank(acc, hl), step, avg_c.clone(), avg_s.clone(), acc,
+                            {k: v.clone() for k, v in avg_r.items()})
                     stale = 0
                 else:
                     stale += 1
@@ -416,8 +464,11 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
     finally:
         if was_training:
             model.train()
-    _, _, best_step, c_best, s_best, acc_best = best
+    _, _, best_step, c_best, s_best, acc_best, r_best = best
     out = refined_recipe(recipe, groups, group_w, group_lam, c_best, s_best)
+    if r_best:
+        out = out.with_rows({i: {k: v[i].detach().to("cpu", torch.float32).contiguous() for k, v in r_best.items()}
+                             for i in range(n_models)})
     stats = {"steps": step, "best_step": best_step, "holdout_before": acc0, "holdout_after": acc_best,
              "cost": cost_seqs / max(items.n_seqs, 1), "loss": cfg["loss"], "teachers": teachers, "history": history,
              "groups": [g["name"] or "all" for g in groups]}

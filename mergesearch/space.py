@@ -191,6 +191,10 @@ class RefineConfig(StrictModel):
     # the coefficients checked and kept are an exponential moving average of Adam's
     # iterates with this decay per step (0: the iterates themselves)
     average: float = Field(default=0.9, ge=0, lt=1)
+    # also learn, for each model and each matrix, one multiplier per output row (the
+    # recipe then carries row_scales files; mergekit's YAML cannot express them)
+    rows: bool = False
+    row_lr: float = Field(default=0.05, gt=0)  # Adam's step for the row multipliers
 
 
 class SearchSpace(StrictModel):

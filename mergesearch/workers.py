@@ -194,6 +194,8 @@ class Worker:
                 r, stats = run_refine(self.mat, self.model, self.tokenizer, self.evaluators[self.eval_cfg.split], r,
                                       refine["options"], refine["groups"], seed=refine.get("seed", 0))
                 extra = {"recipe": r.to_dict(), "refine": stats, "refine_s": time.perf_counter() - t0}
+                if r.has_row_scales:  # tensors, written to files by the controller
+                    extra["rows"] = r.row_scales()
         except (torch.OutOfMemoryError, MemoryError) as e:
             first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
             return {"oom": first, "usable": self._recover(), "worker": self.worker_id}
@@ -431,7 +433,7 @@ class WorkerPool:
             timings.update(ray_in_s=r["started_at"] - sent_at, ray_out_s=time.time() - r["ended_at"])
         if "refine_s" in r:
             timings["refine_s"] = r["refine_s"]
-        extra = {k: r[k] for k in ("recipe", "refine", "item_scores", "wrote") if k in r}
+        extra = {k: r[k] for k in ("recipe", "refine", "rows", "item_scores", "wrote") if k in r}
         if bad:
             return Result(number, False, r["scores"], timings, wid, f"non-finite score for {', '.join(bad)}", extra=extra,
                           device=r.get("device"))

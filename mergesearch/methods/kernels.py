@@ -189,6 +189,35 @@ def _combine_chunked(raw_base, sources, is_delta, windows, weights, lam, normali
     return out.reshape(raw_base.shape)
 
 
+def combine_rows(raw_base, sources, is_delta, windows, weights, lam, normalize, consensus, out_dtype=None,
+                 masks=None) -> torch.Tensor:
+    """:func:`combine` with per-row weights (a refinement's ``row_scales``): ``weights[i]``
+    is a float or a vector of one weight per row of the 2-D tensor. Model i's delta at
+    row r is weighted by its weight there, the sign election sees the weighted deltas, and
+    ``normalize`` divides by the sum of the weights at each element (the agreeing ones under
+    consensus). Eager, over blocks of whole rows (scratch bounded like the eager chunks)."""
+    wd = torch.float64 if raw_base.dtype == torch.float64 else torch.float32
+    rows, cols = raw_base.shape
+    out = torch.empty(raw_base.shape, dtype=out_dtype or wd, device=raw_base.device)
+    flat_out = out.view(-1)
+    windows = [w if w is None else tuple(w) for w in windows]
+    step = max(1, eager_chunk(raw_base.device) // max(cols, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        lo, hi = r0 * cols, r1 * cols
+        ws = [w[r0:r1].to(device=raw_base.device, dtype=wd).repeat_interleave(cols)
+              if isinstance(w, torch.Tensor) else w for w in weights]
+        total = sum(ws)
+        if isinstance(total, torch.Tensor):  # the normalizer without consensus, per element
+            divisor = torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
+        else:
+            divisor = 1.0 if abs(total) < 1e-8 else total
+        flat_out[lo:hi] = _combine(_flat(raw_base, lo, hi), [_flat(t, lo, hi) for t in sources], is_delta,
+                                   [w if w is None else (_flat(w[0], lo, hi), *w[1:]) for w in windows], ws, lam,
+                                   normalize, consensus, divisor, offset=lo, masks=_flat_masks(masks, lo, hi))
+    return out
+
+
 def _weighted_sum_chunked(sources, weights, divisor: float, normalize: bool, out_dtype=None) -> torch.Tensor:
     n = sources[0].numel()
     chunk = eager_chunk(sources[0].device)

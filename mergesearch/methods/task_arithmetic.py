@@ -83,6 +83,9 @@ def task_vector_merge(x: TensorInputs, g: dict, m: list[dict], *, sparsifier: st
         windows.append(None)  # keep everything
         masks.append(None)
     weights = [p["weight"] for p in m]
+    if any(isinstance(w, torch.Tensor) for w in weights):  # per-row weights (a recipe's row_scales)
+        return kernels.combine_rows(x.raw_base, sources, is_delta, windows, weights, g["lambda"], g["normalize"],
+                                    consensus, out_dtype=x.out_dtype, masks=masks)
     total = sum(weights)
     divisor = 1.0 if abs(total) < 1e-8 else total
     return kernels.combine(x.raw_base, sources, is_delta, windows, weights, g["lambda"], g["normalize"],

@@ -514,6 +514,8 @@ class Controller(RunLifecycle):
             stats = res.extra.get("refine")
             if res.ok and "recipe" in res.extra:
                 from mergesearch.recipe import from_dict
+                if res.extra.get("rows"):
+                    self._write_row_scales(res.extra["recipe"], res.extra["rows"], f"r{t.number}")
                 refined = from_dict(res.extra["recipe"], "refined recipe")
                 record(t, {"recipe": res.extra["recipe"], "summary": refined.summary(), "refine": stats,
                            "cost": stats["cost"] + 1.0})
@@ -529,6 +531,21 @@ class Controller(RunLifecycle):
         for t, _, _ in pending.values():
             record(t, {"reason": "interrupted"})
             side.tell(t, state=TrialState.FAIL)
+
+    def _write_row_scales(self, recipe: dict, rows: list, label: str) -> None:
+        """A refinement's per-row multipliers: one safetensors file per model under the
+        run's ``row_scales/`` (written whole, then renamed), named in the stored recipe."""
+        from safetensors.torch import save
+
+        from mergesearch.fsutil import atomic_file
+
+        for i, tensors in enumerate(rows):
+            if not tensors:
+                continue
+            path = self.dir / "row_scales" / f"{label}-m{i}.safetensors"
+            with atomic_file(path, "wb") as f:
+                f.write(save({k: v.contiguous() for k, v in tensors.items()}))
+            recipe["models"][i]["row_scales"] = str(path.resolve())
 
     def _finish_baseline(self, side, entry, res) -> None:
         t, name = entry
