@@ -383,8 +383,9 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
     # per-row multipliers (models x rows) of every matrix, with ``rows``
     row_mult = {t.name: torch.ones(n_models, t.base.shape[0], device=device, requires_grad=True)
             for t in terms if cfg.get("rows") and t.base.dim() == 2}
-    opt = torch.optim.Adam([{"params": [coef, scale], "lr": cfg["lr"]},
-                            {"params": list(row_mult.values()), "lr": float(cfg.get("row_lr", 0.05))}])
+    opt = torch.optim.Adam([{"params": [coef, scale], "lr": cfg["lr"]}]
+                           + ([{"params": list(row_mult.values()), "lr": float(cfg.get("row_lr", 0.05))}]
+                              if row_mult else []))
     decay = float(cfg["average"])
     avg_c, avg_s = coef.detach().clone(), scale.detach().clone()  # what is checked and kept
     avg_r = {k: v.detach().clone() for k, v in row_mult.items()}

@@ -13,8 +13,10 @@ its trial-equivalents) and 3 seeds:
   (a searched global scale), **+ warm start** (the baselines first, CMA-ES from the best),
   **+ coarse-to-fine** (whole models, then 2 layer groups), **+ refine** (gradient
   refinement of the best candidate);
-- **mergesearch**: search_spaces/demo.yaml, every lever and the normalized objective;
-  and the same with its refinement's loss set to ``distill`` (no labels read by it).
+- **mergesearch**: search_spaces/demo.yaml, every lever and the normalized objective
+  (its refinement per tensor and per output row); the same with the refinement per tensor
+  only (``rows: false``); and with its refinement's loss set to ``distill`` (no labels
+  read by it).
 
 For each: the test mean, the normalized test mean (each task over the best source
 model's test score on it) and the worst task of the best-on-dev candidate, as mean and
@@ -151,6 +153,9 @@ def main() -> int:
     for lever in ("lambda", "warm start", "coarse-to-fine", "refine"):
         spaces[f"evolve-style + {lever}"] = lambda seed, lever=lever: evolve_space(demo, seed, lever)
     spaces["mergesearch"] = lambda seed: demo.model_copy(update={"seed": seed})
+    # the same without the per-row multipliers (the refinement per tensor only)
+    spaces["mergesearch, refine per tensor only"] = lambda seed: demo.model_copy(
+        update={"seed": seed, "refine": demo.refine.model_copy(update={"rows": False})})
     # the same, its refinement distilled from the source models without labels
     spaces["mergesearch, refine loss distill"] = lambda seed: demo.model_copy(
         update={"seed": seed, "refine": demo.refine.model_copy(update={"loss": "distill"})})
