@@ -14,9 +14,9 @@ its trial-equivalents) and 3 seeds:
   **+ coarse-to-fine** (whole models, then 2 layer groups), **+ refine** (gradient
   refinement of the best candidate);
 - **mergesearch**: search_spaces/demo.yaml, every lever and the normalized objective
-  (its refinement per tensor and per output row); the same with the refinement per tensor
-  only (``rows: false``); and with its refinement's loss set to ``distill`` (no labels
-  read by it).
+  (its refinement per tensor and per output row, distilled from the source models); the
+  same with the refinement per tensor only (``rows: false``); and with the refinement's
+  loss set to ``choice`` (the labels).
 
 For each: the test mean, the normalized test mean (each task over the best source
 model's test score on it) and the worst task of the best-on-dev candidate, as mean and
@@ -156,9 +156,9 @@ def main() -> int:
     # the same without the per-row multipliers (the refinement per tensor only)
     spaces["mergesearch, refine per tensor only"] = lambda seed: demo.model_copy(
         update={"seed": seed, "refine": demo.refine.model_copy(update={"rows": False})})
-    # the same, its refinement distilled from the source models without labels
-    spaces["mergesearch, refine loss distill"] = lambda seed: demo.model_copy(
-        update={"seed": seed, "refine": demo.refine.model_copy(update={"loss": "distill"})})
+    # the same, its refinement trained on the labels (the correct choice) instead
+    spaces["mergesearch, refine loss choice"] = lambda seed: demo.model_copy(
+        update={"seed": seed, "refine": demo.refine.model_copy(update={"loss": "choice"})})
     if args.only:
         spaces = {k: v for k, v in spaces.items() if k in args.only}
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:

@@ -80,6 +80,12 @@ def c_merge_metric(t, f, o, z):
     return ["merge", r, "-o", t / "out"], [t / "out"]
 
 
+def c_merge_row_scales(t, f, o, z):
+    r = recipe(t, f, models=[{"path": str(f["ft0"]), "parameters": {"weight": 0.5}, "row_scales": "gone.safetensors"},
+                             {"path": str(f["ft1"]), "parameters": {"weight": 0.5}}])
+    return ["merge", r, "-o", t / "out"], [t / "out"]
+
+
 def c_search_key(t, f, o, z):
     return ["search", write(t / "s.yaml", space_dict(z, budgett={"n_trials": 2})), "--run", "r"], [t / "results"]
 
@@ -191,6 +197,7 @@ CASES = [
     ("merge-nan-weights", c_merge_nan, ["nan: tensor 'model.norm.weight' contains NaN or Inf"]),
     ("merge-output-exists", c_merge_exists, ["output path exists (pass --force to replace it)"]),
     ("merge-missing-metric", c_merge_metric, ["needs a 'metric' file for method 'fisher'"]),
+    ("merge-missing-row-scales", c_merge_row_scales, ["gone.safetensors: models[0].row_scales: no such file"]),
     ("search-unknown-key", c_search_key, ["s.yaml", "budgett"]),
     ("search-reversed-bounds", c_search_bounds, ["s.yaml", "bounds reversed: low 1.0 > high 0.0"]),
     ("search-budget-below-baselines", c_search_budget, ["s.yaml", "budget.n_trials 2 leaves no search trial after 2 baselines; raise"]),
