@@ -257,10 +257,14 @@ class SearchSpace(StrictModel):
         if sc.name == "cmaes" and sc.x0 is None and len(self.methods) == 1:
             hints.append("sampler.x0: best_baseline starts CMA-ES from the best baseline instead of the centre "
                          "of the bounds")
-        if (self.refine is None and self.evaluator.evaluator == "loglik" and not self.multi_objective
-                and all(m in TASK_VECTOR_METHODS for m in self.methods)):
-            hints.append("refine: {level: tensor} refines the best candidate by gradient descent on the dev "
-                         "items, a coefficient per model and tensor")
+        refinable = (self.evaluator.evaluator == "loglik" and not self.multi_objective
+                     and all(m in TASK_VECTOR_METHODS for m in self.methods))
+        if refinable and self.refine is None:
+            hints.append("refine: {level: tensor, rows: true, loss: distill} refines the best candidate by gradient "
+                         "descent on the dev items: a coefficient per model and tensor, and per output row")
+        elif refinable and not self.refine.rows:
+            hints.append("refine.rows: true also learns a weight per model and output row of every matrix (the "
+                         "recipe then needs row_scales files and has no mergekit YAML)")
         return hints
 
     # -- loading and checks -----------------------------------------------------

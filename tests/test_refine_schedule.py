@@ -223,7 +223,8 @@ def test_coarse_to_fine_search_with_refinement(tmp_path, zoo, monkeypatch, capsy
     # baselines (uniform average, task arithmetic) count too
     assert "budget: 16 trials: 2 baselines, 10 for the search, 4 kept for refining the best 1 candidate(s)" in err
     # CMA-ES from the centre: the one lever left out gets its hint
-    assert "hint: sampler.x0: best_baseline" in err and "hint: refine" not in err
+    assert "hint: sampler.x0: best_baseline" in err and "hint: refine: " not in err
+    assert "hint: refine.rows: true" in err  # a refinement per tensor only
     study, storage = load_run("c2f", root=tmp_path / "results")
     stage1 = study.get_trials()
     stage2 = optuna.load_study(study_name="c2f.stage1", storage=storage)

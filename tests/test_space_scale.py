@@ -69,8 +69,11 @@ def test_hints_for_levers_a_space_leaves_out():
     bare = space()  # cmaes from the centre, loglik evaluator, ties: both levers apply
     hints = bare.lever_hints()
     assert len(hints) == 2 and hints[0].startswith("sampler.x0: best_baseline") and hints[1].startswith("refine:")
-    assert space(sampler={"name": "cmaes", "x0": "best_baseline"}, refine={"level": "tensor"}).lever_hints() == []
-    assert space(sampler={"name": "tpe"}, refine={}).lever_hints() == []  # TPE takes no x0
+    assert space(sampler={"name": "cmaes", "x0": "best_baseline"}, refine={"level": "tensor", "rows": True}
+                 ).lever_hints() == []
+    assert space(sampler={"name": "tpe"}, refine={"rows": True}).lever_hints() == []  # TPE takes no x0
+    (rows,) = space(sampler={"name": "tpe"}, refine={"level": "tensor"}).lever_hints()
+    assert rows.startswith("refine.rows: true also learns a weight per model and output row")
     lm = space(sampler={"name": "tpe"}, evaluator={"evaluator": "lmeval", "tasks": ["t"]})
     assert lm.lever_hints() == []  # lm-eval tasks are not refined
     assert space(sampler={"name": "tpe"}, methods=["linear"], parameters={"weight": {"low": 0, "high": 1}}
