@@ -149,3 +149,26 @@ def test_every_sampler_a_space_names_is_built_without_a_deprecation_warning(tmp_
         warnings.simplefilter("error", DeprecationWarning)
         sampler = make_sampler(space, 2)
     assert isinstance(sampler, CmaSampler if name == "cmaes" else optuna.samplers.BaseSampler)
+
+
+@pytest.mark.parametrize("separable", [False, True])
+def test_the_stored_state_is_plain_json_and_round_trips_exactly(separable):
+    import json
+
+    from mergesearch.search.cma import STATE, _decode_state, _encode_state
+
+    s = CmaSampler(seed=0, population=4, restart="ipop", separable=separable)
+    study = run(s, 40)
+    trial = next(t for t in reversed(study.get_trials()) if any(k.startswith(STATE) for k in t.system_attrs))
+    chunks = {int(k[len(STATE):]): v for k, v in trial.system_attrs.items() if k.startswith(STATE)}
+    text = "".join(chunks[i] for i in range(len(chunks)))
+    data = json.loads(text)  # JSON, not pickle: a shared study database cannot run code here
+    state = s._restore(study.get_trials())
+    again = _decode_state(json.loads(json.dumps(_encode_state(state))))
+    a, b = state.optimizer.__getstate__(), again.optimizer.__getstate__()
+    assert a.keys() == b.keys() and data["optimizer"]["kind"] == ("SepCMA" if separable else "CMA")
+    for k in a:
+        assert np.array_equal(a[k], b[k]) if isinstance(a[k], np.ndarray) else a[k] == b[k], k
+    state.optimizer._rng.seed(7)
+    again.optimizer._rng.seed(7)
+    assert np.array_equal(state.optimizer.ask(), again.optimizer.ask())

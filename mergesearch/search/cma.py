@@ -15,18 +15,18 @@ This sampler drives the ``cmaes`` package's CMA / SepCMA directly:
   IPOP doubles the population each time; BIPOP alternates between doubling runs and small
   runs with a smaller, randomly drawn population and step, choosing the regime that has
   spent fewer evaluations so far (Hansen, 2009).
-- The state (optimizer and restart bookkeeping) is stored, pickled, in the system
-  attributes of the trial whose ask told the last generation, so a resumed study goes on
-  where it stopped. Each asked trial records its generation, counted across restarts, in
+- The state (optimizer and restart bookkeeping) is stored as JSON (no pickle: a study
+  may live in a shared database) in the system attributes of the trial whose ask told the
+  last generation, so a resumed study goes on where it stopped. Each asked trial records its generation, counted across restarts, in
   ``mergesearch:cma:generation``, and its restart in ``mergesearch:cma:restart``.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
-import pickle
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -234,14 +234,50 @@ class CmaSampler(optuna.samplers.BaseSampler):
         for t in reversed(trials):
             chunks = {k: v for k, v in t.system_attrs.items() if k.startswith(STATE)}
             if chunks:
-                text = "".join(chunks[f"{STATE}{i}"] for i in range(len(chunks)))
-                return pickle.loads(bytes.fromhex(text))
+                return _decode_state(json.loads("".join(chunks[f"{STATE}{i}"] for i in range(len(chunks)))))
         return None
 
     def _store(self, study, trial: FrozenTrial, state: _State) -> None:
-        text = pickle.dumps(state).hex()
+        text = json.dumps(_encode_state(state))
         for i in range(0, max(1, math.ceil(len(text) / CHUNK))):
             study._storage.set_trial_system_attr(trial._trial_id, f"{STATE}{i}", text[i * CHUNK:(i + 1) * CHUNK])
+
+
+def _plain(v):
+    if isinstance(v, np.ndarray):
+        return {"array": v.tolist(), "dtype": str(v.dtype), "shape": list(v.shape)}
+    if isinstance(v, np.generic):
+        return v.item()
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise TypeError(f"cma state: cannot store a {type(v).__name__}")
+
+
+def _value(v):
+    if isinstance(v, dict) and "array" in v:
+        return np.array(v["array"], dtype=v["dtype"]).reshape(v["shape"])
+    return v
+
+
+def _encode_state(state: _State) -> dict:
+    """The state as JSON-able data: the optimizer by its own ``__getstate__`` (numbers and
+    arrays; its random generator is reseeded at every ask anyway)."""
+    opt = state.optimizer
+    kind = type(opt).__name__
+    if kind not in ("CMA", "SepCMA"):
+        raise TypeError(f"cma state: unknown optimizer {kind}")
+    fields = {k: v for k, v in state.__dict__.items() if k != "optimizer"}
+    return {"optimizer": {"kind": kind, "state": {k: _plain(v) for k, v in opt.__getstate__().items()}}, **fields}
+
+
+def _decode_state(data: dict) -> _State:
+    import cmaes
+
+    o = data.pop("optimizer")
+    cls = {"CMA": cmaes.CMA, "SepCMA": cmaes.SepCMA}[o["kind"]]
+    opt = cls.__new__(cls)
+    opt.__setstate__({k: _value(v) for k, v in o["state"].items()})
+    return _State(optimizer=opt, **data)
 
 
 def _centre(d: BaseDistribution) -> float:
