@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -32,13 +33,32 @@ def load_model(model_dir: Path, device: str = "cpu", trust_remote_code: bool = F
         dtype = parse_dtype(dtype)
     dtype = dtype or source_dtype(model_dir)
     hf_logging.disable_progress_bar()
+    # transformers' warnings while loading are held back: a model we refuse gets our one
+    # error line only; a model that loads gets them afterwards, as transformers wrote them
+    hf_root = hf_logging.get_logger("transformers")
+    held = _Held()
+    handlers, hf_root.handlers = hf_root.handlers, [held]
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=dtype,
                                                      trust_remote_code=trust_remote_code)
     except Exception as e:
+        hf_root.handlers = handlers
         if "trust_remote_code" in str(e) and not trust_remote_code:
             raise MergeSearchError(f"{model_dir}: cannot load model: it needs its own Python code (auto_map); "
                                    "pass --trust-remote-code (or trust_remote_code: true) if you trust it") from None
         raise MergeSearchError(f"{model_dir}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    finally:
+        hf_root.handlers = handlers
+    for record in held.records:
+        hf_root.handle(record)
     return model.to(device).eval(), tokenizer
+
+
+class _Held(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)

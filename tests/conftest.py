@@ -15,6 +15,30 @@ os.environ["MERGESEARCH_CACHE"] = __import__("tempfile").mkdtemp(prefix="mergese
 from mergesearch.synthetic import make_family  # noqa: E402
 
 
+class _CurrentStderr:
+    """Whatever sys.stderr is now (pytest swaps it per test)."""
+
+    def write(self, s):
+        return __import__("sys").stderr.write(s)
+
+    def flush(self):
+        __import__("sys").stderr.flush()
+
+
+def _transformers_logs_to_the_current_stderr() -> None:
+    # transformers binds its log handler to sys.stderr when first used, in this process a
+    # test's captured stream that is closed later: every later warning of its would print
+    # "--- Logging error ---" into the stderr another test reads
+    import transformers.utils.logging as tl
+
+    tl._configure_library_root_logger()
+    if tl._default_handler is not None:
+        tl._default_handler.setStream(_CurrentStderr())
+
+
+_transformers_logs_to_the_current_stderr()
+
+
 RAY_ENV = ("MERGESEARCH_RAY_ADDRESS", "RAY_AUTH_MODE")
 
 

@@ -89,3 +89,26 @@ def test_python_evaluator_says_it_runs_user_code(tmp_path, caplog, monkeypatch):
     with caplog.at_level("WARNING"):
         build_evaluator(EvalConfig(evaluator="python", tasks=["x"], function="security_probe_score:score"))
     assert "python evaluator: importing and running user code 'security_probe_score:score'" in caplog.text
+
+
+def test_a_loaded_model_keeps_transformers_warnings(family, capsys, monkeypatch):
+    """transformers' warnings are held back while a model loads (a refused model gets our
+    one error line only) and written once it has loaded; its handlers are restored."""
+    import transformers
+    import transformers.utils.logging as tl
+
+    from mergesearch.models import load_model
+
+    original = transformers.AutoTokenizer.from_pretrained
+
+    def warn_then_load(*a, **k):
+        tl.get_logger("transformers.tokenization_utils_base").warning("a warning while loading")
+        assert "a warning while loading" not in capsys.readouterr().err  # held back
+        return original(*a, **k)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", warn_then_load)
+    before = list(tl.get_logger("transformers").handlers)
+    capsys.readouterr()
+    load_model(family["ft0"])
+    assert tl.get_logger("transformers").handlers == before
+    assert capsys.readouterr().err.count("a warning while loading") == 1
