@@ -43,7 +43,6 @@ def load_model(model_dir: Path, device: str = "cpu", trust_remote_code: bool = F
         model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=dtype,
                                                      trust_remote_code=trust_remote_code)
     except Exception as e:
-        hf_root.handlers = handlers
         if "trust_remote_code" in str(e) and not trust_remote_code:
             raise MergeSearchError(f"{model_dir}: cannot load model: it needs its own Python code (auto_map); "
                                    "pass --trust-remote-code (or trust_remote_code: true) if you trust it") from None

@@ -282,53 +282,28 @@ def merged_params(terms: list[_Term], coef: torch.Tensor, scale: torch.Tensor,
     out = {}
     for t in terms:
         c = coef[t.group]
-        n = len(t.parts)
         r = None if rows is None else rows.get(t.name)
-        if r is not None:  # model i's weight at row k: c_i * w_i * r[i, k]
-            w = [(c[i] * t.weights[i] * r[i]).unsqueeze(-1) for i in range(n)]
-            parts = [w[i] * d for i, d in enumerate(t.parts)]
-            out[t.name] = _row_merge(t, parts, w, scale)
-            continue
-        parts = [c[i] * t.weights[i] * d for i, d in enumerate(t.parts)]
+        # model i's weight: c_i * w_i, times r[i, k] at row k where the tensor has row multipliers
+        w = [c[i] * t.weights[i] * (1.0 if r is None else r[i].unsqueeze(-1)) for i in range(len(t.parts))]
+        parts = [wi * d for wi, d in zip(w, t.parts)]
         if t.consensus:
             with torch.no_grad():
                 majority = torch.where(sum(p.detach() for p in parts) >= 0, 1.0, -1.0)
             mixed = torch.zeros_like(t.base)
             div = torch.zeros_like(t.base)
-            for i, p in enumerate(parts):
+            for p, wi in zip(parts, w):
                 agree = p.detach().sign() == majority
                 mixed = mixed + torch.where(agree, p, 0.0)
-                div = div + torch.where(agree, c[i] * t.weights[i], 0.0)
+                div = div + torch.where(agree, wi, 0.0)
             div = div + (div == 0).to(div.dtype)
         else:
             mixed = sum(parts)
-            total = sum(c[i] * t.weights[i] for i in range(n))
-            div = total if abs(float(total.detach())) >= 1e-8 else 1.0
+            total = sum(w)
+            div = torch.where(total.detach().abs() < 1e-8, torch.ones_like(total), total)
         if t.normalize:
             mixed = mixed / div
         out[t.name] = (t.base + mixed * (t.lam * scale[t.group])).to(t.dtype)
     return out
-
-
-def _row_merge(t: _Term, parts: list, w: list, scale: torch.Tensor) -> torch.Tensor:
-    """:func:`merged_params` for a tensor with per-row weights ``w`` (models x rows x 1)."""
-    if t.consensus:
-        with torch.no_grad():
-            majority = torch.where(sum(p.detach() for p in parts) >= 0, 1.0, -1.0)
-        mixed = torch.zeros_like(t.base)
-        div = torch.zeros_like(t.base)
-        for p, wi in zip(parts, w):
-            agree = p.detach().sign() == majority
-            mixed = mixed + torch.where(agree, p, 0.0)
-            div = div + torch.where(agree, wi, 0.0)
-        div = div + (div == 0).to(div.dtype)
-    else:
-        mixed = sum(parts)
-        total = sum(w)
-        div = torch.where(total.detach().abs() < 1e-8, torch.ones_like(total), total)
-    if t.normalize:
-        mixed = mixed / div
-    return (t.base + mixed * (t.lam * scale[t.group])).to(t.dtype)
 
 
 def refined_recipe(recipe, groups: list[dict], group_w: dict, group_lam: dict, coef: torch.Tensor,

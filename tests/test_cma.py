@@ -9,7 +9,7 @@ import numpy as np
 import optuna
 import pytest
 
-from mergesearch.search.cma import GENERATION, RESTART, CmaSampler, restarts
+from mergesearch.search.cma import GENERATION, RESTART, CmaSampler, load_state, restarts
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -111,7 +111,7 @@ def test_pruned_trials_with_a_value_are_told_when_asked_and_separable_uses_the_d
         s = CmaSampler(seed=0, population=4, consider_pruned=consider, separable=True)
         study = optuna.create_study(sampler=s)
         study.optimize(objective, n_trials=12)
-        state = s._restore(study.get_trials())
+        state = load_state(study.get_trials())
         assert type(state.optimizer).__name__ == "SepCMA"
         # 11 trials asked by CMA-ES: with pruned trials counted, 4 per generation
         # (generations 0 and 1 told); without, only the even ones finish generation 0
@@ -163,7 +163,7 @@ def test_the_stored_state_is_plain_json_and_round_trips_exactly(separable):
     chunks = {int(k[len(STATE):]): v for k, v in trial.system_attrs.items() if k.startswith(STATE)}
     text = "".join(chunks[i] for i in range(len(chunks)))
     data = json.loads(text)  # JSON, not pickle: a shared study database cannot run code here
-    state = s._restore(study.get_trials())
+    state = load_state(study.get_trials())
     again = _decode_state(json.loads(json.dumps(_encode_state(state))))
     a, b = state.optimizer.__getstate__(), again.optimizer.__getstate__()
     assert a.keys() == b.keys() and data["optimizer"]["kind"] == ("SepCMA" if separable else "CMA")

@@ -195,26 +195,33 @@ def combine_rows(raw_base, sources, is_delta, windows, weights, lam, normalize, 
     is a float or a vector of one weight per row of the 2-D tensor. Model i's delta at
     row r is weighted by its weight there, the sign election sees the weighted deltas, and
     ``normalize`` divides by the sum of the weights at each element (the agreeing ones under
-    consensus). Eager, over blocks of whole rows (scratch bounded like the eager chunks)."""
+    consensus). The eager :func:`_combine` over blocks of whole rows, each block a 2-D view
+    that the (rows, 1) weights broadcast over: scratch bounded like the eager chunks."""
     wd = torch.float64 if raw_base.dtype == torch.float64 else torch.float32
     rows, cols = raw_base.shape
     out = torch.empty(raw_base.shape, dtype=out_dtype or wd, device=raw_base.device)
-    flat_out = out.view(-1)
     windows = [w if w is None else tuple(w) for w in windows]
     step = max(1, eager_chunk(raw_base.device) // max(cols, 1))
+
+    def block(t, lo, hi):  # rows r0:r1 of a tensor stored flat or 2-D, as (r1 - r0, cols)
+        f = _flat(t, lo, hi)
+        return f if f is None or not isinstance(f, torch.Tensor) or f.dim() == 0 else f.view(-1, cols)
+
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         lo, hi = r0 * cols, r1 * cols
-        ws = [w[r0:r1].to(device=raw_base.device, dtype=wd).repeat_interleave(cols)
-              if isinstance(w, torch.Tensor) else w for w in weights]
+        ws = [w[r0:r1].to(device=raw_base.device, dtype=wd).unsqueeze(-1) if isinstance(w, torch.Tensor) else w
+              for w in weights]
         total = sum(ws)
-        if isinstance(total, torch.Tensor):  # the normalizer without consensus, per element
+        if isinstance(total, torch.Tensor):  # the normalizer without consensus, per row
             divisor = torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
         else:
             divisor = 1.0 if abs(total) < 1e-8 else total
-        flat_out[lo:hi] = _combine(_flat(raw_base, lo, hi), [_flat(t, lo, hi) for t in sources], is_delta,
-                                   [w if w is None else (_flat(w[0], lo, hi), *w[1:]) for w in windows], ws, lam,
-                                   normalize, consensus, divisor, offset=lo, masks=_flat_masks(masks, lo, hi))
+        out[r0:r1] = _combine(block(raw_base, lo, hi), [block(t, lo, hi) for t in sources], is_delta,
+                              [w if w is None else (block(w[0], lo, hi), *w[1:]) for w in windows], ws, lam,
+                              normalize, consensus, divisor, offset=lo,
+                              masks=None if masks is None else [mk if mk is None else (block(mk[0], lo, hi), mk[1])
+                                                                for mk in masks])
     return out
 
 

@@ -17,8 +17,9 @@ This sampler drives the ``cmaes`` package's CMA / SepCMA directly:
   spent fewer evaluations so far (Hansen, 2009).
 - The state (optimizer and restart bookkeeping) is stored as JSON (no pickle: a study
   may live in a shared database) in the system attributes of the trial whose ask told the
-  last generation, so a resumed study goes on where it stopped. Each asked trial records its generation, counted across restarts, in
-  ``mergesearch:cma:generation``, and its restart in ``mergesearch:cma:restart``.
+  last generation, so a resumed study goes on where it stopped. Each asked trial records
+  its generation, counted across restarts, in ``mergesearch:cma:generation``, and its
+  restart in ``mergesearch:cma:restart``.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ class CmaSampler(optuna.samplers.BaseSampler):
         if len(told) < self.n_startup_trials:
             return {}
         unit = _Unit(search_space)
-        state = self._restore(trials)
+        state = load_state(trials)
         if state is not None and state.names != unit.names:
             return {}  # the space changed under the study: draw this trial independently
         changed = state is None
@@ -230,17 +231,19 @@ class CmaSampler(optuna.samplers.BaseSampler):
                  state.regime, population, sigma)
 
     # -- persistence ----------------------------------------------------------------
-    def _restore(self, trials: list[FrozenTrial]) -> Optional[_State]:
-        for t in reversed(trials):
-            chunks = {k: v for k, v in t.system_attrs.items() if k.startswith(STATE)}
-            if chunks:
-                return _decode_state(json.loads("".join(chunks[f"{STATE}{i}"] for i in range(len(chunks)))))
-        return None
-
     def _store(self, study, trial: FrozenTrial, state: _State) -> None:
         text = json.dumps(_encode_state(state))
         for i in range(0, max(1, math.ceil(len(text) / CHUNK))):
             study._storage.set_trial_system_attr(trial._trial_id, f"{STATE}{i}", text[i * CHUNK:(i + 1) * CHUNK])
+
+
+def load_state(trials: list[FrozenTrial]) -> Optional[_State]:
+    """The latest stored state among ``trials`` (None before the first)."""
+    for t in reversed(trials):
+        chunks = {k: v for k, v in t.system_attrs.items() if k.startswith(STATE)}
+        if chunks:
+            return _decode_state(json.loads("".join(chunks[f"{STATE}{i}"] for i in range(len(chunks)))))
+    return None
 
 
 def _plain(v):
@@ -287,10 +290,8 @@ def _centre(d: BaseDistribution) -> float:
 def restarts(study: optuna.Study) -> list[dict]:
     """The finished runs of a study's CMA-ES (restart, regime, population, generations),
     then the current one, from the stored state; [] before the first generation is told."""
-    for t in reversed(study.get_trials(deepcopy=False)):
-        if any(k.startswith(STATE) for k in t.system_attrs):
-            s = CmaSampler()._restore([t])
-            cur = s.optimizer
-            return s.history + [{"restart": s.restart, "regime": s.regime, "population": cur.population_size,
-                                 "generations": cur.generation}]
-    return []
+    s = load_state(study.get_trials(deepcopy=False))
+    if s is None:
+        return []
+    return s.history + [{"restart": s.restart, "regime": s.regime, "population": s.optimizer.population_size,
+                         "generations": s.optimizer.generation}]
