@@ -10,22 +10,27 @@ After each rung the controller reports to Optuna: for the halving, hyperband and
 pruners the objective of the items so far at ``step = items so far``; for the Wilcoxon
 pruner one value per block of ``block`` items of one task (its mean, divided by the
 task's reference score when the objective is normalized, times the task's weight), at a
-step that names the block, so that trials are compared block by block, paired. A pruned
-trial is stored as PRUNED with its partial per-task scores, the items it used and its
-cost: the share of the dev items it scored.
+step that names the block, so that trials are compared block by block, paired; for the
+improvement pruner (``ImprovementPruner``) the plain mean of each block, likewise paired.
+A pruned trial is stored as PRUNED with its partial per-task scores, the items it used
+and its cost: the share of the dev items it scored.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
+import numpy as np
 import optuna
 
 from mergesearch.evaluate import items as item_split
 
 # Wilcoxon steps: task k's block b is step k * TASK_STRIDE + b
 TASK_STRIDE = 1_000_000
+# the pruners whose reports are per block, not the objective so far
+BLOCKWISE = ("wilcoxon", "improvement")
 
 
 @dataclass
@@ -61,7 +66,12 @@ def plan_for(space, counts: dict[str, int]) -> FidelityPlan:
     return FidelityPlan(list(f.rungs), order, f.pruner.block)
 
 
-def make_pruner(space, plan: FidelityPlan | None) -> optuna.pruners.BasePruner:
+def make_pruner(space, plan: FidelityPlan | None, value_of: Callable[[dict], float] | None = None,
+                linear: Callable[[], dict | None] | None = None) -> optuna.pruners.BasePruner:
+    """``value_of``: per-task scores -> the value told to the sampler, and ``linear``: its
+    coefficients per task when it is a weighted sum (None otherwise), asked at each
+    decision (a normalized objective knows its references only once the sources are
+    scored): the improvement pruner's objective, the plain mean when not given."""
     if plan is None or space.fidelity.pruner.name == "none":
         return optuna.pruners.NopPruner()
     p = space.fidelity.pruner
@@ -75,7 +85,115 @@ def make_pruner(space, plan: FidelityPlan | None) -> optuna.pruners.BasePruner:
         return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=plan.total, reduction_factor=factor)
     if p.name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=0)
-    return optuna.pruners.WilcoxonPruner(p_threshold=p.p_threshold, n_startup_steps=0)
+    if p.name == "improvement":
+        if value_of is None:
+            value_of = lambda s: sum(s.values()) / len(s)  # noqa: E731
+            linear = lambda: {t: 1 / len(plan.order) for t in plan.order}  # noqa: E731
+        return ImprovementPruner(plan, value_of, p_threshold=p.p_threshold if p.p_threshold is not None else 0.05,
+                                 linear=linear)
+    return optuna.pruners.WilcoxonPruner(
+        p_threshold=p.p_threshold if p.p_threshold is not None else 0.1, n_startup_steps=0)
+
+
+class ImprovementPruner(optuna.pruners.BasePruner):
+    """Prune a trial when the chance that it ends above the best complete trial is below
+    ``p_threshold``.
+
+    The trial reports the mean of each block of ``plan.block`` items of one task (steps as
+    for Wilcoxon). Per task, the blocks it shares with the best trial give the paired
+    difference so far, d, and its spread; the best trial's final score on the task is
+    known. The trial's final score on the task is then the best's plus d, up to the items
+    not yet scored: their share of the task's items sets the uncertainty (a finite
+    population: after half of the items, half of the result is known), the per-item
+    variance of the paired difference is estimated per task and drawn towards the pool of
+    all tasks, and t-distributed with the pooled degrees of freedom. When the best trial
+    reported no blocks (scored in one go), the trial's own block means stand in for the
+    paired estimate. The chance is that of ``value_of(final scores) > best value``: in
+    closed form for a linear objective (task -> coefficient), else from
+    ``draws`` seeded draws (``linear``: a callable, asked at each decision, that returns
+    the coefficients or None). Unlike the Wilcoxon test (is the trial worse than the best?),
+    this asks whether it can still win: a trial that would only tie the best is stopped
+    too, which is where a search spends most of its items."""
+
+    PRIOR_DF = 2.0  # weight of the pooled variance in each task's
+
+    def __init__(self, plan: FidelityPlan, value_of: Callable[[dict], float], p_threshold: float = 0.05,
+                 linear: Callable[[], dict | None] | None = None, draws: int = 2000):
+        self.plan = plan
+        self.tasks = list(plan.order)
+        self.value_of = value_of
+        self.p_threshold = p_threshold
+        self.linear = linear
+        self.draws = draws
+        self.last: dict[int, float] = {}  # trial number -> its last chance (for logs and tests)
+
+    def _blocks(self, values: dict[int, float]) -> dict[str, dict[int, float]]:
+        out: dict[str, dict[int, float]] = {}
+        for step, v in values.items():
+            k, j = divmod(int(step), TASK_STRIDE)
+            if k < len(self.tasks):
+                out.setdefault(self.tasks[k], {})[j] = v
+        return out
+
+    def chance(self, study, trial) -> float | None:
+        """The chance that ``trial`` ends above the best complete trial, or None when
+        there is nothing to compare with yet."""
+        try:
+            best = study.best_trial
+        except ValueError:
+            return None
+        finals = best.user_attrs.get("scores")
+        if best.number == trial.number or not finals or best.value is None:
+            return None
+        mine, theirs = self._blocks(trial.intermediate_values), self._blocks(best.intermediate_values)
+        b = self.plan.block
+        mean, ss, dof, share = {}, {}, {}, {}
+        for t in self.tasks:
+            blocks = mine.get(t, {})
+            paired = [j for j in blocks if j in theirs.get(t, {})]
+            if paired:
+                d = [blocks[j] - theirs[t][j] for j in paired]
+                mean[t] = finals[t] + sum(d) / len(d)
+            elif blocks:
+                d = list(blocks.values())
+                mean[t] = sum(d) / len(d)
+            else:
+                return None  # a task not yet scored: no decision
+            m = sum(d) / len(d)
+            ss[t], dof[t] = b * sum((x - m) ** 2 for x in d), len(d) - 1  # per-item scale
+            n_t, N_t = len(d) * b, len(self.plan.order[t])
+            share[t] = max(0.0, (N_t - n_t) / (N_t * n_t)) if n_t < N_t else 0.0
+        pooled_df = sum(dof.values())
+        pooled = sum(ss.values()) / pooled_df if pooled_df else 0.0
+        # an estimate of zero (every block the same) is no proof of no spread: at least
+        # the variance of one disagreement among the items scored
+        floor = 1.0 / max(1, sum(len(self.plan.order[t]) for t in self.tasks))
+        var = {t: max((ss[t] + self.PRIOR_DF * pooled) / (dof[t] + self.PRIOR_DF), floor) * share[t]
+               for t in self.tasks}
+        df = max(1.0, float(pooled_df))
+        target = float(best.value)
+        coef = self.linear() if self.linear is not None else None
+        if coef is not None:
+            mu = sum(coef[t] * mean[t] for t in self.tasks)
+            sd = math.sqrt(sum(coef[t] ** 2 * var[t] for t in self.tasks))
+            if sd == 0:
+                return float(mu > target)
+            from scipy.stats import t as student
+            return float(student.sf((target - mu) / sd, df))
+        rng = np.random.default_rng(trial.number)
+        z = rng.standard_normal((self.draws, len(self.tasks))) / np.sqrt(rng.chisquare(df, (self.draws, 1)) / df)
+        won = 0
+        for row in z:
+            final = {t: mean[t] + math.sqrt(var[t]) * row[i] for i, t in enumerate(self.tasks)}
+            won += self.value_of(final) > target
+        return won / self.draws
+
+    def prune(self, study, trial) -> bool:
+        c = self.chance(study, trial)
+        if c is None:
+            return False
+        self.last[trial.number] = c
+        return c < self.p_threshold
 
 
 @dataclass

@@ -89,12 +89,15 @@ class Budget(StrictModel):
 class PrunerConfig(StrictModel):
     """Optuna's pruners over the rungs of a multi-fidelity search (mergesearch.fidelity)."""
 
-    name: Literal["successive_halving", "hyperband", "median", "wilcoxon", "none"] = "successive_halving"
+    name: Literal["successive_halving", "hyperband", "median", "wilcoxon", "improvement", "none"] = \
+        "successive_halving"
     reduction_factor: Optional[int] = Field(default=None, ge=2)  # halving, hyperband: default from the rungs
     min_early_stopping_rate: int = Field(default=0, ge=0)  # halving
     n_startup_trials: int = Field(default=5, ge=0)  # median: trials before any is pruned
-    p_threshold: float = Field(default=0.1, gt=0, lt=1)  # wilcoxon
-    block: int = Field(default=8, ge=1)  # wilcoxon: items of one task per paired step
+    # wilcoxon: the p-value below which a trial is worse than the best (default 0.1);
+    # improvement: the chance of ending above the best below which it stops (default 0.05)
+    p_threshold: Optional[float] = Field(default=None, gt=0, lt=1)
+    block: int = Field(default=8, ge=1)  # wilcoxon, improvement: items of one task per paired step
 
 
 class Fidelity(StrictModel):

@@ -14,7 +14,7 @@ of that best-on-dev candidate (scored here, on test items no search saw). Then t
 each pruned run needed to reach the final dev best of the full-fidelity run of its seed,
 and the pruner's mistakes: of (up to ``--audit``) trials pruned at the first rung, scored
 here on every dev item, the share that would have beaten the best complete trial at the
-moment they were pruned. Writes results/bench_fidelity.json and the table between the
+moment they were pruned; likewise for trials pruned at a later rung. Writes results/bench_fidelity.json and the table between the
 markers in docs/BENCHMARKS.md.
 
     .venv/bin/python scripts/bench_fidelity.py                   # about 30 minutes on 2 cores
@@ -45,7 +45,7 @@ from mergesearch.space import SearchSpace  # noqa: E402
 from mergesearch.store import load_run  # noqa: E402
 from mergesearch.zoo.build import ZOO_TASKS, build_zoo  # noqa: E402
 
-PRUNERS = ["successive_halving", "hyperband", "median", "wilcoxon"]
+PRUNERS = ["successive_halving", "hyperband", "median", "wilcoxon", "improvement"]
 FRACTIONS = (0.25, 0.5, 1.0)
 TARGET_ITEMS = 0.40
 
@@ -169,14 +169,15 @@ def main() -> int:
                                                               "trial": b["number"]}
                 r["history"] = [{k: h[k] for k in ("number", "state", "spent", "items", "rungs", "dev")} for h in hist]
                 if name != "full":
-                    early = [h for h in hist if h["state"] == "PRUNED" and h["rungs"] == 1]
-                    sample = random.Random(seed).sample(early, min(args.audit, len(early)))
-                    wrong = 0
-                    for h in sample:
-                        kept = best_by(hist, h["spent"])
-                        full = score(h["recipe"], "dev")
-                        wrong += int(kept is not None and full > kept["dev"])
-                    r["audit"] = {"sampled": len(sample), "of": len(early), "would_have_won": wrong}
+                    for key, which in (("audit", lambda k: k == 1), ("audit_late", lambda k: k > 1)):
+                        pruned = [h for h in hist if h["state"] == "PRUNED" and which(h["rungs"])]
+                        sample = random.Random(seed).sample(pruned, min(args.audit, len(pruned)))
+                        wrong = 0
+                        for h in sample:
+                            kept = best_by(hist, h["spent"])
+                            full = score(h["recipe"], "dev")
+                            wrong += int(kept is not None and full > kept["dev"])
+                        r[key] = {"sampled": len(sample), "of": len(pruned), "would_have_won": wrong}
                 runs.append(r)
                 at = r["at"]["1.0"] or {}
                 print(f"{name:20} seed {seed}: {r['complete']} complete, {r['pruned']} pruned, {r['spent']} items, "
@@ -209,13 +210,21 @@ def _ms(values: list[float]) -> str:
     return f"{m:.4f} ± {se:.4f}"
 
 
+def _audit(a: list[dict]) -> str:
+    if not a:
+        return "-"  # not audited (an older results file)
+    sampled, wrong = sum(x["sampled"] for x in a), sum(x["would_have_won"] for x in a)
+    return f"{wrong}/{sampled}" + (f" ({wrong / sampled * 100:.0f}%)" if sampled else "")
+
+
 def render(res: dict, pruners: list[str]) -> str:
     n = res["seeds"]
     lines = [f"Budget: {res['budget_items']:,} dev items ({res['trials']} full trials of {res['dev_items']} items); "
              f"rungs {', '.join(f'{r:g}' for r in res['rungs'])}; {n} seed(s); mean ± standard error over seeds.", "",
              "| search | trials (complete / pruned) | best dev at 25% | 50% | 100% | test of best-on-dev at 25% | 50% "
-             "| 100% | items to the full search's final dev best | pruned at rung 1 that would have won |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| 100% | items to the full search's final dev best | pruned at rung 1 that would have won "
+             "| pruned later that would have won |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     full_test = [r["at"]["1.0"]["test"] for r in res["runs"]["full"]]
     for name in ["full", *pruners]:
         runs = res["runs"][name]
@@ -224,17 +233,15 @@ def render(res: dict, pruners: list[str]) -> str:
             for f in FRACTIONS:
                 cells.append(_ms([r["at"][str(f)][key] for r in runs if r["at"][str(f)]]))
         if name == "full":
-            reach, audit = "100% (by definition)", "-"
+            reach, audit, late = "100% (by definition)", "-", "-"
         else:
             shares = [r["share_to_full_best"] for r in runs]
             got = [s for s in shares if s is not None]
             reach = (f"{statistics.mean(got) * 100:.0f}%" if got else "not reached") + \
                     f" ({len(got)}/{len(runs)} seeds: {', '.join('-' if s is None else f'{s * 100:.0f}%' for s in shares)})"
-            a = [r["audit"] for r in runs]
-            sampled, wrong = sum(x["sampled"] for x in a), sum(x["would_have_won"] for x in a)
-            audit = f"{wrong}/{sampled}" + (f" ({wrong / sampled * 100:.0f}%)" if sampled else "")
+            audit, late = (_audit([r[key] for r in runs if key in r]) for key in ("audit", "audit_late"))
         trials = f"{statistics.mean(r['complete'] for r in runs):.0f} / {statistics.mean(r['pruned'] for r in runs):.0f}"
-        lines.append(f"| {name.replace('_', ' ')} | {trials} | " + " | ".join(cells) + f" | {reach} | {audit} |")
+        lines.append(f"| {name.replace('_', ' ')} | {trials} | " + " | ".join(cells) + f" | {reach} | {audit} | {late} |")
     lines += ["", f"Target: the full search's final dev best reached within {TARGET_ITEMS:.0%} of its items (mean over "
                   f"the seeds, every seed reaching it), with no loss on test: the difference of the test means (pruned "
                   f"minus full) no lower than minus one standard error of that difference. Full search test: "

@@ -59,6 +59,65 @@ def test_wilcoxon_blocks_pair_the_same_items():
     assert p.scores() == {"a": 0.7, "b": 0.75}
 
 
+def _improvement_study(block_a, block_b, finals, value):
+    """A study with one complete trial: blocks (its reports, per task) and final scores."""
+    from mergesearch.fidelity import TASK_STRIDE
+    study = optuna.create_study(direction="maximize")
+    t = study.ask()
+    for j, v in enumerate(block_a):
+        t.report(v, j)
+    for j, v in enumerate(block_b):
+        t.report(v, TASK_STRIDE + j)
+    t.set_user_attr("scores", finals)
+    study.tell(t, value)
+    return study
+
+
+def _reporting(study, block_a, block_b):
+    from mergesearch.fidelity import TASK_STRIDE
+    t = study.ask()
+    for j, v in enumerate(block_a):
+        t.report(v, j)
+    for j, v in enumerate(block_b):
+        t.report(v, TASK_STRIDE + j)
+    return study._storage.get_trial(t._trial_id)
+
+
+def test_improvement_pruner_asks_whether_a_trial_can_still_win():
+    from mergesearch.fidelity import ImprovementPruner
+    plan = FidelityPlan([0.25, 0.5, 1.0], {"a": list(range(32)), "b": list(range(32))}, block=4)
+    mean = lambda s: (s["a"] + s["b"]) / 2  # noqa: E731
+    closed = ImprovementPruner(plan, mean, 0.05, linear=lambda: {"a": 0.5, "b": 0.5})
+    drawn = ImprovementPruner(plan, mean, 0.05)  # the same objective, from draws
+    empty = optuna.create_study(direction="maximize")
+    assert closed.chance(empty, _reporting(empty, [0.5, 0.5], [0.5, 0.5])) is None  # nothing to beat yet
+    best_a, best_b = [1.0, 0.5, 0.75, 0.75], [0.25, 0.5, 0.75, 0.5]
+    study = _improvement_study(best_a, best_b, {"a": 0.75, "b": 0.5}, 0.625)
+    # the best's own blocks: it ends where the best ends, as likely above as below
+    same = _reporting(study, best_a[:2], best_b[:2])
+    assert closed.chance(study, same) == 0.5
+    assert drawn.chance(study, same) == pytest.approx(0.5, abs=0.03)
+    # a quarter of a point behind on the mean of the blocks: the more items scored, the
+    # less chance left (at half of the items, half of the result is known)
+    behind = [[x - d for x, d in zip(best_a, [0.5, 0, 0.25, 0.25])], [x - d for x, d in zip(best_b, [0, 0.5, 0.25, 0.25])]]
+    early = closed.chance(study, _reporting(study, behind[0][:2], behind[1][:2]))
+    later = closed.chance(study, _reporting(study, behind[0], behind[1]))
+    assert later < early < 0.5 and later < 0.05 < early
+    assert drawn.chance(study, _reporting(study, behind[0][:2], behind[1][:2])) == pytest.approx(early, abs=0.03)
+    assert not closed.prune(study, _reporting(study, behind[0][:2], behind[1][:2]))
+    assert closed.prune(study, _reporting(study, behind[0], behind[1]))
+    # paired: blocks that follow the best's ups and downs a little below it are surely
+    # behind; the same means without the best's blocks to pair with are not
+    close = [[x - 0.125 for x in best_a], [x - 0.125 for x in best_b]]
+    paired = closed.chance(study, _reporting(study, *close))
+    alone = _improvement_study([], [], {"a": 0.75, "b": 0.5}, 0.625)  # scored in one go: no blocks
+    unpaired = closed.chance(alone, _reporting(alone, *close))
+    assert paired < 0.01 < unpaired < 0.5
+    # a difference without spread (every block the same) still leaves a chance
+    flat = closed.chance(study, _reporting(study, [x - 0.03125 for x in best_a], [x - 0.03125 for x in best_b]))
+    assert 0 < flat < 0.5
+
+
 @pytest.mark.parametrize("rungs,msg", [
     ([0.5, 0.25, 1.0], "must increase strictly"),
     ([0.25, 0.5], "must end at 1.0"),
@@ -80,7 +139,7 @@ def test_fidelity_needs_a_single_objective_and_item_scores(tmp_path, zoo, capsys
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pruner", ["successive_halving", "hyperband", "median", "wilcoxon"])
+@pytest.mark.parametrize("pruner", ["successive_halving", "hyperband", "median", "wilcoxon", "improvement"])
 def test_each_pruner_end_to_end_with_two_workers(tmp_path, zoo, monkeypatch, pruner):
     monkeypatch.chdir(tmp_path)
     fid = {"rungs": [0.25, 0.5, 1.0], "pruner": {"name": pruner, "n_startup_trials": 2, "p_threshold": 0.3,
@@ -107,6 +166,8 @@ def test_each_pruner_end_to_end_with_two_workers(tmp_path, zoo, monkeypatch, pru
         assert set(ua["scores"]) == set(TASKS)  # partial scores of every task
         assert all(s * (ua["items"] // 4) == pytest.approx(round(s * (ua["items"] // 4))) for s in ua["scores"].values())
         assert t.intermediate_values
+        if pruner == "improvement":  # the plain means of blocks of 4 items
+            assert all(0 <= v <= 1 and v * 4 == round(v * 4) for v in t.intermediate_values.values())
     # the budget is counted in trial-equivalents: pruned trials cost their share
     spent = len(done) + sum(t.user_attrs["cost"] for t in pruned)
     assert n <= spent < n + 1

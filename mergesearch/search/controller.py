@@ -252,7 +252,7 @@ class Controller(RunLifecycle):
         self.n_vars = n_vars
         sampler = make_sampler(self.space, n_vars)
         from mergesearch.fidelity import make_pruner
-        self.pruner = make_pruner(self.space, self.fid)
+        self.pruner = make_pruner(self.space, self.fid, self._pruner_value, self._pruner_linear)
         self.progress = {}
         directions = ["maximize"] * (len(self.space.evaluator.tasks) if self.space.multi_objective else 1)
         if self.opts.resume:
@@ -663,6 +663,9 @@ class Controller(RunLifecycle):
             ref = reference if self.space.objective.normalize == "sources" else None
             for step, v in p.blocks(first, self.space.evaluator.weights, ref).items():
                 t.report(v, step)
+        elif self.space.fidelity.pruner.name == "improvement":  # raw block means: the pruner weighs them
+            for step, v in p.blocks(first, {}, None).items():
+                t.report(v, step)
         else:
             t.report(value, step=p.items)
         if t.should_prune():
@@ -679,6 +682,22 @@ class Controller(RunLifecycle):
         self.pool.submit(t.number, t.user_attrs["recipe"], rung={"k": p.rung, "items": self.fid.rung_items(p.rung)},
                          worker=p.worker)
         return "sent"
+
+    def _pruner_value(self, scores: dict[str, float]) -> float:
+        """The value a trial with these per-task dev scores is told (the improvement pruner's objective)."""
+        return objective_values(self.space, scores, getattr(self, "reference", None))[2]
+
+    def _pruner_linear(self) -> dict[str, float] | None:
+        """The objective's coefficient per task when it is a weighted sum of the raw scores."""
+        obj = self.space.objective
+        if obj.kind != "mean" or obj.floors or obj.min_task is not None:
+            return None
+        ref = getattr(self, "reference", None) if obj.normalize == "sources" else None
+        w = {t: self.space.evaluator.weights.get(t, 1.0) for t in self.fid.order}
+        total = sum(w.values())
+        if not total:
+            return None
+        return {t: w[t] / total / ((ref or {}).get(t) or 1.0) for t in w}
 
     def _finish(self, study, t: optuna.Trial, res, progress=None) -> None:
         """Store a trial's result; with ``progress`` (a multi-fidelity trial) the scores are

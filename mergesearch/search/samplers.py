@@ -15,6 +15,7 @@ import logging
 
 import optuna
 
+from mergesearch.fidelity import BLOCKWISE
 from mergesearch.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,8 @@ def make_sampler(space: SearchSpace, n_variables: int, x0: dict | None = None) -
             seed=seed, population=cfg.population, x0=x0, sigma0=cfg.sigma0, restart=cfg.restart,
             separable=cfg.separable, n_startup_trials=startup or 0,
             # a pruned trial's value is its last report: the objective so far, except the
-            # Wilcoxon pruner's per-block reports, which CMA-ES must not take for one
-            consider_pruned=space.fidelity is not None and space.fidelity.pruner.name != "wilcoxon")
+            # Wilcoxon and improvement pruners' per-block reports, which CMA-ES must not take for one
+            consider_pruned=space.fidelity is not None and space.fidelity.pruner.name not in BLOCKWISE)
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
                                           n_startup_trials=startup if startup is not None else 10,
