@@ -89,10 +89,9 @@ def make_pruner(space, plan: FidelityPlan | None, value_of: Callable[[dict], flo
         if value_of is None:
             value_of = lambda s: sum(s.values()) / len(s)  # noqa: E731
             linear = lambda: {t: 1 / len(plan.order) for t in plan.order}  # noqa: E731
-        return ImprovementPruner(plan, value_of, p_threshold=p.p_threshold if p.p_threshold is not None else 0.05,
+        return ImprovementPruner(plan, value_of, p_threshold=p.threshold,
                                  linear=linear)
-    return optuna.pruners.WilcoxonPruner(
-        p_threshold=p.p_threshold if p.p_threshold is not None else 0.1, n_startup_steps=0)
+    return optuna.pruners.WilcoxonPruner(p_threshold=p.threshold, n_startup_steps=0)
 
 
 class ImprovementPruner(optuna.pruners.BasePruner):

@@ -99,6 +99,13 @@ class PrunerConfig(StrictModel):
     p_threshold: Optional[float] = Field(default=None, gt=0, lt=1)
     block: int = Field(default=8, ge=1)  # wilcoxon, improvement: items of one task per paired step
 
+    @property
+    def threshold(self) -> float:
+        """``p_threshold``, or the pruner's default."""
+        if self.p_threshold is not None:
+            return self.p_threshold
+        return 0.05 if self.name == "improvement" else 0.1
+
 
 class Fidelity(StrictModel):
     """Score each candidate on growing shares of the dev items (``rungs``, the last 1.0)
@@ -436,6 +443,10 @@ class SearchSpace(StrictModel):
         for key in ("fidelity",):  # likewise
             if data.get(key) is None:
                 data.pop(key, None)
+        pruner = (data.get("fidelity") or {}).get("pruner")
+        if pruner is not None and pruner.get("p_threshold") is None:
+            # the pruner's own default (a fixed 0.1 before the improvement pruner came)
+            pruner["p_threshold"] = self.fidelity.pruner.threshold
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     # -- variables -----------------------------------------------------------------

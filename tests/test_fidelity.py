@@ -208,3 +208,18 @@ def test_items_budget_and_resume_keep_pruned_trials(tmp_path, zoo, monkeypatch, 
     lb = pd.read_csv(tmp_path / "lb.csv")
     assert list(lb["state"]) == ["COMPLETE"] * n_done + ["PRUNED"] * n_pruned
     assert (lb["fidelity"][:n_done] == 1.0).all() and (lb["fidelity"][n_done:] < 1.0).all()
+
+
+def test_pruner_thresholds_default_per_pruner_and_old_runs_still_resume(tmp_path, zoo):
+    def space(pruner):
+        return SearchSpace.load(write_space(tmp_path, zoo, fidelity={"rungs": [0.5, 1.0], "pruner": pruner}))
+    old = space("wilcoxon")
+    assert old.fidelity.pruner.p_threshold is None and old.fidelity.pruner.threshold == 0.1
+    # when p_threshold was a fixed 0.1, a space without it had the identity of one with
+    # 0.1 written out (the same dump), and an explicit value's identity has not changed
+    assert old.fingerprint() == space({"name": "wilcoxon", "p_threshold": 0.1}).fingerprint()
+    assert space("median").fingerprint() == space({"name": "median", "p_threshold": 0.1}).fingerprint()
+    imp = space("improvement")
+    assert imp.fidelity.pruner.threshold == 0.05
+    assert imp.fingerprint() == space({"name": "improvement", "p_threshold": 0.05}).fingerprint()
+    assert imp.fingerprint() != space({"name": "improvement", "p_threshold": 0.1}).fingerprint()
