@@ -163,13 +163,15 @@ class ImprovementPruner(optuna.pruners.BasePruner):
             n_t, N_t = len(d) * b, len(self.plan.order[t])
             share[t] = max(0.0, (N_t - n_t) / (N_t * n_t)) if n_t < N_t else 0.0
         pooled_df = sum(dof.values())
-        pooled = sum(ss.values()) / pooled_df if pooled_df else 0.0
+        if pooled_df < 1:
+            return None  # one block per task: no spread to go by yet
+        pooled = sum(ss.values()) / pooled_df
         # an estimate of zero (every block the same) is no proof of no spread: at least
         # the variance of one disagreement among the items scored
         floor = 1.0 / max(1, sum(len(self.plan.order[t]) for t in self.tasks))
         var = {t: max((ss[t] + self.PRIOR_DF * pooled) / (dof[t] + self.PRIOR_DF), floor) * share[t]
                for t in self.tasks}
-        df = max(1.0, float(pooled_df))
+        df = float(pooled_df)
         target = float(best.value)
         coef = self.linear() if self.linear is not None else None
         if coef is not None:

@@ -113,6 +113,9 @@ def test_improvement_pruner_asks_whether_a_trial_can_still_win():
     alone = _improvement_study([], [], {"a": 0.75, "b": 0.5}, 0.625)  # scored in one go: no blocks
     unpaired = closed.chance(alone, _reporting(alone, *close))
     assert paired < 0.01 < unpaired < 0.5
+    # one block per task says nothing of the spread: no decision, however far behind
+    assert closed.chance(study, _reporting(study, [0.0], [0.0])) is None
+    assert not closed.prune(study, _reporting(study, [0.0], [0.0]))
     # a difference without spread (every block the same) still leaves a chance
     flat = closed.chance(study, _reporting(study, [x - 0.03125 for x in best_a], [x - 0.03125 for x in best_b]))
     assert 0 < flat < 0.5
