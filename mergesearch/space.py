@@ -342,6 +342,10 @@ class SearchSpace(StrictModel):
         sc = self.sampler
         if (sc.x0 is not None or sc.sigma0 is not None or sc.restart or sc.separable) and sc.name != "cmaes":
             raise MergeSearchError(f"{where}: sampler: x0, sigma0, restart and separable apply to cmaes only")
+        if sc.name == "cmaes" and not sc.separable and sc.population is not None and sc.population < 4 \
+                and len(self.methods) == 1:
+            raise MergeSearchError(f"{where}: sampler.population: CMA-ES needs at least 4 (with {sc.population} its "
+                                   f"learning rates divide by zero); use 4 or more, or separable: true")
         if sc.x0 == "best_baseline" and len(self.methods) > 1:
             raise MergeSearchError(f"{where}: sampler.x0: best_baseline needs a single method (mixed spaces run TPE)")
         if self.fidelity is not None:

@@ -11,6 +11,8 @@ import pytest
 
 from mergesearch.search.cma import GENERATION, RESTART, CmaSampler, load_state, restarts
 
+from test_zoo_eval import zoo  # noqa: F401  (session fixture)
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -172,3 +174,21 @@ def test_the_stored_state_is_plain_json_and_round_trips_exactly(separable):
     state.optimizer._rng.seed(7)
     again.optimizer._rng.seed(7)
     assert np.array_equal(state.optimizer.ask(), again.optimizer.ask())
+
+
+@pytest.mark.parametrize("population,separable,refused", [(3, False, True), (2, False, True), (4, False, False),
+                                                          (2, True, False)])
+def test_a_population_cmaes_cannot_learn_from_gets_one_line(tmp_path, zoo, capsys, population, separable, refused):
+    from mergesearch.cli import main
+    from test_search import write_space
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # cmaes' division by zero
+        space = write_space(tmp_path, zoo, sampler={"name": "cmaes", "population": population, "separable": separable})
+        code = main(["plan", str(space), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    if refused:
+        assert code == 2 and len(err) == 1
+        assert "sampler.population: CMA-ES needs at least 4" in err[0] and "space.yaml" in err[0]
+    else:
+        assert code == 0
