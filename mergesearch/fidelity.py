@@ -124,7 +124,9 @@ class ImprovementPruner(optuna.pruners.BasePruner):
         self.p_threshold = p_threshold
         self.linear = linear
         self.draws = draws
-        self.last: dict[int, float] = {}  # trial number -> its last chance (for logs and tests)
+        # trial number -> the chance of its last decision; the controller takes it (and
+        # stores it with a pruned trial)
+        self.last: dict[int, float] = {}
 
     def _blocks(self, values: dict[int, float]) -> dict[str, dict[int, float]]:
         out: dict[str, dict[int, float]] = {}

@@ -169,8 +169,9 @@ def test_each_pruner_end_to_end_with_two_workers(tmp_path, zoo, monkeypatch, pru
         assert set(ua["scores"]) == set(TASKS)  # partial scores of every task
         assert all(s * (ua["items"] // 4) == pytest.approx(round(s * (ua["items"] // 4))) for s in ua["scores"].values())
         assert t.intermediate_values
-        if pruner == "improvement":  # the plain means of blocks of 4 items
+        if pruner == "improvement":  # the plain means of blocks of 4 items, and the chance it was stopped at
             assert all(0 <= v <= 1 and v * 4 == round(v * 4) for v in t.intermediate_values.values())
+            assert 0 <= ua["chance"] < 0.3
     # the budget is counted in trial-equivalents: pruned trials cost their share
     spent = len(done) + sum(t.user_attrs["cost"] for t in pruned)
     assert n <= spent < n + 1

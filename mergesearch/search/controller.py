@@ -668,8 +668,11 @@ class Controller(RunLifecycle):
                 t.report(v, step)
         else:
             t.report(value, step=p.items)
-        if t.should_prune():
+        pruned = t.should_prune()
+        chance = getattr(self.pruner, "last", {}).pop(t.number, None)  # the improvement pruner's estimate
+        if pruned:
             record(t, {"worker": p.worker, "materialize_s": p.materialize_s, "eval_s": p.eval_s,
+                       **({"chance": chance} if chance is not None else {}),
                        **({"scored_on": p.device} if p.device else {}), "scores": p.scores(), "aggregate": agg,
                        **_flat_scores(p.scores()),
                        "feasible": feasible, "items": p.items, "fidelity": p.share, "rungs": p.rung, "cost": p.share,
