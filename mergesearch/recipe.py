@@ -223,13 +223,21 @@ class Recipe(StrictModel):
         return " ".join(parts)
 
 
+SHORT_LIST = 6  # a summary lists at most this many values of one setting
+
+
 def _short(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}"
     if isinstance(v, list):
-        values = [_short(x.value if isinstance(x, Conditional) else x) for x in v]
+        raw = [x.value if isinstance(x, Conditional) else x for x in v]
+        values = [_short(x) for x in raw]
         if v and isinstance(v[0], Conditional):  # one value per group, in first-seen order
             values = list(dict.fromkeys(values))
+        nums = [float(x) for x in raw if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        if len(values) > SHORT_LIST and len(nums) == len(raw):
+            # a refinement's value per tensor: its count and range, not a wall of numbers
+            return f"[{len(raw)} values {min(nums):.3g}..{max(nums):.3g}]"
         return "[" + ",".join(values) + "]"
     return str(v)
 

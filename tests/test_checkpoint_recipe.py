@@ -188,3 +188,14 @@ def test_methods_command_lists_parameters(capsys):
     out = capsys.readouterr().out
     assert "ties: top-k magnitude pruning" in out
     assert "density (model, float, default 1.0, range [0.0, 1.0])" in out
+
+
+def test_summary_names_a_value_per_tensor_by_its_count_and_range():
+    per_tensor = [{"filter": f"layers.{i}.mlp", "value": 0.25 + 0.125 * i} for i in range(8)] + [{"value": 1.0}]
+    r = from_dict({"method": "ties", "base": "/b", "parameters": {"lambda": 1.2},
+                   "models": [{"path": "/m/a", "parameters": {"weight": per_tensor,
+                                                             "density": [{"filter": "mlp", "value": 0.5},
+                                                                         {"value": 0.7}]}}]})
+    assert r.summary() == "ties a(weight=[9 values 0.25..1.12],density=[0.5,0.7]) lambda=1.2"
+    short = from_dict({"method": "ties", "base": "/b", "models": [{"path": "/m/a", "parameters": {"weight": [0.1, 0.2]}}]})
+    assert short.summary() == "ties a(weight=[0.1,0.2])"
