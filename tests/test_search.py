@@ -100,7 +100,7 @@ def test_search_end_to_end(tmp_path, zoo, monkeypatch, capsys):
 def test_resume_continues_to_the_new_budget(tmp_path, zoo, monkeypatch):
     monkeypatch.chdir(tmp_path)
     space = write_space(tmp_path, zoo, budget={"n_trials": 4}, initial_trials=False,
-                        sampler={"name": "cmaes", "population": 3}, granularity={"level": "model"})
+                        sampler={"name": "cmaes", "population": 4}, granularity={"level": "model"})
     assert main(["search", str(space), "--run", "r", "--workers", "1", "--no-export"]) == 0
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'results' / 'r' / 'study.db'}")
     first = [t.params for t in optuna.load_study(study_name="r", storage=storage).get_trials()]
@@ -116,7 +116,7 @@ def test_resume_continues_to_the_new_budget(tmp_path, zoo, monkeypatch):
     seen = [g for g in gens if g is not None]
     assert seen == sorted(seen) and seen[-1] >= 1
     # trials 0-1 are drawn independently (CMA-ES learns the space from a finished trial);
-    # generation 0 (population 3) was open at the stop, with 2 trials, and goes on after it
+    # generation 0 (population 4) was open at the stop, with 2 trials, and goes on after it
     assert gens[:4] == [None, None, 0, 0] and gens[4] == 0
 
 
