@@ -163,7 +163,7 @@ class ImprovementPruner(optuna.pruners.BasePruner):
             m = sum(d) / len(d)
             ss[t], dof[t] = b * sum((x - m) ** 2 for x in d), len(d) - 1  # per-item scale
             n_t, N_t = len(d) * b, len(self.plan.order[t])
-            share[t] = max(0.0, (N_t - n_t) / (N_t * n_t)) if n_t < N_t else 0.0
+            share[t] = (N_t - n_t) / (N_t * n_t) if n_t < N_t else 0.0
         pooled_df = sum(dof.values())
         if pooled_df < 1:
             return None  # one block per task: no spread to go by yet
