@@ -192,3 +192,116 @@ def test_a_population_cmaes_cannot_learn_from_gets_one_line(tmp_path, zoo, capsy
         assert "sampler.population: CMA-ES needs at least 4" in err[0] and "space.yaml" in err[0]
     else:
         assert code == 0
+
+
+class _Uncached(CmaSampler):
+    """Decodes the stored state at every ask (the sampler before it kept the decoded one)."""
+
+    def sample_relative(self, study, trial, search_space):
+        self._held = None
+        return super().sample_relative(study, trial, search_space)
+
+
+@pytest.mark.parametrize("separable", [False, True])
+def test_the_decoded_state_is_kept_per_generation_and_draws_exactly_the_same(monkeypatch, separable):
+    import mergesearch.search.cma as cma
+
+    decodes = []
+    real = cma._decode_state
+    monkeypatch.setattr(cma, "_decode_state", lambda data: decodes.append(1) or real(data))
+
+    def objective(trial):  # three variables, not flat: no restart needed for a long run
+        x = [trial.suggest_float(n, 0.0, 1.0) for n in "abc"]
+        return sum((v - 0.3) ** 2 for v in x)
+
+    def params(sampler):
+        study = optuna.create_study(sampler=sampler)
+        study.optimize(objective, n_trials=81)
+        return study, [t.params for t in study.get_trials()]
+
+    kept, p_kept = params(CmaSampler(seed=0, population=4, restart="ipop", separable=separable))
+    n_kept = len(decodes)
+    decodes.clear()
+    _, p_each = params(_Uncached(seed=0, population=4, restart="ipop", separable=separable))
+    assert p_kept == p_each  # the same numbers, bit for bit, for every trial
+    stores = sum(any(k.startswith(cma.STATE) for k in t.system_attrs) for t in kept.get_trials())
+    # one decode per stored state (the first run at trial 1, then generation k told at
+    # trial 4k + 5: 19 of them); decoded afresh, one more at each of the 79 asks that find
+    # a stored state (trial 0 is drawn independently, trial 1 makes the first)
+    assert stores == 20 and n_kept == stores and len(decodes) == stores + 79
+
+
+def test_samplers_taking_turns_on_one_study_never_tell_a_stale_state(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'turns.db'}"
+    a, b = CmaSampler(seed=0, population=4), CmaSampler(seed=1, population=4)
+    for sampler in (a, b, a, b, a):
+        run(sampler, 10, storage)
+    study = optuna.load_study(study_name="s", storage=storage)
+    gens = [g for g in generations(study) if g is not None]
+    counts = np.bincount(gens)
+    # 49 asked by CMA-ES: generations 0..11 of exactly 4 trials each, then one of the 13th;
+    # a sampler telling the state it decoded before the other's turn would repeat a generation
+    assert list(counts) == [4] * 12 + [1]
+    assert restarts(study)[-1]["generations"] == 12
+
+
+def _latest_holder(study):
+    from mergesearch.search.cma import STATE
+
+    return next(t for t in reversed(study.get_trials()) if any(k.startswith(STATE) for k in t.system_attrs))
+
+
+def test_a_state_cut_short_by_a_stop_is_passed_over_with_one_warning(tmp_path, caplog):
+    from mergesearch.search.cma import STATE, _stored_texts
+
+    storage = f"sqlite:///{tmp_path / 'cut.db'}"
+    study = run(CmaSampler(seed=0, population=4), 21, storage)  # generations 0..3 told, state at trial 17
+    before = load_state(study.get_trials())
+    holder = _latest_holder(study)
+    text = next(_stored_texts(study.get_trials()))[1]
+    # a controller killed while writing the next generation's state: a trial holding the
+    # first chunk only (the state is written a chunk at a time)
+    store = optuna.storages.RDBStorage(storage)
+    cut = store.create_new_trial(study._study_id)
+    store.set_trial_system_attr(cut, f"{STATE}0", text[: len(text) // 2])
+    store.set_trial_state_values(cut, optuna.trial.TrialState.FAIL)
+    assert load_state(study.get_trials()).optimizer.generation == before.optimizer.generation
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mergesearch.search.cma"):
+        study = run(CmaSampler(seed=1, population=4), 12, storage)
+    assert caplog.messages == [f"cma-es: the state stored with trial id {cut} is incomplete (the run stopped while "
+                               "writing it); going on from the one stored before it"]
+    gens = [g for g in generations(study) if g is not None]
+    assert list(np.bincount(gens)) == [4] * 8  # generations 4..7 asked on top of the four told
+    assert restarts(study)[-1]["generations"] == 7 and _latest_holder(study).number > holder.number
+
+
+def test_a_state_stored_as_lists_of_numbers_still_resumes(tmp_path):
+    import json
+
+    from mergesearch.search.cma import STATE, _encode_state, _stored_texts
+
+    storage = f"sqlite:///{tmp_path / 'old.db'}"
+    study = run(CmaSampler(seed=0, population=4), 21, storage)
+    state = load_state(study.get_trials())
+    data = json.loads(next(_stored_texts(study.get_trials()))[1])
+    assert data["optimizer"]["state"]["_B"] is None  # the eigendecomposition is not stored
+    assert all("z" in v for v in data["optimizer"]["state"].values() if isinstance(v, dict))
+    # the format before: every array as a list of its numbers
+    old = _encode_state(state)
+    old["optimizer"]["state"] = {k: ({"array": v.tolist(), "dtype": str(v.dtype), "shape": list(v.shape)}
+                                     if isinstance(v, np.ndarray) else v)
+                                 for k, v in state.optimizer.__getstate__().items()}
+    text = json.dumps(old)
+    store = optuna.storages.RDBStorage(storage)
+    holder = store.create_new_trial(study._study_id)
+    for i in range(0, len(text), 2000):
+        store.set_trial_system_attr(holder, f"{STATE}{i // 2000}", text[i:i + 2000])
+    store.set_trial_state_values(holder, optuna.trial.TrialState.FAIL)
+    again = load_state(study.get_trials())
+    for k, v in state.optimizer.__getstate__().items():
+        w = again.optimizer.__getstate__()[k]
+        assert np.array_equal(v, w) if isinstance(v, np.ndarray) else v == w, k
+    study = run(CmaSampler(seed=1, population=4), 8, storage)
+    # generation 4 (trials 17..20) told at trial 21, generation 5 at trial 25
+    assert restarts(study)[-1]["generations"] == 6
