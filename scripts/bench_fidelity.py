@@ -229,6 +229,27 @@ def _mean_cross(runs: list[dict], goal: float, budget: int) -> float | None:
     return None
 
 
+def _oracle(runs: list[dict], rungs: list[float], se_full: float, k: float) -> tuple[float, list[float]]:
+    """A floor for any pruner, on the full searches' own trial sequences: each trial is
+    stopped at the first rung (cost: that share of the items) where its *final* dev score
+    is more than ``k`` standard errors of that rung's mean (``se_full / sqrt(rung)``)
+    below the best complete score so far, and otherwise scored fully. Returns the mean,
+    and per seed, the share of the full search's items spent until its final best."""
+    shares = []
+    for r in runs:
+        done = [h for h in r["history"] if h["state"] == "COMPLETE"]
+        final = max(h["dev"] for h in done)
+        best, cost = None, 0.0
+        for h in done:
+            stop = next((f for f in rungs[:-1] if best is not None and best - h["dev"] > k * se_full / f ** 0.5), 1.0)
+            cost += stop
+            best = h["dev"] if best is None else max(best, h["dev"])
+            if h["dev"] >= final:
+                break
+        shares.append(cost / len(done))
+    return statistics.mean(shares), shares
+
+
 def render(res: dict, pruners: list[str]) -> str:
     n = res["seeds"]
     lines = [f"Budget: {res['budget_items']:,} dev items ({res['trials']} full trials of {res['dev_items']} items); "
@@ -258,6 +279,18 @@ def render(res: dict, pruners: list[str]) -> str:
                   f"the seeds, every seed reaching it), with no loss on test: the difference of the test means (pruned "
                   f"minus full) no lower than minus one standard error of that difference. Full search test: "
                   f"{_ms(full_test)}."]
+    full = res["runs"]["full"]
+    p = statistics.mean(r["at"]["1.0"]["dev"] for r in full)
+    se_full = (p * (1 - p) / res["dev_items"]) ** 0.5
+    floors = {k: _oracle(full, res["rungs"], se_full, k) for k in (1.0, 2.0)}
+    lines.append(f"- A floor for any pruner on these rungs: on each full search's own trials, stopping a trial at the "
+                 f"first rung where its final dev score ends more than k standard errors of that rung's mean below "
+                 f"the best so far (one candidate's dev mean: {se_full:.3f} on all {res['dev_items']} items, "
+                 f"{se_full / res['rungs'][0] ** 0.5:.3f} on the first rung), and scoring it fully otherwise, reaches "
+                 f"the full search's final best with "
+                 + "; ".join(f"{m * 100:.0f}% of its items at k = {k:g} ({', '.join(f'{x * 100:.0f}' for x in sh)}%)"
+                             for k, (m, sh) in floors.items())
+                 + ". A pruner sees only the scored items, not the final score.")
     for name in pruners:
         runs = res["runs"][name]
         shares = [r["share_to_full_best"] for r in runs]
