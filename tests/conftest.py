@@ -109,57 +109,6 @@ def _join_the_session_ray(request, monkeypatch):
     yield
 
 
-ZOO = Path(os.environ.get("MERGESEARCH_ZOO", Path(__file__).resolve().parents[1] / "results" / "zoo"))
-_zoo_builder: dict = {}
-
-
-def _zoo_built(path: Path) -> bool:
-    from mergesearch.zoo.build import ZOO_VERSION
-
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return manifest.get("version") == ZOO_VERSION and manifest.get("scale") == 1.0
-
-
-def pytest_collection_modifyitems(session, config, items):
-    """The tests on the zoo run last, and a zoo not built yet is built meanwhile in a
-    process of its own: the build trains on about one core's worth of the machine, and the
-    tests that need no zoo use the rest. The ``zoo`` fixture's ``build_zoo`` then waits on
-    the build's lock and finds the zoo built (or, if that process failed, builds it and
-    shows the error)."""
-    import subprocess
-    import sys
-    import tempfile
-
-    on_zoo = [i for i in items if "zoo" in getattr(i, "fixturenames", ())]
-    if not on_zoo:
-        return
-    first = {id(i) for i in on_zoo}
-    items[:] = [i for i in items if id(i) not in first] + on_zoo
-    if config.option.collectonly or _zoo_built(ZOO) or len(on_zoo) == len(items):
-        return
-    log = Path(tempfile.mkdtemp(prefix="mergesearch-zoo-build-")) / "build.log"
-    code = "import sys; from mergesearch.zoo.build import build_zoo; build_zoo(sys.argv[1])"
-    with open(log, "w") as out:
-        _zoo_builder["proc"] = subprocess.Popen([sys.executable, "-c", code, str(ZOO)], stdout=out,
-                                                stderr=subprocess.STDOUT, env=dict(os.environ))
-    _zoo_builder["log"] = log
-
-
-def pytest_sessionfinish(session, exitstatus):
-    import signal
-
-    proc = _zoo_builder.pop("proc", None)
-    if proc is not None and proc.poll() is None:  # a run stopped before the zoo tests
-        proc.send_signal(signal.SIGINT)  # the build removes its temp folder
-        try:
-            proc.wait(60)
-        except Exception:
-            proc.kill()
-
-
 @pytest.fixture(scope="session")
 def family(tmp_path_factory) -> dict[str, Path]:
     """A float32 tiny Llama family: base + 3 fine-tunes (4 layers, hidden 64)."""
