@@ -77,7 +77,7 @@ def ask_ms(cls, dims: int, generations: int, folder: Path) -> dict:
     # a population of 4): the last population of asks starts with a telling one
     study.optimize(objective, n_trials=1 + population * (generations + 1))
     last = spent[-population:]
-    size = len(next(_stored_texts(study.get_trials(deepcopy=False)))[1])
+    size = len(next(_stored_texts(study.get_trials(deepcopy=False)))[2])
     return {"draw": statistics.median(last[1:]), "store": last[0], "population": population, "size": size}
 
 

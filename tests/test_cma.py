@@ -258,7 +258,7 @@ def test_a_state_cut_short_by_a_stop_is_passed_over_with_one_warning(tmp_path, c
     study = run(CmaSampler(seed=0, population=4), 21, storage)  # generations 0..3 told, state at trial 17
     before = load_state(study.get_trials())
     holder = _latest_holder(study)
-    text = next(_stored_texts(study.get_trials()))[1]
+    text = next(_stored_texts(study.get_trials()))[2]
     # a controller killed while writing the next generation's state: a trial holding the
     # first chunk only (the state is written a chunk at a time)
     store = optuna.storages.RDBStorage(storage)
@@ -269,7 +269,7 @@ def test_a_state_cut_short_by_a_stop_is_passed_over_with_one_warning(tmp_path, c
     caplog.clear()
     with caplog.at_level("WARNING", logger="mergesearch.search.cma"):
         study = run(CmaSampler(seed=1, population=4), 12, storage)
-    assert caplog.messages == [f"cma-es: the state stored with trial id {cut} is incomplete (the run stopped while "
+    assert caplog.messages == [f"cma-es: the state stored with trial {store.get_trial_number_from_id(cut)} is incomplete (the run stopped while "
                                "writing it); going on from the one stored before it"]
     gens = [g for g in generations(study) if g is not None]
     assert list(np.bincount(gens)) == [4] * 8  # generations 4..7 asked on top of the four told
@@ -284,7 +284,7 @@ def test_a_state_stored_as_lists_of_numbers_still_resumes(tmp_path):
     storage = f"sqlite:///{tmp_path / 'old.db'}"
     study = run(CmaSampler(seed=0, population=4), 21, storage)
     state = load_state(study.get_trials())
-    data = json.loads(next(_stored_texts(study.get_trials()))[1])
+    data = json.loads(next(_stored_texts(study.get_trials()))[2])
     assert data["optimizer"]["state"]["_B"] is None  # the eigendecomposition is not stored
     assert all("z" in v for v in data["optimizer"]["state"].values() if isinstance(v, dict))
     # the format before: every array as a list of its numbers

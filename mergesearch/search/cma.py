@@ -257,14 +257,14 @@ class CmaSampler(optuna.samplers.BaseSampler):
     def _load(self, study, trials: list[FrozenTrial]) -> Optional[_State]:
         """The latest stored state, decoded only when its text differs from the last one
         decoded (another sampler on the same study, a resume, a new generation)."""
-        for trial_id, text in _stored_texts(trials):
+        for trial_id, number, text in _stored_texts(trials):
             key = (study._study_id, trial_id)
             held = self._held
             if held is not None and held[0] == key and held[1] == text:
                 return held[2]
             if key in self._incomplete:
                 continue
-            data = _parse(text, trial_id)
+            data = _parse(text, number)
             if data is None:
                 self._incomplete.add(key)
                 continue
@@ -275,29 +275,30 @@ class CmaSampler(optuna.samplers.BaseSampler):
 
 
 def _stored_texts(trials: list[FrozenTrial]):
-    """(holding trial id, JSON text) of each stored state among ``trials``, latest first."""
+    """(holding trial's id and number, JSON text) of each stored state among ``trials``,
+    latest first."""
     for t in reversed(trials):
         chunks = {k: v for k, v in t.system_attrs.items() if k.startswith(STATE)}
         if chunks:
             # chunks are written in order: a write cut short leaves a prefix
-            yield t._trial_id, "".join(chunks.get(f"{STATE}{i}", "") for i in range(len(chunks)))
+            yield t._trial_id, t.number, "".join(chunks.get(f"{STATE}{i}", "") for i in range(len(chunks)))
 
 
-def _parse(text: str, trial_id: int) -> Optional[dict]:
+def _parse(text: str, number: int) -> Optional[dict]:
     """The stored state's data, or None for a text cut short (the run stopped while
     writing it: the JSON object lacks its end), with a warning."""
     try:
         return json.loads(text)
     except ValueError:
-        log.warning("cma-es: the state stored with trial id %d is incomplete (the run stopped while writing it); "
-                    "going on from the one stored before it", trial_id)
+        log.warning("cma-es: the state stored with trial %d is incomplete (the run stopped while writing it); "
+                    "going on from the one stored before it", number)
         return None
 
 
 def load_state(trials: list[FrozenTrial]) -> Optional[_State]:
     """The latest complete stored state among ``trials`` (None before the first)."""
-    for trial_id, text in _stored_texts(trials):
-        data = _parse(text, trial_id)
+    for _, number, text in _stored_texts(trials):
+        data = _parse(text, number)
         if data is not None:
             return _decode_state(data)
     return None
