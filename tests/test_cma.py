@@ -169,8 +169,8 @@ def test_the_stored_state_is_plain_json_and_round_trips_exactly(separable):
     again = _decode_state(json.loads(json.dumps(_encode_state(state))))
     a, b = state.optimizer.__getstate__(), again.optimizer.__getstate__()
     assert a.keys() == b.keys() and data["optimizer"]["kind"] == ("SepCMA" if separable else "CMA")
-    for k in a:
-        assert np.array_equal(a[k], b[k]) if isinstance(a[k], np.ndarray) else a[k] == b[k], k
+    for k in a:  # (the function-value history starts as np.empty memory: it may hold NaN)
+        assert np.array_equal(a[k], b[k], equal_nan=True) if isinstance(a[k], np.ndarray) else a[k] == b[k], k
     state.optimizer._rng.seed(7)
     again.optimizer._rng.seed(7)
     assert np.array_equal(state.optimizer.ask(), again.optimizer.ask())
@@ -231,6 +231,40 @@ def test_the_decoded_state_is_kept_per_generation_and_draws_exactly_the_same(mon
     assert stores == 20 and n_kept == stores and len(decodes) == stores + 79
 
 
+def test_a_resumed_sampler_decodes_once_per_generation_and_one_sampler_serves_two_databases(tmp_path, monkeypatch):
+    import mergesearch.search.cma as cma
+
+    decodes = []
+    real = cma._decode_state
+    monkeypatch.setattr(cma, "_decode_state", lambda data: decodes.append(1) or real(data))
+    from mergesearch.search.cma import _stored_texts
+
+    storage = f"sqlite:///{tmp_path / 'resume.db'}"
+    run(CmaSampler(seed=0, population=4), 19, storage)  # stopped after trials 17 and 18 of generation 4
+    decodes.clear()
+    study = run(CmaSampler(seed=1, population=4), 22, storage)  # trials 19..40: tells at 21, 25, .., 37
+    assert len(decodes) == 1 + 5  # the stored state, read once for trials 19 to 21, then one per state stored
+    assert restarts(study)[-1]["generations"] == 9
+
+    # one sampler reading two databases whose study and holding trial have the same ids:
+    # the state kept from one is never taken for the other's
+    def other(trial):
+        return (trial.suggest_float("a", 0.0, 1.0) - 0.8) ** 2 + trial.suggest_float("b", 0.0, 1.0)
+
+    studies = []
+    for name, objective in (("a", plateau), ("b", other)):
+        st = optuna.create_study(sampler=CmaSampler(seed=0, population=4), study_name="s",
+                                 storage=f"sqlite:///{tmp_path / name}.db")
+        st.optimize(objective, n_trials=21)
+        studies.append(st)
+    (ka, _, ta), (kb, _, tb) = (next(_stored_texts(st.get_trials())) for st in studies)
+    assert studies[0]._study_id == studies[1]._study_id and ka == kb and ta != tb
+    reader = CmaSampler(seed=2, population=4)
+    for st in studies + studies:
+        kept = reader._load(st, st.get_trials())
+        assert np.array_equal(kept.optimizer._mean, load_state(st.get_trials()).optimizer._mean)
+
+
 def test_samplers_taking_turns_on_one_study_never_tell_a_stale_state(tmp_path):
     storage = f"sqlite:///{tmp_path / 'turns.db'}"
     a, b = CmaSampler(seed=0, population=4), CmaSampler(seed=1, population=4)
@@ -269,11 +303,34 @@ def test_a_state_cut_short_by_a_stop_is_passed_over_with_one_warning(tmp_path, c
     caplog.clear()
     with caplog.at_level("WARNING", logger="mergesearch.search.cma"):
         study = run(CmaSampler(seed=1, population=4), 12, storage)
-    assert caplog.messages == [f"cma-es: the state stored with trial {store.get_trial_number_from_id(cut)} is incomplete (the run stopped while "
-                               "writing it); going on from the one stored before it"]
+    assert caplog.messages == [f"cma-es: the state stored with trial {store.get_trial_number_from_id(cut)} is "
+                               "incomplete (a run stopped while writing it, or is writing it now); going on from the "
+                               "one stored before it"]
     gens = [g for g in generations(study) if g is not None]
     assert list(np.bincount(gens)) == [4] * 8  # generations 4..7 asked on top of the four told
     assert restarts(study)[-1]["generations"] == 7 and _latest_holder(study).number > holder.number
+
+
+def test_a_state_another_process_is_writing_is_read_once_it_is_whole(tmp_path, caplog):
+    from mergesearch.search.cma import STATE, _stored_texts
+
+    storage = f"sqlite:///{tmp_path / 'writing.db'}"
+    study = run(CmaSampler(seed=0, population=4), 21, storage)
+    held_before = _latest_holder(study)._trial_id
+    text = next(_stored_texts(study.get_trials()))[2]
+    store = optuna.storages.RDBStorage(storage)
+    writing = store.create_new_trial(study._study_id)  # running: its writer is still at it
+    store.set_trial_system_attr(writing, f"{STATE}0", text[: len(text) // 2])
+    reader = CmaSampler(seed=1, population=4)
+    with caplog.at_level("WARNING", logger="mergesearch.search.cma"):
+        for _ in range(3):  # asks in between: one warning, the state before it used
+            reader._load(study, study.get_trials())
+            assert reader._held[0] == (study._study_id, held_before)
+        assert len(caplog.messages) == 1
+        store.set_trial_system_attr(writing, f"{STATE}1", text[len(text) // 2:])
+        state = reader._load(study, study.get_trials())
+    assert reader._held[0] == (study._study_id, writing) and len(caplog.messages) == 1
+    assert state.optimizer.generation == load_state(study.get_trials()).optimizer.generation == 4
 
 
 def test_a_state_stored_as_lists_of_numbers_still_resumes(tmp_path):
@@ -301,7 +358,9 @@ def test_a_state_stored_as_lists_of_numbers_still_resumes(tmp_path):
     again = load_state(study.get_trials())
     for k, v in state.optimizer.__getstate__().items():
         w = again.optimizer.__getstate__()[k]
-        assert np.array_equal(v, w) if isinstance(v, np.ndarray) else v == w, k
+        # (the function-value history starts as np.empty memory: it may hold NaN)
+        assert np.array_equal(v, w, equal_nan=True) if isinstance(v, np.ndarray) else v == w, k
     study = run(CmaSampler(seed=1, population=4), 8, storage)
-    # generation 4 (trials 17..20) told at trial 21, generation 5 at trial 25
+    # trial 21 holds the old-format state; generation 4 (trials 17..20) is told at trial 22,
+    # generation 5 (22..25) at trial 26
     assert restarts(study)[-1]["generations"] == 6

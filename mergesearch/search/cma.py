@@ -35,6 +35,7 @@ import copy
 import json
 import logging
 import math
+import threading
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -117,7 +118,19 @@ class CmaSampler(optuna.samplers.BaseSampler):
         # the state decoded from the stored text it was read from, so the asks of one
         # generation decode it once: ((study, holding trial), text, state)
         self._held: Optional[tuple[tuple[int, int], str, _State]] = None
-        self._incomplete: set[tuple[int, int]] = set()  # states a stopped run left half written
+        # states found cut short, by the length of text seen: a stopped run's never grow,
+        # one being written by another process does, and is read again when it has
+        self._incomplete: dict[tuple[int, int], int] = {}
+        self._lock = threading.Lock()  # one ask at a time: they share the decoded state
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_lock")
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     # -- Optuna's interface ---------------------------------------------------------
     def reseed_rng(self) -> None:
@@ -134,6 +147,10 @@ class CmaSampler(optuna.samplers.BaseSampler):
     def sample_relative(self, study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict:
         if not search_space:
             return {}
+        with self._lock:
+            return self._sample(study, trial, search_space)
+
+    def _sample(self, study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict:
         if study._is_multi_objective():
             raise ValueError("CMA-ES optimizes one objective (use nsga2 for several)")
         trials = study.get_trials(deepcopy=False)
@@ -262,11 +279,11 @@ class CmaSampler(optuna.samplers.BaseSampler):
             held = self._held
             if held is not None and held[0] == key and held[1] == text:
                 return held[2]
-            if key in self._incomplete:
+            if self._incomplete.get(key) == len(text):
                 continue
-            data = _parse(text, number)
+            data = _parse(text, number, warn=key not in self._incomplete)
             if data is None:
-                self._incomplete.add(key)
+                self._incomplete[key] = len(text)
                 continue
             state = _decode_state(data)
             self._held = (key, text, state)
@@ -284,14 +301,15 @@ def _stored_texts(trials: list[FrozenTrial]):
             yield t._trial_id, t.number, "".join(chunks.get(f"{STATE}{i}", "") for i in range(len(chunks)))
 
 
-def _parse(text: str, number: int) -> Optional[dict]:
-    """The stored state's data, or None for a text cut short (the run stopped while
-    writing it: the JSON object lacks its end), with a warning."""
+def _parse(text: str, number: int, warn: bool = True) -> Optional[dict]:
+    """The stored state's data, or None for a text cut short (a run stopped while writing
+    it, or another process is writing it: the JSON object lacks its end), with a warning."""
     try:
         return json.loads(text)
     except ValueError:
-        log.warning("cma-es: the state stored with trial %d is incomplete (the run stopped while writing it); "
-                    "going on from the one stored before it", number)
+        if warn:
+            log.warning("cma-es: the state stored with trial %d is incomplete (a run stopped while writing it, or "
+                        "is writing it now); going on from the one stored before it", number)
         return None
 
 
