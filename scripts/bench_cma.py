@@ -33,7 +33,8 @@ from mergesearch.search.cma import CHUNK, STATE, CmaSampler, _stored_texts  # no
 
 class Decoding(CmaSampler):
     """The reference: the sampler before stop 20. It decodes the stored state at every ask
-    and stores every array as a list of its numbers, the eigendecomposition included."""
+    and stores every array as a list of its numbers, the eigendecomposition too when it is
+    set (with restarts on; this benchmark runs without, so the sizes here do not show it)."""
 
     def sample_relative(self, study, trial, search_space):
         self._held = None
