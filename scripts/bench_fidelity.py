@@ -286,6 +286,10 @@ def render(res: dict, pruners: list[str]) -> str:
     p = statistics.mean(r["at"]["1.0"]["dev"] for r in full)
     se_full = (p * (1 - p) / res["dev_items"]) ** 0.5
     floors = {k: _oracle(full, res["rungs"], se_full, k) for k in (1.0, 2.0)}
+    # perfect hindsight: every trial before the final best stopped at the first rung
+    perfect = [(i * res["rungs"][0] + 1) / len(d) for d in
+               ([h for h in r["history"] if h["state"] == "COMPLETE"] for r in full)
+               for i in [next(j for j, h in enumerate(d) if h["dev"] >= max(x["dev"] for x in d))]]
     lines.append(f"- Hindsight with a margin (a yardstick, not a bound): on each full search's own trials, stopping a "
                  f"trial at the first rung where its final dev score ends more than k standard errors of that rung's "
                  f"mean below the best so far (the standard error of one candidate's dev mean: {se_full:.3f} on all "
@@ -293,7 +297,9 @@ def render(res: dict, pruners: list[str]) -> str:
                  f"fully otherwise, reaches the full search's final best with "
                  + "; ".join(f"{m * 100:.0f}% of its items at k = {k:g} ({', '.join(f'{x * 100:.0f}' for x in sh)}%)"
                              for k, (m, sh) in floors.items())
-                 + ". A pruner sees only the scored items, not the final score.")
+                 + f"; with perfect hindsight (every trial before the final best stopped at the first rung) "
+                 f"{min(perfect) * 100:.0f}–{max(perfect) * 100:.0f}% ({statistics.mean(perfect) * 100:.0f}% on the "
+                 f"mean). A pruner sees only the scored items, not the final score.")
     for name in pruners:
         runs = res["runs"][name]
         shares = [r["share_to_full_best"] for r in runs]
