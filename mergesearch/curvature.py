@@ -53,7 +53,7 @@ VERSION = 1  # bump when an estimator changes, so cached files are recomputed
 def resolve_data(data: str, task_dir: str | None) -> Path:
     """A JSONL file, or ``TASK:SPLIT`` under ``task_dir`` (the zoo layout)."""
     from mergesearch.evaluate import EvalConfig
-    from mergesearch.evaluate.loglik import task_file
+    from mergesearch.evaluate.jsonl import task_file
 
     if data.endswith(".jsonl"):
         p = Path(data)
@@ -68,7 +68,7 @@ def resolve_data(data: str, task_dir: str | None) -> Path:
 
 def load_examples(path: Path, n: int) -> list[tuple[str, str]]:
     """(context, true continuation) pairs: the first ``n`` items of the file."""
-    from mergesearch.evaluate.loglik import read_items
+    from mergesearch.evaluate.jsonl import read_items
 
     items = read_items(path)
     if n > len(items):
@@ -82,7 +82,7 @@ def load_examples(path: Path, n: int) -> list[tuple[str, str]]:
 def _encode(tokenizer, examples: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
     """Token ids of context + continuation and the continuation length, split as the
     evaluator splits them."""
-    from mergesearch.evaluate.loglik import encode_pair
+    from mergesearch.evaluate.jsonl import encode_pair
 
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     out = []

@@ -211,10 +211,14 @@ class Progress:
     eval_s: float = 0.0
     worker: int | None = None
     device: str | None = None
+    so_far: dict[str, float] | None = None
 
-    def add(self, item_scores: dict[str, list[float]]) -> None:
+    def add(self, item_scores: dict[str, list[float]], task_scores: dict[str, float] | None = None) -> None:
+        """A rung's per-item scores and, where the worker kept the trial's per-document
+        metrics, lm-eval's scores over every item so far (else the mean of the items)."""
         for t, vals in item_scores.items():
             self.values.setdefault(t, []).extend(float(v) for v in vals)
+        self.so_far = task_scores
         self.rung += 1
 
     @property
@@ -230,6 +234,8 @@ class Progress:
         return self.items / self.plan.total
 
     def scores(self) -> dict[str, float]:
+        if self.so_far is not None:
+            return dict(self.so_far)
         return {t: sum(v) / len(v) for t, v in self.values.items() if v}
 
     def blocks(self, first_rung: int, weights: dict[str, float], reference: dict[str, float] | None

@@ -116,40 +116,83 @@ def estimate_cost(cfg: dict, n_items: int, n_seqs: int, n_models: int = 0) -> fl
     return (cfg["steps"] * cfg["batch_size"] * per_item * TRAIN_COST + checks * holdout_seqs) / max(n_seqs, 1) + teachers
 
 
+class _Row:
+    """One item as a refinement trains on it (see ``training_items`` of the evaluator)."""
+
+    __slots__ = ("seqs", "answer", "kind", "target", "norm", "gen", "gold")
+
+    def __init__(self, item: dict):
+        self.seqs = list(item["seqs"])
+        self.answer = int(item.get("answer", 0))
+        self.kind = item["kind"]
+        self.target = None  # distill: the teacher's choice distribution (mc)
+        self.norm = torch.tensor(item["norm"]) if item.get("norm") else None
+        self.gen = {"context": item["context"], "gen_args": item["gen_args"]} if item["kind"] == "gen" else None
+        self.gold = len(self.seqs)  # gen: how many of ``seqs`` are the gold target's (the rest a teacher's)
+
+
+def untrainable(output_types: dict[str, set[str]], cfg: dict) -> dict[str, str]:
+    """Tasks a refinement with ``cfg`` cannot train on, and why (one line each)."""
+    loss, mix = cfg["loss"], float(cfg.get("distill_mix", 1.0))
+    out = {}
+    for task, types in output_types.items():
+        why = []
+        for t in sorted(types):
+            if t in ("multiple_choice", "loglikelihood_rolling"):
+                break
+            if t == "loglikelihood" and loss == "entropy":
+                why.append("its items have no choices for the entropy loss (use choice or loglik)")
+            elif t == "loglikelihood" and loss == "distill" and mix >= 1.0:
+                why.append("its items have no choices to distill, and distill_mix 1 leaves no label "
+                           "(use distill_mix below 1, or loss: loglik)")
+            elif t == "generate_until" and loss == "entropy":
+                why.append("generation has no choice distribution for the entropy loss (use distill: the "
+                           "teachers' own outputs, or choice: the gold targets)")
+            elif t not in ("loglikelihood", "generate_until"):
+                why.append(f"lm-eval output type '{t}' has no training signal")
+            else:
+                break
+        else:
+            out[task] = "; ".join(why) or "it has nothing to train on"
+    return out
+
+
 class _Items:
-    """The evaluator's dev items, tokenized once, split into train and holdout."""
+    """The evaluator's dev items, tokenized once (as they are scored), split into train and
+    holdout."""
 
-    def __init__(self, evaluator, tokenizer, holdout: float, seed: int, device):
-        from mergesearch.curvature import _encode
-
+    def __init__(self, evaluator, model, tokenizer, holdout: float, seed: int, device, skip=()):
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.device = device
         self.train: dict[str, list] = {}
         self.holdout: dict[str, list] = {}
         self.n_seqs = 0
-        for task, items in evaluator.items.items():
-            rows = []
-            for it in items:
-                conts = it["choices"] if "choices" in it else [it["target"]]
-                seqs = _encode(tokenizer, [(it["context"], c) for c in conts])
-                rows.append([seqs, it.get("answer", 0), "choices" in it, None])  # None: no teacher target yet
-                self.n_seqs += len(seqs)
+        self.n_items = 0
+        for task, items in evaluator.training_items(model, tokenizer).items():
+            rows = [_Row(it) for it in items]
+            self.n_items += len(rows)
+            self.n_seqs += sum(max(1, len(r.seqs)) for r in rows)
+            if task in skip:
+                continue
             order = list(range(len(rows)))
             random.Random(f"refine:{seed}:{task}").shuffle(order)
             k = max(1, int(round(holdout * len(rows)))) if len(rows) > 1 else 0
             self.holdout[task] = [rows[i] for i in order[:k]]
             self.train[task] = [rows[i] for i in order[k:]] or self.holdout[task]
-        self.n_items = sum(len(v) for v in evaluator.items.values())
 
     def batch(self, rows: list) -> tuple:
         from mergesearch.curvature import _batch
 
-        seqs = [s for r in rows for s in r[0]]
+        seqs = [s for r in rows for s in r.seqs]
+        if not seqs:
+            return None
         d = self.device
         return (*(t.to(d) for t in _batch(seqs, self.pad)), len(seqs))
 
 
 def _sequence_loglik(model, params: dict, batch) -> torch.Tensor:
+    if batch is None:
+        return torch.zeros(0)
     inp, mask, tgt, tmask, _ = batch
     logits = torch.func.functional_call(model, params, args=(), kwargs={"input_ids": inp, "attention_mask": mask}).logits
     logp = logits.float().log_softmax(-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
@@ -157,77 +200,126 @@ def _sequence_loglik(model, params: dict, batch) -> torch.Tensor:
 
 
 def _losses(rows: list, ll: torch.Tensor, kind: str, mix: float = 1.0) -> tuple[torch.Tensor, int]:
-    """Mean loss over the rows and the number they got right (the first best choice wins)."""
+    """Mean loss over the rows and the number of multiple-choice rows they got right (the
+    first best choice wins). Per kind of item: multiple choice by ``kind`` (below); a
+    target's negative log-likelihood; a generation's per-token negative log-likelihood of
+    its gold target, or under ``distill`` of its teacher's greedy output (mixed with the
+    gold target's by ``distill_mix``); a text's per-token rolling negative log-likelihood."""
     out, correct, k = [], 0, 0
-    for seqs, answer, is_mc, target in rows:
-        v = ll[k:k + len(seqs)]
-        k += len(seqs)
-        if is_mc:
-            vals = v.detach().tolist()
-            best = max(range(len(seqs)), key=lambda i: (vals[i], -i))
-            correct += int(best == answer)
-            logp = v.log_softmax(-1)
-            if kind == "choice":
-                out.append(-logp[answer])
-            elif kind == "loglik":
-                out.append(-v[answer])
-            elif kind == "distill":  # the teacher's choice distribution, mixed with the label
-                ce = -logp[answer]
-                kl = (target * (target.clamp_min(1e-12).log() - logp)).sum()
-                out.append((1.0 - mix) * ce + mix * kl)
-            else:  # entropy of the choice distribution: no label needed
+    for r in rows:
+        v = ll[k:k + len(r.seqs)]
+        k += len(r.seqs)
+        if not r.seqs:
+            continue
+        if r.kind == "mc":
+            scores = v / r.norm.to(v.device) if r.norm is not None else v  # acc_norm: per character
+            vals = scores.detach().tolist()
+            best = max(range(len(vals)), key=lambda i: (vals[i], -i))
+            correct += int(best == r.answer)
+            logp = scores.log_softmax(-1)
+            labelled = r.answer >= 0
+            if kind == "choice" and labelled:
+                out.append(-logp[r.answer])
+            elif kind == "loglik" and labelled:
+                out.append(-v[r.answer])
+            elif kind == "distill" and r.target is not None:  # the teacher's distribution, mixed with the label
+                kl = (r.target * (r.target.clamp_min(1e-12).log() - logp)).sum()
+                out.append(mix * kl + ((1.0 - mix) * -logp[r.answer] if labelled else 0.0))
+            elif kind == "entropy":  # entropy of the choice distribution: no label needed
                 out.append(-(logp.exp() * logp).sum())
-        elif kind == "distill":  # a continuation item has no choices to distill: its label's share only
-            if mix < 1.0:
-                out.append((1.0 - mix) * -v[0])
-        elif kind != "entropy":
-            out.append(-v[0])
-    loss = torch.stack(out).mean() if out else ll.sum() * 0.0
+        elif r.kind == "target":
+            if kind == "distill":  # a continuation item has no choices to distill: its label's share only
+                if mix < 1.0:
+                    out.append((1.0 - mix) * -v[0])
+            elif kind != "entropy":
+                out.append(-v[0])
+        elif r.kind == "gen":
+            per_tok = [-v[j] / max(1, r.seqs[j][1]) for j in range(len(r.seqs))]
+            gold, taught = per_tok[:r.gold], per_tok[r.gold:]
+            if kind == "distill":  # the teacher's output (none when it generated nothing)
+                if taught:
+                    out.append(mix * taught[0] + ((1.0 - mix) * gold[0] if gold and mix < 1.0 else 0.0))
+            elif kind != "entropy" and gold:
+                out.append(gold[0])
+        elif r.kind == "rolling":  # label-free: every loss trains on the text itself
+            out.append(-v.sum() / max(1, sum(n for _, n in r.seqs)))
+    loss = torch.stack([torch.as_tensor(x) for x in out]).mean() if out else ll.sum() * 0.0
     return loss, correct
 
 
 def _teacher_targets(mat, model, recipe, names: list[str], targets: dict, items: "_Items", device,
-                     rule: str) -> dict:
+                     rule: str, lm=None) -> dict:
     """For ``loss: distill``: each task's teacher is one source model, chosen by ``rule``:
-    ``confidence``, the model whose choice distributions on the task's items have the lowest
-    mean entropy (no label needed: a fine-tune is surest on its own task), or ``accuracy``,
-    the most accurate on the task's training items. Every multiple-choice row of the task
-    gets its teacher's choice distribution as its target (stored in the row). Returns
-    {task: model index}."""
+    ``confidence``, the model surest of its answers on the task's items (no label needed: a
+    fine-tune is surest on its own task): the lowest mean entropy of its choice
+    distributions, or for generation the highest mean per-token log-likelihood of its own
+    greedy outputs; or ``accuracy``, the most accurate on the task's training items (for
+    generation: its output equals the gold target). Multiple-choice rows get their
+    teacher's choice distribution, generation rows its greedy output (decoded by ``lm``,
+    the evaluator's FastLM, with the teacher's weights written into the model).
+    Returns {task: model index}."""
     tasks = list(items.train)
     probs: dict[int, list] = {}
+    outputs: dict[int, list] = {}
     stat: dict[tuple[int, str], float] = {}
     with torch.no_grad():
         for i in range(len(recipe.models)):
             params = {name: x.tensor(i).to(device=device, dtype=targets[name].dtype)
                       for name, x in mat.inputs(recipe, names) if not isinstance(x, torch.Tensor)}
+            gen_rows = {task: [r for r in items.train[task] + items.holdout[task] if r.kind == "gen"] for task in tasks}
+            if lm is not None and any(gen_rows.values()):
+                for name, p in params.items():  # generation runs the module itself: the teacher's weights in it
+                    targets[name].copy_(p)
             for task in tasks:
                 train = {id(r) for r in items.train[task]}
                 rows = items.train[task] + [r for r in items.holdout[task] if id(r) not in train]
                 right, ent, n_mc = 0, 0.0, 0
-                for s in range(0, len(rows), 32):
-                    chunk = rows[s:s + 32]
+                mc = [r for r in rows if r.kind == "mc"]
+                for s in range(0, len(mc), 32):
+                    chunk = mc[s:s + 32]
                     ll = _sequence_loglik(model, params, items.batch(chunk))
                     k = 0
                     for r in chunk:
-                        v = ll[k:k + len(r[0])]
-                        k += len(r[0])
-                        if r[2]:
-                            logp = v.log_softmax(-1)
-                            probs.setdefault(id(r), [None] * len(recipe.models))[i] = logp.exp()
-                            ent += float(-(logp.exp() * logp).sum())
-                            n_mc += 1
-                            right += int(id(r) in train and int(v.argmax()) == r[1])
+                        v = ll[k:k + len(r.seqs)]
+                        k += len(r.seqs)
+                        v = v / r.norm.to(v.device) if r.norm is not None else v
+                        logp = v.log_softmax(-1)
+                        probs.setdefault(id(r), [None] * len(recipe.models))[i] = logp.exp()
+                        ent += float(-(logp.exp() * logp).sum())
+                        n_mc += 1
+                        right += int(id(r) in train and int(v.argmax()) == r.answer)
+                gens = [r for r in rows if id(r) in {id(g) for g in gen_rows[task]}]
+                sure, n_gen = 0.0, 0
+                if gens and lm is not None:
+                    texts = lm.generate_strings([r.gen["gen_args"] for r in gens])
+                    pairs = [(r.gen["context"], t) for r, t in zip(gens, texts)]
+                    scored = lm.loglikelihood_pairs([p for p in pairs if p[1]])
+                    it = iter(scored)
+                    for r, (ctx, text) in zip(gens, pairs):
+                        seq = None
+                        if text:
+                            c, x = lm._pair(ctx, text)
+                            seq = ((c + x)[-(lm.max_length + 1):], len(x))
+                            sure += next(it)[0] / max(1, len(x))
+                            n_gen += 1
+                        outputs.setdefault(id(r), [None] * len(recipe.models))[i] = (seq, text)
+                        if id(r) in train and r.gold and text.strip() == lm.tok_decode(r.seqs[0][0][-r.seqs[0][1]:]).strip():
+                            right += 1
+                n_scored = n_mc + n_gen
                 stat[(i, task)] = (right / max(len(items.train[task]), 1) if rule == "accuracy"
-                                   else -ent / max(n_mc, 1))
+                                   else (-ent + sure) / max(n_scored, 1))
             del params
     chosen = {}
     for task in tasks:
         i = max(range(len(recipe.models)), key=lambda m: (stat[(m, task)], -m))
         chosen[task] = i
         for r in items.train[task] + items.holdout[task]:
-            if r[2] and r[3] is None:
-                r[3] = probs[id(r)][i]
+            if r.kind == "mc" and r.target is None:
+                r.target = probs[id(r)][i]
+            elif r.kind == "gen" and id(r) in outputs and len(r.seqs) == r.gold:
+                seq, _ = outputs[id(r)][i]
+                if seq is not None:
+                    r.seqs.append(seq)
     return chosen
 
 
@@ -328,8 +420,8 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
     """Learn per-group coefficients for ``recipe`` (see the module docstring); returns
     (refined Recipe, stats). ``groups``: the coefficient groups, as dicts with
     ``name``, ``filters``, ``fallback`` and ``default``."""
-    if not hasattr(evaluator, "items"):
-        raise MergeSearchError("refine: needs the built-in loglik evaluator (its items are the training data)")
+    if not hasattr(evaluator, "training_items"):
+        raise MergeSearchError("refine: the python evaluator has no items to train on; use lm-eval tasks")
     if recipe.has_row_scales:
         raise MergeSearchError("refine: the candidate already has row scales (it is a refinement's); refine the "
                                "candidate it came from")
@@ -337,8 +429,11 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
     targets = dict(model.named_parameters())
     names = [n for n in mat.names if n in targets and targets[n].is_floating_point()]
     n_models = len(recipe.models)
-    items = _Items(evaluator, tokenizer, cfg["holdout"], seed, device)
+    skip = untrainable(evaluator.output_types(), cfg)
+    items = _Items(evaluator, model, tokenizer, cfg["holdout"], seed, device, skip=skip)
     tasks = list(items.train)
+    if not tasks:
+        raise MergeSearchError("refine: no task to train on: " + "; ".join(f"task '{t}': {w}" for t, w in skip.items()))
     cost_seqs = 0.0
     was_training = model.training
     model.eval()
@@ -346,7 +441,7 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
     teachers = None
     if cfg["loss"] == "distill":  # before the float32 terms: one teacher's weights at a time
         teachers = _teacher_targets(mat, model, recipe, names, targets, items, device,
-                                    cfg.get("teachers", "confidence"))
+                                    cfg.get("teachers", "confidence"), lm=evaluator.lm(model, tokenizer))
         cost_seqs += n_models * items.n_seqs
     # a label-free loss (entropy; distill from confidence-chosen teachers alone) also keeps
     # the check with the lowest held-out loss, not the best held-out accuracy, which reads labels
@@ -384,7 +479,7 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
                     loss, c = _losses(chunk, _sequence_loglik(model, params, batch), cfg["loss"], mix)
                     right += c
                     loss_sum += float(loss) * len(chunk)
-                    cost_seqs += batch[4]
+                    cost_seqs += batch[4] if batch else 0
                 accs.append(right / max(len(rows), 1))
                 losses.append(loss_sum / max(len(rows), 1))
         return sum(accs) / len(accs), sum(losses) / len(losses)
@@ -412,8 +507,9 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
             loss, _ = _losses(items_, _sequence_loglik(model, merged_params(terms, coef, scale, row_mult), batch),
                               cfg["loss"], mix)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if loss.requires_grad:  # a batch of items with nothing to train on moves nothing
+                loss.backward()
+                opt.step()
             with torch.no_grad():
                 coef.clamp_(0.0, COEF_MAX)
                 scale.clamp_(0.0, COEF_MAX)
@@ -422,7 +518,7 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
                 for k, v in row_mult.items():
                     v.clamp_(0.0, COEF_MAX)
                     avg_r[k].mul_(decay).add_(v.detach(), alpha=1.0 - decay)
-            cost_seqs += TRAIN_COST * batch[4]
+            cost_seqs += TRAIN_COST * (batch[4] if batch else 0)
             lv = float(loss.detach())
             if not math.isfinite(lv):
                 raise MergeSearchError(f"refine: the loss became {lv} at step {step}")
@@ -445,7 +541,9 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
     if r_best:
         out = out.with_rows({i: {k: v[i].detach().to("cpu", torch.float32).contiguous() for k, v in r_best.items()}
                              for i in range(n_models)})
+    loss_best = next(h["holdout_loss"] for h in history if h["step"] == best_step)
     stats = {"steps": step, "best_step": best_step, "holdout_before": acc0, "holdout_after": acc_best,
+             "holdout_loss_before": loss0, "holdout_loss_after": loss_best,
              "cost": cost_seqs / max(items.n_seqs, 1), "loss": cfg["loss"], "teachers": teachers, "history": history,
              "groups": [g["name"] or "all" for g in groups]}
     return out, stats

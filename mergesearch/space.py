@@ -181,7 +181,7 @@ class GramConfig(StrictModel):
 class RefineConfig(StrictModel):
     """Gradient refinement of the best candidates (mergesearch.refine): per-group
     multipliers of each model's weight and of lambda, learned by Adam on the dev items
-    with the candidate's pruning fixed. Task-vector methods and the built-in evaluator."""
+    with the candidate's pruning fixed. Task-vector methods, on lm-eval tasks of every output type."""
 
     top: int = Field(default=1, ge=1)  # how many of the best candidates are refined
     # coefficient groups of the refinement; "tensor": every tensor its own group
@@ -267,7 +267,7 @@ class SearchSpace(StrictModel):
         if sc.name == "cmaes" and sc.x0 is None and len(self.methods) == 1:
             hints.append("sampler.x0: best_baseline starts CMA-ES from the best baseline instead of the centre "
                          "of the bounds")
-        refinable = (self.evaluator.evaluator == "loglik" and not self.multi_objective
+        refinable = (self.evaluator.evaluator != "python" and not self.multi_objective
                      and all(m in TASK_VECTOR_METHODS for m in self.methods))
         if refinable and self.refine is None:
             hints.append("refine: {level: tensor, rows: true, loss: distill} refines the best candidate by gradient "
@@ -352,9 +352,9 @@ class SearchSpace(StrictModel):
             if self.multi_objective:
                 raise MergeSearchError(f"{where}: fidelity: pruning needs a single objective (Optuna cannot prune "
                                        f"multi-objective trials); drop fidelity or use a single-objective sampler")
-            if self.evaluator.evaluator != "loglik":
-                raise MergeSearchError(f"{where}: fidelity: only the built-in loglik evaluator scores item subsets "
-                                       f"(this space uses '{self.evaluator.evaluator}')")
+            if self.evaluator.evaluator == "python":
+                raise MergeSearchError(f"{where}: fidelity: the python evaluator cannot score item subsets; "
+                                       "use lm-eval tasks (evaluator: lmeval)")
         if self.sampler.name == "nsga2" and (self.objective.floors or self.objective.min_task is not None):
             raise MergeSearchError(f"{where}: objective floors do not apply to the multi-objective nsga2 sampler")
         if self.refine is not None:
@@ -363,9 +363,9 @@ class SearchSpace(StrictModel):
             if other:
                 raise MergeSearchError(f"{where}: refine: method {', '.join(other)} is not in the task-vector family "
                                        "(task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, della, ...)")
-            if self.evaluator.evaluator != "loglik":
-                raise MergeSearchError(f"{where}: refine: needs the built-in evaluator (evaluator: loglik); "
-                                       "lm-eval tasks are not refined")
+            if self.evaluator.evaluator == "python":
+                raise MergeSearchError(f"{where}: refine: the python evaluator has no items to train on; use lm-eval "
+                                       "tasks (evaluator: lmeval)")
             if self.multi_objective:
                 raise MergeSearchError(f"{where}: refine: not for the multi-objective nsga2 sampler")
         if self.schedule is not None:

@@ -119,6 +119,7 @@ class Worker:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.faults = faults or {}
         self.held: int | None = None  # the trial whose candidate the model holds between rungs
+        self.kept: tuple = (None, 0, {})  # (trial, rungs, per-document metrics) of the trial being scored in rungs
         t0 = time.perf_counter()
         if self.faults.get("setup_sleep"):
             time.sleep(self.faults["setup_sleep"])
@@ -222,9 +223,18 @@ class Worker:
             if fault == "hang":
                 time.sleep(10**6)
             if rung is not None:
-                items = self.evaluators[split].score_items(self.model, self.tokenizer, rung["items"])
+                # a trial's rungs share their per-document metrics here, so its scores so
+                # far are lm-eval's aggregates over all its items (a perplexity is not a mean)
+                if rung["k"] == 0 or self.kept[0] != number or self.kept[1] != rung["k"]:
+                    self.kept = (number, 0, {})
+                start = self.kept[1]
+                items, so_far = self.evaluators[split].score_subset(self.model, self.tokenizer, rung["items"],
+                                                                    keep=self.kept[2])
+                self.kept = (number, rung["k"] + 1, self.kept[2])
                 extra["item_scores"] = items
-                scores = {t: sum(v) / len(v) for t, v in items.items() if v}
+                if start == rung["k"]:  # the kept metrics cover every rung of the trial
+                    extra["task_scores"] = so_far
+                scores = so_far
             else:
                 scores = self.evaluators[split].score(self.model, self.tokenizer)
         except (torch.OutOfMemoryError, MemoryError) as e:  # reported as a result: the actor may live on
@@ -433,7 +443,7 @@ class WorkerPool:
             timings.update(ray_in_s=r["started_at"] - sent_at, ray_out_s=time.time() - r["ended_at"])
         if "refine_s" in r:
             timings["refine_s"] = r["refine_s"]
-        extra = {k: r[k] for k in ("recipe", "refine", "rows", "item_scores", "wrote") if k in r}
+        extra = {k: r[k] for k in ("recipe", "refine", "rows", "item_scores", "task_scores", "wrote") if k in r}
         if bad:
             return Result(number, False, r["scores"], timings, wid, f"non-finite score for {', '.join(bad)}", extra=extra,
                           device=r.get("device"))

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from mergesearch.checkpoint import Checkpoint  # noqa: E402
 from mergesearch.evaluate import EvalConfig  # noqa: E402
-from mergesearch.evaluate.loglik import LoglikEvaluator  # noqa: E402
+from mergesearch.evaluate import build_evaluator  # noqa: E402
 from mergesearch.materialize import Materializer  # noqa: E402
 from mergesearch.recipe import from_dict  # noqa: E402
 from doc_markers import write_between  # noqa: E402
@@ -36,7 +36,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(zoo / "base")
     model = AutoModelForCausalLM.from_pretrained(zoo / "base").eval()
-    evs = {split: LoglikEvaluator(EvalConfig(tasks=ZOO_TASKS, task_dir=str(zoo), split=split))
+    evs = {split: build_evaluator(EvalConfig(tasks=ZOO_TASKS, task_dir=str(zoo), split=split))
            for split in ("dev", "test")}
     entries = [m for m in manifest["models"] if m["kind"] != "base"]
     mat = Materializer(zoo / "base", [zoo / m["path"] for m in entries], methods=["linear", "task_arithmetic", "ties"])

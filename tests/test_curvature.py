@@ -78,7 +78,7 @@ def test_gram_matrices_are_the_layer_inputs_second_moments(family, data):
     # reference for the first attention projection: its input is the first layer's normed hidden state
     xs = []
     with torch.no_grad():
-        from mergesearch.evaluate.loglik import encode_pair
+        from mergesearch.evaluate.jsonl import encode_pair
         for ctx, cont in ex:
             c, k = encode_pair(tok, ctx, cont)
             ids = torch.tensor([(c or [tok.bos_token_id]) + k][0][:-1]).unsqueeze(0)

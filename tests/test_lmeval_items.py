@@ -11,6 +11,7 @@ import pytest
 from mergesearch.cli import main
 from mergesearch.errors import MergeSearchError
 from mergesearch.evaluate import EvalConfig, build_evaluator
+from mergesearch.evaluate.reference import hflm_results
 
 from test_zoo_eval import zoo  # noqa: F401  (session fixture)
 
@@ -69,7 +70,7 @@ def test_metric_and_filter_are_the_ones_asked_for(task_dir, models):
     assert default.metric["gen_add"] == ("exact_match", "strict-match", True)  # first metric, first filter
     flex = build_evaluator(cfg(task_dir, ["gen_add"], dev_items=60, test_items=60,
                                metrics={"gen_add": "exact_match,flexible-extract"}))
-    out = flex.run(model, tok)
+    out = hflm_results(flex.cfg, model, tok)  # lm-eval's own HFLM on the same items
     res = out["results"]["gen_add"]
     assert flex.score(model, tok)["gen_add"] == res["exact_match,flexible-extract"]
     assert default.score(model, tok)["gen_add"] == res["exact_match,strict-match"] == 0.0  # no "####" ever
@@ -81,16 +82,17 @@ def test_metric_and_filter_are_the_ones_asked_for(task_dir, models):
 def test_every_candidate_sees_the_same_few_shot_examples(task_dir, models):
     ev = build_evaluator(cfg(task_dir, ["mc_max"], dev_items=20, test_items=20, num_fewshot=3))
     model, tok = models["base"]
-    task = ev.leaves["mc_max"][0]
     prompts = []
-    for _ in range(2):
-        ev.run(model, tok)
-        prompts.append(sorted({inst.args[0] for inst in task.instances}))
+    for _ in range(2):  # two candidates: the same requests, built once
+        ev.score(model, tok)
+        prompts.append(sorted({inst.args[0] for _, _, _, insts in ev.requests(model, tok, "mc_max") for inst in insts}))
     assert len(prompts[0]) == 20 and prompts[0] == prompts[1]
     assert all(p.count("max:") == 4 for p in prompts[0])  # three examples, then the item
+    # exactly the prompts lm-eval builds for its own HFLM with the same seed
+    ref = hflm_results(ev.cfg, model, tok, log_samples=True)
+    assert sorted({a[0] for s in ref["samples"]["mc_max"] for a in s["arguments"]}) == prompts[0]
     other = build_evaluator(cfg(task_dir, ["mc_max"], dev_items=20, test_items=20, num_fewshot=3, fewshot_seed=7))
-    other.run(model, tok)
-    assert sorted({inst.args[0] for inst in other.leaves["mc_max"][0].instances}) != prompts[0]
+    assert sorted({i.args[0] for _, _, _, insts in other.requests(model, tok, "mc_max") for i in insts}) != prompts[0]
 
 
 def test_lower_is_better_metrics_are_maximized(task_dir, models):
@@ -100,9 +102,9 @@ def test_lower_is_better_metrics_are_maximized(task_dir, models):
     assert ev.directions["ppl_add"]["score"] == "minus the metric (lower is better)"
     scores, ppl = {}, {}
     for name, (model, tok) in models.items():
-        ppl[name] = ev.run(model, tok)["results"]["ppl_add"]["word_perplexity,none"]
+        ppl[name] = hflm_results(ev.cfg, model, tok)["results"]["ppl_add"]["word_perplexity,none"]
         scores[name] = ev.score(model, tok)["ppl_add"]
-        assert scores[name] == -ppl[name] and ppl[name] > 1
+        assert scores[name] == pytest.approx(-ppl[name], rel=1e-6) and ppl[name] > 1
     assert ppl["base"] != ppl["ft_add"]
     # the search maximizes the score: the model it prefers is the one of lower perplexity
     assert max(scores, key=scores.get) == min(ppl, key=ppl.get)
@@ -116,7 +118,7 @@ def test_groups_share_their_counts_and_aggregate_like_lm_eval(task_dir, models):
     assert rec["count"] == 60 and set(rec["subtasks"]) == {"mc_max", "mc_add"}
     assert {k: r["count"] for k, r in rec["subtasks"].items()} == {"mc_max": 30, "mc_add": 30}
     model, tok = models["ft_add"]
-    res = ev.run(model, tok)["results"]
+    res = hflm_results(ev.cfg, model, tok)["results"]
     by_size = (res["mc_max"]["acc,none"] * 30 + res["mc_add"]["acc,none"] * 30) / 60
     assert ev.score(model, tok)["pair"] == pytest.approx(res["pair"]["acc,none"]) == pytest.approx(by_size)
 
@@ -188,7 +190,7 @@ def test_search_on_a_generation_task_scores_dev_and_exports_on_test(task_dir, zo
     test_ev = build_evaluator(EvalConfig.model_validate({**space["evaluator"], "split": "test"}))
     from mergesearch.models import load_model
     model, tok = load_model(Path(scores["model"]))
-    out = test_ev.run(model, tok)
+    out = hflm_results(test_ev.cfg, model, tok)
     assert out["n-samples"]["gen_add"]["effective"] == 60
     assert scores["test"]["merged"]["gen_add"] == out["results"]["gen_add"]["exact_match,flexible-extract"]
     shutil.rmtree(tmp_path / "results", ignore_errors=True)

@@ -177,7 +177,8 @@ def space(**over) -> SearchSpace:
 
 @pytest.mark.parametrize("over,message", [
     ({"methods": ["linear"], "refine": {}}, "refine: method linear is not in the task-vector family"),
-    ({"refine": {}, "evaluator": {"evaluator": "lmeval", "tasks": ["t"]}}, "refine: needs the built-in evaluator"),
+    ({"refine": {}, "evaluator": {"evaluator": "python", "tasks": ["t"], "function": "m:f"}},
+     "refine: the python evaluator has no items to train on"),
     ({"schedule": []}, "schedule: give at least one stage"),
     ({"schedule": ["model", "groups"]}, "schedule[1]: 'groups' is not model, groups:N or layer"),
     ({"schedule": ["model", "layers"]}, "schedule[1]: 'layers' is not model"),

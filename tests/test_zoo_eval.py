@@ -10,7 +10,7 @@ import torch
 
 from mergesearch.cli import main
 from mergesearch.evaluate import EvalConfig, build_evaluator
-from mergesearch.evaluate.loglik import LoglikEvaluator
+from mergesearch.evaluate.reference import hflm_scores
 from mergesearch.materialize import Materializer
 from mergesearch.recipe import from_dict
 from mergesearch.zoo.build import ZOO_TASKS, build_zoo, training_sampler
@@ -120,15 +120,20 @@ def test_base_has_latent_skills_and_finetunes_stay_close(zoo):
 
 
 @pytest.mark.slow
-def test_loglik_and_lmeval_agree_on_every_task_and_split(zoo):
+def test_jsonl_and_lmeval_yaml_tasks_agree_with_hflm_on_every_task_and_split(zoo):
+    """The JSONL files (read as inline lm-eval tasks), the zoo's lm-eval YAML tasks and
+    lm-eval's own HFLM give the same accuracies on the same items."""
     from mergesearch.models import load_model
     models = {name: load_model(zoo / name) for name in ("base", "ft_reverse", "ft_add")}
     for split in ("dev", "test"):
         cfg = EvalConfig(tasks=ZOO_TASKS, task_dir=str(zoo), split=split, limit=100)
-        ours_ev, theirs_ev = LoglikEvaluator(cfg), build_evaluator(cfg.model_copy(update={"evaluator": "lmeval"}))
+        jsonl_ev = build_evaluator(cfg.model_copy(update={"evaluator": "loglik"}))
+        yaml_ev = build_evaluator(cfg)
+        assert set(jsonl_ev.names.values()) == {f"jsonl_{t}_{split}" for t in ZOO_TASKS}
+        assert set(yaml_ev.names.values()) == {f"zoo_{t}_{split}" for t in ZOO_TASKS}
         for name, (model, tok) in models.items():
-            ours, theirs = ours_ev.score(model, tok), theirs_ev.score(model, tok)
-            assert ours == theirs, (name, split, ours, theirs)
+            ours, theirs = jsonl_ev.score(model, tok), yaml_ev.score(model, tok)
+            assert ours == theirs == hflm_scores(cfg, model, tok), (name, split, ours, theirs)
 
 
 @pytest.mark.slow
@@ -141,7 +146,7 @@ def test_lmeval_scores_follow_in_place_weight_change(zoo):
     mat.write_into(model, from_dict(dict(method="task_arithmetic", base=str(zoo / "base"),
                                          models=[{"path": str(zoo / "ft_max"), "parameters": {"weight": 1.0}}])))
     after = ev.score(model, tok)
-    assert ev._lm is not None and ev._wrapped is model  # the same HFLM, reused
+    assert ev._lm is not None and ev._model is model  # the same FastLM, its requests built once
     assert after["max"] >= 0.9 > before["max"]
     fresh_model, _ = load_model(zoo / "ft_max")
     assert after == build_evaluator(EvalConfig(evaluator="lmeval", tasks=["max", "add"], task_dir=str(zoo),

@@ -3,6 +3,10 @@
 An evaluator scores a model (an ``nn.Module`` whose weights may be replaced in
 place between calls) with its tokenizer: ``score(model, tokenizer)`` returns
 ``{task: value}``; ``aggregate(scores)`` is the weighted mean over tasks.
+
+``evaluator: lmeval`` (the default) and ``evaluator: loglik`` are the same engine
+(:mod:`mergesearch.evaluate.lmeval`); ``loglik`` only says that task names are the
+project's JSONL files first. ``python`` runs a user function.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Literal, Optional, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mergesearch.errors import MergeSearchError
 
@@ -30,8 +34,11 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    evaluator: Literal["loglik", "lmeval", "python"] = "loglik"
+    evaluator: Literal["loglik", "lmeval", "python"] = "lmeval"
     tasks: list[str] = Field(min_length=1)
+    # task -> {"dev": lm-eval task, "test": lm-eval task}: written as a task entry
+    # {dev: my_task_dev, test: my_task_test, name: my_task} (name: by default the dev task's, less "_dev")
+    pairs: dict[str, dict[str, str]] = {}
     task_dir: Optional[str] = None  # zoo root, JSONL folder, or lm-eval include path
     split: Literal["dev", "test"] = "dev"
     limit: Optional[int] = Field(default=None, ge=1)
@@ -54,6 +61,35 @@ class EvalConfig(BaseModel):
     apply_chat_template: bool = False
     system_instruction: Optional[str] = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_pairs(cls, data):
+        if not isinstance(data, dict) or not isinstance(data.get("tasks"), list):
+            return data
+        tasks, pairs = [], dict(data.get("pairs") or {})
+        for k, entry in enumerate(data["tasks"]):
+            if isinstance(entry, dict):
+                extra = sorted(set(entry) - {"dev", "test", "name"})
+                if extra or not isinstance(entry.get("dev"), str) or not isinstance(entry.get("test"), str):
+                    raise ValueError(f"tasks[{k}]: a task pair is {{dev: TASK, test: TASK, name: NAME}}"
+                                     + (f" (unknown key {extra[0]})" if extra else ""))
+                if entry["dev"] == entry["test"]:
+                    raise ValueError(f"tasks[{k}]: dev and test are the same task '{entry['dev']}'")
+                name = entry.get("name") or entry["dev"]
+                if not entry.get("name"):
+                    for suffix in ("_dev", "-dev", ".dev"):
+                        if name.endswith(suffix) and len(name) > len(suffix):
+                            name = name[:-len(suffix)]
+                            break
+                pairs[name] = {"dev": entry["dev"], "test": entry["test"]}
+                tasks.append(name)
+            else:
+                tasks.append(entry)
+        if len(set(tasks)) < len(tasks):
+            dup = next(t for t in tasks if tasks.count(t) > 1)
+            raise ValueError(f"task '{dup}' is listed twice")
+        return {**data, "tasks": tasks, "pairs": pairs}
+
     @field_validator("weights")
     @classmethod
     def _positive(cls, v):
@@ -74,8 +110,10 @@ class EvalConfig(BaseModel):
                 raise MergeSearchError(f"{where}: give {a} or {b}, not both")
         if (self.dev_fraction or 0) + (self.test_fraction or 0) > 1:
             raise MergeSearchError(f"{where}: dev_fraction + test_fraction exceed 1")
-        if self.metrics and self.evaluator != "lmeval":
-            raise MergeSearchError(f"{where}: metrics: only the lmeval evaluator has metrics to choose from")
+        if self.metrics and self.evaluator == "python":
+            raise MergeSearchError(f"{where}: metrics: the python evaluator has no metrics to choose from")
+        if self.pairs and self.evaluator == "python":
+            raise MergeSearchError(f"{where}: tasks: dev/test task pairs are lm-eval tasks, not the python evaluator's")
         if self.evaluator == "python" and not self.function:
             raise MergeSearchError(f"{where}: the python evaluator needs 'function: module:function'")
         return self
@@ -99,10 +137,7 @@ def weighted_mean(scores: dict[str, float], weights: dict[str, float]) -> float:
 
 def build_evaluator(cfg: EvalConfig, device: str = "cpu"):
     """The configured evaluator (task files are read and checked here, once)."""
-    if cfg.evaluator == "loglik":
-        from mergesearch.evaluate.loglik import LoglikEvaluator
-        return LoglikEvaluator(cfg, device=device)
-    if cfg.evaluator == "lmeval":
+    if cfg.evaluator in ("lmeval", "loglik"):
         from mergesearch.evaluate.lmeval import LmEvalEvaluator
         return LmEvalEvaluator(cfg, device=device)
     from mergesearch.evaluate.python import PythonEvaluator

@@ -1,28 +1,32 @@
-"""LmEvalEvaluator: lm-eval tasks by name, including local task folders.
+"""The evaluation engine: lm-eval defines every task, mergesearch computes.
 
-Task loading (the task index, datasets, prompts) happens once, in the constructor.
-One ``HFLM`` wraps the worker's model and is reused across candidates: the
-Materializer replaces the weights in place, and lm-eval reads them through the same
-module.
+One evaluator serves every task: an lm-eval task or group by name, a local lm-eval YAML in
+``task_dir``, a dev/test pair of lm-eval tasks, or the project's JSONL format (read as an
+inline lm-eval task, :mod:`mergesearch.evaluate.jsonl`). lm-eval builds the requests
+(prompts, few-shot examples, chat template, target delimiter, choices) and computes the
+metrics (``process_results``, filters, aggregation, groups); :class:`FastLM` computes the
+log-likelihoods, rolling log-likelihoods and greedy generations on the worker's model.
 
-Task names: any lm-eval task or group (standard ones work wherever their datasets are
-present offline), or a zoo task name (``reverse``), which maps to the zoo's local task
-``zoo_reverse_<split>`` under ``<task_dir>/tasks``.
+**Once per worker.** The tasks are loaded and their documents split in the constructor;
+the requests are built the first time a model is scored (few-shot examples drawn with
+``fewshot_seed``, so every candidate sees the same prompts) and tokenized once by FastLM.
+A candidate then costs its forward passes, the filters and the metrics.
 
-**Items.** A standard task has one evaluation split, so dev and test are item sets of
-it (:mod:`mergesearch.evaluate.items`): a seeded permutation of its documents, cut into
-disjoint dev and test sets; ``split`` picks which one is scored, through lm-eval's
-``samples``. A group's item counts are shared among its subtasks by size. Zoo tasks
-keep their own dev and test files, and counts apply on top. ``dev_from: validation``
-scores dev on a task's validation split and test on its test split.
+**Items.** A task with one evaluation split (gsm8k, arc_challenge, mmlu) is split by
+items (:mod:`mergesearch.evaluate.items`): a seeded permutation of its documents, cut into
+disjoint dev and test sets. A group's counts are shared among its subtasks by size. The
+zoo's tasks, JSONL files and ``{dev: ..., test: ...}`` pairs keep their own dev and test
+documents, and counts cap them. ``dev_from: validation`` scores dev on a task's
+validation split and test on its test split. A task's items are numbered in one flat
+order over its subtasks (``items``), so a rung of a multi-fidelity search is any subset
+of them, for every output type.
 
 **Metrics.** Per task ``metrics: {task: "metric,filter"}``; by default the task's first
 metric with its first filter. A metric whose ``higher_is_better`` is false (perplexity,
 bits per byte) is negated, so every score is maximized; ``directions`` says which.
 
 **Generation.** ``generate_until`` tasks decode greedily (``do_sample: false``), up to
-``max_gen_toks``; few-shot examples come from a sampler reseeded before every
-candidate, so all candidates see the same prompts.
+``max_gen_toks``.
 """
 
 from __future__ import annotations
@@ -87,26 +91,22 @@ def task_manager(include: str | None):
     return _MANAGERS[include]
 
 
-def _leaves(obj) -> list:
-    """The Task objects under one entry of lm-eval's task dict (a task, or a group)."""
-    from lm_eval.api.task import Task
-    if isinstance(obj, Task):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _leaves(v)]
-    if hasattr(obj, "get_all_tasks"):
-        return list(obj.get_all_tasks(recursive=True))
-    return []
-
-
 def _task_name(t) -> str:
     return t.config.task if getattr(t, "config", None) is not None else str(t)
 
 
+def _groups_and_tasks(loaded: dict) -> tuple[dict, dict, dict]:
+    """(groups, leaf tasks, group -> child names) of TaskManager.load's result."""
+    return loaded.get("groups", {}), loaded.get("tasks", {}), loaded.get("group_map", {})
+
+
 class LmEvalEvaluator:
+    """See the module docstring. ``score(model, tokenizer)`` -> {task: score};
+    ``score_items(model, tokenizer, {task: item indices})`` -> {task: per-item scores}."""
+
     def __init__(self, cfg: EvalConfig, device: str = "cpu"):
         quiet_lm_eval()
-        from lm_eval.tasks import get_task_dict
+        from mergesearch.evaluate.jsonl import lmeval_spec, task_file
 
         self.cfg = cfg
         self.tasks = list(cfg.tasks)
@@ -114,36 +114,71 @@ class LmEvalEvaluator:
         manager = task_manager(include_path(cfg))
         known = set(manager.all_tasks)
         self.names: dict[str, str] = {}
-        own: set[str] = set()  # tasks whose documents are this split's already (zoo files)
+        specs: list = []
+        own: set[str] = set()  # tasks whose documents are this split's already
         for task in self.tasks:
+            pair = cfg.pairs.get(task)
             zoo_name = f"zoo_{task}_{cfg.split}"
-            if zoo_name in known:
-                self.names[task] = zoo_name
+            if pair is not None:  # a dev task and a test task: no split imposed
+                name = pair[cfg.split]
+                if name not in known:
+                    raise MergeSearchError(f"evaluator: task '{task}': unknown lm-eval task '{name}' ({cfg.split})"
+                                           + (f" (not in lm-eval or {include_path(cfg)})" if cfg.task_dir else ""))
+                self.names[task], spec = name, name
+                own.add(task)
+            elif task.endswith(".jsonl") or (cfg.evaluator == "loglik" and zoo_name not in known):
+                path = task_file(cfg, task, cfg.split)
+                name = f"jsonl_{_slug(task)}_{cfg.split}"
+                self.names[task], spec = name, lmeval_spec(path, name)
+                own.add(task)
+            elif zoo_name in known:
+                self.names[task], spec = zoo_name, zoo_name
                 own.add(task)
             elif task in known:
-                self.names[task] = task
+                self.names[task], spec = task, task
             else:
-                raise MergeSearchError(f"unknown lm-eval task '{task}'"
-                                       + (f" (not in lm-eval or {include_path(cfg)})" if cfg.task_dir else ""))
+                try:  # the project's JSONL layout under task_dir
+                    path = task_file(cfg, task, cfg.split)
+                except MergeSearchError:
+                    raise MergeSearchError(f"unknown lm-eval task '{task}'"
+                                           + (f" (not in lm-eval or {include_path(cfg)})" if cfg.task_dir else ""))
+                name = f"jsonl_{_slug(task)}_{cfg.split}"
+                self.names[task], spec = name, lmeval_spec(path, name)
+                own.add(task)
+            specs.append(spec)
         try:
-            self.task_dict = get_task_dict(list(self.names.values()), manager)
+            loaded = manager.load(specs)
+        except MergeSearchError:
+            raise
         except Exception as e:  # dataset files missing or unreadable
             raise MergeSearchError(f"lm-eval could not load tasks {list(self.names.values())}: {e}") from None
-        entries = {(key if isinstance(key, str) else getattr(key, "group_name", str(key))): value
-                   for key, value in self.task_dict.items()}
-        self.leaves = {task: _leaves(entries[name]) for task, name in self.names.items()}
+        self.groups, self.leaf_tasks, group_map = _groups_and_tasks(loaded)
+
+        def leaves_of(name: str) -> list[str]:
+            if name in self.leaf_tasks:
+                return [name]
+            return [leaf for child in group_map.get(name, []) for leaf in leaves_of(child)]
+
+        self.leaves: dict[str, list] = {}
+        for task, name in self.names.items():
+            found = leaves_of(name)
+            if not found:
+                raise MergeSearchError(f"lm-eval task '{task}' has no subtasks to score")
+            self.leaves[task] = [self.leaf_tasks[n] for n in found]
         self.samples: dict[str, list[int]] = {}
         self.item_record: dict[str, dict] = {}
         self.metric: dict[str, tuple[str, str, bool]] = {}
-        for task, name in self.names.items():
+        self.items: dict[str, list[tuple[str, int]]] = {}  # task -> (leaf, position in its samples), flat
+        for task in self.tasks:
             leaves = self.leaves[task]
-            if not leaves:
-                raise MergeSearchError(f"lm-eval task '{task}' has no subtasks to score")
             self._configure(leaves, own_split=task in own)
-            self._choose_items(task, leaves, own_split=task in own)
+            self._choose_items(task, leaves, own_split=task in own, pair=task in cfg.pairs)
             self.metric[task] = self._metric(task, leaves)
+            self.items[task] = [(_task_name(t), k) for t in leaves for k in range(len(self.samples[_task_name(t)]))]
         self._lm = None
-        self._wrapped = None
+        self._model = None
+        self._requests: dict[str, dict[int, list]] = {}  # leaf -> position -> its instances, in order
+        self._docs: dict[str, list] = {}  # leaf -> its documents, by position
 
     # -- set-up --------------------------------------------------------------------------
     def _configure(self, leaves: list, own_split: bool) -> None:
@@ -166,7 +201,7 @@ class LmEvalEvaluator:
                 if cfg.split == "dev":  # score the validation documents
                     t.config.test_split = None
 
-    def _choose_items(self, task: str, leaves: list, own_split: bool) -> None:
+    def _choose_items(self, task: str, leaves: list, own_split: bool, pair: bool = False) -> None:
         cfg = self.cfg
         own = own_split or cfg.dev_from == "validation"  # documents that belong to this split only
         sizes = {_task_name(t): len(t.eval_docs) for t in leaves}
@@ -180,14 +215,15 @@ class LmEvalEvaluator:
             where = f"evaluator: task '{leaf}'"
             chosen = item_split.choose(n, cfg, cfg.split, leaf, where, own, shares[leaf] if shares else None)
             self.samples[leaf] = chosen
-            source = ("its own split file" if own_split else "its validation split" if own and cfg.split == "dev"
+            source = (f"its {cfg.split} task" if pair else "its own split file" if own_split
+                      else "its validation split" if own and cfg.split == "dev"
                       else "its test split" if own else "an item split of its documents")
             records[leaf] = item_split.record(chosen, n, cfg, cfg.split, source)
         if len(records) == 1:
             self.item_record[task] = next(iter(records.values()))
         else:
             self.item_record[task] = {"split": cfg.split, "count": sum(r["count"] for r in records.values()),
-                                "of": sum(r["of"] for r in records.values()), "subtasks": records}
+                                      "of": sum(r["of"] for r in records.values()), "subtasks": records}
 
     def _metric(self, task: str, leaves: list) -> tuple[str, str, bool]:
         t = leaves[0]
@@ -208,7 +244,6 @@ class LmEvalEvaluator:
                                    f"(it has: {', '.join(filters)})")
         return metric, filt, bool(hib.get(metric, True))
 
-    # -- scoring ---------------------------------------------------------------------------
     @property
     def directions(self) -> dict[str, dict]:
         """Per task: the metric and filter scored, and how the score relates to it."""
@@ -216,47 +251,254 @@ class LmEvalEvaluator:
                        "score": "the metric" if h else "minus the metric (lower is better)"}
                 for task, (m, f, h) in self.metric.items()}
 
+    def output_types(self) -> dict[str, set[str]]:
+        """Per task, the lm-eval output types of its subtasks."""
+        return {task: {t.OUTPUT_TYPE for t in leaves} for task, leaves in self.leaves.items()}
+
+    def request_counts(self) -> dict[str, int]:
+        """Per task, the requests its items make (a choice each for multiple choice, one
+        otherwise): what a refinement's cost is counted in, before any model is loaded."""
+        out = {}
+        for task, leaves in self.leaves.items():
+            n = 0
+            for t in leaves:
+                docs = t.eval_docs
+                for i in self.samples[_task_name(t)]:
+                    n += len(t.doc_to_choice(docs[i])) if t.OUTPUT_TYPE == "multiple_choice" else 1
+            out[task] = n
+        return out
+
     def aggregate(self, scores: dict[str, float]) -> float:
         return weighted_mean(scores, self.cfg.weights)
 
-    def _lm_for(self, model, tokenizer):
-        if self._wrapped is not model:
-            from lm_eval.models.huggingface import HFLM
-            check_tokenizer_fits(model, tokenizer, "evaluator")
-            device = str(next(model.parameters()).device)
-            self._lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.cfg.batch_size, device=device)
-            self._wrapped = model
+    # -- requests, once per model ------------------------------------------------------------
+    def lm(self, model, tokenizer):
+        """The FastLM on ``model`` with every request built (once per model object)."""
+        if self._model is model:
+            return self._lm
+        from mergesearch.evaluate.fastlm import FastLM
+        check_tokenizer_fits(model, tokenizer, "evaluator")
+        self._lm = FastLM(model, tokenizer, batch_size=self.cfg.batch_size)
+        self._model = model
+        self._build_requests()
         return self._lm
 
-    def run(self, model, tokenizer) -> dict:
-        """lm-eval's results for this split's items."""
-        from lm_eval.evaluator import evaluate
-
-        lm = self._lm_for(model, tokenizer)
+    def _build_requests(self) -> None:
+        cfg, lm = self.cfg, self._lm
+        chat = bool(cfg.apply_chat_template)
         for leaves in self.leaves.values():
             for t in leaves:
+                leaf = _task_name(t)
                 if hasattr(t, "set_fewshot_seed"):
-                    t.set_fewshot_seed(seed=self.cfg.fewshot_seed)
+                    t.set_fewshot_seed(seed=cfg.fewshot_seed)
+                t.build_all_requests(samples=self.samples[leaf], rank=0, world_size=1,
+                                     system_instruction=cfg.system_instruction, apply_chat_template=chat,
+                                     fewshot_as_multiturn=False, chat_template=lm.apply_chat_template if chat else None,
+                                     tokenizer_name=lm.tokenizer_name if chat else "")
+                by_doc: dict[int, list] = {}
+                for inst in t.instances:
+                    by_doc.setdefault(inst.doc_id, []).append(inst)
+                for v in by_doc.values():
+                    v.sort(key=lambda x: x.idx)
+                self._requests[leaf] = by_doc
+                self._docs[leaf] = [doc for _, doc in t.doc_iterator(rank=0, limit=None, world_size=1,
+                                                                     samples=self.samples[leaf])]
+
+    def requests(self, model, tokenizer, task: str) -> list[tuple[str, int, dict, list]]:
+        """(leaf, position, document, instances) of every item of ``task``, in item order."""
+        self.lm(model, tokenizer)
+        return [(leaf, k, self._docs[leaf][k], self._requests[leaf][k]) for leaf, k in self.items[task]]
+
+    # -- training data for refinement ------------------------------------------------------------
+    def training_items(self, model, tokenizer) -> dict[str, list[dict]]:
+        """Per task, each item as a refinement trains on it, tokenized as it is scored:
+        ``kind`` (``mc``, ``target``, ``gen``, ``rolling``), ``seqs`` (token ids of
+        context + continuation, and the continuation's length), and per kind: ``answer``
+        (the gold choice) and ``norm`` (the choices' lengths in characters when the task's
+        metric is acc_norm) for ``mc``; ``context`` and ``gen_args`` (the generation
+        request) for ``gen``, whose ``seqs`` hold the gold target (empty without one)."""
+        lm = self.lm(model, tokenizer)
+        limit = lm.max_length + 1
+        out: dict[str, list[dict]] = {}
+        for task in self.tasks:
+            metric = self.metric[task][0]
+            rows = []
+            for leaf, _, doc, insts in self.requests(model, tokenizer, task):
+                t = self.leaf_tasks[leaf]
+                kind = t.OUTPUT_TYPE
+                if kind == "multiple_choice":
+                    choices = t.doc_to_choice(doc)
+                    toks = [lm._pair(*i.args) for i in insts[:len(choices)]]
+                    rows.append({"kind": "mc", "seqs": [((c + x)[-limit:], len(x)) for c, x in toks],
+                                 "answer": _gold(t, doc, choices),
+                                 "norm": [float(len(c)) for c in choices] if metric == "acc_norm" else None})
+                elif kind == "loglikelihood":
+                    c, x = lm._pair(*insts[0].args)
+                    rows.append({"kind": "target", "seqs": [((c + x)[-limit:], len(x))], "answer": 0})
+                elif kind == "generate_until":
+                    ctx = insts[0].args[0]
+                    target = _target_text(t, doc)
+                    seqs = []
+                    if target:
+                        c, x = lm._pair(ctx, target)
+                        seqs = [((c + x)[-limit:], len(x))]
+                    rows.append({"kind": "gen", "seqs": seqs, "context": ctx, "gen_args": insts[0].args, "answer": 0})
+                elif kind == "loglikelihood_rolling":
+                    rows.append({"kind": "rolling", "answer": 0,
+                                 "seqs": [(list(c) + list(x), len(x)) for c, x in lm._windows(insts[0].args[0])]})
+            out[task] = rows
+        return out
+
+    # -- scoring -------------------------------------------------------------------------------
+    def _respond(self, lm, instances: list) -> None:
+        """Compute every instance's response, grouped by request type (one batched call each)."""
+        by_type: dict[str, list] = {}
+        for inst in instances:
+            inst.resps = []
+            inst.filtered_resps = {}
+            by_type.setdefault(inst.request_type, []).append(inst)
+        for kind, reqs in by_type.items():
+            if kind == "loglikelihood":
+                out = lm.loglikelihood_pairs([r.args for r in reqs])
+            elif kind == "loglikelihood_rolling":
+                out = lm.rolling_strings([r.args[0] for r in reqs])
+            elif kind == "generate_until":
+                out = lm.generate_strings([r.args for r in reqs])
+            else:
+                raise MergeSearchError(f"evaluator: lm-eval request type '{kind}' is not supported")
+            for r, x in zip(reqs, out):
+                r.resps.extend([x] * r.repeats)
+
+    def _raw_metrics(self, model, tokenizer, subset: dict[str, list[int]]) -> dict:
+        """lm-eval's per-document metrics of the ``subset`` items: {leaf: {(metric, filter):
+        [value per document]}} and, per task, the (leaf, row) of each asked item."""
+        lm = self.lm(model, tokenizer)
+        wanted: dict[str, list[int]] = {}
+        where: dict[str, list[tuple[str, int]]] = {}
+        for task, ks in subset.items():
+            where[task] = []
+            for k in ks:
+                leaf, pos = self.items[task][k]
+                rows = wanted.setdefault(leaf, [])
+                where[task].append((leaf, len(rows)))
+                rows.append(pos)
+        instances = [inst for leaf, ps in wanted.items() for p in ps for inst in self._requests[leaf][p]]
         was_training = model.training
         model.eval()
         try:
-            out = evaluate(lm, self.task_dict, samples=self.samples, bootstrap_iters=0, log_samples=False,
-                           verbosity="ERROR", apply_chat_template=self.cfg.apply_chat_template,
-                           system_instruction=self.cfg.system_instruction)
+            self._respond(lm, instances)
         finally:
             if was_training:
                 model.train()
-        return out
+        raw: dict[str, dict] = {}
+        for leaf, ps in wanted.items():
+            t = self.leaf_tasks[leaf]
+            mine = [inst for p in ps for inst in self._requests[leaf][p]]
+            for f in getattr(t, "_filters", []):
+                f.apply(mine)
+            metrics: dict = {}
+            for p in ps:
+                reqs = self._requests[leaf][p]
+                for fkey in reqs[0].filtered_resps:
+                    for m, v in t.process_results(self._docs[leaf][p], [r.filtered_resps[fkey] for r in reqs]).items():
+                        metrics.setdefault((m, fkey), []).append(v)
+            raw[leaf] = metrics
+        return {"raw": raw, "where": where}
 
-    def score(self, model, tokenizer) -> dict[str, float]:
-        results = self.run(model, tokenizer)["results"]
+    def combine(self, raw: dict[str, dict]) -> dict[str, float]:
+        """Per task, lm-eval's aggregate of the per-document metrics in ``raw`` ({leaf:
+        {(metric, filter): values}}): each subtask's aggregation, then its groups'."""
+        from collections import defaultdict
+
+        from lm_eval.evaluator_utils import _process_results
+
+        acc = {}
+        for leaf, metrics in raw.items():
+            d = defaultdict(list)
+            for key, vals in metrics.items():
+                d[key].extend(vals)
+            acc[leaf] = {"task": self.leaf_tasks[leaf], "raw_metrics": d, "logged_samples": []}
+        names = set(raw)
+        groups = {g: grp for g, grp in self.groups.items()}
+        results = _process_results(acc, groups, bootstrap_iters=0).metrics
         scores = {}
         for task, name in self.names.items():
+            if not any(_task_name(t) in names for t in self.leaves[task]):
+                continue
             metric, filt, higher = self.metric[task]
             key = f"{metric},{filt}"
             value = (results.get(name) or {}).get(key)
             if not isinstance(value, (int, float)):  # a group without its own aggregate: by size
-                parts = [(results[_task_name(t)][key], len(self.samples[_task_name(t)])) for t in self.leaves[task]]
+                parts = [(results[_task_name(t)][key], len(raw[_task_name(t)][(metric, filt)]))
+                         for t in self.leaves[task] if _task_name(t) in names]
                 value = sum(v * n for v, n in parts) / max(1, sum(n for _, n in parts))
             scores[task] = float(value) if higher else -float(value)
         return scores
+
+    def item_values(self, task: str, leaf: str, values: list) -> list[float]:
+        """Per-document scores for pruning: the metric's own value where the task's
+        aggregation is a mean, else the aggregation of that one document (a document's
+        perplexity), negated where lower is better."""
+        metric, _, higher = self.metric[task]
+        agg = self.leaf_tasks[leaf].aggregation().get(metric)
+        from lm_eval.api.metrics import mean
+        sign = 1.0 if higher else -1.0
+        if agg is mean or getattr(agg, "__name__", "") == "mean":
+            return [sign * float(v) for v in values]
+        return [sign * float(agg([v])) for v in values]
+
+    def score(self, model, tokenizer) -> dict[str, float]:
+        subset = {task: list(range(len(v))) for task, v in self.items.items()}
+        return self.combine(self._raw_metrics(model, tokenizer, subset)["raw"])
+
+    def score_subset(self, model, tokenizer, subset: dict[str, list[int]], keep: dict | None = None
+                     ) -> tuple[dict[str, list[float]], dict[str, float]]:
+        """Per-item scores of ``subset`` (task -> item indices, in its order), and the
+        tasks' lm-eval scores over those items plus any kept in ``keep`` (a dict a trial's
+        rungs share: the per-document metrics so far are added to it)."""
+        out = self._raw_metrics(model, tokenizer, subset)
+        raw, where = out["raw"], out["where"]
+        per_item = {}
+        for task, locs in where.items():
+            metric, filt, _ = self.metric[task]
+            per_item[task] = [self.item_values(task, leaf, [raw[leaf][(metric, filt)][row]])[0]
+                              for leaf, row in locs]
+        if keep is not None:
+            for leaf, metrics in raw.items():
+                mine = keep.setdefault(leaf, {})
+                for key, vals in metrics.items():
+                    mine.setdefault(key, []).extend(vals)
+            raw = keep
+        return per_item, self.combine(raw)
+
+    def score_items(self, model, tokenizer, subset: dict[str, list[int]]) -> dict[str, list[float]]:
+        """Per-item scores of ``subset`` (task -> item indices), in its order; only those
+        items are run through the model."""
+        return self.score_subset(model, tokenizer, subset)[0]
+
+
+def _gold(task, doc, choices: list) -> int:
+    """The gold choice's index, as lm-eval's multiple-choice ``process_results`` reads it
+    (the first of several golds)."""
+    gold = task.doc_to_target(doc)
+    if isinstance(gold, list):
+        gold = gold[0] if gold else -1
+    if isinstance(gold, str):
+        gold = choices.index(gold) if gold in choices else int(gold) if gold.strip().isdigit() else -1
+    return int(gold) if 0 <= int(gold) < len(choices) else -1
+
+
+def _target_text(task, doc) -> str:
+    """A generation task's gold continuation: its target delimiter and its target (the
+    first of several)."""
+    target = task.doc_to_target(doc)
+    if isinstance(target, list):
+        target = target[0] if target else ""
+    if target is None or target == "":
+        return ""
+    return f"{task.config.target_delimiter}{target}"
+
+
+def _slug(task: str) -> str:
+    import re
+    return re.sub(r"[^A-Za-z0-9]+", "_", Path(task).stem if task.endswith(".jsonl") else task).strip("_") or "task"

@@ -132,6 +132,14 @@ class Controller(RunLifecycle):
                 raise MergeSearchError(f"{self.space_path}: budget.items: the '{self.space.evaluator.evaluator}' "
                                        "evaluator does not count its items; give budget.n_trials")
             self.n_trials = self.space.budget.items / self.n_dev_items  # in trial-equivalents
+        if self.space.refine is not None:  # a task the refinement cannot train on: one line, before any work
+            from mergesearch.refine import untrainable
+            skip = untrainable(ev.output_types(), self.space.refine.model_dump())
+            if len(skip) == len(ev.tasks):
+                raise MergeSearchError(f"{self.space_path}: refine: no task to train on: "
+                                       + "; ".join(f"task '{t}': {w}" for t, w in skip.items()))
+            for t, why in skip.items():
+                log.warning("refine: task '%s' is scored but not trained on: %s", t, why)
         self.refine_reserve = self._refine_reserve(ev)
         self.seed_recipe = self._seed_recipe() if self.space.seed_from else None
         self._check_budget(self._n_baselines())
@@ -171,7 +179,7 @@ class Controller(RunLifecycle):
             return 0
         from mergesearch.refine import estimate_cost
         n_items = sum(len(v) for v in ev.items.values())
-        n_seqs = sum(len(it.get("choices", [0])) for v in ev.items.values() for it in v)
+        n_seqs = sum(ev.request_counts().values())
         per = math.ceil(estimate_cost(cfg.model_dump(), n_items, n_seqs, len(self.space.models)) - 1e-9) + 1
         return cfg.top * per
 
@@ -650,7 +658,7 @@ class Controller(RunLifecycle):
         (``_finish`` stores it)."""
         p = self.progress[t.number]
         first = p.rung
-        p.add(res.extra.get("item_scores") or {})
+        p.add(res.extra.get("item_scores") or {}, res.extra.get("task_scores"))
         p.materialize_s += res.timings.get("materialize_s", 0.0)
         p.eval_s += res.timings.get("eval_s", 0.0)
         p.writes += int(bool(res.extra.get("wrote")))

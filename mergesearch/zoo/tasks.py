@@ -135,7 +135,7 @@ def make_items(task: str, n: int, seed: int, exclude: set[str] | None = None) ->
 def write_lmeval_examples(root: Path, templates: Path, n_docs: int = 160) -> dict[str, Path]:
     """lm-eval task files over the zoo's skills, each with one evaluation split (as real
     benchmarks have): a gsm8k-style generation task, arc-style multiple choice, a
-    perplexity task, a group and a too-small task. ``templates`` holds the YAMLs with
+    hellaswag-style task (process_docs), a perplexity task, a group and a too-small task. ``templates`` holds the YAMLs with
     ``__DATA__`` where the data folder goes. The items are drawn with seeds the zoo's own
     splits do not use. Returns the JSONL file of each task."""
     import json
@@ -151,11 +151,16 @@ def write_lmeval_examples(root: Path, templates: Path, n_docs: int = 160) -> dic
             "mc_max": arc(mx), "mc_add": arc(add), "tiny": arc(mx[:3]),
             "ppl_add": [{"text": it["context"] + it["choices"][it["answer"]]} for it in add],
             "loglik_max": mx,  # the same items as mc_max, in the built-in scorer's format
-            "vt_max_validation": arc(mx[:60]), "vt_max_test": arc(mx[60:])}
+            "vt_max_validation": arc(mx[:60]), "vt_max_test": arc(mx[60:]),
+            # hellaswag's layout: the context in two parts, endings, the label as a string
+            "hs_add": [{"ctx_a": it["context"].split("=")[0].strip(), "ctx_b": "=", "endings": it["choices"],
+                        "label": str(it["answer"])} for it in add]}
     files = {}
     for name, rows in data.items():
         files[name] = root / f"{name}.jsonl"
         files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
     for t in Path(templates).glob("*.yaml"):
         (root / t.name).write_text(t.read_text().replace("__DATA__", str(root)))
+    for t in Path(templates).glob("*.py"):  # process_docs and other !function helpers
+        (root / t.name).write_text(t.read_text())
     return files
