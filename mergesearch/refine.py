@@ -291,16 +291,14 @@ def _teacher_targets(mat, model, recipe, names: list[str], targets: dict, items:
                 gens = [r for r in rows if id(r) in {id(g) for g in gen_rows[task]}]
                 sure, n_gen = 0.0, 0
                 if gens and lm is not None:
-                    texts = lm.generate_strings([r.gen["gen_args"] for r in gens])
-                    pairs = [(r.gen["context"], t) for r, t in zip(gens, texts)]
-                    scored = lm.loglikelihood_pairs([p for p in pairs if p[1]])
-                    it = iter(scored)
-                    for r, (ctx, text) in zip(gens, pairs):
+                    made = lm.generate_with_tokens([r.gen["gen_args"] for r in gens])
+                    rows_ = [(list(c) or [lm.prefix_token_id], list(x)) for _, c, x in made if x]
+                    scored = iter(lm._run(lm._plan(rows_, share=False), len(rows_)) if rows_ else [])
+                    for r, (text, c, x) in zip(gens, made):
                         seq = None
-                        if text:
-                            c, x = lm._pair(ctx, text)
-                            seq = ((c + x)[-(lm.max_length + 1):], len(x))
-                            sure += next(it)[0] / max(1, len(x))
+                        if x:  # the teacher's own tokens, as it generated them
+                            seq = ((list(c) or [lm.prefix_token_id]) + list(x))[-(lm.max_length + 1):], len(x)
+                            sure += next(scored)[0] / len(x)
                             n_gen += 1
                         outputs.setdefault(id(r), [None] * len(recipe.models))[i] = (seq, text)
                         if id(r) in train and r.gold and text.strip() == lm.tok_decode(r.seqs[0][0][-r.seqs[0][1]:]).strip():

@@ -15,8 +15,9 @@ its trial-equivalents) and 3 seeds:
   refinement of the best candidate);
 - **mergesearch**: search_spaces/demo.yaml, every lever and the normalized objective
   (its refinement per tensor and per output row, distilled from the source models); the
-  same with the refinement per tensor only (``rows: false``); and with the refinement's
-  loss set to ``choice`` (the labels).
+  same with the refinement per tensor only (``rows: false``); with the refinement's
+  loss set to ``choice`` (the labels); and through the zoo's JSONL files instead of its
+  lm-eval YAML tasks (``evaluator: loglik``: the same engine, so the same result).
 
 For each: the test mean, the normalized test mean (each task over the best source
 model's test score on it) and the worst task of the best-on-dev candidate, as mean and
@@ -159,6 +160,10 @@ def main() -> int:
     # the same, its refinement trained on the labels (the correct choice) instead
     spaces["mergesearch, refine loss choice"] = lambda seed: demo.model_copy(
         update={"seed": seed, "refine": demo.refine.model_copy(update={"loss": "choice"})})
+    # the same space read through the zoo's JSONL files instead of its lm-eval YAML tasks:
+    # one engine, so the two must agree (within 0.01 on the test mean)
+    spaces["mergesearch, JSONL tasks"] = lambda seed: demo.model_copy(
+        update={"seed": seed, "evaluator": demo.evaluator.model_copy(update={"evaluator": "loglik"})})
     if args.only:
         spaces = {k: v for k, v in spaces.items() if k in args.only}
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
@@ -213,6 +218,11 @@ def main() -> int:
             evo = stat(results["evolve-style CMA-ES"])[0]
             results["margin_vs_evolve"] = ours - evo
             print(f"mergesearch - evolve-style CMA-ES: {ours - evo:+.3f} on the test mean (target +0.05)")
+        if "mergesearch, JSONL tasks" in results:
+            jsonl = stat(results["mergesearch, JSONL tasks"])[0]
+            results["jsonl_minus_lmeval"] = jsonl - ours
+            print(f"JSONL tasks - lm-eval YAML tasks: {jsonl - ours:+.4f} on the test mean (target within 0.01: "
+                  f"{'met' if abs(jsonl - ours) <= 0.01 else 'MISSED'})")
         below = [(r["seed"], t) for r in results["mergesearch"] for t, v in r["test"]["tasks"].items()
                  if v < base_test[t]]
         print("tasks below the base model's score: " + (", ".join(f"seed {s} {t}" for s, t in below) or "none"))

@@ -201,7 +201,7 @@ def test_a_generation_task_is_refined_on_gold_targets_and_by_distillation(task_d
         assert stats["teachers"] == {"gen_add": 0}  # ft_add is surest of its own sums
     mat.write_into(model, refined)
     after = build_evaluator(ev.cfg).score(model, tok)["gen_add"]
-    assert after > before, (before, after)
+    assert after >= before + 0.3, (before, after)  # measured: 0.016 -> 0.97 (gold), 0.98 (distill)
 
 
 def test_a_task_a_refinement_cannot_train_on_is_named(task_dir):
@@ -219,9 +219,9 @@ def test_search_with_pruning_and_refinement_on_every_output_type(task_dir, zoo, 
     type, two workers, then export: the dev re-score matches and test items are disjoint."""
     import yaml
     monkeypatch.chdir(tmp_path)
-    ev = {"evaluator": "lmeval", "tasks": ["mc_add", "hs_add", "pair", "gen_add", "ppl_add"],
+    ev = {"evaluator": "lmeval", "tasks": ["hs_add", "pair", "gen_add", "ppl_add"],
           "task_dir": str(task_dir), "dev_items": 24, "test_items": 40, "batch_size": 32, "max_gen_toks": 3,
-          "num_fewshot": 0, "metrics": {"mc_add": "acc_norm", "hs_add": "acc_norm",
+          "num_fewshot": 0, "metrics": {"hs_add": "acc_norm",
                                         "gen_add": "exact_match,flexible-extract", "ppl_add": "bits_per_byte"}}
     space = {"base": str(zoo / "base"), "models": [str(zoo / "ft_add"), str(zoo / "ft_max")], "evaluator": ev,
              "methods": ["ties"], "scale": True, "parameters": {"weight": {"low": 0.0, "high": 1.0}, "density": 0.8},
@@ -236,7 +236,9 @@ def test_search_with_pruning_and_refinement_on_every_output_type(task_dir, zoo, 
     assert scores["dev"]["verified"]  # the exported weights re-score their stored dev scores
     for task in ev["tasks"]:
         d, t = scores["items"]["dev"][task], scores["items"]["test"][task]
-        assert d["count"] == 24 and t["count"] == 40 and d["sha256"] != t["sha256"]
+        assert d["count"] == 24 and t["count"] == 40
+        for rd, rt in ([(d, t)] if "sha256" in d else zip(d["subtasks"].values(), t["subtasks"].values())):
+            assert rd["sha256"] != rt["sha256"]
     # the test documents are disjoint from the dev documents, as lm-eval numbers them
     dev_ev = build_evaluator(EvalConfig.model_validate(ev))
     test_ev = build_evaluator(EvalConfig.model_validate({**ev, "split": "test"}))

@@ -256,9 +256,16 @@ class FastLM(HFLM):
         return self.generate_strings([r.args for r in requests])
 
     def generate_strings(self, args: list[tuple[str, dict]]) -> list[str]:
+        return [text for text, _, _ in self.generate_with_tokens(args)]
+
+    def generate_with_tokens(self, args: list[tuple[str, dict]]) -> list[tuple[str, list[int], list[int]]]:
+        """Per request: the text (cut at its first stop sequence, as HFLM cuts it), the
+        context's token ids, and the generated token ids before the stop (what a
+        sequence-level distillation trains on: decoding and encoding again need not give
+        the same tokens)."""
         from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-        out: list[str | None] = [None] * len(args)
+        out: list = [None] * len(args)
         by_kwargs: dict = {}
         for i, (ctx, gen) in enumerate(args):
             by_kwargs.setdefault(repr(sorted(gen.items())), []).append(i)
@@ -274,8 +281,19 @@ class FastLM(HFLM):
             for s in range(0, len(members), int(self.batch_size)):
                 chunk = members[s:s + int(self.batch_size)]
                 for i, toks in zip(chunk, self._greedy([enc[i] for i in chunk], max_gen, until)):
-                    out[i] = postprocess_generated_text(self.tok_decode(toks), until, None)
-        return out  # type: ignore[return-value]
+                    text = postprocess_generated_text(self.tok_decode(toks), until, None)
+                    out[i] = (text, enc[i], self._kept(toks, until))
+        return out
+
+    def _kept(self, toks: list[int], until: list[str]) -> list[int]:
+        """The generated tokens before EOS and before the first token at which the decoded
+        text holds a stop sequence."""
+        eos = self.tokenizer.eos_token_id
+        stops = [u for u in until if u]
+        for k in range(len(toks)):
+            if toks[k] == eos or (stops and any(u in self.tok_decode(toks[:k + 1]) for u in stops)):
+                return toks[:k]
+        return list(toks)
 
     def _context(self, string: str, max_ctx: int) -> list[int]:
         key = ("gen", string, max_ctx)
