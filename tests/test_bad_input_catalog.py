@@ -169,6 +169,26 @@ def c_eval_jsonl(t, f, o, z):
     return ["eval", z / "ft_add", "--tasks", "add", "--task-dir", t, "--out", t / "e.json"], [t / "e.json"]
 
 
+def c_eval_mixed_jsonl(t, f, o, z):
+    (t / "m.jsonl").write_text('{"context": "a", "target": "b"}\n{"context": "a", "choices": ["b", "c"], "answer": 0}\n')
+    return ["eval", z / "ft_add", "--tasks", t / "m.jsonl", "--out", t / "e.json"], [t / "e.json"]
+
+
+def c_eval_pair_task(t, f, o, z):
+    conf = write(t / "e.yaml", {"tasks": [{"dev": "zoo_add_dev", "test": "nope"}], "task_dir": str(z),
+                                "split": "test"})
+    return ["eval", z / "ft_add", "--config", conf, "--out", t / "e.json"], [t / "e.json"]
+
+
+def c_search_refine_untrainable(t, f, o, z):
+    data = t / "data" / "sums"
+    data.mkdir(parents=True)
+    (data / "dev.jsonl").write_text('{"context": "add:1+2=", "target": "3"}\n{"context": "add:2+2=", "target": "4"}\n')
+    s = space_dict(z, evaluator={"evaluator": "loglik", "tasks": ["sums"], "task_dir": str(t)},
+                   refine={"loss": "entropy"}, budget={"n_trials": 400})
+    return ["search", write(t / "s.yaml", s), "--run", "r"], [t / "results" / "r"]
+
+
 def c_eval_model(t, f, o, z):
     return ["eval", t / "nomodel", "--tasks", "add", "--task-dir", z, "--out", t / "e.json"], [t / "e.json"]
 
@@ -218,9 +238,15 @@ CASES = [
     ("soup-unrelated", c_soup_unrelated, ["does not share a base with", "--allow-unrelated"]),
     ("soup-last-n-without-n", c_soup_n, ["--strategy last-n needs --n K"]),
     ("soup-test-split", c_soup_split, ["split: test: soups select on dev and report on test"]),
-    ("eval-missing-task", c_eval_task, ["task file not found (task 'nosuch', split 'dev')"]),
+    ("eval-missing-task", c_eval_task, ["unknown task 'nosuch': not in lm-eval or", "task file not found (task "
+                                        "'nosuch', split 'dev')"]),
     ("eval-malformed-jsonl", c_eval_jsonl, ["dev.jsonl:2: malformed JSON line"]),
     ("eval-missing-model", c_eval_model, ["nomodel: no such file or directory"]),
+    ("eval-mixed-jsonl", c_eval_mixed_jsonl, ["m.jsonl: mixes multiple-choice and target items (item 2 differs "
+                                              "from item 1)"]),
+    ("eval-unknown-pair-task", c_eval_pair_task, ["evaluator: task 'zoo_add': unknown lm-eval task 'nope' (test)"]),
+    ("search-refine-untrainable", c_search_refine_untrainable,
+     ["s.yaml: refine: no task to train on: task 'sums': its items have no choices for the entropy loss"]),
     ("curvature-unknown-kind", c_curvature_kind, ["--kind: 'hessian' is not one of"]),
     ("curvature-too-many-examples", c_curvature_n, ["--n-examples 999 but the file has 200 items"]),
     ("export-unknown-run", c_export_run, ["nosuchrun: no such run"]),

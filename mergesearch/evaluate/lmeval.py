@@ -139,9 +139,9 @@ class LmEvalEvaluator:
             else:
                 try:  # the project's JSONL layout under task_dir
                     path = task_file(cfg, task, cfg.split)
-                except MergeSearchError:
-                    raise MergeSearchError(f"unknown lm-eval task '{task}'"
-                                           + (f" (not in lm-eval or {include_path(cfg)})" if cfg.task_dir else ""))
+                except MergeSearchError as e:
+                    where = f" or {include_path(cfg)}" if cfg.task_dir else ""
+                    raise MergeSearchError(f"unknown task '{task}': not in lm-eval{where}, and {e}") from None
                 name = f"jsonl_{_slug(task)}_{cfg.split}"
                 self.names[task], spec = name, lmeval_spec(path, name)
                 own.add(task)
