@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -275,6 +276,13 @@ def _export_and_print(run: str, trial, storage, device: str | None = None) -> No
     for p, s in res["test"]["sources"].items():
         typer.echo(f"{Path(p).name[:28]:<28}" + "".join(f"{s['scores'][t]:>11.4f}" for t in tasks)
                    + f"{s['aggregate']:>9.4f}")
+    mon = res.get("monitor")
+    if mon:
+        mt = list(mon["merged"])
+        typer.echo(f"{'monitor (test, never optimized)':<32}" + "".join(f"{t[:10]:>11}" for t in mt))
+        typer.echo(f"{'merged':<32}" + "".join(f"{mon['merged'][t]:>11.4f}" for t in mt))
+        for p, s in mon["sources"].items():
+            typer.echo(f"{Path(p).name[:32]:<32}" + "".join(f"{s[t]:>11.4f}" for t in mt))
 
 
 @app.command()
@@ -408,6 +416,18 @@ def leaderboard(
     if refined:
         typer.echo("a refined trial's dev scores include the dev items it was trained on; held_out is its "
                    "accuracy on those it never saw (its test score, at export, is on neither)")
+    mon_floors = ((study.user_attrs.get("space") or {}).get("monitor") or {}).get("floors") or {}
+    if mon_floors:
+        typer.echo("monitor tasks (never optimized; a candidate below a floor is infeasible): "
+                   + ", ".join(f"dev:{t} >= {v:g}" for t, v in mon_floors.items()))
+    exported = Path("results") / run / "scores.json"
+    if exported.exists():
+        mon = json.loads(exported.read_text()).get("monitor")
+        if mon:
+            typer.echo(f"monitor tasks on test, exported trial {json.loads(exported.read_text()).get('trial')}: "
+                       + ", ".join(f"{t} {v:.4f}" for t, v in mon["merged"].items()) + "; sources: "
+                       + "; ".join(f"{Path(p).name} " + ", ".join(f"{v:.4f}" for v in s.values())
+                                   for p, s in mon["sources"].items()))
     for task, d in (study.user_attrs.get("metrics") or {}).items():
         if not d.get("higher_is_better", True):
             typer.echo(f"dev:{task} is minus {d['metric']} ({d['filter']}): lower {d['metric']} is better, "

@@ -46,6 +46,10 @@ def export_run(run: str, trial: str | int | None = None, storage_url: str | None
     device = _export_device(label, t.user_attrs.get("scored_on") or "cpu", device)
     space = study.user_attrs.get("space") or {}
     eval_cfg = EvalConfig.model_validate(space.get("evaluator") or study.user_attrs.get("evaluator"))
+    monitor = None
+    if space.get("monitor"):
+        from mergesearch.space import MonitorConfig
+        monitor = MonitorConfig.model_validate(space["monitor"])
     out = root / run
     out.mkdir(parents=True, exist_ok=True)
     _clean_leftovers(out)
@@ -55,7 +59,7 @@ def export_run(run: str, trial: str | int | None = None, storage_url: str | None
     stage = out / f".export-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
-        result = _export_staged(run, t, label, recipe, eval_cfg, stage, out, device)
+        result = _export_staged(run, t, label, recipe, eval_cfg, stage, out, device, monitor)
         replace_dir(stage / "model", out / "model", force=True)
         if (stage / "best_row_scales").exists():  # before the recipe that names them
             replace_dir(stage / "best_row_scales", out / "best_row_scales", force=True)
@@ -95,7 +99,8 @@ def _clean_leftovers(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _export_staged(run: str, t, label: str, recipe: Recipe, eval_cfg, stage: Path, out: Path, device: str) -> dict:
+def _export_staged(run: str, t, label: str, recipe: Recipe, eval_cfg, stage: Path, out: Path, device: str,
+                   monitor=None) -> dict:
     from mergesearch.models import load_model
     from mergesearch.evaluate import build_evaluator
     from mergesearch.merge import open_plan, stream_merge
@@ -123,18 +128,29 @@ def _export_staged(run: str, t, label: str, recipe: Recipe, eval_cfg, stage: Pat
             os.kill(os.getpid(), signal.SIGKILL)
     stream_merge(plan, model_dir, device=device, progress=progress)
 
-    dev_ev = build_evaluator(eval_cfg.model_copy(update={"split": "dev"}))
+    dev_cfg = eval_cfg
+    if monitor is not None:  # what the trials were scored on: monitor tasks with floors too
+        from mergesearch.space import scoring_config
+        dev_cfg = scoring_config(eval_cfg, monitor)
+    dev_ev = build_evaluator(dev_cfg.model_copy(update={"split": "dev"}))
     test_ev = build_evaluator(eval_cfg.model_copy(update={"split": "test"}))
     model, tok = load_model(model_dir, device=device, trust_remote_code=eval_cfg.trust_remote_code)
     dev_again = dev_ev.score(model, tok)
     verified = dev_again == dev_stored
     test_scores = test_ev.score(model, tok)
+    mon_ev = None
+    if monitor is not None:  # what the merge forgets outside its objective, on test items
+        from mergesearch.space import monitor_config
+        mon_ev = build_evaluator(monitor_config(eval_cfg, monitor, "test"))
+        mon_scores = {"merged": mon_ev.score(model, tok), "sources": {}}
     sources = {}
     for path in [recipe.base] + [m.path for m in recipe.models] if recipe.base else [m.path for m in recipe.models]:
         if path in sources:
             continue
         m, tk = load_model(Path(path), device=device, trust_remote_code=eval_cfg.trust_remote_code)
         sources[path] = test_ev.score(m, tk)
+        if mon_ev is not None:
+            mon_scores["sources"][path] = mon_ev.score(m, tk)
     result = {
         "run": run,
         "trial": label,
@@ -148,6 +164,9 @@ def _export_staged(run: str, t, label: str, recipe: Recipe, eval_cfg, stage: Pat
         "metrics": getattr(test_ev, "directions", None),
         "model": str(out / "model"),
     }
+    if mon_ev is not None:
+        result["monitor"] = {**mon_scores, "floors": dict(monitor.floors), "items": mon_ev.item_record,
+                             "metrics": mon_ev.directions}
     if not verified:
         log.warning("export: re-scored dev %s differs from the stored %s", dev_again, dev_stored)
     with atomic_file(stage / "scores.json") as f:  # no timings: a repeated export writes the same bytes
@@ -184,6 +203,19 @@ def model_card(recipe: Recipe, result: dict, tasks: list[str]) -> str:
     dev = result["dev"]["stored"]
     if dev:
         lines.append("| merged (dev, searched on) | " + " | ".join(f"{dev[t]:.4f}" for t in tasks) + " | |")
+    mon = result.get("monitor")
+    if mon:
+        mt = list(mon["merged"])
+        lines += ["", "## Monitor tasks (test; never optimized)", "",
+                  "What the merge keeps outside its objective" + (" (a floor marks a candidate below it infeasible)"
+                                                                   if mon["floors"] else "") + ".", "",
+                  "| model | " + " | ".join(mt) + " |", "|---|" + "---|" * len(mt),
+                  "| **merged** | " + " | ".join(f"{mon['merged'][t]:.4f}" for t in mt) + " |"]
+        lines += [f"| {Path(p).name} | " + " | ".join(f"{s[t]:.4f}" for t in mt) + " |"
+                  for p, s in mon["sources"].items()]
+        if mon["floors"]:
+            lines.append("| floor | " + " | ".join(f"{mon['floors'][t]:.4f}" if t in mon["floors"] else ""
+                                                  for t in mt) + " |")
     lines += ["", f"Re-scored on dev after export: {'identical to the search' if result['dev']['verified'] else 'DIFFERENT'}.",
               "", "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", "",
               "## mergekit", ""]

@@ -428,6 +428,8 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
     names = [n for n in mat.names if n in targets and targets[n].is_floating_point()]
     n_models = len(recipe.models)
     skip = untrainable(evaluator.output_types(), cfg)
+    for t in getattr(evaluator.cfg, "monitor", []):  # monitor tasks are never optimized
+        skip[t] = "a monitor task (scored, never optimized)"
     items = _Items(evaluator, model, tokenizer, cfg["holdout"], seed, device, skip=skip)
     tasks = list(items.train)
     if not tasks:

@@ -149,6 +149,15 @@ def _search(study, storage, run_dir: Path) -> str:
                "test items the search never scored.", "note")
     elif str(scores.get("trial")) != best_label:
         page.p(f"The test scores are those of the exported trial {scores.get('trial')}.", "note")
+    mon = (scores or {}).get("monitor")
+    if mon:  # what the merge forgets outside its objective
+        page.h2("Monitor tasks (test items; never optimized)")
+        mt = list(mon["merged"])
+        rows = [[f"winner {scores.get('trial')}"] + [f"{mon['merged'][t]:.4f}" for t in mt]]
+        rows += [[_short(p)] + [f"{v[t]:.4f}" for t in mt] for p, v in mon["sources"].items()]
+        if mon.get("floors"):
+            rows.append(["floor"] + [f"{mon['floors'][t]:.4f}" if t in mon["floors"] else "" for t in mt])
+        page.table(["model"] + mt, rows)
 
     # history
     page.h2("History")

@@ -207,6 +207,39 @@ class RefineConfig(StrictModel):
     row_lr: float = Field(default=0.05, gt=0)  # Adam's step for the row multipliers
 
 
+class MonitorConfig(StrictModel):
+    """Tasks that show what a merge forgets outside its objective: scored on the winner and
+    the sources at export (on test items), shown in the model card, the export's table and
+    the report, never optimized. A floor on one of them marks a candidate below it
+    infeasible; such a task is then scored on every candidate's dev items too (it appears
+    in the leaderboard), still outside the objective and outside refinement."""
+
+    tasks: list[Union[str, dict]] = Field(min_length=1)  # names, or {dev, test, name} pairs
+    metrics: dict[str, str] = {}  # task -> "metric,filter", as for the evaluator
+    floors: dict[str, float] = {}  # task -> the least score a feasible candidate keeps
+
+
+def monitor_config(evaluator: EvalConfig, monitor: MonitorConfig, split: str | None = None) -> EvalConfig:
+    """The evaluator settings (task folder, item splits, few-shot, ...) for the monitor tasks."""
+    data = evaluator.model_dump(exclude={"tasks", "pairs", "metrics", "weights", "monitor"})
+    return EvalConfig.model_validate({**data, "tasks": monitor.tasks, "metrics": monitor.metrics,
+                                      **({"split": split} if split else {})})
+
+
+def scoring_config(evaluator: EvalConfig, monitor: MonitorConfig | None) -> EvalConfig:
+    """What every candidate is scored on: the objective's tasks and the monitor tasks that
+    carry a floor (marked ``monitor``: outside the aggregate and refinement)."""
+    if monitor is None or not monitor.floors:
+        return evaluator
+    mon = monitor_config(evaluator, monitor)
+    floored = [t for t in mon.tasks if t in monitor.floors]
+    return evaluator.model_copy(update={
+        "tasks": list(evaluator.tasks) + floored,
+        "pairs": {**evaluator.pairs, **{t: p for t, p in mon.pairs.items() if t in floored}},
+        "metrics": {**evaluator.metrics, **{t: m for t, m in mon.metrics.items() if t in floored}},
+        "monitor": floored})
+
+
 class SearchSpace(StrictModel):
     base: str
     models: list[str] = Field(min_length=1)
@@ -233,6 +266,11 @@ class SearchSpace(StrictModel):
     schedule: Optional[list[str]] = None
     refine: Optional[RefineConfig] = None
     fidelity: Optional[Fidelity] = None
+    monitor: Optional[MonitorConfig] = None
+
+    def scoring(self) -> EvalConfig:
+        """The dev evaluation every candidate gets (see :func:`scoring_config`)."""
+        return scoring_config(self.evaluator, self.monitor)
 
     @model_validator(mode="after")
     def _add_scale(self):
@@ -336,6 +374,17 @@ class SearchSpace(StrictModel):
         if self.seed_from is not None and not self.seed_from.strip():
             raise MergeSearchError(f"{where}: seed_from: give the name of a soup run")
         self.evaluator.check(f"{where}: evaluator")
+        if self.monitor is not None:
+            mon = monitor_config(self.evaluator, self.monitor).check(f"{where}: monitor")
+            both = sorted(set(mon.tasks) & set(self.evaluator.tasks))
+            if both:
+                raise MergeSearchError(f"{where}: monitor: task '{both[0]}' is also an objective task (a monitor task "
+                                       "is never optimized)")
+            unknown = sorted(set(self.monitor.floors) - set(mon.tasks))
+            if unknown:
+                raise MergeSearchError(f"{where}: monitor.floors names tasks not in monitor.tasks: {', '.join(unknown)}")
+            if self.monitor.floors and self.multi_objective:
+                raise MergeSearchError(f"{where}: monitor.floors do not apply to the multi-objective nsga2 sampler")
         unknown = sorted(set(self.objective.floors) - set(self.evaluator.tasks))
         if unknown:
             raise MergeSearchError(f"{where}: objective.floors names unknown tasks: {', '.join(unknown)}")
@@ -444,9 +493,15 @@ class SearchSpace(StrictModel):
         data = self.model_dump(mode="json", exclude={"budget", "resources"})
         if data.get("scale") is False:  # absent before it existed: runs started then still resume
             data.pop("scale")
-        for key in ("fidelity",):  # likewise
+        for key in ("fidelity", "monitor"):  # likewise
             if data.get(key) is None:
                 data.pop(key, None)
+        ev = data["evaluator"]
+        for key in ("pairs", "monitor"):  # likewise
+            if not ev.get(key):
+                ev.pop(key, None)
+        if "evaluator" not in self.evaluator.model_fields_set:  # the default was loglik then (the same engine now)
+            ev["evaluator"] = "loglik"
         pruner = (data.get("fidelity") or {}).get("pruner")
         if pruner is not None and pruner.get("p_threshold") is None:
             # the pruner's own default (a fixed 0.1 before the improvement pruner came)

@@ -39,6 +39,9 @@ class EvalConfig(BaseModel):
     # task -> {"dev": lm-eval task, "test": lm-eval task}: written as a task entry
     # {dev: my_task_dev, test: my_task_test, name: my_task} (name: by default the dev task's, less "_dev")
     pairs: dict[str, dict[str, str]] = {}
+    # tasks scored and shown but never optimized (a search space's monitor tasks with floors):
+    # left out of the aggregate and of refinement's training data
+    monitor: list[str] = []
     task_dir: Optional[str] = None  # zoo root, JSONL folder, or lm-eval include path
     split: Literal["dev", "test"] = "dev"
     limit: Optional[int] = Field(default=None, ge=1)
@@ -102,6 +105,9 @@ class EvalConfig(BaseModel):
         unknown = sorted(set(self.weights) - set(self.tasks))
         if unknown:
             raise MergeSearchError(f"{where}: weights name tasks not in 'tasks': {', '.join(unknown)}")
+        unknown = sorted(set(self.monitor) - set(self.tasks))
+        if unknown:
+            raise MergeSearchError(f"{where}: monitor names tasks not in 'tasks': {', '.join(unknown)}")
         unknown = sorted(set(self.metrics) - set(self.tasks))
         if unknown:
             raise MergeSearchError(f"{where}: metrics name tasks not in 'tasks': {', '.join(unknown)}")
@@ -128,7 +134,9 @@ class EvalConfig(BaseModel):
         return cfg.check(str(path))
 
 
-def weighted_mean(scores: dict[str, float], weights: dict[str, float]) -> float:
+def weighted_mean(scores: dict[str, float], weights: dict[str, float], skip=()) -> float:
+    """The weighted mean of ``scores`` (weight 1 unless given), leaving out the tasks in ``skip``."""
+    scores = {t: v for t, v in scores.items() if t not in skip}
     total = sum(weights.get(t, 1.0) for t in scores)
     if total == 0:
         return float("nan")

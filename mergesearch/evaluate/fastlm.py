@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 class _Batch:
     input_ids: torch.Tensor  # [B, T]
     position_ids: torch.Tensor | None  # [B, T], None for plain rows (no packing in the batch)
-    mask: torch.Tensor | None  # [B, 1, T, T] bool, None for plain rows
+    # per row: the context's length, the (start, length) of each packed continuation and the
+    # row's length; None for plain rows. The 4D mask is built from it per forward pass
+    # (B x T x T booleans would make a kept plan as large as the model for long prompts)
+    layout: list | None
     flat: torch.Tensor  # scored positions, flat indices into B * T
     targets: torch.Tensor  # the token each scored position must predict
     requests: list[int]  # the request (its index in the call) of each scored run of positions
@@ -91,7 +94,7 @@ def _batches(seqs: list, batch_size: int, pad: int) -> list[_Batch]:
         ids = torch.full((B, T), pad, dtype=torch.long)
         packed = any(c[4] for c in chunk)
         pos = torch.zeros((B, T), dtype=torch.long) if packed else None
-        mask = torch.zeros((B, 1, T, T), dtype=torch.bool) if packed else None
+        layout = [] if packed else None
         flat, targets, requests, lengths = [], [], [], []
         for b, (tokens, positions, segments, scored, _) in enumerate(chunk):
             L = len(tokens)
@@ -99,20 +102,29 @@ def _batches(seqs: list, batch_size: int, pad: int) -> list[_Batch]:
             if packed:
                 pos[b, :L] = torch.tensor(positions)
                 pos[b, L:] = torch.arange(T - L) + (positions[-1] + 1 if positions else 0)
-                head = segments[0][0] if segments else L
-                mask[b, 0, :head, :head] = torch.ones(head, head, dtype=torch.bool).tril()
-                for start, n in segments:
-                    mask[b, 0, start:start + n, :head] = True
-                    mask[b, 0, start:start + n, start:start + n] = torch.ones(n, n, dtype=torch.bool).tril()
-                idx = torch.arange(L, T)
-                mask[b, 0, idx, idx] = True  # padding attends to itself (no empty softmax row)
+                layout.append((segments[0][0] if segments else L, segments, L))
             for r, positions_, tgt in scored:
                 flat += [b * T + p for p in positions_]
                 targets += tgt
                 requests.append(r)
                 lengths.append(len(tgt))
-        out.append(_Batch(ids, pos, mask, torch.tensor(flat), torch.tensor(targets), requests, lengths))
+        out.append(_Batch(ids, pos, layout, torch.tensor(flat), torch.tensor(targets), requests, lengths))
     return out
+
+
+def _mask(layout: list, T: int, device) -> torch.Tensor:
+    """The block-causal mask [B, 1, T, T] of packed rows: the context is causal, each
+    continuation sees the context and itself causally, padding sees only itself."""
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    mask = torch.zeros((len(layout), 1, T, T), dtype=torch.bool, device=device)
+    for b, (head, segments, L) in enumerate(layout):
+        mask[b, 0, :head, :head] = causal[:head, :head]
+        for start, n in segments:
+            mask[b, 0, start:start + n, :head] = True
+            mask[b, 0, start:start + n, start:start + n] = causal[:n, :n]
+        idx = torch.arange(L, T, device=device)
+        mask[b, 0, idx, idx] = True  # no empty softmax row
+    return mask
 
 
 def _forward_args(model) -> tuple[str, bool]:
@@ -218,8 +230,15 @@ class FastLM(HFLM):
         sample = [r for g in seen.values() if len(g) > 1 for r in g][:16]
         if not sample:
             return
-        packed = self._run(_batches(_plan_sequences(sample, self.max_length, True), len(sample), pad), len(sample))
         plain = self._run(_batches(_plan_sequences(sample, self.max_length, False), len(sample), pad), len(sample))
+        try:
+            packed = self._run(_batches(_plan_sequences(sample, self.max_length, True), len(sample), pad),
+                               len(sample))
+        except Exception as e:  # an attention implementation that refuses 4D masks (flash attention)
+            log.warning("the model's attention takes no packed contexts (%s); scoring every choice with its own copy "
+                        "of the context", str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            self._share = False
+            return
         worst = max(abs(a[0] - b[0]) / max(1.0, abs(b[0])) for a, b in zip(packed, plain))
         if worst > 1e-4 or any(a[1] != b[1] for a, b in zip(packed, plain)):
             log.warning("the model's attention does not honour packed contexts (differs by %.2g); scoring every "
@@ -234,8 +253,9 @@ class FastLM(HFLM):
         greedy = [True] * n
         for b in batches:
             kwargs = {}
-            if b.mask is not None:
-                kwargs = {"attention_mask": b.mask.to(device), "position_ids": b.position_ids.to(device)}
+            if b.layout is not None:
+                kwargs = {"attention_mask": _mask(b.layout, b.input_ids.shape[1], device),
+                          "position_ids": b.position_ids.to(device)}
             logits = model(input_ids=b.input_ids.to(device), **kwargs).logits
             self.forward_tokens += b.input_ids.numel()
             rows = logits.reshape(-1, logits.shape[-1]).index_select(0, b.flat.to(device))

@@ -269,7 +269,7 @@ class LmEvalEvaluator:
         return out
 
     def aggregate(self, scores: dict[str, float]) -> float:
-        return weighted_mean(scores, self.cfg.weights)
+        return weighted_mean(scores, self.cfg.weights, self.cfg.monitor)
 
     # -- requests, once per model ------------------------------------------------------------
     def lm(self, model, tokenizer):

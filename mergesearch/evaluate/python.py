@@ -36,7 +36,7 @@ class PythonEvaluator:
             raise MergeSearchError(f"function '{spec}': '{attr}' is not a callable in module '{module}'")
 
     def aggregate(self, scores: dict[str, float]) -> float:
-        return weighted_mean(scores, self.cfg.weights)
+        return weighted_mean(scores, self.cfg.weights, self.cfg.monitor)
 
     def score(self, model, tokenizer) -> dict[str, float]:
         out = self.fn(model, tokenizer, tasks=self.tasks, split=self.cfg.split, limit=self.cfg.limit,

@@ -58,6 +58,9 @@ def objective_values(space: SearchSpace, scores: dict[str, float],
     model's dev score per task, for ``objective.normalize: sources``."""
     obj = space.objective
     weights = space.evaluator.weights
+    watched = space.monitor.floors if space.monitor is not None else {}
+    monitored = {t: scores[t] for t in watched if t in scores}
+    scores = {t: v for t, v in scores.items() if t not in watched}  # the objective's tasks only
     s = scores
     if obj.normalize == "sources" and reference:
         s = {t: v / reference[t] if reference.get(t) else v for t, v in scores.items()}
@@ -71,6 +74,8 @@ def objective_values(space: SearchSpace, scores: dict[str, float],
     floors = {t: obj.min_task for t in scores} if obj.min_task is not None else {}
     floors.update(obj.floors)
     violation = sum(max(0.0, floor - scores[t]) for t, floor in floors.items())
+    # a monitor task's floor: never optimized, but a candidate below it is infeasible
+    violation += sum(max(0.0, watched[t] - v) for t, v in monitored.items())
     if space.multi_objective:
         return agg, True, [scores[t] for t in space.evaluator.tasks]
     return agg, violation == 0, agg - violation  # infeasible trials are penalized by their shortfall
@@ -113,7 +118,11 @@ class Controller(RunLifecycle):
         base = Checkpoint(self.space.base)
         models = [Checkpoint(m) for m in self.space.models]
         check_compatible(base, models)
-        ev = build_evaluator(self.space.evaluator)  # task files, task names, metrics and item splits are valid
+        # task files, task names, metrics and item splits are valid (monitor tasks with floors included)
+        ev = build_evaluator(self.space.scoring())
+        if self.space.monitor is not None and not self.space.monitor.floors:  # scored at export only: valid now
+            from mergesearch.space import monitor_config
+            build_evaluator(monitor_config(self.space.evaluator, self.space.monitor, "test"))
         self.directions = getattr(ev, "directions", None)
         self.num_layers = base.num_layers
         self.tensor_names = base.names()
@@ -306,7 +315,7 @@ class Controller(RunLifecycle):
     def make_pool(self, faults: dict) -> WorkerPool:
         methods = sorted(set(self.space.methods) | {"linear", "task_arithmetic"})
         return WorkerPool(self.opts.workers, self.space.base, self.space.models, methods,
-                          self.space.evaluator.model_dump(), self.space.trial_timeout, faults, self.side,
+                          self.space.scoring().model_dump(), self.space.trial_timeout, faults, self.side,
                           resources=self._resources(), dtype=self.space.dtype)
 
     def work(self) -> dict:
@@ -669,7 +678,8 @@ class Controller(RunLifecycle):
         agg, feasible, value = objective_values(self.space, p.scores(), reference)
         if self.space.fidelity.pruner.name == "wilcoxon":
             ref = reference if self.space.objective.normalize == "sources" else None
-            for step, v in p.blocks(first, self.space.evaluator.weights, ref).items():
+            weights = {**self.space.evaluator.weights, **{t: 0.0 for t in self.space.scoring().monitor}}
+            for step, v in p.blocks(first, weights, ref).items():
                 t.report(v, step)
         elif self.space.fidelity.pruner.name == "improvement":  # raw block means: the pruner weighs them
             for step, v in p.blocks(first, {}, None).items():
@@ -701,7 +711,7 @@ class Controller(RunLifecycle):
     def _pruner_linear(self) -> dict[str, float] | None:
         """The objective's coefficient per task when it is a weighted sum of the raw scores."""
         obj = self.space.objective
-        if obj.kind != "mean" or obj.floors or obj.min_task is not None:
+        if obj.kind != "mean" or obj.floors or obj.min_task is not None or self.space.scoring().monitor:
             return None
         ref = getattr(self, "reference", None) if obj.normalize == "sources" else None
         w = {t: self.space.evaluator.weights.get(t, 1.0) for t in self.fid.order}
