@@ -116,6 +116,26 @@ def test_requests_are_tokenized_once_and_shared_contexts_run_once(task_dir, mode
     assert mc_tokens > 0
 
 
+def test_packing_is_switched_off_where_a_model_ignores_4d_masks(task_dir, models, monkeypatch, caplog):
+    from mergesearch.evaluate.fastlm import FastLM
+    model, tok = models["ft_add"]
+    ev = build_evaluator(cfg(task_dir, ["mc_add"]))
+    pairs = [i.args for _, _, _, insts in ev.requests(model, tok, "mc_add") for i in insts]
+    plain = FastLM(model, tok, batch_size=16, share_context=False).loglikelihood_pairs(pairs)
+    real = type(model).forward
+
+    def forward(self, *args, attention_mask=None, **kwargs):  # an attention that drops custom masks
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = None
+        return real(self, *args, attention_mask=attention_mask, **kwargs)
+    monkeypatch.setattr(type(model), "forward", forward)
+    lm = FastLM(model, tok, batch_size=16)
+    with caplog.at_level("WARNING", logger="mergesearch.evaluate.fastlm"):
+        out = lm.loglikelihood_pairs(pairs)
+    assert not lm._share and out == plain
+    assert "does not honour packed contexts" in caplog.text
+
+
 def test_any_subset_of_items_is_a_rung_for_every_output_type(task_dir, models):
     model, tok = models["ft_add"]
     tasks = ["pair", "gen_add", "ppl_add"]
@@ -226,8 +246,11 @@ def test_search_with_pruning_and_refinement_on_every_output_type(task_dir, zoo, 
     space = {"base": str(zoo / "base"), "models": [str(zoo / "ft_add"), str(zoo / "ft_max")], "evaluator": ev,
              "methods": ["ties"], "scale": True, "parameters": {"weight": {"low": 0.0, "high": 1.0}, "density": 0.8},
              "sampler": {"name": "tpe", "n_startup_trials": 3},
-             "fidelity": {"rungs": [0.5, 1.0], "pruner": {"name": "median", "n_startup_trials": 2}},
-             "refine": {"top": 1, "level": "groups", "n_groups": 1, "steps": 6, "eval_every": 3, "batch_size": 8},
+             "fidelity": {"rungs": [0.5, 1.0]},  # the default pruner
+             # the README's refinement: per tensor and per row, distilled from the sources (generation
+             # from the teachers' own outputs, perplexity on the text itself)
+             "refine": {"top": 1, "level": "tensor", "rows": True, "loss": "distill", "steps": 6, "eval_every": 3,
+                        "batch_size": 8},
              "budget": {"n_trials": 40}, "seed": 3}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(space))
     assert main(["search", str(tmp_path / "s.yaml"), "--run", "all", "--workers", "2"]) == 0
@@ -251,4 +274,41 @@ def test_search_with_pruning_and_refinement_on_every_output_type(task_dir, zoo, 
     assert states["COMPLETE"] >= 3
     refined = optuna.load_study(study_name="all.refine", storage=storage).trials
     assert len(refined) == 1 and refined[0].user_attrs["refine"]["holdout_loss_before"] > 0
+    assert set(refined[0].user_attrs["refine"]["teachers"]) == set(ev["tasks"])  # every type has its teacher
+    shutil.rmtree(tmp_path / "results", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_search_with_a_chat_template_prunes_refines_and_exports(task_dir, zoo, tmp_path, monkeypatch):
+    """Models whose tokenizer carries a chat template: every prompt (multiple choice and
+    generation) is a chat, in the search, its rungs, its refinement and the export."""
+    import yaml
+    from transformers import AutoTokenizer
+
+    from conftest import copy_model
+    family = {}
+    for name in ("base", "ft_add", "ft_max"):
+        family[name] = copy_model(zoo / name, tmp_path / "chat" / name)
+        tok = AutoTokenizer.from_pretrained(family[name])
+        tok.chat_template = CHAT
+        tok.save_pretrained(family[name])
+    monkeypatch.chdir(tmp_path)
+    ev = {"tasks": ["mc_max", "gen_add"], "task_dir": str(task_dir), "dev_items": 24, "test_items": 32,
+          "apply_chat_template": True, "system_instruction": "Answer.", "max_gen_toks": 3,
+          "metrics": {"gen_add": "exact_match,flexible-extract"}}
+    space = {"base": str(family["base"]), "models": [str(family["ft_add"]), str(family["ft_max"])], "evaluator": ev,
+             "methods": ["task_arithmetic"], "parameters": {"weight": {"low": 0.0, "high": 1.0}},
+             "sampler": {"name": "random"}, "fidelity": {"rungs": [0.5, 1.0]},
+             "refine": {"top": 1, "level": "groups", "n_groups": 1, "steps": 4, "eval_every": 2, "batch_size": 8},
+             "budget": {"n_trials": 24}, "seed": 0}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(space))
+    assert main(["search", str(tmp_path / "s.yaml"), "--run", "chat", "--workers", "2"]) == 0
+    scores = json.loads((tmp_path / "results" / "chat" / "scores.json").read_text())
+    assert scores["dev"]["verified"]
+    # the exported model's test scores are lm-eval's (HFLM, chat template applied) on the test items
+    from mergesearch.models import load_model
+    model, tok = load_model(Path(scores["model"]))
+    assert tok.chat_template == CHAT
+    test_cfg = EvalConfig.model_validate({**ev, "split": "test"})
+    assert scores["test"]["merged"] == hflm_scores(test_cfg, model, tok)
     shutil.rmtree(tmp_path / "results", ignore_errors=True)

@@ -83,12 +83,14 @@ def quiet_lm_eval() -> None:
 _MANAGERS: dict = {}
 
 
-def task_manager(include: str | None):
-    """lm-eval's task index (built once per process: it scans every task YAML)."""
+def task_manager(include: str | None, defaults: bool = True):
+    """lm-eval's task index, built once per process: with ``defaults`` it scans every task
+    YAML lm-eval ships (about 15,000, several seconds); without, only ``include``."""
     from lm_eval.tasks import TaskManager
-    if include not in _MANAGERS:
-        _MANAGERS[include] = TaskManager(include_path=include)
-    return _MANAGERS[include]
+    key = (include, defaults)
+    if key not in _MANAGERS:
+        _MANAGERS[key] = TaskManager(include_path=include, include_defaults=defaults)
+    return _MANAGERS[key]
 
 
 def _task_name(t) -> str:
@@ -106,45 +108,33 @@ class LmEvalEvaluator:
 
     def __init__(self, cfg: EvalConfig, device: str = "cpu"):
         quiet_lm_eval()
-        from mergesearch.evaluate.jsonl import lmeval_spec, task_file
 
         self.cfg = cfg
         self.tasks = list(cfg.tasks)
         self.device = device
-        manager = task_manager(include_path(cfg))
-        known = set(manager.all_tasks)
+        # local task folders and JSONL files first; lm-eval's own index (slow to build) only
+        # for a task found in neither
+        manager = task_manager(include_path(cfg), defaults=False)
+        local = set(manager.all_tasks)
         self.names: dict[str, str] = {}
         specs: list = []
         own: set[str] = set()  # tasks whose documents are this split's already
         for task in self.tasks:
-            pair = cfg.pairs.get(task)
-            zoo_name = f"zoo_{task}_{cfg.split}"
-            if pair is not None:  # a dev task and a test task: no split imposed
-                name = pair[cfg.split]
-                if name not in known:
-                    raise MergeSearchError(f"evaluator: task '{task}': unknown lm-eval task '{name}' ({cfg.split})"
-                                           + (f" (not in lm-eval or {include_path(cfg)})" if cfg.task_dir else ""))
-                self.names[task], spec = name, name
-                own.add(task)
-            elif task.endswith(".jsonl") or (cfg.evaluator == "loglik" and zoo_name not in known):
-                path = task_file(cfg, task, cfg.split)
-                name = f"jsonl_{_slug(task)}_{cfg.split}"
-                self.names[task], spec = name, lmeval_spec(path, name)
-                own.add(task)
-            elif zoo_name in known:
-                self.names[task], spec = zoo_name, zoo_name
-                own.add(task)
-            elif task in known:
-                self.names[task], spec = task, task
-            else:
-                try:  # the project's JSONL layout under task_dir
-                    path = task_file(cfg, task, cfg.split)
-                except MergeSearchError as e:
-                    where = f" or {include_path(cfg)}" if cfg.task_dir else ""
-                    raise MergeSearchError(f"unknown task '{task}': not in lm-eval{where}, and {e}") from None
-                name = f"jsonl_{_slug(task)}_{cfg.split}"
-                self.names[task], spec = name, lmeval_spec(path, name)
-                own.add(task)
+            spec = self._resolve(task, local, own)
+            if spec is None:  # one of lm-eval's own tasks
+                if manager is task_manager(include_path(cfg), defaults=False):
+                    manager = task_manager(include_path(cfg))
+                pair = cfg.pairs.get(task)
+                name = pair[cfg.split] if pair is not None else task
+                if name not in set(manager.all_tasks):
+                    if pair is not None:
+                        raise MergeSearchError(f"evaluator: task '{task}': unknown lm-eval task '{name}' "
+                                               f"({cfg.split})" + (f" (not in lm-eval or {include_path(cfg)})"
+                                                                   if cfg.task_dir else ""))
+                    self._jsonl_or_unknown(task)  # raises
+                self.names[task] = spec = name
+                if pair is not None:
+                    own.add(task)
             specs.append(spec)
         try:
             loaded = manager.load(specs)
@@ -181,6 +171,51 @@ class LmEvalEvaluator:
         self._docs: dict[str, list] = {}  # leaf -> its documents, by position
 
     # -- set-up --------------------------------------------------------------------------
+    def _resolve(self, task: str, local: set, own: set):
+        """The lm-eval spec of ``task`` from the local folders or a JSONL file (its name or an
+        inline config), or None when only lm-eval's own index can tell."""
+        from mergesearch.evaluate.jsonl import lmeval_spec, task_file
+
+        cfg = self.cfg
+        pair = cfg.pairs.get(task)
+        if pair is not None:  # a dev task and a test task: no split imposed
+            if pair[cfg.split] not in local:
+                return None
+            self.names[task] = pair[cfg.split]
+            own.add(task)
+            return pair[cfg.split]
+        zoo_name = f"zoo_{task}_{cfg.split}"
+        jsonl_first = task.endswith(".jsonl") or cfg.evaluator == "loglik"
+        for kind in (("jsonl", "zoo", "name") if jsonl_first else ("zoo", "name", "jsonl")):
+            if kind == "zoo" and zoo_name in local:
+                self.names[task] = zoo_name
+                own.add(task)
+                return zoo_name
+            if kind == "name" and task in local:
+                self.names[task] = task
+                return task
+            if kind == "jsonl":
+                try:
+                    path = task_file(cfg, task, cfg.split)
+                except MergeSearchError:
+                    if task.endswith(".jsonl") or (cfg.evaluator == "loglik" and zoo_name not in local
+                                                   and task not in local):
+                        raise
+                    continue
+                name = f"jsonl_{_slug(task)}_{cfg.split}"
+                self.names[task] = name
+                own.add(task)
+                return lmeval_spec(path, name)
+        return None
+
+    def _jsonl_or_unknown(self, task: str) -> None:
+        from mergesearch.evaluate.jsonl import task_file
+        try:
+            task_file(self.cfg, task, self.cfg.split)
+        except MergeSearchError as e:
+            where = f" or {include_path(self.cfg)}" if self.cfg.task_dir else ""
+            raise MergeSearchError(f"unknown task '{task}': not in lm-eval{where}, and {e}") from None
+
     def _configure(self, leaves: list, own_split: bool) -> None:
         cfg = self.cfg
         for t in leaves:
