@@ -114,7 +114,8 @@ class LmEvalEvaluator:
         self.device = device
         # local task folders and JSONL files first; lm-eval's own index (slow to build) only
         # for a task found in neither
-        manager = task_manager(include_path(cfg), defaults=False)
+        inc = include_path(cfg) if any(not t.endswith(".jsonl") for t in self.tasks) else None
+        manager = task_manager(inc, defaults=False)
         local = set(manager.all_tasks)
         self.names: dict[str, str] = {}
         specs: list = []
@@ -122,8 +123,8 @@ class LmEvalEvaluator:
         for task in self.tasks:
             spec = self._resolve(task, local, own)
             if spec is None:  # one of lm-eval's own tasks
-                if manager is task_manager(include_path(cfg), defaults=False):
-                    manager = task_manager(include_path(cfg))
+                if manager is task_manager(inc, defaults=False):
+                    manager = task_manager(inc)
                 pair = cfg.pairs.get(task)
                 name = pair[cfg.split] if pair is not None else task
                 if name not in set(manager.all_tasks):
