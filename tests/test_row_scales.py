@@ -100,7 +100,7 @@ def test_row_scale_errors_name_the_file(zoo, tmp_path, capsys):
 
 
 def test_refine_rows_learns_per_row_weights_that_the_engine_reproduces(zoo):
-    r = recipe(zoo, "ties")
+    r = recipe(zoo, "ties", **{"lambda": 0.5})  # a start 8 steps beat on every zoo build (1.3: not on AVX2's)
     mat = Materializer(zoo / "base", [m.path for m in r.models], methods=["ties"])
     model, tok = load_model(zoo / "base")
     ev = build_evaluator(EvalConfig(tasks=TASKS, task_dir=str(zoo), split="dev", limit=40))

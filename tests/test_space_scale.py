@@ -66,7 +66,7 @@ def test_objectives_that_keep_every_task():
 def test_hints_for_levers_a_space_leaves_out():
     """A space without a warm start or refinement gets a one-line hint for each; a space
     that has them, or cannot use them, gets none."""
-    bare = space()  # cmaes from the centre, loglik evaluator, ties: both levers apply
+    bare = space()  # cmaes from the centre, lm-eval tasks, ties: both levers apply
     hints = bare.lever_hints()
     assert len(hints) == 2 and hints[0].startswith("sampler.x0: best_baseline") and hints[1].startswith("refine:")
     assert space(sampler={"name": "cmaes", "x0": "best_baseline"}, refine={"level": "tensor", "rows": True}
@@ -74,8 +74,10 @@ def test_hints_for_levers_a_space_leaves_out():
     assert space(sampler={"name": "tpe"}, refine={"rows": True}).lever_hints() == []  # TPE takes no x0
     (rows,) = space(sampler={"name": "tpe"}, refine={"level": "tensor"}).lever_hints()
     assert rows.startswith("refine.rows: true also learns a weight per model and output row")
-    lm = space(sampler={"name": "tpe"}, evaluator={"evaluator": "lmeval", "tasks": ["t"]})
-    assert lm.lever_hints() == []  # lm-eval tasks are not refined
+    (lm,) = space(sampler={"name": "tpe"}, evaluator={"evaluator": "lmeval", "tasks": ["t"]}).lever_hints()
+    assert lm.startswith("refine:")  # lm-eval tasks are refined too
+    py = space(sampler={"name": "tpe"}, evaluator={"evaluator": "python", "tasks": ["t"], "function": "m:f"})
+    assert py.lever_hints() == []  # a user function has no items to train on
     assert space(sampler={"name": "tpe"}, methods=["linear"], parameters={"weight": {"low": 0, "high": 1}}
                  ).lever_hints() == []  # linear is not in the task-vector family
     assert "\n" not in "".join(hints)
