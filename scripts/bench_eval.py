@@ -5,7 +5,8 @@ Each candidate is a TIES merge of the zoo's four fine-tunes, written into one mo
 place; both sides score exactly the same documents with the same prompts, and their scores
 are compared (they must be equal: accuracies exactly, perplexities to 1e-6). The HFLM side
 is lm-eval's ``evaluate`` with one HFLM kept across candidates, as a user of lm-eval would
-run it. One-off costs (loading tasks, building and tokenizing the requests) are reported
+run it (lm-eval as shipped: mergesearch's compiled-template cache is switched off for
+that side). One-off costs (loading tasks, building and tokenizing the requests) are reported
 apart from the per-candidate time, the median over ``--repeats`` candidates.
 
 Targets: at least 3x faster than HFLM on multiple choice, and faster on generation.
@@ -54,8 +55,14 @@ def setups(zoo: Path, folder: Path) -> dict[str, tuple[str, EvalConfig]]:
     }
 
 
+import lm_eval.utils as _lm_utils  # noqa: E402
+
+SHIPPED_APPLY_TEMPLATE = _lm_utils.apply_template  # lm-eval as shipped: templates compiled per call
+
+
 def hflm_runner(cfg: EvalConfig, model, tok):
-    """lm-eval's own path: one HFLM, ``evaluate`` per candidate (few-shot reseeded)."""
+    """lm-eval's own path, as shipped: one HFLM, ``evaluate`` per candidate (few-shot
+    reseeded), without the compiled-template cache mergesearch installs."""
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -67,7 +74,12 @@ def hflm_runner(cfg: EvalConfig, model, tok):
         for leaves in ev.leaves.values():
             for t in leaves:
                 t.set_fewshot_seed(seed=cfg.fewshot_seed)
-        out = evaluate(lm, {"tasks": ev.leaf_tasks, "groups": ev.groups}, samples=ev.samples, bootstrap_iters=0)
+        ours = _lm_utils.apply_template
+        _lm_utils.apply_template = SHIPPED_APPLY_TEMPLATE
+        try:
+            out = evaluate(lm, {"tasks": ev.leaf_tasks, "groups": ev.groups}, samples=ev.samples, bootstrap_iters=0)
+        finally:
+            _lm_utils.apply_template = ours
         res = out["results"]
         scores = {}
         for task, name in ev.names.items():

@@ -51,6 +51,24 @@ def include_path(cfg: EvalConfig) -> str | None:
     return str(root / "tasks") if (root / "tasks").is_dir() else str(root)
 
 
+def keep_compiled_templates() -> None:
+    """lm-eval compiles a task's Jinja template (doc_to_text, doc_to_target, doc_to_choice)
+    again at every call, and ``process_results`` asks for the target and the choices of
+    every document of every candidate: most of a small candidate's scoring time. A compiled
+    template renders the same text, so each is compiled once per process."""
+    import functools
+
+    from lm_eval import utils
+    if getattr(utils.apply_template, "mergesearch", False):
+        return
+    compiled = functools.lru_cache(maxsize=4096)(utils.env.from_string)
+
+    def apply_template(template: str, doc: dict) -> str:
+        return compiled(template).render(**doc)
+    apply_template.mergesearch = True
+    utils.apply_template = apply_template
+
+
 def quiet_lm_eval() -> None:
     """lm-eval and datasets draw progress bars and log per batch: keep them out of a search log."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -108,6 +126,7 @@ class LmEvalEvaluator:
 
     def __init__(self, cfg: EvalConfig, device: str = "cpu"):
         quiet_lm_eval()
+        keep_compiled_templates()
 
         self.cfg = cfg
         self.tasks = list(cfg.tasks)
