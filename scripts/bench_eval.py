@@ -67,6 +67,7 @@ def hflm_runner(cfg: EvalConfig, model, tok):
     from lm_eval.models.huggingface import HFLM
 
     from mergesearch.evaluate.lmeval import LmEvalEvaluator
+    from mergesearch.evaluate.reference import scores_of
     ev = LmEvalEvaluator(cfg)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size, device="cpu")
 
@@ -80,17 +81,7 @@ def hflm_runner(cfg: EvalConfig, model, tok):
             out = evaluate(lm, {"tasks": ev.leaf_tasks, "groups": ev.groups}, samples=ev.samples, bootstrap_iters=0)
         finally:
             _lm_utils.apply_template = ours
-        res = out["results"]
-        scores = {}
-        for task, name in ev.names.items():
-            metric, filt, higher = ev.metric[task]
-            key = f"{metric},{filt}"
-            v = (res.get(name) or {}).get(key)
-            if not isinstance(v, (int, float)):
-                parts = [(res[t.config.task][key], len(ev.samples[t.config.task])) for t in ev.leaves[task]]
-                v = sum(a * n for a, n in parts) / sum(n for _, n in parts)
-            scores[task] = float(v) if higher else -float(v)
-        return scores
+        return scores_of(ev, out["results"])
     return run
 
 

@@ -35,14 +35,10 @@ def hflm_results(cfg: EvalConfig, model, tokenizer, log_samples: bool = False) -
     return out
 
 
-def hflm_scores(cfg: EvalConfig, model, tokenizer) -> dict[str, float]:
-    """The scores ``HFLM`` gives, read as the evaluator reads its own (the asked metric and
-    filter, negated where lower is better)."""
-    from mergesearch.evaluate.lmeval import LmEvalEvaluator
-
-    ev = LmEvalEvaluator(cfg)
-    out = hflm_results(cfg, model, tokenizer)
-    results = out["results"]
+def scores_of(ev, results: dict) -> dict[str, float]:
+    """An lm-eval results dict read as evaluator ``ev`` reads its own scores (the asked
+    metric and filter, a group without its own aggregate by size, negated where lower is
+    better)."""
     scores = {}
     for task, name in ev.names.items():
         metric, filt, higher = ev.metric[task]
@@ -53,3 +49,10 @@ def hflm_scores(cfg: EvalConfig, model, tokenizer) -> dict[str, float]:
             value = sum(v * n for v, n in parts) / max(1, sum(n for _, n in parts))
         scores[task] = float(value) if higher else -float(value)
     return scores
+
+
+def hflm_scores(cfg: EvalConfig, model, tokenizer) -> dict[str, float]:
+    """The scores ``HFLM`` gives, read as the evaluator reads its own."""
+    from mergesearch.evaluate.lmeval import LmEvalEvaluator
+
+    return scores_of(LmEvalEvaluator(cfg), hflm_results(cfg, model, tokenizer)["results"])
