@@ -32,7 +32,7 @@ from mergesearch.search.cma import CHUNK, STATE, CmaSampler, _stored_texts  # no
 
 
 class Decoding(CmaSampler):
-    """The reference: the sampler before stop 20. It decodes the stored state at every ask
+    """The reference: the sampler before commit 66048a1 (2026-11-27). It decodes the stored state at every ask
     and stores every array as a list of its numbers, the eigendecomposition too when it is
     set (with restarts on; this benchmark runs without, so the sizes here do not show it)."""
 

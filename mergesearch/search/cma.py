@@ -341,7 +341,7 @@ def _value(v):
         raw = zlib.decompress(base64.b64decode(v["z"]))
         dtype = np.dtype(v["dtype"])
         return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(v["shape"])
-    if isinstance(v, dict) and "array" in v:  # states stored as lists of numbers (before stop 20)
+    if isinstance(v, dict) and "array" in v:  # states stored as lists of numbers (before commit 66048a1 (2026-11-27))
         return np.array(v["array"], dtype=v["dtype"]).reshape(v["shape"])
     return v
 
