@@ -266,8 +266,7 @@ def _teacher_targets(mat, model, recipe, names: list[str], targets: dict, items:
         for i in range(len(recipe.models)):
             params = {name: x.tensor(i).to(device=device, dtype=targets[name].dtype)
                       for name, x in mat.inputs(recipe, names) if not isinstance(x, torch.Tensor)}
-            gen_rows = {task: [r for r in items.train[task] + items.holdout[task] if r.kind == "gen"] for task in tasks}
-            if lm is not None and any(gen_rows.values()):
+            if lm is not None and any(r.kind == "gen" for task in tasks for r in items.train[task] + items.holdout[task]):
                 for name, p in params.items():  # generation runs the module itself: the teacher's weights in it
                     targets[name].copy_(p)
             for task in tasks:
@@ -288,7 +287,7 @@ def _teacher_targets(mat, model, recipe, names: list[str], targets: dict, items:
                         ent += float(-(logp.exp() * logp).sum())
                         n_mc += 1
                         right += int(id(r) in train and int(v.argmax()) == r.answer)
-                gens = [r for r in rows if id(r) in {id(g) for g in gen_rows[task]}]
+                gens = [r for r in rows if r.kind == "gen"]
                 sure, n_gen = 0.0, 0
                 if gens and lm is not None:
                     made = lm.generate_with_tokens([r.gen["gen_args"] for r in gens])

@@ -474,8 +474,7 @@ class LmEvalEvaluator:
                 d[key].extend(vals)
             acc[leaf] = {"task": self.leaf_tasks[leaf], "raw_metrics": d, "logged_samples": []}
         names = set(raw)
-        groups = {g: grp for g, grp in self.groups.items()}
-        results = _process_results(acc, groups, bootstrap_iters=0).metrics
+        results = _process_results(acc, self.groups, bootstrap_iters=0).metrics
         scores = {}
         for task, name in self.names.items():
             if not any(_task_name(t) in names for t in self.leaves[task]):
@@ -538,8 +537,8 @@ def _gold(task, doc, choices: list) -> int:
     gold = task.doc_to_target(doc)
     if isinstance(gold, list):
         gold = gold[0] if gold else -1
-    if isinstance(gold, str):
-        gold = choices.index(gold) if gold in choices else int(gold) if gold.strip().isdigit() else -1
+    if isinstance(gold, str):  # as lm-eval: a string names a choice, or none
+        gold = choices.index(gold) if gold in choices else -1
     return int(gold) if 0 <= int(gold) < len(choices) else -1
 
 
