@@ -71,14 +71,14 @@ def merge(
                                                         "(by default they are ignored with a warning, as mergekit does)"),
 ):
     """Merge checkpoints as a recipe says and write an HF model folder."""
-    from mergesearch.merge import open_plan, stream_merge
+    from mergesearch.engine.merge import open_plan, stream_merge
     from mergesearch.recipe import Recipe, load_mergekit
 
     if (recipe is None) == (mergekit_config is None):
         raise MergeSearchError("merge: give a recipe file or --mergekit CONFIG (one of them)")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise MergeSearchError(f"--device: unknown device '{device}' (use cpu or cuda)")
-    from mergesearch.plan import parse_size
+    from mergesearch.engine.plan import parse_size
     max_bytes = parse_size(shard_size, "--shard-size")
     if out.exists() and not force:
         raise MergeSearchError(f"{out}: output path exists (pass --force to replace it)")
@@ -149,10 +149,10 @@ def eval_cmd(
     import json
     import time
 
-    from mergesearch.checkpoint import Checkpoint
+    from mergesearch.engine.checkpoint import Checkpoint
     from mergesearch.fsutil import atomic_file
     from mergesearch.evaluate import EvalConfig, build_evaluator
-    from mergesearch.recipe import pydantic_error
+    from mergesearch.config import pydantic_error
 
     from pydantic import ValidationError
 
@@ -172,7 +172,7 @@ def eval_cmd(
         raise pydantic_error(e, "eval options") from None
     cfg.check("eval options")
     ev = build_evaluator(cfg)
-    from mergesearch.models import load_model
+    from mergesearch.engine.models import load_model
     model, tokenizer = load_model(model_dir, trust_remote_code=cfg.trust_remote_code)
     t0 = time.perf_counter()
     scores = ev.score(model, tokenizer)
@@ -206,9 +206,9 @@ def search(
                                                      "(overrides resources.device_memory)"),
 ):
     """Search merges: propose with Optuna, score on Ray workers, rank, export the winner."""
-    from mergesearch.plan import parse_size
+    from mergesearch.engine.plan import parse_size
     from mergesearch.search.controller import Controller, SearchOptions
-    from mergesearch.space import SearchSpace
+    from mergesearch.search.space import SearchSpace
 
     sp = SearchSpace.load(space_file)
     name = run or space_file.stem
@@ -223,7 +223,7 @@ def search(
                f"{summary['elapsed_s']:.0f}s" + (" (interrupted)" if summary["interrupted"] else ""))
     if not no_export and summary["complete"]:
         _export_and_print(name, None, storage)
-    from mergesearch.report import refresh
+    from mergesearch.runs.report import refresh
     if refresh(name, storage):
         typer.echo(f"report: results/{name}/report.html")
     if summary["interrupted"]:
@@ -240,8 +240,8 @@ def plan_cmd(
 ):
     """Show where each worker's inputs would live: bytes per tier, bytes moved and the
     predicted time per candidate. Reads file headers only."""
-    from mergesearch.plan import dumps, parse_size, space_plan
-    from mergesearch.space import SearchSpace
+    from mergesearch.engine.plan import dumps, parse_size, space_plan
+    from mergesearch.search.space import SearchSpace
 
     if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
         raise MergeSearchError(f"--device: use cpu or cuda, got '{device}'")
@@ -264,7 +264,7 @@ def _planned_side(space) -> dict | None:
 
 
 def _export_and_print(run: str, trial, storage, device: str | None = None) -> None:
-    from mergesearch.export import export_run
+    from mergesearch.runs.export import export_run
 
     res = export_run(run, trial, storage, device=device)
     tasks = list(res["test"]["merged"])
@@ -304,7 +304,7 @@ def curvature(
     import shutil
     import time
 
-    from mergesearch.curvature import curvature as compute
+    from mergesearch.search.curvature import curvature as compute
 
     t0 = time.perf_counter()
     with tensor_progress(f"curvature {kind}", "examples") as cb:
@@ -363,7 +363,7 @@ def soup(
         typer.echo(f"{k:<16}{r['members']:>8}{fmt(r['dev']):>9}{fmt(r['test']):>9}")
     if not no_export:
         _export_and_print(name, str(report["final_trial"]), storage)
-    from mergesearch.report import refresh
+    from mergesearch.runs.report import refresh
     if refresh(name, storage):
         typer.echo(f"report: results/{name}/report.html")
 
@@ -387,7 +387,7 @@ def leaderboard(
     import pandas as pd
 
     from mergesearch.fsutil import atomic_file
-    from mergesearch.store import leaderboard as board, load_run, run_counts
+    from mergesearch.runs.store import leaderboard as board, load_run, run_counts
 
     study, st = load_run(run, storage)
     df = board(study, st, include_failed=failed, include_pruned=pruned)
@@ -455,12 +455,12 @@ def report(
     storage: Optional[str] = typer.Option(None, "--storage"),
 ):
     """Write the run's report: one self-contained HTML file that works offline."""
-    from mergesearch.report import write_report
+    from mergesearch.runs.report import write_report
 
     path = write_report(run, storage, out=out)
     if out is None:  # the run's own report: the dashboard's note and chart are refreshed too
-        from mergesearch.report import dashboard_extras
-        from mergesearch.store import load_run
+        from mergesearch.runs.report import dashboard_extras
+        from mergesearch.runs.store import load_run
         study, st = load_run(run, storage)
         if study.user_attrs.get("kind") != "soup":
             dashboard_extras(study, st)

@@ -21,18 +21,15 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, PrivateAttr, StrictBool, ValidationError, field_validator
+from pydantic import PrivateAttr, StrictBool, ValidationError, field_validator
 
+from mergesearch.config import StrictModel, load_yaml, pydantic_error
 from mergesearch.errors import MergeSearchError
 from mergesearch.methods import MethodSpec, get_method
 
 log = logging.getLogger(__name__)
 
 Scalar = Union[StrictBool, float]
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class Conditional(StrictModel):
@@ -146,7 +143,7 @@ class Recipe(StrictModel):
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Recipe":
         path = Path(path)
-        data = _load_yaml(path)
+        data = load_yaml(path)
         recipe = from_dict(data, str(path))
         return recipe.with_paths_relative_to(path.parent)
 
@@ -284,46 +281,21 @@ def _resolve_one(p, scopes: list[dict], tensor_name: str, t: float) -> Any:
     return p.default
 
 
+def layer_index(name: str) -> int | None:
+    """The transformer block index in a tensor name (``model.layers.3.mlp...`` -> 3)."""
+    parts = name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p in ("layers", "h", "blocks", "layer") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
 def layer_position(tensor_name: str, num_layers: int) -> float:
     """Where a tensor sits for gradients: layer i of L at i / (L - 1); others at 0."""
-    from mergesearch.checkpoint import layer_index
     i = layer_index(tensor_name)
     if i is None:
         return 0.0
     return i / (num_layers - 1) if num_layers > 1 else 1.0
-
-
-def _load_yaml(path: Path) -> dict:
-    if not path.exists():
-        raise MergeSearchError(f"{path}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark else ""
-        raise MergeSearchError(f"{path}: invalid YAML{line}") from None
-    if not isinstance(data, dict):
-        raise MergeSearchError(f"{path}: expected a mapping at the top level")
-    return data
-
-
-def load_validated(cls, path: Path):
-    """A user YAML file validated into the pydantic class ``cls``; errors name the file and key."""
-    data = _load_yaml(path)
-    try:
-        return cls.model_validate(data)
-    except ValidationError as e:
-        raise pydantic_error(e, str(path)) from None
-
-
-def pydantic_error(e: ValidationError, where: str) -> MergeSearchError:
-    err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", "union[", "list[", "lax-")))
-    if err["type"] == "extra_forbidden":
-        return MergeSearchError(f"{where}: unknown key '{loc}'")
-    if err["type"] == "missing":
-        return MergeSearchError(f"{where}: missing key '{loc}'")
-    return MergeSearchError(f"{where}: bad value for '{loc}': {err['msg']}")
 
 
 def from_dict(data: dict, where: str = "recipe") -> Recipe:
@@ -434,7 +406,7 @@ def from_mergekit(data: dict, where: str = "mergekit config", strict: bool = Fal
 
 def load_mergekit(path: str | os.PathLike, strict: bool = False) -> Recipe:
     path = Path(path)
-    return from_mergekit(_load_yaml(path), str(path), strict=strict).with_paths_relative_to(path.parent)
+    return from_mergekit(load_yaml(path), str(path), strict=strict).with_paths_relative_to(path.parent)
 
 
 def save_mergekit(recipe: Recipe, path: str | os.PathLike) -> None:

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mergesearch.evaluate import EvalConfig, build_evaluator  # noqa: E402
-from mergesearch.materialize import Materializer  # noqa: E402
-from mergesearch.models import load_model  # noqa: E402
+from mergesearch.engine.materialize import Materializer  # noqa: E402
+from mergesearch.engine.models import load_model  # noqa: E402
 from mergesearch.recipe import from_dict  # noqa: E402
 from mergesearch.zoo.build import ZOO_TASKS, build_zoo  # noqa: E402
 

@@ -37,12 +37,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from mergesearch.evaluate import EvalConfig, build_evaluator  # noqa: E402
-from mergesearch.materialize import Materializer  # noqa: E402
-from mergesearch.models import load_model  # noqa: E402
+from mergesearch.engine.materialize import Materializer  # noqa: E402
+from mergesearch.engine.models import load_model  # noqa: E402
 from mergesearch.recipe import from_dict  # noqa: E402
 from mergesearch.search.controller import Controller, SearchOptions  # noqa: E402
-from mergesearch.space import SearchSpace  # noqa: E402
-from mergesearch.store import load_run  # noqa: E402
+from mergesearch.search.space import SearchSpace  # noqa: E402
+from mergesearch.runs.store import load_run  # noqa: E402
 from mergesearch.zoo.build import ZOO_TASKS, build_zoo  # noqa: E402
 
 PRUNERS = ["successive_halving", "hyperband", "median", "wilcoxon", "improvement"]

@@ -18,7 +18,7 @@ Run where a CUDA device is visible (it also runs on a CPU, for a smoke test: the
      staging; the plan's reserve is left out of the comparison);
    - bit-equality, tensor by tensor, with the device export and with the CPU export.
    The CPU default placement (in place, every core) gives the CPU candidate time.
-2. **Worker** (``--zoo``: a built zoo): a :class:`mergesearch.workers.Worker` on the
+2. **Worker** (``--zoo``: a built zoo): a :class:`mergesearch.search.workers.Worker` on the
    device scores the hand-tuned TIES merge on dev, then refines it by gradient descent;
    the same on the CPU, in a child process that sees no CUDA device. Scores and times of
    both.
@@ -81,12 +81,12 @@ def max_abs_diff(model, folder: Path) -> float:
 def family_part(a, device: str, res: dict) -> None:
     import torch
 
-    from mergesearch.materialize import Materializer
-    from mergesearch.merge import open_plan, stream_merge
-    from mergesearch.models import load_model
-    from mergesearch.plan import make_plan
+    from mergesearch.engine.materialize import Materializer
+    from mergesearch.engine.merge import open_plan, stream_merge
+    from mergesearch.engine.models import load_model
+    from mergesearch.engine.plan import make_plan
     from mergesearch.recipe import from_dict
-    from mergesearch.synthetic import make_family
+    from mergesearch.zoo.synthetic import make_family
 
     shape = SMALL if a.small else FULL
     t0 = time.perf_counter()
@@ -188,9 +188,9 @@ def worker_run(zoo: Path, refine_steps: int, threads: int) -> dict:
     """The hand-tuned TIES merge scored on dev by a Worker on this process's device, then refined."""
     from dataclasses import asdict
 
-    from mergesearch.checkpoint import Checkpoint
-    from mergesearch.space import Granularity, RefineConfig, layer_prefix, make_groups
-    from mergesearch.workers import Worker
+    from mergesearch.engine.checkpoint import Checkpoint
+    from mergesearch.search.space import Granularity, RefineConfig, layer_prefix, make_groups
+    from mergesearch.search.workers import Worker
 
     fts = [str(zoo / f"ft_{t}") for t in ZOO_TASKS]
     recipe = {"method": "ties", "base": str(zoo / "base"), "parameters": {"lambda": 1.5},

@@ -118,9 +118,9 @@ def child_plain(args: list[str]) -> int:
 def child_candidate(args: list[str]) -> int:
     import torch
 
-    from mergesearch.materialize import Materializer
-    from mergesearch.models import load_model
-    from mergesearch.plan import make_plan
+    from mergesearch.engine.materialize import Materializer
+    from mergesearch.engine.models import load_model
+    from mergesearch.engine.plan import make_plan
     from mergesearch.recipe import from_dict
 
     out, method, k, stream, repeat, digests = Path(args[0]), args[1], int(args[2]), args[3], int(args[4]), args[5]
@@ -162,8 +162,8 @@ def child_worker(args: list[str]) -> int:
     then it waits for ``args[1]`` to appear so that the parent can read its memory."""
     import torch
 
-    from mergesearch.materialize import Materializer
-    from mergesearch.models import load_model
+    from mergesearch.engine.materialize import Materializer
+    from mergesearch.engine.models import load_model
     from mergesearch.recipe import from_dict
 
     ready, release, base, fts = Path(args[0]), Path(args[1]), args[2], args[3:]
@@ -220,7 +220,7 @@ def main() -> int:
     ap.add_argument("--out-json", type=Path)
     ap.add_argument("--no-docs", action="store_true", help="do not update docs/BENCHMARKS.md")
     a = ap.parse_args()
-    from mergesearch.synthetic import make_family
+    from mergesearch.zoo.synthetic import make_family
 
     shape = SMALL if a.small else FULL
     cache = a.cache.resolve()

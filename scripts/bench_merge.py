@@ -302,7 +302,7 @@ def child_inmem(args: list[str]) -> int:
     model = _build_module(base)
     res["module_build_s"] = time.perf_counter() - t0
     if side == "mergesearch":
-        from mergesearch.materialize import Materializer
+        from mergesearch.engine.materialize import Materializer
         from mergesearch.recipe import from_dict
 
         mat = Materializer(base, fts, methods=[method], device="cpu")
@@ -450,9 +450,9 @@ def main() -> int:
     elif importlib.util.find_spec("mergesearch") is None:
         sys.path.insert(0, str(ROOT))
     import torch
-    from mergesearch.checkpoint import Checkpoint
+    from mergesearch.engine.checkpoint import Checkpoint
     from mergesearch.recipe import from_dict
-    from mergesearch.synthetic import make_family
+    from mergesearch.zoo.synthetic import make_family
 
     t = time.perf_counter()
     fam = make_family(family_dir(cache, shape), n_models=N_MODELS, dtype="bfloat16", noise=0.002, seed=0, **shape)

@@ -41,12 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mergesearch.evaluate import EvalConfig, build_evaluator  # noqa: E402
-from mergesearch.materialize import Materializer  # noqa: E402
-from mergesearch.models import load_model  # noqa: E402
+from mergesearch.engine.materialize import Materializer  # noqa: E402
+from mergesearch.engine.models import load_model  # noqa: E402
 from mergesearch.recipe import from_dict  # noqa: E402
 from mergesearch.search.controller import Controller, SearchOptions  # noqa: E402
-from mergesearch.space import SearchSpace  # noqa: E402
-from mergesearch.store import find_trial, load_run  # noqa: E402
+from mergesearch.search.space import SearchSpace  # noqa: E402
+from mergesearch.runs.store import find_trial, load_run  # noqa: E402
 from mergesearch.zoo.build import ZOO_TASKS, build_zoo  # noqa: E402
 
 
@@ -78,7 +78,7 @@ def best_so_far(study, storage) -> dict[int, float | None]:
     CHECKPOINTS evaluations, in the order they finished; a refinement counts its cost."""
     from optuna.trial import TrialState
 
-    from mergesearch.store import all_trials
+    from mergesearch.runs.store import all_trials
 
     done = sorted((t for _, t in all_trials(study, storage) if t.state == TrialState.COMPLETE),
                   key=lambda t: t.datetime_complete)

@@ -1,6 +1,6 @@
 """What a gradient refinement reaches alone, from fixed candidates on the zoo, per loss.
 
-Each run refines one starting merge with ``mergesearch.refine`` at demo.yaml's settings
+Each run refines one starting merge with ``mergesearch.search.refine`` at demo.yaml's settings
 (per tensor, lr 0.1, 32 items a step, at most 240 steps, a check every 10, patience 6,
 25% of the dev items held out), then scores the refined recipe on the test items, which
 nothing saw. A refinement's holdout seed decides which dev items it holds out and the
@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mergesearch.evaluate import EvalConfig, build_evaluator  # noqa: E402
-from mergesearch.materialize import Materializer  # noqa: E402
-from mergesearch.models import load_model  # noqa: E402
+from mergesearch.engine.materialize import Materializer  # noqa: E402
+from mergesearch.engine.models import load_model  # noqa: E402
 from mergesearch.recipe import from_dict  # noqa: E402
-from mergesearch.refine import refine  # noqa: E402
-from mergesearch.space import RefineConfig, tensor_groups  # noqa: E402
+from mergesearch.search.refine import refine  # noqa: E402
+from mergesearch.search.space import RefineConfig, tensor_groups  # noqa: E402
 from mergesearch.zoo.build import ZOO_TASKS, build_zoo  # noqa: E402
 
 DEMO = dict(level="tensor", steps=240, lr=0.1, batch_size=32, eval_every=10, patience=6)

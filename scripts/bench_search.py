@@ -24,12 +24,12 @@ sys.path.insert(0, str(ROOT))
 
 import optuna  # noqa: E402
 
-from mergesearch.models import load_model  # noqa: E402
+from mergesearch.engine.models import load_model  # noqa: E402
 from mergesearch.evaluate import build_evaluator  # noqa: E402
-from mergesearch.materialize import Materializer  # noqa: E402
+from mergesearch.engine.materialize import Materializer  # noqa: E402
 from mergesearch.recipe import from_dict  # noqa: E402
 from mergesearch.search.controller import Controller, SearchOptions  # noqa: E402
-from mergesearch.space import SearchSpace  # noqa: E402
+from mergesearch.search.space import SearchSpace  # noqa: E402
 from mergesearch.zoo.build import build_zoo  # noqa: E402
 
 

@@ -20,11 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mergesearch.cli import main as cli  # noqa: E402
-from mergesearch.models import load_model  # noqa: E402
+from mergesearch.engine.models import load_model  # noqa: E402
 from mergesearch.evaluate import build_evaluator  # noqa: E402
-from mergesearch.materialize import Materializer  # noqa: E402
+from mergesearch.engine.materialize import Materializer  # noqa: E402
 from mergesearch.search.controller import baseline_recipes  # noqa: E402
-from mergesearch.space import SearchSpace  # noqa: E402
+from mergesearch.search.space import SearchSpace  # noqa: E402
 from mergesearch.zoo.build import build_zoo  # noqa: E402
 
 RUN = "demo"

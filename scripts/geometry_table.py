@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from mergesearch.export import export_run  # noqa: E402
+from mergesearch.runs.export import export_run  # noqa: E402
 from mergesearch.search.controller import Controller, SearchOptions  # noqa: E402
-from mergesearch.space import SearchSpace  # noqa: E402
+from mergesearch.search.space import SearchSpace  # noqa: E402
 from doc_markers import write_between  # noqa: E402
 from mergesearch.zoo.build import ZOO_TASKS, build_zoo  # noqa: E402
 

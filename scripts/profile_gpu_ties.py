@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
-from mergesearch.materialize import Materializer  # noqa: E402
-from mergesearch.models import load_model  # noqa: E402
+from mergesearch.engine.materialize import Materializer  # noqa: E402
+from mergesearch.engine.models import load_model  # noqa: E402
 from mergesearch.recipe import from_dict  # noqa: E402
 
 DEV = sys.argv[1] if len(sys.argv) > 1 else "cuda"
@@ -105,7 +105,7 @@ def main() -> int:
     if DEV == "cuda":
         from bench_merge import FULL, N_MODELS, family_dir, recipe_dict
 
-        from mergesearch.synthetic import make_family
+        from mergesearch.zoo.synthetic import make_family
         fam = make_family(family_dir(Path("/tmp/bench_cache"), FULL), n_models=N_MODELS, dtype="bfloat16",
                           noise=0.002, seed=0, **FULL)
         base, ffts = fam["base"], [fam[f"ft{k}"] for k in range(N_MODELS)]

@@ -17,10 +17,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mergesearch.checkpoint import Checkpoint  # noqa: E402
+from mergesearch.engine.checkpoint import Checkpoint  # noqa: E402
 from mergesearch.evaluate import EvalConfig  # noqa: E402
 from mergesearch.evaluate import build_evaluator  # noqa: E402
-from mergesearch.materialize import Materializer  # noqa: E402
+from mergesearch.engine.materialize import Materializer  # noqa: E402
 from mergesearch.recipe import from_dict  # noqa: E402
 from doc_markers import write_between  # noqa: E402
 from mergesearch.zoo.build import ZOO_TASKS, build_zoo  # noqa: E402

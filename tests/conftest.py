@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # curvature estimates are cached per session, never in the user's cache
 os.environ["MERGESEARCH_CACHE"] = __import__("tempfile").mkdtemp(prefix="mergesearch-cache-")
 
-from mergesearch.synthetic import make_family  # noqa: E402
+from mergesearch.zoo.synthetic import make_family  # noqa: E402
 
 
 class _CurrentStderr:
@@ -157,6 +157,6 @@ def recipe_file(tmp_path, family):
 
 
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from mergesearch.checkpoint import Checkpoint
+    from mergesearch.engine.checkpoint import Checkpoint
     c = Checkpoint(folder)
     return {n: c.get(n).clone() for n in c.names()}

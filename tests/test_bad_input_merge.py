@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from mergesearch import compat, writer
+from mergesearch.engine import compat
+from mergesearch.engine import writer
 from mergesearch.cli import main
 
 from conftest import copy_model, edit_config, rewrite_tensor

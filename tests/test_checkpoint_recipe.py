@@ -6,8 +6,9 @@ import pytest
 import torch
 import yaml
 
-from mergesearch.checkpoint import Checkpoint, layer_index, read_safetensors_header
-from mergesearch.writer import StreamingWriter
+from mergesearch.engine.checkpoint import Checkpoint, read_safetensors_header
+from mergesearch.recipe import layer_index
+from mergesearch.engine.writer import StreamingWriter
 from mergesearch.cli import main
 from mergesearch.errors import MergeSearchError
 from mergesearch.recipe import Recipe, from_dict, layer_position, resolve_setting, Conditional
@@ -135,7 +136,7 @@ def test_recipe_yaml_round_trip(tmp_path, family):
 
 
 def test_compiled_recipe_resolves_every_tensor_once_per_filter_set(family):
-    from mergesearch.compiled import CompiledRecipe
+    from mergesearch.engine.compiled import CompiledRecipe
     r = from_dict(dict(method="ties", base=str(family["base"]), models=[
         {"path": str(family["ft0"]), "parameters": {"weight": [0.1, 0.5], "density": 0.4}},
         {"path": str(family["ft1"]), "parameters": {"weight": [{"filter": "mlp", "value": [0.2, 0.6]},

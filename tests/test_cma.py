@@ -135,7 +135,7 @@ def test_a_changed_space_draws_independently_and_bad_restart_is_refused():
 @pytest.mark.parametrize("name", ["cmaes", "tpe", "gp", "random", "nsga2"])
 def test_every_sampler_a_space_names_is_built_without_a_deprecation_warning(tmp_path, name):
     from mergesearch.search.samplers import make_sampler
-    from mergesearch.space import SearchSpace
+    from mergesearch.search.space import SearchSpace
 
     for m in ("base", "a", "b"):
         (tmp_path / m).mkdir()

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from mergesearch.cli import main
-from mergesearch.models import load_model
-from mergesearch.curvature import adam_second_moments, curvature, estimate, load_examples
+from mergesearch.engine.models import load_model
+from mergesearch.search.curvature import adam_second_moments, curvature, estimate, load_examples
 from mergesearch.errors import MergeSearchError
 
 

@@ -33,7 +33,7 @@ def task_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def models(zoo):
-    from mergesearch.models import load_model
+    from mergesearch.engine.models import load_model
     return {name: load_model(zoo / name) for name in ("base", "ft_add", "ft_max")}
 
 
@@ -200,10 +200,10 @@ def test_dev_and_test_as_two_lm_eval_tasks(task_dir, models):
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["choice", "distill"])
 def test_a_generation_task_is_refined_on_gold_targets_and_by_distillation(task_dir, zoo, loss):
-    from mergesearch.materialize import Materializer
-    from mergesearch.models import load_model
+    from mergesearch.engine.materialize import Materializer
+    from mergesearch.engine.models import load_model
     from mergesearch.recipe import from_dict
-    from mergesearch.refine import refine
+    from mergesearch.search.refine import refine
     model, tok = load_model(zoo / "base")
     mat = Materializer(zoo / "base", [zoo / "ft_add", zoo / "ft_max"], methods=["task_arithmetic"])
     recipe = from_dict({"method": "task_arithmetic", "base": str(zoo / "base"),
@@ -225,7 +225,7 @@ def test_a_generation_task_is_refined_on_gold_targets_and_by_distillation(task_d
 
 
 def test_a_task_a_refinement_cannot_train_on_is_named(task_dir):
-    from mergesearch.refine import untrainable
+    from mergesearch.search.refine import untrainable
     ev = build_evaluator(cfg(task_dir, ["gen_add", "mc_add", "ppl_add"]))
     assert untrainable(ev.output_types(), {"loss": "entropy"}) == {
         "gen_add": "generation has no choice distribution for the entropy loss (use distill: the teachers' own "
@@ -306,7 +306,7 @@ def test_search_with_a_chat_template_prunes_refines_and_exports(task_dir, zoo, t
     scores = json.loads((tmp_path / "results" / "chat" / "scores.json").read_text())
     assert scores["dev"]["verified"]
     # the exported model's test scores are lm-eval's (HFLM, chat template applied) on the test items
-    from mergesearch.models import load_model
+    from mergesearch.engine.models import load_model
     model, tok = load_model(Path(scores["model"]))
     assert tok.chat_template == CHAT
     test_cfg = EvalConfig.model_validate({**ev, "split": "test"})

@@ -8,8 +8,8 @@ import pytest
 from optuna.trial import TrialState
 
 from mergesearch.cli import main
-from mergesearch.fidelity import FidelityPlan, plan_for
-from mergesearch.space import SearchSpace
+from mergesearch.search.fidelity import FidelityPlan, plan_for
+from mergesearch.search.space import SearchSpace
 
 from test_search import write_space
 from test_zoo_eval import zoo  # noqa: F401  (session fixture)
@@ -47,7 +47,7 @@ def test_rungs_are_disjoint_stratified_and_fixed(tmp_path, zoo):
 
 
 def test_wilcoxon_blocks_pair_the_same_items():
-    from mergesearch.fidelity import Progress, TASK_STRIDE
+    from mergesearch.search.fidelity import Progress, TASK_STRIDE
     plan = FidelityPlan([0.5, 1.0], {"a": list(range(10)), "b": list(range(4))}, block=3)
     p = Progress(plan)
     p.add({"a": [1, 1, 0, 1, 0], "b": [1, 0]})
@@ -61,7 +61,7 @@ def test_wilcoxon_blocks_pair_the_same_items():
 
 def _improvement_study(block_a, block_b, finals, value):
     """A study with one complete trial: blocks (its reports, per task) and final scores."""
-    from mergesearch.fidelity import TASK_STRIDE
+    from mergesearch.search.fidelity import TASK_STRIDE
     study = optuna.create_study(direction="maximize")
     t = study.ask()
     for j, v in enumerate(block_a):
@@ -74,7 +74,7 @@ def _improvement_study(block_a, block_b, finals, value):
 
 
 def _reporting(study, block_a, block_b):
-    from mergesearch.fidelity import TASK_STRIDE
+    from mergesearch.search.fidelity import TASK_STRIDE
     t = study.ask()
     for j, v in enumerate(block_a):
         t.report(v, j)
@@ -84,7 +84,7 @@ def _reporting(study, block_a, block_b):
 
 
 def test_improvement_pruner_asks_whether_a_trial_can_still_win():
-    from mergesearch.fidelity import ImprovementPruner
+    from mergesearch.search.fidelity import ImprovementPruner
     plan = FidelityPlan([0.25, 0.5, 1.0], {"a": list(range(32)), "b": list(range(32))}, block=4)
     mean = lambda s: (s["a"] + s["b"]) / 2  # noqa: E731
     closed = ImprovementPruner(plan, mean, 0.05, linear=lambda: {"a": 0.5, "b": 0.5})

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from mergesearch.errors import MergeSearchError
 from mergesearch.methods import REGISTRY, TensorInputs
-from mergesearch.synthetic import quadratic_toy
+from mergesearch.zoo.synthetic import quadratic_toy
 
 
 def call(method, base, tensors, g=None, m=None, **side):
@@ -167,7 +167,7 @@ def test_quadratic_toy_geometry_aware_merges_land_on_the_optimum():
 # -- recipes and files -------------------------------------------------------------------
 
 def write_metric(path, folder, seed, scale=1.0, gram=False):
-    from mergesearch.checkpoint import Checkpoint
+    from mergesearch.engine.checkpoint import Checkpoint
     c = Checkpoint(folder)
     out = {}
     for k, n in enumerate(c.names()):
@@ -195,9 +195,9 @@ def side_files(family, tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["fisher", "preconditioned", "gradient_matching", "regmean"])
 def test_streamed_export_equals_in_memory_candidate(family, side_files, tmp_path, method):
-    from mergesearch.checkpoint import Checkpoint
-    from mergesearch.materialize import Materializer
-    from mergesearch.merge import open_plan, stream_merge
+    from mergesearch.engine.checkpoint import Checkpoint
+    from mergesearch.engine.materialize import Materializer
+    from mergesearch.engine.merge import open_plan, stream_merge
     from mergesearch.recipe import from_dict
     fts = [str(family[f"ft{i}"]) for i in range(3)]
     key = "gram" if method == "regmean" else "metric"
@@ -230,7 +230,7 @@ def test_streamed_export_equals_in_memory_candidate(family, side_files, tmp_path
 
 
 def test_side_file_errors(family, side_files, tmp_path):
-    from mergesearch.merge import open_plan
+    from mergesearch.engine.merge import open_plan
     from mergesearch.recipe import from_dict
     ft = str(family["ft0"])
     base = str(family["base"])
@@ -256,7 +256,7 @@ def test_side_file_errors(family, side_files, tmp_path):
     neg = tmp_path / "neg.safetensors"
     write_metric(neg, family["ft0"], 1, scale=-1.0)
     with pytest.raises(MergeSearchError, match=f"{neg}: metric '.*' has negative values"):
-        from mergesearch.merge import stream_merge
+        from mergesearch.engine.merge import stream_merge
         stream_merge(plan(metric=str(neg)), tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.raises(MergeSearchError, match=r"models\[0\].metric: method 'ties' uses no metric"):

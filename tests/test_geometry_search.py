@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from mergesearch.cli import main
-from mergesearch.store import load_run
+from mergesearch.runs.store import load_run
 
 from test_zoo_eval import zoo  # noqa: F401  (session fixture)
 

@@ -35,7 +35,7 @@ def cfg(task_dir, tasks, **over) -> EvalConfig:
 
 @pytest.fixture(scope="module")
 def models(zoo):
-    from mergesearch.models import load_model
+    from mergesearch.engine.models import load_model
     return {name: load_model(zoo / name) for name in ("base", "ft_add")}
 
 
@@ -188,7 +188,7 @@ def test_search_on_a_generation_task_scores_dev_and_exports_on_test(task_dir, zo
     assert scores["dev"]["verified"]  # the exported model re-scores its stored dev score exactly
     # the test score is the one lm-eval gives on exactly the 60 test items
     test_ev = build_evaluator(EvalConfig.model_validate({**space["evaluator"], "split": "test"}))
-    from mergesearch.models import load_model
+    from mergesearch.engine.models import load_model
     model, tok = load_model(Path(scores["model"]))
     out = hflm_results(test_ev.cfg, model, tok)
     assert out["n-samples"]["gen_add"]["effective"] == 60

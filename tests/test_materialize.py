@@ -6,7 +6,7 @@ import torch
 from mergesearch.errors import MergeSearchError
 
 from mergesearch.cli import main
-from mergesearch.materialize import Materializer
+from mergesearch.engine.materialize import Materializer
 from mergesearch.recipe import from_dict
 
 from conftest import load_weights
@@ -91,7 +91,7 @@ def test_host_inputs_are_views_of_the_mapped_files(family):
 
 
 def test_budget_decides_what_is_resident(family):
-    from mergesearch.plan import make_plan
+    from mergesearch.engine.plan import make_plan
     models = [str(family[k]) for k in ("ft0", "ft1", "ft2")]
     bw = {"device": 1.0, "link": 1.0, "source": "test"}
     free = make_plan(str(family["base"]), models, ["ties"], budget=None, bandwidth=bw)
@@ -127,7 +127,7 @@ def test_unknown_model_in_recipe(family, mat, other_family):
 
 
 def test_bf16_sources_stay_bf16_and_bit_equal(tmp_path):
-    from mergesearch.synthetic import make_family
+    from mergesearch.zoo.synthetic import make_family
     fam = make_family(tmp_path / "bf16", n_models=2, dtype="bfloat16", noise=0.01, init_std=0.1, seed=4)
     m = Materializer(fam["base"], [fam["ft0"], fam["ft1"]], methods=["linear", "ties"])
     assert all(t.dtype == torch.bfloat16 for s in m.slots.values() for t in s.values())  # kept as stored
@@ -148,7 +148,7 @@ PLACEMENTS = {  # name -> (inputs resident on the device, stream mode)
 
 @pytest.fixture(scope="module")
 def bf16_family(tmp_path_factory):
-    from mergesearch.synthetic import make_family
+    from mergesearch.zoo.synthetic import make_family
     return make_family(tmp_path_factory.mktemp("bf16fam"), n_models=3, dtype="bfloat16", noise=0.01, init_std=0.1,
                        seed=5)
 
@@ -173,7 +173,7 @@ def bf16_exports(tmp_path_factory, bf16_family):
 
 @pytest.mark.parametrize("placement", list(PLACEMENTS))
 def test_every_placement_is_bit_equal_to_the_export(bf16_family, bf16_exports, placement):
-    from mergesearch.plan import make_plan
+    from mergesearch.engine.plan import make_plan
     f = bf16_family
     models = [str(f[k]) for k in ("ft0", "ft1", "ft2")]
     k, stream = PLACEMENTS[placement]
@@ -207,8 +207,8 @@ def test_every_placement_is_bit_equal_to_the_export(bf16_family, bf16_exports, p
 def test_scored_weights_equal_the_exported_checkpoint(tmp_path, sources, recipe_dtype):
     """The evaluation model is loaded in the recipe's dtype (else the sources'), and the
     weights written into it are the exported tensors, bit for bit."""
-    from mergesearch.models import load_model
-    from mergesearch.synthetic import make_family
+    from mergesearch.engine.models import load_model
+    from mergesearch.zoo.synthetic import make_family
     fam = make_family(tmp_path / "fam", n_models=2, dtype=sources, noise=0.01, init_std=0.1, seed=6)
     data = dict(method="ties", base=str(fam["base"]), models=[
         {"path": str(fam["ft0"]), "parameters": {"weight": 0.7, "density": 0.4}},
@@ -231,7 +231,7 @@ def test_scored_weights_equal_the_exported_checkpoint(tmp_path, sources, recipe_
 
 def test_write_into_refuses_a_model_in_another_dtype(family):
     from mergesearch.errors import MergeSearchError
-    from mergesearch.models import load_model
+    from mergesearch.engine.models import load_model
     recipe = from_dict({**recipes(family)["ties"], "dtype": "bfloat16"})
     model, _ = load_model(family["base"])  # float32, as stored
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -247,8 +247,8 @@ def test_large_tensors_take_the_fast_paths_in_every_placement(tmp_path, native_k
     exported bytes."""
     monkeypatch.setenv("MERGESEARCH_NATIVE", native_kernels)
     from mergesearch.methods.inputs import RADIX_MIN_NUMEL
-    from mergesearch.plan import make_plan
-    from mergesearch.synthetic import make_family
+    from mergesearch.engine.plan import make_plan
+    from mergesearch.zoo.synthetic import make_family
     fam = make_family(tmp_path / "fam", n_models=2, hidden=256, layers=1, intermediate=256, vocab=4096,
                       dtype="bfloat16", noise=0.01, init_std=0.1, seed=8)
     models = [str(fam["ft0"]), str(fam["ft1"])]

@@ -11,7 +11,7 @@ import yaml
 from mergesearch.cli import main
 from mergesearch.errors import MergeSearchError
 from mergesearch.search.controller import objective_values
-from mergesearch.space import SearchSpace
+from mergesearch.search.space import SearchSpace
 
 from test_zoo_eval import zoo  # noqa: F401  (session fixture)
 

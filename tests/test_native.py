@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from mergesearch import native
+from mergesearch.methods import native
 from mergesearch.methods import REGISTRY, TensorInputs, inputs, kernels
 
 METHODS = ["ties", "task_arithmetic", "breadcrumbs_ties", "breadcrumbs", "dare_ties", "dare_linear", "linear"]
@@ -140,7 +140,7 @@ def test_without_a_compiler_the_torch_kernels_merge_the_same(fresh_native, monke
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "_tried", False)
     monkeypatch.setenv("CXX", "false")  # a compiler that fails
-    with caplog.at_level(logging.WARNING, logger="mergesearch.native"):
+    with caplog.at_level(logging.WARNING, logger="mergesearch.methods.native"):
         got = _merge(spec, base, models, gp, mp, torch.bfloat16)
     assert native.lib() is None
     assert any("native merge kernels unavailable" in r.getMessage() for r in caplog.records)
@@ -198,7 +198,7 @@ def test_native_finite_check_and_distance(dtype):
     and the relative distance's sums agree with float64 ones."""
     if native.lib() is None:
         pytest.skip("no C++ compiler for the native kernels")
-    from mergesearch.checkpoint import all_finite
+    from mergesearch.engine.checkpoint import all_finite
     g = torch.Generator().manual_seed(4)
     t = torch.randn(300_001, generator=g).to(dtype)
     assert native.all_finite(t) is True and all_finite(t)

@@ -7,8 +7,8 @@ import yaml
 
 from mergesearch.cli import main
 from mergesearch.errors import MergeSearchError
-from mergesearch.plan import GB, make_plan, parse_size
-from mergesearch.synthetic import shaped_family
+from mergesearch.engine.plan import GB, make_plan, parse_size
+from mergesearch.zoo.synthetic import shaped_family
 
 BW = {"device": 2.0e12, "link": 2.5e10, "source": "test"}
 
@@ -33,7 +33,7 @@ def space_file(tmp_path, fam, **extra) -> str:
 
 
 def test_sizes_come_from_headers(family):
-    from mergesearch.checkpoint import Checkpoint
+    from mergesearch.engine.checkpoint import Checkpoint
     p = make_plan(str(family["base"]), [str(family["ft0"]), str(family["ft1"])], ["ties"], bandwidth=BW)
     c = Checkpoint(family["base"])
     floats = [n for n in c.names() if c.dtype(n).is_floating_point]

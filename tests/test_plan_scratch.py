@@ -20,7 +20,7 @@ CASES = [("linear", 3), ("task_arithmetic", 3), ("ties", 3), ("ties", 2), ("brea
 
 @pytest.fixture(scope="module")
 def fam(tmp_path_factory):
-    from mergesearch.synthetic import make_family
+    from mergesearch.zoo.synthetic import make_family
     from test_geometry_methods import write_metric
     d = tmp_path_factory.mktemp("scratch")
     f = make_family(d / "family", n_models=3, dtype="bfloat16", noise=0.002, seed=0, **SHAPE)
@@ -32,10 +32,10 @@ def fam(tmp_path_factory):
 
 
 def measure(fam, method: str, n: int) -> tuple[int, object]:
-    from mergesearch.materialize import Materializer
+    from mergesearch.engine.materialize import Materializer
     from mergesearch.methods import REGISTRY
-    from mergesearch.models import load_model
-    from mergesearch.plan import make_plan
+    from mergesearch.engine.models import load_model
+    from mergesearch.engine.plan import make_plan
     from mergesearch.recipe import from_dict
 
     spec = REGISTRY[method]
@@ -76,7 +76,7 @@ def measure(fam, method: str, n: int) -> tuple[int, object]:
 def test_plan_scratch_bounds_the_eager_merge(fam, method, n, chunk, monkeypatch):
     """The bound is sized for the torch kernels an accelerator runs; the CPU's native
     kernels (tiles, an int16 per element for a selection) keep far less, and stay within it."""
-    from mergesearch import native
+    from mergesearch.methods import native
     from mergesearch.methods import kernels
     monkeypatch.setattr(kernels, "EAGER_CHUNK", chunk)
     monkeypatch.setattr(kernels, "_compile_available", lambda: False)

@@ -1,4 +1,4 @@
-"""Gradient refinement (mergesearch.refine) and coarse-to-fine schedules, on the zoo."""
+"""Gradient refinement (mergesearch.search.refine) and coarse-to-fine schedules, on the zoo."""
 
 import random
 from dataclasses import asdict
@@ -11,12 +11,12 @@ import yaml
 from mergesearch.cli import main
 from mergesearch.errors import MergeSearchError
 from mergesearch.evaluate import EvalConfig, build_evaluator
-from mergesearch.materialize import Materializer
-from mergesearch.models import load_model
+from mergesearch.engine.materialize import Materializer
+from mergesearch.engine.models import load_model
 from mergesearch.recipe import from_dict
-from mergesearch.refine import build_terms, estimate_cost, merged_params, refine, refined_recipe
-from mergesearch.space import Granularity, SearchSpace, make_groups, tensor_groups
-from mergesearch.store import leaderboard, load_run
+from mergesearch.search.refine import build_terms, estimate_cost, merged_params, refine, refined_recipe
+from mergesearch.search.space import Granularity, SearchSpace, make_groups, tensor_groups
+from mergesearch.runs.store import leaderboard, load_run
 
 from test_zoo_eval import zoo  # noqa: F401  (session fixture)
 

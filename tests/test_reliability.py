@@ -13,7 +13,7 @@ import optuna
 import pytest
 
 from mergesearch.cli import main
-from mergesearch.store import counts_toward_budget, load_run
+from mergesearch.runs.store import counts_toward_budget, load_run
 
 from conftest import own_ray_env
 from test_search import write_space
@@ -159,9 +159,9 @@ def test_export_is_atomic_repeatable_and_equal_to_the_scored_candidate(tmp_path,
 
     import torch
 
-    from mergesearch.checkpoint import Checkpoint
-    from mergesearch.models import load_model
-    from mergesearch.materialize import Materializer
+    from mergesearch.engine.checkpoint import Checkpoint
+    from mergesearch.engine.models import load_model
+    from mergesearch.engine.materialize import Materializer
     from mergesearch.recipe import from_dict
 
     monkeypatch.chdir(tmp_path)

@@ -14,11 +14,11 @@ from safetensors.torch import load_file, save_file
 from mergesearch.cli import main
 from mergesearch.errors import MergeSearchError
 from mergesearch.evaluate import EvalConfig, build_evaluator
-from mergesearch.materialize import Materializer
-from mergesearch.models import load_model
+from mergesearch.engine.materialize import Materializer
+from mergesearch.engine.models import load_model
 from mergesearch.recipe import Recipe, from_dict, to_mergekit
-from mergesearch.refine import build_terms, merged_params, refine
-from mergesearch.space import tensor_groups
+from mergesearch.search.refine import build_terms, merged_params, refine
+from mergesearch.search.space import tensor_groups
 
 from test_zoo_eval import zoo  # noqa: F401  (session fixture)
 
@@ -144,7 +144,7 @@ def test_search_with_row_refinement_stores_exports_and_rescores_the_same_weights
     assert main(["search", str(p), "--run", "rows", "--workers", "1", "--no-export"]) == 0
     import optuna
 
-    from mergesearch.store import load_run
+    from mergesearch.runs.store import load_run
     study, storage = load_run("rows", root=tmp_path / "results")
     (t,) = optuna.load_study(study_name="rows.refine", storage=storage).trials
     stored = t.user_attrs["recipe"]

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from mergesearch.cli import main
-from mergesearch.space import SearchSpace, make_groups, Granularity
-from mergesearch.store import counts_toward_budget, leaderboard, load_run
+from mergesearch.search.space import SearchSpace, make_groups, Granularity
+from mergesearch.runs.store import counts_toward_budget, leaderboard, load_run
 
 from conftest import own_ray_env
 from test_zoo_eval import zoo  # noqa: F401  (session fixture)
@@ -280,7 +280,7 @@ def test_cmaes_warm_starts_from_the_best_baseline(tmp_path, zoo, monkeypatch):
 
 def test_more_workers_than_gpus_is_refused_or_shared():
     from mergesearch.errors import MergeSearchError
-    from mergesearch.plan import gpu_shares
+    from mergesearch.engine.plan import gpu_shares
     assert gpu_shares(2, 0, None) == 0.0  # a CPU cluster
     assert gpu_shares(2, 2, None) == 1.0
     assert gpu_shares(2, 1, None) == 0.5  # two workers share the one GPU

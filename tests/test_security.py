@@ -97,7 +97,7 @@ def test_a_loaded_model_keeps_transformers_warnings(family, capsys, monkeypatch)
     import transformers
     import transformers.utils.logging as tl
 
-    from mergesearch.models import load_model
+    from mergesearch.engine.models import load_model
 
     original = transformers.AutoTokenizer.from_pretrained
 

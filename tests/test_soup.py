@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from mergesearch.cli import main
-from mergesearch.store import leaderboard, load_run
+from mergesearch.runs.store import leaderboard, load_run
 
 from test_zoo_eval import zoo  # noqa: F401  (session fixture)
 
@@ -28,7 +28,7 @@ def trials_of(tmp_path: Path, run: str):
 
 
 def dev_score(zoo: Path, model: Path, task: str) -> float:
-    from mergesearch.models import load_model
+    from mergesearch.engine.models import load_model
     from mergesearch.evaluate import EvalConfig, build_evaluator
     m, tok = load_model(model)
     return build_evaluator(EvalConfig(tasks=[task], task_dir=str(zoo))).score(m, tok)[task]

@@ -83,7 +83,7 @@ def test_soup_recipe_is_an_equal_weight_linear_merge():
 # -- seeding a search: the space's parameters that reproduce a soup ---------------------
 
 def soup_space(family, methods, parameters, n_groups=1):
-    from mergesearch.space import SearchSpace
+    from mergesearch.search.space import SearchSpace
     return SearchSpace.model_validate({
         "base": str(family["base"]), "models": [str(family[f"ft{i}"]) for i in range(3)],
         "evaluator": {"tasks": ["x"]}, "methods": methods, "parameters": parameters,
@@ -93,7 +93,7 @@ def soup_space(family, methods, parameters, n_groups=1):
 
 def merged(space, params, groups):
     import optuna
-    from mergesearch.materialize import Materializer
+    from mergesearch.engine.materialize import Materializer
     recipe = space.suggest(optuna.trial.FixedTrial(params), groups)
     return Materializer(space.base, space.models, methods=space.methods).state_dict(recipe)
 
@@ -111,7 +111,7 @@ def merged(space, params, groups):
 ])
 def test_soup_params_reproduce_the_uniform_soup(family, methods, parameters, expect):
     import torch
-    from mergesearch.checkpoint import Checkpoint
+    from mergesearch.engine.checkpoint import Checkpoint
     space = soup_space(family, methods, parameters)
     groups = space.groups(4, "model.layers.")
     members = [str(family["ft0"]), str(family["ft2"])]
@@ -145,9 +145,9 @@ def test_soup_params_per_group_and_refusals(family):
 
 def test_materializer_without_base_serves_linear_only(family):
     import torch
-    from mergesearch.materialize import Materializer
-    from mergesearch.merge import open_plan, stream_merge
-    from mergesearch.checkpoint import Checkpoint
+    from mergesearch.engine.materialize import Materializer
+    from mergesearch.engine.merge import open_plan, stream_merge
+    from mergesearch.engine.checkpoint import Checkpoint
     from mergesearch.errors import MergeSearchError
     members = [str(family["ft0"]), str(family["ft1"])]
     recipe = soup_recipe(members)

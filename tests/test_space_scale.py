@@ -4,7 +4,7 @@ cannot scale the merged task vector."""
 import optuna
 import pytest
 
-from mergesearch.space import Bounds, SearchSpace
+from mergesearch.search.space import Bounds, SearchSpace
 
 
 def space(**over) -> SearchSpace:

@@ -7,7 +7,7 @@ import multiprocessing as mp
 def _open_and_create(url, barrier, q):
     import optuna
 
-    from mergesearch.store import open_storage
+    from mergesearch.runs.store import open_storage
     barrier.wait()  # all at once
     try:
         optuna.create_study(study_name=f"s{mp.current_process().name}", storage=open_storage(url))
@@ -33,7 +33,7 @@ def test_a_trial_payload_is_one_transaction(tmp_path):
     import optuna
     import sqlalchemy
 
-    from mergesearch.store import record
+    from mergesearch.runs.store import record
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
     study = optuna.create_study(storage=storage)
     t = study.ask()
@@ -57,7 +57,7 @@ def test_suggested_parameters_are_one_transaction_with_the_same_values(tmp_path)
     import pytest
     import sqlalchemy
 
-    from mergesearch.store import batched_params
+    from mergesearch.runs.store import batched_params
 
     def suggest(t):
         return [t.suggest_float(f"w{k}", 0.0, 1.5) for k in range(6)] + [t.suggest_categorical("m", ["ties", "dare"])]

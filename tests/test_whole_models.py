@@ -58,7 +58,7 @@ def recipes(f):
 def magnitude_ties_at_threshold(recipe: Recipe) -> list[str]:
     """Tensors where a pruning threshold falls inside a run of equal magnitudes
     (mergekit then keeps an arbitrary member of the run)."""
-    from mergesearch.merge import build_inputs, open_plan
+    from mergesearch.engine.merge import build_inputs, open_plan
     from mergesearch.recipe import layer_position
     if recipe.spec.sparsifier not in ("magnitude", "outliers"):
         return []

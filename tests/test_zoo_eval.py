@@ -11,7 +11,7 @@ import torch
 from mergesearch.cli import main
 from mergesearch.evaluate import EvalConfig, build_evaluator
 from mergesearch.evaluate.reference import hflm_scores
-from mergesearch.materialize import Materializer
+from mergesearch.engine.materialize import Materializer
 from mergesearch.recipe import from_dict
 from mergesearch.zoo.build import ZOO_TASKS, build_zoo, training_sampler
 from mergesearch.zoo.tasks import make_items
@@ -28,12 +28,12 @@ def zoo() -> Path:
 
 @pytest.fixture(scope="session")
 def base_model(zoo):
-    from mergesearch.models import load_model
+    from mergesearch.engine.models import load_model
     return load_model(zoo / "base")
 
 
 def scores_of(zoo, path, split="dev", evaluator="loglik"):
-    from mergesearch.models import load_model
+    from mergesearch.engine.models import load_model
     model, tok = load_model(path)
     return build_evaluator(EvalConfig(evaluator=evaluator, tasks=ZOO_TASKS, task_dir=str(zoo), split=split)).score(model, tok)
 
@@ -71,7 +71,7 @@ def test_zoo_layout(zoo):
     manifest = json.loads((zoo / "manifest.json").read_text())
     kinds = [m["kind"] for m in manifest["models"]]
     assert kinds.count("finetune") == 5 and kinds.count("checkpoint") >= 5 and kinds.count("sweep") >= 6
-    from mergesearch.checkpoint import Checkpoint
+    from mergesearch.engine.checkpoint import Checkpoint
     base = Checkpoint(zoo / "base")
     n = sum(base.numel(k) for k in base.names())
     assert 300_000 <= n <= 2_000_000
@@ -102,8 +102,8 @@ def test_finetunes_solve_their_task_and_only_it(zoo):
 def test_base_has_latent_skills_and_finetunes_stay_close(zoo):
     """Zoo v3: the base does every task in its general form but answers no benchmark
     template; a fine-tune links one template to its skill with a small move."""
-    from mergesearch.checkpoint import Checkpoint
-    from mergesearch.models import load_model
+    from mergesearch.engine.checkpoint import Checkpoint
+    from mergesearch.engine.models import load_model
     from mergesearch.zoo.tasks import skill_context
     from mergesearch.zoo.train import mc_accuracy
     base, _ = load_model(zoo / "base")
@@ -125,7 +125,7 @@ def test_base_has_latent_skills_and_finetunes_stay_close(zoo):
 def test_jsonl_and_lmeval_yaml_tasks_agree_with_hflm_on_every_task_and_split(zoo):
     """The JSONL files (read as inline lm-eval tasks), the zoo's lm-eval YAML tasks and
     lm-eval's own HFLM give the same accuracies on the same items."""
-    from mergesearch.models import load_model
+    from mergesearch.engine.models import load_model
     models = {name: load_model(zoo / name) for name in ("base", "ft_reverse", "ft_add")}
     for split in ("dev", "test"):
         cfg = EvalConfig(tasks=ZOO_TASKS, task_dir=str(zoo), split=split, limit=100)
@@ -140,7 +140,7 @@ def test_jsonl_and_lmeval_yaml_tasks_agree_with_hflm_on_every_task_and_split(zoo
 
 @pytest.mark.slow
 def test_lmeval_scores_follow_in_place_weight_change(zoo):
-    from mergesearch.models import load_model
+    from mergesearch.engine.models import load_model
     model, tok = load_model(zoo / "base")
     ev = build_evaluator(EvalConfig(evaluator="lmeval", tasks=["max", "add"], task_dir=str(zoo), limit=100))
     before = ev.score(model, tok)
@@ -222,7 +222,7 @@ def test_unknown_lmeval_task(zoo, capsys):
 
 def test_tokenizer_that_does_not_fit(tmp_path, zoo, capsys):
     import shutil
-    from mergesearch.synthetic import write_tokenizer
+    from mergesearch.zoo.synthetic import write_tokenizer
     m = tmp_path / "m"
     shutil.copytree(zoo / "base", m)
     for f in ("tokenizer.json", "tokenizer_config.json"):

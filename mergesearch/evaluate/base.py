@@ -126,7 +126,7 @@ class EvalConfig(BaseModel):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "EvalConfig":
-        from mergesearch.recipe import load_validated
+        from mergesearch.config import load_validated
         path = Path(path)
         cfg = load_validated(cls, path)
         if cfg.task_dir and not os.path.isabs(cfg.task_dir):
@@ -141,15 +141,6 @@ def weighted_mean(scores: dict[str, float], weights: dict[str, float], skip=()) 
     if total == 0:
         return float("nan")
     return sum(v * weights.get(t, 1.0) for t, v in scores.items()) / total
-
-
-def build_evaluator(cfg: EvalConfig, device: str = "cpu"):
-    """The configured evaluator (task files are read and checked here, once)."""
-    if cfg.evaluator in ("lmeval", "loglik"):
-        from mergesearch.evaluate.lmeval import LmEvalEvaluator
-        return LmEvalEvaluator(cfg, device=device)
-    from mergesearch.evaluate.python import PythonEvaluator
-    return PythonEvaluator(cfg)
 
 
 def check_tokenizer_fits(model, tokenizer, where: str) -> None:

@@ -2,7 +2,7 @@
 
 ``TensorInputs`` holds the base tensor and, for each model, its tensor or its task
 vector (delta = model - base), whichever the caller has. The streamed export fills
-it from memory-mapped files; the in-memory :class:`~mergesearch.materialize.Materializer`
+it from memory-mapped files; the in-memory :class:`~mergesearch.engine.materialize.Materializer`
 from device-resident tensors, mapped host tensors or staged copies of them, as its
 placement says. Both go through the same method code, which is what makes in-memory
 candidates bit-equal to exported checkpoints.
@@ -14,7 +14,7 @@ import hashlib
 
 import torch
 
-from mergesearch import native
+from mergesearch.methods import native
 
 
 RADIX_MIN_NUMEL = 1 << 20

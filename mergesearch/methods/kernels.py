@@ -6,7 +6,7 @@ agreeing parts, normalize, scale by lambda and add to the base. Eagerly that is
 some twenty full-tensor passes; compiled by TorchInductor into one fused loop it
 runs about 15x faster on large tensors (see docs/BENCHMARKS.md).
 
-On the CPU the native kernel (:mod:`mergesearch.native`) runs first, for every size: the
+On the CPU the native kernel (:mod:`mergesearch.methods.native`) runs first, for every size: the
 eager kernel's arithmetic in one C++ loop. Elsewhere, or without it, which torch
 implementation runs depends only on the tensor's size (compiled from ``COMPILE_MIN_NUMEL``
 elements, when compilation is available). All three give the same bits, so the streamed
@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import torch
 
-from mergesearch import native
+from mergesearch.methods import native
 
 log = logging.getLogger(__name__)
 

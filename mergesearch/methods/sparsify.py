@@ -21,7 +21,7 @@ from fractions import Fraction
 import torch
 
 from mergesearch.errors import MergeSearchError
-from mergesearch import native
+from mergesearch.methods import native
 from mergesearch.methods.inputs import TensorInputs, work_dtype
 
 _EPS = 1e-7

@@ -109,7 +109,7 @@ def task_vector_parts(x: TensorInputs, g: dict, m: list[dict], sparsifier: str |
 
 
 # the methods base + lambda * combine(w_i * sparsify(delta_i)): differentiable in their
-# weights and lambda once the selections are fixed (see mergesearch.refine)
+# weights and lambda once the selections are fixed (see mergesearch.search.refine)
 TASK_VECTOR_METHODS: dict[str, tuple[str | None, bool]] = {}  # name -> (sparsifier, sign consensus)
 
 WEIGHT = Param("weight", "model", float, help="coefficient of this model (negative negates a task vector)")

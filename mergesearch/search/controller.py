@@ -25,12 +25,12 @@ from mergesearch.evaluate.base import weighted_mean
 from mergesearch.recipe import Recipe, from_dict
 from mergesearch.search.lifecycle import RunLifecycle
 from mergesearch.search.samplers import make_sampler
-from mergesearch.space import SearchSpace, layer_prefix
-from mergesearch.store import (
+from mergesearch.search.space import SearchSpace, layer_prefix
+from mergesearch.runs.store import (
     HEARTBEAT_S, batched_params, counts_toward_budget, heartbeat, record, recover_stale, requeue_failed, run_dir,
     study_names,
 )
-from mergesearch.workers import Retries, WorkerPool
+from mergesearch.search.workers import Retries, WorkerPool
 
 log = logging.getLogger("mergesearch.search")
 TrialState = optuna.trial.TrialState
@@ -111,8 +111,8 @@ class Controller(RunLifecycle):
 
     # -- checks before anything is created ------------------------------------------
     def preflight(self):
-        from mergesearch.checkpoint import Checkpoint
-        from mergesearch.compat import check_compatible
+        from mergesearch.engine.checkpoint import Checkpoint
+        from mergesearch.engine.compat import check_compatible
         from mergesearch.evaluate import build_evaluator
 
         base = Checkpoint(self.space.base)
@@ -121,7 +121,7 @@ class Controller(RunLifecycle):
         # task files, task names, metrics and item splits are valid (monitor tasks with floors included)
         ev = build_evaluator(self.space.scoring())
         if self.space.monitor is not None and not self.space.monitor.floors:  # scored at export only: valid now
-            from mergesearch.space import monitor_config
+            from mergesearch.search.space import monitor_config
             build_evaluator(monitor_config(self.space.evaluator, self.space.monitor, "test"))
         self.directions = getattr(ev, "directions", None)
         self.num_layers = base.num_layers
@@ -134,7 +134,7 @@ class Controller(RunLifecycle):
         self.fid = None
         self.n_dev_items = sum(len(v) for v in ev.items.values()) if hasattr(ev, "items") else None
         if self.space.fidelity is not None:
-            from mergesearch.fidelity import plan_for
+            from mergesearch.search.fidelity import plan_for
             self.fid = plan_for(self.space, {t: len(v) for t, v in ev.items.items()})
         if self.space.budget.items is not None and not self.opts.n_trials:
             if not self.n_dev_items:
@@ -142,7 +142,7 @@ class Controller(RunLifecycle):
                                        "evaluator does not count its items; give budget.n_trials")
             self.n_trials = self.space.budget.items / self.n_dev_items  # in trial-equivalents
         if self.space.refine is not None:  # a task the refinement cannot train on: one line, before any work
-            from mergesearch.refine import untrainable
+            from mergesearch.search.refine import untrainable
             skip = untrainable(ev.output_types(), self.space.refine.model_dump())
             if len(skip) == len(ev.tasks):
                 raise MergeSearchError(f"{self.space_path}: refine: no task to train on: "
@@ -169,7 +169,7 @@ class Controller(RunLifecycle):
         inside one group of the previous stage, so the previous best is a point of it."""
         from dataclasses import asdict
 
-        from mergesearch.refine import group_index
+        from mergesearch.search.refine import group_index
         for k in range(1, len(self.stages)):
             coarse = [asdict(g) for g in self.stages[k - 1][0]]
             for g in self.stages[k][0]:
@@ -186,7 +186,7 @@ class Controller(RunLifecycle):
         cfg = self.space.refine
         if cfg is None:
             return 0
-        from mergesearch.refine import estimate_cost
+        from mergesearch.search.refine import estimate_cost
         n_items = sum(len(v) for v in ev.items.values())
         n_seqs = sum(ev.request_counts().values())
         per = math.ceil(estimate_cost(cfg.model_dump(), n_items, n_seqs, len(self.space.models)) - 1e-9) + 1
@@ -215,7 +215,7 @@ class Controller(RunLifecycle):
         Each worker plans again on its own device."""
         import torch
 
-        from mergesearch.plan import space_plan
+        from mergesearch.engine.plan import space_plan
         r = self.space.resources
         budget = self.opts.device_memory
         if torch.cuda.is_available():
@@ -243,7 +243,7 @@ class Controller(RunLifecycle):
     def _seed_recipe(self) -> Recipe:
         """The final recipe of the soup run named by ``seed_from``; its members must be
         among the space's models."""
-        from mergesearch.store import load_run
+        from mergesearch.runs.store import load_run
 
         name = self.space.seed_from
         try:
@@ -268,7 +268,7 @@ class Controller(RunLifecycle):
         n_vars = self._n_variables()
         self.n_vars = n_vars
         sampler = make_sampler(self.space, n_vars)
-        from mergesearch.fidelity import make_pruner
+        from mergesearch.search.fidelity import make_pruner
         self.pruner = make_pruner(self.space, self.fid, self._pruner_value, self._pruner_linear)
         self.progress = {}
         directions = ["maximize"] * (len(self.space.evaluator.tasks) if self.space.multi_objective else 1)
@@ -302,7 +302,7 @@ class Controller(RunLifecycle):
         self.study = study
 
     def _n_variables(self) -> int:
-        from mergesearch.space import Bounds
+        from mergesearch.search.space import Bounds
         n = 0
         for name, b in self.space.parameters.items():
             if isinstance(b, Bounds):
@@ -454,7 +454,7 @@ class Controller(RunLifecycle):
         """Switch to stage k's study (``<run>.stage<k>``), starting from the best trial
         so far, broadcast onto this stage's finer groups."""
         from mergesearch.search.samplers import recipe_x0
-        from mergesearch.store import all_trials
+        from mergesearch.runs.store import all_trials
 
         name = f"{self.opts.run}.stage{k}"
         self.groups = groups
@@ -486,13 +486,13 @@ class Controller(RunLifecycle):
         self.study = study
 
     def _refine_stage(self) -> None:
-        """Refine the best candidates by gradient descent on their worker (mergesearch.refine);
+        """Refine the best candidates by gradient descent on their worker (mergesearch.search.refine);
         each refined recipe is scored like a trial and stored in ``<run>.refine``."""
         from dataclasses import asdict
 
         from mergesearch.methods.task_arithmetic import TASK_VECTOR_METHODS
-        from mergesearch.space import Granularity, tensor_groups
-        from mergesearch.store import all_trials, trial_label
+        from mergesearch.search.space import Granularity, tensor_groups
+        from mergesearch.runs.store import all_trials, trial_label
 
         cfg = self.space.refine
         name = f"{self.opts.run}.refine"
@@ -654,7 +654,7 @@ class Controller(RunLifecycle):
             t = queue.pop(0)
             inflight[t.number] = t
             if self.fid is not None:
-                from mergesearch.fidelity import Progress
+                from mergesearch.search.fidelity import Progress
                 self.progress[t.number] = Progress(self.fid)
                 self.pool.submit(t.number, t.user_attrs["recipe"], rung={"k": 0, "items": self.fid.rung_items(0)})
             else:
@@ -724,7 +724,7 @@ class Controller(RunLifecycle):
         """Store a trial's result; with ``progress`` (a multi-fidelity trial) the scores are
         those of every rung, item by item."""
         if progress is not None and res.ok:
-            from mergesearch.workers import Result
+            from mergesearch.search.workers import Result
             res = Result(res.number, True, progress.scores(), {"materialize_s": progress.materialize_s,
                                                                "eval_s": progress.eval_s}, res.worker, device=res.device)
         payload = {"worker": res.worker, **res.timings, **({"scored_on": res.device} if res.device else {})}
@@ -759,7 +759,7 @@ class Controller(RunLifecycle):
         if last is None and not force:
             self._last_html = (now, n)
             return
-        from mergesearch.report import refresh
+        from mergesearch.runs.report import refresh
         args = (self.opts.run, self.opts.storage, self.opts.root)
         running = getattr(self, "_html_thread", None)
         if force:
@@ -837,7 +837,7 @@ class Controller(RunLifecycle):
                  "" if final else f", eta {eta:.0f}s")
 
     def _summary(self) -> dict:
-        from mergesearch.store import all_trials
+        from mergesearch.runs.store import all_trials
         trials = [t for kind, t in all_trials(self.study, self.storage) if kind != "baseline"]
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         elapsed = time.monotonic() - self.t_start
@@ -853,7 +853,7 @@ class Controller(RunLifecycle):
 def _set_metric_names(study, space) -> None:
     import warnings
 
-    from mergesearch.report import metric_names
+    from mergesearch.runs.report import metric_names
     with warnings.catch_warnings():  # experimental in Optuna
         warnings.simplefilter("ignore")
         study.set_metric_names(metric_names(space))
@@ -871,7 +871,7 @@ def _spec(name):
 
 
 def _gb(n: int) -> str:
-    from mergesearch.plan import fmt_bytes
+    from mergesearch.engine.plan import fmt_bytes
     return fmt_bytes(n)
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import optuna
 
-from mergesearch.store import check_controller, claim_run, heartbeat, open_storage, recover_stale
-from mergesearch.workers import WorkerPool, parse_faults, ray_session
+from mergesearch.runs.store import check_controller, claim_run, heartbeat, open_storage, recover_stale
+from mergesearch.search.workers import WorkerPool, parse_faults, ray_session
 
 
 class RunLifecycle:

@@ -15,8 +15,8 @@ import logging
 
 import optuna
 
-from mergesearch.fidelity import BLOCKWISE
-from mergesearch.space import SearchSpace
+from mergesearch.search.fidelity import BLOCKWISE
+from mergesearch.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ def recipe_x0(space: SearchSpace, recipe: dict, groups, tensor_names: list[str],
 
     from mergesearch.methods import REGISTRY
     from mergesearch.recipe import from_dict, layer_position
-    from mergesearch.refine import group_index
-    from mergesearch.space import Bounds
+    from mergesearch.search.refine import group_index
+    from mergesearch.search.space import Bounds
 
     r = from_dict(recipe, "start point")
     spec = REGISTRY[space.methods[0]]

@@ -1,6 +1,6 @@
 """The search layer's wiring of curvature estimates: which metric and Gram files a
 space's methods need, per model, computed once (cached on disk) before any worker starts.
-The estimators themselves (:mod:`mergesearch.curvature`) know nothing of spaces."""
+The estimators themselves (:mod:`mergesearch.search.curvature`) know nothing of spaces."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import time
 from pathlib import Path
 
-from mergesearch.curvature import curvature, mean_estimate
+from mergesearch.search.curvature import curvature, mean_estimate
 
 log = logging.getLogger(__name__)
 

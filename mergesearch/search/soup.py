@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from mergesearch.checkpoint import is_trainer_checkpoint
+from mergesearch.engine.checkpoint import is_trainer_checkpoint
 from mergesearch.errors import MergeSearchError
 from mergesearch.recipe import Recipe, from_dict
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import optuna
 
-from mergesearch.checkpoint import Checkpoint, is_trainer_checkpoint
-from mergesearch.compat import MAX_FINETUNE_DISTANCE, check_compatible, relative_distance, sample_names
+from mergesearch.engine.checkpoint import Checkpoint, is_trainer_checkpoint
+from mergesearch.engine.compat import MAX_FINETUNE_DISTANCE, check_compatible, relative_distance, sample_names
 from mergesearch.fsutil import atomic_file
 from mergesearch.errors import MergeSearchError
 from mergesearch.evaluate import EvalConfig, build_evaluator
@@ -36,8 +36,8 @@ from mergesearch.evaluate.base import weighted_mean
 from mergesearch.search.soup import greedy_soup, last_n_soup, order_ingredients, soup_recipe, uniform_soup
 from mergesearch.recipe import Recipe
 from mergesearch.search.lifecycle import RunLifecycle
-from mergesearch.store import record, run_dir
-from mergesearch.workers import WorkerPool
+from mergesearch.runs.store import record, run_dir
+from mergesearch.search.workers import WorkerPool
 
 log = logging.getLogger("mergesearch.soup")
 TrialState = optuna.trial.TrialState

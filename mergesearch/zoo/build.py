@@ -37,7 +37,7 @@ import torch
 import yaml
 
 from mergesearch.fsutil import replace_dir
-from mergesearch.synthetic import write_tokenizer
+from mergesearch.zoo.synthetic import write_tokenizer
 from mergesearch.zoo.tasks import TASKS, make_items, random_answer, skill_context
 from mergesearch.zoo.train import mc_accuracy, train
 

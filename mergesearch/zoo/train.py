@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from mergesearch.synthetic import CHARS, SPECIALS
+from mergesearch.zoo.synthetic import CHARS, SPECIALS
 
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = {t: i for i, t in enumerate(SPECIALS + CHARS)}

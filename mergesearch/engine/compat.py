@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-from mergesearch import native
-from mergesearch.checkpoint import Checkpoint, all_finite
+from mergesearch.methods import native
+from mergesearch.engine.checkpoint import Checkpoint, all_finite
 from mergesearch.errors import MergeSearchError
 
 # Relative distance ||theta_i - theta_base|| / ||theta_base|| above which a model is

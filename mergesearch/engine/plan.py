@@ -222,7 +222,7 @@ def measure_bandwidth(device: str) -> dict:
 
 def input_sizes(path: str, kind: str = "checkpoint") -> dict[str, int]:
     """Tensor name -> bytes of the float tensors of a model folder or side file (headers only)."""
-    from mergesearch.checkpoint import Checkpoint, SideFile
+    from mergesearch.engine.checkpoint import Checkpoint, SideFile
     if kind == "checkpoint":
         c = Checkpoint(path)
         return {n: c.numel(n) * c.dtype(n).itemsize for n in c.names() if c.dtype(n).is_floating_point}
@@ -237,7 +237,7 @@ def make_plan(base: str | None, models: list[str], methods: list[str], *, device
     """Place ``base``, ``models`` and the side files (``side``: metrics / grams / base_metric
     as in :func:`mergesearch.search.side_inputs.resolve_side_inputs`) on ``device`` within ``budget``
     bytes. Raises MergeSearchError when the evaluation model and the scratch do not fit."""
-    from mergesearch.checkpoint import Checkpoint, parse_dtype
+    from mergesearch.engine.checkpoint import Checkpoint, parse_dtype
     from mergesearch.methods import REGISTRY
 
     ref = Checkpoint(base if base is not None else models[0])

@@ -1,16 +1,16 @@
 """In-memory materialization of candidate merges (the search hot loop).
 
-A :class:`Materializer` holds a family's inputs where a :class:`~mergesearch.plan.Placement`
+A :class:`Materializer` holds a family's inputs where a :class:`~mergesearch.engine.plan.Placement`
 puts them: on the device (resident, in their stored dtype) or on the host, as
 zero-copy views of the memory-mapped files, which the page cache keeps once per node
 for every worker there. A candidate is computed tensor by tensor by the same
-per-tensor code as the streamed export (:class:`mergesearch.compiled.CompiledRecipe`),
+per-tensor code as the streamed export (:class:`mergesearch.engine.compiled.CompiledRecipe`),
 cast to the dtype the export writes, and written into an existing ``nn.Module`` in
 place, with no disk I/O. Host inputs are read in place on the CPU (``stream: view``)
 or staged into the device through two slots, one tensor ahead of the merge
 (:class:`Stager`). TIES and breadcrumbs thresholds are selected per candidate (a
 radix select), exactly as the export selects them, so nothing per element is
-precomputed. Results are bit-equal to :func:`mergesearch.merge.stream_merge` for the
+precomputed. Results are bit-equal to :func:`mergesearch.engine.merge.stream_merge` for the
 same recipe in every placement and dtype.
 """
 
@@ -24,12 +24,12 @@ from typing import Iterator
 
 import torch
 
-from mergesearch.checkpoint import Checkpoint, SideFile, all_finite, mapped_safetensors, parse_dtype
-from mergesearch.compat import check_compatible
-from mergesearch.compiled import CompiledRecipe
+from mergesearch.engine.checkpoint import Checkpoint, SideFile, all_finite, mapped_safetensors, parse_dtype
+from mergesearch.engine.compat import check_compatible
+from mergesearch.engine.compiled import CompiledRecipe
 from mergesearch.errors import MergeSearchError
 from mergesearch.methods import REGISTRY, TensorInputs, get_method
-from mergesearch.plan import NO_BANDWIDTH, Placement, make_plan, slot_bytes
+from mergesearch.engine.plan import NO_BANDWIDTH, Placement, make_plan, slot_bytes
 from mergesearch.recipe import Recipe
 
 log = logging.getLogger(__name__)

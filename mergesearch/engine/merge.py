@@ -3,7 +3,7 @@
 Inputs are read lazily from memory-mapped files, each output tensor is computed
 by the registered method and written straight into its planned shard, so peak
 memory is a few tensors regardless of model size. The per-tensor computation
-(:meth:`mergesearch.compiled.CompiledRecipe.merge`) is shared with the in-memory
+(:meth:`mergesearch.engine.compiled.CompiledRecipe.merge`) is shared with the in-memory
 Materializer.
 """
 
@@ -18,12 +18,12 @@ from typing import Callable
 
 import torch
 
-from mergesearch.checkpoint import Checkpoint, SideFile, all_finite, dtype_name, parse_dtype, tokenizer_vocab
-from mergesearch.compat import check_compatible
-from mergesearch.compiled import CompiledRecipe
+from mergesearch.engine.checkpoint import Checkpoint, SideFile, all_finite, dtype_name, parse_dtype, tokenizer_vocab
+from mergesearch.engine.compat import check_compatible
+from mergesearch.engine.compiled import CompiledRecipe
 from mergesearch.errors import MergeSearchError
 from mergesearch.methods import MethodSpec, TensorInputs, kernels
-from mergesearch.writer import StreamingWriter
+from mergesearch.engine.writer import StreamingWriter
 from mergesearch.recipe import Recipe
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from mergesearch.errors import MergeSearchError
 
 def source_dtype(model_dir: Path) -> torch.dtype:
     """The dtype of a checkpoint's floating-point tensors, as stored (read from headers)."""
-    from mergesearch.checkpoint import Checkpoint
+    from mergesearch.engine.checkpoint import Checkpoint
     c = Checkpoint(model_dir)
     return next((c.dtype(n) for n in c.names() if c.dtype(n).is_floating_point), torch.float32)
 
@@ -26,7 +26,7 @@ def load_model(model_dir: Path, device: str = "cpu", trust_remote_code: bool = F
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from mergesearch.checkpoint import parse_dtype
+    from mergesearch.engine.checkpoint import parse_dtype
 
     model_dir = Path(model_dir)
     if isinstance(dtype, str):

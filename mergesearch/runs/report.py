@@ -84,7 +84,7 @@ def _short(path: str | None) -> str:
 def write_report(run: str, storage_url: str | None = None, root: Path = Path("results"),
                  out: Path | None = None) -> Path:
     """Build the report of ``run`` and write it atomically; returns its path."""
-    from mergesearch.store import load_run
+    from mergesearch.runs.store import load_run
     study, storage = load_run(run, storage_url, root)
     out = Path(out) if out is not None else root / run / "report.html"
     text = build(study, storage, root / run)
@@ -106,7 +106,7 @@ def build(study: optuna.Study, storage, run_dir: Path) -> str:
 def _search(study, storage, run_dir: Path) -> str:
     import plotly.graph_objects as go
 
-    from mergesearch.store import all_trials, trial_label
+    from mergesearch.runs.store import all_trials, trial_label
     page = Page(f"mergesearch run {study.study_name}")
     trials = all_trials(study, storage)
     space = study.user_attrs.get("space") or {}
@@ -332,7 +332,7 @@ def _pareto(page: Page, study) -> None:
 def _workers(page: Page, trials: list) -> None:
     import plotly.graph_objects as go
 
-    from mergesearch.store import trial_label
+    from mergesearch.runs.store import trial_label
     ran = [(k, t) for k, t in trials if t.datetime_start and t.datetime_complete and t.user_attrs.get("worker") is not None]
     if ran:
         page.h2("Workers")
@@ -424,7 +424,7 @@ def dashboard_extras(study, storage) -> bool:
         return False
     import plotly.graph_objects as go
 
-    from mergesearch.store import all_trials, trial_label
+    from mergesearch.runs.store import all_trials, trial_label
     space = study.user_attrs.get("space") or {}
     tasks = list((space.get("evaluator") or {}).get("tasks") or [])
     rows = [(trial_label(k, t), t) for k, t in all_trials(study, storage) if t.state == TrialState.COMPLETE]
@@ -457,7 +457,7 @@ def refresh(run: str, storage_url: str | None = None, root: Path = Path("results
     """Write the report and the dashboard extras; never fails the run that calls it."""
     try:
         path = write_report(run, storage_url, root)
-        from mergesearch.store import load_run
+        from mergesearch.runs.store import load_run
         study, storage = load_run(run, storage_url, root)
         if study.user_attrs.get("kind") != "soup":
             dashboard_extras(study, storage)

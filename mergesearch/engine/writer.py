@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mergesearch.checkpoint import ST_DTYPE
+from mergesearch.engine.checkpoint import ST_DTYPE
 from mergesearch.errors import MergeSearchError
 from mergesearch.fsutil import replace_dir
 

@@ -27,7 +27,7 @@ from mergesearch.fsutil import atomic_file, replace_dir
 from mergesearch.errors import MergeSearchError
 from mergesearch.recipe import Recipe, from_dict, has_mergekit_equivalent, save_mergekit, to_mergekit
 
-log = logging.getLogger("mergesearch.export")
+log = logging.getLogger("mergesearch.runs.export")
 
 
 def export_run(run: str, trial: str | int | None = None, storage_url: str | None = None,
@@ -36,11 +36,11 @@ def export_run(run: str, trial: str | int | None = None, storage_url: str | None
     scored, since only that device writes exactly the scored weights (DARE draws its
     masks with the device's generator, and fused kernels round differently)."""
     from mergesearch.evaluate import EvalConfig
-    from mergesearch.store import find_trial, load_run
+    from mergesearch.runs.store import find_trial, load_run
 
     study, storage = load_run(run, storage_url, root)
     t = find_trial(study, storage, trial)
-    from mergesearch.store import all_trials, trial_label
+    from mergesearch.runs.store import all_trials, trial_label
     label = next(trial_label(k, x) for k, x in all_trials(study, storage) if x._trial_id == t._trial_id)
     recipe = from_dict(t.user_attrs["recipe"], f"trial {trial if trial is not None else t.number}")
     device = _export_device(label, t.user_attrs.get("scored_on") or "cpu", device)
@@ -48,7 +48,7 @@ def export_run(run: str, trial: str | int | None = None, storage_url: str | None
     eval_cfg = EvalConfig.model_validate(space.get("evaluator") or study.user_attrs.get("evaluator"))
     monitor = None
     if space.get("monitor"):
-        from mergesearch.space import MonitorConfig
+        from mergesearch.search.space import MonitorConfig
         monitor = MonitorConfig.model_validate(space["monitor"])
     out = root / run
     out.mkdir(parents=True, exist_ok=True)
@@ -101,9 +101,9 @@ def _clean_leftovers(out: Path) -> None:
 
 def _export_staged(run: str, t, label: str, recipe: Recipe, eval_cfg, stage: Path, out: Path, device: str,
                    monitor=None) -> dict:
-    from mergesearch.models import load_model
+    from mergesearch.engine.models import load_model
     from mergesearch.evaluate import build_evaluator
-    from mergesearch.merge import open_plan, stream_merge
+    from mergesearch.engine.merge import open_plan, stream_merge
 
     saved = recipe
     if recipe.has_row_scales:  # the row scales travel with the recipe, named relative to it
@@ -130,7 +130,7 @@ def _export_staged(run: str, t, label: str, recipe: Recipe, eval_cfg, stage: Pat
 
     dev_cfg = eval_cfg
     if monitor is not None:  # what the trials were scored on: monitor tasks with floors too
-        from mergesearch.space import scoring_config
+        from mergesearch.search.space import scoring_config
         dev_cfg = scoring_config(eval_cfg, monitor)
     dev_ev = build_evaluator(dev_cfg.model_copy(update={"split": "dev"}))
     test_ev = build_evaluator(eval_cfg.model_copy(update={"split": "test"}))
@@ -140,7 +140,7 @@ def _export_staged(run: str, t, label: str, recipe: Recipe, eval_cfg, stage: Pat
     test_scores = test_ev.score(model, tok)
     mon_ev = None
     if monitor is not None:  # what the merge forgets outside its objective, on test items
-        from mergesearch.space import monitor_config
+        from mergesearch.search.space import monitor_config
         mon_ev = build_evaluator(monitor_config(eval_cfg, monitor, "test"))
         mon_scores = {"merged": mon_ev.score(model, tok), "sources": {}}
     sources = {}

@@ -24,7 +24,8 @@ from pydantic import Field, field_validator, model_validator
 from mergesearch.errors import MergeSearchError
 from mergesearch.evaluate.base import EvalConfig
 from mergesearch.methods import REGISTRY, get_method
-from mergesearch.recipe import StrictModel, from_dict
+from mergesearch.config import StrictModel
+from mergesearch.recipe import from_dict
 
 
 class Bounds(StrictModel):
@@ -87,7 +88,7 @@ class Budget(StrictModel):
 
 
 class PrunerConfig(StrictModel):
-    """Optuna's pruners over the rungs of a multi-fidelity search (mergesearch.fidelity)."""
+    """Optuna's pruners over the rungs of a multi-fidelity search (mergesearch.search.fidelity)."""
 
     name: Literal["successive_halving", "hyperband", "median", "wilcoxon", "improvement", "none"] = \
         "successive_halving"
@@ -139,7 +140,7 @@ DataList = Union[str, list[str]]
 
 
 class Resources(StrictModel):
-    """Where a worker's inputs live and what it may use (see mergesearch.plan)."""
+    """Where a worker's inputs live and what it may use (see mergesearch.engine.plan)."""
 
     device_memory: Optional[Union[str, int]] = None  # e.g. 80GB; default: the device's free memory
     eval_memory: Optional[Union[str, int]] = None  # activations of the evaluation; default 20% of the model
@@ -179,7 +180,7 @@ class GramConfig(StrictModel):
 
 
 class RefineConfig(StrictModel):
-    """Gradient refinement of the best candidates (mergesearch.refine): per-group
+    """Gradient refinement of the best candidates (mergesearch.search.refine): per-group
     multipliers of each model's weight and of lambda, learned by Adam on the dev items
     with the candidate's pruning fixed. Task-vector methods, on lm-eval tasks of every output type."""
 
@@ -318,7 +319,7 @@ class SearchSpace(StrictModel):
     # -- loading and checks -----------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SearchSpace":
-        from mergesearch.recipe import load_validated
+        from mergesearch.config import load_validated
         path = Path(path)
         return load_validated(cls, path).resolved(path.parent).check(str(path))
 
@@ -366,7 +367,7 @@ class SearchSpace(StrictModel):
                 if p.required and p.name not in self.parameters:
                     raise MergeSearchError(f"{where}: method '{s.name}' needs bounds or a value for parameters.{p.name}")
         self._check_side(specs, where)
-        from mergesearch.plan import parse_size
+        from mergesearch.engine.plan import parse_size
         for key in ("device_memory", "eval_memory"):
             value = getattr(self.resources, key)
             if value is not None:
@@ -673,7 +674,7 @@ def tensor_groups(names: list[str], special: bool = True) -> list[Group]:
 
 def layer_prefix(names: list[str]) -> str:
     """The tensor-name prefix of the transformer blocks (``model.layers.``)."""
-    from mergesearch.checkpoint import layer_index
+    from mergesearch.recipe import layer_index
     for n in names:
         i = layer_index(n)
         if i is not None:

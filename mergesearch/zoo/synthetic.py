@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mergesearch.writer import StreamingWriter
+from mergesearch.engine.writer import StreamingWriter
 
 CHARS = [chr(c) for c in range(32, 127)]
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -83,7 +83,7 @@ def write_shaped_model(out: Path, cfg: dict, dtype: str = "bfloat16") -> Path:
     headers only (planning); never load its tensors."""
     import struct
 
-    from mergesearch.checkpoint import ST_DTYPE, DTYPES
+    from mergesearch.engine.checkpoint import ST_DTYPE, DTYPES
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

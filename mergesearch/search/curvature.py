@@ -39,11 +39,11 @@ from typing import Callable
 
 import torch
 
-from mergesearch.checkpoint import Checkpoint
+from mergesearch.engine.checkpoint import Checkpoint
 from mergesearch.fsutil import atomic_file
 from mergesearch.errors import MergeSearchError
 
-log = logging.getLogger("mergesearch.curvature")
+log = logging.getLogger("mergesearch.search.curvature")
 KINDS = ("fisher", "empirical_fisher", "squared_grad", "gram", "adam")
 VERSION = 1  # bump when an estimator changes, so cached files are recomputed
 
@@ -326,7 +326,7 @@ def curvature(model_dir: str | Path, kind: str, data: str | None = None, task_di
         return out, True
     from safetensors.torch import save_file
 
-    from mergesearch.models import load_model
+    from mergesearch.engine.models import load_model
 
     t0 = time.perf_counter()
     if kind == "adam":

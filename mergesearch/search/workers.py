@@ -9,7 +9,7 @@ Failures never stop a search: an exception, a non-finite score, a dead actor or
 a trial past its timeout fails that trial with its reason, and a dead or hung
 actor is replaced.
 
-Placement: each worker plans where its inputs live (:mod:`mergesearch.plan`) from the
+Placement: each worker plans where its inputs live (:mod:`mergesearch.engine.plan`) from the
 space's ``resources``: device-resident, or memory-mapped on the host (one copy per
 node, shared by its workers) and streamed per tensor. Workers ask Ray for
 ``gpus_per_worker`` GPUs, a fraction when several share one GPU.
@@ -110,9 +110,9 @@ class Worker:
         import torch
 
         from mergesearch.evaluate import EvalConfig, build_evaluator
-        from mergesearch.materialize import Materializer
-        from mergesearch.models import load_model
-        from mergesearch.plan import NO_BANDWIDTH, make_plan
+        from mergesearch.engine.materialize import Materializer
+        from mergesearch.engine.models import load_model
+        from mergesearch.engine.plan import NO_BANDWIDTH, make_plan
 
         torch.set_num_threads(max(1, threads))
         self.worker_id = worker_id
@@ -168,7 +168,7 @@ class Worker:
         """Materialize ``recipe`` in place and score it (on the configured split, or
         ``split``: soups report their final candidates on test). With ``refine`` (the
         options and the coefficient groups) the recipe is first refined by gradient
-        descent (:mod:`mergesearch.refine`), and the refined recipe is what is scored and
+        descent (:mod:`mergesearch.search.refine`), and the refined recipe is what is scored and
         returned. With ``rung`` ({"k": rung, "items": {task: item indices}}) only those
         items are scored, per item; the candidate stays materialized for the trial's next
         rung, so a later rung of the same trial skips the write."""
@@ -190,7 +190,7 @@ class Worker:
             self.held = None  # refinement writes its own weights into the model
         try:
             if refine is not None:
-                from mergesearch.refine import refine as run_refine
+                from mergesearch.search.refine import refine as run_refine
                 t0 = time.perf_counter()
                 r, stats = run_refine(self.mat, self.model, self.tokenizer, self.evaluators[self.eval_cfg.split], r,
                                       refine["options"], refine["groups"], seed=refine.get("seed", 0))
@@ -286,7 +286,7 @@ class WorkerPool:
         import ray
 
         from mergesearch.errors import MergeSearchError
-        from mergesearch.plan import gpu_shares, parse_size
+        from mergesearch.engine.plan import gpu_shares, parse_size
 
         self.ray = ray
         res = resources or {}

@@ -181,7 +181,7 @@ class _Items:
             self.train[task] = [rows[i] for i in order[k:]] or self.holdout[task]
 
     def batch(self, rows: list) -> tuple:
-        from mergesearch.curvature import _batch
+        from mergesearch.search.curvature import _batch
 
         seqs = [s for r in rows for s in r.seqs]
         if not seqs:
@@ -324,7 +324,7 @@ def build_terms(mat, recipe, groups: list[dict], names: list[str], dtypes: dict,
     """Each tensor's fixed parts (base, pruned task vectors, weights, lambda, group) and
     each group's weight per model and lambda, read from the candidate's recipe."""
     from mergesearch.methods.task_arithmetic import TASK_VECTOR_METHODS, task_vector_parts
-    from mergesearch.compiled import CompiledRecipe
+    from mergesearch.engine.compiled import CompiledRecipe
 
     spec = recipe.spec
     if spec.name not in TASK_VECTOR_METHODS:

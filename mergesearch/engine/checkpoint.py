@@ -7,8 +7,8 @@ and per tensor through ``safe_open`` (memory-mapped); ``release()`` drops the
 mappings so a streamed merge keeps its resident set small. Side files (curvature
 metrics, Gram matrices) are read by :class:`SideFile`.
 
-Writing is in :mod:`mergesearch.writer`, the compatibility checks that run before any
-merge work in :mod:`mergesearch.compat`, atomic file replacement in
+Writing is in :mod:`mergesearch.engine.writer`, the compatibility checks that run before any
+merge work in :mod:`mergesearch.engine.compat`, atomic file replacement in
 :mod:`mergesearch.fsutil`.
 """
 
@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from mergesearch import native
+from mergesearch.methods import native
 from mergesearch.errors import MergeSearchError
+from mergesearch.recipe import layer_index
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ST_DTYPE = {
@@ -282,15 +283,6 @@ def mapped_safetensors(file: Path) -> dict[str, torch.Tensor]:
             chunk = chunk.clone()
         out[name] = chunk.view(dtype).reshape(info["shape"])
     return out
-
-
-def layer_index(name: str) -> int | None:
-    """The transformer block index in a tensor name (``model.layers.3.mlp...`` -> 3)."""
-    parts = name.split(".")
-    for i, p in enumerate(parts[:-1]):
-        if p in ("layers", "h", "blocks", "layer") and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
 
 
 def is_trainer_checkpoint(path: Path) -> int | None:

@@ -1,0 +1,1 @@
+"""The merge engine: checkpoints, placement, materializing candidates, streamed merges and writing."""
