@@ -2,51 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 
+from mergesearch.console import (ABORTS, CLICK_ERRORS, EXITS, print_export, print_leaderboard, show_click_error,
+                                 tensor_progress)
 from mergesearch.errors import MergeSearchError
+from mergesearch.progress import interactive, quiet_libraries
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Search for the best merge of fine-tuned checkpoints.")
 _state = {"debug": False}
-
-
-def interactive() -> bool:
-    return sys.stderr.isatty() and os.environ.get("CI", "").lower() not in ("true", "1")
-
-
-@contextmanager
-def tensor_progress(description: str, unit: str = "tensors"):
-    """Yields a callback(done, total, name); a rich bar on a TTY, log lines otherwise."""
-    if interactive():
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeRemainingColumn(), transient=True) as bar:
-            task = bar.add_task(description, total=None)
-
-            def cb(done, total, name):
-                bar.update(task, completed=done, total=total)
-            yield cb
-    else:
-        import time
-        last = {"t": time.monotonic()}
-
-        def cb(done, total, name):
-            now = time.monotonic()
-            if done == total or now - last["t"] >= 10:
-                logging.getLogger("mergesearch").info("%s: %d/%d %s", description, done, total, unit)
-                last["t"] = now
-        yield cb
 
 
 @app.callback()
@@ -121,11 +93,15 @@ app.add_typer(zoo_app, name="zoo")
 def zoo_build(
     out: Path = typer.Option(Path("results/zoo"), "--out", help="where to build the zoo"),
     force: bool = typer.Option(False, "--force", help="rebuild even when a finished build is there"),
+    scale: float = typer.Option(1.0, "--scale", max=1.0, help="shrink every training's step count by this "
+                                "factor (tests; a scaled zoo's models are too weak to search on)"),
 ):
     """Build the zoo: a tiny base, task fine-tunes, checkpoints, a sweep, data (cached)."""
     from mergesearch.zoo.build import build_zoo
 
-    manifest = build_zoo(out, force=force)
+    if scale <= 0:
+        raise MergeSearchError(f"--scale: use a factor above 0 and at most 1, got {scale:g}")
+    manifest = build_zoo(out, scale=scale, force=force)
     n = len(manifest["models"])
     took = manifest.get("build_seconds")
     typer.echo(f"zoo at {out}: {n} models, tasks {', '.join(manifest['tasks'])}"
@@ -266,23 +242,7 @@ def _planned_side(space) -> dict | None:
 def _export_and_print(run: str, trial, storage, device: str | None = None) -> None:
     from mergesearch.runs.export import export_run
 
-    res = export_run(run, trial, storage, device=device)
-    tasks = list(res["test"]["merged"])
-    typer.echo(f"exported trial {res['trial']} -> {res['model']} "
-               f"(dev re-score {'matches' if res['dev']['verified'] else 'DIFFERS'})")
-    typer.echo(f"{'test':<28}" + "".join(f"{t[:10]:>11}" for t in tasks) + f"{'mean':>9}")
-    typer.echo(f"{'merged':<28}" + "".join(f"{res['test']['merged'][t]:>11.4f}" for t in tasks)
-               + f"{res['test']['merged_aggregate']:>9.4f}")
-    for p, s in res["test"]["sources"].items():
-        typer.echo(f"{Path(p).name[:28]:<28}" + "".join(f"{s['scores'][t]:>11.4f}" for t in tasks)
-                   + f"{s['aggregate']:>9.4f}")
-    mon = res.get("monitor")
-    if mon:
-        mt = list(mon["merged"])
-        typer.echo(f"{'monitor (test, never optimized)':<32}" + "".join(f"{t[:10]:>11}" for t in mt))
-        typer.echo(f"{'merged':<32}" + "".join(f"{mon['merged'][t]:>11.4f}" for t in mt))
-        for p, s in mon["sources"].items():
-            typer.echo(f"{Path(p).name[:32]:<32}" + "".join(f"{s[t]:>11.4f}" for t in mt))
+    print_export(export_run(run, trial, storage, device=device))
 
 
 @app.command()
@@ -384,8 +344,6 @@ def leaderboard(
     pruned: bool = typer.Option(False, "--pruned", help="include pruned trials (partial scores)"),
 ):
     """Rank a run's trials: aggregate, per-task dev scores, key parameters."""
-    import pandas as pd
-
     from mergesearch.fsutil import atomic_file
     from mergesearch.runs.store import leaderboard as board, load_run, run_counts
 
@@ -401,37 +359,7 @@ def leaderboard(
     if df.empty:
         typer.echo(f"run {run}: no completed trials")
         return
-    n = run_counts(study, st)
-    typer.echo(f"run {run}: {n['complete']} complete, {n['pruned']} pruned, {n['failed']} failed trials"
-               + (f"; {n['items']} dev items scored" if n["items"] else ""))
-    cols = ["rank", "trial", "kind", "aggregate", "worst"] + [c for c in df.columns if c.startswith("dev:")]
-    if pruned and "fidelity" in df.columns:
-        cols.append("fidelity")
-    refined = "held_out" in df.columns and df["held_out"].notna().any()
-    if refined:
-        cols.append("held_out")
-    cols.append("params")
-    with pd.option_context("display.max_colwidth", 70, "display.width", 200):
-        typer.echo(df[cols].head(top).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    if refined:
-        typer.echo("a refined trial's dev scores include the dev items it was trained on; held_out is its "
-                   "accuracy on those it never saw (its test score, at export, is on neither)")
-    mon_floors = ((study.user_attrs.get("space") or {}).get("monitor") or {}).get("floors") or {}
-    if mon_floors:
-        typer.echo("monitor tasks (never optimized; a candidate below a floor is infeasible): "
-                   + ", ".join(f"dev:{t} >= {v:g}" for t, v in mon_floors.items()))
-    exported = Path("results") / run / "scores.json"
-    if exported.exists():
-        mon = json.loads(exported.read_text()).get("monitor")
-        if mon:
-            typer.echo(f"monitor tasks on test, exported trial {json.loads(exported.read_text()).get('trial')}: "
-                       + ", ".join(f"{t} {v:.4f}" for t, v in mon["merged"].items()) + "; sources: "
-                       + "; ".join(f"{Path(p).name} " + ", ".join(f"{v:.4f}" for v in s.values())
-                                   for p, s in mon["sources"].items()))
-    for task, d in (study.user_attrs.get("metrics") or {}).items():
-        if not d.get("higher_is_better", True):
-            typer.echo(f"dev:{task} is minus {d['metric']} ({d['filter']}): lower {d['metric']} is better, "
-                       "so the scores are maximized")
+    print_leaderboard(run, df, study, run_counts(study, st), top, pruned)
 
 
 @app.command()
@@ -481,6 +409,7 @@ def methods():
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     try:
         rv = app(args=argv, standalone_mode=False)
         return rv if isinstance(rv, int) else 0  # click returns typer.Exit's code here
@@ -489,14 +418,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except click.exceptions.Exit as e:
+    except EXITS as e:
         return e.exit_code
-    except click.exceptions.Abort:
+    except ABORTS:
         print("aborted", file=sys.stderr)
         return 130
-    except click.ClickException as e:
-        print(f"error: {e.format_message()}", file=sys.stderr)
-        return 2
+    except CLICK_ERRORS as e:  # a usage mistake: click's usage line and one error line
+        if _state["debug"]:
+            raise
+        return show_click_error(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
