@@ -189,7 +189,8 @@ def worker_run(zoo: Path, refine_steps: int, threads: int) -> dict:
     from dataclasses import asdict
 
     from mergesearch.engine.checkpoint import Checkpoint
-    from mergesearch.search.space import Granularity, RefineConfig, layer_prefix, make_groups
+    from mergesearch.search.schema import RefineConfig
+    from mergesearch.search.variables import Granularity, layer_prefix, make_groups
     from mergesearch.search.workers import Worker
 
     fts = [str(zoo / f"ft_{t}") for t in ZOO_TASKS]

@@ -76,22 +76,19 @@ CHECKPOINTS = (10, 25, 50, 100)
 def best_so_far(study, storage) -> dict[int, float | None]:
     """The dev mean of the best candidate (by the run's own objective) after each of
     CHECKPOINTS evaluations, in the order they finished; a refinement counts its cost."""
-    from optuna.trial import TrialState
+    from mergesearch.runs.store import trial_records
 
-    from mergesearch.runs.store import all_trials
-
-    done = sorted((t for _, t in all_trials(study, storage) if t.state == TrialState.COMPLETE),
-                  key=lambda t: t.datetime_complete)
+    done = sorted((r for r in trial_records(study, storage) if r.complete), key=lambda r: r.completed)
     out: dict[int, float | None] = {}
     spent, best, k = 0.0, None, 0
-    for t in done:
-        spent += float(t.user_attrs.get("cost", 1.0))
+    for r in done:
+        spent += float(r.cost if r.cost is not None else 1.0)
         while k < len(CHECKPOINTS) and spent > CHECKPOINTS[k] + 1e-9:
             out[CHECKPOINTS[k]] = best[1] if best else None
             k += 1
-        key = (t.user_attrs.get("feasible", True), t.value)
+        key = (r.feasible, r.value)
         if best is None or key > best[0]:
-            scores = t.user_attrs["scores"]
+            scores = r.scores
             best = (key, sum(scores.values()) / len(scores))
     for c in CHECKPOINTS[k:]:
         out[c] = best[1] if best else None
@@ -177,9 +174,8 @@ def main() -> int:
                                                                progress=False)).run()
                 study, storage = load_run(run, root=root)
                 best = find_trial(study, storage, None)
-                s = score(from_dict(best.user_attrs["recipe"]))
-                runs.append({"seed": seed, "best": best.user_attrs.get("role") or best.user_attrs.get("baseline")
-                             or "search", "wall_s": time.perf_counter() - t0, "trials": summary["trials"],
+                s = score(from_dict(best.recipe))
+                runs.append({"seed": seed, "best": best.role or best.baseline or "search", "wall_s": time.perf_counter() - t0, "trials": summary["trials"],
                              "best_so_far": best_so_far(study, storage), **s})
                 print(f"{name} seed {seed}: dev {s['dev']['mean']:.3f} test {s['test']['mean']:.3f} "
                       f"(worst task {s['test']['worst']:.3f}; winner: {runs[-1]['best']}; "

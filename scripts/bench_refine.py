@@ -31,7 +31,8 @@ from mergesearch.engine.materialize import Materializer  # noqa: E402
 from mergesearch.engine.models import load_model  # noqa: E402
 from mergesearch.recipe import from_dict  # noqa: E402
 from mergesearch.search.refine import refine  # noqa: E402
-from mergesearch.search.space import RefineConfig, tensor_groups  # noqa: E402
+from mergesearch.search.schema import RefineConfig  # noqa: E402
+from mergesearch.search.variables import tensor_groups  # noqa: E402
 from mergesearch.zoo.build import ZOO_TASKS, build_zoo  # noqa: E402
 
 DEMO = dict(level="tensor", steps=240, lr=0.1, batch_size=32, eval_every=10, patience=6)

@@ -23,7 +23,7 @@ from mergesearch.cli import main as cli  # noqa: E402
 from mergesearch.engine.models import load_model  # noqa: E402
 from mergesearch.evaluate import build_evaluator  # noqa: E402
 from mergesearch.engine.materialize import Materializer  # noqa: E402
-from mergesearch.search.controller import baseline_recipes  # noqa: E402
+from mergesearch.search.phases.baselines import baseline_recipes  # noqa: E402
 from mergesearch.search.space import SearchSpace  # noqa: E402
 from mergesearch.zoo.build import build_zoo  # noqa: E402
 

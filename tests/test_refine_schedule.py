@@ -15,7 +15,8 @@ from mergesearch.engine.materialize import Materializer
 from mergesearch.engine.models import load_model
 from mergesearch.recipe import from_dict
 from mergesearch.search.refine import build_terms, estimate_cost, merged_params, refine, refined_recipe
-from mergesearch.search.space import Granularity, SearchSpace, make_groups, tensor_groups
+from mergesearch.search.space import SearchSpace
+from mergesearch.search.variables import Granularity, make_groups, tensor_groups
 from mergesearch.runs.store import leaderboard, load_run
 
 from test_zoo_eval import zoo  # noqa: F401  (session fixture)

@@ -18,7 +18,7 @@ from mergesearch.engine.materialize import Materializer
 from mergesearch.engine.models import load_model
 from mergesearch.recipe import Recipe, from_dict, to_mergekit
 from mergesearch.search.refine import build_terms, merged_params, refine
-from mergesearch.search.space import tensor_groups
+from mergesearch.search.variables import tensor_groups
 
 from test_zoo_eval import zoo  # noqa: F401  (session fixture)
 

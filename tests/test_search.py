@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from mergesearch.cli import main
-from mergesearch.search.space import SearchSpace, make_groups, Granularity
+from mergesearch.search.space import SearchSpace
+from mergesearch.search.variables import Granularity, make_groups
 from mergesearch.runs.store import counts_toward_budget, leaderboard, load_run
 
 from conftest import own_ray_env

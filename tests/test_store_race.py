@@ -33,7 +33,7 @@ def test_a_trial_payload_is_one_transaction(tmp_path):
     import optuna
     import sqlalchemy
 
-    from mergesearch.runs.store import record
+    from mergesearch.runs.optuna_io import write_attrs as record
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
     study = optuna.create_study(storage=storage)
     t = study.ask()
@@ -57,7 +57,7 @@ def test_suggested_parameters_are_one_transaction_with_the_same_values(tmp_path)
     import pytest
     import sqlalchemy
 
-    from mergesearch.runs.store import batched_params
+    from mergesearch.runs.optuna_io import batched_params
 
     def suggest(t):
         return [t.suggest_float(f"w{k}", 0.0, 1.5) for k in range(6)] + [t.suggest_categorical("m", ["ties", "dare"])]

@@ -40,15 +40,14 @@ def export_run(run: str, trial: str | int | None = None, storage_url: str | None
 
     study, storage = load_run(run, storage_url, root)
     t = find_trial(study, storage, trial)
-    from mergesearch.runs.store import all_trials, trial_label
-    label = next(trial_label(k, x) for k, x in all_trials(study, storage) if x._trial_id == t._trial_id)
-    recipe = from_dict(t.user_attrs["recipe"], f"trial {trial if trial is not None else t.number}")
-    device = _export_device(label, t.user_attrs.get("scored_on") or "cpu", device)
+    label = t.label
+    recipe = from_dict(t.recipe, f"trial {trial if trial is not None else t.number}")
+    device = _export_device(label, t.scored_on or "cpu", device)
     space = study.user_attrs.get("space") or {}
     eval_cfg = EvalConfig.model_validate(space.get("evaluator") or study.user_attrs.get("evaluator"))
     monitor = None
     if space.get("monitor"):
-        from mergesearch.search.space import MonitorConfig
+        from mergesearch.evaluate.monitor import MonitorConfig
         monitor = MonitorConfig.model_validate(space["monitor"])
     out = root / run
     out.mkdir(parents=True, exist_ok=True)
@@ -118,7 +117,7 @@ def _export_staged(run: str, t, label: str, recipe: Recipe, eval_cfg, stage: Pat
     saved.save(stage / "best_recipe.yaml")
     if has_mergekit_equivalent(recipe):
         save_mergekit(recipe, stage / "best_mergekit.yaml")
-    dev_stored = t.user_attrs.get("scores") or {}
+    dev_stored = t.scores or {}
     model_dir = stage / "model"
     plan = open_plan(recipe)
     kill_at = "export_kill" in (os.environ.get("MERGESEARCH_FAULT") or "")
@@ -130,7 +129,7 @@ def _export_staged(run: str, t, label: str, recipe: Recipe, eval_cfg, stage: Pat
 
     dev_cfg = eval_cfg
     if monitor is not None:  # what the trials were scored on: monitor tasks with floors too
-        from mergesearch.search.space import scoring_config
+        from mergesearch.evaluate.monitor import scoring_config
         dev_cfg = scoring_config(eval_cfg, monitor)
     dev_ev = build_evaluator(dev_cfg.model_copy(update={"split": "dev"}))
     test_ev = build_evaluator(eval_cfg.model_copy(update={"split": "test"}))
@@ -140,7 +139,7 @@ def _export_staged(run: str, t, label: str, recipe: Recipe, eval_cfg, stage: Pat
     test_scores = test_ev.score(model, tok)
     mon_ev = None
     if monitor is not None:  # what the merge forgets outside its objective, on test items
-        from mergesearch.search.space import monitor_config
+        from mergesearch.evaluate.monitor import monitor_config
         mon_ev = build_evaluator(monitor_config(eval_cfg, monitor, "test"))
         mon_scores = {"merged": mon_ev.score(model, tok), "sources": {}}
     sources = {}
@@ -154,7 +153,7 @@ def _export_staged(run: str, t, label: str, recipe: Recipe, eval_cfg, stage: Pat
     result = {
         "run": run,
         "trial": label,
-        "baseline": t.user_attrs.get("baseline"),
+        "baseline": t.baseline,
         "recipe": recipe.to_dict(),
         "test": {"merged": test_scores, "merged_aggregate": test_ev.aggregate(test_scores),
                  "sources": {p: {"scores": s, "aggregate": test_ev.aggregate(s)} for p, s in sources.items()}},

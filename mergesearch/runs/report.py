@@ -106,35 +106,33 @@ def build(study: optuna.Study, storage, run_dir: Path) -> str:
 def _search(study, storage, run_dir: Path) -> str:
     import plotly.graph_objects as go
 
-    from mergesearch.runs.store import all_trials, trial_label
+    from mergesearch.runs.store import trial_records
     page = Page(f"mergesearch run {study.study_name}")
-    trials = all_trials(study, storage)
+    trials = trial_records(study, storage)
     space = study.user_attrs.get("space") or {}
     ev = space.get("evaluator") or {}
     tasks = list(ev.get("tasks") or [])
-    complete = [(k, t) for k, t in trials if t.state == TrialState.COMPLETE]
-    searched = [(k, t) for k, t in complete if k != "baseline"]
+    complete = [r for r in trials if r.complete]
+    searched = [r for r in complete if r.study_kind != "baseline"]
     _header(page, study, space, trials)
     if not complete:
         page.p("No finished trials yet: the report fills in as the run goes.", "note")
         return page.render()
-    key = (lambda kt: (kt[1].user_attrs.get("feasible", True), kt[1].user_attrs.get("aggregate", -math.inf)))
-    best_kind, best = max(searched or complete, key=key)
-    best_label = trial_label(best_kind, best)
-    baselines = [(k, t) for k, t in complete if k == "baseline"]
-    sources = [t for _, t in baselines if str(t.user_attrs.get("baseline", "")).startswith("source ")]
-    others = [t for _, t in baselines if t not in sources]
+    best = max(searched or complete, key=lambda r: r.rank)
+    best_label = best.label
+    baselines = [r for r in complete if r.study_kind == "baseline"]
+    sources = [r for r in baselines if r.is_source]
+    others = [r for r in baselines if not r.is_source]
 
     # winner against the rest, per task, on dev and on test
     page.h2(f"The winner (trial {best_label}) against the baselines and the sources")
     scores = _load_scores(run_dir, best_label)
     fig = go.Figure()
-    fig.add_bar(name=f"winner {best_label} (dev)", x=tasks, y=[best.user_attrs["scores"].get(t) for t in tasks])
-    for t in others:
-        fig.add_bar(name=f"{t.user_attrs['baseline']} (dev)", x=tasks, y=[t.user_attrs["scores"].get(x) for x in tasks])
-    for t in sources:
-        fig.add_bar(name=f"{_short(t.user_attrs['baseline'][7:])} (dev)", x=tasks,
-                    y=[t.user_attrs["scores"].get(x) for x in tasks])
+    fig.add_bar(name=f"winner {best_label} (dev)", x=tasks, y=[best.scores.get(t) for t in tasks])
+    for r in others:
+        fig.add_bar(name=f"{r.baseline} (dev)", x=tasks, y=[r.scores.get(x) for x in tasks])
+    for r in sources:
+        fig.add_bar(name=f"{_short(r.baseline[7:])} (dev)", x=tasks, y=[r.scores.get(x) for x in tasks])
     if scores is not None:
         fig.add_bar(name=f"winner {best_label} (TEST, never searched on)", x=tasks,
                     y=[scores["test"]["merged"].get(t) for t in tasks], marker_pattern_shape="/")
@@ -166,13 +164,13 @@ def _search(study, storage, run_dir: Path) -> str:
     _parameters(page, study)
     # the winner's recipe
     page.h2(f"The winner's recipe (trial {best_label})")
-    _recipe_heatmaps(page, best.user_attrs.get("recipe") or {})
+    _recipe_heatmaps(page, best.recipe or {})
     # per task
     page.h2("Per task: the top 10 trials")
-    top = sorted(searched, key=key, reverse=True)[:10]
-    fig = go.Figure(go.Heatmap(z=[[t.user_attrs["scores"].get(x) for x in tasks] for _, t in top], x=tasks,
-                               y=[f"trial {trial_label(k, t)}" for k, t in top], colorscale="Viridis",
-                               text=[[_fmt(t.user_attrs["scores"].get(x)) for x in tasks] for _, t in top],
+    top = sorted(searched, key=lambda r: r.rank, reverse=True)[:10]
+    fig = go.Figure(go.Heatmap(z=[[r.scores.get(x) for x in tasks] for r in top], x=tasks,
+                               y=[f"trial {r.label}" for r in top], colorscale="Viridis",
+                               text=[[_fmt(r.scores.get(x)) for x in tasks] for r in top],
                                texttemplate="%{text}"))
     fig.update_layout(title="Dev score per task, best trial on top", yaxis_autorange="reversed")
     page.figure(fig, "top10")
@@ -183,12 +181,12 @@ def _search(study, storage, run_dir: Path) -> str:
 
 
 def _header(page: Page, study, space: dict, trials: list) -> None:
-    state = {s: sum(t.state == s for _, t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED,
-                                                                  TrialState.FAIL, TrialState.RUNNING)}
-    starts = [t.datetime_start for _, t in trials if t.datetime_start]
-    ends = [t.datetime_complete for _, t in trials if t.datetime_complete]
+    state = {s: sum(r.state == s.name for r in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED,
+                                                                     TrialState.FAIL, TrialState.RUNNING)}
+    starts = [r.started for r in trials if r.started]
+    ends = [r.completed for r in trials if r.completed]
     wall = (max(ends) - min(starts)).total_seconds() if starts and ends else 0.0
-    items = sum(t.user_attrs.get("items") or 0 for _, t in trials)
+    items = sum(r.items or 0 for r in trials)
     budget = space.get("budget") or {}
     gran = space.get("granularity") or {}
     rows = [["run", study.study_name],
@@ -224,28 +222,28 @@ def _load_scores(run_dir: Path, label: str) -> dict | None:
 
 def _history(page: Page, study, searched: list, baselines: list, sources: list) -> None:
     import plotly.graph_objects as go
-    done = sorted((t for _, t in searched if t.datetime_complete), key=lambda t: t.datetime_complete)
+    done = sorted((r for r in searched if r.completed), key=lambda r: r.completed)
     if not done:
         return
-    t0 = min(t.datetime_start for t in done)
+    t0 = min(r.started for r in done)
     best, ys, xs, ws = -math.inf, [], [], []
-    for k, t in enumerate(done):
-        best = max(best, t.user_attrs.get("aggregate", -math.inf))
+    for k, r in enumerate(done):
+        best = max(best, r.aggregate if r.aggregate is not None else -math.inf)
         ys.append(best)
         xs.append(k + 1)
-        ws.append((t.datetime_complete - t0).total_seconds())
+        ws.append((r.completed - t0).total_seconds())
     refs = []
-    plain = [t for _, t in baselines if t not in sources]
+    plain = [r for r in baselines if not r.is_source]
     if plain:
-        b = max(plain, key=lambda t: t.user_attrs["aggregate"])
-        refs.append((f"best baseline ({b.user_attrs['baseline']})", b.user_attrs["aggregate"]))
+        b = max(plain, key=lambda r: r.aggregate)
+        refs.append((f"best baseline ({b.baseline})", b.aggregate))
     if sources:
-        s = max(sources, key=lambda t: t.user_attrs["aggregate"])
-        refs.append((f"best single source ({_short(s.user_attrs['baseline'][7:])})", s.user_attrs["aggregate"]))
+        s = max(sources, key=lambda r: r.aggregate)
+        refs.append((f"best single source ({_short(s.baseline[7:])})", s.aggregate))
     for name, x, title in (("trials", xs, "Best so far, by finished trial"),
                            ("wall", ws, "Best so far, by wall time (s)")):
         fig = go.Figure()
-        fig.add_scatter(x=x, y=[t.user_attrs.get("aggregate") for t in done], mode="markers", name="trial",
+        fig.add_scatter(x=x, y=[r.aggregate for r in done], mode="markers", name="trial",
                         marker=dict(size=5, opacity=0.5))
         fig.add_scatter(x=x, y=ys, mode="lines", name="best so far", line_shape="hv")
         for label, v in refs:
@@ -332,31 +330,29 @@ def _pareto(page: Page, study) -> None:
 def _workers(page: Page, trials: list) -> None:
     import plotly.graph_objects as go
 
-    from mergesearch.runs.store import trial_label
-    ran = [(k, t) for k, t in trials if t.datetime_start and t.datetime_complete and t.user_attrs.get("worker") is not None]
+    ran = [r for r in trials if r.started and r.completed and r.worker is not None]
     if ran:
         page.h2("Workers")
-        t0 = min(t.datetime_start for _, t in ran)
+        t0 = min(r.started for r in ran)
         fig = go.Figure()
         colors = {TrialState.COMPLETE: "#4c78a8", TrialState.PRUNED: "#f58518", TrialState.FAIL: "#e45756"}
         for state, color in colors.items():
-            sel = [(k, t) for k, t in ran if t.state == state]
+            sel = [r for r in ran if r.state == state.name]
             if not sel:
                 continue
             fig.add_bar(name=state.name.lower(), orientation="h", marker_color=color,
-                        y=[f"worker {t.user_attrs['worker']}" for _, t in sel],
-                        base=[(t.datetime_start - t0).total_seconds() for _, t in sel],
-                        x=[max(0.01, (t.datetime_complete - t.datetime_start).total_seconds()) for _, t in sel],
-                        text=[trial_label(k, t) for k, t in sel], hovertemplate="trial %{text}: %{x:.2f} s")
+                        y=[f"worker {r.worker}" for r in sel],
+                        base=[(r.started - t0).total_seconds() for r in sel],
+                        x=[max(0.01, (r.completed - r.started).total_seconds()) for r in sel],
+                        text=[r.label for r in sel], hovertemplate="trial %{text}: %{x:.2f} s")
         fig.update_layout(barmode="overlay", title="Timeline: each trial on its worker (s since the first start)",
                           xaxis_title="seconds")
         page.figure(fig, "timeline")
-    failed = [(k, t) for k, t in trials if t.state == TrialState.FAIL]
+    failed = [r for r in trials if r.state == "FAIL"]
     if failed:
         page.h2("Failures")
         page.table(["trial", "worker", "reason", "queued again"],
-                   [[trial_label(k, t), t.user_attrs.get("worker"), t.user_attrs.get("reason"),
-                     "yes" if t.user_attrs.get("requeued") else "no"] for k, t in failed], "failures")
+                   [[r.label, r.worker, r.reason, "yes" if r.requeued else "no"] for r in failed], "failures")
 
 
 # -- a soup ------------------------------------------------------------------------------
@@ -364,7 +360,8 @@ def _workers(page: Page, trials: list) -> None:
 def _soup(study, storage, run_dir: Path) -> str:
     import plotly.graph_objects as go
     page = Page(f"mergesearch soup {study.study_name}")
-    trials = [("search", t) for t in study.get_trials(deepcopy=False)]
+    from mergesearch.runs.store import trial_records
+    trials = trial_records(study, storage)
     _header(page, study, {"methods": ["linear (soup)"], "models": [i["path"] for i in
                                                                    (study.user_attrs.get("report") or {})
                                                                    .get("ingredients", [])]}, trials)
@@ -424,30 +421,26 @@ def dashboard_extras(study, storage) -> bool:
         return False
     import plotly.graph_objects as go
 
-    from mergesearch.runs.store import all_trials, trial_label
+    from mergesearch.runs.store import trial_records
     space = study.user_attrs.get("space") or {}
     tasks = list((space.get("evaluator") or {}).get("tasks") or [])
-    rows = [(trial_label(k, t), t) for k, t in all_trials(study, storage) if t.state == TrialState.COMPLETE]
-    base = [(label, t) for label, t in rows if label.startswith("b")]
-    rest = [(label, t) for label, t in rows if not label.startswith("b")]
-    best = max(rest, key=lambda lt: (lt[1].user_attrs.get("feasible", True), lt[1].user_attrs.get("aggregate", -1)),
-               default=None)
+    rows = [r for r in trial_records(study, storage) if r.complete]
+    base = [r for r in rows if r.study_kind == "baseline"]
+    rest = [r for r in rows if r.study_kind != "baseline"]
+    best = max(rest, key=lambda r: r.rank, default=None)
     shown = ([best] if best else []) + base
     lines = [f"## Baselines and the best trial of run {study.study_name}", "",
              "Baselines live in the side study `" + study.study_name + ".baselines`; their dev scores per task:", "",
              "| trial | what | mean | " + " | ".join(tasks) + " |", "|---|---|---:|" + "---:|" * len(tasks)]
-    for label, t in shown:
-        ua = t.user_attrs
-        what = ua.get("baseline") or ("best trial" if (label, t) == best else "")
-        lines.append(f"| {label} | {what} | {_fmt(ua.get('aggregate'))} | "
-                     + " | ".join(_fmt((ua.get("scores") or {}).get(x)) for x in tasks) + " |")
+    for r in shown:
+        what = r.baseline or ("best trial" if r is best else "")
+        lines.append(f"| {r.label} | {what} | {_fmt(r.aggregate)} | "
+                     + " | ".join(_fmt((r.scores or {}).get(x)) for x in tasks) + " |")
     lines += ["", f"The report: `mergesearch report {study.study_name}` (results/{study.study_name}/report.html)."]
     save_note(study, "\n".join(lines))
     fig = go.Figure()
-    for label, t in shown:
-        ua = t.user_attrs
-        fig.add_bar(name=f"{label} {ua.get('baseline') or 'best trial'}", x=tasks,
-                    y=[(ua.get("scores") or {}).get(x) for x in tasks])
+    for r in shown:
+        fig.add_bar(name=f"{r.label} {r.baseline or 'best trial'}", x=tasks, y=[(r.scores or {}).get(x) for x in tasks])
     fig.update_layout(barmode="group", title="Dev score per task: the best trial against the baselines")
     save_plotly_graph_object(study, fig, graph_object_id="winner-vs-baselines")
     return True

@@ -1,9 +1,12 @@
 """The results store: Optuna RDB storage, one study per run.
 
 By default a run lives in ``results/<run>/`` with its SQLite file ``study.db``;
-``--storage`` takes any SQLAlchemy URL. Every trial records, as user attributes,
-its full recipe, per-task dev scores and the aggregate, timings, the worker id
-and, when it failed, the reason. The baselines (uniform average, task arithmetic
+``--storage`` takes any SQLAlchemy URL. What a trial stored is a typed
+:class:`~mergesearch.runs.records.TrialRecord`: its full recipe, per-task dev scores and
+the aggregate, timings, the worker id and, when it failed, the reason. Only this module
+writes records (:func:`record`) and reads them (:func:`trial_records`, :func:`find_trial`,
+:func:`leaderboard`); they are stored as the trial's user attributes, as they always
+were, and Optuna's private calls are kept in :mod:`.optuna_io`. The baselines (uniform average, task arithmetic
 at lambda = 1, a seeding soup) live in a side study ``<run>.baselines`` so the
 sampler's model of the space only ever sees its own proposals; the leaderboard
 ranks both together.
@@ -13,12 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
 
 from mergesearch.errors import MergeSearchError
+from mergesearch.runs import optuna_io
+from mergesearch.runs.records import STORED, TIMINGS, TrialRecord
 
 log = logging.getLogger(__name__)
 RESULTS = Path("results")
@@ -206,23 +210,13 @@ def heartbeat(study: optuna.Study, stopped: bool = False) -> None:
                         {"host": socket.gethostname(), "pid": os.getpid(), "time": _time.time()})
 
 
-def requeue_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str,
-                   max_retry: int = STALE_RETRIES) -> bool:
+def requeue_failed(study: optuna.Study, trial, reason: str, max_retry: int = STALE_RETRIES) -> bool:
     """Fail a trial that was abandoned through no fault of its own (its controller died,
-    or stopped) and queue it again with the same parameters through Optuna's
-    stale-trial retry (``RetryHeartbeatStaleTrialCallback``), at most ``max_retry``
-    times along its retry history. Returns whether it was queued."""
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-    storage = study._storage
-    queued = len(trial.system_attrs.get("retry_history", [])) + 1 <= max_retry
-    storage.set_trial_user_attr(trial._trial_id, "reason", reason)
-    storage.set_trial_user_attr(trial._trial_id, "requeued", queued)
-    if trial.state == optuna.trial.TrialState.RUNNING:
-        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-    if queued:
-        RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, storage.get_trial(trial._trial_id))
-    return queued
+    or stopped, or the time budget ran out) and queue it again with the same parameters,
+    at most ``max_retry`` times along its retry history. Returns whether it was queued."""
+    if not isinstance(trial, optuna.trial.FrozenTrial):
+        trial = optuna_io.frozen(study, trial)
+    return optuna_io.fail_and_requeue(study, trial, reason, max_retry)
 
 
 def recover_stale(study: optuna.Study, requeue: bool = True) -> int:
@@ -232,17 +226,9 @@ def recover_stale(study: optuna.Study, requeue: bool = True) -> int:
         if requeue:
             requeue_failed(study, t, "stale: the controller stopped")
         else:
-            study._storage.set_trial_user_attr(t._trial_id, "reason", "stale: the controller stopped")
-            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            optuna_io.fail(study, t, "stale: the controller stopped")
         n += 1
     return n
-
-
-def counts_toward_budget(t: optuna.trial.FrozenTrial) -> bool:
-    """Finished trials, except failures that were queued again (their retry counts)."""
-    if t.state == optuna.trial.TrialState.FAIL:
-        return not t.user_attrs.get("requeued", False)
-    return t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
 def study_names(storage) -> list[str]:
@@ -259,74 +245,104 @@ def load_run(run: str, storage_url: str | None = None, root: Path = RESULTS) -> 
     return optuna.load_study(study_name=run, storage=storage), storage
 
 
-def all_trials(study: optuna.Study, storage) -> list[tuple[str, optuna.trial.FrozenTrial]]:
-    """Every trial of a run: the search study's, then its side studies': baselines,
-    later schedule stages (``stage<k>``) and refinements."""
-    out = [("search", t) for t in study.get_trials(deepcopy=False)]
+def to_record(study_kind: str, t: optuna.trial.FrozenTrial) -> TrialRecord:
+    """A stored trial as its typed record (the user attributes it was stored with)."""
+    ua = t.user_attrs
+    known = {k: ua[k] for k in STORED if k in ua}
+    return TrialRecord(study_kind=study_kind, number=t.number, state=t.state.name,
+                       value=t.value if len(t.values or []) == 1 else None, values=t.values,
+                       params=dict(t.params), started=t.datetime_start, completed=t.datetime_complete,
+                       timings={k: ua[k] for k in TIMINGS if k in ua}, **known)
+
+
+def record(trial, **fields) -> None:
+    """Store fields of a trial's :class:`TrialRecord` (each a field name: a misspelt one
+    is an error). A scored candidate's per-task dev scores are also stored as attributes
+    of their own (``dev:<task>``), which optuna-dashboard can show and sort as columns.
+    One transaction on an SQL storage."""
+    unknown = sorted(set(fields) - set(STORED) - {"timings"})
+    if unknown:
+        raise TypeError(f"record: not a field of TrialRecord: {', '.join(unknown)}")
+    data = dict(fields)
+    data.update(data.pop("timings", None) or {})
+    if "aggregate" in fields:  # a scored candidate (complete or pruned)
+        for task, v in (fields.get("scores") or {}).items():
+            data[f"dev:{task}"] = v
+    optuna_io.write_attrs(trial, {k: json.loads(json.dumps(v)) for k, v in data.items()})
+
+
+def records_of(study: optuna.Study, study_kind: str = "search") -> list[TrialRecord]:
+    """The trials of one study as typed records."""
+    return [to_record(study_kind, t) for t in study.get_trials(deepcopy=False)]
+
+
+def counts_toward_budget(t: optuna.trial.FrozenTrial) -> bool:
+    """Finished trials, except failures that were queued again (their retry counts)."""
+    return to_record("search", t).counts_toward_budget
+
+
+def side_study_names(run: str, storage) -> list[tuple[str, str]]:
+    """The run's side studies that exist, as (kind, study name): baselines, later schedule
+    stages (``stage<k>``), refinements."""
     names = set(study_names(storage))
-    sides = [("baseline", f"{study.study_name}.baselines")]
+    sides = [("baseline", f"{run}.baselines")]
     k = 1
-    while f"{study.study_name}.stage{k}" in names:
-        sides.append((f"stage{k}", f"{study.study_name}.stage{k}"))
+    while f"{run}.stage{k}" in names:
+        sides.append((f"stage{k}", f"{run}.stage{k}"))
         k += 1
-    sides.append(("refine", f"{study.study_name}.refine"))
-    for kind, name in sides:
-        if name in names:
-            side = optuna.load_study(study_name=name, storage=storage)
-            out += [(kind, t) for t in side.get_trials(deepcopy=False)]
+    sides.append(("refine", f"{run}.refine"))
+    return [(kind, name) for kind, name in sides if name in names]
+
+
+def trial_records(study: optuna.Study, storage, kinds: tuple[str, ...] | None = None) -> list[TrialRecord]:
+    """Every trial of a run as typed records: the search study's, then its side
+    studies' (baselines, later schedule stages, refinements); ``kinds`` keeps only those."""
+    out = [to_record("search", t) for t in study.get_trials(deepcopy=False)] if not kinds or "search" in kinds else []
+    for kind, name in side_study_names(study.study_name, storage):
+        if kinds and not any(kind.startswith(k) for k in kinds):
+            continue
+        side = optuna.load_study(study_name=name, storage=storage)
+        out += [to_record(kind, t) for t in side.get_trials(deepcopy=False)]
     return out
 
 
-def trial_label(kind: str, t: optuna.trial.FrozenTrial) -> str:
-    """How a trial is named in the leaderboard and on the command line: ``7`` (search),
-    ``b0`` (baseline), ``s1.4`` (schedule stage 1), ``r0`` (refinement)."""
-    if kind == "search":
-        return str(t.number)
-    if kind == "baseline":
-        return f"b{t.number}"
-    if kind == "refine":
-        return f"r{t.number}"
-    return f"s{kind[5:]}.{t.number}"
+def best_record(records: list[TrialRecord]) -> TrialRecord | None:
+    """The best complete record: feasible first, then by aggregate."""
+    done = [r for r in records if r.complete]
+    return max(done, key=lambda r: r.rank) if done else None
 
 
 def leaderboard(study: optuna.Study, storage, top: int | None = None, include_failed: bool = False,
-                include_pruned: bool = False):
+                include_pruned: bool = False, records: list[TrialRecord] | None = None):
     """A pandas DataFrame ranked by feasibility, then aggregate dev score. Pruned trials
     (partial scores, on the share ``fidelity`` of the dev items) and failed ones follow
     the complete trials when asked for."""
     import pandas as pd
 
     rows = []
-    tasks: list[str] = []
-    for kind, t in all_trials(study, storage):
-        ua = t.user_attrs
-        st = optuna.trial.TrialState
-        if not (t.state == st.COMPLETE or (t.state == st.PRUNED and include_pruned)
-                or (t.state == st.FAIL and include_failed)):
+    shown = {"COMPLETE"} | ({"PRUNED"} if include_pruned else set()) | ({"FAIL"} if include_failed else set())
+    for r in records if records is not None else trial_records(study, storage):
+        if r.state not in shown:
             continue
-        scores = ua.get("scores") or {}
-        for k in scores:
-            if k not in tasks:
-                tasks.append(k)
-        recipe = ua.get("recipe") or {}
+        scores = r.scores or {}
         rows.append({
-            "trial": trial_label(kind, t),  # one type: Parquet-safe
-            "kind": ua.get("baseline") or ua.get("role") or kind,
-            "state": t.state.name,
-            "aggregate": ua.get("aggregate"),
+            "trial": r.label,  # one type: Parquet-safe
+            "kind": r.baseline or r.role or r.study_kind,
+            "state": r.state,
+            "aggregate": r.aggregate,
             "worst": min(scores.values()) if scores else None,
-            "feasible": ua.get("feasible", True),
+            "feasible": r.feasible,
             **{f"dev:{k}": v for k, v in scores.items()},
             # a refinement trains on part of the dev items: its accuracy on the rest
-            "held_out": (ua.get("refine") or {}).get("holdout_after"),
-            "method": recipe.get("method"),
-            "params": ua.get("summary", ""),
-            "worker": ua.get("worker"),
-            "materialize_s": ua.get("materialize_s"),
-            "eval_s": ua.get("eval_s"),
-            "fidelity": ua.get("fidelity"),
-            "items": ua.get("items"),
-            "reason": ua.get("reason"),
+            "held_out": (r.refine or {}).get("holdout_after"),
+            "method": r.method,
+            "params": r.summary,
+            "worker": r.worker,
+            "materialize_s": r.timings.get("materialize_s"),
+            "eval_s": r.timings.get("eval_s"),
+            "fidelity": r.fidelity,
+            "items": r.items,
+            "reason": r.reason,
         })
     df = pd.DataFrame(rows)
     if df.empty:
@@ -342,112 +358,31 @@ def run_counts(study: optuna.Study, storage) -> dict:
     """Trials by state over the run's studies (baselines, stages, refinements), and the
     dev items they scored."""
     out = {"complete": 0, "pruned": 0, "failed": 0, "items": 0}
-    st = optuna.trial.TrialState
-    for _, t in all_trials(study, storage):
-        key = {st.COMPLETE: "complete", st.PRUNED: "pruned", st.FAIL: "failed"}.get(t.state)
+    for r in trial_records(study, storage):
+        key = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}.get(r.state)
         if key:
             out[key] += 1
-            out["items"] += t.user_attrs.get("items") or 0
+            out["items"] += r.items or 0
     return out
 
 
-def find_trial(study: optuna.Study, storage, trial: str | int | None) -> optuna.trial.FrozenTrial:
+def find_trial(study: optuna.Study, storage, trial: str | int | None) -> TrialRecord:
     """The best complete trial (by the leaderboard), or the one named (``7``, ``b0``, ``s1.4``, ``r0``)."""
-    trials = {trial_label(kind, t): t for kind, t in all_trials(study, storage)}
+    records = trial_records(study, storage)
+    by_label = {r.label: r for r in records}
     if trial is None and study.user_attrs.get("kind") == "soup":
         final = study.user_attrs.get("final_trial")
         if final is None:
             raise MergeSearchError(f"soup run '{study.study_name}' has not finished (resume it with --resume)")
         trial = final
     if trial is None:
-        board = leaderboard(study, storage)
+        board = leaderboard(study, storage, records=records)
         if board.empty:
             raise MergeSearchError(f"run '{study.study_name}' has no completed trial to export")
-        return trials[str(board.iloc[0]["trial"])]
-    t = trials.get(str(trial))
-    if t is None:
+        return by_label[str(board.iloc[0]["trial"])]
+    r = by_label.get(str(trial))
+    if r is None:
         raise MergeSearchError(f"run '{study.study_name}' has no trial {trial}")
-    if t.state != optuna.trial.TrialState.COMPLETE:
-        raise MergeSearchError(f"trial {trial} of run '{study.study_name}' did not complete ({t.state.name})")
-    return t
-
-
-def record(trial_or_study_trial, payload: dict) -> None:
-    """Store a trial's payload as user attributes, in one transaction on an SQL storage
-    (one commit instead of one per attribute)."""
-    data = {k: json.loads(json.dumps(v)) for k, v in payload.items()}
-    t = trial_or_study_trial
-    if _record_batched(getattr(t, "storage", None), getattr(t, "_trial_id", None), data):
-        cached = getattr(t, "_cached_frozen_trial", None)  # what Trial.user_attrs reads, as set_user_attr keeps it
-        if cached is not None:
-            cached.user_attrs.update(data)
-        return
-    for k, v in data.items():
-        t.set_user_attr(k, v)
-
-
-class _ParamBuffer:
-    """A trial's storage while its parameters are suggested: parameter writes are kept
-    for one transaction; everything else goes to the real storage."""
-
-    def __init__(self, storage):
-        self._storage = storage
-        self.params: list[tuple] = []
-
-    def set_trial_param(self, trial_id: int, name: str, value: float, distribution) -> None:
-        self.params.append((trial_id, name, value, distribution))
-
-    def __getattr__(self, name: str):
-        return getattr(self._storage, name)
-
-
-@contextmanager
-def batched_params(trial):
-    """Inside, ``trial.suggest_*`` writes its parameters in one transaction at the end
-    (Optuna's SQL storage commits each on its own: about 1 ms apiece). The trial reads
-    its own values from its cache, so nothing inside sees the difference. Other storages
-    write as usual."""
-    try:
-        from optuna.storages._cached_storage import _CachedStorage
-        from optuna.storages._rdb.storage import RDBStorage
-    except ImportError:
-        _CachedStorage = RDBStorage = None
-    storage = getattr(trial, "storage", None)
-    backend = getattr(storage, "_backend", None)
-    if (_CachedStorage is None or not isinstance(storage, _CachedStorage) or not isinstance(backend, RDBStorage)
-            or not hasattr(backend, "_set_trial_param_without_commit")):
-        yield
-        return
-    buf = _ParamBuffer(storage)
-    trial.storage = buf
-    try:
-        yield
-    finally:
-        trial.storage = storage
-        if buf.params:
-            _write_params(storage, backend, buf.params)
-
-
-def _write_params(cached, backend, params: list[tuple]) -> None:
-    from optuna.storages._rdb.storage import _create_scoped_session
-    with cached._lock, _create_scoped_session(backend.scoped_session, True) as session:
-        for trial_id, name, value, distribution in params:
-            study_id, _ = cached._trial_id_to_study_id_and_number[trial_id]
-            known = cached._studies[study_id].param_distribution
-            backend._set_trial_param_without_commit(session, trial_id, name, value, distribution, known.get(name))
-            known.setdefault(name, distribution)
-
-
-def _record_batched(storage, trial_id, data: dict) -> bool:
-    try:  # Optuna's RDB storage writes one attribute per transaction; several go in one here
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import RDBStorage, _create_scoped_session
-    except ImportError:
-        return False
-    backend = getattr(storage, "_backend", storage)
-    if trial_id is None or not isinstance(backend, RDBStorage) or not hasattr(backend, "_set_trial_attr_without_commit"):
-        return False
-    with _create_scoped_session(backend.scoped_session, True) as session:
-        for k, v in data.items():
-            backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id, k, v)
-    return True
+    if not r.complete:
+        raise MergeSearchError(f"trial {trial} of run '{study.study_name}' did not complete ({r.state})")
+    return r

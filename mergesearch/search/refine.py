@@ -64,6 +64,7 @@ from dataclasses import dataclass
 import torch
 
 from mergesearch.errors import MergeSearchError
+from mergesearch.search.variables import group_index, group_setting
 
 log = logging.getLogger(__name__)
 
@@ -82,28 +83,6 @@ class _Term:
     consensus: bool
     group: int
     dtype: torch.dtype
-
-
-def group_index(name: str, groups: list[dict]) -> int:
-    """The coefficient group of a tensor, as a recipe's filter list resolves it: the first
-    group with a matching filter, then the groups' fallbacks, then the default group."""
-    for k, g in enumerate(groups):
-        if any(f in name for f in g["filters"]):
-            return k
-    for k, g in enumerate(groups):
-        if any(f in name for f in g.get("fallback", [])):
-            return k
-    return next(k for k, g in enumerate(groups) if g.get("default"))
-
-
-def group_setting(groups: list[dict], values: list[float]):
-    """A per-group value as a recipe parameter (a filter list), or a scalar for one group."""
-    if len(groups) == 1:
-        return values[0]
-    setting = [{"filter": f, "value": v} for g, v in zip(groups, values) for f in g["filters"]]
-    setting += [{"filter": f, "value": v} for g, v in zip(groups, values) for f in g.get("fallback", [])]
-    setting.append({"value": values[next(k for k, g in enumerate(groups) if g.get("default"))]})
-    return setting
 
 
 def estimate_cost(cfg: dict, n_items: int, n_seqs: int, n_models: int = 0) -> float:

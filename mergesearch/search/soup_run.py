@@ -36,7 +36,8 @@ from mergesearch.evaluate.base import weighted_mean
 from mergesearch.search.soup import greedy_soup, last_n_soup, order_ingredients, soup_recipe, uniform_soup
 from mergesearch.recipe import Recipe
 from mergesearch.search.lifecycle import RunLifecycle
-from mergesearch.runs.store import record, run_dir
+from mergesearch.runs.records import Job
+from mergesearch.runs.store import record, run_dir, trial_records
 from mergesearch.search.workers import WorkerPool
 
 log = logging.getLogger("mergesearch.soup")
@@ -183,9 +184,10 @@ class SoupRunner(RunLifecycle):
                 raise MergeSearchError(f"run '{self.opts.run}': the ingredients, strategy or evaluator changed since it "
                                        "started; start a new run instead of --resume")
             self.resume_checks(study, requeue=False)  # the cache decides what runs again
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-                e = _Eval(tuple(t.user_attrs["members"]), t.user_attrs["role"], t.value, t.user_attrs["scores"],
-                          t.number)
+            for r in trial_records(study, self.storage):
+                if not r.complete:
+                    continue
+                e = _Eval(tuple(r.members), r.role, r.value, r.scores, r.number)
                 self.cache[e.members] = e
         else:
             study = optuna.create_study(study_name=self.opts.run, storage=self.storage, direction="maximize")
@@ -284,26 +286,25 @@ class SoupRunner(RunLifecycle):
             e = _Eval(members, role)
             recipe = self._recipe(members)
             t = self.study.ask()
-            record(t, {"recipe": recipe.to_dict(), "members": list(members), "role": role,
-                       "summary": f"uniform soup of {len(members)}: " + ", ".join(_short(m) for m in members)})
+            record(t, recipe=recipe.to_dict(), members=list(members), role=role,
+                   summary=f"uniform soup of {len(members)}: " + ", ".join(_short(m) for m in members))
             e.trial = t.number
-            todo[t.number] = (t, e)
+            todo[t.number] = (t, e, Job("trial", t.number, recipe.to_dict()))
             self.cache[members] = e
             self.evals.append(e)
             out.append(e)
         try:
-            for res in self.pool.run_batch({n: (t.user_attrs["recipe"], None) for n, (t, _) in todo.items()},
-                                           self.opts.max_retries):
-                t, e = todo[res.number]
-                payload = {"worker": res.worker, **res.timings, **({"scored_on": res.device} if res.device else {})}
+            for res in self.pool.run_batch([job for _, _, job in todo.values()], self.opts.max_retries):
+                t, e, _ = todo[res.number]
+                ran = dict(worker=res.worker, timings=res.timings, **({"scored_on": res.device} if res.device else {}))
                 if res.ok:
                     e.scores = res.scores
                     e.score = weighted_mean(res.scores, self.eval_cfg.weights)
-                    record(t, {**payload, "scores": res.scores, "aggregate": e.score})
+                    record(t, **ran, scores=res.scores, aggregate=e.score)
                     self.study.tell(t, e.score)
                 else:
                     e.reason = res.reason
-                    record(t, {**payload, "reason": res.reason, "scores": res.scores or None})
+                    record(t, **ran, reason=res.reason, scores=res.scores or None)
                     self.study.tell(t, state=TrialState.FAIL)
                     del self.cache[e.members]  # a resumed run tries it again
                 log.info("soup trial %d (%s, %d members): %s", t.number, e.role, len(e.members),
@@ -311,9 +312,9 @@ class SoupRunner(RunLifecycle):
         except BaseException:
             # Ctrl-C or a crash: never leave a trial running in the store
             self.pool.cancel_all()
-            for t, e in todo.values():
+            for t, e, _ in todo.values():
                 if e.score is None and e.reason is None:
-                    record(t, {"reason": "interrupted"})
+                    record(t, reason="interrupted")
                     self.study.tell(t, state=TrialState.FAIL)
             raise
         return out
@@ -323,20 +324,18 @@ class SoupRunner(RunLifecycle):
         previous attempt of this run already measured are read back."""
         stored = (self.study.user_attrs.get("report") or {}).get("rows", {})
         out: dict[str, dict] = {}
-        jobs: dict[int, tuple[dict, str]] = {}
+        jobs: dict[tuple, Job] = {}
         keys: dict[int, list[str]] = {}
-        numbers: dict[tuple, int] = {}
         for k, e in rows.items():
             prev = stored.get(k)
             if prev and prev.get("trial") == e.trial and prev.get("test_scores"):
                 out[k] = {"scores": prev["test_scores"], "aggregate": prev["test"]}
                 continue
-            if e.members not in numbers:
-                numbers[e.members] = -1 - len(numbers)  # never an Optuna trial number
-                jobs[numbers[e.members]] = (self._recipe(e.members).to_dict(), "test")
-            keys.setdefault(numbers[e.members], []).append(k)
-        for res in self.pool.run_batch(jobs, self.opts.max_retries):
-            for k in keys[res.number]:
+            if e.members not in jobs:
+                jobs[e.members] = Job("test", e.trial if e.trial is not None else -1, self._recipe(e.members).to_dict(), split="test")
+            keys.setdefault(jobs[e.members].id, []).append(k)
+        for res in self.pool.run_batch(list(jobs.values()), self.opts.max_retries):
+            for k in keys[res.job.id]:
                 out[k] = ({"scores": res.scores, "aggregate": weighted_mean(res.scores, self.eval_cfg.weights)}
                           if res.ok else {"scores": None, "aggregate": None, "reason": res.reason})
         return out

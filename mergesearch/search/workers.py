@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from mergesearch.runs.records import Job
+
 log = logging.getLogger(__name__)
 
 
@@ -163,15 +165,15 @@ class Worker:
         except (torch.OutOfMemoryError, MemoryError, RuntimeError):
             return False
 
-    def run(self, number: int, recipe: dict, split: str | None = None, refine: dict | None = None,
-            rung: dict | None = None) -> dict:
-        """Materialize ``recipe`` in place and score it (on the configured split, or
-        ``split``: soups report their final candidates on test). With ``refine`` (the
-        options and the coefficient groups) the recipe is first refined by gradient
+    def run(self, job: Job) -> dict:
+        """Materialize the job's recipe in place and score it (on the configured split, or
+        ``job.split``: soups report their final candidates on test). With ``job.refine``
+        (the options and the coefficient groups) the recipe is first refined by gradient
         descent (:mod:`mergesearch.search.refine`), and the refined recipe is what is scored and
-        returned. With ``rung`` ({"k": rung, "items": {task: item indices}}) only those
+        returned. With ``job.rung`` ({"k": rung, "items": {task: item indices}}) only those
         items are scored, per item; the candidate stays materialized for the trial's next
         rung, so a later rung of the same trial skips the write."""
+        number, recipe, split, refine, rung = job.number, job.recipe, job.split, job.refine, job.rung
         from mergesearch.evaluate import build_evaluator
         from mergesearch.recipe import from_dict
 
@@ -183,7 +185,7 @@ class Worker:
 
         import torch
 
-        fault = self.faults.get(number)
+        fault = self.faults.get(number) if job.kind == "trial" else None
         r = from_dict(recipe, f"trial {number}")
         extra: dict = {}
         if refine is not None:
@@ -250,7 +252,7 @@ class Worker:
 
 @dataclass
 class Result:
-    number: int
+    job: Job
     ok: bool
     scores: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
@@ -259,6 +261,10 @@ class Result:
     retryable: bool = False  # the worker died under it (not the candidate's fault)
     extra: dict = field(default_factory=dict)  # a refinement's recipe and statistics
     device: str | None = None  # where the candidate was materialized and scored (cpu, cuda)
+
+    @property
+    def number(self) -> int:
+        return self.job.number
 
 
 class Retries:
@@ -270,10 +276,11 @@ class Retries:
         self.used: dict[int, int] = {}
 
     def again(self, res: "Result") -> bool:
-        if res.ok or not res.retryable or self.used.get(res.number, 0) >= self.limit:
+        key = res.job.id
+        if res.ok or not res.retryable or self.used.get(key, 0) >= self.limit:
             return False
-        self.used[res.number] = self.used.get(res.number, 0) + 1
-        log.info("trial %d: %s; retrying (%d/%d)", res.number, res.reason, self.used[res.number], self.limit)
+        self.used[key] = self.used.get(key, 0) + 1
+        log.info("%s %d: %s; retrying (%d/%d)", res.job.kind, res.number, res.reason, self.used[key], self.limit)
         return True
 
 
@@ -310,7 +317,7 @@ class WorkerPool:
         self.spawned: dict[int, float] = {}  # worker -> when it was started
         self.ready_at: dict[int, float] = {}  # worker -> when its set-up finished
         self.loading: dict[object, int] = {}  # info ref -> worker still loading
-        self.busy: dict[object, tuple[int, object, float, float]] = {}  # ref -> (number, worker, submitted, sent at)
+        self.busy: dict[object, tuple[Job, int, float, float]] = {}  # ref -> (job, worker, submitted, sent at)
         self.infos: dict[int, dict] = {}
         self.replaced = 0
         for _ in range(n):
@@ -378,14 +385,13 @@ class WorkerPool:
         busy = {w for _, w, *_ in self.busy.values()}
         return [w for w in self.actors if w not in busy]
 
-    def submit(self, number: int, recipe: dict, split: str | None = None, refine: dict | None = None,
-               rung: dict | None = None, worker: int | None = None) -> None:
+    def submit(self, job: Job, worker: int | None = None) -> None:
         """Run on an idle worker: ``worker`` when given (a trial's next rung goes to the
         worker that holds its candidate), if it is still there and idle."""
         idle = self.idle
         wid = worker if worker in idle else idle[0]
-        ref = self.actors[wid].run.remote(number, recipe, split, refine, rung)
-        self.busy[ref] = (number, wid, time.monotonic(), time.time())  # the epoch time for the Ray latency
+        ref = self.actors[wid].run.remote(job)
+        self.busy[ref] = (job, wid, time.monotonic(), time.time())  # the epoch time for the Ray latency
 
     def wait(self, timeout: float = 1.0) -> list[Result]:
         """Results that finished (or failed, or timed out) within ``timeout`` seconds.
@@ -399,44 +405,44 @@ class WorkerPool:
             ready += more
         out = []
         for ref in ready:
-            number, wid, _, sent_at = self.busy.pop(ref)
-            out.append(self._collect(ref, number, wid, sent_at))
+            job, wid, _, sent_at = self.busy.pop(ref)
+            out.append(self._collect(ref, job, wid, sent_at))
         self._poll_ready(0)
         now = time.monotonic()
-        for ref, (number, wid, submitted, _) in list(self.busy.items()):
+        for ref, (job, wid, submitted, _) in list(self.busy.items()):
             if wid not in self.ready_at:
                 if now - self.spawned[wid] > self.setup_timeout:
                     self.busy.pop(ref)
                     self._replace(wid)
-                    out.append(Result(number, False, worker=wid, retryable=True,
+                    out.append(Result(job, False, worker=wid, retryable=True,
                                       reason=f"setup timeout: the worker did not load within "
                                              f"{self.setup_timeout:.0f}s (replaced)"))
                 continue
             if now - max(submitted, self.ready_at[wid]) > self.trial_timeout:
                 self.busy.pop(ref)
                 self._replace(wid)
-                out.append(Result(number, False, worker=wid,
+                out.append(Result(job, False, worker=wid,
                                   reason=f"timeout: no result after {self.trial_timeout:.0f}s (worker replaced)"))
         return out
 
-    def _collect(self, ref, number: int, wid: int, sent_at: float | None = None) -> Result:
+    def _collect(self, ref, job: Job, wid: int, sent_at: float | None = None) -> Result:
         ray = self.ray
         try:
             r = ray.get(ref)
         except ray.exceptions.RayActorError as e:
             self._replace(wid)
             cause = str(e).splitlines()[0][:200]
-            return Result(number, False, worker=wid, reason=f"worker died ({cause}); replaced", retryable=True)
+            return Result(job, False, worker=wid, reason=f"worker died ({cause}); replaced", retryable=True)
         except ray.exceptions.RayTaskError as e:
             cause = e.cause if getattr(e, "cause", None) is not None else e
             reason = f"{type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}"
-            return Result(number, False, worker=wid, reason=reason)
+            return Result(job, False, worker=wid, reason=reason)
         if "oom" in r:
             reason = f"oom: {r['oom']}"
             if not r["usable"]:  # it cannot even allocate its merge scratch any more
                 self._replace(wid)
                 reason += " (worker replaced)"
-            return Result(number, False, worker=wid, reason=reason)
+            return Result(job, False, worker=wid, reason=reason)
         bad = [t for t, v in r["scores"].items() if not isinstance(v, (int, float)) or not math.isfinite(v)]
         timings = {"materialize_s": r["materialize_s"], "eval_s": r["eval_s"], "worker_s": r["worker_s"]}
         if sent_at is not None:  # the Ray call's own latency, each way (one machine's clock)
@@ -445,33 +451,30 @@ class WorkerPool:
             timings["refine_s"] = r["refine_s"]
         extra = {k: r[k] for k in ("recipe", "refine", "rows", "item_scores", "task_scores", "wrote") if k in r}
         if bad:
-            return Result(number, False, r["scores"], timings, wid, f"non-finite score for {', '.join(bad)}", extra=extra,
+            return Result(job, False, r["scores"], timings, wid, f"non-finite score for {', '.join(bad)}", extra=extra,
                           device=r.get("device"))
-        return Result(number, True, r["scores"], timings, wid, extra=extra, device=r.get("device"))
+        return Result(job, True, r["scores"], timings, wid, extra=extra, device=r.get("device"))
 
-    def run_batch(self, jobs: dict[int, tuple], max_retries: int = 0,
-                  stop: Callable[[], bool] | None = None):
-        """Run recipes ({number: (recipe, split[, refine])}) on the idle workers; yields each final
-        Result. A job whose worker died is retried up to ``max_retries`` times. A
-        consumer that stops early, or ``stop()`` turning true, leaves the rest unrun or
-        in flight (``cancel_all`` ends them)."""
+    def run_batch(self, jobs: list[Job], max_retries: int = 0, stop: Callable[[], bool] | None = None):
+        """Run jobs on the idle workers; yields each final Result. A job whose worker died
+        is retried up to ``max_retries`` times. A consumer that stops early, or
+        ``stop()`` turning true, leaves the rest unrun or in flight (``cancel_all`` ends them)."""
         queue = list(jobs)
         retries = Retries(max_retries)
         while (queue or self.busy) and not (stop and stop()):
             while queue and self.idle:
-                n = queue.pop(0)
-                self.submit(n, *jobs[n])
+                self.submit(queue.pop(0))
             for res in self.wait(0.5):
                 if retries.again(res):
-                    queue.insert(0, res.number)
+                    queue.insert(0, res.job)
                     continue
                 yield res
 
-    def cancel_all(self) -> list[int]:
-        """Abandon in-flight trials (their actors are killed); returns their numbers."""
+    def cancel_all(self) -> list[Job]:
+        """Abandon in-flight jobs (their actors are killed); returns them."""
         numbers = []
-        for ref, (number, wid, *_) in list(self.busy.items()):
-            numbers.append(number)
+        for ref, (job, wid, *_) in list(self.busy.items()):
+            numbers.append(job)
             try:
                 self.ray.kill(self.actors[wid], no_restart=True)
             except Exception:
