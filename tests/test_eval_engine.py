@@ -225,7 +225,7 @@ def test_a_generation_task_is_refined_on_gold_targets_and_by_distillation(task_d
 
 
 def test_a_task_a_refinement_cannot_train_on_is_named(task_dir):
-    from mergesearch.search.refine import untrainable
+    from mergesearch.search.refine_data import untrainable
     ev = build_evaluator(cfg(task_dir, ["gen_add", "mc_add", "ppl_add"]))
     assert untrainable(ev.output_types(), {"loss": "entropy"}) == {
         "gen_add": "generation has no choice distribution for the entropy loss (use distill: the teachers' own "

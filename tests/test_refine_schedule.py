@@ -14,7 +14,8 @@ from mergesearch.evaluate import EvalConfig, build_evaluator
 from mergesearch.engine.materialize import Materializer
 from mergesearch.engine.models import load_model
 from mergesearch.recipe import from_dict
-from mergesearch.search.refine import build_terms, estimate_cost, merged_params, refine, refined_recipe
+from mergesearch.search.refine import build_terms, merged_params, refine, refined_recipe
+from mergesearch.search.refine_data import estimate_cost
 from mergesearch.search.space import SearchSpace
 from mergesearch.search.variables import Granularity, make_groups, tensor_groups
 from mergesearch.runs.store import leaderboard, load_run

@@ -32,92 +32,16 @@ bits per byte) is negated, so every score is maximized; ``directions`` says whic
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
 from mergesearch.errors import MergeSearchError
 from mergesearch.evaluate import items as item_split
 from mergesearch.evaluate.base import EvalConfig, check_tokenizer_fits, weighted_mean
+from mergesearch.evaluate.lmeval_setup import (
+    gold_index, groups_and_tasks, include_path, keep_compiled_templates, quiet_lm_eval, slug, target_text, task_manager,
+    task_name,
+)
 
 log = logging.getLogger(__name__)
-
-
-def include_path(cfg: EvalConfig) -> str | None:
-    if not cfg.task_dir:
-        return None
-    root = Path(cfg.task_dir)
-    if not root.exists():
-        raise MergeSearchError(f"{root}: task folder not found")
-    return str(root / "tasks") if (root / "tasks").is_dir() else str(root)
-
-
-def keep_compiled_templates() -> None:
-    """lm-eval compiles a task's Jinja template (doc_to_text, doc_to_target, doc_to_choice)
-    again at every call, and ``process_results`` asks for the target and the choices of
-    every document of every candidate: most of a small candidate's scoring time. A compiled
-    template renders the same text, so each is compiled once per process."""
-    import functools
-
-    from lm_eval import utils
-    if getattr(utils.apply_template, "mergesearch", False):
-        return
-    compiled = functools.lru_cache(maxsize=4096)(utils.env.from_string)
-
-    def apply_template(template: str, doc: dict) -> str:
-        return compiled(template).render(**doc)
-    apply_template.mergesearch = True
-    utils.apply_template = apply_template
-
-
-def quiet_lm_eval() -> None:
-    """lm-eval and datasets draw progress bars and log per batch: keep them out of a search log."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    for name in ("lm-eval", "lm_eval"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import datasets
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
-    except ImportError:
-        pass
-    import importlib
-
-    from tqdm import tqdm
-
-    def silent(*args, **kwargs):
-        kwargs["disable"] = True
-        return tqdm(*args, **kwargs)
-    for mod in ("lm_eval.models.huggingface", "lm_eval.api.model", "lm_eval.evaluator", "lm_eval.api.task"):
-        try:  # lm-eval passes its own `disable=` to each bar, so the environment alone does not do it
-            m = importlib.import_module(mod)
-        except ImportError:
-            continue
-        if getattr(m, "tqdm", None) is tqdm:
-            m.tqdm = silent
-
-
-_MANAGERS: dict = {}
-
-
-def task_manager(include: str | None, defaults: bool = True):
-    """lm-eval's task index, built once per process: with ``defaults`` it scans every task
-    YAML lm-eval ships (about 15,000, several seconds); without, only ``include``."""
-    from lm_eval.tasks import TaskManager
-    key = (include, defaults)
-    if key not in _MANAGERS:
-        _MANAGERS[key] = TaskManager(include_path=include, include_defaults=defaults)
-    return _MANAGERS[key]
-
-
-def _task_name(t) -> str:
-    return t.config.task if getattr(t, "config", None) is not None else str(t)
-
-
-def _groups_and_tasks(loaded: dict) -> tuple[dict, dict, dict]:
-    """(groups, leaf tasks, group -> child names) of TaskManager.load's result."""
-    return loaded.get("groups", {}), loaded.get("tasks", {}), loaded.get("group_map", {})
 
 
 class LmEvalEvaluator:
@@ -162,7 +86,7 @@ class LmEvalEvaluator:
             raise
         except Exception as e:  # dataset files missing or unreadable
             raise MergeSearchError(f"lm-eval could not load tasks {list(self.names.values())}: {e}") from None
-        self.groups, self.leaf_tasks, group_map = _groups_and_tasks(loaded)
+        self.groups, self.leaf_tasks, group_map = groups_and_tasks(loaded)
 
         def leaves_of(name: str) -> list[str]:
             if name in self.leaf_tasks:
@@ -184,7 +108,7 @@ class LmEvalEvaluator:
             self._configure(leaves, own_split=task in own)
             self._choose_items(task, leaves, own_split=task in own, pair=task in cfg.pairs)
             self.metric[task] = self._metric(task, leaves)
-            self.items[task] = [(_task_name(t), k) for t in leaves for k in range(len(self.samples[_task_name(t)]))]
+            self.items[task] = [(task_name(t), k) for t in leaves for k in range(len(self.samples[task_name(t)]))]
         self._lm = None
         self._model = None
         self._requests: dict[str, dict[int, list]] = {}  # leaf -> position -> its instances, in order
@@ -222,7 +146,7 @@ class LmEvalEvaluator:
                                                    and task not in local):
                         raise
                     continue
-                name = f"jsonl_{_slug(task)}_{cfg.split}"
+                name = f"jsonl_{slug(task)}_{cfg.split}"
                 self.names[task] = name
                 own.add(task)
                 return lmeval_spec(path, name)
@@ -248,10 +172,10 @@ class LmEvalEvaluator:
                     t.set_config(key="generation_kwargs", value=gen, update=True)
             if cfg.dev_from == "validation" and not own_split:
                 if not t.has_validation_docs():
-                    raise MergeSearchError(f"evaluator: dev_from: validation, but lm-eval task '{_task_name(t)}' "
+                    raise MergeSearchError(f"evaluator: dev_from: validation, but lm-eval task '{task_name(t)}' "
                                            "has no validation split")
                 if not t.has_test_docs():
-                    raise MergeSearchError(f"evaluator: dev_from: validation, but lm-eval task '{_task_name(t)}' "
+                    raise MergeSearchError(f"evaluator: dev_from: validation, but lm-eval task '{task_name(t)}' "
                                            "has no test split to keep for test")
                 if cfg.split == "dev":  # score the validation documents
                     t.config.test_split = None
@@ -259,13 +183,13 @@ class LmEvalEvaluator:
     def _choose_items(self, task: str, leaves: list, own_split: bool, pair: bool = False) -> None:
         cfg = self.cfg
         own = own_split or cfg.dev_from == "validation"  # documents that belong to this split only
-        sizes = {_task_name(t): len(t.eval_docs) for t in leaves}
+        sizes = {task_name(t): len(t.eval_docs) for t in leaves}
         shares = None
         if len(leaves) > 1 and not own:
             shares = item_split.shares(sizes, cfg, f"evaluator: task '{task}'")
         records = {}
         for t in leaves:
-            leaf = _task_name(t)
+            leaf = task_name(t)
             n = sizes[leaf]
             where = f"evaluator: task '{leaf}'"
             chosen = item_split.choose(n, cfg, cfg.split, leaf, where, own, shares[leaf] if shares else None)
@@ -318,7 +242,7 @@ class LmEvalEvaluator:
             n = 0
             for t in leaves:
                 docs = t.eval_docs
-                for i in self.samples[_task_name(t)]:
+                for i in self.samples[task_name(t)]:
                     n += len(t.doc_to_choice(docs[i])) if t.OUTPUT_TYPE == "multiple_choice" else 1
             out[task] = n
         return out
@@ -343,7 +267,7 @@ class LmEvalEvaluator:
         chat = bool(cfg.apply_chat_template)
         for leaves in self.leaves.values():
             for t in leaves:
-                leaf = _task_name(t)
+                leaf = task_name(t)
                 if hasattr(t, "set_fewshot_seed"):
                     t.set_fewshot_seed(seed=cfg.fewshot_seed)
                 t.build_all_requests(samples=self.samples[leaf], rank=0, world_size=1,
@@ -385,14 +309,14 @@ class LmEvalEvaluator:
                     choices = t.doc_to_choice(doc)
                     toks = [lm._pair(*i.args) for i in insts[:len(choices)]]
                     rows.append({"kind": "mc", "seqs": [((c + x)[-limit:], len(x)) for c, x in toks],
-                                 "answer": _gold(t, doc, choices),
+                                 "answer": gold_index(t, doc, choices),
                                  "norm": [float(len(c)) for c in choices] if metric == "acc_norm" else None})
                 elif kind == "loglikelihood":
                     c, x = lm._pair(*insts[0].args)
                     rows.append({"kind": "target", "seqs": [((c + x)[-limit:], len(x))], "answer": 0})
                 elif kind == "generate_until":
                     ctx = insts[0].args[0]
-                    target = _target_text(t, doc)
+                    target = target_text(t, doc)
                     seqs = []
                     if target:
                         c, x = lm._pair(ctx, target)
@@ -477,14 +401,14 @@ class LmEvalEvaluator:
         results = _process_results(acc, self.groups, bootstrap_iters=0).metrics
         scores = {}
         for task, name in self.names.items():
-            if not any(_task_name(t) in names for t in self.leaves[task]):
+            if not any(task_name(t) in names for t in self.leaves[task]):
                 continue
             metric, filt, higher = self.metric[task]
             key = f"{metric},{filt}"
             value = (results.get(name) or {}).get(key)
             if not isinstance(value, (int, float)):  # a group without its own aggregate: by size
-                parts = [(results[_task_name(t)][key], len(raw[_task_name(t)][(metric, filt)]))
-                         for t in self.leaves[task] if _task_name(t) in names]
+                parts = [(results[task_name(t)][key], len(raw[task_name(t)][(metric, filt)]))
+                         for t in self.leaves[task] if task_name(t) in names]
                 value = sum(v * n for v, n in parts) / max(1, sum(n for _, n in parts))
             scores[task] = float(value) if higher else -float(value)
         return scores
@@ -529,30 +453,3 @@ class LmEvalEvaluator:
         """Per-item scores of ``subset`` (task -> item indices), in its order; only those
         items are run through the model."""
         return self.score_subset(model, tokenizer, subset)[0]
-
-
-def _gold(task, doc, choices: list) -> int:
-    """The gold choice's index, as lm-eval's multiple-choice ``process_results`` reads it
-    (the first of several golds)."""
-    gold = task.doc_to_target(doc)
-    if isinstance(gold, list):
-        gold = gold[0] if gold else -1
-    if isinstance(gold, str):  # as lm-eval: a string names a choice, or none
-        gold = choices.index(gold) if gold in choices else -1
-    return int(gold) if 0 <= int(gold) < len(choices) else -1
-
-
-def _target_text(task, doc) -> str:
-    """A generation task's gold continuation: its target delimiter and its target (the
-    first of several)."""
-    target = task.doc_to_target(doc)
-    if isinstance(target, list):
-        target = target[0] if target else ""
-    if target is None or target == "":
-        return ""
-    return f"{task.config.target_delimiter}{target}"
-
-
-def _slug(task: str) -> str:
-    import re
-    return re.sub(r"[^A-Za-z0-9]+", "_", Path(task).stem if task.endswith(".jsonl") else task).strip("_") or "task"

@@ -72,7 +72,7 @@ def preflight(space: SearchSpace, opts, space_path: str, claim) -> Setup:
                                    "evaluator does not count its items; give budget.n_trials")
         n_trials = space.budget.items / n_dev_items  # in trial-equivalents
     if space.refine is not None:  # a task the refinement cannot train on: one line, before any work
-        from mergesearch.search.refine import untrainable
+        from mergesearch.search.refine_data import untrainable
         skip = untrainable(ev.output_types(), space.refine.model_dump())
         if len(skip) == len(ev.tasks):
             raise MergeSearchError(f"{space_path}: refine: no task to train on: "
@@ -139,7 +139,7 @@ def _refine_reserve(space: SearchSpace, ev) -> int:
     cfg = space.refine
     if cfg is None:
         return 0
-    from mergesearch.search.refine import estimate_cost
+    from mergesearch.search.refine_data import estimate_cost
     n_items = sum(len(v) for v in ev.items.values())
     n_seqs = sum(ev.request_counts().values())
     per = math.ceil(estimate_cost(cfg.model_dump(), n_items, n_seqs, len(space.models)) - 1e-9) + 1
