@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 import time
@@ -18,6 +19,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from mergesearch.progress import quiet_libraries, step  # noqa: E402
+
+quiet_libraries()  # before the libraries are imported: no progress bars or warnings of theirs
 
 from mergesearch.cli import main as cli  # noqa: E402
 from mergesearch.engine.models import load_model  # noqa: E402
@@ -31,8 +36,13 @@ RUN = "demo"
 
 
 def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     t0 = time.perf_counter()
     zoo = ROOT / "results" / "zoo"
+    first = not (zoo / "manifest.json").exists()
+    print("demo: [1] build a tiny model zoo" + (" (this first run only: about 4 minutes on 2 CPU cores)" if first
+                                                 else " (cached)")
+          + ", [2] search merges of its fine-tunes, [3] export the best, [4] compare it on test", flush=True)
     manifest = build_zoo(zoo)
     print(f"[1/4] zoo ready: {zoo} ({len(manifest['models'])} models) in {time.perf_counter() - t0:.0f}s", flush=True)
     run_dir = ROOT / "results" / RUN
@@ -52,10 +62,13 @@ def main() -> int:
     mat = Materializer(space.base, space.models, methods=["linear", "task_arithmetic"])
     model, tok = load_model(Path(space.base))
     baselines = {}
-    for name, recipe in baseline_recipes(space).items():
-        mat.write_into(model, recipe)
-        s = test_ev.score(model, tok)
-        baselines[name] = (s, test_ev.aggregate(s))
+    recipes = baseline_recipes(space)
+    with step("[4/4] scoring the baselines on test", total=len(recipes), unit="models") as line:
+        for name, recipe in recipes.items():
+            mat.write_into(model, recipe)
+            s = test_ev.score(model, tok)
+            baselines[name] = (s, test_ev.aggregate(s))
+            line.advance()
     tasks = space.evaluator.tasks
     print(f"\ntest accuracy (never searched on)\n{'model':<24}" + "".join(f"{t:>9}" for t in tasks) + f"{'mean':>9}")
     best = scores["test"]["merged"]

@@ -37,6 +37,7 @@ import torch
 import yaml
 
 from mergesearch.fsutil import replace_dir
+from mergesearch.progress import Step, quiet_libraries, step as progress_step
 from mergesearch.zoo.synthetic import write_tokenizer
 from mergesearch.zoo.tasks import TASKS, make_items, random_answer, skill_context
 from mergesearch.zoo.train import mc_accuracy, train
@@ -73,6 +74,7 @@ def build_zoo(out: str | Path = DEFAULT_OUT, scale: float = 1.0, force: bool = F
     """Build the zoo under ``out`` (cached). ``scale`` shrinks every step count (tests)."""
     import fcntl
 
+    quiet_libraries()  # no library's bars while models are saved
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # one builder at a time: a second process waits, then finds the zoo built
@@ -88,6 +90,9 @@ def _build_locked(out: Path, scale: float, force: bool) -> dict:
         if manifest.get("version") == ZOO_VERSION and manifest.get("scale") == scale:
             return manifest
     t0 = time.perf_counter()
+    log.info("zoo: building the model zoo in %s (once: later runs reuse it): a tiny base, %d fine-tunes with %d "
+             "checkpoints, an SGD fine-tune and a %d-run sweep, trained here on the CPU", out, len(ZOO_TASKS),
+             CHECKPOINTS, len(SWEEP))
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
@@ -143,6 +148,14 @@ def finetune_sampler(task: str, held_out: dict[str, set[str]]):
 
 
 def _build(root: Path, final: Path, scale: float) -> dict:
+    n_models = 2 + len(ZOO_TASKS) + len(SWEEP)
+    total = _steps(PRETRAIN["steps"], scale) + sum(_steps(hp["steps"], scale) for hp in
+                                                   [*FINETUNE.values(), *SWEEP, SGD])
+    with progress_step(f"zoo: training {n_models} models", total=total) as line:
+        return _train_all(root, final, scale, line)
+
+
+def _train_all(root: Path, final: Path, scale: float, line: Step) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -153,7 +166,6 @@ def _build(root: Path, final: Path, scale: float) -> dict:
                       rms_norm_eps=1e-5, rope_theta=10000.0)
     torch.manual_seed(PRETRAIN["seed"])
     model = LlamaForCausalLM(cfg)
-    log.info("zoo: pretraining the base (%d parameters)", sum(p.numel() for p in model.parameters()))
     # skill checks on items of their own, disjoint from dev, test and train
     taken = {t: held_out[t] | {it["context"] for it in splits[t]["train"]} for t in ZOO_TASKS}
     probes = {t: [dict(it, context=skill_context(t, it["context"])) for it in make_items(t, 100, seed=4, exclude=taken[t])]
@@ -169,7 +181,8 @@ def _build(root: Path, final: Path, scale: float) -> dict:
         return min(acc.values()) >= SKILL_TARGET
     train(model, pretraining_sampler(held_out), _steps(PRETRAIN["steps"], scale), PRETRAIN["lr"],
           batch_size=PRETRAIN["batch_size"], seed=PRETRAIN["seed"], loss_on_context=True, warmup=50,
-          on_step=skills_learned)
+          on_step=skills_learned, parent=line,
+          progress=f"zoo: pretraining base, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     model.eval()
     log.info("zoo: base skills %s", skill_log[-1] if skill_log else "not checked")
     _save(model, root / "base")
@@ -186,9 +199,9 @@ def _build(root: Path, final: Path, scale: float) -> dict:
                 marks = {max(1, round(total * k / CHECKPOINTS)) for k in range(1, CHECKPOINTS + 1)}
                 if step in marks:
                     _save_trainer_checkpoint(model, opt, ckpt_dir / f"checkpoint-{step}", step, total)
-        log.info("zoo: fine-tuning on %s", task)
         opt = train(model, finetune_sampler(task, held_out), _steps(hp["steps"], scale), hp["lr"],
-                    seed=ZOO_TASKS.index(task) + 1, warmup=10, on_step=saver)
+                    seed=ZOO_TASKS.index(task) + 1, warmup=10, on_step=saver, parent=line,
+                    progress=f"zoo: fine-tuning ft_{task}" + (f" ({CHECKPOINTS} checkpoints)" if saver else ""))
         _save(model, root / f"ft_{task}", opt)
         models.append({"name": f"ft_{task}", "path": f"ft_{task}", "kind": "finetune", "task": task,
                        "optimizer": "adamw", **hp, "exp_avg_sq": f"ft_{task}/exp_avg_sq.safetensors"})
@@ -200,18 +213,18 @@ def _build(root: Path, final: Path, scale: float) -> dict:
     for hp in SWEEP:
         name = f"lr{hp['lr']:g}_s{hp['steps']}_seed{hp['seed']}"
         model.load_state_dict(base_state)
-        log.info("zoo: sweep %s %s", SWEEP_TASK, name)
         opt = train(model, finetune_sampler(SWEEP_TASK, held_out), _steps(hp["steps"], scale), hp["lr"],
-                    seed=100 + hp["seed"], warmup=10)
+                    seed=100 + hp["seed"], warmup=10, progress=f"zoo: fine-tuning sweep/{SWEEP_TASK}/{name}",
+                    parent=line)
         path = root / "sweep" / SWEEP_TASK / name
         _save(model, path, opt)
         models.append({"name": f"sweep/{SWEEP_TASK}/{name}", "path": str(path.relative_to(root)), "kind": "sweep",
                        "task": SWEEP_TASK, "optimizer": "adamw", **hp})
 
     model.load_state_dict(base_state)
-    log.info("zoo: fine-tuning on %s with SGD", SGD_TASK)
     train(model, finetune_sampler(SGD_TASK, held_out), _steps(SGD["steps"], scale), SGD["lr"],
-          seed=ZOO_TASKS.index(SGD_TASK) + 1, warmup=10, optimizer="sgd")
+          seed=ZOO_TASKS.index(SGD_TASK) + 1, warmup=10, optimizer="sgd", progress=f"zoo: fine-tuning "
+          f"ft_{SGD_TASK}_sgd (SGD)", parent=line)
     _save(model, root / f"ft_{SGD_TASK}_sgd")
     models.append({"name": f"ft_{SGD_TASK}_sgd", "path": f"ft_{SGD_TASK}_sgd", "kind": "finetune", "task": SGD_TASK,
                    "optimizer": "sgd", "momentum": 0.9, **SGD})

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
 
+from mergesearch.progress import Step, step as progress_step
 from mergesearch.zoo.synthetic import CHARS, SPECIALS
 
 PAD, BOS, EOS = 0, 1, 2
@@ -46,10 +48,14 @@ def train(
     warmup: int = 20,
     on_step: Callable[[int, torch.optim.Optimizer], bool | None] | None = None,
     optimizer: str = "adamw",
+    progress: str | None = None,
+    parent: Step | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW (or SGD with momentum 0.9: ``optimizer="sgd"``) with linear warmup and
     cosine decay; ``sample(rng)`` draws one (context, answer). ``on_step(step, opt)``
-    runs after every step; when it returns True, training stops there."""
+    runs after every step; when it returns True, training stops there. ``progress``:
+    the description of a progress line for this training (mergesearch.progress),
+    counted in ``parent``'s line too."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     if optimizer == "sgd":
@@ -59,16 +65,21 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(s / steps * 3.14159)).item()))
     model.train()
-    for step in range(1, steps + 1):
-        ids, lab = make_batch([sample(rng) for _ in range(batch_size)], loss_on_context)
-        loss = model(input_ids=ids, attention_mask=(ids != PAD) | (lab != -100), labels=lab).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if on_step and on_step(step, opt):  # a true return stops training here
-            break
+    with progress_step(progress, total=steps, parent=parent) if progress else nullcontext() as line:
+        for step in range(1, steps + 1):
+            ids, lab = make_batch([sample(rng) for _ in range(batch_size)], loss_on_context)
+            loss = model(input_ids=ids, attention_mask=(ids != PAD) | (lab != -100), labels=lab).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            if line is not None:
+                line.advance()
+            if on_step and on_step(step, opt):  # a true return stops training here
+                if line is not None:
+                    line.update(total=step)  # fewer steps than planned: the ETAs follow
+                break
     model.eval()
     return opt
 
