@@ -103,6 +103,7 @@ def _export_staged(run: str, t, label: str, recipe: Recipe, eval_cfg, stage: Pat
     from mergesearch.engine.models import load_model
     from mergesearch.evaluate import build_evaluator
     from mergesearch.engine.merge import open_plan, stream_merge
+    from mergesearch.progress import step
 
     saved = recipe
     if recipe.has_row_scales:  # the row scales travel with the recipe, named relative to it
@@ -125,7 +126,9 @@ def _export_staged(run: str, t, label: str, recipe: Recipe, eval_cfg, stage: Pat
     def progress(done, total, name):  # the fault hook: die half-way through the tensors
         if kill_at and done * 2 >= total:
             os.kill(os.getpid(), signal.SIGKILL)
-    stream_merge(plan, model_dir, device=device, progress=progress)
+    with step(f"export: merging trial {label}", unit="tensors") as line:
+        stream_merge(plan, model_dir, device=device,
+                     progress=lambda d, n, name: (progress(d, n, name), line.update(completed=d, total=n)))
 
     dev_cfg = eval_cfg
     if monitor is not None:  # what the trials were scored on: monitor tasks with floors too
@@ -133,23 +136,26 @@ def _export_staged(run: str, t, label: str, recipe: Recipe, eval_cfg, stage: Pat
         dev_cfg = scoring_config(eval_cfg, monitor)
     dev_ev = build_evaluator(dev_cfg.model_copy(update={"split": "dev"}))
     test_ev = build_evaluator(eval_cfg.model_copy(update={"split": "test"}))
-    model, tok = load_model(model_dir, device=device, trust_remote_code=eval_cfg.trust_remote_code)
-    dev_again = dev_ev.score(model, tok)
-    verified = dev_again == dev_stored
-    test_scores = test_ev.score(model, tok)
-    mon_ev = None
-    if monitor is not None:  # what the merge forgets outside its objective, on test items
-        from mergesearch.evaluate.monitor import monitor_config
-        mon_ev = build_evaluator(monitor_config(eval_cfg, monitor, "test"))
-        mon_scores = {"merged": mon_ev.score(model, tok), "sources": {}}
-    sources = {}
-    for path in [recipe.base] + [m.path for m in recipe.models] if recipe.base else [m.path for m in recipe.models]:
-        if path in sources:
-            continue
-        m, tk = load_model(Path(path), device=device, trust_remote_code=eval_cfg.trust_remote_code)
-        sources[path] = test_ev.score(m, tk)
-        if mon_ev is not None:
-            mon_scores["sources"][path] = mon_ev.score(m, tk)
+    paths = list(dict.fromkeys(([recipe.base] if recipe.base else []) + [m.path for m in recipe.models]))
+    with step("export: scoring the merge (dev again, test) and its sources (test)", total=1 + len(paths),
+              unit="models") as line:
+        model, tok = load_model(model_dir, device=device, trust_remote_code=eval_cfg.trust_remote_code)
+        dev_again = dev_ev.score(model, tok)
+        verified = dev_again == dev_stored
+        test_scores = test_ev.score(model, tok)
+        mon_ev = None
+        if monitor is not None:  # what the merge forgets outside its objective, on test items
+            from mergesearch.evaluate.monitor import monitor_config
+            mon_ev = build_evaluator(monitor_config(eval_cfg, monitor, "test"))
+            mon_scores = {"merged": mon_ev.score(model, tok), "sources": {}}
+        line.advance()
+        sources = {}
+        for path in paths:
+            m, tk = load_model(Path(path), device=device, trust_remote_code=eval_cfg.trust_remote_code)
+            sources[path] = test_ev.score(m, tk)
+            if mon_ev is not None:
+                mon_scores["sources"][path] = mon_ev.score(m, tk)
+            line.advance()
     result = {
         "run": run,
         "trial": label,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import optuna
 
 from mergesearch.errors import MergeSearchError
+from mergesearch.progress import step
 from mergesearch.recipe import Recipe, from_dict
 from mergesearch.runs.records import Job
 from mergesearch.runs.store import record, study_names
@@ -64,11 +65,14 @@ class Baselines:
         batches = [[v for v in pending.values() if v[1] in sources], [v for v in pending.values() if v[1] not in sources]]
         for k, batch in enumerate(batches):
             held = []
-            for res in c.run_jobs([job for _, _, job in batch]):
-                if k == 0:
-                    held.append(res)
-                else:
-                    self._finish(c, side, pending.pop(res.job.id), res)
+            with step(f"search: scoring the {'source models' if k == 0 else 'baselines'}", total=len(batch),
+                      unit="models") as line:
+                for res in c.run_jobs([job for _, _, job in batch]):
+                    line.advance()
+                    if k == 0:
+                        held.append(res)
+                    else:
+                        self._finish(c, side, pending.pop(res.job.id), res)
             if k == 0 and sources:  # the references first: the sources' own scores are normalized too
                 c.reference = self._reference(c, [r for r in held if r.ok])
                 for res in held:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import optuna
 
 from mergesearch.methods.task_arithmetic import TASK_VECTOR_METHODS
+from mergesearch.progress import step
 from mergesearch.recipe import from_dict
 from mergesearch.runs.records import Job
 from mergesearch.runs.store import record, recover_stale, study_names, to_record, trial_records
@@ -59,23 +60,26 @@ class Refinement:
                    source_aggregate=src.aggregate)
             job = Job("refine", t.number, src.recipe, refine=payload)
             pending[job.id] = (t, src, job)
-        for res in c.run_jobs([job for _, _, job in pending.values()]):
-            t, src, _ = pending.pop(res.job.id)
-            stats = res.extra.get("refine")
-            if res.ok and "recipe" in res.extra:
-                if res.extra.get("rows"):
-                    write_row_scales(c.dir, res.extra["recipe"], res.extra["rows"], f"r{t.number}")
-                refined = from_dict(res.extra["recipe"], "refined recipe")
-                record(t, recipe=res.extra["recipe"], summary=refined.summary(), refine=stats, cost=stats["cost"] + 1.0)
-            fields = c.finish(side, t, res)
-            if res.ok:
-                log.info("refine: %s %.4f -> r%d %.4f (%d steps, best at step %d, held-out accuracy %.3f -> %.3f, "
-                         "%.1f trial-equivalents)", src.label,
-                         src.aggregate if src.aggregate is not None else float("nan"), t.number,
-                         fields.get("aggregate", float("nan")), stats["steps"], stats["best_step"],
-                         stats["holdout_before"], stats["holdout_after"], stats["cost"] + 1.0)
-            else:
-                log.warning("refine: %s failed (%s)", src.label, res.reason)
+        with step(f"search: refining the best {len(chosen)} candidate(s) ({cfg.steps} steps each)",
+                  total=len(chosen), unit="candidates") as line:
+            for res in c.run_jobs([job for _, _, job in pending.values()]):
+                line.advance()
+                t, src, _ = pending.pop(res.job.id)
+                stats = res.extra.get("refine")
+                if res.ok and "recipe" in res.extra:
+                    if res.extra.get("rows"):
+                        write_row_scales(c.dir, res.extra["recipe"], res.extra["rows"], f"r{t.number}")
+                    refined = from_dict(res.extra["recipe"], "refined recipe")
+                    record(t, recipe=res.extra["recipe"], summary=refined.summary(), refine=stats, cost=stats["cost"] + 1.0)
+                fields = c.finish(side, t, res)
+                if res.ok:
+                    log.info("refine: %s %.4f -> r%d %.4f (%d steps, best at step %d, held-out accuracy %.3f -> %.3f, "
+                             "%.1f trial-equivalents)", src.label,
+                             src.aggregate if src.aggregate is not None else float("nan"), t.number,
+                             fields.get("aggregate", float("nan")), stats["steps"], stats["best_step"],
+                             stats["holdout_before"], stats["holdout_after"], stats["cost"] + 1.0)
+                else:
+                    log.warning("refine: %s failed (%s)", src.label, res.reason)
         c.abandon(side, [t for t, _, _ in pending.values()])
 
 
