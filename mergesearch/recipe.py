@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, NamedTuple, Optional, Union
 
 import yaml
 from pydantic import PrivateAttr, StrictBool, ValidationError, field_validator
@@ -38,6 +39,18 @@ class Conditional(StrictModel):
 
 
 Setting = Union[Scalar, list[Scalar], list[Conditional]]
+Params = tuple[dict[str, Any], list[dict[str, Any]]]  # one tensor's (global, per model) parameters
+
+
+class TensorSettings(NamedTuple):
+    """A recipe resolved for every tensor of a model (:meth:`Recipe.tensor_settings`)."""
+
+    spec: MethodSpec
+    params: dict[str, Params]  # tensor name -> its parameters
+    distinct: int  # resolutions made: one per filters matched and layer position
+    # per model: None, or (where its row scales come from, tensor name -> one multiplier
+    # per row); None where no model has row scales
+    rows: list[tuple[str, dict] | None] | None
 
 
 class ModelEntry(StrictModel):
@@ -129,15 +142,45 @@ class Recipe(StrictModel):
                                                f"for method '{spec.name}'")
         return self
 
-    def resolve(self, tensor_name: str, t: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def resolve(self, tensor_name: str, t: float) -> Params:
         """Scalar parameters for one tensor at layer position t: (global, per model)."""
         spec = self.spec
-        g = {p.name: _resolve_one(p, [self.parameters], tensor_name, t) for p in spec.global_params}
-        per_model = [
-            {p.name: _resolve_one(p, [m.parameters, self.parameters], tensor_name, t) for p in spec.model_params}
-            for m in self.models
-        ]
+        return self._resolve(spec.global_params, spec.model_params, tensor_name, t)
+
+    def _resolve(self, global_params, model_params, tensor_name: str, t: float) -> Params:
+        g = {p.name: _resolve_one(p, [self.parameters], tensor_name, t) for p in global_params}
+        per_model = [{p.name: _resolve_one(p, [m.parameters, self.parameters], tensor_name, t) for p in model_params}
+                     for m in self.models]
         return g, per_model
+
+    def tensor_settings(self, names: Iterable[str], num_layers: int, *, validate: bool = True) -> TensorSettings:
+        """Everything a merge of this recipe reads per tensor, resolved once for ``names``
+        (the tensors of a model with ``num_layers`` layers): the method, each tensor's
+        parameters and each model's row scales. Checks the recipe first with ``validate``.
+        Filters are matched once per distinct filter set: tensors that match the same
+        filters at the same layer position share one resolution."""
+        if validate:
+            self.validate_semantics()
+        spec = self.spec
+        filters: set[str] = set()
+        for scope in [self.parameters, *(m.parameters for m in self.models)]:
+            for setting in scope.values():
+                _filters(setting, filters)
+        order = sorted(filters)
+        global_params, model_params = spec.global_params, spec.model_params
+        by_key: dict[tuple, Params] = {}
+        params: dict[str, Params] = {}
+        for name in names:
+            t = layer_position(name, num_layers)
+            key = (tuple(f in name for f in order), t)
+            if key not in by_key:
+                by_key[key] = self._resolve(global_params, model_params, name, t)
+            params[name] = by_key[key]
+        rows = None
+        if self.has_row_scales:
+            rows = [None if v is None else (self.models[i].row_scales or f"models[{i}] row scales", v)
+                    for i, v in enumerate(self.row_scales())]
+        return TensorSettings(spec, params, len(by_key), rows)
 
     # -- files -----------------------------------------------------------------
     @classmethod
@@ -237,6 +280,16 @@ def _short(v: Any) -> str:
             return f"[{len(raw)} values {min(nums):.3g}..{max(nums):.3g}]"
         return "[" + ",".join(values) + "]"
     return str(v)
+
+
+def _filters(setting, out: set[str]) -> None:
+    """Add the filters ``setting`` names (other than the catch-all) to ``out``."""
+    if isinstance(setting, list):
+        for item in setting:
+            if isinstance(item, Conditional):
+                if item.filter not in (None, "*"):
+                    out.add(item.filter)
+                _filters(item.value, out)
 
 
 def _check_leaves(p, setting, where: str) -> None:

@@ -125,7 +125,7 @@ def test_blocked_selection_and_compiled_blocks_give_the_same_bits(method, compil
     """Large stored tensors are selected (radix histogram, bucket, tie positions) and
     combined block by block: the same bits as one pass over the whole tensor, with bf16
     inputs whose magnitudes tie at the thresholds across block edges."""
-    from mergesearch.methods import inputs
+    from mergesearch.methods import selection
     if compiled and not kernels._compile_available():
         pytest.skip("no C++ compiler for torch.compile")
     g = torch.Generator().manual_seed(3)
@@ -137,18 +137,18 @@ def test_blocked_selection_and_compiled_blocks_give_the_same_bits(method, compil
     mp = [{**{p.name: p.default for p in spec.model_params}, "weight": w, **({"density": d} if "density" in names
           else {})} for w, d in [(0.5, 0.3), (-0.4, 0.6), (0.7, 0.5)]]
     monkeypatch.setattr(kernels, "COMPILE_MIN_NUMEL", 1 if compiled else 10**12)
-    monkeypatch.setattr(inputs, "RADIX_MIN_NUMEL", 1000)
+    monkeypatch.setattr(selection, "RADIX_MIN_NUMEL", 1000)
     outs, blocked = [], []
     for block, one_shot in ((10**9, True), (4099, True), (20000, True), (4099, False)):
-        monkeypatch.setattr(inputs, "SELECT_BLOCK", block)
+        monkeypatch.setattr(selection, "SELECT_BLOCK", block)
         monkeypatch.setattr(kernels, "COMPILED_BLOCK", block)
         x = TensorInputs("w", base, tensors=models, seed=5)
         if one_shot:  # the streamed export
             with kernels.streaming():
-                blocked.append(x._blocked(0))
+                blocked.append(selection.blocked(x, 0))
                 outs.append(spec.fn(x, gp, mp))
         else:  # a worker: whole-tensor selections
-            blocked.append(x._blocked(0))
+            blocked.append(selection.blocked(x, 0))
             outs.append(spec.fn(x, gp, mp))
     assert blocked == [False, True, True, False]
     assert not kernels._compile_failed
@@ -159,9 +159,9 @@ def test_blocked_selection_and_compiled_blocks_give_the_same_bits(method, compil
         from mergesearch.methods import sparsify
         kind = spec.sparsifier
         rng = sparsify.keep_range(kind, base.numel(), 0.3, mp[0].get("gamma", 0.0))
-        monkeypatch.setattr(inputs, "SELECT_BLOCK", 10**9)
+        monkeypatch.setattr(selection, "SELECT_BLOCK", 10**9)
         whole = sparsify.window(TensorInputs("w", base, tensors=models), 0, *rng)
-        monkeypatch.setattr(inputs, "SELECT_BLOCK", 4099)
+        monkeypatch.setattr(selection, "SELECT_BLOCK", 4099)
         with kernels.streaming():
             part = sparsify.window(TensorInputs("w", base, tensors=models), 0, *rng)
         assert all(torch.equal(a, b) for a, b in zip(whole[1:], part[1:]))
@@ -170,7 +170,7 @@ def test_blocked_selection_and_compiled_blocks_give_the_same_bits(method, compil
 
 
 def test_radix_select_bits_matches_a_sort_with_ties_zeros_and_ends():
-    from mergesearch.methods.inputs import first_digit_cumsum, radix_select_bits
+    from mergesearch.methods.selection import first_digit_cumsum, radix_select_bits
     g = torch.Generator().manual_seed(11)
     cases = [torch.randn(5000, generator=g).abs(),
              (torch.randn(7000, generator=g) * 0.01).bfloat16().float().abs(),  # many ties
@@ -191,7 +191,7 @@ def test_radix_select_bits_matches_a_sort_with_ties_zeros_and_ends():
 def test_accelerator_selection_paths_give_the_cpu_bits(method, monkeypatch):
     """The selection paths taken on an accelerator (a sort, then 8-bit radix passes),
     run here on the CPU: the same merged bits as the CPU paths (kthvalue, 16-bit radix)."""
-    from mergesearch.methods import inputs
+    from mergesearch.methods import selection
     g = torch.Generator().manual_seed(4)
     base = (torch.randn(257, 129, generator=g) * 0.05).bfloat16()
     models = [(base.float() + torch.randn(257, 129, generator=g) * 0.01).bfloat16() for _ in range(3)]
@@ -203,9 +203,9 @@ def test_accelerator_selection_paths_give_the_cpu_bits(method, monkeypatch):
     outs = {}
     for label, accel, radix_min in (("cpu kthvalue", False, 10**9), ("cpu radix16", False, 1000),
                                     ("sort", True, 10**9), ("radix8", True, 1000)):
-        monkeypatch.setattr(inputs, "_select_by_sort_and_radix8", lambda device, accel=accel: accel)
-        monkeypatch.setattr(inputs, "SORT_MIN_NUMEL", 1000)
-        monkeypatch.setattr(inputs, "RADIX_MIN_NUMEL", radix_min)
+        monkeypatch.setattr(selection, "_select_by_sort_and_radix8", lambda device, accel=accel: accel)
+        monkeypatch.setattr(selection, "SORT_MIN_NUMEL", 1000)
+        monkeypatch.setattr(selection, "RADIX_MIN_NUMEL", radix_min)
         outs[label] = spec.fn(TensorInputs("w", base, tensors=models, seed=5), gp, mp)
     assert not torch.equal(outs["cpu kthvalue"], base.float())
     assert all(torch.equal(outs["cpu kthvalue"], o) for o in outs.values())

@@ -246,7 +246,7 @@ def test_large_tensors_take_the_fast_paths_in_every_placement(tmp_path, native_k
     kernel) and the radix select; mapped, staged and resident inputs all give the
     exported bytes."""
     monkeypatch.setenv("MERGESEARCH_NATIVE", native_kernels)
-    from mergesearch.methods.inputs import RADIX_MIN_NUMEL
+    from mergesearch.methods.selection import RADIX_MIN_NUMEL
     from mergesearch.engine.plan import make_plan
     from mergesearch.zoo.synthetic import make_family
     fam = make_family(tmp_path / "fam", n_models=2, hidden=256, layers=1, intermediate=256, vocab=4096,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mergesearch.methods import native
-from mergesearch.methods import REGISTRY, TensorInputs, inputs, kernels
+from mergesearch.methods import REGISTRY, TensorInputs, kernels, selection
 
 METHODS = ["ties", "task_arithmetic", "breadcrumbs_ties", "breadcrumbs", "dare_ties", "dare_linear", "linear"]
 
@@ -58,7 +58,7 @@ def test_native_kernels_give_the_torch_kernels_bits(method, dtype, monkeypatch):
     base, models = _family(dtype)
     spec = REGISTRY[method]
     gp, mp = _params(spec)
-    monkeypatch.setattr(inputs, "SELECT_BLOCK", 4099)  # the native selection from this size
+    monkeypatch.setattr(selection, "SELECT_BLOCK", 4099)  # the native selection from this size
     monkeypatch.setattr(kernels, "COMPILE_MIN_NUMEL", 10**12)
     for out_dtype in (None, dtype):
         monkeypatch.setenv("MERGESEARCH_NATIVE", "0")
@@ -88,9 +88,9 @@ def test_native_selection_keeps_what_the_whole_tensor_selection_keeps(method, mo
     windows = {}
     for label, on, block in (("torch", "0", 10**9), ("native", "1", 4099)):
         monkeypatch.setenv("MERGESEARCH_NATIVE", on)
-        monkeypatch.setattr(inputs, "SELECT_BLOCK", block)
+        monkeypatch.setattr(selection, "SELECT_BLOCK", block)
         x = TensorInputs("w", base, tensors=models)
-        assert x._native(0) == (on == "1")
+        assert selection.uses_native(x, 0) == (on == "1")
         windows[label] = [sparsify.window(x, i, *sparsify.keep_range(spec.sparsifier, x.numel, d, 0.01))
                           for i, d in enumerate((0.3, 0.6, 0.5))]
     for a, b in zip(windows["torch"], windows["native"]):
@@ -105,7 +105,7 @@ def test_native_kernels_split_over_threads_give_one_threads_bits(monkeypatch):
     base, models = _family(torch.bfloat16, rows=517, cols=389)  # 201113 elements: ranges end mid-tile
     spec = REGISTRY["ties"]
     gp, mp = _params(spec)
-    monkeypatch.setattr(inputs, "SELECT_BLOCK", 4099)
+    monkeypatch.setattr(selection, "SELECT_BLOCK", 4099)
     threads = torch.get_num_threads()
     outs = []
     try:
@@ -134,7 +134,7 @@ def test_without_a_compiler_the_torch_kernels_merge_the_same(fresh_native, monke
     base, models = _family(torch.bfloat16)
     spec = REGISTRY["ties"]
     gp, mp = _params(spec)
-    monkeypatch.setattr(inputs, "SELECT_BLOCK", 4099)
+    monkeypatch.setattr(selection, "SELECT_BLOCK", 4099)
     monkeypatch.setattr(kernels, "COMPILE_MIN_NUMEL", 10**12)
     want = _merge(spec, base, models, gp, mp, torch.bfloat16)
     monkeypatch.setattr(native, "_lib", None)

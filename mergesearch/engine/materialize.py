@@ -6,12 +6,15 @@ zero-copy views of the memory-mapped files, which the page cache keeps once per 
 for every worker there. A candidate is computed tensor by tensor by the same
 per-tensor code as the streamed export (:class:`mergesearch.engine.compiled.CompiledRecipe`),
 cast to the dtype the export writes, and written into an existing ``nn.Module`` in
-place, with no disk I/O. Host inputs are read in place on the CPU (``stream: view``)
-or staged into the device through two slots, one tensor ahead of the merge
-(:class:`Stager`). TIES and breadcrumbs thresholds are selected per candidate (a
-radix select), exactly as the export selects them, so nothing per element is
-precomputed. Results are bit-equal to :func:`mergesearch.engine.merge.stream_merge` for the
-same recipe in every placement and dtype.
+place, with no disk I/O: the recipe is compiled once per candidate, then each tensor
+goes down once (its inputs, :func:`mergesearch.methods.apply.merge_tensor`, the method,
+its selections and kernels) and comes back as the merged tensor. Host inputs are read
+in place on the CPU (``stream: view``) or staged into the device through two slots,
+one tensor ahead of the merge (:class:`Stager`). TIES and breadcrumbs thresholds are
+selected per candidate (a radix select), exactly as the export selects them, so nothing
+per element is precomputed. Results are bit-equal to
+:func:`mergesearch.engine.merge.stream_merge` for the same recipe in every placement and
+dtype.
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ from typing import Iterator
 
 import torch
 
-from mergesearch.engine.checkpoint import Checkpoint, SideFile, all_finite, mapped_safetensors, parse_dtype
+from mergesearch.engine.checkpoint import Checkpoint, SideFile, all_finite, mapped_safetensors
 from mergesearch.engine.compat import check_compatible
 from mergesearch.engine.compiled import CompiledRecipe
 from mergesearch.errors import MergeSearchError
-from mergesearch.methods import REGISTRY, TensorInputs, get_method
+from mergesearch.methods import REGISTRY, MethodSpec, TensorInputs, get_method, merge_tensor
 from mergesearch.engine.plan import NO_BANDWIDTH, Placement, make_plan, slot_bytes
 from mergesearch.recipe import Recipe
 
@@ -138,7 +141,8 @@ class Materializer:
         self.ref_ckpt = ref
         self.num_layers = ref.num_layers
         self.names = ref.names()
-        self.float_names = [n for n in self.names if ref.dtype(n).is_floating_point]
+        self.dtypes = {n: ref.dtype(n) for n in self.names}  # as stored
+        self.float_names = [n for n in self.names if self.dtypes[n].is_floating_point]
         side = {"metrics": {str(k): v for k, v in (metrics or {}).items() if v},
                 "grams": {str(k): v for k, v in (grams or {}).items() if v}, "base_metric": base_metric}
         self.placement = placement or make_plan(
@@ -203,10 +207,9 @@ class Materializer:
             self.side_files["metric:base"] = str(Path(f.path).resolve())
             self._place("metric:base", mapped_safetensors(f.path), f.path, side=f)
 
-    def bind(self, recipe: Recipe) -> tuple[list[str], str | None, dict]:
+    def bind(self, recipe: Recipe, spec: MethodSpec) -> tuple[list[str], str | None, dict]:
         """Resolve a recipe's models and side-input files to input keys: done once per
         candidate, not once per tensor (path resolution is a filesystem call)."""
-        spec = recipe.spec
         if recipe.base and self.base_path is None:
             raise MergeSearchError(f"recipe base {recipe.base}: this materializer holds no base")
         if recipe.base and str(Path(recipe.base).resolve()) != self.base_path:
@@ -234,10 +237,15 @@ class Materializer:
         base = "base" if spec.uses_base != "no" and "base" in self.slots else None
         return keys, base, side
 
-    def inputs(self, recipe: Recipe, names: list[str]) -> Iterator[tuple[str, "TensorInputs | torch.Tensor"]]:
+    def inputs(self, recipe: Recipe | CompiledRecipe, names: list[str]
+               ) -> Iterator[tuple[str, TensorInputs | torch.Tensor]]:
         """Each of ``names`` in order: its merge inputs (host inputs streamed), or the
         tensor itself for a constant (non-float) one."""
-        keys, base, side = self.bind(recipe)
+        if isinstance(recipe, CompiledRecipe):
+            spec, recipe = recipe.spec, recipe.recipe
+        else:
+            spec = recipe.spec
+        keys, base, side = self.bind(recipe, spec)
         used = [k for k in [base, *keys] if k is not None]
         used += [k for v in side.values() for k in (v if isinstance(v, list) else [v]) if k is not None]
         used = list(dict.fromkeys(used))
@@ -281,47 +289,48 @@ class Materializer:
         dtype, or already in the export dtype where a large tensor is made in blocks.
         A kernel that can write a tensor straight into its ``targets`` entry does (and
         yields it): no new buffer and no copy."""
-        for name, x in self.inputs(compiled.recipe, names):
+        for name, x in self.inputs(compiled, names):
             if name in self.constants:
                 yield name, x
                 continue
             # no finiteness pass in the hot loop: a non-finite candidate shows up as a
             # non-finite score and fails its trial
-            x.out_dtype = self.export_dtype(compiled.recipe, name)
+            x.out_dtype = self.export_dtype(compiled, name)
             if targets is not None:
                 x.out = targets.get(name)
-            yield name, compiled.merge(x, check_finite=False)
+            g, per_model = compiled.params[name]
+            yield name, merge_tensor(compiled.spec, x, g, per_model, compiled.rows, check_finite=False)
             del x  # its caches are not alive while the next tensor's inputs are prepared
 
-    def export_dtype(self, recipe: Recipe, name: str) -> torch.dtype:
+    def export_dtype(self, compiled: CompiledRecipe, name: str) -> torch.dtype:
         """The dtype the streamed export writes this tensor in."""
-        src = self.ref_ckpt.dtype(name)
-        return (parse_dtype(recipe.dtype) or src) if src.is_floating_point else src
+        src = self.dtypes[name]
+        return (compiled.dtype or src) if src.is_floating_point else src
 
     def state_dict(self, recipe: "Recipe | CompiledRecipe") -> dict[str, torch.Tensor]:
         """The merged weights, as the export writes them (for tests and small models)."""
         compiled = self.compile(recipe)
-        recipe = compiled.recipe
-        return {name: t.to(self.export_dtype(recipe, name)) for name, t in self._candidate(compiled, self.names)}
+        return {name: t.to(self.export_dtype(compiled, name)) for name, t in self._candidate(compiled, self.names)}
 
     @torch.no_grad()
-    def write_into(self, module: torch.nn.Module, recipe: "Recipe | CompiledRecipe") -> None:
+    def write_into(self, module: torch.nn.Module, recipe: "Recipe | CompiledRecipe", validate: bool = True) -> None:
         """Write the recipe's merged weights into ``module``'s parameters in place, in
-        the dtype the export writes them (the module must hold them in that dtype)."""
-        compiled = self.compile(recipe)
-        recipe = compiled.recipe
+        the dtype the export writes them (the module must hold them in that dtype). A
+        recipe is compiled here (checked first with ``validate``), a compiled one taken
+        as it is: one call per candidate."""
+        compiled = self.compile(recipe, validate=validate)
         targets = dict(module.named_parameters())
         targets.update(dict(module.named_buffers()))
         names = [n for n in self.names if n in targets]  # e.g. a tied lm_head is absent
         for name in names:
-            dtype = self.export_dtype(recipe, name)
+            dtype = self.export_dtype(compiled, name)
             if targets[name].dtype != dtype:
                 raise MergeSearchError(f"evaluation model holds '{name}' in {targets[name].dtype}, but the export "
                                        f"writes {dtype}: load it in the recipe's dtype")
         for name, merged in self._candidate(compiled, names, {n: targets[n].data for n in names}):
             target = targets[name]
             if merged.data_ptr() != target.data_ptr():  # not already written in place
-                target.copy_(merged.to(dtype=self.export_dtype(recipe, name)))
+                target.copy_(merged.to(dtype=self.export_dtype(compiled, name)))
             del merged  # not alive while the next tensor is merged
 
     def close(self) -> None:

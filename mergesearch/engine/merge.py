@@ -2,9 +2,9 @@
 
 Inputs are read lazily from memory-mapped files, each output tensor is computed
 by the registered method and written straight into its planned shard, so peak
-memory is a few tensors regardless of model size. The per-tensor computation
-(:meth:`mergesearch.engine.compiled.CompiledRecipe.merge`) is shared with the in-memory
-Materializer.
+memory is a few tensors regardless of model size. The recipe is compiled once
+(:class:`mergesearch.engine.compiled.CompiledRecipe`) and every tensor goes through the
+per-tensor call the in-memory Materializer makes (:func:`mergesearch.methods.apply.merge_tensor`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from mergesearch.engine.checkpoint import Checkpoint, SideFile, all_finite, dtyp
 from mergesearch.engine.compat import check_compatible
 from mergesearch.engine.compiled import CompiledRecipe
 from mergesearch.errors import MergeSearchError
-from mergesearch.methods import MethodSpec, TensorInputs, kernels
+from mergesearch.methods import MethodSpec, TensorInputs, kernels, merge_tensor
 from mergesearch.engine.writer import StreamingWriter
 from mergesearch.recipe import Recipe
 
@@ -185,7 +185,8 @@ def stream_merge(
             else:
                 x = build_inputs(plan, name, device)
                 x.out_dtype = out_dtype
-                merged = compiled.merge(x)
+                g, per_model = compiled.params[name]
+                merged = merge_tensor(compiled.spec, x, g, per_model, compiled.rows)
                 del x
             merged = merged.to(out_dtype)
             writer.write(name, merged)

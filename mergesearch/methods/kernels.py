@@ -293,7 +293,7 @@ def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, conse
     ``sources[i]`` is model i's tensor as stored (its delta is taken inside the
     kernel, so bf16 inputs are read once, at 2 bytes an element) or, where
     ``is_delta[i]``, an already sparsified float delta. ``windows[i]`` is the
-    selection of model i from :func:`sparsify.window`.
+    selection of model i from :func:`mergesearch.methods.selection.window`.
     ``divisor`` is the normalizer without consensus (the sum of the weights).
     ``masks[i]`` (DARE), when given: (kept elements as bool, L1 factor or None); model
     i's delta is then ``delta * factor`` where kept and 0 elsewhere.

@@ -1,9 +1,9 @@
-// mergesearch's native CPU kernels (built on first use by mergesearch/native.py).
+// mergesearch's native CPU kernels (built on first use by mergesearch/methods/native.py).
 //
 // The fused combine of the task-vector family, the weighted sum, and the two histogram
 // passes of the magnitude selection, over float32 / bfloat16 / float16 tensors. Each is
 // the same arithmetic, in the same order, as the eager torch kernels in kernels.py and
-// inputs.py, so it gives the same bits (tests/test_native.py): every float operation is
+// selection.py, so it gives the same bits (tests/test_native.py): every float operation is
 // float32 IEEE with no contraction (built with -ffp-contract=off, no fast-math).
 //
 // Work is split into contiguous ranges, one per thread; each range is processed in tiles

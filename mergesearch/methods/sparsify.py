@@ -1,9 +1,9 @@
 """Sparsification of task vectors: magnitude top-k, DARE drop, breadcrumbs, DELLA.
 
-All functions take the delta of model ``i`` from a :class:`TensorInputs` and return
-the sparsified delta in float32 (float64 for float64 inputs). Selections come from
-``TensorInputs.select_abs`` (a radix select of the threshold), in the export and
-the Materializer alike.
+All functions read the delta of model ``i`` from a :class:`TensorInputs` and return
+the sparsified delta in float32 (float64 for float64 inputs). Magnitude selections are
+:func:`mergesearch.methods.selection.window` (a radix select of the thresholds), in the
+export and the Materializer alike.
 
 Magnitude pruning keeps exactly the requested count. Elements are ordered by
 magnitude, and equal magnitudes by flat index (a stable ascending sort); a
@@ -23,6 +23,7 @@ import torch
 from mergesearch.errors import MergeSearchError
 from mergesearch.methods import native
 from mergesearch.methods.inputs import TensorInputs, work_dtype
+from mergesearch.methods.selection import apply_window, keep_range, window
 
 _EPS = 1e-7
 
@@ -34,60 +35,6 @@ def rescale_l1(delta: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     if before < _EPS or after < _EPS:
         return masked
     return masked * (before / after)
-
-
-def keep_range(kind: str, n: int, density: float, gamma: float = 0.0) -> tuple[int, int]:
-    """Positions [start, end) of the ascending magnitude order that survive pruning."""
-    if density >= 1:
-        return 0, n
-    if kind == "magnitude":
-        if density <= 0 or n == 0:
-            return n, n
-        k = max(1, int(density * n))
-        return n - k, n
-    keep = int(density * n)  # breadcrumbs: drop the top gamma share, then the smallest
-    if keep <= 0:
-        return n, n
-    n_bot = max(0, n - keep - int(gamma * n))
-    return n_bot, n_bot + keep
-
-
-def window(x: TensorInputs, i: int, start: int, end: int) -> tuple:
-    """Select positions [start, end) of the stable ascending order of |delta_i|.
-
-    Returns ``(key, lo, hi, jlo, jhi)``: element e (flat index j) is kept when
-    ``(key > lo or (key == lo and j >= jlo)) and (key < hi or (key == hi and j < jhi))``,
-    where a key of None stands for |delta_i|. The bounds are magnitude thresholds
-    (k-th values) and jlo/jhi split a run of equal magnitudes at a threshold by flat
-    index, so exactly ``end - start`` elements are selected."""
-    n = x.numel
-    zero, inf = x.scalar(0.0), x.scalar(float("inf"))
-    as_t = (lambda v: torch.tensor(v, dtype=torch.int64, device=zero.device))
-    if start <= 0 and end >= n:
-        return None, zero, inf, as_t(0), as_t(n)
-    if start >= end:
-        return None, inf, inf, as_t(n), as_t(0)
-    lo, hi, jlo, jhi = zero, inf, 0, n
-    if start > 0:
-        lo, less_lo, _ = x.select_abs(i, start)
-        if less_lo != start:  # drop the first (start - less_lo) elements equal to lo
-            jlo = x.nth_position_equal(i, lo, start - less_lo)
-    if end < n:
-        hi, less_hi, leq_hi = x.select_abs(i, end - 1)
-        if leq_hi != end:  # keep only the first (end - less_hi) elements equal to hi
-            jhi = x.nth_position_equal(i, hi, end - less_hi)
-    return None, lo, hi, as_t(jlo), as_t(jhi)
-
-
-def window_mask(key: torch.Tensor, lo, hi, jlo, jhi) -> torch.Tensor:
-    idx = torch.arange(key.numel(), device=key.device).reshape(key.shape)
-    return ((key > lo) | ((key == lo) & (idx >= jlo))) & ((key < hi) | ((key == hi) & (idx < jhi)))
-
-
-def apply_window(delta: torch.Tensor, w: tuple) -> torch.Tensor:
-    key, lo, hi, jlo, jhi = w
-    key = delta.abs() if key is None else key
-    return torch.where(window_mask(key, lo, hi, jlo, jhi), delta, 0.0)
 
 
 def magnitude(x: TensorInputs, i: int, density: float, rescale: bool) -> torch.Tensor:

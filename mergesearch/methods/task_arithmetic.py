@@ -8,7 +8,7 @@ from functools import partial
 import torch
 
 from mergesearch.errors import MergeSearchError
-from mergesearch.methods import kernels, sparsify
+from mergesearch.methods import kernels, selection, sparsify
 from mergesearch.methods.inputs import TensorInputs
 from mergesearch.methods.registry import MethodSpec, Param, register
 
@@ -43,7 +43,6 @@ def task_vector_merge(x: TensorInputs, g: dict, m: list[dict], *, sparsifier: st
     (thresholds with a tie split by index), so no masked copy of a task
     vector is made; other sparsifiers prepare their deltas first.
     """
-    n = x.numel
     sources, is_delta, windows, masks = [], [], [], []
 
     def stored(i: int, raw, window=None, mask=None) -> None:
@@ -64,13 +63,12 @@ def task_vector_merge(x: TensorInputs, g: dict, m: list[dict], *, sparsifier: st
             stored(i, raw, mask=sparsify.dare_mask(x, i, p["density"], g["rescale"]) if p["density"] < 1 else None)
             continue
         if sparsifier in ("magnitude", "outliers"):
-            start, end = sparsify.keep_range(sparsifier, n, p["density"], p.get("gamma", 0.0))
             # None: everything kept (no selection pass in the kernel)
-            w = None if start <= 0 and end >= n else sparsify.window(x, i, start, end)
+            w = selection.kept_window(x, i, sparsifier, p["density"], p.get("gamma", 0.0))
             if not g["rescale"]:
                 stored(i, raw, window=w)
                 continue
-            d = x.delta(i) if w is None else sparsify.rescale_l1(x.delta(i), sparsify.apply_window(x.delta(i), w))
+            d = x.delta(i) if w is None else sparsify.rescale_l1(x.delta(i), selection.apply_window(x.delta(i), w))
         elif sparsifier is None and raw is not None:
             stored(i, raw)
             continue
@@ -100,8 +98,8 @@ def task_vector_parts(x: TensorInputs, g: dict, m: list[dict], sparsifier: str |
     out = []
     for i, p in enumerate(m):
         if sparsifier in ("magnitude", "outliers"):
-            w = sparsify.window(x, i, *sparsify.keep_range(sparsifier, x.numel, p["density"], p.get("gamma", 0.0)))
-            kept = sparsify.apply_window(x.delta(i), w)
+            w = selection.window(x, i, *selection.keep_range(sparsifier, x.numel, p["density"], p.get("gamma", 0.0)))
+            kept = selection.apply_window(x.delta(i), w)
             out.append(sparsify.rescale_l1(x.delta(i), kept) if g["rescale"] else kept)
         else:
             out.append(sparsified_delta(sparsifier, x, i, p, g["rescale"]))
