@@ -64,7 +64,7 @@ from dataclasses import dataclass
 import torch
 
 from mergesearch.errors import MergeSearchError
-from mergesearch.search.refine_data import TRAIN_COST, Items, losses, sequence_loglik, teacher_targets, untrainable
+from mergesearch.search.refine_data import TRAIN_COST, Items, item_losses, sequence_loglik, teacher_targets, untrainable
 from mergesearch.search.variables import group_index, group_setting
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
                 for s in range(0, len(rows), 32):
                     chunk = rows[s:s + 32]
                     batch = items.batch(chunk)
-                    loss, c = losses(chunk, sequence_loglik(model, params, batch), cfg["loss"], mix)
+                    loss, c = item_losses(chunk, sequence_loglik(model, params, batch), cfg["loss"], mix)
                     right += c
                     loss_sum += float(loss) * len(chunk)
                     cost_seqs += batch[4] if batch else 0
@@ -268,7 +268,7 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
         for step in range(1, cfg["steps"] + 1):
             items_ = draw()
             batch = items.batch(items_)
-            loss, _ = losses(items_, sequence_loglik(model, merged_params(terms, coef, scale, row_mult), batch),
+            loss, _ = item_losses(items_, sequence_loglik(model, merged_params(terms, coef, scale, row_mult), batch),
                               cfg["loss"], mix)
             opt.zero_grad(set_to_none=True)
             if loss.requires_grad:  # a batch of items with nothing to train on moves nothing

@@ -110,7 +110,7 @@ def sequence_loglik(model, params: dict, batch) -> torch.Tensor:
     return (logp * tmask).sum(-1)
 
 
-def losses(rows: list, ll: torch.Tensor, kind: str, mix: float = 1.0) -> tuple[torch.Tensor, int]:
+def item_losses(rows: list, ll: torch.Tensor, kind: str, mix: float = 1.0) -> tuple[torch.Tensor, int]:
     """Mean loss over the rows and the number of multiple-choice rows they got right (the
     first best choice wins). Per kind of item: multiple choice by ``kind`` (below); a
     target's negative log-likelihood; a generation's per-token negative log-likelihood of

@@ -211,7 +211,7 @@ class Worker:
             if rung is None or rung["k"] == 0 or self.held != number:
                 self.held = None
                 # from_dict checked the recipe; compile it once without checking again
-                self.mat.write_into(self.model, self.mat.compile(r, validate=False))
+                self.mat.write_into(self.model, r, validate=False)
                 self.held = number if rung is not None else None
                 extra["wrote"] = True
             t1 = time.perf_counter()
