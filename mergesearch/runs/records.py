@@ -30,6 +30,7 @@ class Job:
     - ``number``: the trial's number in its study, for log lines and the fault hook.
     - ``split``: the evaluation split, when not the configured one.
     - ``rung``: ``{"k": rung, "items": {task: item indices}}`` for a multi-fidelity trial.
+    - ``summary``: the recipe in one line, for the progress line and the log.
     - ``id``: unique in this process; the pool's key for the job and its retries.
     """
 
@@ -39,11 +40,12 @@ class Job:
     split: Optional[str] = None
     rung: Optional[dict] = None
     refine: Optional[dict] = None
+    summary: str = ""  # the recipe in one line, for the progress line and the log
     id: int = field(default_factory=lambda: next(_job_ids))
 
     def next_rung(self, rung: dict) -> "Job":
         """The same trial's next rung (a new job: it goes to the worker that holds the candidate)."""
-        return Job(self.kind, self.number, self.recipe, self.split, rung, self.refine)
+        return Job(self.kind, self.number, self.recipe, self.split, rung, self.refine, self.summary)
 
 
 TIMINGS = ("materialize_s", "eval_s", "worker_s", "ray_in_s", "ray_out_s", "refine_s")

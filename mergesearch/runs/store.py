@@ -281,6 +281,13 @@ def counts_toward_budget(t: optuna.trial.FrozenTrial) -> bool:
     return to_record("search", t).counts_toward_budget
 
 
+def record_proposal(trial, recipe: dict, summary: str) -> None:
+    """Store a trial's recipe when it is proposed. A retry of a failed trial carries its
+    original's attributes: its failure is cleared."""
+    retry = "reason" in trial.user_attrs
+    record(trial, recipe=recipe, summary=summary, **({"reason": None, "requeued": False} if retry else {}))
+
+
 def side_study_names(run: str, storage) -> list[tuple[str, str]]:
     """The run's side studies that exist, as (kind, study name): baselines, later schedule
     stages (``stage<k>``), refinements."""

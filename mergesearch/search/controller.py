@@ -31,7 +31,7 @@ import optuna
 from mergesearch.runs.optuna_io import batched_params
 from mergesearch.runs.records import Job
 from mergesearch.runs.store import (
-    HEARTBEAT_S, heartbeat, record, records_of, requeue_failed, run_dir, trial_records,
+    HEARTBEAT_S, heartbeat, record, record_proposal, records_of, requeue_failed, run_dir, trial_records,
 )
 from mergesearch.search import setup
 from mergesearch.search.fidelity import make_pruner
@@ -144,11 +144,9 @@ class Controller(RunLifecycle):
         t = study.ask()
         with batched_params(t):
             recipe = self.space.suggest(t, self.groups, self.setup.side)
-        fresh = dict(recipe=recipe.to_dict(), summary=recipe.summary())
-        if "reason" in t.user_attrs:  # a retry carries its failed original's attributes
-            fresh.update(reason=None, requeued=False)
-        record(t, **fresh)
-        return t, Job("trial", t.number, fresh["recipe"])
+        job = Job("trial", t.number, recipe.to_dict(), summary=recipe.summary())
+        record_proposal(t, job.recipe, job.summary)
+        return t, job
 
     def run_jobs(self, jobs: list[Job]):
         """Run jobs of a phase on the pool (retried when their worker dies); yields each
@@ -230,13 +228,13 @@ class Controller(RunLifecycle):
                 if step == "sent":
                     inflight[t.number] = (t, job)
                 if step == "done":
-                    done.append((t, res))
+                    done.append((t, res, job))
             self._dispatch(queue, inflight)  # freed workers start before the bookkeeping
-            for t, res in done:
+            for t, res, job in done:
                 fields = self.finish(study, t, res, self.rungs.take(res.number) if self.rungs is not None else None)
                 tally.add("COMPLETE" if res.ok else "FAIL", fields.get("items"), None,
                           (fields.get("feasible", True), fields.get("aggregate", -1)) if res.ok else None, t.number,
-                          t.user_attrs.get("summary") if res.ok else None)
+                          job.summary if res.ok else None)
             if time.monotonic() - last_report > (10 if not self.opts.progress else 1):
                 self.progress.line(self.n_trials, self.setup.fid.total if self.setup.fid else None)
                 last_report = time.monotonic()

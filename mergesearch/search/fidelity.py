@@ -143,7 +143,8 @@ class ImprovementPruner(optuna.pruners.BasePruner):
             best = study.best_trial
         except ValueError:
             return None
-        finals = best.user_attrs.get("scores")
+        from mergesearch.runs.store import to_record
+        finals = to_record("search", best).scores
         if best.number == trial.number or not finals or best.value is None:
             return None
         mine, theirs = self._blocks(trial.intermediate_values), self._blocks(best.intermediate_values)
