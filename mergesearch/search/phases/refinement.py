@@ -60,7 +60,7 @@ class Refinement:
                    source_aggregate=src.aggregate)
             job = Job("refine", t.number, src.recipe, refine=payload)
             pending[job.id] = (t, src, job)
-        with step(f"search: refining the best {len(chosen)} candidate(s) ({cfg.steps} steps each)",
+        with step(f"search: refining the best candidates, up to {cfg.steps} steps each",
                   total=len(chosen), unit="candidates") as line:
             for res in c.run_jobs([job for _, _, job in pending.values()]):
                 line.advance()
