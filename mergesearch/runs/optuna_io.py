@@ -8,8 +8,8 @@ recovery that its public API does not offer:
   failed and queued again through Optuna's stale-trial retry;
 - :func:`frozen`: a running trial's stored state.
 
-Each falls back to the public API where the private one is missing (another storage,
-another Optuna version). Samplers (:mod:`mergesearch.search.cma`) use ``study._storage``
+The batched writes fall back to the public API where the private one is missing (another
+storage, another Optuna version). Samplers (:mod:`mergesearch.search.cma`) use ``study._storage``
 for their system attributes as Optuna's own samplers do; that is the sampler interface.
 """
 
