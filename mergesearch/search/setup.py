@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import optuna
@@ -39,7 +39,6 @@ class Setup:
     placement: object | None = None
     side: dict | None = None  # resolved metric and Gram files
     seed_baseline: bool = False  # the seed soup runs beside the baselines (the space cannot express it)
-    hints: list[str] = field(default_factory=list)
 
 
 def preflight(space: SearchSpace, opts, space_path: str, claim) -> Setup:
@@ -105,10 +104,10 @@ def n_baselines(space: SearchSpace) -> int:
     return n + (len(space.models) if space.objective.normalize == "sources" else 0)
 
 
-def check_budget(space: SearchSpace, s: Setup, n_base: int, space_path: str, n_trials: float | None = None) -> float:
+def check_budget(space: SearchSpace, s: Setup, n_base: int, space_path: str) -> float:
     """The trials left for the search once ``n_base`` baselines and the refine reserve
     are counted (every evaluation counts); refused when none is left."""
-    n_trials = s.n_trials if n_trials is None else n_trials
+    n_trials = s.n_trials
     total = n_trials - s.refine_reserve - n_base
     if total < 1:
         raise MergeSearchError(

@@ -70,8 +70,9 @@ class Rungs:
                 t.report(v, step)
         else:
             t.report(value, step=p.items)
-        if t.should_prune():
-            chance = getattr(c.pruner, "last", {}).pop(t.number, None)  # the improvement pruner's estimate
+        pruned = t.should_prune()
+        chance = getattr(c.pruner, "last", {}).pop(t.number, None)  # the improvement pruner's estimate
+        if pruned:
             record(t, worker=p.worker, timings={"materialize_s": p.materialize_s, "eval_s": p.eval_s},
                    **({"chance": chance} if chance is not None else {}),
                    **({"scored_on": p.device} if p.device else {}), scores=p.scores(), aggregate=agg,
@@ -81,6 +82,5 @@ class Rungs:
             c.busy_s += p.materialize_s + p.eval_s
             del self.progress[t.number]
             return "pruned"
-        getattr(c.pruner, "last", {}).pop(t.number, None)
         c.pool.submit(res.job.next_rung({"k": p.rung, "items": self.fid.rung_items(p.rung)}), worker=p.worker)
         return "sent"
