@@ -370,7 +370,7 @@ def _setting_to_mk(setting):
 
 def has_mergekit_equivalent(recipe: Recipe) -> bool:
     spec = recipe.spec
-    return spec.needs_metric == "no" and not spec.needs_gram and not recipe.has_row_scales
+    return spec.needs_metric == "no" and not spec.needs_gram and spec.factors is None and not recipe.has_row_scales
 
 
 def to_mergekit(recipe: Recipe) -> dict:

@@ -31,7 +31,7 @@ from mergesearch.engine.checkpoint import Checkpoint, SideFile, all_finite, mapp
 from mergesearch.engine.compat import check_compatible
 from mergesearch.engine.compiled import CompiledRecipe
 from mergesearch.errors import MergeSearchError
-from mergesearch.methods import REGISTRY, MethodSpec, TensorInputs, get_method, merge_tensor
+from mergesearch.methods import REGISTRY, FactorCache, MethodSpec, TensorInputs, get_method, merge_tensor
 from mergesearch.engine.plan import NO_BANDWIDTH, Placement, make_plan, slot_bytes
 from mergesearch.recipe import Recipe
 
@@ -149,6 +149,8 @@ class Materializer:
             None if base is None else str(base), [str(m) for m in models], methods, device=str(self.device),
             budget=budget, side=side, stream=stream, bandwidth=NO_BANDWIDTH)
         self.stream = self.placement.stream
+        # the SVD factors of the singular-value methods, kept between candidates where the plan has room
+        self.factor_cache = FactorCache() if self.placement.factors else None
         self.constants = {n: ref.get(n).to(self.device) for n in self.names if n not in self.float_names}
         self.slots: dict[str, dict[str, torch.Tensor]] = {}  # input key -> tensor name -> tensor
         self.side_files: dict[str, str] = {}  # side key -> resolved path
@@ -258,7 +260,8 @@ class Materializer:
                     return None
                 return staged[key] if key in staged else self.slots[key].get(name)
             extra = {k: [get(x) for x in v] if isinstance(v, list) else get(v) for k, v in side.items()}
-            return TensorInputs(name, get(base), tensors=[get(k) for k in keys], seed=recipe.seed, **extra)
+            return TensorInputs(name, get(base), tensors=[get(k) for k in keys], seed=recipe.seed,
+                                cache=self.factor_cache, ids=keys, **extra)
 
         floats = [n for n in names if n not in self.constants]
         if staged_keys:

@@ -120,11 +120,14 @@ class Placement:
     moved_per_candidate: int = 0
     predicted_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # device bytes of the SVD factors kept between candidates (methods.spectral); 0 when
+    # no listed method keeps any, or when they do not fit and are recomputed per candidate
+    factors: int = 0
 
     def budget_for(self, k: int) -> int:
         """Device bytes under which the first ``k`` inputs (in priority order) are resident."""
-        return (self.eval_bytes + self.eval_reserve + self.scratch + sum(i.nbytes for i in self.inputs[:k])
-                + staging_bytes(self.inputs[k:], self.stream))
+        return (self.eval_bytes + self.eval_reserve + self.scratch + self.factors
+                + sum(i.nbytes for i in self.inputs[:k]) + staging_bytes(self.inputs[k:], self.stream))
 
     def input(self, key: str) -> Input:
         return next(i for i in self.inputs if i.key == key)
@@ -134,7 +137,7 @@ class Placement:
 
     @property
     def device_bytes(self) -> int:
-        return (self.eval_bytes + self.eval_reserve + self.scratch + self.staging
+        return (self.eval_bytes + self.eval_reserve + self.scratch + self.factors + self.staging
                 + sum(self.input(k).nbytes for k in self.resident))
 
     @property
@@ -157,6 +160,8 @@ class Placement:
                  f"  evaluation reserve    {fmt_bytes(self.eval_reserve):>12}",
                  f"  merge scratch         {fmt_bytes(self.scratch):>12}  (largest tensor {self.largest[0]}, "
                  f"{self.largest[1]:,} elements)"]
+        if self.factors:
+            lines.append(f"  SVD factors           {fmt_bytes(self.factors):>12}  (kept between candidates)")
         if self.staging:
             lines.append(f"  staging slots         {fmt_bytes(self.staging):>12}")
         for i in self.inputs:
@@ -180,12 +185,60 @@ def scratch_kind(method: str) -> str:
             "della": "della"}[spec.sparsifier]
 
 
-def scratch_bytes(largest_numel: int, methods: list[str], n_models: int, out_elem: int, device: str = "cpu") -> int:
-    """Device bytes one tensor's merge needs beside its inputs (the worst of ``methods``)."""
+def scratch_bytes(largest_numel: int, methods: list[str], n_models: int, out_elem: int, device: str = "cpu",
+                  largest_matrix: tuple[int, int] | None = None) -> int:
+    """Device bytes one tensor's merge needs beside its inputs (the worst of ``methods``);
+    the singular-value methods' SVDs are sized on ``largest_matrix`` (:func:`svd_scratch`)."""
     from mergesearch.methods.kernels import eager_chunk
-    full = max(SCRATCH_F32[scratch_kind(m)][0] + SCRATCH_F32[scratch_kind(m)][1] * n_models for m in methods)
+    elementwise = [m for m in methods if not _spectral(m)]
+    full = max((SCRATCH_F32[scratch_kind(m)][0] + SCRATCH_F32[scratch_kind(m)][1] * n_models for m in elementwise),
+               default=0)
     chunk = CHUNK_F32[0] + CHUNK_F32[1] * n_models
-    return int(largest_numel * (4 * full + out_elem)) + min(largest_numel, eager_chunk(device)) * 4 * chunk
+    out = int(largest_numel * (4 * full + out_elem)) + min(largest_numel, eager_chunk(device)) * 4 * chunk
+    if not elementwise:
+        out = 0  # tensors that are not matrices take a weighted mean: within the matrices' bound
+    svd = max((svd_scratch(largest_matrix, m, n_models) for m in methods if _spectral(m) and largest_matrix),
+              default=0)
+    return max(out, svd)
+
+
+def _spectral(method: str) -> bool:
+    from mergesearch.methods import REGISTRY
+    return REGISTRY[method].factors is not None
+
+
+# Float32 buffers of one matrix's size (m x n) alive while a singular-value method
+# merges it, as (fixed, per model): the task matrices (one float copy per model, as
+# TensorInputs keeps them), their sum or the projected task matrix, the SVD's factors and
+# LAPACK's work space, the side-by-side factors and their polar factors, the output.
+# Measured with tests/memtrack.py (tests/test_spectral_methods.py).
+SVD_F32 = {"tsv": (6, 1), "iso_c": (3, 1), "iso_cts": (6, 1)}
+
+
+def svd_scratch(shape: tuple[int, int], method: str, n_models: int) -> int:
+    """Bytes one ``shape`` matrix's merge by a singular-value method keeps alive."""
+    fixed, per = SVD_F32[method]
+    return int(shape[0] * shape[1]) * 4 * (fixed + per * n_models)
+
+
+def factor_bytes(shapes: dict[str, tuple[int, ...]], methods: list[str], n_models: int) -> int:
+    """Bytes of the SVD factors a worker keeps between candidates (:class:`FactorCache`)
+    for ``methods`` on matrices of ``shapes``: per matrix of rank r = min(m, n), each
+    model's top floor(r / T) triplets (``task``: at most r in all) and the sum's full SVD
+    (``sum``), each (m + n + 1) r float32 values."""
+    from mergesearch.methods import REGISTRY
+    kinds = {REGISTRY[m].factors for m in methods} - {None}
+    total = 0
+    for shape in shapes.values():
+        if len(shape) != 2:
+            continue
+        m, n = shape
+        r = min(m, n)
+        if "task" in kinds:
+            total += n_models * (r // n_models) * (m + n + 1) * 4
+        if "sum" in kinds:
+            total += r * (m + n + 1) * 4
+    return total
 
 
 def measure_bandwidth(device: str) -> dict:
@@ -248,7 +301,10 @@ def make_plan(base: str | None, models: list[str], methods: list[str], *, device
     eval_bytes += sum(ref.numel(n) * ref.dtype(n).itemsize for n in ref.names() if n not in floats)
     reserve = eval_reserve if eval_reserve is not None else int(0.2 * eval_bytes)
     largest = max(floats, key=ref.numel)
-    scratch = scratch_bytes(ref.numel(largest), methods, len(models), edtype.itemsize, device)
+    matrices = {n: ref.shape(n) for n in floats if len(ref.shape(n)) == 2}
+    largest_matrix = matrices[max(matrices, key=ref.numel)] if matrices else None
+    scratch = scratch_bytes(ref.numel(largest), methods, len(models), edtype.itemsize, device, largest_matrix)
+    factors = factor_bytes(matrices, methods, len(models))
     uses_base = base is not None and any(REGISTRY[m].uses_base != "no" for m in methods)
 
     inputs: list[Input] = []
@@ -290,6 +346,11 @@ def make_plan(base: str | None, models: list[str], methods: list[str], *, device
         source = "none declared on the CPU: every input stays on the host, shared by the node's workers"
 
     fixed = eval_bytes + reserve + scratch
+    if factors and budget is not None and fixed + factors + staging_bytes(inputs, stream) > budget:
+        notes.append(f"the SVD factors ({fmt_bytes(factors)}) do not fit beside the evaluation model: each candidate "
+                     "recomputes its SVDs")
+        factors = 0
+    fixed += factors
 
     def staging(host: list[Input]) -> int:
         return staging_bytes(host, stream)
@@ -305,6 +366,15 @@ def make_plan(base: str | None, models: list[str], methods: list[str], *, device
                 break
         if resident is None:
             need = fixed + staging(inputs)
+            spectral = [m for m in methods if _spectral(m)]
+            if spectral and largest_matrix and max(svd_scratch(largest_matrix, m, len(models)) for m in spectral) >= scratch:
+                m = max(spectral, key=lambda m: svd_scratch(largest_matrix, m, len(models)))
+                name = next(k for k, v in matrices.items() if v == largest_matrix)
+                raise MergeSearchError(
+                    f"device memory: {m}'s SVD of {name} ({largest_matrix[0]} x {largest_matrix[1]}, {len(models)} "
+                    f"models) needs {fmt_bytes(scratch)} of scratch; with the evaluation model "
+                    f"({fmt_bytes(eval_bytes)}) and its reserve ({fmt_bytes(reserve)}) that is {fmt_bytes(need)}, "
+                    f"more than the budget of {fmt_bytes(budget)} ({source})")
             parts = [f"the evaluation model ({fmt_bytes(eval_bytes)}, {_dname(edtype)})",
                      f"its reserve ({fmt_bytes(reserve)})", f"the merge scratch ({fmt_bytes(scratch)})"]
             if staging(inputs):
@@ -317,12 +387,14 @@ def make_plan(base: str | None, models: list[str], methods: list[str], *, device
                   eval_dtype=_dname(edtype), eval_reserve=reserve, scratch=scratch, staging=staging(host),
                   inputs=inputs, resident=[i.key for i in resident], host=[i.key for i in host],
                   largest=(largest, ref.numel(largest)), bandwidth=bandwidth or measure_bandwidth(device),
-                  notes=notes)
+                  notes=notes, factors=factors)
     read = [i for i in inputs if i.role == "model" or (i.role == "base" and uses_base) or i.role == "side"]
     p.read_per_candidate = sum(i.nbytes for i in read)
     p.moved_per_candidate = 0 if stream == "view" else sum(i.nbytes for i in read if i.key in p.host)
     numel = sum(ref.numel(n) for n in floats)
     passes = max(EXTRA_PASSES.get(REGISTRY[m].sparsifier, 0) for m in methods)
+    if budget is None and factors:
+        notes.append(f"the SVD factors ({fmt_bytes(factors)}) are kept in this worker's memory between candidates")
     compute_bytes = p.read_per_candidate + numel * (4 + 2 * edtype.itemsize) + numel * 4 * passes * len(models)
     compute_s = compute_bytes / p.bandwidth["device"]
     transfer_s = p.moved_per_candidate / p.bandwidth["link"]

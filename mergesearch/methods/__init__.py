@@ -3,9 +3,9 @@
 Importing this package registers every built-in method.
 """
 
-from mergesearch.methods import geometric, geometry, task_arithmetic  # noqa: F401  (registration)
+from mergesearch.methods import geometric, geometry, spectral, task_arithmetic  # noqa: F401  (registration)
 from mergesearch.methods.apply import merge_tensor
-from mergesearch.methods.inputs import TensorInputs, tensor_seed
+from mergesearch.methods.inputs import FactorCache, TensorInputs, tensor_seed
 from mergesearch.methods.registry import REGISTRY, MethodSpec, Param, get_method
 
-__all__ = ["REGISTRY", "MethodSpec", "Param", "TensorInputs", "get_method", "merge_tensor", "tensor_seed"]
+__all__ = ["FactorCache", "REGISTRY", "MethodSpec", "Param", "TensorInputs", "get_method", "merge_tensor", "tensor_seed"]

@@ -31,6 +31,38 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class FactorCache:
+    """What a method derives from a tensor's inputs alone (the SVDs of its task matrices),
+    kept between candidates: one entry per tensor and kind, replaced when its key (the
+    weights, a rank) changes, so it never holds more than one entry per tensor and kind.
+    The memory plan counts its bytes (:func:`mergesearch.engine.plan.factor_bytes`)."""
+
+    def __init__(self):
+        self.entries: dict[tuple[str, str], tuple] = {}
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _size(value) -> int:
+        parts = value if isinstance(value, (tuple, list)) else (value,)
+        return sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
+
+    def get(self, name: str, kind: str, key, build):
+        entry = self.entries.get((name, kind))
+        if entry is not None and entry[0] == key:
+            self.hits += 1
+            return entry[1]
+        self.misses += 1
+        if entry is not None:
+            self.nbytes -= self._size(entry[1])
+            del self.entries[(name, kind)]
+        value = build()
+        self.entries[(name, kind)] = (key, value)
+        self.nbytes += self._size(value)
+        return value
+
+
 class TensorInputs:
     """``base`` and ``tensors`` may be in their storage dtype (e.g. bfloat16): the
     work-dtype views (``base``, ``tensor(i)``, ``delta(i)``) are made on first use and
@@ -47,6 +79,8 @@ class TensorInputs:
         base_metric: torch.Tensor | None = None,
         grams: list[torch.Tensor | None] | None = None,
         out_dtype: torch.dtype | None = None,
+        cache: FactorCache | None = None,
+        ids: list[str] | None = None,
     ):
         if tensors is None and deltas is None:
             raise ValueError("TensorInputs needs tensors or deltas")
@@ -72,6 +106,9 @@ class TensorInputs:
         # out_dtype): kernels that can write into it do, and return it
         self.out: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
+        self.cache = cache
+        # which input each model is (the caller's keys), for cache keys; positions by default
+        self.ids = list(ids) if ids is not None else [str(i) for i in range(self.n)]
         self._base_work: torch.Tensor | None = None
         self._tensor_cache: dict[int, torch.Tensor] = {}
         self._delta_cache: dict[int, torch.Tensor] = {}
@@ -106,6 +143,13 @@ class TensorInputs:
     def scalar(self, value) -> torch.Tensor:
         """A 0-d tensor in the work dtype on the inputs' device (no conversion pass)."""
         return torch.full((), value, dtype=work_dtype(self._ref_dtype), device=self.device)
+
+    def cached(self, kind: str, key, build):
+        """``build()``, or what it returned for this tensor, ``kind`` and ``key`` before
+        (kept in the caller's :class:`FactorCache` between candidates, if it gave one)."""
+        if self.cache is None:
+            return build()
+        return self.cache.get(self.name, kind, key, build)
 
     def raw(self, i: int) -> torch.Tensor | None:
         """Model i's tensor as stored, or None when only its delta was given."""

@@ -67,6 +67,9 @@ class MethodSpec:
     # per-model side inputs: a diagonal metric file (curvature), Gram matrices (RegMean)
     needs_metric: Literal["no", "optional", "required"] = "no"
     needs_gram: bool = False
+    # SVD factors a worker keeps between candidates (methods.spectral): each model's task
+    # matrix ("task") or the sum of them ("sum")
+    factors: Literal["task", "sum"] | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:

@@ -228,6 +228,7 @@ def model_card(recipe: Recipe, result: dict, tasks: list[str]) -> str:
         lines += ["```yaml", yaml.safe_dump(to_mergekit(recipe), sort_keys=False).rstrip(), "```", ""]
     else:
         why = ("per-row weights (row_scales, from a refinement with `rows: true`)" if recipe.has_row_scales
-               else "per-model metric files")
+               else "the singular value decompositions of its task matrices, which mergekit's methods do not compute"
+               if recipe.spec.factors else "per-model metric files")
         lines += [f"This `{recipe.method}` merge has no mergekit equivalent: it needs {why}.", ""]
     return "\n".join(l for l in lines if l is not None)
