@@ -185,7 +185,7 @@ def space(**over) -> SearchSpace:
     ({"refine": {}, "evaluator": {"evaluator": "python", "tasks": ["t"], "function": "m:f"}},
      "refine: the python evaluator has no items to train on"),
     ({"schedule": []}, "schedule: give at least one stage"),
-    ({"schedule": ["model", "groups"]}, "schedule[1]: 'groups' is not model, groups:N or layer"),
+    ({"schedule": ["model", "groups"]}, "schedule[1]: 'groups' is not model, groups:N, depth or layer"),
     ({"schedule": ["model", "layers"]}, "schedule[1]: 'layers' is not model"),
     ({"schedule": ["model@0.7", "layer@0.6"]}, "schedule: shares must lie in (0, 1) and add up to at most 1"),
     ({"schedule": ["model", "layer"], "sampler": {"name": "gp"}}, "schedule: needs the cmaes, tpe or random sampler"),

@@ -27,7 +27,11 @@ class Bounds(StrictModel):
 
 
 class Granularity(StrictModel):
-    level: Literal["model", "groups", "layer"] = "model"
+    """Where coefficients may differ: one per model, per group of layers, per layer, or a
+    depth schedule (``depth``: per parameter alpha + beta * l / (L - 1) at layer l of L,
+    two variables instead of L)."""
+
+    level: Literal["model", "groups", "layer", "depth"] = "model"
     n_groups: int = Field(default=1, ge=1)
     special: bool = True  # embed_tokens, lm_head and the final norm as groups of their own
     modules: list[Literal["attn", "mlp"]] = []

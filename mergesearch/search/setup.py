@@ -58,6 +58,9 @@ def preflight(space: SearchSpace, opts, space_path: str, claim) -> Setup:
     names = base.names()
     prefix = layer_prefix(names)
     stages = [(space.groups(base.num_layers, prefix, g), share) for g, share in space.stages(space_path)]
+    if base.num_layers < 2 and any(g.level == "depth" for g, _ in space.stages(space_path)):
+        raise MergeSearchError(f"{space_path}: granularity: depth: {space.base} has {base.num_layers} transformer "
+                               "layer(s); a depth schedule needs at least 2 (use level: model)")
     _check_nesting(space, stages, space_path)
     fid = None
     n_dev_items = sum(len(v) for v in ev.items.values()) if hasattr(ev, "items") else None

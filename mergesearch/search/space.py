@@ -2,7 +2,8 @@
 
 A space names the inputs (base, models), the evaluator, one or several methods
 (several make the method itself a search variable), bounds for each parameter,
-the granularity of the coefficients (whole model, N layer groups, or per layer,
+the granularity of the coefficients (whole model, N layer groups, per layer, or a
+depth schedule of two variables per parameter,
 with embeddings, lm_head and the final norm as groups of their own, and optional
 attention/MLP module filters), the objective, the sampler, the budget and a seed.
 
@@ -233,13 +234,13 @@ class SearchSpace(StrictModel):
                     g = self.granularity.model_copy(update={"level": "groups", "n_groups": int(n)})
                     if int(n) < 1:
                         raise ValueError
-                elif level in ("model", "layer") and not n:
+                elif level in ("model", "layer", "depth") and not n:
                     g = self.granularity.model_copy(update={"level": level})
                 else:
                     raise ValueError
                 shares.append(float(share) if share else None)
             except ValueError:
-                raise MergeSearchError(f"{where}: schedule[{k}]: '{text}' is not model, groups:N or layer "
+                raise MergeSearchError(f"{where}: schedule[{k}]: '{text}' is not model, groups:N, depth or layer "
                                        "(optionally @share, e.g. layer@0.5)") from None
             out.append(g)
         given = sum(v for v in shares if v is not None)

@@ -2,7 +2,10 @@
 sees, and the mapping between a trial's values and a recipe, both ways.
 
 A variable is named ``<parameter>[/m<model>][/<group>]`` (:func:`var_name`): ``weight/m0/L0-1``
-is model 0's weight on the group of layers 0-1, ``lambda`` a global parameter. Groups
+is model 0's weight on the group of layers 0-1, ``lambda`` a global parameter. A depth
+schedule (``granularity: {level: depth}``) gives each parameter two variables instead,
+``<parameter>[/m<model>]/alpha`` and ``.../beta``: the value at layer l of L is
+alpha + beta * l / (L - 1) (LiNeS), clipped into the parameter's bounds. Groups
 are tensor-name filters (:class:`Group`): :func:`make_groups` builds them for a
 granularity, :func:`tensor_groups` one per tensor, :func:`group_index` finds a
 tensor's group as a recipe's filter list resolves it, and :func:`group_setting` turns
@@ -36,8 +39,29 @@ def n_variables(space: SearchSpace, groups: list[Group]) -> int:
     for name, b in space.parameters.items():
         if isinstance(b, Bounds):
             scope = next(s.param(name).scope for s in map(REGISTRY.__getitem__, space.methods) if s.param(name))
-            n += len(space.models) * len(groups) if scope == "model" else 1
+            n += len(space.models) * len(groups) if scope == "model" else len(scope_groups(scope, groups))
     return n + (1 if len(space.methods) > 1 else 0)
+
+
+def scope_groups(scope: str, groups: list[Group]) -> list[Group]:
+    """The groups a parameter of ``scope`` takes a value on: all of them for a per-model
+    parameter; for a global one the whole model, or both of a depth schedule's variables."""
+    if scope == "model" or is_depth(groups):
+        return groups
+    return [groups[0].as_whole()]
+
+
+def is_depth(groups: list[Group]) -> bool:
+    return bool(groups) and groups[0].depth > 0
+
+
+def depth_setting(alpha: float, beta: float, bounds: Bounds, num_layers: int):
+    """A depth schedule as a recipe setting: the gradient [alpha, alpha + beta] (mergekit's
+    own form), or one value per layer where the line leaves the bounds and is clipped."""
+    ends = (alpha, alpha + beta)
+    if all(bounds.low <= v <= bounds.high for v in ends):
+        return list(ends)
+    return [min(max(alpha + beta * k / (num_layers - 1), bounds.low), bounds.high) for k in range(num_layers)]
 
 
 def group_index(name: str, groups: list[dict]) -> int:
@@ -70,6 +94,7 @@ class Group:
     filters: list[str]
     default: bool = False  # takes tensors no filter matches
     fallback: list[str] = field(default_factory=list)  # filters tried after every group's own
+    depth: int = 0  # a depth schedule's variable (alpha or beta) over this many layers
 
     def as_whole(self) -> "Group":
         return Group("", [], True)
@@ -78,6 +103,9 @@ class Group:
 def make_groups(g: Granularity, num_layers: int, prefix: str) -> list[Group]:
     if g.level == "model":
         return [Group("", [], True)]
+    if g.level == "depth":
+        # two variables per parameter, not tensor filters: every tensor takes the schedule
+        return [Group("alpha", [], True, depth=num_layers), Group("beta", [], depth=num_layers)]
     n = num_layers if g.level == "layer" else min(g.n_groups, num_layers)
     groups: list[Group] = []
     if g.special:
@@ -145,7 +173,7 @@ def suggest(space: SearchSpace, trial, groups: list[Group], side: dict | None = 
     global_params = {}
     for p in spec.global_params:
         if p.name in space.parameters:
-            global_params[p.name] = _value(space, trial, p.name, "", [groups[0].as_whole()])
+            global_params[p.name] = _value(space, trial, p.name, "", scope_groups("global", groups))
     recipe = {"method": method, "base": space.base, "models": models, "parameters": global_params,
               "seed": space.seed}
     if side and spec.name == "gradient_matching" and side.get("base_metric"):
@@ -205,9 +233,11 @@ def soup_params(space: SearchSpace, members: list[str], groups: list[Group]) -> 
         if isinstance(weight, Bounds):
             for i in range(len(space.models)):
                 for g in groups:
-                    params[var_name("weight", f"m{i}", g.name)] = w if i in idx else 0.0
+                    on = i in idx and g.name != "beta"  # a depth schedule's slope is 0
+                    params[var_name("weight", f"m{i}", g.name)] = w if on else 0.0
         if isinstance(lam, Bounds):
-            params["lambda"] = L
+            for g in scope_groups("global", groups):
+                params[var_name("lambda", "", g.name)] = 0.0 if g.name == "beta" else L
         return params
     return None
 
@@ -216,6 +246,11 @@ def _value(space: SearchSpace, trial, name: str, owner: str, groups: list[Group]
     bounds = space.parameters[name]
     if not isinstance(bounds, Bounds):
         return bounds
+    if is_depth(groups):
+        alpha = trial.suggest_float(var_name(name, owner, "alpha"), bounds.low, bounds.high, log=bounds.log)
+        span = bounds.high - bounds.low
+        beta = trial.suggest_float(var_name(name, owner, "beta"), -span, span)
+        return depth_setting(alpha, beta, bounds, groups[0].depth)
     values = [trial.suggest_float(var_name(name, owner, g.name), bounds.low, bounds.high, log=bounds.log)
               for g in groups]
     return group_setting([asdict(g) for g in groups], values)
@@ -233,6 +268,8 @@ def recipe_x0(space: SearchSpace, recipe: dict, groups, tensor_names: list[str],
     for n in tensor_names:
         first.setdefault(group_index(n, gd), n)
     x0 = {}
+    if is_depth(groups):
+        return _depth_x0(space, r, spec, tensor_names, num_layers)
     for name, b in space.parameters.items():
         if not isinstance(b, Bounds):
             continue
@@ -248,4 +285,34 @@ def recipe_x0(space: SearchSpace, recipe: dict, groups, tensor_names: list[str],
                 v = v if isinstance(v, (int, float)) and not isinstance(v, bool) else default
                 var = var_name(name, owner, g.name if p.scope == "model" else "")
                 x0[var] = min(max(float(v), b.low), b.high)
+    return x0
+
+
+def _depth_x0(space: SearchSpace, r: Recipe, spec, tensor_names: list[str], num_layers: int) -> dict[str, float]:
+    """A depth schedule's start from any recipe: alpha is its value at the first layer,
+    beta the rise to the last one (a recipe of whole-model values starts flat)."""
+    layered = {layer_index(n): n for n in tensor_names if layer_index(n) is not None}
+    first = layered.get(min(layered), tensor_names[0]) if layered else tensor_names[0]
+    last = layered.get(max(layered), first) if layered else first
+    x0 = {}
+    for name, b in space.parameters.items():
+        if not isinstance(b, Bounds):
+            continue
+        p = spec.param(name)
+        default = p.default if not p.required else 1.0
+        owners = [("", None)] if p.scope == "global" else [(f"m{i}", i) for i in range(len(space.models))]
+        ends = []
+        for tensor in (first, last):
+            glob, per = r.resolve(tensor, layer_position(tensor, num_layers))
+            ends.append((glob, per))
+        span = b.high - b.low
+        for owner, i in owners:
+            vals = []
+            for glob, per in ends:
+                src = glob if i is None else (per[i] if i < len(per) else {})
+                v = src.get(name, default)
+                vals.append(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float(default))
+            alpha = min(max(vals[0], b.low), b.high)
+            x0[var_name(name, owner, "alpha")] = alpha
+            x0[var_name(name, owner, "beta")] = min(max(vals[1] - alpha, -span), span)
     return x0

@@ -1,6 +1,7 @@
 """The baselines phase: each source model as itself (the references of
 ``objective.normalize: sources``, scored first), then the baselines (uniform average,
-task arithmetic at lambda 1, a seeding soup the space cannot express), in the side
+task arithmetic at lambda 1, the listed singular-value methods at their defaults, a seeding
+soup the space cannot express), in the side
 study ``<run>.baselines`` so the sampler only ever models its own proposals."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 import optuna
 
 from mergesearch.errors import MergeSearchError
+from mergesearch.methods import REGISTRY
 from mergesearch.progress import step
 from mergesearch.recipe import Recipe, from_dict
 from mergesearch.runs.records import Job
@@ -32,13 +34,21 @@ def source_recipes(space: SearchSpace) -> dict[str, Recipe]:
 
 
 def baseline_recipes(space: SearchSpace) -> dict[str, Recipe]:
+    """The uniform average and task arithmetic at lambda 1; and each data-free
+    singular-value method the space lists (tsv, iso_c, iso_cts), at its defaults, so that
+    ``sampler.x0: best_baseline`` can start from the best of them."""
     models_1 = [{"path": m, "parameters": {"weight": 1.0}} for m in space.models]
     dtype = {"dtype": space.dtype} if space.dtype else {}
-    return {
+    out = {
         "uniform average": from_dict(dict(method="linear", base=space.base, models=models_1, seed=space.seed, **dtype)),
         "task arithmetic 1.0": from_dict(dict(method="task_arithmetic", base=space.base, models=models_1,
                                               seed=space.seed, **dtype)),
     }
+    for method in space.methods:
+        if REGISTRY[method].factors is not None:
+            out[f"{method} defaults"] = from_dict(dict(method=method, base=space.base, models=models_1,
+                                                       seed=space.seed, **dtype))
+    return out
 
 
 class Baselines:
