@@ -203,6 +203,31 @@ def c_curvature_n(t, f, o, z):
             "--n-examples", "999", "-o", t / "c.safetensors"], [t / "c.safetensors"]
 
 
+def c_merge_rank_share(t, f, o, z):
+    r = recipe(t, f, method="tsv", models=[{"path": str(f["ft0"]), "parameters": {"rank_share": 1.5}},
+                                           {"path": str(f["ft1"])}])
+    return ["merge", r, "-o", t / "out"], [t / "out"]
+
+
+def c_search_depth_layers(t, f, o, z):
+    from mergesearch.zoo.synthetic import make_family
+    one = make_family(t / "one", n_models=2, layers=1, noise=0.01, seed=2)
+    data = space_dict(z, base=str(one["base"]), models=[str(one["ft0"]), str(one["ft1"])],
+                      granularity={"level": "depth"})
+    return ["search", write(t / "s.yaml", data), "--run", "r"], [t / "results"]
+
+
+def c_plan_svd(t, f, o, z):
+    from mergesearch.engine.plan import make_plan
+    from mergesearch.zoo.synthetic import make_family
+    wide = make_family(t / "wide", n_models=2, hidden=32, layers=2, intermediate=64, vocab=4096, noise=0.01, seed=3)
+    fts = [str(wide["ft0"]), str(wide["ft1"])]
+    fit = make_plan(str(wide["base"]), fts, ["tsv", "linear", "task_arithmetic"], budget=10**9)
+    budget = fit.eval_bytes + fit.eval_reserve + 2 * 10**6  # the SVD of the 4096 x 32 embedding needs 4.19 MB
+    data = space_dict(z, base=str(wide["base"]), models=fts, methods=["tsv"], parameters={"weight": 1.0})
+    return ["plan", write(t / "s.yaml", data), "--device-memory", str(budget)], [t / "results"]
+
+
 def c_export_run(t, f, o, z):
     return ["export", "nosuchrun"], [t / "results" / "nosuchrun"]
 
@@ -250,6 +275,12 @@ CASES = [
     ("curvature-unknown-kind", c_curvature_kind, ["--kind: 'hessian' is not one of"]),
     ("curvature-too-many-examples", c_curvature_n, ["--n-examples 999 but the file has 200 items"]),
     ("export-unknown-run", c_export_run, ["nosuchrun: no such run"]),
+    ("merge-rank-share-out-of-range", c_merge_rank_share,
+     ["r.yaml: models[0].parameters.rank_share: parameter 'rank_share' = 1.5 is outside its valid range [0.0, 1.0]"]),
+    ("search-depth-without-layers", c_search_depth_layers,
+     ["s.yaml: granularity: depth:", "has 1 transformer layer(s); a depth schedule needs at least 2"]),
+    ("plan-svd-too-large", c_plan_svd,
+     ["device memory: tsv's SVD of model.embed_tokens.weight (4096 x 32, 2 models) needs", "more than the budget of"]),
 ]
 
 

@@ -52,7 +52,8 @@ NO_BANDWIDTH = {"device": 1.0, "link": 1.0, "source": "not measured"}
 # tests/memtrack.py, within 2.5 buffers); the compiled kernels keep fewer.
 SCRATCH_F32 = {"plain": (1, 0), "select": (3, 0), "random": (2, 0.25), "della": (8, 1), "model_stock": (5, 2),
                "nuslerp": (9, 0), "slerp": (5, 0), "fisher": (4, 2), "preconditioned": (4, 2),
-               "gradient_matching": (11, 2), "regmean": (2, 1)}
+               "gradient_matching": (11, 2), "regmean": (2, 1), "multislerp": (5, 0), "karcher": (5, 0),
+               "sce": (4, 1), "ram": (5, 0), "ramplus_tl": (6, 0), "nearswap": (4, 0), "arcee_fusion": (6, 0)}
 # The eager kernels' temporaries, in float32 buffers of one chunk of
 # ``kernels.eager_chunk(device)`` elements: (fixed, per model).
 CHUNK_F32 = (8, 2)
@@ -367,14 +368,17 @@ def make_plan(base: str | None, models: list[str], methods: list[str], *, device
         if resident is None:
             need = fixed + staging(inputs)
             spectral = [m for m in methods if _spectral(m)]
-            if spectral and largest_matrix and max(svd_scratch(largest_matrix, m, len(models)) for m in spectral) >= scratch:
+            if spectral and largest_matrix:
                 m = max(spectral, key=lambda m: svd_scratch(largest_matrix, m, len(models)))
-                name = next(k for k, v in matrices.items() if v == largest_matrix)
-                raise MergeSearchError(
-                    f"device memory: {m}'s SVD of {name} ({largest_matrix[0]} x {largest_matrix[1]}, {len(models)} "
-                    f"models) needs {fmt_bytes(scratch)} of scratch; with the evaluation model "
-                    f"({fmt_bytes(eval_bytes)}) and its reserve ({fmt_bytes(reserve)}) that is {fmt_bytes(need)}, "
-                    f"more than the budget of {fmt_bytes(budget)} ({source})")
+                svd = svd_scratch(largest_matrix, m, len(models))
+                if eval_bytes + reserve + svd + staging(inputs) > budget:  # the SVD alone does not fit
+                    name = next(k for k, v in matrices.items() if v == largest_matrix)
+                    raise MergeSearchError(
+                        f"device memory: {m}'s SVD of {name} ({largest_matrix[0]} x {largest_matrix[1]}, "
+                        f"{len(models)} models) needs {fmt_bytes(svd)} of scratch; with the evaluation model "
+                        f"({fmt_bytes(eval_bytes)}) and its reserve ({fmt_bytes(reserve)}) that is "
+                        f"{fmt_bytes(eval_bytes + reserve + svd + staging(inputs))}, more than the budget of "
+                        f"{fmt_bytes(budget)} ({source})")
             parts = [f"the evaluation model ({fmt_bytes(eval_bytes)}, {_dname(edtype)})",
                      f"its reserve ({fmt_bytes(reserve)})", f"the merge scratch ({fmt_bytes(scratch)})"]
             if staging(inputs):

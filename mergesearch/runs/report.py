@@ -302,10 +302,21 @@ def _recipe_heatmaps(page: Page, recipe: dict) -> None:
 
 
 def _entries(value) -> list[tuple[str, float]]:
+    """(where, value) pairs of a setting: filters, or a gradient over the layers (a depth
+    schedule: its first and last layer, or each layer where it was clipped)."""
     if value is None:
         return []
+    if isinstance(value, list) and value and not isinstance(value[0], dict):
+        if len(value) == 2:
+            return [("first layer", value[0]), ("last layer", value[1])]
+        return [(f"L{k}", v) for k, v in enumerate(value)]
     if isinstance(value, list):
-        return [(e.get("filter") or "rest", e.get("value")) for e in value]
+        out = []
+        for e in value:
+            where = e.get("filter") or "rest"
+            inner = e.get("value")
+            out += [(f"{where} {w}", v) for w, v in _entries(inner)] if isinstance(inner, list) else [(where, inner)]
+        return out
     return [("all", value)]
 
 

@@ -46,6 +46,9 @@ class SearchSpace(StrictModel):
     budget: Budget = Budget()
     seed: int = 0
     initial_trials: bool = True
+    # merges scored at their defaults beside the baselines, e.g. the data-free [tsv, iso_cts]:
+    # with sampler.x0: best_baseline the search can start from the best of them
+    baselines: list[str] = []
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
     trial_timeout: float = Field(default=600.0, gt=0)  # seconds per candidate on a worker
     max_retries: int = Field(default=1, ge=0)  # re-runs of a trial whose worker died
@@ -160,6 +163,13 @@ class SearchSpace(StrictModel):
                 if p.required and p.name not in self.parameters:
                     raise MergeSearchError(f"{where}: method '{s.name}' needs bounds or a value for parameters.{p.name}")
         self._check_side(specs, where)
+        for m in self.baselines:
+            s = get_method(m, f"{where}: baselines")
+            n = len(self.models)
+            if s.needs_metric != "no" or s.needs_gram or any(p.required for p in s.params) or n < s.min_models \
+                    or (s.max_models is not None and n > s.max_models):
+                raise MergeSearchError(f"{where}: baselines: '{m}' cannot be scored at its defaults on {n} models "
+                                       "(it needs side inputs, a parameter value, or another number of models)")
         from mergesearch.engine.plan import parse_size
         for key in ("device_memory", "eval_memory"):
             value = getattr(self.resources, key)
@@ -290,6 +300,8 @@ class SearchSpace(StrictModel):
         for key in ("fidelity", "monitor"):  # likewise
             if data.get(key) is None:
                 data.pop(key, None)
+        if not data.get("baselines"):  # likewise
+            data.pop("baselines", None)
         ev = data["evaluator"]
         for key in ("pairs", "monitor"):  # likewise
             if not ev.get(key):

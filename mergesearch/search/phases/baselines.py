@@ -34,9 +34,9 @@ def source_recipes(space: SearchSpace) -> dict[str, Recipe]:
 
 
 def baseline_recipes(space: SearchSpace) -> dict[str, Recipe]:
-    """The uniform average and task arithmetic at lambda 1; and each data-free
-    singular-value method the space lists (tsv, iso_c, iso_cts), at its defaults, so that
-    ``sampler.x0: best_baseline`` can start from the best of them."""
+    """The uniform average and task arithmetic at lambda 1; and at its defaults each
+    singular-value method the space searches (tsv, iso_c, iso_cts) and each method of
+    ``baselines``, so that ``sampler.x0: best_baseline`` can start from the best of them."""
     models_1 = [{"path": m, "parameters": {"weight": 1.0}} for m in space.models]
     dtype = {"dtype": space.dtype} if space.dtype else {}
     out = {
@@ -44,8 +44,9 @@ def baseline_recipes(space: SearchSpace) -> dict[str, Recipe]:
         "task arithmetic 1.0": from_dict(dict(method="task_arithmetic", base=space.base, models=models_1,
                                               seed=space.seed, **dtype)),
     }
-    for method in space.methods:
-        if REGISTRY[method].factors is not None:
+    listed = [m for m in space.methods if REGISTRY[m].factors is not None] + list(space.baselines)
+    for method in dict.fromkeys(listed):
+        if f"{method} defaults" not in out:
             out[f"{method} defaults"] = from_dict(dict(method=method, base=space.base, models=models_1,
                                                        seed=space.seed, **dtype))
     return out

@@ -13,7 +13,8 @@ import optuna
 from mergesearch.runs.store import recover_stale, study_names, trial_records
 from mergesearch.search.samplers import make_sampler
 from mergesearch.search.setup import check_budget, set_metric_names
-from mergesearch.search.variables import n_variables, recipe_x0
+from mergesearch.search.project import start_point
+from mergesearch.search.variables import n_variables
 
 if TYPE_CHECKING:
     from mergesearch.search.controller import Controller
@@ -78,7 +79,7 @@ class Stages:
             x0 = None
             if done:
                 best = max(done, key=lambda r: (r.feasible, r.value))
-                x0 = recipe_x0(c.space, best.recipe, groups, c.setup.tensor_names, c.setup.num_layers)
+                x0, _ = start_point(c.space, best.recipe, groups, c.setup.tensor_names, c.setup.num_layers)
                 study.set_user_attr("x0", x0)
                 study.set_user_attr("x0_from", best.baseline or f"{best.number}")
                 if c.space.sampler.name == "tpe":  # TPE has no start point: the best so far runs first

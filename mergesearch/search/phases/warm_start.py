@@ -1,5 +1,7 @@
 """The warm-start phase: ``sampler.x0: best_baseline`` starts CMA-ES from the best
-baseline's coefficients (chosen once, stored with the study, reused on --resume)."""
+baseline's coefficients, or its merge projected onto the space's coefficients when it is
+another kind of merge (mergesearch.search.project); chosen once, stored with the study,
+reused on --resume."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from mergesearch.runs.store import requeue_failed, trial_records
 from mergesearch.search.samplers import make_sampler
-from mergesearch.search.variables import recipe_x0
+from mergesearch.search.project import start_point
 
 if TYPE_CHECKING:
     from mergesearch.search.controller import Controller
@@ -30,7 +32,7 @@ class WarmStart:
                 log.warning("sampler.x0: best_baseline: no baseline was scored; CMA-ES starts at the centre")
                 return
             best = max(done, key=lambda r: (r.feasible, r.value))
-            x0 = recipe_x0(c.space, best.recipe, c.groups, c.setup.tensor_names, c.setup.num_layers)
+            x0, how = start_point(c.space, best.recipe, c.groups, c.setup.tensor_names, c.setup.num_layers)
             c.study.set_user_attr("x0", x0)
             c.study.set_user_attr("x0_from", best.baseline)
             # Optuna's CMA-ES learns the search space from a finished trial, and draws trials
@@ -42,5 +44,5 @@ class WarmStart:
             c.pool.cancel_all()
             if t.number not in {x.number for x in c.study.get_trials(deepcopy=False) if x.state.name != "RUNNING"}:
                 requeue_failed(c.study, t, "interrupted")
-            log.info("sampler: CMA-ES starts from the best baseline, %s", best.baseline)
+            log.info("sampler: CMA-ES starts from the best baseline, %s: %s", best.baseline, how)
         c.study.sampler = make_sampler(c.space, c.n_vars, x0=x0)
