@@ -236,3 +236,229 @@ def test_dare_masks_drawn_in_blocks_are_the_whole_tensor_draws():
     torch.manual_seed(tensor_seed(17, "layer.w"))
     want = theirs("dare_ties", [base] + models, {"weight": W, "density": D})
     assert (got - want).abs().max().item() <= 1e-6
+
+
+# -- mergekit 0.1.5's other methods: multislerp, karcher, sce, ram, ramplus_tl, nearswap,
+# arcee_fusion. Each computes the same float32 operations in the same order as mergekit,
+# so the results are bit-equal (asserted as max |diff| == 0 where that holds).
+
+def _diff(a, b) -> float:
+    assert a.shape == b.shape
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("n", [2, 3])
+def test_multislerp(shape, with_base, normalize, n):
+    base, models = make_inputs(shape, seed=5 + len(shape), n=n)
+    weights = W[:n]
+    g = {"normalize_weights": normalize}
+    got = ours("multislerp", base if with_base else None, models, g, [{"weight": w} for w in weights])
+    if with_base:
+        want = theirs("multislerp", [base] + models, {"weight": weights, **g})
+    else:
+        want = theirs("multislerp", models, {"weight": weights, **g}, base_index=None)
+    assert _diff(got, want) == 0
+    # it really interpolates: neither a model nor the base
+    assert min(_diff(got, t) for t in models + [base]) > 1e-2
+
+
+def test_multislerp_eps_and_single_model():
+    base, models = make_inputs((64, 48), seed=2, n=3)
+    g = {"eps": 1e-3}
+    got = ours("multislerp", base, models, g, [{"weight": w} for w in W])
+    assert _diff(got, theirs("multislerp", [base] + models, {"weight": W, **g})) == 0
+    one = ours("multislerp", base, models[:1], {}, [{"weight": 0.5}])
+    assert torch.equal(one, models[0])  # one model: returned as it is, as mergekit does
+    assert torch.equal(one, theirs("multislerp", [base] + models[:1], {"weight": [0.5]}))
+
+
+def test_multislerp_antipodal():
+    """Two opposite task vectors with equal weights: mergekit falls back to a straight
+    line; three that cancel are a one-line error (mergekit raises ValueError). The task
+    vectors are exact opposites (values on a grid, so model - base is exact): nearly
+    opposite ones make both implementations normalize a mean of norm ~1e-8, whose
+    direction is rounding noise."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(-4, 5, (40, 30), generator=g).float()
+    d = torch.randint(-64, 65, (40, 30), generator=g).float() / 64
+    pair = [base + d, base - d]
+    got = ours("multislerp", base, pair, {}, [{"weight": 1.0}, {"weight": 1.0}])
+    assert torch.equal(got, theirs("multislerp", [base] + pair, {"weight": [1.0, 1.0]}))
+    assert torch.equal(got, base)  # the mean of d and -d
+    flat = ours("multislerp", None, [d, -d], {"normalize_weights": False}, [{"weight": 0.5}, {"weight": 0.5}])
+    assert torch.equal(flat, theirs("multislerp", [d, -d], {"weight": [0.5, 0.5], "normalize_weights": False},
+                                      base_index=None))
+    trio = [base + d, base - d, base + d]
+    with pytest.raises(ValueError):
+        theirs("multislerp", [base] + trio, {"weight": [2.0, 2.0, 0.0]})
+    with pytest.raises(MergeSearchError, match="multislerp: the weighted directions of the models cancel out") as e:
+        ours("multislerp", base, trio, {}, [{"weight": 2.0}, {"weight": 2.0}, {"weight": 0.0}], name="w.t")
+    assert "\n" not in str(e.value) and str(e.value).startswith("w.t: ")
+    with pytest.raises(MergeSearchError, match="weights sum to zero"):
+        ours("multislerp", base, trio[:2], {}, [{"weight": 1.0}, {"weight": -1.0}])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("g", [{}, {"max_iter": 2, "tol": 1e-3}, {"max_iter": 50, "tol": 1e-8}])
+def test_karcher(shape, with_base, g):
+    base, models = make_inputs(shape, seed=9 + len(shape))
+    if with_base:
+        # mergekit adds the configured base model as an input after the listed models
+        got = ours("karcher", base, models, g, [{}] * 3)
+        want = theirs("karcher", models + [base], g, base_index=3)
+        assert _diff(got, ours("karcher", None, models, g, [{}] * 3)) > 1e-3  # the base is one of the points
+    else:
+        got = ours("karcher", None, models, g, [{}] * 3)
+        want = theirs("karcher", models, g, base_index=None)
+    assert _diff(got, want) == 0
+
+
+def test_karcher_degenerate_branches():
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(30, 20, generator=g), torch.randn(30, 20, generator=g)
+    zero = torch.zeros(30, 20)
+    cases = {
+        "a zero tensor (no direction, counts in the norm)": [a, zero, b],
+        "all zero": [zero, zero.clone()],
+        "below tol": [a * 1e-7, b * 1e-7, a],
+        "antipodal (mean of directions ~0)": [a, -a],
+        "identical": [a, a.clone()],
+        "one": [b],
+    }
+    for what, tensors in cases.items():
+        x = [t.clone() for t in tensors]
+        got = ours("karcher", None, x, {}, [{}] * len(x))
+        want = theirs("karcher", [t.clone() for t in tensors], {}, base_index=None)
+        assert _diff(got, want) == 0, what
+        assert torch.isfinite(got).all(), what
+    assert torch.equal(ours("karcher", None, [zero, zero.clone()], {}, [{}, {}]), zero)
+    # a zero point has no direction but counts in the scale: (|a| + 0 + |b|) / 3
+    got = ours("karcher", None, [a, zero, b], {}, [{}] * 3)
+    assert abs(got.norm().item() - (a.norm() + b.norm()).item() / 3) < 1e-4
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("topk", [1.0, 0.3, 0.05, 0.0])
+def test_sce(shape, topk):
+    base, models = make_inputs(shape, seed=11 + len(shape))
+    got = ours("sce", base, models, {"select_topk": topk})
+    want = theirs("sce", [base] + models, {"select_topk": topk})
+    assert _diff(got, want) == 0
+    # int8_mask is a memory option: the same numbers
+    assert torch.equal(got, ours("sce", base, models, {"select_topk": topk, "int8_mask": True}))
+    assert _diff(got, theirs("sce", [base] + models, {"select_topk": topk, "int8_mask": True})) == 0
+    changed = (got != base).float().mean().item()
+    if topk == 0.0:
+        assert changed == 0
+    elif topk < 1:  # only the selected share changes (the others' task vectors are zeroed)
+        assert 0 < changed <= topk + 1e-9
+
+
+def test_sce_zero_task_vectors_weigh_equally():
+    base, models = make_inputs((64, 48), seed=3, n=2)
+    models = [base.clone(), models[1]]  # model 0 is the base: no energy
+    got = ours("sce", base, models, {})
+    assert _diff(got, theirs("sce", [base] + models, {})) == 0
+    same = [base.clone(), base.clone()]  # all energies ~0: equal weights
+    assert _diff(ours("sce", base, same, {}), theirs("sce", [base] + same, {})) == 0
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("epsilon", [1e-5, 0.3, 0.0])
+def test_ram(shape, epsilon):
+    base, models = make_inputs(shape, seed=13 + len(shape))
+    count = sum(((m - base).abs() > epsilon).int() for m in models)
+    if epsilon == 0.3:  # some elements changed by one model, some by several, some by none
+        assert (count == 1).any() and (count > 1).any() and (count == 0).any()
+    got = ours("ram", base, models, {"epsilon": epsilon})
+    assert _diff(got, theirs("ram", [base] + models, {"epsilon": epsilon})) == 0
+    for g in [{}, {"r": 0.5, "alpha": 0.7}, {"r": 2.0, "alpha": 0.05}]:
+        got = ours("ramplus_tl", base, models, {"epsilon": epsilon, **g})
+        want = theirs("ramplus_tl", [base] + models, {"epsilon": epsilon, **g})
+        assert _diff(got, want) == 0
+        if epsilon == 0.3:  # unique elements are amplified
+            assert _diff(got, ours("ram", base, models, {"epsilon": epsilon})) > 1e-3
+
+
+def test_ramplus_model_without_changes():
+    """A model that changes nothing (its task vector is zero): with epsilon 0 mergekit's
+    gain for it is 0 / 0 = NaN, which reaches every element (NaN * 0); here that gain is
+    unused, and the merge is RAM's of the others, as with any epsilon > 0."""
+    base, models = make_inputs((64, 48), seed=6)
+    models = [models[0], base.clone(), models[2]]
+    got = ours("ramplus_tl", base, models, {"epsilon": 1e-6})
+    assert _diff(got, theirs("ramplus_tl", [base] + models, {"epsilon": 1e-6})) == 0
+    zero_eps = ours("ramplus_tl", base, models, {"epsilon": 0.0})
+    assert torch.isnan(theirs("ramplus_tl", [base] + models, {"epsilon": 0.0})).all()
+    assert torch.isfinite(zero_eps).all()
+    assert _diff(zero_eps, got) <= 1e-6
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("t", [0.0, 0.01, 0.2, 10.0])
+def test_nearswap(shape, t):
+    base, models = make_inputs(shape, seed=15 + len(shape), n=1)
+    got = ours("nearswap", base, models, {"t": t})
+    assert torch.equal(got, theirs("nearswap", [base] + models, {"t": t}))
+    close = (models[0] - base).abs() <= t
+    assert torch.equal(got[close], models[0][close])  # within t: the model's value
+    if t == 0.0:
+        assert torch.equal(got, base)
+    if 0 < t < 1:
+        assert close.any() and (~close).any()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_arcee_fusion_small(shape):
+    base, models = make_inputs(shape, seed=17 + len(shape), n=1)
+    got = ours("arcee_fusion", base, models, {}, [{}])
+    assert torch.equal(got, theirs("arcee_fusion", [base] + models, {}))
+    took = got == models[0]
+    assert took.any() and (got == base).any()  # some elements are the model's, the rest the base's
+    assert torch.equal(got[~took], base[~took])
+
+
+def test_arcee_fusion_large_samples_from_the_tensor_generator():
+    """Above 1M elements the quantiles come from a sample drawn from the per-tensor
+    generator (mergekit draws from the global one): the same stream gives the same
+    merge, and the global generator is not touched."""
+    from mergesearch.methods import selective
+    shape = (1100, 1000)
+    assert shape[0] * shape[1] > selective.QUANTILE_SAMPLE
+    base, models = make_inputs(shape, seed=21, n=1)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    got = ours("arcee_fusion", base, models, {}, [{}], seed=17, name="layer.w")
+    assert torch.equal(torch.random.get_rng_state(), before)
+    torch.manual_seed(tensor_seed(17, "layer.w"))
+    want = theirs("arcee_fusion", [base] + models, {})
+    assert torch.equal(got, want)
+    again = ours("arcee_fusion", base, models, {}, [{}], seed=17, name="layer.w")
+    assert torch.equal(got, again)
+    # another seed draws another sample: another threshold, so (almost surely) other elements
+    other = ours("arcee_fusion", base, models, {}, [{}], seed=18, name="layer.w")
+    assert not torch.equal(got, other)
+
+
+def test_new_methods_declare_mergekit_parameters():
+    spec = REGISTRY["multislerp"]
+    assert spec.param("weight").required and spec.param("weight").scope == "model"
+    assert spec.param("normalize_weights").default is True and spec.param("eps").default == 1e-8
+    assert spec.uses_base == "optional"
+    spec = REGISTRY["karcher"]
+    assert spec.param("max_iter").kind is int and spec.param("max_iter").default == 10
+    assert spec.param("tol").default == 1e-5 and spec.uses_base == "optional"
+    assert spec.param("max_iter").check(20.0, "recipe") == 20  # mergekit's int accepts 20.0, not 20.5
+    with pytest.raises(MergeSearchError, match="parameter 'max_iter' must be a whole number, got 20.5"):
+        spec.param("max_iter").check(20.5, "recipe")
+    spec = REGISTRY["sce"]
+    assert spec.param("select_topk").default == 1.0 and spec.param("int8_mask").inert and spec.uses_base == "required"
+    assert REGISTRY["nearswap"].param("t").required and REGISTRY["nearswap"].max_models == 1
+    assert REGISTRY["arcee_fusion"].params == () and REGISTRY["arcee_fusion"].max_models == 1
+    assert REGISTRY["arcee_fusion"].random
+    assert REGISTRY["ram"].param("epsilon").default == 1e-5
+    assert [(p.name, p.default) for p in REGISTRY["ramplus_tl"].params] == [("r", 0.1), ("alpha", 0.2), ("epsilon", 1e-5)]

@@ -15,7 +15,11 @@ SHAPE = dict(hidden=256, layers=2, intermediate=512, vocab=4096, heads=4)  # lar
 CASES = [("linear", 3), ("task_arithmetic", 3), ("ties", 3), ("ties", 2), ("breadcrumbs_ties", 3),
          ("dare_ties", 3), ("dare_linear", 2), ("della", 3), ("model_stock", 3), ("nuslerp", 2), ("slerp", 1),
          ("passthrough", 1), ("fisher", 3), ("fisher", 2), ("preconditioned", 3), ("gradient_matching", 3), ("gradient_matching", 2),
-         ("regmean", 3), ("regmean", 2)]
+         ("regmean", 3), ("regmean", 2), ("multislerp", 3), ("karcher", 3), ("sce", 3), ("sce", 2),
+         ("ram", 3), ("ramplus_tl", 3), ("nearswap", 1), ("arcee_fusion", 1)]
+# global parameters where a method needs one, or where another value takes a costlier path
+# (sce's variance selection stacks the task vectors)
+PARAMS = {"slerp": {"t": 0.5}, "nearswap": {"t": 0.5}, "sce": {"select_topk": 0.3}}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,7 @@ def measure(fam, method: str, n: int) -> tuple[int, object]:
     models = [{"path": p, "parameters": {k: v for k, v in (("weight", 0.4 + 0.2 * i), ("density", 0.3))
                                          if k in names}} for i, p in enumerate(fts)]
     data = {"method": method, "base": base, "models": models, "dtype": "bfloat16", "seed": 0,
-            "parameters": {"t": 0.5} if method == "slerp" else {}}
+            "parameters": dict(PARAMS.get(method, {}))}
     side = {}
     if spec.needs_metric != "no":
         side["metrics"] = {p: fam["metrics"][p] for p in fts}

@@ -52,6 +52,23 @@ def recipes(f):
             {"path": m0, "parameters": {"weight": 0.3}}, {"path": m1, "parameters": {"weight": 0.8}}]),
         "model_stock": dict(method="model_stock", base=b, models=[{"path": m0}, {"path": m1}, {"path": m2}]),
         "passthrough": dict(method="passthrough", base=b, models=[{"path": m1, "parameters": {"scale": 0.5}}]),
+        "multislerp": {"method": "multislerp", "base": b, "models": [
+            {"path": m0, "parameters": {"weight": grad}}, {"path": m1, "parameters": {"weight": filt}},
+            {"path": m2, "parameters": {"weight": 0.4}}]},
+        "multislerp_no_base": {"method": "multislerp", "models": [
+            {"path": m0, "parameters": {"weight": 0.3}}, {"path": m1, "parameters": {"weight": 0.6}}],
+            "parameters": {"normalize_weights": False, "eps": 1e-6}},
+        "karcher": {"method": "karcher", "base": b, "models": [{"path": m0}, {"path": m1}],
+                    "parameters": {"max_iter": 20, "tol": 1e-6}},
+        "karcher_no_base": {"method": "karcher", "models": [{"path": m0}, {"path": m1}, {"path": m2}]},
+        "sce": {"method": "sce", "base": b, "models": [{"path": m0}, {"path": m1}, {"path": m2}],
+                "parameters": {"select_topk": [0.3, 1.0]}},
+        "ram": {"method": "ram", "base": b, "models": [{"path": m0}, {"path": m1}, {"path": m2}],
+                "parameters": {"epsilon": 0.01}},
+        "ramplus_tl": {"method": "ramplus_tl", "base": b, "models": [{"path": m0}, {"path": m1}, {"path": m2}],
+                       "parameters": {"epsilon": 0.01, "r": 0.5, "alpha": [0.1, 0.6]}},
+        "nearswap": {"method": "nearswap", "base": b, "models": [{"path": m2}], "parameters": {"t": [0.002, 0.02]}},
+        "arcee_fusion": {"method": "arcee_fusion", "base": b, "models": [{"path": m1}]},
     }
 
 
@@ -83,7 +100,9 @@ def magnitude_ties_at_threshold(recipe: Recipe) -> list[str]:
 
 
 @pytest.mark.parametrize("case", ["linear", "linear_unnormalized", "task_arithmetic", "ties", "breadcrumbs",
-                                  "breadcrumbs_ties", "slerp", "nuslerp", "model_stock", "passthrough"])
+                                  "breadcrumbs_ties", "slerp", "nuslerp", "model_stock", "passthrough",
+                                  "multislerp", "multislerp_no_base", "karcher", "karcher_no_base", "sce", "ram",
+                                  "ramplus_tl", "nearswap", "arcee_fusion"])
 def test_merge_matches_mergekit(tmp_path, family, case):
     recipe = from_dict(recipes(family)[case])
     assert magnitude_ties_at_threshold(recipe) == []  # precondition: no tie-breaking differences
@@ -177,5 +196,39 @@ def test_mergekit_import_export_round_trip(family):
         r = from_dict(data)
         back = from_mergekit(to_mergekit(r))
         assert back.method == r.method and back.parameters == r.parameters
+        if r.spec.uses_base != "no":  # the base travels as base_model (karcher: still one of the points)
+            assert back.base == r.base, case
         assert [m.path for m in back.models] == [m.path for m in r.models]
         assert [m.parameters for m in back.models] == [m.parameters for m in r.models]
+
+
+@pytest.mark.parametrize("method,params", [("karcher", {}), ("nearswap", {"t": 0.01}), ("arcee_fusion", {}),
+                                           ("multislerp", {"weight": 0.5}), ("ram", {"epsilon": 0.01})])
+def test_mergekit_configs_listing_the_base(tmp_path, family, method, params):
+    """Published configs often list the base among the models as well as in base_model:
+    mergekit then takes it as the base input once (karcher: as one of the averaged
+    points, where it is listed), and so does the import (karcher averages it last, the
+    same points in another order: within float rounding)."""
+    b, m0, m1 = (str(family[k]) for k in ("base", "ft0", "ft1"))
+    two = method in ("nearswap", "arcee_fusion")
+    per_model = {"weight": params["weight"]} if "weight" in params else {}
+    glob = {k: v for k, v in params.items() if k != "weight"}
+    config = {"merge_method": method, "base_model": b, "dtype": "float32",
+              "models": [{"model": b}] + [{"model": m, "parameters": dict(per_model)} for m in ([m0] if two else [m0, m1])]}
+    if glob:
+        config["parameters"] = glob
+    (tmp_path / "mk.yml").write_text(yaml.safe_dump(config))
+    from mergesearch.recipe import load_mergekit
+    recipe = load_mergekit(tmp_path / "mk.yml")
+    assert recipe.base == b and [m.path for m in recipe.models] == ([m0] if two else [m0, m1])
+    assert main(["merge", "--mergekit", str(tmp_path / "mk.yml"), "-o", str(tmp_path / "ours")]) == 0
+    ours, want = load_weights(tmp_path / "ours"), run_mergekit(config, tmp_path / "mk")
+    base = load_weights(b)
+    assert set(ours) == set(want)
+    assert max((ours[k] - want[k]).abs().max().item() for k in ours) <= 1e-6
+    assert max((ours[k] - base[k]).abs().max().item() for k in ours) > 1e-4  # not just the base
+    # and it exports to a config mergekit runs to the same tensors (base_model, base not listed)
+    exported = to_mergekit(recipe)
+    assert exported["base_model"] == b and b not in [m["model"] for m in exported["models"]]
+    again = run_mergekit(exported, tmp_path / "mk2")
+    assert max((ours[k] - again[k]).abs().max().item() for k in ours) <= 1e-6

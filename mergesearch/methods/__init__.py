@@ -3,7 +3,13 @@
 Importing this package registers every built-in method.
 """
 
-from mergesearch.methods import geometric, geometry, spectral, task_arithmetic  # noqa: F401  (registration)
+from mergesearch.methods import (  # noqa: F401  (registration)
+    geometric,
+    geometry,
+    selective,
+    spectral,
+    task_arithmetic,
+)
 from mergesearch.methods.apply import merge_tensor
 from mergesearch.methods.inputs import FactorCache, TensorInputs, tensor_seed
 from mergesearch.methods.registry import REGISTRY, MethodSpec, Param, get_method

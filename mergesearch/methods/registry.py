@@ -44,6 +44,8 @@ class Param:
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise MergeSearchError(f"{where}: parameter '{self.name}' must be a number, got {value!r}")
+        if self.kind is int and (not math.isfinite(value) or value != int(value)):
+            raise MergeSearchError(f"{where}: parameter '{self.name}' must be a whole number, got {value!r}")
         value = self.kind(value)
         if not math.isfinite(value) or not (self.low <= value <= self.high):
             raise MergeSearchError(
