@@ -23,6 +23,7 @@ processes that map them) and as plain RSS (which counts shared pages in every pr
 
     .venv/bin/python scripts/bench_materialize.py              # full run (about 15 minutes)
     .venv/bin/python scripts/bench_materialize.py --small      # quick smoke run
+    .venv/bin/python scripts/bench_materialize.py --spectral   # tsv, iso_c, iso_cts against TIES
 """
 
 from __future__ import annotations
@@ -157,6 +158,63 @@ def child_candidate(args: list[str]) -> int:
     return 0
 
 
+def child_spectral(args: list[str]) -> int:
+    """One method's candidates in the CPU default placement (every input on the host, read
+    in place): the first (its SVDs computed and kept) and the next, whose weights are
+    unchanged (lambda, rank share and common share changed: the factors are reused)."""
+    import torch
+
+    from mergesearch.engine.materialize import Materializer
+    from mergesearch.engine.models import load_model
+    from mergesearch.recipe import from_dict
+
+    out, method, base, fts = Path(args[0]), args[1], args[2], args[3:]
+    torch.set_num_threads(os.cpu_count() or 1)
+    sampler = PeakSampler()
+    model, _ = load_model(Path(base), dtype="bfloat16")
+    mat = Materializer(base, fts, methods=[method], check=False)
+    variants = [{}, {"lambda": 1.3}]
+    times = []
+    for k, extra in enumerate(variants):
+        data = recipe_dict(method, Path(base), [Path(p) for p in fts])
+        if method in ("tsv", "iso_c", "iso_cts"):
+            for m in data["models"]:
+                m["parameters"] = {"weight": 1.0, **({"rank_share": 1.0 - 0.25 * k} if method == "tsv" else {})}
+            data["parameters"] = {**extra, **({"common_share": 0.8 - 0.1 * k} if method == "iso_cts" else {})}
+        else:
+            data["parameters"] = {**data["parameters"], **extra}
+        t0 = time.perf_counter()
+        mat.write_into(model, from_dict(data))
+        times.append(time.perf_counter() - t0)
+    peaks = sampler.close()
+    cache = mat.factor_cache
+    out.write_text(json.dumps({
+        "method": method, "first_s": times[0], "next_s": statistics.median(times[1:]), "all_s": times,
+        "factors_held": cache.nbytes if cache is not None else 0, "factors_planned": mat.placement.factors,
+        "scratch_planned": mat.placement.scratch, "peak_private": peaks["RssAnon"], "threads": torch.get_num_threads()}))
+    return 0
+
+
+def spectral(a, base, fts, inputs: list[str], work: Path) -> str:
+    rows = []
+    for method in ("ties", "tsv", "iso_c", "iso_cts"):
+        o = work / f"spectral-{method}.json"
+        subprocess.run([sys.executable, __file__, "_spectral", str(o), method, *inputs], check=True)
+        r = json.loads(o.read_text())
+        rows.append(r)
+        print(f"{method:10} first {r['first_s']:.2f}s  next {r['next_s']:.2f}s  factors {r['factors_held'] / GB:.2f} "
+              f"GB (planned {r['factors_planned'] / GB:.2f})  private peak {r['peak_private'] / GB:.2f} GB", flush=True)
+    ties = rows[0]
+    lines = ["| method | first candidate (SVDs computed) | / TIES | next candidates (factors reused) | / TIES "
+             "| SVD factors held (GB) | planned (GB) | private peak (GB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['first_s']:.2f} s | {r['first_s'] / ties['first_s']:.1f}× | "
+                     f"{r['next_s']:.2f} s | {r['next_s'] / ties['next_s']:.1f}× | {r['factors_held'] / GB:.2f} | "
+                     f"{r['factors_planned'] / GB:.2f} | {r['peak_private'] / GB:.2f} |")
+    return "\n".join(lines)
+
+
 def child_worker(args: list[str]) -> int:
     """A worker's memory: the CPU default placement, a bf16 evaluation model, one candidate;
     then it waits for ``args[1]`` to appear so that the parent can read its memory."""
@@ -211,7 +269,8 @@ def workers_memory(n: int, work: Path, inputs: list[str]) -> list[dict]:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
-        return {"_plain": child_plain, "_cand": child_candidate, "_worker": child_worker}[sys.argv[1]](sys.argv[2:])
+        return {"_plain": child_plain, "_cand": child_candidate, "_worker": child_worker,
+                "_spectral": child_spectral}[sys.argv[1]](sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", action="store_true", help="a tiny family for a quick smoke run")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -219,6 +278,8 @@ def main() -> int:
     ap.add_argument("--cache", type=Path, default=ROOT / "results" / "bench_cache")
     ap.add_argument("--out-json", type=Path)
     ap.add_argument("--no-docs", action="store_true", help="do not update docs/BENCHMARKS.md")
+    ap.add_argument("--spectral", action="store_true",
+                    help="the singular-value methods (tsv, iso_c, iso_cts) against TIES: candidate times and memory")
     a = ap.parse_args()
     from mergesearch.zoo.synthetic import make_family
 
@@ -231,6 +292,17 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     warm_page_cache([base, *fts])
     methods = [m for m in a.methods.split(",") if m]
+    if a.spectral:
+        try:
+            table = spectral(a, base, fts, inputs, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(table)
+        if not a.no_docs and not a.small:
+            from doc_markers import write_between
+            write_between(ROOT / "docs" / "BENCHMARKS.md", "<!-- bench_spectral:begin -->",
+                          "<!-- bench_spectral:end -->", table)
+        return 0
     res: dict = {"shape": shape, "rows": [], "cpus": os.cpu_count()}
     try:
         plains = []

@@ -39,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from mergesearch.evaluate import EvalConfig, build_evaluator  # noqa: E402
 from mergesearch.engine.materialize import Materializer  # noqa: E402
@@ -95,22 +96,17 @@ def best_so_far(study, storage) -> dict[int, float | None]:
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--space", default=str(ROOT / "search_spaces" / "demo.yaml"))
-    ap.add_argument("--trials", type=int, default=100)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "results" / "bench_quality.json"))
-    ap.add_argument("--only", nargs="*", help="contenders to run (default: all)")
-    args = ap.parse_args()
+def setup(args):
+    """The demo space at the benchmark's budget, and ``score(recipe)``: the recipe's dev and
+    test scores (mean, worst task, per task, and on test the mean normalized by the best
+    source model's test score per task); with that reference and the base's test scores."""
     zoo = ROOT / "results" / "zoo"
     build_zoo(zoo)
     demo = SearchSpace.load(args.space).resolved(Path(args.space).parent).check(args.space)
     demo = demo.model_copy(update={"budget": demo.budget.model_copy(update={"n_trials": args.trials,
                                                                            "timeout": None})})
     fts = list(demo.models)
-    mat = Materializer(demo.base, fts, methods=["ties", "task_arithmetic", "linear"])
+    mat = Materializer(demo.base, fts, methods=["ties", "task_arithmetic", "linear", "tsv", "iso_c", "iso_cts"])
     model, tok = load_model(Path(demo.base))
     evs = {s: build_evaluator(EvalConfig(tasks=ZOO_TASKS, task_dir=str(zoo), split=s)) for s in ("dev", "test")}
 
@@ -133,19 +129,90 @@ def main() -> int:
     base_test = score(from_dict(dict(method="task_arithmetic", base=demo.base, parameters={"lambda": 0.0},
                                      models=[{"path": fts[0], "parameters": {"weight": 1.0}}])))["test"]["tasks"]
     print("best source per task (test): " + ", ".join(f"{t} {v:.3f}" for t, v in ref.items()), flush=True)
-    results: dict = {"trials": args.trials, "seeds": args.seeds, "source_test": ref, "base_test": base_test}
-    # hand-tuned TIES: the best on dev of the grid
-    grid = []
-    for density in (0.3, 0.5, 0.7):
-        for lam in (1.0, 1.5, 2.0, 3.0):
-            r = from_dict(dict(method="ties", base=demo.base, parameters={"lambda": lam},
-                               models=[{"path": p, "parameters": {"weight": 1.0, "density": density}} for p in fts]))
-            grid.append(((density, lam), score(r)))
-    (d, lam), hand = max(grid, key=lambda x: x[1]["dev"]["mean"])
-    hand["test"]["normalized"] = sum(v / ref[t] for t, v in hand["test"]["tasks"].items()) / len(ref)
-    results["hand_tuned"] = {"density": d, "lambda": lam, **hand}
+    return demo, score, ref, base_test
+
+
+def grid_best(score, recipes: dict) -> tuple:
+    """(key, scores) of the best on dev among ``recipes`` (key -> Recipe)."""
+    return max(((k, score(r)) for k, r in recipes.items()), key=lambda x: x[1]["dev"]["mean"])
+
+
+def hand_tuned_ties(demo, score) -> tuple:
+    """Hand-tuned TIES: the best on dev of a 12-point grid (density x lambda, weight 1)."""
+    fts = list(demo.models)
+    grid = {(density, lam): from_dict(dict(method="ties", base=demo.base, parameters={"lambda": lam},
+                                           models=[{"path": p, "parameters": {"weight": 1.0, "density": density}}
+                                                   for p in fts]))
+            for density in (0.3, 0.5, 0.7) for lam in (1.0, 1.5, 2.0, 3.0)}
+    (d, lam), hand = grid_best(score, grid)
     print(f"hand-tuned TIES (density {d}, lambda {lam:g}): dev {hand['dev']['mean']:.3f} test {hand['test']['mean']:.3f}",
           flush=True)
+    return (d, lam), hand
+
+
+def run_contenders(spaces: dict, args, score) -> dict:
+    """Each contender's search over ``args.seeds`` seeds, its winner scored on dev and test."""
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
+        root = Path(tmp)
+        for name, make in spaces.items():
+            runs = []
+            for seed in range(args.seeds):
+                run = "".join(c if c.isalnum() else "-" for c in name.lower()) + f"-{seed}"
+                t0 = time.perf_counter()
+                summary = Controller(make(seed), SearchOptions(run=run, workers=args.workers, root=root,
+                                                               progress=False)).run()
+                study, storage = load_run(run, root=root)
+                best = find_trial(study, storage, None)
+                s = score(from_dict(best.recipe))
+                runs.append({"seed": seed, "best": best.role or best.baseline or "search", "method": best.method,
+                             "wall_s": time.perf_counter() - t0, "trials": summary["trials"],
+                             "best_so_far": best_so_far(study, storage), **s})
+                print(f"{name} seed {seed}: dev {s['dev']['mean']:.3f} test {s['test']['mean']:.3f} "
+                      f"(worst task {s['test']['worst']:.3f}; winner: {runs[-1]['best']}, {best.method}; "
+                      f"{runs[-1]['wall_s']:.0f}s)", flush=True)
+            results[name] = runs
+    return results
+
+
+def stat(runs, split="test", key="mean"):
+    v = [r[split][key] for r in runs]
+    return statistics.mean(v), (statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else 0.0)
+
+
+def cell(runs, split="test", key="mean") -> str:
+    m, se = stat(runs, split, key)
+    return f"{m:.3f} ± {se:.3f}"
+
+
+def curve(runs) -> str:
+    cells = []
+    for c in CHECKPOINTS:
+        v = [r["best_so_far"][c] for r in runs if r["best_so_far"].get(c) is not None]
+        cells.append(f"{statistics.mean(v):.3f}" if len(v) == len(runs) else "-")
+    return " | ".join(cells)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--space", default=str(ROOT / "search_spaces" / "demo.yaml"))
+    ap.add_argument("--trials", type=int, default=100)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "results" / "bench_quality.json"))
+    ap.add_argument("--only", nargs="*", help="contenders to run (default: all)")
+    ap.add_argument("--data-free", action="store_true",
+                    help="the singular-value methods: a grid each, a search over [ties, tsv, iso_cts] against TIES "
+                         "alone, and the demo space started from the best of them")
+    args = ap.parse_args()
+    demo, score, ref, base_test = setup(args)
+    fts = list(demo.models)
+    results: dict = {"trials": args.trials, "seeds": args.seeds, "source_test": ref, "base_test": base_test}
+    (d, lam), hand = hand_tuned_ties(demo, score)
+    results["hand_tuned"] = {"density": d, "lambda": lam, **hand}
+    if args.data_free:
+        from bench_quality_data_free import run as data_free
+        return data_free(args, demo, score, results)
 
     spaces = {"evolve-style CMA-ES": lambda seed: evolve_space(demo, seed)}
     for lever in ("lambda", "warm start", "coarse-to-fine", "refine"):
@@ -163,39 +230,7 @@ def main() -> int:
         update={"seed": seed, "evaluator": demo.evaluator.model_copy(update={"evaluator": "loglik"})})
     if args.only:
         spaces = {k: v for k, v in spaces.items() if k in args.only}
-    with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
-        root = Path(tmp)
-        for name, make in spaces.items():
-            runs = []
-            for seed in range(args.seeds):
-                run = "".join(c if c.isalnum() else "-" for c in name.lower()) + f"-{seed}"
-                t0 = time.perf_counter()
-                summary = Controller(make(seed), SearchOptions(run=run, workers=args.workers, root=root,
-                                                               progress=False)).run()
-                study, storage = load_run(run, root=root)
-                best = find_trial(study, storage, None)
-                s = score(from_dict(best.recipe))
-                runs.append({"seed": seed, "best": best.role or best.baseline or "search", "wall_s": time.perf_counter() - t0, "trials": summary["trials"],
-                             "best_so_far": best_so_far(study, storage), **s})
-                print(f"{name} seed {seed}: dev {s['dev']['mean']:.3f} test {s['test']['mean']:.3f} "
-                      f"(worst task {s['test']['worst']:.3f}; winner: {runs[-1]['best']}; "
-                      f"{runs[-1]['wall_s']:.0f}s)", flush=True)
-            results[name] = runs
-
-    def stat(runs, split="test", key="mean"):
-        v = [r[split][key] for r in runs]
-        return statistics.mean(v), (statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else 0.0)
-
-    def cell(runs, split="test", key="mean") -> str:
-        m, se = stat(runs, split, key)
-        return f"{m:.3f} ± {se:.3f}"
-
-    def curve(runs) -> str:
-        cells = []
-        for c in CHECKPOINTS:
-            v = [r["best_so_far"][c] for r in runs if r["best_so_far"].get(c) is not None]
-            cells.append(f"{statistics.mean(v):.3f}" if len(v) == len(runs) else "-")
-        return " | ".join(cells)
+    results.update(run_contenders(spaces, args, score))
 
     print("\n| contender | test mean | normalized test mean | test worst task | dev best at 10 | 25 | 50 | 100 "
           "evaluations |\n|---|---:|---:|---:|---:|---:|---:|---:|")
