@@ -266,3 +266,26 @@ def test_plan_refuses_an_svd_too_large_for_the_budget(fam):
                       + ok.factors // 2)
     assert tight.factors == 0 and any("recomputes its SVDs" in n for n in tight.notes)
     assert math.isclose(tight.scratch, ok.scratch)
+
+
+def test_an_svd_that_fails_to_converge_is_redone_in_float64(monkeypatch):
+    """LAPACK's divide-and-conquer SVD can fail on matrices with many repeated singular
+    values (seen on a 0.44B family's projected task matrices): such a matrix is decomposed
+    again in float64, and the merge is the one float64 factors give."""
+    import mergesearch.methods.spectral as spectral
+    base, models = family_tensors((48, 40), 3)
+    want = ours("iso_cts", base, models)
+    real = torch.linalg.svd
+    calls = {"f32": 0, "f64": 0}
+
+    def flaky(a, full_matrices=True):
+        if a.dtype == torch.float32:
+            calls["f32"] += 1
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        calls["f64"] += 1
+        return real(a, full_matrices=full_matrices)
+    monkeypatch.setattr(spectral.torch.linalg, "svd", flaky)
+    got = ours("iso_cts", base, models)
+    assert calls["f32"] == calls["f64"] > 0
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max().item() <= 1e-3 * (want - base).abs().max().item()

@@ -50,7 +50,16 @@ def kept_rank(r: int, share: float, n_models: int) -> int:
 
 
 def _svd(a: torch.Tensor):
-    return torch.linalg.svd(a, full_matrices=False)
+    """The thin SVD. LAPACK's divide-and-conquer driver (the CPU's) can fail to converge on
+    matrices with many repeated singular values (a task matrix with the common subspace
+    projected out, a low-rank task vector); those are decomposed again in float64."""
+    try:
+        return torch.linalg.svd(a, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if a.dtype == torch.float64:
+            raise
+        u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
+        return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
 
 
 def _polar(a: torch.Tensor) -> torch.Tensor:
