@@ -212,6 +212,8 @@ def test_cli_exit_code_in_real_process(tmp_path, recipe_file):
     p = subprocess.run([str(exe), "merge", str(r), "-o", str(tmp_path / "o")], capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [f"error: {r}: unknown merge method 'frankenmerge' (known: "
-                                             "breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, "
-                                             "della_linear, fisher, gradient_matching, linear, model_stock, nuslerp, "
-                                             "passthrough, preconditioned, regmean, slerp, task_arithmetic, ties)"]
+                                             "arcee_fusion, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, "
+                                             "della, della_linear, fisher, gradient_matching, iso_c, iso_cts, karcher, "
+                                             "linear, model_stock, multislerp, nearswap, nuslerp, passthrough, "
+                                             "preconditioned, ram, ramplus_tl, regmean, sce, slerp, task_arithmetic, "
+                                             "ties, tsv)"]
