@@ -30,9 +30,10 @@ import torch
 from mergesearch.engine.compiled import CompiledRecipe
 from mergesearch.engine.merge import build_inputs, open_plan
 from mergesearch.methods import REGISTRY, merge_tensor
+from mergesearch.methods.task_arithmetic import TASK_VECTOR_METHODS
 from mergesearch.recipe import from_dict, layer_index
 from mergesearch.search.schema import Bounds, Granularity
-from mergesearch.search.variables import Group, group_index, is_depth, make_groups, var_name
+from mergesearch.search.variables import Group, group_index, is_depth, make_groups, recipe_x0, var_name
 
 if TYPE_CHECKING:
     from mergesearch.search.space import SearchSpace
@@ -98,24 +99,22 @@ def projected_x0(space: SearchSpace, recipe: dict, groups: list[Group], tensor_n
     def clip(v, b):
         return v if b is None else min(max(v, b.low), b.high)
 
-    lam_b = bounds_of("lambda")
+    lam_b, w_b = bounds_of("lambda"), bounds_of("weight")
     normalize = spec.param("normalize") is not None and params.get("normalize", spec.param("normalize").default)
     coef = fit.coef
     if normalize:
         sums = [sum(c) for c in coef if sum(c) > 1e-12]
         lam = clip(statistics.median(sums) if sums else 1.0, lam_b)
-        w_b = bounds_of("weight")
         top = max((v for c in coef for v in c), default=1.0)
         scale = 1.0 if w_b is None or top <= 0 else min(1.0, w_b.high / top)
         weights = [[v * scale for v in c] for c in coef]
     else:
-        lam = clip(1.0, lam_b) if spec.param("lambda") is not None else 1.0
-        fixed = params.get("lambda")
-        if spec.param("lambda") is not None and not isinstance(fixed, Bounds) and fixed is not None:
-            lam = float(fixed)
+        lam = 1.0
+        if spec.param("lambda") is not None:  # searched: 1 where its bounds allow; fixed: its value
+            fixed = params.get("lambda")
+            lam = clip(1.0, lam_b) if fixed is None or isinstance(fixed, Bounds) else float(fixed)
         weights = [[v / lam for v in c] for c in coef]
     x0: dict[str, float] = {}
-    w_b = bounds_of("weight")
     if w_b is not None:
         for i in range(n):
             if depth:
@@ -160,18 +159,9 @@ def start_point(space: SearchSpace, recipe: dict, groups: list[Group], tensor_na
     it is a recipe of the space's method (or a plain average / task arithmetic, which any
     task-vector space reads by name), else its merge projected onto the space's
     coefficients. Also says which."""
-    from mergesearch.search.variables import recipe_x0
     method = recipe.get("method")
     same = method in space.methods or method in ("linear", "task_arithmetic")
-    if same or space.methods[0] not in _PROJECTABLE:
+    if same or space.methods[0] not in TASK_VECTOR_METHODS:
         return recipe_x0(space, recipe, groups, tensor_names, num_layers), "its values"
     x0, share = projected_x0(space, recipe, groups, tensor_names, num_layers)
     return x0, f"its merge projected onto the task vectors ({share:.0%} of its task vector explained)"
-
-
-def _projectable() -> set[str]:
-    from mergesearch.methods.task_arithmetic import TASK_VECTOR_METHODS
-    return set(TASK_VECTOR_METHODS)
-
-
-_PROJECTABLE = _projectable()
