@@ -292,8 +292,8 @@ def _depth_x0(space: SearchSpace, r: Recipe, spec, tensor_names: list[str], num_
     """A depth schedule's start from any recipe: alpha is its value at the first layer,
     beta the rise to the last one (a recipe of whole-model values starts flat)."""
     layered = {layer_index(n): n for n in tensor_names if layer_index(n) is not None}
-    first = layered.get(min(layered), tensor_names[0]) if layered else tensor_names[0]
-    last = layered.get(max(layered), first) if layered else first
+    first, last = (layered[min(layered)], layered[max(layered)]) if layered else (tensor_names[0],) * 2
+    ends = [r.resolve(t, layer_position(t, num_layers)) for t in (first, last)]  # (global, per model) each
     x0 = {}
     for name, b in space.parameters.items():
         if not isinstance(b, Bounds):
@@ -301,10 +301,6 @@ def _depth_x0(space: SearchSpace, r: Recipe, spec, tensor_names: list[str], num_
         p = spec.param(name)
         default = p.default if not p.required else 1.0
         owners = [("", None)] if p.scope == "global" else [(f"m{i}", i) for i in range(len(space.models))]
-        ends = []
-        for tensor in (first, last):
-            glob, per = r.resolve(tensor, layer_position(tensor, num_layers))
-            ends.append((glob, per))
         span = b.high - b.low
         for owner, i in owners:
             vals = []
