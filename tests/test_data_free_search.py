@@ -145,8 +145,9 @@ def test_baselines_field_and_warm_start_from_a_data_free_merge(tmp_path, zoo, mo
     assert best == baselines.iloc[0]["kind"]
     first = study.get_trials()[0]
     assert first.user_attrs["role"] == "warm start" and first.params == study.user_attrs["x0"]
-    if best in ("tsv defaults", "iso_c defaults"):
-        assert any("projected onto the task vectors" in r.message for r in caplog.records)
+    how = "its merge projected onto the task vectors" if best in ("tsv defaults", "iso_c defaults") else "its values"
+    assert any(r.getMessage().startswith(f"sampler: CMA-ES starts from the best baseline, {best}: {how}")
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 def test_bad_baselines_entry(tmp_path, zoo):

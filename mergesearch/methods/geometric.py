@@ -89,16 +89,6 @@ def model_stock(x: TensorInputs, g: dict, m: list[dict]) -> torch.Tensor:
     return (ratio * average + (1 - ratio) * w0).reshape(shape)
 
 
-def fresh(x: TensorInputs, i: int, delta: bool) -> torch.Tensor:
-    """Model i's task vector (``delta``) or tensor in the work dtype, as a tensor of the
-    caller's own, free to change in place; the inputs' float copies of it are dropped."""
-    v = x.delta(i) if delta else x.tensor(i)
-    if x.raw(i) is None or v is x.raw(i):  # an input as given: not ours to change
-        v = v.clone()
-    x.release(i)
-    return v
-
-
 def multislerp(x: TensorInputs, g: dict, m: list[dict]) -> torch.Tensor:
     """Barycentric interpolation on the unit sphere (mergekit's Multi-SLERP).
 
@@ -122,7 +112,7 @@ def multislerp(x: TensorInputs, g: dict, m: list[dict]) -> torch.Tensor:
         w = w / w.sum()
 
     def point(i: int) -> torch.Tensor:
-        return fresh(x, i, with_base).reshape(-1)
+        return x.owned(i, with_base).reshape(-1)
 
     norms = []
     mean = None
@@ -181,7 +171,7 @@ def karcher(x: TensorInputs, g: dict, m: list[dict]) -> torch.Tensor:
         p = points[j]
         if sizes[j] == 0.0:
             return torch.zeros(x.shape, dtype=dtype, device=x.device)
-        return x.base / norms[j] if p == "base" else fresh(x, p, False).div_(norms[j])
+        return x.base / norms[j] if p == "base" else x.owned(p, False).div_(norms[j])
 
     tol, alpha = g["tol"], 1.0 / k
     valid = [j for j in range(k) if sizes[j] > tol]

@@ -189,6 +189,15 @@ class TensorInputs:
                 t, b = self._tensors[i].reshape(-1)[lo:hi], self.raw_base.reshape(-1)[lo:hi]
                 yield lo, hi, t.to(work_dtype(t.dtype)) - b.to(work_dtype(b.dtype))
 
+    def owned(self, i: int, delta: bool) -> torch.Tensor:
+        """Model i's task vector (``delta``) or tensor in the work dtype, as a tensor of the
+        caller's own, free to change in place; the float copies kept here are dropped."""
+        v = self.delta(i) if delta else self.tensor(i)
+        if self.raw(i) is None or v is self.raw(i):  # an input as given: not ours to change
+            v = v.clone()
+        self.release(i)
+        return v
+
     def release(self, i: int) -> None:
         """Drop model i's work-dtype copies (the kernels re-read the raw tensor), so only
         one model's temporaries are alive at a time."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from mergesearch.methods import kernels
-from mergesearch.methods.geometric import fresh
 from mergesearch.methods.inputs import TensorInputs
 from mergesearch.methods.registry import MethodSpec, Param, register
 
@@ -51,7 +50,7 @@ def sce(x: TensorInputs, g: dict, m: list[dict]) -> torch.Tensor:
     keep = _sce_selection(x, g["select_topk"])
 
     def tv(i: int) -> torch.Tensor:
-        d = fresh(x, i, True).reshape(-1)
+        d = x.owned(i, True).reshape(-1)
         return d if keep is None else d.mul_(keep)
 
     total = None
@@ -98,7 +97,7 @@ def _ram_merge(x: TensorInputs, epsilon: float, count: torch.Tensor, gains: torc
     del count
     out = None
     for i in range(x.n):
-        d = fresh(x, i, True)
+        d = x.owned(i, True)
         unchanged = d.abs() <= epsilon
         d.div_(divisor)
         if gains is not None:
