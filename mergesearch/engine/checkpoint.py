@@ -69,8 +69,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 class Checkpoint:
     """A read-only HF model folder with lazy per-tensor access."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, label: str | None = None):
         self.path = Path(path)
+        # how the user named it (a Hub ID at its commit, or the folder)
+        self.label = label if label is not None else str(self.path)
         if not self.path.exists():
             raise MergeSearchError(f"{self.path}: no such file or directory")
         if not self.path.is_dir():
@@ -208,7 +210,7 @@ class Checkpoint:
         return tokenizer_vocab(self.path)
 
     def __repr__(self) -> str:
-        return f"Checkpoint({self.path})"
+        return f"Checkpoint({self.label})"
 
 
 def tokenizer_vocab(folder: Path) -> dict | None:

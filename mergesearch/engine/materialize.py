@@ -27,11 +27,13 @@ from typing import Iterator
 
 import torch
 
-from mergesearch.engine.checkpoint import Checkpoint, SideFile, all_finite, mapped_safetensors
+from mergesearch.engine import sources
+from mergesearch.engine.adapter import Adapter
+from mergesearch.engine.checkpoint import SideFile, all_finite, mapped_safetensors
 from mergesearch.engine.compat import check_compatible
 from mergesearch.engine.compiled import CompiledRecipe
 from mergesearch.errors import MergeSearchError
-from mergesearch.methods import REGISTRY, FactorCache, MethodSpec, TensorInputs, get_method, merge_tensor
+from mergesearch.methods import REGISTRY, FactorCache, LowRank, MethodSpec, TensorInputs, get_method, merge_tensor
 from mergesearch.engine.plan import NO_BANDWIDTH, Placement, make_plan, slot_bytes
 from mergesearch.recipe import Recipe
 
@@ -131,12 +133,15 @@ class Materializer:
             needs = [s.name for s in specs if s.uses_base == "required"]
             if needs:
                 raise MergeSearchError(f"materializer without a base cannot serve {', '.join(needs)}")
-        self.model_ckpts = [Checkpoint(p) for p in models]
-        self.base_ckpt = Checkpoint(base) if base is not None else None
+        self.base_ref = sources.pin(str(base)) if base is not None else None
+        self.refs = [sources.pin(str(p), base=self.base_ref) for p in models]
+        self.base_ckpt = sources.open_model(self.base_ref) if base is not None else None
+        self.model_ckpts = [sources.open_model(r, self.base_ckpt, allow_unrelated=allow_unrelated)
+                            for r in self.refs]
         if check:
             check_compatible(self.base_ckpt, self.model_ckpts, allow_unrelated=allow_unrelated)
-        self.paths = {str(Path(p).resolve()): i for i, p in enumerate(models)}
-        self.base_path = str(Path(base).resolve()) if base is not None else None
+        self.paths = {sources.key(r): i for i, r in enumerate(self.refs)}
+        self.base_path = sources.key(self.base_ref) if base is not None else None
         ref = self.base_ckpt if self.base_ckpt is not None else self.model_ckpts[0]
         self.ref_ckpt = ref
         self.num_layers = ref.num_layers
@@ -146,21 +151,28 @@ class Materializer:
         side = {"metrics": {str(k): v for k, v in (metrics or {}).items() if v},
                 "grams": {str(k): v for k, v in (grams or {}).items() if v}, "base_metric": base_metric}
         self.placement = placement or make_plan(
-            None if base is None else str(base), [str(m) for m in models], methods, device=str(self.device),
+            self.base_ref, self.refs, methods, device=str(self.device),
             budget=budget, side=side, stream=stream, bandwidth=NO_BANDWIDTH)
         self.stream = self.placement.stream
         # the SVD factors of the singular-value methods, kept between candidates where the plan has room
         self.factor_cache = FactorCache() if self.placement.factors else None
         self.constants = {n: ref.get(n).to(self.device) for n in self.names if n not in self.float_names}
         self.slots: dict[str, dict[str, torch.Tensor]] = {}  # input key -> tensor name -> tensor
+        # LoRA adapters' factors: input key -> tensor name -> LowRank (their full copies of
+        # modules_to_save tensors are in slots, like a checkpoint's tensors)
+        self.lowrank: dict[str, dict[str, LowRank]] = {}
         self.side_files: dict[str, str] = {}  # side key -> resolved path
         if self.base_ckpt is not None:
             self._place("base", self.base_ckpt.mapped(), self.base_ckpt.path)
         for i, c in enumerate(self.model_ckpts):
-            self._place(f"m{i}", c.mapped(), c.path)
+            if isinstance(c, Adapter):
+                self._place_adapter(f"m{i}", c)
+            else:
+                self._place(f"m{i}", c.mapped(), c.path)
         self._place_side(side)
         for c in [ref, *self.model_ckpts]:
             c.release()
+        self.adapter_keys = set(self.lowrank)
         host = [k for k in self.slots if not self.placement.on_device(k)]
         self.host_keys = set(host)
         slot = max((sum(slot_bytes(self.slots[k][n].numel() * self.slots[k][n].element_size())
@@ -173,12 +185,25 @@ class Materializer:
         self.last_moved = 0
 
     def _bytes(self, key: str) -> int:
-        return sum(t.numel() * t.element_size() for t in self.slots[key].values())
+        factors = sum(t.numel() * t.element_size() for lr in self.lowrank.get(key, {}).values() for t in (lr.a, lr.b))
+        return factors + sum(t.numel() * t.element_size() for t in self.slots[key].values())
+
+    def _place_adapter(self, key: str, adapter: Adapter) -> None:
+        """A LoRA adapter: its factors (checked, and copied to the device when resident) and
+        its full tensors (modules_to_save), placed like a checkpoint's."""
+        views = adapter.mapped()
+        self._place(key, {n: views[k] for n, k in adapter.dense.items()}, adapter.path)
+        factors = self._placed({k: views[k] for k in adapter.factor_keys()}, adapter.path,
+                               self.placement.on_device(key))
+        self.lowrank[key] = {n: adapter.lowrank(n, factors) for n in adapter.factors}
 
     def _place(self, key: str, views: dict[str, torch.Tensor], where, side: SideFile | None = None) -> None:
         """Check every float tensor once (non-finite values; for metrics, negative ones),
         then keep it as a view of its mapped file (host) or as a device copy."""
-        resident = self.placement.on_device(key)
+        self.slots[key] = self._placed(views, where, self.placement.on_device(key), side)
+
+    def _placed(self, views: dict[str, torch.Tensor], where, resident: bool,
+                side: SideFile | None = None) -> dict[str, torch.Tensor]:
         out = {}
         for name, t in views.items():
             if not t.is_floating_point():
@@ -190,13 +215,13 @@ class Materializer:
             if resident:  # a private copy (on the CPU, .to() would return the mapped view itself)
                 t = t.clone() if self.device.type == "cpu" else t.to(self.device)
             out[name] = t
-        self.slots[key] = out
+        return out
 
     def _place_side(self, side: dict) -> None:
-        by_model = {str(c.path.resolve()): i for i, c in enumerate(self.model_ckpts)}
+        by_model = {sources.key(r): i for i, r in enumerate(self.refs)}
         for kind in ("metric", "gram"):
             for model, file in side[f"{kind}s"].items():
-                i = by_model.get(str(Path(model).resolve()))
+                i = by_model.get(sources.key(model))
                 if i is None:
                     raise MergeSearchError(f"{file}: {kind} for {model}, which is not among the models")
                 f = SideFile(file, kind).check_against(self.model_ckpts[i])
@@ -214,11 +239,13 @@ class Materializer:
         candidate, not once per tensor (path resolution is a filesystem call)."""
         if recipe.base and self.base_path is None:
             raise MergeSearchError(f"recipe base {recipe.base}: this materializer holds no base")
-        if recipe.base and str(Path(recipe.base).resolve()) != self.base_path:
+        if recipe.base and sources.key(recipe.base) != self.base_path:
             raise MergeSearchError(f"recipe base {recipe.base} differs from the materializer's base")
         keys = []
         for m in recipe.models:
-            i = self.paths.get(str(Path(m.path).resolve()))
+            i = self.paths.get(sources.key(m.path))
+            if i is None and recipe.base:  # an adapter listed alone
+                i = self.paths.get(sources.key(sources.pin(m.path, base=self.base_ref)))
             if i is None:
                 raise MergeSearchError(f"recipe model {m.path} is not loaded in this materializer")
             keys.append(f"m{i}")
@@ -248,7 +275,9 @@ class Materializer:
         else:
             spec = recipe.spec
         keys, base, side = self.bind(recipe, spec)
-        used = [k for k in [base, *keys] if k is not None]
+        adapters = [k for k in keys if k in self.adapter_keys]
+        lowrank_base = "base" if adapters else None  # an adapter's untouched tensors are the base's
+        used = [k for k in [base, lowrank_base, *keys] if k is not None]
         used += [k for v in side.values() for k in (v if isinstance(v, list) else [v]) if k is not None]
         used = list(dict.fromkeys(used))
         staged_keys = [k for k in used if k in self.host_keys] if self.stager is not None else []
@@ -259,9 +288,18 @@ class Materializer:
                 if key is None:
                     return None
                 return staged[key] if key in staged else self.slots[key].get(name)
+            def model(key):
+                if key not in self.adapter_keys:
+                    return get(key)
+                lr = self.lowrank[key].get(name)
+                if lr is not None:
+                    return lr if lr.a.device == self.device else LowRank(
+                        lr.a.to(self.device), lr.b.to(self.device), lr.scaling, lr.transpose)
+                t = get(key)  # a full copy (modules_to_save), or None: the base's own tensor
+                return t if t is not None else get(lowrank_base)
             extra = {k: [get(x) for x in v] if isinstance(v, list) else get(v) for k, v in side.items()}
-            return TensorInputs(name, get(base), tensors=[get(k) for k in keys], seed=recipe.seed,
-                                cache=self.factor_cache, ids=keys, **extra)
+            return TensorInputs(name, get(base), tensors=[model(k) for k in keys], seed=recipe.seed,
+                                cache=self.factor_cache, ids=keys, lowrank_base=get(lowrank_base), **extra)
 
         floats = [n for n in names if n not in self.constants]
         if staged_keys:

@@ -18,11 +18,13 @@ from typing import Callable
 
 import torch
 
+from mergesearch.engine import sources
+from mergesearch.engine.adapter import Adapter
 from mergesearch.engine.checkpoint import Checkpoint, SideFile, all_finite, dtype_name, parse_dtype, tokenizer_vocab
 from mergesearch.engine.compat import check_compatible
 from mergesearch.engine.compiled import CompiledRecipe
 from mergesearch.errors import MergeSearchError
-from mergesearch.methods import MethodSpec, TensorInputs, kernels, merge_tensor
+from mergesearch.methods import LowRank, MethodSpec, TensorInputs, kernels, merge_tensor
 from mergesearch.engine.writer import StreamingWriter
 from mergesearch.recipe import Recipe
 
@@ -63,16 +65,16 @@ class MergePlan:
 def open_plan(recipe: Recipe, *, allow_unrelated: bool = False, check: bool = True) -> MergePlan:
     """Open every input and run the compatibility checks (before any merge work)."""
     recipe.validate_semantics()
-    cache: dict[str, Checkpoint] = {}
+    cache: dict[str, Checkpoint | Adapter] = {}
 
-    def open_ckpt(p: str) -> Checkpoint:
-        key = str(Path(p).resolve())
-        if key not in cache:
-            cache[key] = Checkpoint(p)
-        return cache[key]
+    def open_ckpt(p: str, base=None) -> Checkpoint | Adapter:
+        k = sources.key(p)
+        if k not in cache:
+            cache[k] = sources.open_model(p, base, allow_unrelated=allow_unrelated)
+        return cache[k]
 
     base = open_ckpt(recipe.base) if recipe.base else None
-    models = [open_ckpt(m.path) for m in recipe.models]
+    models = [open_ckpt(m.path, base) for m in recipe.models]
     distances = check_compatible(base, models, allow_unrelated=allow_unrelated) if check else {}
     tok = recipe.tokenizer_source
     if tok and tok != "base":
@@ -128,12 +130,30 @@ def open_side_inputs(recipe: Recipe, base: Checkpoint | None, models: list[Check
 def build_inputs(plan: MergePlan, name: str, device: str) -> TensorInputs:
     """Read one tensor from every input, as stored, on ``device`` (the methods make
     float32 views when they need them; the fused kernels read the raw tensors)."""
-    base = None
-    if plan.base is not None and plan.spec.uses_base != "no":
-        base = _read_checked(plan.base, name, device)
-    tensors = [_read_checked(m, name, device) for m in plan.models]
+    base = lowrank_base = None
+    adapters = any(isinstance(m, Adapter) for m in plan.models)
+    if plan.base is not None and (plan.spec.uses_base != "no" or adapters):
+        lowrank_base = _read_checked(plan.base, name, device)
+        base = lowrank_base if plan.spec.uses_base != "no" else None
+    tensors = [_read_model(m, name, device, lowrank_base) for m in plan.models]
     side = plan.side.read(name, device) if plan.side is not None else {}
-    return TensorInputs(name, base, tensors=tensors, seed=plan.recipe.seed, **side)
+    return TensorInputs(name, base, tensors=tensors, seed=plan.recipe.seed, lowrank_base=lowrank_base, **side)
+
+
+def _read_model(m: Checkpoint | Adapter, name: str, device: str, base: torch.Tensor | None):
+    """A model's input for one tensor: as stored, or a LoRA adapter's factors (LowRank),
+    its full copy of the tensor, or the base's tensor where it changes nothing."""
+    if not isinstance(m, Adapter):
+        return _read_checked(m, name, device)
+    lr = m.lowrank(name)
+    if lr is not None:
+        for t, which in ((lr.a, "A"), (lr.b, "B")):
+            if not all_finite(t):
+                raise MergeSearchError(f"{m.path}: LoRA factor {which} of '{name}' contains NaN or Inf")
+        return LowRank(lr.a.to(device), lr.b.to(device), lr.scaling, lr.transpose)
+    if name in m.dense:
+        return _read_checked(m, name, device)
+    return base
 
 
 def _read_checked(ckpt: Checkpoint, name: str, device: str) -> torch.Tensor:
@@ -196,7 +216,7 @@ def stream_merge(
             del merged
             if progress:
                 progress(k + 1, len(layout), name)
-        source = Path(plan.recipe.base or plan.recipe.models[0].path)
+        source = plan.ref.path
         tok = plan.recipe.tokenizer_source
         out_name = dtype_name(override or parse_dtype(plan.recipe.dtype) or _main_dtype(plan))
         cfg_updates = {k: out_name for k in ("torch_dtype", "dtype") if k in plan.ref.config} or {"torch_dtype": out_name}

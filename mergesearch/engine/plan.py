@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from mergesearch.engine import sources
 from mergesearch.errors import MergeSearchError
 
 GB = 1e9
@@ -54,6 +55,10 @@ SCRATCH_F32 = {"plain": (1, 0), "select": (3, 0), "random": (2, 0.25), "della": 
                "nuslerp": (9, 0), "slerp": (5, 0), "fisher": (4, 2), "preconditioned": (4, 2),
                "gradient_matching": (11, 2), "regmean": (2, 1), "multislerp": (5, 0), "karcher": (5, 0),
                "sce": (4, 1), "ram": (5, 0), "ramplus_tl": (6, 0), "nearswap": (4, 0), "arcee_fusion": (6, 0)}
+# Float32 buffers of the largest tensor's size a LoRA adapter adds while one tensor is
+# merged: its task vector made from the factors, and base + task vector where a method
+# reads the fine-tune's tensor (TensorInputs keeps both until the tensor is merged).
+ADAPTER_F32 = 2
 # The eager kernels' temporaries, in float32 buffers of one chunk of
 # ``kernels.eager_chunk(device)`` elements: (fixed, per model).
 CHUNK_F32 = (8, 2)
@@ -98,7 +103,10 @@ class Input:
     path: str
     nbytes: int  # its float tensors, as stored
     role: str  # base | model | side
-    sizes: dict[str, int] = field(default_factory=dict, repr=False)  # tensor name -> bytes
+    sizes: dict[str, int] = field(default_factory=dict, repr=False)  # tensor name -> bytes staged
+    # a LoRA adapter: nbytes counts its factors, r x (in + out) per module, not dense tensors;
+    # ``sizes`` holds only its full tensors (modules_to_save), the ones staged like a checkpoint's
+    adapter: bool = False
 
 
 @dataclass
@@ -187,9 +195,11 @@ def scratch_kind(method: str) -> str:
 
 
 def scratch_bytes(largest_numel: int, methods: list[str], n_models: int, out_elem: int, device: str = "cpu",
-                  largest_matrix: tuple[int, int] | None = None) -> int:
+                  largest_matrix: tuple[int, int] | None = None, adapters: int = 0) -> int:
     """Device bytes one tensor's merge needs beside its inputs (the worst of ``methods``);
-    the singular-value methods' SVDs are sized on ``largest_matrix`` (:func:`svd_scratch`)."""
+    the singular-value methods' SVDs are sized on ``largest_matrix`` (:func:`svd_scratch`).
+    Each of ``adapters`` LoRA adapters adds ADAPTER_F32 buffers (its dense delta, and
+    base + delta for methods that read tensors), made from its factors for one tensor."""
     from mergesearch.methods.kernels import eager_chunk
     elementwise = [m for m in methods if not _spectral(m)]
     full = max((SCRATCH_F32[scratch_kind(m)][0] + SCRATCH_F32[scratch_kind(m)][1] * n_models for m in elementwise),
@@ -198,6 +208,7 @@ def scratch_bytes(largest_numel: int, methods: list[str], n_models: int, out_ele
     out = int(largest_numel * (4 * full + out_elem)) + min(largest_numel, eager_chunk(device)) * 4 * chunk
     if not elementwise:
         out = 0  # tensors that are not matrices take a weighted mean: within the matrices' bound
+    out += largest_numel * 4 * ADAPTER_F32 * adapters
     svd = max((svd_scratch(largest_matrix, m, n_models) for m in methods if _spectral(m) and largest_matrix),
               default=0)
     return max(out, svd)
@@ -276,12 +287,25 @@ def measure_bandwidth(device: str) -> dict:
 
 def input_sizes(path: str, kind: str = "checkpoint") -> dict[str, int]:
     """Tensor name -> bytes of the float tensors of a model folder or side file (headers only)."""
-    from mergesearch.engine.checkpoint import Checkpoint, SideFile
+    from mergesearch.engine.checkpoint import SideFile
     if kind == "checkpoint":
-        c = Checkpoint(path)
-        return {n: c.numel(n) * c.dtype(n).itemsize for n in c.names() if c.dtype(n).is_floating_point}
+        return checkpoint_sizes(sources.open_model(path))
     f = SideFile(path, kind)
     return {n: f.numel(n) * f.dtype(n).itemsize for n in f.names()}
+
+
+def checkpoint_sizes(c) -> dict[str, int]:
+    return {n: c.numel(n) * c.dtype(n).itemsize for n in c.names() if c.dtype(n).is_floating_point}
+
+
+def model_input(key: str, ref: str, base) -> Input:
+    """A model's input: a checkpoint's float tensors, or a LoRA adapter's factors."""
+    from mergesearch.engine.adapter import Adapter
+    c = sources.open_model(ref, base)
+    if isinstance(c, Adapter):
+        return Input(key, str(ref), sum(c.sizes().values()), "model", c.dense_sizes(), adapter=True)
+    s = checkpoint_sizes(c)
+    return Input(key, str(ref), sum(s.values()), "model", s)
 
 
 def make_plan(base: str | None, models: list[str], methods: list[str], *, device: str = "cpu",
@@ -291,10 +315,11 @@ def make_plan(base: str | None, models: list[str], methods: list[str], *, device
     """Place ``base``, ``models`` and the side files (``side``: metrics / grams / base_metric
     as in :func:`mergesearch.search.side_inputs.resolve_side_inputs`) on ``device`` within ``budget``
     bytes. Raises MergeSearchError when the evaluation model and the scratch do not fit."""
-    from mergesearch.engine.checkpoint import Checkpoint, parse_dtype
+    from mergesearch.engine.checkpoint import parse_dtype
     from mergesearch.methods import REGISTRY
 
-    ref = Checkpoint(base if base is not None else models[0])
+    base_ckpt = sources.open_model(base) if base is not None else None
+    ref = base_ckpt if base_ckpt is not None else sources.open_model(models[0])
     floats = [n for n in ref.names() if ref.dtype(n).is_floating_point]
     src_dtype = next((ref.dtype(n) for n in floats), torch.float32)
     edtype = parse_dtype(eval_dtype) or src_dtype
@@ -304,17 +329,18 @@ def make_plan(base: str | None, models: list[str], methods: list[str], *, device
     largest = max(floats, key=ref.numel)
     matrices = {n: ref.shape(n) for n in floats if len(ref.shape(n)) == 2}
     largest_matrix = matrices[max(matrices, key=ref.numel)] if matrices else None
-    scratch = scratch_bytes(ref.numel(largest), methods, len(models), edtype.itemsize, device, largest_matrix)
-    factors = factor_bytes(matrices, methods, len(models))
-    uses_base = base is not None and any(REGISTRY[m].uses_base != "no" for m in methods)
-
     inputs: list[Input] = []
     if base is not None:
-        s = input_sizes(base)
+        s = checkpoint_sizes(base_ckpt)
         inputs.append(Input("base", str(base), sum(s.values()), "base", s))
     for i, m in enumerate(models):
-        s = input_sizes(m)
-        inputs.append(Input(f"m{i}", str(m), sum(s.values()), "model", s))
+        inputs.append(model_input(f"m{i}", m, base_ckpt))
+    adapters = sum(i.adapter for i in inputs)
+    scratch = scratch_bytes(ref.numel(largest), methods, len(models), edtype.itemsize, device, largest_matrix,
+                            adapters=adapters)
+    factors = factor_bytes(matrices, methods, len(models))
+    # a LoRA adapter's untouched tensors are the base's: read whatever the method
+    uses_base = base is not None and (adapters > 0 or any(REGISTRY[m].uses_base != "no" for m in methods))
     side = side or {}
     for i, m in enumerate(models):
         for kind in ("metric", "gram"):

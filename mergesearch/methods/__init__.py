@@ -11,7 +11,7 @@ from mergesearch.methods import (  # noqa: F401  (registration)
     task_arithmetic,
 )
 from mergesearch.methods.apply import merge_tensor
-from mergesearch.methods.inputs import FactorCache, TensorInputs, tensor_seed
+from mergesearch.methods.inputs import FactorCache, LowRank, TensorInputs, tensor_seed
 from mergesearch.methods.registry import REGISTRY, MethodSpec, Param, get_method
 
-__all__ = ["FactorCache", "REGISTRY", "MethodSpec", "Param", "TensorInputs", "get_method", "merge_tensor", "tensor_seed"]
+__all__ = ["FactorCache", "LowRank", "REGISTRY", "MethodSpec", "Param", "TensorInputs", "get_method", "merge_tensor", "tensor_seed"]

@@ -63,10 +63,35 @@ class FactorCache:
         return value
 
 
+class LowRank:
+    """A model's task vector for one tensor held as LoRA factors: ``delta = (b @ a) * scaling``,
+    transposed when ``transpose`` (embeddings). Holds r x (in + out) values; the dense
+    delta exists only while a merge reads it (:meth:`TensorInputs.delta`)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, scaling: float, transpose: bool = False):
+        self.a, self.b, self.scaling, self.transpose = a, b, float(scaling), bool(transpose)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, cols = self.b.shape[0], self.a.shape[1]
+        return (cols, rows) if self.transpose else (rows, cols)
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The task vector in ``dtype`` (the product in ``dtype``, as PEFT computes it in float32)."""
+        d = self.b.to(dtype) @ self.a.to(dtype)
+        d = d.T.contiguous() if self.transpose else d
+        return d.mul_(self.scaling)
+
+
 class TensorInputs:
     """``base`` and ``tensors`` may be in their storage dtype (e.g. bfloat16): the
     work-dtype views (``base``, ``tensor(i)``, ``delta(i)``) are made on first use and
-    kept, while the fused kernels read the raw tensors directly (``raw_base``, ``raw(i)``)."""
+    kept, while the fused kernels read the raw tensors directly (``raw_base``, ``raw(i)``).
+
+    A model given as a :class:`LowRank` (a LoRA adapter's factors) has no raw tensor: its
+    delta is made from the factors on first use, and its tensor is the base plus it
+    (``lowrank_base``, the base tensor, serves methods that do not read the base).
+    """
 
     def __init__(
         self,
@@ -81,9 +106,14 @@ class TensorInputs:
         out_dtype: torch.dtype | None = None,
         cache: FactorCache | None = None,
         ids: list[str] | None = None,
+        lowrank_base: torch.Tensor | None = None,
     ):
         if tensors is None and deltas is None:
             raise ValueError("TensorInputs needs tensors or deltas")
+        if tensors is not None and any(isinstance(t, LowRank) for t in tensors):
+            if base is None and lowrank_base is None:
+                raise ValueError(f"{name}: a LowRank model needs the base tensor")
+        self._lowrank_base = lowrank_base if lowrank_base is not None else base
         self.name = name
         self.raw_base = base
         self._tensors = tensors
@@ -94,7 +124,7 @@ class TensorInputs:
         self._grams = grams
         given = tensors if tensors is not None else deltas
         self.n = len(given)
-        ref = base if base is not None else given[0]
+        ref = base if base is not None else self._lowrank_base if self._lowrank_base is not None else given[0]
         self.numel: int = ref.numel()
         self.shape: torch.Size = ref.shape
         self.device: torch.device = ref.device
@@ -152,22 +182,36 @@ class TensorInputs:
         return self.cache.get(self.name, kind, key, build)
 
     def raw(self, i: int) -> torch.Tensor | None:
-        """Model i's tensor as stored, or None when only its delta was given."""
-        return self._tensors[i] if self._tensors is not None else None
+        """Model i's tensor as stored, or None when only its delta was given (or its factors)."""
+        if self._tensors is None or isinstance(self._tensors[i], LowRank):
+            return None
+        return self._tensors[i]
+
+    def lowrank(self, i: int) -> LowRank | None:
+        return self._tensors[i] if self._tensors is not None and isinstance(self._tensors[i], LowRank) else None
 
     def tensor(self, i: int) -> torch.Tensor:
         if self._tensors is None:
             return self.base + self._deltas[i]
         if i not in self._tensor_cache:
             t = self._tensors[i]
-            self._tensor_cache[i] = t.to(work_dtype(t.dtype))
+            if isinstance(t, LowRank):
+                b = self._lowrank_base
+                self._tensor_cache[i] = self.delta(i) + (self.base if self.raw_base is not None
+                                                         else b.to(work_dtype(b.dtype)))
+            else:
+                self._tensor_cache[i] = t.to(work_dtype(t.dtype))
         return self._tensor_cache[i]
 
     def delta(self, i: int) -> torch.Tensor:
         if self._deltas is not None:
             return self._deltas[i]
         if i not in self._delta_cache:
-            self._delta_cache[i] = self.tensor(i) - self.base
+            t = self._tensors[i]
+            if isinstance(t, LowRank):
+                self._delta_cache[i] = t.dense(work_dtype(self._ref_dtype)).reshape(self.shape)
+            else:
+                self._delta_cache[i] = self.tensor(i) - self.base
         return self._delta_cache[i]
 
     def holds_delta(self, i: int) -> bool:
@@ -179,7 +223,7 @@ class TensorInputs:
         bits as :meth:`delta`, without a whole float copy of a stored tensor."""
         n = self.numel
         whole = self._deltas[i] if self._deltas is not None else self._delta_cache.get(i)
-        if whole is None and (self._tensors is None or self.raw_base is None):
+        if whole is None and (self._tensors is None or self.raw_base is None or self.raw(i) is None):
             whole = self.delta(i)
         for lo in range(0, n, size):
             hi = min(n, lo + size)
@@ -193,7 +237,8 @@ class TensorInputs:
         """Model i's task vector (``delta``) or tensor in the work dtype, as a tensor of the
         caller's own, free to change in place; the float copies kept here are dropped."""
         v = self.delta(i) if delta else self.tensor(i)
-        if self.raw(i) is None or v is self.raw(i):  # an input as given: not ours to change
+        made = self.lowrank(i) is not None  # made from the factors here: ours
+        if not made and (self.raw(i) is None or v is self.raw(i)):  # an input as given: not ours to change
             v = v.clone()
         self.release(i)
         return v
