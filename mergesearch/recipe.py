@@ -188,19 +188,28 @@ class Recipe(StrictModel):
         path = Path(path)
         data = load_yaml(path)
         recipe = from_dict(data, str(path))
-        return recipe.with_paths_relative_to(path.parent)
+        try:
+            return recipe.with_paths_relative_to(path.parent)
+        except MergeSearchError as e:  # a model reference: name the recipe file too
+            raise MergeSearchError(f"{path}: {e}") from None
 
     def with_paths_relative_to(self, folder: Path) -> "Recipe":
+        """Paths relative to ``folder`` made absolute, and model references pinned
+        (:func:`mergesearch.engine.sources.pin`: Hub IDs at their commit, an adapter listed
+        alone as base+adapter)."""
+        from mergesearch.engine.sources import pin
+
         def fix(p: str | None) -> str | None:
             if p is None or p == "base" or os.path.isabs(p):
                 return p
             return str((folder / p).resolve())
+        base = pin(self.base, folder, where="base")
         return self.model_copy(update={
-            "base": fix(self.base),
-            "tokenizer_source": fix(self.tokenizer_source),
+            "base": base,
+            "tokenizer_source": pin(self.tokenizer_source, folder, where="tokenizer_source"),
             "base_metric": fix(self.base_metric),
-            "models": [m.model_copy(update={"path": fix(m.path), "metric": fix(m.metric), "gram": fix(m.gram),
-                                            "row_scales": fix(m.row_scales)})
+            "models": [m.model_copy(update={"path": pin(m.path, folder, base=base), "metric": fix(m.metric),
+                                            "gram": fix(m.gram), "row_scales": fix(m.row_scales)})
                        for m in self.models],
         })
 

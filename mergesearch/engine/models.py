@@ -17,12 +17,43 @@ def source_dtype(model_dir: Path) -> torch.dtype:
     return next((c.dtype(n) for n in c.names() if c.dtype(n).is_floating_point), torch.float32)
 
 
-def load_model(model_dir: Path, device: str = "cpu", trust_remote_code: bool = False,
+def load_model(model_dir: str | Path, device: str = "cpu", trust_remote_code: bool = False,
                dtype: torch.dtype | str | None = None):
     """An HF causal LM and its tokenizer, in ``dtype`` (default: the dtype its weights
     are stored in, never a library default, so a scored model is the stored one).
     Safetensors weights only, and a model's own Python code (``auto_map``) only when
-    the user passed ``trust_remote_code``."""
+    the user passed ``trust_remote_code``.
+
+    ``model_dir`` is a model reference (:mod:`mergesearch.engine.sources`): a folder, a
+    Hub ID, or BASE+ADAPTER, which loads the base with the adapter's changes added, as
+    PEFT's ``merge_and_unload`` does (in the base's dtype)."""
+    from mergesearch.engine import sources
+
+    model, adapter = sources.split(str(model_dir))
+    if adapter is None:
+        folder = sources.local_dir(model)
+        if sources.is_adapter_dir(folder):
+            raise MergeSearchError(f"{model_dir}: a LoRA adapter alone is not a model; write BASE+ADAPTER")
+        return _load(folder, device, trust_remote_code, dtype)
+    lm, tok = _load(sources.local_dir(model), "cpu", trust_remote_code, dtype)
+    apply_adapter(lm, sources.open_model(str(model_dir)))
+    return lm.to(device), tok
+
+
+@torch.no_grad()
+def apply_adapter(lm: torch.nn.Module, adapter) -> None:
+    """Add a LoRA adapter's changes to a loaded base model's parameters, in place."""
+    params = dict(lm.named_parameters())
+    params.update(dict(lm.named_buffers()))
+    for name in [*adapter.factors, *adapter.dense]:
+        if name not in params:
+            raise MergeSearchError(f"{adapter.path}: the loaded model has no parameter '{name}'")
+        p = params[name]
+        p.copy_(adapter.get(name).to(p.dtype))
+    adapter.release()
+
+
+def _load(model_dir: Path, device: str, trust_remote_code: bool, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -22,12 +22,15 @@ reproducible after a branch moves. Everything downstream reads pinned references
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from mergesearch.errors import MergeSearchError
+
+log = logging.getLogger(__name__)
 
 # What a Hub snapshot needs for a merge: weights, config, tokenizer (and an adapter's files).
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
@@ -142,6 +145,8 @@ def resolve_hub(part: Part) -> tuple[Path, str]:
                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
     path = Path(path)
     commit = path.name
+    if part.revision != commit:
+        log.info("%s: resolved to commit %s", part.text, commit)
     _RESOLVED[f"{part.repo}@{commit}"] = {"repo": part.repo, "requested": part.revision or "main",
                                           "commit": commit, "snapshot": str(path)}
     return path, commit
@@ -194,6 +199,18 @@ def key(ref: str) -> str:
     model, adapter = split(ref)
     one = (lambda p: p.text if p.hub else str(Path(p.text).resolve()))
     return one(model) + (f"+{one(adapter)}" if adapter is not None else "")
+
+
+def short(ref: str) -> str:
+    """A short display name: a folder's name, a Hub ID with its commit's first 8 digits,
+    and BASE+ADAPTER as its adapter's name with a '+' (the base is the merge's)."""
+    model, adapter = split(ref)
+
+    def one(p: Part) -> str:
+        if p.hub:
+            return f"{p.repo}@{p.revision[:8]}" if p.pinned and p.revision else p.text
+        return Path(p.text).name or p.text
+    return f"+{one(adapter)}" if adapter is not None else one(model)
 
 
 def describe(ref: str) -> dict:

@@ -23,6 +23,7 @@ import time
 import uuid
 from pathlib import Path
 
+from mergesearch.engine.sources import describe, short
 from mergesearch.fsutil import atomic_file, replace_dir
 from mergesearch.errors import MergeSearchError
 from mergesearch.recipe import Recipe, from_dict, has_mergekit_equivalent, save_mergekit, to_mergekit
@@ -151,7 +152,7 @@ def _export_staged(run: str, t, label: str, recipe: Recipe, eval_cfg, stage: Pat
         line.advance()
         sources = {}
         for path in paths:
-            m, tk = load_model(Path(path), device=device, trust_remote_code=eval_cfg.trust_remote_code)
+            m, tk = load_model(path, device=device, trust_remote_code=eval_cfg.trust_remote_code)
             sources[path] = test_ev.score(m, tk)
             if mon_ev is not None:
                 mon_scores["sources"][path] = mon_ev.score(m, tk)
@@ -168,6 +169,8 @@ def _export_staged(run: str, t, label: str, recipe: Recipe, eval_cfg, stage: Pat
         "items": {"dev": getattr(dev_ev, "item_record", None), "test": getattr(test_ev, "item_record", None)},
         "metrics": getattr(test_ev, "directions", None),
         "model": str(out / "model"),
+        # where each input came from: Hub repositories at the commit they resolved to
+        "provenance": {p: describe(p) for p in paths},
     }
     if mon_ev is not None:
         result["monitor"] = {**mon_scores, "floors": dict(monitor.floors), "items": mon_ev.item_record,
@@ -181,6 +184,16 @@ def _export_staged(run: str, t, label: str, recipe: Recipe, eval_cfg, stage: Pat
     return result
 
 
+def _origin(result: dict, ref: str) -> str:
+    """', Hub repo X at commit C (asked for as main)' for each Hub part of a reference."""
+    parts = []
+    for role, info in (result.get("provenance") or {}).get(ref, {}).items():
+        if "repo" in info:
+            asked = f", asked for as `{info['requested']}`" if info.get("requested") not in (None, info["commit"]) else ""
+            parts.append(f"{role} from the Hub: {info['repo']} at commit {info['commit']}{asked}")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def model_card(recipe: Recipe, result: dict, tasks: list[str]) -> str:
     import yaml
 
@@ -191,8 +204,8 @@ def model_card(recipe: Recipe, result: dict, tasks: list[str]) -> str:
         + (f" ({result['baseline']})" if result.get("baseline") else "") + f": **{recipe.method}**.",
         "",
         "## Sources",
-        f"- base: `{recipe.base}`" if recipe.base else "",
-        *[f"- `{m.path}`" for m in recipe.models],
+        f"- base: `{recipe.base}`" + _origin(result, recipe.base) if recipe.base else "",
+        *[f"- `{m.path}`" + _origin(result, m.path) for m in recipe.models],
         "",
         "## Scores",
         "",
@@ -203,7 +216,7 @@ def model_card(recipe: Recipe, result: dict, tasks: list[str]) -> str:
     lines.append("| **merged (test)** | " + " | ".join(f"{test['merged'][t]:.4f}" for t in tasks)
                  + f" | {test['merged_aggregate']:.4f} |")
     for p, s in test["sources"].items():
-        lines.append(f"| {Path(p).name} (test) | " + " | ".join(f"{s['scores'][t]:.4f}" for t in tasks)
+        lines.append(f"| {short(p)} (test) | " + " | ".join(f"{s['scores'][t]:.4f}" for t in tasks)
                      + f" | {s['aggregate']:.4f} |")
     dev = result["dev"]["stored"]
     if dev:
@@ -216,7 +229,7 @@ def model_card(recipe: Recipe, result: dict, tasks: list[str]) -> str:
                                                                    if mon["floors"] else "") + ".", "",
                   "| model | " + " | ".join(mt) + " |", "|---|" + "---|" * len(mt),
                   "| **merged** | " + " | ".join(f"{mon['merged'][t]:.4f}" for t in mt) + " |"]
-        lines += [f"| {Path(p).name} | " + " | ".join(f"{s[t]:.4f}" for t in mt) + " |"
+        lines += [f"| {short(p)} | " + " | ".join(f"{s[t]:.4f}" for t in mt) + " |"
                   for p, s in mon["sources"].items()]
         if mon["floors"]:
             lines.append("| floor | " + " | ".join(f"{mon['floors'][t]:.4f}" if t in mon["floors"] else ""

@@ -78,7 +78,8 @@ def _fmt(x) -> str:
 
 
 def _short(path: str | None) -> str:
-    return Path(path).name if path else "-"
+    from mergesearch.engine.sources import short
+    return short(path) if path else "-"
 
 
 def write_report(run: str, storage_url: str | None = None, root: Path = Path("results"),

@@ -290,9 +290,14 @@ def file_digest(path: Path) -> str:
     return known[key]
 
 
-def _weights_digest(model_dir: Path) -> str:
-    ck = Checkpoint(model_dir)
-    files = sorted({f for f in ck.files.values()})
+def _weights_digest(model_dir: str | Path) -> str:
+    """The digest of a model's weight files (a base's and its adapter's for BASE+ADAPTER)."""
+    from mergesearch.engine import sources
+    from mergesearch.engine.adapter import Adapter
+    ck = sources.open_model(str(model_dir))
+    files = sorted({f for f in (ck.base if isinstance(ck, Adapter) else ck).files.values()})
+    if isinstance(ck, Adapter):
+        files.append(ck._file)
     return hashlib.sha256("".join(file_digest(f) for f in files).encode()).hexdigest()
 
 
@@ -301,15 +306,20 @@ def curvature(model_dir: str | Path, kind: str, data: str | None = None, task_di
               progress: Callable[[int, int], None] | None = None,
               trust_remote_code: bool = False) -> tuple[Path, bool]:
     """The cached estimate's path, computing it if needed; returns (path, was cached)."""
-    model_dir = Path(model_dir)
+    from mergesearch.engine import sources
     if kind not in KINDS:
         raise MergeSearchError(f"--kind: '{kind}' is not one of {', '.join(KINDS)}")
-    Checkpoint(model_dir)  # a clear error for a missing or non-model folder
+    ref = str(model_dir)
+    opened = sources.open_model(ref)  # a clear error for a missing or non-model folder
+    if kind == "adam" and not isinstance(opened, Checkpoint):
+        raise MergeSearchError(f"{ref}: --kind adam reads a full fine-tune's optimizer state; a LoRA adapter has "
+                               "none here (use fisher or squared_grad)")
+    model_dir = opened.path if kind == "adam" else ref
     if n_examples < 1 or batch_size < 1:
         raise MergeSearchError("--n-examples and --batch-size must be at least 1")
     if kind == "adam":
-        src = model_dir / "exp_avg_sq.safetensors"
-        src = src if src.is_file() else model_dir / "optimizer.pt"
+        src = Path(model_dir) / "exp_avg_sq.safetensors"
+        src = src if src.is_file() else Path(model_dir) / "optimizer.pt"
         if not src.is_file():
             raise MergeSearchError(f"{model_dir}: no Adam second moments (exp_avg_sq.safetensors or optimizer.pt)")
         key = {"kind": kind, "source": file_digest(src), "weights": _weights_digest(model_dir), "v": VERSION}

@@ -44,12 +44,12 @@ class Setup:
 def preflight(space: SearchSpace, opts, space_path: str, claim) -> Setup:
     """Every check before anything is created; ``claim`` takes the run's name and lock
     once the plan is known to fit (before the side inputs are computed)."""
-    from mergesearch.engine.checkpoint import Checkpoint
     from mergesearch.engine.compat import check_compatible
+    from mergesearch.engine.sources import open_model
     from mergesearch.evaluate import build_evaluator
 
-    base = Checkpoint(space.base)
-    check_compatible(base, [Checkpoint(m) for m in space.models])
+    base = open_model(space.base)
+    check_compatible(base, [open_model(m, base) for m in space.models])
     # task files, task names, metrics and item splits are valid (monitor tasks with floors included)
     ev = build_evaluator(space.scoring())
     if space.monitor is not None and not space.monitor.floors:  # scored at export only: valid now
@@ -190,8 +190,9 @@ def _seed_recipe(space: SearchSpace, opts, space_path: str) -> Recipe:
     if final is None:
         raise MergeSearchError(f"{space_path}: seed_from: soup run '{name}' has not finished")
     recipe = from_dict(final, f"soup run {name}")
-    ours = {str(Path(m).resolve()) for m in space.models}
-    extra = [m.path for m in recipe.models if str(Path(m.path).resolve()) not in ours]
+    from mergesearch.engine.sources import key
+    ours = {key(m) for m in space.models}
+    extra = [m.path for m in recipe.models if key(m.path) not in ours]
     if extra:
         raise MergeSearchError(f"{space_path}: seed_from: soup '{name}' uses models not in this space's "
                                f"models: {', '.join(extra[:3])}")
@@ -210,6 +211,12 @@ def open_study(space: SearchSpace, s: Setup, opts, storage, space_path: str, run
     if opts.resume:
         study = optuna.load_study(study_name=opts.run, storage=storage, sampler=sampler, pruner=pruner)
         if study.user_attrs.get("space_fingerprint") != space.fingerprint():
+            then = study.user_attrs.get("space") or {}
+            moved = [(a, b) for a, b in zip([then.get("base"), *(then.get("models") or [])],
+                                            [space.base, *space.models]) if a != b]
+            if moved and len(then.get("models") or []) == len(space.models):
+                raise MergeSearchError(f"{space_path}: {moved[0][1]} is not the {moved[0][0]} that run '{opts.run}' "
+                                       f"started with (a branch moved?); name that revision in the space to resume")
             raise MergeSearchError(f"{space_path}: the space changed since run '{opts.run}' started; "
                                    "start a new run instead of --resume")
         n = resume_checks(study)
@@ -222,6 +229,9 @@ def open_study(space: SearchSpace, s: Setup, opts, storage, space_path: str, run
     study.set_user_attr("space", space.model_dump(mode="json"))
     study.set_user_attr("space_fingerprint", space.fingerprint())
     study.set_user_attr("kind", "search")
+    from mergesearch.engine.sources import describe
+    # each input's origin: Hub repositories with the revision asked for and the commit it resolved to
+    study.set_user_attr("sources", {ref: describe(ref) for ref in [space.base, *space.models]})
     if s.directions:  # which metric each task's score is, and how it is maximized
         study.set_user_attr("metrics", s.directions)
     if s.seed_recipe is not None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
+from mergesearch.engine.sources import key, short
 from mergesearch.search.curvature import curvature, mean_estimate
 
 log = logging.getLogger(__name__)
@@ -27,10 +27,10 @@ def resolve_side_inputs(space, progress: bool = False) -> dict | None:
         return [d] * n if isinstance(d, str) else list(d)
     out: dict = {"metrics": {}, "grams": {}, "base_metric": None}
     if c is not None:
-        identity = {str(Path(m).resolve()) for m in c.identity}
+        identity = {key(m) for m in c.identity}
         data = per_model(c.data) if c.data is not None else [None] * n
         for i, m in enumerate(space.models):
-            if str(Path(m).resolve()) in identity:
+            if key(m) in identity:
                 out["metrics"][m] = None
             elif c.kind == "files":
                 out["metrics"][m] = c.files[i]
@@ -38,7 +38,7 @@ def resolve_side_inputs(space, progress: bool = False) -> dict | None:
                 t0 = time.perf_counter()
                 path, cached = curvature(m, c.kind, data[i], task_dir, c.n_examples, c.batch_size, c.seed,
                                          trust_remote_code=trc)
-                log.info("curvature %s of %s: %s (%.1fs)", c.kind, Path(m).name, "cached" if cached else "computed",
+                log.info("curvature %s of %s: %s (%.1fs)", c.kind, short(m), "cached" if cached else "computed",
                          time.perf_counter() - t0)
                 out["metrics"][m] = str(path)
         if c.base_file:

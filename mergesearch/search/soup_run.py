@@ -27,7 +27,8 @@ from pathlib import Path
 
 import optuna
 
-from mergesearch.engine.checkpoint import Checkpoint, is_trainer_checkpoint
+from mergesearch.engine import sources
+from mergesearch.engine.checkpoint import is_trainer_checkpoint
 from mergesearch.engine.compat import MAX_FINETUNE_DISTANCE, check_compatible, relative_distance, sample_names
 from mergesearch.fsutil import atomic_file
 from mergesearch.errors import MergeSearchError
@@ -84,7 +85,7 @@ def resolve_ingredients(models: list[str], pattern: str | None = None) -> list[s
         paths.append(m)
     seen: dict[str, str] = {}
     for p in paths:
-        key = str(Path(p).resolve())
+        key = sources.key(p)
         if key in seen:
             raise MergeSearchError(f"{p}: given twice as an ingredient")
         seen[key] = p
@@ -104,9 +105,10 @@ def check_ingredients(ingredients: list[str], base: str | None, allow_unrelated:
     """Refuse ingredients that do not share an architecture, a tokenizer and a base,
     before any evaluation. With ``base``, each must be a fine-tune of it; without,
     each must be within the fine-tune distance of the first ingredient."""
-    ckpts = [Checkpoint(p) for p in ingredients]
-    if base is not None:
-        check_compatible(Checkpoint(base), ckpts, allow_unrelated=allow_unrelated)
+    base_ckpt = sources.open_model(base) if base is not None else None
+    ckpts = [sources.open_model(p, base_ckpt, allow_unrelated=allow_unrelated) for p in ingredients]
+    if base_ckpt is not None:
+        check_compatible(base_ckpt, ckpts, allow_unrelated=allow_unrelated)
         return
     check_compatible(None, ckpts)
     if allow_unrelated:
@@ -160,10 +162,10 @@ class SoupRunner(RunLifecycle):
         build_evaluator(cfg)  # task files exist
         build_evaluator(cfg.model_copy(update={"split": "test"}))
         self.eval_cfg = cfg
-        base = str(Path(self.opts.base).resolve()) if self.opts.base else None
+        base = sources.pin(str(self.opts.base), where="--base") if self.opts.base else None
+        self.ingredients = [sources.pin(str(p), base=base) for p in self.ingredients]
         check_ingredients(self.ingredients, base, self.opts.allow_unrelated)
         self.base = base
-        self.ingredients = [str(Path(p).resolve()) for p in self.ingredients]
         if self.opts.strategy == "last-n" and self.opts.n > len(self.ingredients):
             raise MergeSearchError(f"--n: {self.opts.n} is more than the {len(self.ingredients)} ingredients")
         self.claim()

@@ -117,7 +117,12 @@ class SearchSpace(StrictModel):
     def load(cls, path: str | os.PathLike) -> "SearchSpace":
         from mergesearch.config import load_validated
         path = Path(path)
-        return load_validated(cls, path).resolved(path.parent).check(str(path))
+        space = load_validated(cls, path)
+        try:
+            space = space.resolved(path.parent)
+        except MergeSearchError as e:  # a model reference: name the space file too
+            raise MergeSearchError(f"{path}: {e}") from None
+        return space.check(str(path))
 
     def resolved(self, folder: Path) -> "SearchSpace":
         fix = (lambda p: p if os.path.isabs(p) else str((folder / p).resolve()))
@@ -128,14 +133,16 @@ class SearchSpace(StrictModel):
             one = (lambda x: fix(x) if x.endswith(".jsonl") else x)
             return None if d is None else one(d) if isinstance(d, str) else [one(x) for x in d]
 
-        update = {"base": fix(self.base), "models": [fix(m) for m in self.models], "evaluator": ev}
+        from mergesearch.engine.sources import pin
+        base = pin(self.base, folder, where="base")
+        update = {"base": base, "models": [pin(m, folder, base=base) for m in self.models], "evaluator": ev}
         if self.curvature is not None:
             c = self.curvature
             update["curvature"] = c.model_copy(update={
                 "data": fix_data(c.data), "base_data": fix_data(c.base_data),
                 "files": None if c.files is None else [None if f is None else fix(f) for f in c.files],
                 "base_file": None if c.base_file is None else fix(c.base_file),
-                "identity": [fix(m) for m in c.identity]})
+                "identity": [pin(m, folder, base=base) for m in c.identity]})
         if self.gram is not None:
             update["gram"] = self.gram.model_copy(update={"data": fix_data(self.gram.data)})
         return self.model_copy(update=update)
@@ -281,8 +288,9 @@ class SearchSpace(StrictModel):
                 raise MergeSearchError(f"{where}: curvature.data: kind '{c.kind}' needs data (TASK:SPLIT or .jsonl)")
             if isinstance(c.data, list) and len(c.data) != n:
                 raise MergeSearchError(f"{where}: curvature.data: give one entry per model ({n}) or a single one")
-            keys = {str(Path(m).resolve()) for m in self.models}
-            stray = [m for m in c.identity if str(Path(m).resolve()) not in keys]
+            from mergesearch.engine.sources import key
+            keys = {key(m) for m in self.models}
+            stray = [m for m in c.identity if key(m) not in keys]
             if stray:
                 raise MergeSearchError(f"{where}: curvature.identity: {stray[0]} is not one of the models")
             if c.identity and any(s.needs_metric == "required" for s in specs):

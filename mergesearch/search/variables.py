@@ -16,7 +16,6 @@ names goes through this module.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergesearch.methods import REGISTRY
@@ -193,9 +192,10 @@ def soup_params(space: SearchSpace, members: list[str], groups: list[Group]) -> 
     ``normalize``), since base + sum (theta_i - base) / k = sum theta_i / k.
     Non-members need weight 0 in the bounds. Sparsifying methods are not exact.
     """
-    keys = [str(Path(m).resolve()) for m in space.models]
+    from mergesearch.engine.sources import key
+    keys = [key(m) for m in space.models]
     try:
-        idx = {keys.index(str(Path(m).resolve())) for m in members}
+        idx = {keys.index(key(m)) for m in members}
     except ValueError:
         return None
     k = len(idx)

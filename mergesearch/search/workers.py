@@ -137,7 +137,7 @@ class Worker:
                               bandwidth=NO_BANDWIDTH)
         self.mat = Materializer(base, models, methods=methods, device=self.device, check=False, metrics=metrics,
                                 grams=side.get("grams"), base_metric=side.get("base_metric"), placement=self.plan)
-        self.model, self.tokenizer = load_model(Path(base if base is not None else models[0]), device=self.device,
+        self.model, self.tokenizer = load_model(base if base is not None else models[0], device=self.device,
                                                 trust_remote_code=bool(eval_cfg.get("trust_remote_code")),
                                                 dtype=opts.get("dtype"))
         self.eval_cfg = EvalConfig.model_validate(eval_cfg)
