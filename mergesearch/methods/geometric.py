@@ -123,6 +123,9 @@ def multislerp(x: TensorInputs, g: dict, m: list[dict]) -> torch.Tensor:
         mean = v if mean is None else mean.add_(v)
         del v
     size = torch.linalg.vector_norm(mean)
+    if all(float(v) == 0 for v in norms):  # no model moves this tensor (e.g. LoRA adapters that skip it)
+        out = torch.zeros(x.shape, dtype=mean.dtype, device=x.device)
+        return out.add_(x.base) if with_base else out
     if size < eps:
         if n != 2:
             raise MergeSearchError(f"{x.name}: multislerp: the weighted directions of the models cancel out "

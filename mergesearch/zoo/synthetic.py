@@ -195,3 +195,62 @@ def quadratic_toy(dim: int = 6, seed: int = 0, steps: int = 200, lr: float = 0.5
     optimum = (hs[0] * cs[0] + hs[1] * cs[1]) / (hs[0] + hs[1])
     return {"theta0": theta0, "thetas": thetas, "hessians": hs, "second_moments": [h * h for h in hs],
             "optimum": optimum, "targets": cs}
+
+
+# The modules a typical LLM LoRA adapter targets (all linear projections of a Llama block).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_shapes(cfg: dict, r: int, targets=LORA_TARGETS) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+    """Module path -> (A shape [r, in], B shape [out, r]) of a LoRA adapter of ``cfg``."""
+    out = {}
+    for name, shape in llama_layout(cfg):
+        module = name[:-len(".weight")]
+        if name.endswith(".weight") and module.rpartition(".")[2] in targets and len(shape) == 2:
+            out[module] = ((r, shape[1]), (shape[0], r))
+    return out
+
+
+def write_adapter(out: str | Path, cfg: dict, base: str | None, factor_fn=None, r: int = 8, alpha: float = 16,
+                  targets=LORA_TARGETS, dtype: str = "float32", config: dict | None = None,
+                  extra: dict[str, torch.Tensor] | None = None, sparse: bool = False) -> Path:
+    """A PEFT LoRA adapter folder (``adapter_config.json``, ``adapter_model.safetensors``)
+    for a model of ``cfg``, in PEFT's key layout. ``factor_fn(key, shape)`` gives each
+    factor (default: seeded normal values, B included, so the adapter changes the model);
+    ``extra`` adds tensors by key (e.g. a ``modules_to_save`` copy); ``sparse`` writes a
+    header-only file, like :func:`write_shaped_model` (for planning)."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    from mergesearch.engine.checkpoint import DTYPES, ST_DTYPE
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tdtype = DTYPES[dtype]
+    shapes = {}
+    for module, (a, b) in lora_shapes(cfg, r, targets).items():
+        shapes[f"base_model.model.{module}.lora_A.weight"] = a
+        shapes[f"base_model.model.{module}.lora_B.weight"] = b
+    fn = factor_fn or (lambda key, shape: torch.randn(shape, generator=_gen(0, "lora", str(out), key)) * 0.05)
+    if sparse:
+        header, off = {}, 0
+        for key, shape in shapes.items():
+            n = tdtype.itemsize * shape[0] * shape[1]
+            header[key] = {"dtype": ST_DTYPE[tdtype], "shape": list(shape), "data_offsets": [off, off + n]}
+            off += n
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(out / "adapter_model.safetensors", "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            f.truncate(8 + len(raw) + off)
+    else:
+        tensors = {key: fn(key, shape).to(tdtype).contiguous() for key, shape in shapes.items()}
+        tensors.update({k: v.contiguous() for k, v in (extra or {}).items()})
+        save_file(tensors, str(out / "adapter_model.safetensors"))
+    meta = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
+            "target_modules": sorted(set(targets)), "base_model_name_or_path": base, "fan_in_fan_out": False,
+            "use_rslora": False, "use_dora": False, "modules_to_save": None, "bias": "none",
+            "rank_pattern": {}, "alpha_pattern": {}, **(config or {})}
+    (out / "adapter_config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
