@@ -107,6 +107,7 @@ class Input:
     # a LoRA adapter: nbytes counts its factors, r x (in + out) per module, not dense tensors;
     # ``sizes`` holds only its full tensors (modules_to_save), the ones staged like a checkpoint's
     adapter: bool = False
+    lowrank_numel: int = 0  # an adapter's largest tensor held as factors (elements)
 
 
 @dataclass
@@ -195,11 +196,13 @@ def scratch_kind(method: str) -> str:
 
 
 def scratch_bytes(largest_numel: int, methods: list[str], n_models: int, out_elem: int, device: str = "cpu",
-                  largest_matrix: tuple[int, int] | None = None, adapters: int = 0) -> int:
+                  largest_matrix: tuple[int, int] | None = None, adapters: int = 0,
+                  adapter_numel: int | None = None) -> int:
     """Device bytes one tensor's merge needs beside its inputs (the worst of ``methods``);
     the singular-value methods' SVDs are sized on ``largest_matrix`` (:func:`svd_scratch`).
     Each of ``adapters`` LoRA adapters adds ADAPTER_F32 buffers (its dense delta, and
-    base + delta for methods that read tensors), made from its factors for one tensor."""
+    base + delta for methods that read tensors) of the largest tensor it holds as factors
+    (``adapter_numel``, by default the largest tensor), made for one tensor at a time."""
     from mergesearch.methods.kernels import eager_chunk
     elementwise = [m for m in methods if not _spectral(m)]
     full = max((SCRATCH_F32[scratch_kind(m)][0] + SCRATCH_F32[scratch_kind(m)][1] * n_models for m in elementwise),
@@ -208,7 +211,7 @@ def scratch_bytes(largest_numel: int, methods: list[str], n_models: int, out_ele
     out = int(largest_numel * (4 * full + out_elem)) + min(largest_numel, eager_chunk(device)) * 4 * chunk
     if not elementwise:
         out = 0  # tensors that are not matrices take a weighted mean: within the matrices' bound
-    out += largest_numel * 4 * ADAPTER_F32 * adapters
+    out += (largest_numel if adapter_numel is None else adapter_numel) * 4 * ADAPTER_F32 * adapters
     svd = max((svd_scratch(largest_matrix, m, n_models) for m in methods if _spectral(m) and largest_matrix),
               default=0)
     return max(out, svd)
@@ -303,7 +306,8 @@ def model_input(key: str, ref: str, base) -> Input:
     from mergesearch.engine.adapter import Adapter
     c = sources.open_model(ref, base)
     if isinstance(c, Adapter):
-        return Input(key, str(ref), sum(c.sizes().values()), "model", c.dense_sizes(), adapter=True)
+        return Input(key, str(ref), sum(c.sizes().values()), "model", c.dense_sizes(), adapter=True,
+                     lowrank_numel=max((c.numel(n) for n in c.factors), default=0))
     s = checkpoint_sizes(c)
     return Input(key, str(ref), sum(s.values()), "model", s)
 
@@ -337,7 +341,7 @@ def make_plan(base: str | None, models: list[str], methods: list[str], *, device
         inputs.append(model_input(f"m{i}", m, base_ckpt))
     adapters = sum(i.adapter for i in inputs)
     scratch = scratch_bytes(ref.numel(largest), methods, len(models), edtype.itemsize, device, largest_matrix,
-                            adapters=adapters)
+                            adapters=adapters, adapter_numel=max((i.lowrank_numel for i in inputs), default=0))
     factors = factor_bytes(matrices, methods, len(models))
     # a LoRA adapter's untouched tensors are the base's: read whatever the method
     uses_base = base is not None and (adapters > 0 or any(REGISTRY[m].uses_base != "no" for m in methods))
