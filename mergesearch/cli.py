@@ -110,7 +110,8 @@ def zoo_build(
 
 @app.command("eval")
 def eval_cmd(
-    model_dir: Path = typer.Argument(..., help="HF model folder"),
+    model_dir: str = typer.Argument(..., metavar="MODEL", help="HF model folder, Hub ID (org/name[@revision]) "
+                                    "or BASE+ADAPTER"),
     tasks: Optional[str] = typer.Option(None, help="comma-separated task names"),
     config: Optional[Path] = typer.Option(None, "--config", help="evaluation YAML (tasks, split, limit, ...)"),
     split: Optional[str] = typer.Option(None, help="dev or test"),
@@ -125,14 +126,15 @@ def eval_cmd(
     import json
     import time
 
-    from mergesearch.engine.checkpoint import Checkpoint
     from mergesearch.fsutil import atomic_file
     from mergesearch.evaluate import EvalConfig, build_evaluator
     from mergesearch.config import pydantic_error
 
     from pydantic import ValidationError
 
-    Checkpoint(model_dir)  # a clear error for a missing or non-model folder
+    from mergesearch.engine.sources import open_model, pin, short
+    model_dir = pin(model_dir)
+    open_model(model_dir)  # a clear error for a missing or non-model folder, before any work
     if config:
         cfg = EvalConfig.load(config)
     elif tasks:
@@ -159,9 +161,9 @@ def eval_cmd(
     for t, v in scores.items():
         typer.echo(f"{t:<{width}}  {v:.4f}")
     typer.echo(f"{'mean':<{width}}  {agg:.4f}   ({cfg.evaluator}, {seconds:.2f}s)")
-    out = out or Path("results") / "eval" / f"{model_dir.resolve().name}-{cfg.split}.json"
+    out = out or Path("results") / "eval" / f"{short(model_dir).strip('+').replace('/', '--')}-{cfg.split}.json"
     with atomic_file(out) as f:
-        json.dump({"model": str(model_dir.resolve()), "split": cfg.split, "evaluator": cfg.evaluator,
+        json.dump({"model": model_dir, "split": cfg.split, "evaluator": cfg.evaluator,
                    "scores": scores, "aggregate": agg, "seconds": seconds, "config": cfg.model_dump()}, f, indent=2)
     typer.echo(f"wrote {out}")
 
@@ -247,7 +249,7 @@ def _export_and_print(run: str, trial, storage, device: str | None = None) -> No
 
 @app.command()
 def curvature(
-    model_dir: Path = typer.Argument(..., metavar="MODEL", help="HF model folder"),
+    model_dir: str = typer.Argument(..., metavar="MODEL", help="HF model folder, Hub ID or BASE+ADAPTER"),
     data: Optional[str] = typer.Option(None, "--data", help="a .jsonl file, or TASK:SPLIT under --task-dir"),
     kind: str = typer.Option("fisher", "--kind", help="fisher, empirical_fisher, squared_grad, gram or adam"),
     n_examples: int = typer.Option(128, "--n-examples", help="examples to average over"),

@@ -274,3 +274,46 @@ def test_ties_on_adapters_equals_mergekit_on_base_plus_adapter(tmp_path, exact):
     assert set(ours) == set(want)
     worst = max((ours[n] - want[n]).abs().max().item() for n in ours)
     assert worst <= 1e-6, worst
+
+
+SCRATCH_SHAPE = dict(hidden=256, layers=2, intermediate=512, vocab=256, heads=4)  # largest: the MLP, 512 x 256
+
+
+@pytest.fixture(scope="module")
+def bf16_adapters(tmp_path_factory):
+    from mergesearch.zoo.synthetic import make_family
+    d = tmp_path_factory.mktemp("scratch_lora")
+    f = make_family(d / "family", n_models=1, dtype="bfloat16", noise=0.002, seed=0, **SCRATCH_SHAPE)
+    s = SCRATCH_SHAPE
+    cfg = llama_config(s["hidden"], s["layers"], s["intermediate"], s["vocab"], s["heads"], "bfloat16")
+    return str(f["base"]), [pin(str(write_adapter(d / f"a{k}", cfg, str(f["base"]), r=8, dtype="bfloat16")),
+                                base=str(f["base"])) for k in range(3)] + [str(f["ft0"])]
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "linear", "karcher", "tsv"])
+def test_plan_scratch_bounds_a_merge_of_adapters(bf16_adapters, method, monkeypatch):
+    """Three adapters and a full fine-tune: what one tensor's merge keeps alive, with the
+    adapters' deltas made from their factors, stays within the planned scratch."""
+    from memtrack import LiveBytes
+
+    from mergesearch.engine.models import load_model
+    from mergesearch.methods import kernels
+    monkeypatch.setattr(kernels, "_compile_available", lambda: False)
+    monkeypatch.setenv("MERGESEARCH_NATIVE", "0")
+    base, models = bf16_adapters
+    spec = REGISTRY[method]
+    recipe = from_dict(dict(method=method, base=base, dtype="bfloat16", seed=0, models=[
+        {"path": m, "parameters": {k: v for k, v in (("weight", 0.3 + 0.1 * i), ("density", 0.4))
+                                   if spec.param(k) is not None and spec.param(k).scope == "model"}}
+        for i, m in enumerate(models)]))
+    plan = make_plan(base, models, [method])
+    assert sum(i.adapter for i in plan.inputs) == 3 and plan.inputs[1].lowrank_numel == 512 * 256
+    mat = Materializer(base, models, methods=[method], check=False, placement=plan)
+    model, _ = load_model(base, dtype="bfloat16")
+    mat.write_into(model, recipe)
+    probe = LiveBytes()
+    with probe:
+        mat.write_into(model, recipe)
+    mat.close()
+    largest = 512 * 256 * 4
+    assert probe.peak <= plan.scratch, f"{probe.peak / largest:.2f} x the largest, plan {plan.scratch / largest:.2f}"

@@ -13,7 +13,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -78,10 +77,11 @@ def open_plan(recipe: Recipe, *, allow_unrelated: bool = False, check: bool = Tr
     distances = check_compatible(base, models, allow_unrelated=allow_unrelated) if check else {}
     tok = recipe.tokenizer_source
     if tok and tok != "base":
-        if not Path(tok).is_dir():
+        tok_dir = sources.model_dir(tok)
+        if not tok_dir.is_dir():
             raise MergeSearchError(f"{tok}: tokenizer_source is not a folder")
         ref = base if base is not None else models[0]
-        vocab, ref_vocab = tokenizer_vocab(Path(tok)), ref.tokenizer_vocab()
+        vocab, ref_vocab = tokenizer_vocab(tok_dir), ref.tokenizer_vocab()
         if vocab is not None and ref_vocab is not None and vocab != ref_vocab:
             raise MergeSearchError(f"{tok}: tokenizer vocabulary differs from {ref.path}")
     side = open_side_inputs(recipe, base, models)
@@ -222,7 +222,7 @@ def stream_merge(
         cfg_updates = {k: out_name for k in ("torch_dtype", "dtype") if k in plan.ref.config} or {"torch_dtype": out_name}
         tok_dir = None
         if tok and tok != "base":
-            tok_dir = Path(tok)
+            tok_dir = sources.model_dir(tok)
             if not tok_dir.is_dir():
                 raise MergeSearchError(f"{tok}: tokenizer_source is not a folder")
         writer.copy_side_files(source, tok_dir, cfg_updates)

@@ -176,7 +176,8 @@ class Placement:
             lines.append(f"  staging slots         {fmt_bytes(self.staging):>12}")
         for i in self.inputs:
             tier = "device" if i.key in self.resident else "host"
-            lines.append(f"  {i.key:<20}  {fmt_bytes(i.nbytes):>12}  {tier:<6}  {i.path}")
+            kind = "  (LoRA factors)" if i.adapter else ""
+            lines.append(f"  {i.key:<20}  {fmt_bytes(i.nbytes):>12}  {tier:<6}  {i.path}{kind}")
         lines.append(f"tiers: device {fmt_bytes(self.device_bytes)}, host {fmt_bytes(self.host_bytes)}")
         bw = self.bandwidth
         lines.append(f"per candidate: reads {fmt_bytes(self.read_per_candidate)}, moves "

@@ -309,7 +309,7 @@ def curvature(model_dir: str | Path, kind: str, data: str | None = None, task_di
     from mergesearch.engine import sources
     if kind not in KINDS:
         raise MergeSearchError(f"--kind: '{kind}' is not one of {', '.join(KINDS)}")
-    ref = str(model_dir)
+    ref = sources.pin(str(model_dir))
     opened = sources.open_model(ref)  # a clear error for a missing or non-model folder
     if kind == "adam" and not isinstance(opened, Checkpoint):
         raise MergeSearchError(f"{ref}: --kind adam reads a full fine-tune's optimizer state; a LoRA adapter has "
