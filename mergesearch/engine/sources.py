@@ -99,6 +99,15 @@ def hub_cache() -> Path:
     return Path(home).expanduser() / "hub"
 
 
+def hub_env() -> dict[str, str]:
+    """The Hub settings of this process, for processes that resolve pinned references
+    elsewhere (Ray workers): the cache folder, and offline mode when it is set."""
+    env = {"HF_HUB_CACHE": str(hub_cache())}
+    if offline():
+        env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
 def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 

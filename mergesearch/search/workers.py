@@ -106,10 +106,16 @@ class Worker:
 
     def __init__(self, worker_id: int, base: str | None, models: list[str], methods: list[str], eval_cfg: dict,
                  threads: int = 1, faults: dict | None = None, side: dict | None = None,
-                 placement: dict | None = None):
+                 placement: dict | None = None, hub: dict | None = None):
         """``placement``: budget (bytes or None), eval_reserve, stream, share (GPUs per
-        worker) and dtype (of the evaluation model and the export) for the plan."""
+        worker) and dtype (of the evaluation model and the export) for the plan. ``hub``:
+        the controller's Hugging Face cache settings, so that Hub models pinned there are
+        found here (a worker's environment is the Ray node's, not the controller's)."""
+        import os
+
         import torch
+
+        os.environ.update(hub or {})
 
         from mergesearch.evaluate import EvalConfig, build_evaluator
         from mergesearch.engine.materialize import Materializer
@@ -309,7 +315,8 @@ class WorkerPool:
                      "eval_reserve": parse_size(res["eval_memory"], "resources.eval_memory")
                      if res.get("eval_memory") is not None else None,
                      "stream": res.get("stream", "auto"), "share": self.num_gpus or 1.0, "dtype": dtype}
-        self.args = (base, models, methods, eval_cfg, self.threads, faults or {}, side, placement)
+        from mergesearch.engine.sources import hub_env
+        self.args = (base, models, methods, eval_cfg, self.threads, faults or {}, side, placement, hub_env())
         self.trial_timeout = trial_timeout
         self.setup_timeout = float(res.get("setup_timeout") or 1800.0)
         self.next_id = 0
