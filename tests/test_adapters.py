@@ -317,3 +317,26 @@ def test_plan_scratch_bounds_a_merge_of_adapters(bf16_adapters, method, monkeypa
     mat.close()
     largest = 512 * 256 * 4
     assert probe.peak <= plan.scratch, f"{probe.peak / largest:.2f} x the largest, plan {plan.scratch / largest:.2f}"
+
+
+def test_plan_of_an_8b_family_of_adapters(tmp_path):
+    """Llama-3-8B-shaped (sparse files, headers only): four rank-16 adapters on every
+    projection are 4 x 84 MB of factors, and all of them sit beside the base on a 48 GB
+    device where not one full fine-tune fits."""
+    from mergesearch.zoo.synthetic import LLAMA_8B, shaped_family
+    s = LLAMA_8B
+    fam = shaped_family(tmp_path / "fam", n_models=4)
+    cfg = llama_config(s["hidden"], s["layers"], s["intermediate"], s["vocab"], s["heads"], "bfloat16",
+                       kv_heads=s["kv_heads"])
+    adapters = [pin(str(write_adapter(tmp_path / f"lora{k}", cfg, str(fam["base"]), r=16, dtype="bfloat16",
+                                      sparse=True)), base=str(fam["base"])) for k in range(4)]
+    per_layer = 16 * ((4096 + 4096) * 2 + (4096 + 1024) * 2 + (4096 + 14336) * 3)  # q o, k v, gate up down
+    factors = 2 * 32 * per_layer
+    budget = 48 * 10**9
+    lora = make_plan(str(fam["base"]), adapters, ["ties"], device="cpu", budget=budget)
+    assert [i.nbytes for i in lora.inputs[1:]] == [factors] * 4 and factors == 83_886_080
+    assert lora.resident == ["base", "m0", "m1", "m2", "m3"] and lora.device_bytes <= budget
+    assert "(LoRA factors)" in lora.render()
+    full = make_plan(str(fam["base"]), [str(fam[f"ft{k}"]) for k in range(4)], ["ties"], device="cpu",
+                     budget=budget)
+    assert full.resident == ["base"] and full.host == ["m0", "m1", "m2", "m3"]

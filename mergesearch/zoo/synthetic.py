@@ -81,27 +81,33 @@ def write_shaped_model(out: Path, cfg: dict, dtype: str = "bfloat16") -> Path:
     """A model folder whose ``model.safetensors`` has a real header but no data: a
     sparse file, so a 16 GB model takes no disk. Enough for anything that reads
     headers only (planning); never load its tensors."""
-    import struct
 
-    from mergesearch.engine.checkpoint import ST_DTYPE, DTYPES
+    from mergesearch.engine.checkpoint import DTYPES
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    item = DTYPES[dtype].itemsize
+    write_sparse_safetensors(out / "model.safetensors", dict(llama_layout(cfg)), DTYPES[dtype])
+    (out / "config.json").write_text(json.dumps({**cfg, "torch_dtype": dtype}, indent=2) + "\n")
+    return out
+
+
+def write_sparse_safetensors(file: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> None:
+    """A safetensors file with a real header and no data (a sparse file): sizes without disk."""
+    import math
+    import struct
+
+    from mergesearch.engine.checkpoint import ST_DTYPE
+
     header, off = {}, 0
-    for name, shape in llama_layout(cfg):
-        n = item
-        for d in shape:
-            n *= d
-        header[name] = {"dtype": ST_DTYPE[DTYPES[dtype]], "shape": list(shape), "data_offsets": [off, off + n]}
+    for name, shape in shapes.items():
+        n = dtype.itemsize * math.prod(shape)
+        header[name] = {"dtype": ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [off, off + n]}
         off += n
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(out / "model.safetensors", "wb") as f:
+    with open(file, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         f.truncate(8 + len(raw) + off)
-    (out / "config.json").write_text(json.dumps({**cfg, "torch_dtype": dtype}, indent=2) + "\n")
-    return out
 
 
 def shaped_family(out: str | Path, n_models: int = 4, dtype: str = "bfloat16", **shape) -> dict[str, Path]:
@@ -219,11 +225,9 @@ def write_adapter(out: str | Path, cfg: dict, base: str | None, factor_fn=None, 
     factor (default: seeded normal values, B included, so the adapter changes the model);
     ``extra`` adds tensors by key (e.g. a ``modules_to_save`` copy); ``sparse`` writes a
     header-only file, like :func:`write_shaped_model` (for planning)."""
-    import struct
-
     from safetensors.torch import save_file
 
-    from mergesearch.engine.checkpoint import DTYPES, ST_DTYPE
+    from mergesearch.engine.checkpoint import DTYPES
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,16 +238,7 @@ def write_adapter(out: str | Path, cfg: dict, base: str | None, factor_fn=None, 
         shapes[f"base_model.model.{module}.lora_B.weight"] = b
     fn = factor_fn or (lambda key, shape: torch.randn(shape, generator=_gen(0, "lora", str(out), key)) * 0.05)
     if sparse:
-        header, off = {}, 0
-        for key, shape in shapes.items():
-            n = tdtype.itemsize * shape[0] * shape[1]
-            header[key] = {"dtype": ST_DTYPE[tdtype], "shape": list(shape), "data_offsets": [off, off + n]}
-            off += n
-        raw = json.dumps(header).encode()
-        raw += b" " * (-len(raw) % 8)
-        with open(out / "adapter_model.safetensors", "wb") as f:
-            f.write(struct.pack("<Q", len(raw)) + raw)
-            f.truncate(8 + len(raw) + off)
+        write_sparse_safetensors(out / "adapter_model.safetensors", shapes, tdtype)
     else:
         tensors = {key: fn(key, shape).to(tdtype).contiguous() for key, shape in shapes.items()}
         tensors.update({k: v.contiguous() for k, v in (extra or {}).items()})
