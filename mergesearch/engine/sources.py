@@ -71,10 +71,15 @@ def parse_part(text: str, where: str = "model") -> Part:
     if _is_path(text):
         return Part(str(Path(os.path.expanduser(text))), hub=False)
     repo, at, revision = text.partition("@")
-    if repo.count("/") == 1 and not repo.endswith("/") or at:
+    # two names around slashes (``org/name``; ``org//name`` is a malformed Hub ID, not a
+    # folder), or anything with an '@': a Hub ID, to be validated
+    if re.fullmatch(r"[^/]+/+[^/]+", repo) or at:
         if not HUB_ID.fullmatch(repo) or "--" in repo or ".." in repo:
             raise MergeSearchError(f"{text}: malformed Hub ID (expected org/name or org/name@revision, with letters, "
                                    "digits, '-', '_' and '.')")
+        if at and not revision:
+            raise MergeSearchError(f"{text}: empty Hub revision after '@' (write {repo}@REVISION: a branch, tag or "
+                                   f"commit, or {repo} for main)")
         if at and (not REVISION.fullmatch(revision) or ".." in revision):
             raise MergeSearchError(f"{text}: malformed Hub revision '{revision}' (a branch, tag or commit)")
         return Part(text, hub=True, repo=repo, revision=revision or None)
@@ -113,8 +118,15 @@ def offline() -> bool:
 
 
 def _cached_revisions(repo: str) -> list[str]:
-    refs = hub_cache() / f"models--{repo.replace('/', '--')}" / "refs"
-    return sorted(p.name for p in refs.iterdir()) if refs.is_dir() else []
+    """The revisions of ``repo`` the cache can resolve offline: its refs (branches and
+    tags, ``refs/pr/1`` included, as nested files) and the commits of snapshots no ref
+    names."""
+    root = hub_cache() / f"models--{repo.replace('/', '--')}"
+    refs = {p.relative_to(root / "refs").as_posix(): p.read_text().strip()
+            for p in (root / "refs").rglob("*") if p.is_file()} if (root / "refs").is_dir() else {}
+    snaps = sorted(p.name for p in (root / "snapshots").iterdir()
+                   if p.is_dir()) if (root / "snapshots").is_dir() else []
+    return sorted(refs) + [c for c in snaps if c not in refs.values()]
 
 
 def resolve_hub(part: Part) -> tuple[Path, str]:
@@ -126,6 +138,9 @@ def resolve_hub(part: Part) -> tuple[Path, str]:
     if part.pinned:  # a commit already in the cache: no request at all
         snap = cache / f"models--{part.repo.replace('/', '--')}" / "snapshots" / part.revision
         if snap.is_dir():
+            # a commit asked for as such (a reference pinned earlier in this process keeps what it was asked as)
+            _RESOLVED.setdefault(part.text, {"repo": part.repo, "requested": part.revision, "commit": part.revision,
+                                             "snapshot": str(snap)})
             return snap, part.revision
     rev = part.revision or "main"
     fetch = f"hf download {part.repo}" + (f" --revision {part.revision}" if part.revision else "")
@@ -137,6 +152,11 @@ def resolve_hub(part: Part) -> tuple[Path, str]:
     except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
         raise MergeSearchError(f"{part.text}: no such model on the Hub, or no access to it "
                                f"({type(e).__name__})") from None
+    except errors.IncompleteSnapshotError as e:  # the cache's tree listing names files the snapshot lacks
+        missing = re.search(r"is incomplete: (.*?\))\. ", str(e))
+        raise MergeSearchError(f"{part.text}: the cached snapshot of {part.repo} at '{rev}' is incomplete"
+                               f"{f' ({missing.group(1)})' if missing else ''}; complete it online with "
+                               f"`{fetch}`") from None
     except errors.LocalEntryNotFoundError:
         known = _cached_revisions(part.repo)
         if known:
@@ -189,7 +209,7 @@ def pin(ref: str | None, folder: str | os.PathLike | None = None, base: str | No
     """``ref`` as every later step reads it: local paths absolute (relative ones taken
     from ``folder``), Hub IDs at their commit, and an adapter folder listed alone as
     ``base+adapter`` (``base`` pinned already). Resolves Hub IDs through the cache."""
-    if ref is None or ref == "base":
+    if ref is None or (ref == "base" and where == "tokenizer_source"):  # the keyword: the merge's base
         return ref
     folder = Path(folder) if folder is not None else None
     if "+" in ref and not (folder is not None and (folder / ref).exists()) and not os.path.exists(ref):
@@ -241,7 +261,6 @@ def describe(ref: str) -> dict:
 def open_model(ref: str, base=None, *, allow_unrelated: bool = False):
     """A pinned reference opened for reading: a Checkpoint, or an Adapter over ``base``
     (a Checkpoint) for an adapter folder or a ``base+adapter`` reference."""
-    from mergesearch.engine.adapter import Adapter
     from mergesearch.engine.checkpoint import Checkpoint
 
     model, adapter = split(ref)
@@ -250,14 +269,27 @@ def open_model(ref: str, base=None, *, allow_unrelated: bool = False):
         if not is_adapter_dir(folder):
             return Checkpoint(folder, label=ref)
         if base is None:
-            raise MergeSearchError(f"{ref}: a LoRA adapter needs a base model: give the space or recipe a base, "
-                                   "or write BASE+ADAPTER")
-        return Adapter(folder, base, label=ref, allow_unrelated=allow_unrelated)
+            raise MergeSearchError(f"{ref}: a LoRA adapter needs a base model: give the space or recipe a base "
+                                   "(a soup: --base), or write BASE+ADAPTER")
+        return _adapter(folder, model, base, ref, allow_unrelated)
     named = Checkpoint(local_dir(model), label=model.text)
     if base is not None and named.path.resolve() != base.path.resolve():
         raise MergeSearchError(f"{ref}: the adapter's base {model.text} is not the base of this merge ({base.label})")
-    return Adapter(local_dir(adapter), base if base is not None else named, label=ref,
-                   allow_unrelated=allow_unrelated)
+    return _adapter(local_dir(adapter), adapter, base if base is not None else named, ref, allow_unrelated)
+
+
+def _adapter(folder: Path, part: Part, base, ref: str, allow_unrelated: bool):
+    """An Adapter over ``base``; a Hub adapter's refusal names it (``org/name@commit``),
+    not the cache folder it lies in."""
+    from mergesearch.engine.adapter import Adapter
+
+    try:
+        return Adapter(folder, base, label=ref, allow_unrelated=allow_unrelated)
+    except MergeSearchError as e:
+        msg = str(e)
+        if part.hub and msg.startswith(str(folder)):
+            raise MergeSearchError(f"{part.text}{msg[len(str(folder)):]}") from None
+        raise
 
 
 def model_dir(ref: str) -> Path:
