@@ -31,10 +31,12 @@ def commit_of(label: str) -> str:
     return hashlib.sha1(label.encode()).hexdigest()
 
 
-def add_snapshot(cache: Path, repo: str, files: dict[str, Path | bytes], commit: str, refs=("main",)) -> Path:
+def add_snapshot(cache: Path, repo: str, files: dict[str, Path | bytes], commit: str, refs=("main",),
+                 missing: tuple[str, ...] = ()) -> Path:
     """One commit of ``repo`` in the cache, as huggingface_hub leaves it after a download:
     each file a blob named by its sha256 under ``blobs/``, the snapshot's files relative
-    symlinks to them, and each ref (a branch or tag name) a file holding the commit."""
+    symlinks to them, each ref (a branch or tag name) a file holding the commit, and the
+    commit's tree listing. ``missing`` files are listed but not in the snapshot."""
     root = cache / f"models--{repo.replace('/', '--')}"
     snap = root / "snapshots" / commit
     (root / "blobs").mkdir(parents=True, exist_ok=True)
@@ -50,7 +52,26 @@ def add_snapshot(cache: Path, repo: str, files: dict[str, Path | bytes], commit:
     for ref in refs:
         (root / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
         (root / "refs" / ref).write_text(commit)  # no newline, as huggingface_hub writes it
+    write_tree(root, commit, files)
+    for name in missing:  # an interrupted download: listed in the commit's tree, not in the snapshot
+        blob = (snap / name).resolve()
+        (snap / name).unlink()
+        blob.rename(blob.with_name(blob.name + ".incomplete"))
     return snap
+
+
+def write_tree(root: Path, commit: str, files: dict[str, Path | bytes]) -> None:
+    """The commit's tree listing, ``trees/<commit>.json``, as huggingface_hub >= 1.x caches
+    it beside the snapshots (offline, it tells a complete snapshot from a partial one)."""
+    entries = {}
+    for name, src in files.items():
+        data = src if isinstance(src, bytes) else Path(src).read_bytes()
+        info = {"size": len(data), "blob_id": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
+        if name.endswith(".safetensors"):
+            info.update(lfs_sha256=hashlib.sha256(data).hexdigest(), lfs_size=len(data))
+        entries[name] = info
+    (root / "trees").mkdir(exist_ok=True)
+    (root / "trees" / f"{commit}.json").write_text(json.dumps({"format_version": 1, "files": entries}, indent=2))
 
 
 def model_files(folder: Path) -> dict[str, Path]:
@@ -133,6 +154,10 @@ def build_hub(root: Path, zoo: Path) -> Hub:
         commits[repo] = commit_of(f"{repo} main")
         add_snapshot(cache, repo, model_files(zoo / f"ft_{task}"), commits[repo])
         local[repo] = zoo / f"ft_{task}"
+    # a pull request's ref (huggingface_hub keeps it as refs/refs/pr/1)
+    commits["org/ft-max@refs/pr/1"] = commit_of("org/ft-max pr 1")
+    add_snapshot(cache, "org/ft-max", model_files(zoo / "ft_max"), commits["org/ft-max@refs/pr/1"],
+                 refs=("refs/pr/1",))
     targets = ["q_proj", "v_proj", "up_proj"]
     made = {
         "org/lora": (LoraConfig(r=4, lora_alpha=8, target_modules=targets), 0.0),
@@ -146,6 +171,9 @@ def build_hub(root: Path, zoo: Path) -> Hub:
         commits[repo] = commit_of(f"{repo} main")
         local[repo] = local_copy(folders / repo.replace("/", "--"), adapter_files(made_dir))
         add_snapshot(cache, repo, adapter_files(made_dir), commits[repo])
+    # an older commit of the LoRA that no ref names any more (downloaded by its commit)
+    commits["org/lora@old"] = commit_of("org/lora old")
+    add_snapshot(cache, "org/lora", adapter_files(local["org/lora"]), commits["org/lora@old"], refs=())
     # a LoRA of another Llama: hidden size 64 where the zoo's is 96
     other = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
@@ -153,6 +181,10 @@ def build_hub(root: Path, zoo: Path) -> Hub:
                             LoraConfig(r=4, lora_alpha=8, target_modules=targets), seed=9, model=other)
     commits["org/lora-other"] = commit_of("org/lora-other main")
     add_snapshot(cache, "org/lora-other", adapter_files(made_dir, "org/other-base"), commits["org/lora-other"])
+    # a download interrupted before the weights arrived
+    commits["org/partial"] = commit_of("org/partial main")
+    add_snapshot(cache, "org/partial", model_files(zoo / "ft_add"), commits["org/partial"],
+                 missing=("model.safetensors",))
     return Hub(cache, local, commits)
 
 
@@ -309,3 +341,119 @@ def test_modules_to_save_is_merged_as_its_full_copy(hub, tmp_path, capsys):
     for k in got:
         torch.testing.assert_close(got[k], peft[k], rtol=0, atol=1e-6, msg=k)
     assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_the_cache_lists_what_it_can_resolve(hub):
+    pr = hub.commits["org/ft-max@refs/pr/1"]
+    assert sources.pin("org/ft-max@refs/pr/1") == f"org/ft-max@{pr}"
+    assert sources.pin(f"org/lora@{hub.commits['org/lora@old']}") == f"org/lora@{hub.commits['org/lora@old']}"
+    assert sources._cached_revisions("org/base") == ["main", "v1"]
+    assert sources._cached_revisions("org/ft-max") == ["main", "refs/pr/1"]
+    assert sources._cached_revisions("org/lora") == ["main", hub.commits["org/lora@old"]]
+    assert sources._cached_revisions("org/missing") == []
+
+
+# -- one-line errors (docs/ERRORS.md) ------------------------------------------------------
+
+RESOLVED = __import__("re").compile(r"\S+: resolved to commit [0-9a-f]{40}")
+
+
+def refused(capsys, *argv) -> str:
+    """The one error line of a refused command (the Hub resolutions before it logged aside)."""
+    code, out, err = run_cli(capsys, *argv)
+    lines = [line for line in err.splitlines() if not RESOLVED.fullmatch(line)]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0][len("error: "):]
+
+
+def bad_recipe(tmp: Path, base: str = "org/base", model: str = "org/ft-max") -> Path:
+    return write(tmp / "r.yaml", {"method": "task_arithmetic", "base": base,
+                                  "models": [{"path": "org/ft-add", "parameters": {"weight": 0.5}},
+                                             {"path": model, "parameters": {"weight": 0.5}}]})
+
+
+MALFORMED = "malformed Hub ID (expected org/name or org/name@revision, with letters, digits, '-', '_' and '.')"
+ADVICE = "merge it into its base with PEFT (merge_and_unload) and list the result as a full fine-tune"
+# case -> (recipe's base and model, the message: a function of the hub, the recipe file, the cache)
+BAD_REFERENCES = {
+    "unknown-revision": (("org/base@nope", "org/ft-max"), lambda h, r, c: (
+        f"{r}: org/base@nope: revision 'nope' is not in the Hugging Face cache ({c}; cached: main, v1); "
+        "fetch it online with `hf download org/base --revision nope`")),
+    "unknown-revision-pr": (("org/base", "org/ft-max@refs/pr/2"), lambda h, r, c: (
+        f"{r}: org/ft-max@refs/pr/2: revision 'refs/pr/2' is not in the Hugging Face cache ({c}; cached: main, "
+        "refs/pr/1); fetch it online with `hf download org/ft-max --revision refs/pr/2`")),
+    "malformed-double-slash": (("org/base", "org//x"), lambda h, r, c: f"{r}: org//x: {MALFORMED}"),
+    "malformed-space": (("org/base", "org/na me"), lambda h, r, c: f"{r}: org/na me: {MALFORMED}"),
+    "malformed-dashes": (("org/base", "org/a--b"), lambda h, r, c: f"{r}: org/a--b: {MALFORMED}"),
+    "empty-revision": (("org/base", "org/name@"), lambda h, r, c: (
+        f"{r}: org/name@: empty Hub revision after '@' (write org/name@REVISION: a branch, tag or commit, "
+        "or org/name for main)")),
+    "malformed-revision": (("org/base", "org/name@a..b"), lambda h, r, c: (
+        f"{r}: org/name@a..b: malformed Hub revision 'a..b' (a branch, tag or commit)")),
+    "not-cached-offline": (("org/base", "org/missing"), lambda h, r, c: (
+        f"{r}: org/missing: not in the Hugging Face cache ({c}) and HF_HUB_OFFLINE is set; fetch it online first "
+        "with `hf download org/missing`")),
+    "incomplete-snapshot": (("org/base", "org/partial"), lambda h, r, c: (
+        f"{r}: org/partial: the cached snapshot of org/partial at 'main' is incomplete (1 file(s) are missing "
+        "(model.safetensors)); complete it online with `hf download org/partial`")),
+    "adapter-other-architecture": (("org/base", "org/lora-other"), lambda h, r, c: (
+        f"org/lora-other@{h.commits['org/lora-other']}: LoRA factors of 'model.layers.0.mlp.up_proj' ([128, 4] @ "
+        "[4, 64]) do not make the base's 'model.layers.0.mlp.up_proj.weight' [256, 96] (an adapter for another "
+        "architecture?)")),
+    "adapter-dora": (("org/base", "org/lora-dora"), lambda h, r, c: (
+        f"org/lora-dora@{h.commits['org/lora-dora']}: a DoRA adapter (use_dora: true)", ADVICE)),
+    "adapter-ia3": (("org/base", "org/ia3"), lambda h, r, c: (
+        f"org/ia3@{h.commits['org/ia3']}: a", "IA3 adapter; only LoRA adapters can be merged", ADVICE)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REFERENCES))
+def test_bad_references_are_refused_in_one_line(hub, tmp_path, capsys, case):
+    (base, model), message = BAD_REFERENCES[case]
+    r = bad_recipe(tmp_path, base, model)
+    before = cache_listing(hub.cache)
+    line = refused(capsys, "merge", r, "-o", tmp_path / "out")
+    want = message(hub, r, hub.cache)
+    if isinstance(want, str):
+        assert line == want
+    else:  # key phrases, in order (the wording between them is adapter.py's)
+        at = 0
+        for phrase in want:
+            assert phrase in line[at:], (phrase, line)
+            at = line.index(phrase, at) + len(phrase)
+        assert line.startswith(want[0])
+    assert not (tmp_path / "out").exists()
+    assert cache_listing(hub.cache) == before
+
+
+def test_an_adapter_without_a_base_is_refused(hub, tmp_path, capsys):
+    """A soup's ingredients have no base unless --base names one: an adapter alone is not a model."""
+    zoo = hub.local["org/base"].parent
+    ev = write(tmp_path / "e.yaml", {"tasks": ["add"], "task_dir": str(zoo)})
+    line = refused(capsys, "soup", "org/lora", "org/ft-add", "--eval", ev, "--run", "s")
+    assert line == (f"org/lora@{hub.commits['org/lora']}: a LoRA adapter needs a base model: give the space or recipe "
+                    "a base (a soup: --base), or write BASE+ADAPTER")
+    # and a recipe without a base (a method that needs none) says the same
+    r = write(tmp_path / "r.yaml", {"method": "linear", "models": [
+        {"path": "org/ft-add", "parameters": {"weight": 0.5}}, {"path": "org/lora", "parameters": {"weight": 0.5}}]})
+    line = refused(capsys, "merge", r, "-o", tmp_path / "out")
+    assert line.startswith(f"org/lora@{hub.commits['org/lora']}: a LoRA adapter needs a base model")
+    assert not (tmp_path / "results").exists() and not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_hub_falls_back_to_the_cache(hub, tmp_path):
+    """Online (HF_HUB_OFFLINE unset) with the Hub unreachable: cached models resolve from
+    the cache's refs; a model not cached is refused in one line that says how to fetch it."""
+    exe = Path(sys.executable).parent / "mergesearch"
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(hub.cache),
+           "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens: connection refused at once
+    ok = subprocess.run([str(exe), "merge", bad_recipe(tmp_path), "-o", str(tmp_path / "out")], env=env,
+                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    (tmp_path / "r.yaml").unlink()
+    bad = subprocess.run([str(exe), "merge", bad_recipe(tmp_path, model="org/missing"), "-o", str(tmp_path / "o2")],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = [line for line in bad.stderr.splitlines() if not RESOLVED.fullmatch(line)]
+    assert bad.returncode == 2 and lines == [
+        f"error: {tmp_path / 'r.yaml'}: org/missing: cannot reach the Hub and the model is not in the cache "
+        f"({hub.cache}); fetch it with `hf download org/missing`"], bad.stderr
