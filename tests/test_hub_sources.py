@@ -457,3 +457,95 @@ def test_an_unreachable_hub_falls_back_to_the_cache(hub, tmp_path):
     assert bad.returncode == 2 and lines == [
         f"error: {tmp_path / 'r.yaml'}: org/missing: cannot reach the Hub and the model is not in the cache "
         f"({hub.cache}); fetch it with `hf download org/missing`"], bad.stderr
+
+
+# -- plan and search -------------------------------------------------------------------------
+
+def hub_space(hub: Hub, **over) -> dict:
+    """A tiny search over Hub IDs: the base at a branch, fine-tunes at a branch and at a
+    commit, and a Hub LoRA adapter listed alone (pinned to base+adapter)."""
+    zoo = hub.local["org/base"].parent
+    return {"base": "org/base@main",
+            "models": ["org/ft-add", f"org/ft-max@{hub.commits['org/ft-max']}", "org/lora"],
+            "evaluator": {"tasks": ["add", "max"], "task_dir": str(zoo), "limit": 20},
+            "methods": ["task_arithmetic"], "parameters": {"weight": {"low": 0.2, "high": 1.0}},
+            "granularity": {"level": "model"}, "sampler": {"name": "random"}, "budget": {"n_trials": 2},
+            "initial_trials": False, "seed": 0, **over}
+
+
+def test_plan_reads_sizes_from_the_cached_headers(hub, tmp_path, capsys):
+    L = hub.local
+    hub_file = write(tmp_path / "hub.yaml", hub_space(hub, methods=["ties"], parameters={
+        "weight": {"low": 0.2, "high": 1.0}, "density": {"low": 0.1, "high": 1.0}}))
+    local_file = write(tmp_path / "local.yaml", {**yaml.safe_load(hub_file.read_text()), "base": str(L["org/base"]),
+                                                 "models": [str(L["org/ft-add"]), str(L["org/ft-max"]),
+                                                            str(L["org/lora"])]})
+    plans = {}
+    for name, f in (("hub", hub_file), ("local", local_file)):
+        code, out, err = run_cli(capsys, "plan", f, "--device", "cpu", "--device-memory", "1GB", "--json")
+        assert code == 0, err
+        plans[name] = json.loads(out)
+    paths = [i.pop("path") for i in plans["hub"]["inputs"]]
+    local_paths = [i.pop("path") for i in plans["local"]["inputs"]]
+    for p in plans.values():
+        p.pop("bandwidth"), p.pop("predicted_s")  # measured here, each time
+    assert plans["hub"] == plans["local"]  # the same sizes, tiers and scratch
+    base = f"org/base@{hub.commits['org/base']}"
+    assert paths == [base, f"org/ft-add@{hub.commits['org/ft-add']}", f"org/ft-max@{hub.commits['org/ft-max']}",
+                     f"{base}+org/lora@{hub.commits['org/lora']}"]
+    assert local_paths[3] == f"{L['org/base']}+{L['org/lora']}"
+    from mergesearch.engine.checkpoint import Checkpoint
+    ck = Checkpoint(L["org/base"])
+    assert [i["nbytes"] for i in plans["hub"]["inputs"][:3]] == [sum(ck.numel(n) * 4 for n in ck.names())] * 3
+    lora = plans["hub"]["inputs"][3]
+    assert lora["adapter"] and lora["nbytes"] < plans["hub"]["inputs"][0]["nbytes"] / 10  # factors, not dense
+    code, out, err = run_cli(capsys, "plan", hub_file, "--device", "cpu", "--device-memory", "1GB")
+    assert code == 0 and f"{base}+org/lora@{hub.commits['org/lora']}  (LoRA factors)" in out
+
+
+@pytest.mark.slow
+def test_search_of_hub_ids_runs_offline_and_records_the_commits(hub, tmp_path, monkeypatch, capsys):
+    """A space of Hub IDs and a Hub adapter: the search, its store and its export name the
+    commits each input resolved to, and the revision it was asked for."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MERGESEARCH_RAY_ADDRESS", raising=False)  # a local Ray: its workers get this HF_HUB_CACHE
+    import optuna
+
+    c = hub.commits
+    assert main(["search", str(write(tmp_path / "hub.yaml", hub_space(hub))), "--run", "hub", "--workers", "1"]) == 0
+    run = tmp_path / "results" / "hub"
+    study = optuna.load_study(study_name="hub", storage=f"sqlite:///{run / 'study.db'}")
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "COMPLETE"]
+    base = f"org/base@{c['org/base']}"
+    ft_add, ft_max = f"org/ft-add@{c['org/ft-add']}", f"org/ft-max@{c['org/ft-max']}"
+    lora = f"{base}+org/lora@{c['org/lora']}"
+    assert study.user_attrs["sources"] == {
+        base: {"model": {"repo": "org/base", "requested": "main", "commit": c["org/base"]}},
+        ft_add: {"model": {"repo": "org/ft-add", "requested": "main", "commit": c["org/ft-add"]}},
+        ft_max: {"model": {"repo": "org/ft-max", "requested": c["org/ft-max"], "commit": c["org/ft-max"]}},
+        lora: {"model": {"repo": "org/base", "requested": "main", "commit": c["org/base"]},
+               "adapter": {"repo": "org/lora", "requested": "main", "commit": c["org/lora"]}},
+    }
+    assert study.user_attrs["space"]["base"] == base and study.user_attrs["space"]["models"] == [ft_add, ft_max, lora]
+    # the export: recipe, mergekit config, scores and model card name the commits
+    recipe = yaml.safe_load((run / "best_recipe.yaml").read_text())
+    assert recipe["base"] == base and [m["path"] for m in recipe["models"]] == [ft_add, ft_max, lora]
+    mk = yaml.safe_load((run / "best_mergekit.yaml").read_text())
+    assert mk["base_model"] == base and [m["model"] for m in mk["models"]] == [ft_add, ft_max, lora]
+    scores = json.loads((run / "scores.json").read_text())
+    assert scores["provenance"][lora] == study.user_attrs["sources"][lora]
+    assert scores["dev"]["verified"] is True
+    card = (run / "model" / "README.md").read_text()
+    assert f"- base: `{base}` (model from the Hub: org/base at commit {c['org/base']}, asked for as `main`)" in card
+    assert (f"- `{ft_max}` (model from the Hub: org/ft-max at commit {c['org/ft-max']})") in card
+    assert (f"- `{lora}` (model from the Hub: org/base at commit {c['org/base']}, asked for as `main`; adapter from "
+            f"the Hub: org/lora at commit {c['org/lora']}, asked for as `main`)") in card
+    # the exported weights: the merge of the same models as local folders, bit for bit
+    L = hub.local
+    local = yaml.safe_load((run / "best_recipe.yaml").read_text())
+    local["base"] = str(L["org/base"])
+    for m, p in zip(local["models"], [L["org/ft-add"], L["org/ft-max"], f"{L['org/base']}+{L['org/lora']}"]):
+        m["path"] = str(p)
+    assert main(["merge", str(write(tmp_path / "local.yaml", local)), "-o", str(tmp_path / "local")]) == 0
+    want, got = load_weights(tmp_path / "local"), load_weights(run / "model")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
