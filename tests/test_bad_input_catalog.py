@@ -11,6 +11,7 @@ import yaml
 from mergesearch.cli import main
 
 from conftest import copy_model, rewrite_tensor
+from test_hub_sources import RESOLVED, hub_cache  # noqa: F401  (session fixture: a Hub cache in tmp)
 from test_zoo_eval import zoo  # noqa: F401  (session fixture)
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "ERRORS.md"
@@ -232,6 +233,53 @@ def c_export_run(t, f, o, z):
     return ["export", "nosuchrun"], [t / "results" / "nosuchrun"]
 
 
+# Hub references and adapters: run with HF_HUB_CACHE the test's cache (<hub>), offline
+def hub_recipe(t, model, base="org/base"):
+    return write(t / "r.yaml", {"method": "task_arithmetic", "base": base,
+                                "models": [{"path": "org/ft-add", "parameters": {"weight": 0.5}},
+                                           {"path": model, "parameters": {"weight": 0.5}}]})
+
+
+def c_hub_revision(t, f, o, z):
+    return ["merge", hub_recipe(t, "org/ft-max", base="org/base@nope"), "-o", t / "out"], [t / "out"]
+
+
+def c_hub_malformed(t, f, o, z):
+    return ["merge", hub_recipe(t, "org//x"), "-o", t / "out"], [t / "out"]
+
+
+def c_hub_empty_revision(t, f, o, z):
+    return ["merge", hub_recipe(t, "org/name@"), "-o", t / "out"], [t / "out"]
+
+
+def c_hub_not_cached(t, f, o, z):
+    return ["merge", hub_recipe(t, "org/missing"), "-o", t / "out"], [t / "out"]
+
+
+def c_hub_incomplete(t, f, o, z):
+    return ["merge", hub_recipe(t, "org/partial"), "-o", t / "out"], [t / "out"]
+
+
+def c_adapter_architecture(t, f, o, z):
+    return ["merge", hub_recipe(t, "org/lora-other"), "-o", t / "out"], [t / "out"]
+
+
+def c_adapter_dora(t, f, o, z):
+    return ["merge", hub_recipe(t, "org/lora-dora"), "-o", t / "out"], [t / "out"]
+
+
+def c_adapter_type(t, f, o, z):
+    return ["merge", hub_recipe(t, "org/ia3"), "-o", t / "out"], [t / "out"]
+
+
+def c_adapter_no_base(t, f, o, z):
+    return ["soup", "org/lora", "org/ft-add", "--eval", evalf(t, z), "--run", "s"], [t / "results"]
+
+
+HUB_CASES = {c_hub_revision, c_hub_malformed, c_hub_empty_revision, c_hub_not_cached, c_hub_incomplete,
+             c_adapter_architecture, c_adapter_dora, c_adapter_type, c_adapter_no_base}
+
+
 CASES = [
     ("merge-missing-recipe", c_merge_missing, ["nope.yaml", "no such file"]),
     ("merge-invalid-yaml", c_merge_yaml, ["r.yaml", "invalid YAML"]),
@@ -281,17 +329,53 @@ CASES = [
      ["s.yaml: granularity: depth:", "has 1 transformer layer(s); a depth schedule needs at least 2"]),
     ("plan-svd-too-large", c_plan_svd,
      ["device memory: tsv's SVD of model.embed_tokens.weight (4096 x 32, 2 models) needs", "more than the budget of"]),
+    ("hub-unknown-revision", c_hub_revision,
+     ["r.yaml: org/base@nope: revision 'nope' is not in the Hugging Face cache (", "; cached: main, v1); fetch it "
+                                                                                  "online with `hf download org/base "
+                                                                                  "--revision nope`"]),
+    ("hub-malformed-id", c_hub_malformed,
+     ["r.yaml: org//x: malformed Hub ID (expected org/name or org/name@revision, with letters, digits, '-', '_' "
+      "and '.')"]),
+    ("hub-empty-revision", c_hub_empty_revision,
+     ["r.yaml: org/name@: empty Hub revision after '@' (write org/name@REVISION: a branch, tag or commit, or "
+      "org/name for main)"]),
+    ("hub-not-cached-offline", c_hub_not_cached,
+     ["r.yaml: org/missing: not in the Hugging Face cache (", ") and HF_HUB_OFFLINE is set; fetch it online first "
+                                                              "with `hf download org/missing`"]),
+    ("hub-incomplete-snapshot", c_hub_incomplete,
+     ["r.yaml: org/partial: the cached snapshot of org/partial at 'main' is incomplete (1 file(s) are missing "
+      "(model.safetensors)); complete it online with `hf download org/partial`"]),
+    ("adapter-other-architecture", c_adapter_architecture,
+     ["org/lora-other@", ": LoRA factors of 'model.layers.0.mlp.up_proj' ([128, 4] @ [4, 64]) do not make the "
+                         "base's 'model.layers.0.mlp.up_proj.weight' [256, 96] (an adapter for another "
+                         "architecture?)"]),
+    ("adapter-dora", c_adapter_dora,
+     ["org/lora-dora@", ": a DoRA adapter (use_dora: true)", "merge it into its base with PEFT (merge_and_unload) "
+                                                             "and list the result as a full fine-tune"]),
+    ("adapter-not-lora", c_adapter_type,
+     ["org/ia3@", "IA3 adapter; only LoRA adapters can be merged", "merge it into its base with PEFT "
+                                                                   "(merge_and_unload)"]),
+    ("adapter-without-base", c_adapter_no_base,
+     ["org/lora@", ": a LoRA adapter needs a base model: give the space or recipe a base (a soup: --base), or write "
+                   "BASE+ADAPTER"]),
 ]
 
 
 @pytest.mark.parametrize("case,build,fragments", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(case, build, fragments, tmp_path, family, other_family, zoo, monkeypatch, capsys):
+def test_bad_input(case, build, fragments, tmp_path, family, other_family, zoo, monkeypatch, capsys, request):
     monkeypatch.chdir(tmp_path)
+    if build in HUB_CASES:
+        hub = request.getfixturevalue("hub_cache")
+        monkeypatch.setenv("HF_HUB_CACHE", str(hub.cache))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        cached = sorted(str(p) for p in hub.cache.rglob("*"))
     argv, absent = build(tmp_path, family, other_family, zoo)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     code = main([str(a) for a in argv])
     err = capsys.readouterr().err.strip()
-    lines = [line for line in err.splitlines() if not line.startswith(("merging", "curvature"))]
+    # progress lines, and each Hub ID's resolution ("org/x: resolved to commit C") are logged before it
+    lines = [line for line in err.splitlines() if not line.startswith(("merging", "curvature"))
+             and not RESOLVED.fullmatch(line)]
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     for frag in fragments:
@@ -302,6 +386,8 @@ def test_bad_input(case, build, fragments, tmp_path, family, other_family, zoo, 
     assert after == before  # nothing written, no temp files
     if case == "merge-output-exists":
         assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    if build in HUB_CASES:  # offline: the cache is read, never written
+        assert sorted(str(p) for p in hub.cache.rglob("*")) == cached
 
 
 def test_the_catalog_documents_every_case():
@@ -315,3 +401,16 @@ def test_the_catalog_documents_every_case():
         for frag in fragments:
             assert frag.replace("|", "\\|") in row, (case, frag)
     assert len(CASES) >= 15
+
+
+def test_every_handled_input_has_its_test():
+    """The "Handled, not refused" rows each name a test of tests/test_hub_sources.py."""
+    import test_hub_sources
+
+    section = DOC.read_text().split("\n## Handled, not refused\n")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert {re.match(r"\| `([^`]+)`", r).group(1) for r in rows} == {"adapter-modules-to-save",
+                                                                     "hub-unreachable-cached"}
+    for row in rows:
+        test = re.search(r"\| `(test_\w+)` \|$", row).group(1)
+        assert callable(getattr(test_hub_sources, test, None)), test
