@@ -273,9 +273,8 @@ def test_describe_records_the_revision_asked_for_and_its_commit(hub):
     pinned = sources.pin("org/base@v1+org/lora")
     assert sources.describe(pinned) == {"model": {"repo": "org/base", "requested": "v1", "commit": v1},
                                         "adapter": {"repo": "org/lora", "requested": "main", "commit": lora}}
-    ft = hub.commits["org/ft-add"]
-    assert sources.describe(sources.pin(f"org/ft-add@{ft}")) == {
-        "model": {"repo": "org/ft-add", "requested": ft, "commit": ft}}
+    ft = hub.commits["org/ft-add"]  # asked for by its commit (or pinned already): the commit says it all
+    assert sources.describe(sources.pin(f"org/ft-add@{ft}")) == {"model": {"repo": "org/ft-add", "commit": ft}}
     local = str(hub.local["org/ft-add"])
     assert sources.describe(sources.pin(local)) == {"model": {"path": local}}
     # a pinned reference read again keeps what it was first asked as
@@ -522,7 +521,7 @@ def test_search_of_hub_ids_runs_offline_and_records_the_commits(hub, tmp_path, m
     assert study.user_attrs["sources"] == {
         base: {"model": {"repo": "org/base", "requested": "main", "commit": c["org/base"]}},
         ft_add: {"model": {"repo": "org/ft-add", "requested": "main", "commit": c["org/ft-add"]}},
-        ft_max: {"model": {"repo": "org/ft-max", "requested": c["org/ft-max"], "commit": c["org/ft-max"]}},
+        ft_max: {"model": {"repo": "org/ft-max", "commit": c["org/ft-max"]}},  # asked for by its commit
         lora: {"model": {"repo": "org/base", "requested": "main", "commit": c["org/base"]},
                "adapter": {"repo": "org/lora", "requested": "main", "commit": c["org/lora"]}},
     }

@@ -138,9 +138,8 @@ def resolve_hub(part: Part) -> tuple[Path, str]:
     if part.pinned:  # a commit already in the cache: no request at all
         snap = cache / f"models--{part.repo.replace('/', '--')}" / "snapshots" / part.revision
         if snap.is_dir():
-            # a commit asked for as such (a reference pinned earlier in this process keeps what it was asked as)
-            _RESOLVED.setdefault(part.text, {"repo": part.repo, "requested": part.revision, "commit": part.revision,
-                                             "snapshot": str(snap)})
+            # nothing recorded: a reference pinned earlier keeps the revision it was asked as, and one pinned
+            # already (a stored recipe) does not claim it was asked for by its commit
             return snap, part.revision
     rev = part.revision or "main"
     fetch = f"hf download {part.repo}" + (f" --revision {part.revision}" if part.revision else "")
