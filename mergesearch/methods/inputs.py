@@ -77,10 +77,16 @@ class LowRank:
         return (cols, rows) if self.transpose else (rows, cols)
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
-        """The task vector in ``dtype`` (the product in ``dtype``, as PEFT computes it in float32)."""
-        d = self.b.to(dtype) @ self.a.to(dtype)
-        d = d.T.contiguous() if self.transpose else d
-        return d.mul_(self.scaling)
+        """The task vector in ``dtype``: the product in ``dtype``, with the scaling applied to
+        the smaller factor (PEFT scales the product: the same up to rounding, and the same
+        bits for a power-of-two scaling), so no pass over the product is added."""
+        a, b = self.a.to(dtype), self.b.to(dtype)
+        if a.numel() <= b.numel():
+            a = a * self.scaling
+        else:
+            b = b * self.scaling
+        d = b @ a
+        return d.T.contiguous() if self.transpose else d
 
 
 class TensorInputs:
