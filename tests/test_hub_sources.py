@@ -466,7 +466,7 @@ def hub_space(hub: Hub, **over) -> dict:
     zoo = hub.local["org/base"].parent
     return {"base": "org/base@main",
             "models": ["org/ft-add", f"org/ft-max@{hub.commits['org/ft-max']}", "org/lora"],
-            "evaluator": {"tasks": ["add", "max"], "task_dir": str(zoo), "limit": 20},
+            "evaluator": {"tasks": ["add"], "task_dir": str(zoo), "limit": 10},
             "methods": ["task_arithmetic"], "parameters": {"weight": {"low": 0.2, "high": 1.0}},
             "granularity": {"level": "model"}, "sampler": {"name": "random"}, "budget": {"n_trials": 2},
             "initial_trials": False, "seed": 0, **over}
@@ -503,16 +503,22 @@ def test_plan_reads_sizes_from_the_cached_headers(hub, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_search_of_hub_ids_runs_offline_and_records_the_commits(hub, tmp_path, monkeypatch, capsys):
+def test_search_of_hub_ids_runs_offline_and_records_the_commits(hub, tmp_path, monkeypatch, capsys, ray_cluster):
     """A space of Hub IDs and a Hub adapter: the search, its store and its export name the
-    commits each input resolved to, and the revision it was asked for."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MERGESEARCH_RAY_ADDRESS", raising=False)  # a local Ray: its workers get this HF_HUB_CACHE
+    commits each input resolved to, and the revision it was asked for. It runs on the
+    session's Ray cluster, started before this test set HF_HUB_CACHE: the workers find the
+    cache through the controller's settings, not their own environment."""
     import optuna
+
+    monkeypatch.chdir(tmp_path)
+    if ray_cluster:
+        monkeypatch.setenv("MERGESEARCH_RAY_ADDRESS", ray_cluster)
+        monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the cluster's token is in ~/.ray
 
     c = hub.commits
     assert main(["search", str(write(tmp_path / "hub.yaml", hub_space(hub))), "--run", "hub", "--workers", "1"]) == 0
     run = tmp_path / "results" / "hub"
+    assert not ray_cluster or not (run / "ray").exists()  # it joined the cluster, no local instance
     study = optuna.load_study(study_name="hub", storage=f"sqlite:///{run / 'study.db'}")
     assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "COMPLETE"]
     base = f"org/base@{c['org/base']}"
