@@ -262,10 +262,14 @@ def test_pin_resolves_hub_ids_branches_tags_and_commits(hub, tmp_path, monkeypat
     assert sources.pin("org/ft-add", base=base) == f"org/ft-add@{hub.commits['org/ft-add']}"
     assert sources.pin("org/lora") == f"org/lora@{hub.commits['org/lora']}"  # no base: the merge refuses it
     assert sources.pin("org/base@v1+org/lora") == f"org/base@{v1}+org/lora@{hub.commits['org/lora']}"
-    # HF_HOME (its hub/ folder) is honoured too, read when asked
+    # HF_HOME (its hub/ folder) and the older HUGGINGFACE_HUB_CACHE are honoured too, read when asked
     monkeypatch.delenv("HF_HUB_CACHE")
     monkeypatch.setenv("HF_HOME", str(hub.cache.parent))
     assert sources.pin("org/ft-max") == f"org/ft-max@{hub.commits['org/ft-max']}"
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(hub.cache))
+    assert sources.pin("org/ft-add") == f"org/ft-add@{hub.commits['org/ft-add']}"
+    assert sources.hub_env()["HF_HUB_CACHE"] == str(hub.cache)  # what Ray workers are given
 
 
 def test_describe_records_the_revision_asked_for_and_its_commit(hub):
@@ -554,3 +558,21 @@ def test_search_of_hub_ids_runs_offline_and_records_the_commits(hub, tmp_path, m
     assert main(["merge", str(write(tmp_path / "local.yaml", local)), "-o", str(tmp_path / "local")]) == 0
     want, got = load_weights(tmp_path / "local"), load_weights(run / "model")
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_offline_when_huggingface_hub_was_imported_offline(hub, tmp_path):
+    """huggingface_hub reads HF_HUB_OFFLINE once, at import: unset later, it stays offline,
+    and the refusal says so rather than blaming the network."""
+    code = ("import os, huggingface_hub.constants; del os.environ['HF_HUB_OFFLINE']\n"
+            "from mergesearch.engine import sources\n"
+            "print(sources.pin('org/base'))\n"
+            "print(sources.hub_env()['HF_HUB_OFFLINE'])\n"
+            "sources.pin('org/missing')\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub.cache)}
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert p.stdout.split() == [f"org/base@{hub.commits['org/base']}", "1"], p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"mergesearch.errors.MergeSearchError: org/missing: not in the Hugging Face cache ({hub.cache}) and "
+        "huggingface_hub is offline (HF_HUB_OFFLINE was set when it was imported); fetch it online first with "
+        "`hf download org/missing`")

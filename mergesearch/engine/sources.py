@@ -98,8 +98,9 @@ def split(ref: str, where: str = "model") -> tuple[Part, Part | None]:
 
 def hub_cache() -> Path:
     """The Hub cache, as huggingface_hub finds it (read now: tests and users may set it late)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):  # the second: huggingface_hub's older name
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
     return Path(home).expanduser() / "hub"
 
@@ -113,8 +114,16 @@ def hub_env() -> dict[str, str]:
     return env
 
 
-def offline() -> bool:
+def _offline_env() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def offline() -> bool:
+    """Whether Hub lookups are off: HF_HUB_OFFLINE set now, or set when huggingface_hub
+    was imported (it reads the variable once, and stays offline)."""
+    import sys
+    hub = sys.modules.get("huggingface_hub.constants")
+    return _offline_env() or bool(hub is not None and getattr(hub, "HF_HUB_OFFLINE", False))
 
 
 def _cached_revisions(repo: str) -> list[str]:
@@ -162,7 +171,9 @@ def resolve_hub(part: Part) -> tuple[Path, str]:
             raise MergeSearchError(f"{part.text}: revision '{rev}' is not in the Hugging Face cache ({cache}; cached: "
                                    f"{', '.join(known)}); fetch it online with `{fetch}`") from None
         if offline():
-            raise MergeSearchError(f"{part.text}: not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set; "
+            why = "HF_HUB_OFFLINE is set" if _offline_env() else \
+                "huggingface_hub is offline (HF_HUB_OFFLINE was set when it was imported)"
+            raise MergeSearchError(f"{part.text}: not in the Hugging Face cache ({cache}) and {why}; "
                                    f"fetch it online first with `{fetch}`") from None
         raise MergeSearchError(f"{part.text}: cannot reach the Hub and the model is not in the cache ({cache}); "
                                f"fetch it with `{fetch}`") from None
