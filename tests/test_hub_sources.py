@@ -399,6 +399,11 @@ BAD_REFERENCES = {
     "incomplete-snapshot": (("org/base", "org/partial"), lambda h, r, c: (
         f"{r}: org/partial: the cached snapshot of org/partial at 'main' is incomplete (1 file(s) are missing "
         "(model.safetensors)); complete it online with `hf download org/partial`")),
+    # pinned already (a stored recipe) to a commit whose snapshot lost a file: refused here, not by the reader
+    "incomplete-snapshot-pinned": (("org/base", f"org/partial@{commit_of('org/partial main')}"), lambda h, r, c: (
+        f"{r}: org/partial@{h.commits['org/partial']}: the cached snapshot of org/partial at "
+        f"'{h.commits['org/partial']}' is incomplete (1 file(s) are missing (model.safetensors)); complete it online "
+        f"with `hf download org/partial --revision {h.commits['org/partial']}`")),
     "adapter-other-architecture": (("org/base", "org/lora-other"), lambda h, r, c: (
         f"org/lora-other@{h.commits['org/lora-other']}: LoRA factors of 'model.layers.0.mlp.up_proj' ([128, 4] @ "
         "[4, 64]) do not make the base's 'model.layers.0.mlp.up_proj.weight' [256, 96] (an adapter for another "

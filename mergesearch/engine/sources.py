@@ -138,15 +138,30 @@ def _cached_revisions(repo: str) -> list[str]:
     return sorted(refs) + [c for c in snaps if c not in refs.values()]
 
 
+def _complete(snap: Path) -> bool:
+    """Whether a cached snapshot holds every file a merge reads that its commit's tree
+    listing (``trees/<commit>.json``, kept by huggingface_hub >= 1.x) names; without a
+    listing, as huggingface_hub does, the folder is taken as it is."""
+    import json
+
+    from huggingface_hub.utils import filter_repo_objects
+
+    try:
+        files = json.loads((snap.parent.parent / "trees" / f"{snap.name}.json").read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    return all((snap / f).exists() for f in filter_repo_objects(list(files), allow_patterns=HUB_PATTERNS))
+
+
 def resolve_hub(part: Part) -> tuple[Path, str]:
     """(snapshot folder, commit) of a Hub part, from the cache or downloaded."""
     import huggingface_hub
     from huggingface_hub import errors
 
     cache = hub_cache()
-    if part.pinned:  # a commit already in the cache: no request at all
+    if part.pinned:  # a commit already in the cache, complete: no request at all
         snap = cache / f"models--{part.repo.replace('/', '--')}" / "snapshots" / part.revision
-        if snap.is_dir():
+        if snap.is_dir() and _complete(snap):
             # nothing recorded: a reference pinned earlier keeps the revision it was asked as, and one pinned
             # already (a stored recipe) does not claim it was asked for by its commit
             return snap, part.revision
