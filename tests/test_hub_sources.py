@@ -53,10 +53,8 @@ def add_snapshot(cache: Path, repo: str, files: dict[str, Path | bytes], commit:
         (root / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
         (root / "refs" / ref).write_text(commit)  # no newline, as huggingface_hub writes it
     write_tree(root, commit, files)
-    for name in missing:  # an interrupted download: listed in the commit's tree, not in the snapshot
-        blob = (snap / name).resolve()
+    for name in missing:  # listed in the commit's tree, not in the snapshot (an interrupted or partial download)
         (snap / name).unlink()
-        blob.rename(blob.with_name(blob.name + ".incomplete"))
     return snap
 
 
@@ -185,6 +183,22 @@ def build_hub(root: Path, zoo: Path) -> Hub:
     commits["org/partial"] = commit_of("org/partial main")
     add_snapshot(cache, "org/partial", model_files(zoo / "ft_add"), commits["org/partial"],
                  missing=("model.safetensors",))
+    # a repository that also holds what a merge never reads (Mistral's consolidated copy of the
+    # weights, an original/ folder), downloaded without them: complete for a merge
+    commits["org/ft-extra"] = commit_of("org/ft-extra main")
+    weights = (zoo / "ft_add" / "model.safetensors").read_bytes()
+    add_snapshot(cache, "org/ft-extra", {**model_files(zoo / "ft_add"), "consolidated.safetensors": weights,
+                                         "original/params.json": b"{}"}, commits["org/ft-extra"],
+                 missing=("consolidated.safetensors", "original/params.json"))
+    # pickle weights only (older repositories): complete, and one whose download stopped before them
+    from safetensors.torch import load_file
+    pickle = folders / "pytorch_model.bin"
+    torch.save(load_file(zoo / "ft_add" / "model.safetensors"), pickle)
+    bin_files = {**{f: p for f, p in model_files(zoo / "ft_add").items() if f != "model.safetensors"},
+                 "pytorch_model.bin": pickle}
+    for repo, missing in (("org/ft-bin", ()), ("org/bin-partial", ("pytorch_model.bin",))):
+        commits[repo] = commit_of(f"{repo} main")
+        add_snapshot(cache, repo, bin_files, commits[repo], missing=missing)
     return Hub(cache, local, commits)
 
 
@@ -356,6 +370,23 @@ def test_the_cache_lists_what_it_can_resolve(hub):
     assert sources._cached_revisions("org/missing") == []
 
 
+def test_a_snapshot_is_complete_with_the_files_a_merge_reads(hub, tmp_path, capsys):
+    """What a merge never reads (a consolidated copy, subfolders) may be missing from a
+    snapshot; a repository with pickle weights only is read through them."""
+    extra = sources.pin("org/ft-extra")
+    assert extra == f"org/ft-extra@{hub.commits['org/ft-extra']}"
+    assert sources.pin(extra) == extra  # the pinned form, checked against the tree listing too
+    assert sources.pin("org/ft-bin") == f"org/ft-bin@{hub.commits['org/ft-bin']}"
+    want = load_weights(hub.local["org/ft-add"])
+    for repo in ("org/ft-extra", "org/ft-bin"):
+        got = load_weights(sources.model_dir(sources.pin(repo)))
+        assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want), repo
+    r = write(tmp_path / "r.yaml", {"method": "task_arithmetic", "base": "org/base", "models": [
+        {"path": "org/ft-bin", "parameters": {"weight": 0.5}}, {"path": "org/ft-extra", "parameters": {"weight": 0.5}}]})
+    code, out, err = run_cli(capsys, "merge", r, "-o", tmp_path / "out")
+    assert code == 0, err
+
+
 # -- one-line errors (docs/ERRORS.md) ------------------------------------------------------
 
 RESOLVED = __import__("re").compile(r"\S+: resolved to commit [0-9a-f]{40}")
@@ -404,6 +435,10 @@ BAD_REFERENCES = {
         f"{r}: org/partial@{h.commits['org/partial']}: the cached snapshot of org/partial at "
         f"'{h.commits['org/partial']}' is incomplete (1 file(s) are missing (model.safetensors)); complete it online "
         f"with `hf download org/partial --revision {h.commits['org/partial']}`")),
+    "incomplete-pickle-weights": (("org/base", "org/bin-partial"), lambda h, r, c: (
+        f"{r}: org/bin-partial: the cached snapshot of org/bin-partial at '{h.commits['org/bin-partial']}' is "
+        "incomplete (1 file(s) are missing (pytorch_model.bin)); complete it online with "
+        "`hf download org/bin-partial`")),
     "adapter-other-architecture": (("org/base", "org/lora-other"), lambda h, r, c: (
         f"org/lora-other@{h.commits['org/lora-other']}: LoRA factors of 'model.layers.0.mlp.up_proj' ([128, 4] @ "
         "[4, 64]) do not make the base's 'model.layers.0.mlp.up_proj.weight' [256, 96] (an adapter for another "

@@ -32,11 +32,17 @@ from mergesearch.errors import MergeSearchError
 
 log = logging.getLogger(__name__)
 
-# What a Hub snapshot needs for a merge: weights, config, tokenizer (and an adapter's files).
+# What a Hub snapshot needs for a merge: weights, config, tokenizer (and an adapter's files),
+# at the top of the repository (subfolders such as original/ hold other formats), never
+# Mistral's consolidated*.safetensors (a second copy of the weights in another layout).
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                 "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
                 "adapter_config.json"]
+HUB_IGNORE = ["*/*", "consolidated*"]
+# pickle weights (read with weights_only=True), fetched only for a repository without safetensors
+BIN_PATTERNS = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json", "adapter_model.bin"]
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 HUB_ID = re.compile(rf"{_NAME}/{_NAME}")
 REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
@@ -150,7 +156,14 @@ def _complete(snap: Path) -> bool:
         files = json.loads((snap.parent.parent / "trees" / f"{snap.name}.json").read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return True
-    return all((snap / f).exists() for f in filter_repo_objects(list(files), allow_patterns=HUB_PATTERNS))
+    return all((snap / f).exists() for f in filter_repo_objects(list(files), allow_patterns=_patterns(snap),
+                                                                ignore_patterns=HUB_IGNORE))
+
+
+def _patterns(snap: Path | None) -> list[str]:
+    """The files to fetch: the pickle weights too where the snapshot has no safetensors weights."""
+    return HUB_PATTERNS if snap is not None and any((snap / f).exists() for f in WEIGHTS) else \
+        HUB_PATTERNS + BIN_PATTERNS
 
 
 def resolve_hub(part: Part) -> tuple[Path, str]:
@@ -168,8 +181,14 @@ def resolve_hub(part: Part) -> tuple[Path, str]:
     rev = part.revision or "main"
     fetch = f"hf download {part.repo}" + (f" --revision {part.revision}" if part.revision else "")
     try:
-        path = huggingface_hub.snapshot_download(part.repo, revision=rev, cache_dir=str(cache),
-                                                 allow_patterns=HUB_PATTERNS, local_files_only=offline())
+        path = Path(huggingface_hub.snapshot_download(part.repo, revision=rev, cache_dir=str(cache),
+                                                      allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORE,
+                                                      local_files_only=offline()))
+        if _patterns(path) != HUB_PATTERNS:  # no safetensors weights: the same commit's pickle weights
+            rev = path.name
+            path = Path(huggingface_hub.snapshot_download(part.repo, revision=rev, cache_dir=str(cache),
+                                                          allow_patterns=_patterns(path),
+                                                          ignore_patterns=HUB_IGNORE, local_files_only=offline()))
     except errors.RevisionNotFoundError:
         raise MergeSearchError(f"{part.text}: the Hub has no revision '{rev}' of {part.repo}") from None
     except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
@@ -197,7 +216,6 @@ def resolve_hub(part: Part) -> tuple[Path, str]:
     except (OSError, errors.HfHubHTTPError) as e:
         raise MergeSearchError(f"{part.text}: cannot fetch from the Hub ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    path = Path(path)
     commit = path.name
     if part.revision != commit:
         log.info("%s: resolved to commit %s", part.text, commit)
