@@ -19,6 +19,7 @@ from mergesearch.recipe import from_dict
 from mergesearch.zoo.synthetic import lora_shapes, llama_config, llama_layout, write_adapter, write_model
 
 from conftest import load_weights
+from test_zoo_eval import zoo  # noqa: F401  (session fixture)
 
 # Exact arithmetic: base values are multiples of 2^-10 below 1, factors multiples of 2^-6
 # below 1/16 and scaling alpha / r = 2, so every delta is a multiple of 2^-11 and
@@ -340,3 +341,37 @@ def test_plan_of_an_8b_family_of_adapters(tmp_path):
     full = make_plan(str(fam["base"]), [str(fam[f"ft{k}"]) for k in range(4)], ["ties"], device="cpu",
                      budget=budget)
     assert full.resident == ["base"] and full.host == ["m0", "m1", "m2", "m3"]
+
+
+def test_refinement_trains_a_mixed_family_of_adapters_and_full_fine_tunes(tmp_path, zoo):
+    """Refinement holds the adapters' task vectors like the full fine-tunes': its
+    differentiable merge is the engine's merge, before and after training."""
+    from dataclasses import asdict
+
+    from mergesearch.engine.models import load_model
+    from mergesearch.evaluate import EvalConfig, build_evaluator
+    from mergesearch.search.refine import build_terms, merged_params, refine, refined_recipe
+    from mergesearch.search.variables import Granularity, make_groups
+
+    cfg = json.loads((zoo / "base" / "config.json").read_text())
+    base = str(zoo / "base")
+    adapters = [pin(str(write_adapter(tmp_path / f"l{k}", cfg, base, r=4, alpha=8)), base=base) for k in range(2)]
+    models = adapters + [str(zoo / "ft_max"), str(zoo / "ft_add")]
+    r = from_dict(dict(method="ties", base=base, parameters={"lambda": 1.0}, seed=5, models=[
+        {"path": m, "parameters": {"weight": 0.6 + 0.2 * i, "density": 0.5}} for i, m in enumerate(models)]))
+    mat = Materializer(base, models, methods=["ties"])
+    groups = [asdict(g) for g in make_groups(Granularity(level="layer", n_groups=2), 4, "model.layers.")]
+    names = list(mat.names)
+    terms, gw, gl = build_terms(mat, r, groups, names, {n: torch.float32 for n in names}, "cpu")
+    engine = mat.state_dict(r)
+    ours = merged_params(terms, torch.ones(len(groups), 4), torch.ones(len(groups)))
+    for n in names:
+        torch.testing.assert_close(ours[n], engine[n], rtol=0, atol=1e-6)
+    model, tok = load_model(base)
+    ev = build_evaluator(EvalConfig(tasks=["reverse", "max"], task_dir=str(zoo), split="dev", limit=16))
+    out, stats = refine(mat, model, tok, ev, r, dict(top=1, level="layer", n_groups=2, steps=4, lr=0.05,
+                                                   batch_size=4, loss="choice", holdout=0.25, eval_every=2,
+                                                   patience=3, average=0.0), groups)
+    assert stats["steps"] == 4 and [m.path for m in out.models] == models
+    assert out.to_dict() != r.to_dict()  # the weights moved
+    mat.close()
