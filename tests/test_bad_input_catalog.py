@@ -1,7 +1,6 @@
 """The bad-input catalog (docs/ERRORS.md): every row is a case here. Each asserts the
 one-line message, exit code 2 and that no output is left behind."""
 
-import json
 import re
 from pathlib import Path
 

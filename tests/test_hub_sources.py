@@ -20,7 +20,7 @@ import yaml
 from mergesearch.cli import main
 from mergesearch.engine import sources
 
-from conftest import load_weights, own_ray_env, rewrite_tensor
+from conftest import load_weights, rewrite_tensor
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json")
