@@ -34,8 +34,8 @@ from mergesearch.errors import MergeSearchError
 PREFIX = "base_model.model."
 # configuration keys of LoRA variants that change what the weights mean: refused by name
 UNSUPPORTED = {
-    "use_dora": "a DoRA adapter (use_dora: true): its magnitude vector rescales whole columns of the merged "
-                "weight, so it is not a low-rank task vector",
+    "use_dora": "a DoRA adapter (use_dora: true), whose magnitude vector rescales whole columns of the "
+                "merged weight,",
     "lora_bias": "a LoRA adapter with lora_bias: true (a trained bias in lora_B)",
     "trainable_token_indices": "an adapter with trainable_token_indices (trainable token rows)",
     "layer_replication": "an adapter with layer_replication (it adds layers the base does not have)",
@@ -90,7 +90,8 @@ class Adapter:
         cfg = self.adapter_config
         kind = str(cfg.get("peft_type", "LORA")).upper()
         if kind != "LORA":
-            raise MergeSearchError(f"{self.path}: a {kind} adapter; only LoRA adapters can be merged "
+            article = "an" if kind[:1] in "AEIOU" else "a"
+            raise MergeSearchError(f"{self.path}: {article} {kind} adapter; only LoRA adapters can be merged "
                                    f"({DENSE_ADVICE})")
         for k, what in UNSUPPORTED.items():
             if cfg.get(k):

@@ -59,7 +59,8 @@ def export_run(run: str, trial: str | int | None = None, storage_url: str | None
     stage = out / f".export-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
-        result = _export_staged(run, t, label, recipe, eval_cfg, stage, out, device, monitor)
+        result = _export_staged(run, t, label, recipe, eval_cfg, stage, out, device, monitor,
+                                known=study.user_attrs.get("sources") or {})
         replace_dir(stage / "model", out / "model", force=True)
         if (stage / "best_row_scales").exists():  # before the recipe that names them
             replace_dir(stage / "best_row_scales", out / "best_row_scales", force=True)
@@ -100,7 +101,9 @@ def _clean_leftovers(out: Path) -> None:
 
 
 def _export_staged(run: str, t, label: str, recipe: Recipe, eval_cfg, stage: Path, out: Path, device: str,
-                   monitor=None) -> dict:
+                   monitor=None, known: dict | None = None) -> dict:
+    """``known``: each input's origin as the run recorded it when the space was pinned
+    (the revision asked for is known only there)."""
     from mergesearch.engine.models import load_model
     from mergesearch.evaluate import build_evaluator
     from mergesearch.engine.merge import open_plan, stream_merge
@@ -170,7 +173,7 @@ def _export_staged(run: str, t, label: str, recipe: Recipe, eval_cfg, stage: Pat
         "metrics": getattr(test_ev, "directions", None),
         "model": str(out / "model"),
         # where each input came from: Hub repositories at the commit they resolved to
-        "provenance": {p: describe(p) for p in paths},
+        "provenance": {p: (known or {}).get(p) or describe(p) for p in paths},
     }
     if mon_ev is not None:
         result["monitor"] = {**mon_scores, "floors": dict(monitor.floors), "items": mon_ev.item_record,
