@@ -616,3 +616,17 @@ def test_offline_when_huggingface_hub_was_imported_offline(hub, tmp_path):
         f"mergesearch.errors.MergeSearchError: org/missing: not in the Hugging Face cache ({hub.cache}) and "
         "huggingface_hub is offline (HF_HUB_OFFLINE was set when it was imported); fetch it online first with "
         "`hf download org/missing`")
+    # the branch moves (main now at v1's commit): --resume refuses in one line instead of
+    # continuing the run on other weights than its trials were scored on
+    ref = hub.cache / "models--org--base" / "refs" / "main"
+    ref.write_text(c["org/base@v1"])
+    try:
+        capsys.readouterr()
+        code = main(["search", str(tmp_path / "hub.yaml"), "--run", "hub", "--workers", "1", "--resume",
+                     "--n-trials", "3"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count("\n") == 0
+        assert err == (f"error: {tmp_path / 'hub.yaml'}: org/base@{c['org/base@v1']} is not the {base} that run "
+                       "'hub' started with (a branch moved?); name that revision in the space to resume")
+    finally:
+        ref.write_text(c["org/base"])
