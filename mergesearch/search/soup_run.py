@@ -270,7 +270,10 @@ class SoupRunner(RunLifecycle):
         return report
 
     def _recipe(self, members) -> Recipe:
-        return soup_recipe(list(members), base=None)
+        # a linear soup needs no base, but a LoRA adapter's untouched tensors are its base's:
+        # a soup with an adapter names that base (mergekit's linear config leaves it out)
+        adapters = [sources.split(m)[0].text for m in members if sources.split(m)[1] is not None]
+        return soup_recipe(list(members), base=(self.base or adapters[0]) if adapters else None)
 
     def _evaluate(self, items: list[tuple[tuple[str, ...], str]]) -> list[_Eval]:
         """Dev scores of the uniform soups ``items`` ((members, role)), in parallel;
