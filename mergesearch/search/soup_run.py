@@ -163,7 +163,13 @@ class SoupRunner(RunLifecycle):
         build_evaluator(cfg.model_copy(update={"split": "test"}))
         self.eval_cfg = cfg
         base = sources.pin(str(self.opts.base), where="--base") if self.opts.base else None
-        self.ingredients = [sources.pin(str(p), base=base) for p in self.ingredients]
+        pinned = [sources.pin(str(p), base=base) for p in self.ingredients]
+        seen: dict[str, str] = {}
+        for given, ref in zip(self.ingredients, pinned):  # e.g. org/x and org/x@main: one commit
+            if sources.key(ref) in seen:
+                raise MergeSearchError(f"{given}: the same model as ingredient {seen[sources.key(ref)]} ({ref})")
+            seen[sources.key(ref)] = given
+        self.ingredients = pinned
         check_ingredients(self.ingredients, base, self.opts.allow_unrelated)
         self.base = base
         if self.opts.strategy == "last-n" and self.opts.n > len(self.ingredients):
