@@ -630,3 +630,13 @@ def test_offline_when_huggingface_hub_was_imported_offline(hub, tmp_path):
                        "'hub' started with (a branch moved?); name that revision in the space to resume")
     finally:
         ref.write_text(c["org/base"])
+
+
+def test_a_soup_refuses_one_commit_given_twice(hub, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    zoo = hub.local["org/base"].parent
+    ev = write(tmp_path / "ev.yaml", {"tasks": ["add"], "task_dir": str(zoo), "split": "dev", "limit": 10})
+    err = refused(capsys, "soup", "org/ft-add", "org/ft-add@main", "org/ft-max", "--eval", ev, "--base", "org/base")
+    assert err == (f"org/ft-add@main: the same model as ingredient org/ft-add "
+                   f"(org/ft-add@{hub.commits['org/ft-add']})")
+    assert not (tmp_path / "results").exists()
