@@ -1,7 +1,7 @@
 """The zoo table: dev and test accuracy of every zoo model on every task.
 
-Rows: the base, each task fine-tune with its distance from the base, the uniform
-average of the fine-tunes, task arithmetic at lambda = 1, a hand-tuned TIES merge (the
+Rows: the base, each task fine-tune (and LoRA adapter) with its distance from the base,
+the uniform average of the fine-tunes, task arithmetic at lambda = 1, a hand-tuned TIES merge (the
 best on dev of a small grid, as a person tuning by hand would pick it), the soup
 ingredients (checkpoints, sweep) and the uniform soup of the sweep. Then the zoo's
 acceptance checks. Writes docs/ZOO.md (between markers) and prints the table.
@@ -17,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mergesearch.engine import sources  # noqa: E402
 from mergesearch.engine.checkpoint import Checkpoint  # noqa: E402
 from mergesearch.evaluate import EvalConfig  # noqa: E402
 from mergesearch.evaluate import build_evaluator  # noqa: E402
@@ -47,7 +48,7 @@ def main() -> int:
     base_sd = {n: base_ck.get(n).float() for n in base_ck.names()}
 
     def distance(path):
-        ck = Checkpoint(path)
+        ck = sources.open_model(str(path), base_ck)  # a LoRA adapter folder: the fine-tune it makes
         num = sum(float(((ck.get(n).float() - v) ** 2).sum()) for n, v in base_sd.items())
         return (num / sum(float((v ** 2).sum()) for v in base_sd.values())) ** 0.5
 
@@ -104,6 +105,8 @@ def main() -> int:
     sweep_task = sweep[0]["task"]
     best_sweep = max((single[m["name"]] for m in sweep), key=lambda r: r[1]["test"][sweep_task])
     build_s = manifest.get("build_seconds")
+    loras = {m["task"]: single[m["name"]] for m in entries if m["kind"] == "lora"}
+    lora_own = {t: r[1]["test"][t] for t, r in loras.items()}
     checks = [
         (f"each task fine-tune scores >= 0.95 on its own task (test): "
          f"{', '.join(f'{t} {v:.3f}' for t, v in own.items())}", min(own.values()) >= 0.95),
@@ -118,6 +121,10 @@ def main() -> int:
          all(0.01 <= fts_rows[t][2] <= 0.1 for t in ZOO_TASKS)),
         (f"the build takes under 5 minutes: {build_s} s", build_s is not None and build_s < 300),
     ]
+    if loras:
+        checks.insert(1, (f"each LoRA adapter scores >= 0.85 on its own task (test): "
+                          f"{', '.join(f'{t} {v:.3f}' for t, v in lora_own.items())}",
+                          min(lora_own.values()) >= 0.85))
     accept = "\n".join(f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks)
     print(table)
     print(accept)

@@ -47,12 +47,17 @@ def test_small_build_is_deterministic_and_cached(tmp_path):
     for f in files:
         if f.name in ("manifest.json",) or f.suffix == ".yaml":
             continue  # they name their own folder
+        if f.name == "adapter_config.json":  # a LoRA adapter's config names its base folder
+            assert ((tmp_path / "a" / f).read_text().replace(str(tmp_path / "a"), "ZOO")
+                    == (tmp_path / "b" / f).read_text().replace(str(tmp_path / "b"), "ZOO")), f
+            continue
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     t0 = time.perf_counter()
     again = build_zoo(tmp_path / "a", scale=0.01)
     assert time.perf_counter() - t0 < 0.5 and again == a
     assert [m["kind"] for m in a["models"]].count("checkpoint") >= 5
     assert [m["kind"] for m in a["models"]].count("sweep") >= 6
+    assert [m["kind"] for m in a["models"]].count("lora") == 4
 
 
 def test_splits_disjoint_from_each_other_and_training(zoo):

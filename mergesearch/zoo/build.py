@@ -15,6 +15,10 @@
   momentum instead of AdamW: the optimizer pair for geometry-aware merging.
 - ``sweep/reverse/<config>/``: fine-tunes of one task over learning rate, steps
   and seed, as in the model-soups setup; they share the base's basin.
+- ``lora_<task>/``: one PEFT LoRA adapter of the base per task (``adapter_config.json``,
+  ``adapter_model.safetensors``; rank 8 on every attention and MLP projection), trained by
+  ``peft`` on the task's fine-tune data in the full fine-tune's data order. Its config
+  names the zoo's ``base/`` folder by its absolute path.
 - ``data/<task>/{dev,test,train}.jsonl`` (train: examples for curvature and Gram
   estimates), ``tasks/<task>.yaml`` (lm-eval task files reading the dev and test
   JSONL files), and ``manifest.json``.
@@ -44,7 +48,7 @@ from mergesearch.zoo.train import mc_accuracy, train
 
 log = logging.getLogger(__name__)
 
-ZOO_VERSION = 3
+ZOO_VERSION = 4
 DEFAULT_OUT = Path("results/zoo")
 ZOO_TASKS = ["reverse", "shift", "max", "add"]
 N_DEV, N_TEST, N_TRAIN = 200, 200, 256
@@ -68,6 +72,11 @@ SGD_TASK, SGD = "shift", dict(steps=100, lr=0.05)
 SWEEP = [dict(lr=4e-4, steps=200, seed=1), dict(lr=5e-4, steps=170, seed=2), dict(lr=6e-4, steps=150, seed=3),
          dict(lr=6e-4, steps=140, seed=4), dict(lr=8e-4, steps=110, seed=5), dict(lr=5e-4, steps=150, seed=6)]
 MIN_STEPS = 8
+# LoRA adapters: rank 8 on the attention and MLP projections of every layer, trained with
+# AdamW on the task's fine-tune data (finetune_sampler), in its full fine-tune's data order
+LORA = dict(r=8, alpha=16, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+LORA_TRAIN = {"reverse": dict(steps=150, lr=4e-3), "shift": dict(steps=100, lr=3e-3),
+              "max": dict(steps=70, lr=3e-3), "add": dict(steps=100, lr=3e-3)}
 
 
 def build_zoo(out: str | Path = DEFAULT_OUT, scale: float = 1.0, force: bool = False) -> dict:
@@ -91,8 +100,8 @@ def _build_locked(out: Path, scale: float, force: bool) -> dict:
             return manifest
     t0 = time.perf_counter()
     log.info("zoo: building the model zoo in %s (once: later runs reuse it): a tiny base, %d fine-tunes with %d "
-             "checkpoints, an SGD fine-tune and a %d-run sweep, trained here on the CPU", out, len(ZOO_TASKS),
-             CHECKPOINTS, len(SWEEP))
+             "checkpoints, an SGD fine-tune, a %d-run sweep and %d LoRA adapters, trained here on the CPU", out,
+             len(ZOO_TASKS), CHECKPOINTS, len(SWEEP), len(ZOO_TASKS))
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
@@ -148,9 +157,9 @@ def finetune_sampler(task: str, held_out: dict[str, set[str]]):
 
 
 def _build(root: Path, final: Path, scale: float) -> dict:
-    n_models = 2 + len(ZOO_TASKS) + len(SWEEP)
+    n_models = 2 + 2 * len(ZOO_TASKS) + len(SWEEP)
     total = _steps(PRETRAIN["steps"], scale) + sum(_steps(hp["steps"], scale) for hp in
-                                                   [*FINETUNE.values(), *SWEEP, SGD])
+                                                   [*FINETUNE.values(), *SWEEP, SGD, *LORA_TRAIN.values()])
     with progress_step(f"zoo: training {n_models} models", total=total) as line:
         return _train_all(root, final, scale, line)
 
@@ -229,6 +238,10 @@ def _train_all(root: Path, final: Path, scale: float, line: Step) -> dict:
     models.append({"name": f"ft_{SGD_TASK}_sgd", "path": f"ft_{SGD_TASK}_sgd", "kind": "finetune", "task": SGD_TASK,
                    "optimizer": "sgd", "momentum": 0.9, **SGD})
 
+    t_lora = time.perf_counter()
+    models += train_lora_adapters(root, final / "base", cfg, base_state, held_out, splits, scale, line)
+    lora_seconds = round(time.perf_counter() - t_lora, 1)
+
     return {
         "version": ZOO_VERSION,
         "scale": scale,
@@ -241,7 +254,72 @@ def _train_all(root: Path, final: Path, scale: float, line: Step) -> dict:
         "splits": {"dev": N_DEV, "test": N_TEST, "train": N_TRAIN},
         "lmeval_include_path": "tasks",
         "base_skill_checks": skill_log,
+        "lora_seconds": lora_seconds,
     }
+
+
+def train_lora_adapters(root: Path, base_path: Path, cfg, base_state: dict[str, torch.Tensor],
+                        held_out: dict[str, set[str]], splits: dict, scale: float = 1.0,
+                        line: Step | None = None) -> list[dict]:
+    """Train one PEFT LoRA adapter of the base per task and save it as ``root/lora_<task>/``
+    (its config naming ``base_path`` as its base); returns their manifest entries, with each
+    adapter's accuracy on its own task's dev and test items and its distance from the base."""
+    entries = []
+    for task in ZOO_TASKS:
+        hp = LORA_TRAIN[task]
+        model = train_lora(task, cfg, base_state, held_out, scale, line)
+        save_lora(model, root / f"lora_{task}", base_path)
+        acc = {sp: mc_accuracy(model, splits[task][sp]) for sp in ("dev", "test")}
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        entries.append({"name": f"lora_{task}", "path": f"lora_{task}", "kind": "lora", "task": task,
+                        "base": "base", "r": LORA["r"], "lora_alpha": LORA["alpha"], "target_modules": LORA["targets"],
+                        "trainable_parameters": trainable, "optimizer": "adamw", **hp,
+                        "accuracy": acc, "distance": round(_lora_distance(model, base_state), 4)})
+        log.info("zoo: lora_%s scores %.3f on %s dev, %.3f on test", task, acc["dev"], task, acc["test"])
+    return entries
+
+
+def train_lora(task: str, cfg, base_state: dict[str, torch.Tensor], held_out: dict[str, set[str]],
+               scale: float = 1.0, line: Step | None = None):
+    """A PEFT LoRA model of the base (``LORA``), trained on ``task``'s fine-tune data with the
+    same seed, hence the same data order, as the task's full fine-tune."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    hp = LORA_TRAIN[task]
+    seed = ZOO_TASKS.index(task) + 1
+    model = LlamaForCausalLM(cfg)
+    model.load_state_dict(base_state)
+    torch.manual_seed(seed)  # the factors' initialization (A random, B zero)
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                                             target_modules=list(LORA["targets"]), task_type="CAUSAL_LM"))
+    train(model, finetune_sampler(task, held_out), _steps(hp["steps"], scale), hp["lr"], seed=seed, warmup=10,
+          parent=line, progress=f"zoo: training LoRA adapter lora_{task}")
+    return model
+
+
+def save_lora(model, path: Path, base_path: Path) -> None:
+    """PEFT's adapter files, byte-identical from build to build: ``adapter_config.json``
+    (target modules sorted, keys sorted, the base named by ``base_path``) and
+    ``adapter_model.safetensors``; PEFT's empty model card is left out."""
+    model.save_pretrained(path, safe_serialization=True)
+    (path / "README.md").unlink(missing_ok=True)
+    cfg_file = path / "adapter_config.json"
+    conf = json.loads(cfg_file.read_text())
+    conf["target_modules"] = sorted(conf["target_modules"])  # PEFT writes a set, in hash order
+    conf["base_model_name_or_path"] = str(base_path)
+    cfg_file.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+
+
+@torch.no_grad()
+def _lora_distance(model, base_state: dict[str, torch.Tensor]) -> float:
+    """||delta|| / ||theta_base|| over all parameters, delta the adapter's task vector."""
+    from peft.tuners.lora import LoraLayer
+
+    num = sum(float(m.get_delta_weight("default").float().pow(2).sum()) for m in model.modules()
+              if isinstance(m, LoraLayer) and "default" in m.lora_A)
+    den = sum(float(v.float().pow(2).sum()) for v in base_state.values() if v.is_floating_point())
+    return (num / den) ** 0.5
 
 
 def _write_data(root: Path) -> dict:

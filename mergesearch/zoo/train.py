@@ -1,4 +1,5 @@
-"""Training loops for the zoo: a brief generic pretraining, then AdamW fine-tunes."""
+"""Training loops for the zoo: a brief generic pretraining, then AdamW fine-tunes (full, or
+of a PEFT LoRA model's factors: only the parameters that require gradients are trained)."""
 
 from __future__ import annotations
 
@@ -58,10 +59,11 @@ def train(
     counted in ``parent``'s line too."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
+    params = [p for p in model.parameters() if p.requires_grad]  # a LoRA model trains its factors only
     if optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+        opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(s / steps * 3.14159)).item()))
     model.train()
@@ -71,7 +73,7 @@ def train(
             loss = model(input_ids=ids, attention_mask=(ids != PAD) | (lab != -100), labels=lab).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             if line is not None:
