@@ -375,3 +375,29 @@ def test_refinement_trains_a_mixed_family_of_adapters_and_full_fine_tunes(tmp_pa
     assert stats["steps"] == 4 and [m.path for m in out.models] == models
     assert out.to_dict() != r.to_dict()  # the weights moved
     mat.close()
+
+
+def test_a_merge_without_a_base_takes_base_plus_adapter_references(tmp_path, exact):
+    """A linear soup of adapters: BASE+ADAPTER names the base their untouched tensors
+    come from, though the recipe has none; the same as the soup of their dense twins."""
+    refs = [f"{exact['base']}+{exact[k]}" for k in ("a0", "a1")]
+    lora = from_dict(dict(method="linear", models=[{"path": r, "parameters": {"weight": 0.5}} for r in refs]))
+    dense = from_dict(dict(method="linear", models=[{"path": str(exact[k]), "parameters": {"weight": 0.5}}
+                                                   for k in ("d0", "d1")]))
+    stream_merge(open_plan(lora), tmp_path / "out")
+    out = load_weights(tmp_path / "out")
+    mat = Materializer(None, refs + [str(exact["d0"]), str(exact["d1"])], methods=["linear"])
+    try:
+        mem, want = mat.state_dict(lora), mat.state_dict(dense)
+    finally:
+        mat.close()
+    assert set(out) == set(want) and all(torch.equal(out[n], want[n]) and torch.equal(mem[n], want[n]) for n in out)
+    other = write_model(tmp_path / "other", CFG, lambda n, s: quant_base(n, s) * 2, torch.float32) or tmp_path / "other"
+    mixed = from_dict(dict(method="linear", models=[{"path": refs[0], "parameters": {"weight": 1.0}},
+                                                   {"path": f"{other}+{exact['a1']}", "parameters": {"weight": 1.0}}]))
+    with pytest.raises(MergeSearchError, match=r"a1: a LoRA adapter of .*exact0/base, whose weights differ from "
+                                               r"the base .*other \(pass --allow-unrelated"):
+        open_plan(mixed)
+    with pytest.raises(MergeSearchError, match=r"an adapter of another base than .*a merge without a base takes "
+                                               r"adapters of one base"):
+        open_plan(mixed, allow_unrelated=True, check=False)

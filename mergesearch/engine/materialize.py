@@ -169,6 +169,13 @@ class Materializer:
                 self._place_adapter(f"m{i}", c)
             else:
                 self._place(f"m{i}", c.mapped(), c.path)
+        # where an adapter's untouched tensors come from: the base, or, for a merge without
+        # one, the base its BASE+ADAPTER references name (not a base the method reads)
+        self.lowrank_base = "base" if self.base_ckpt is not None else None
+        adapters = [c for c in self.model_ckpts if isinstance(c, Adapter)]
+        if adapters and self.base_ckpt is None:
+            self._place("adapter_base", adapters[0].base.mapped(), adapters[0].base.path)
+            self.lowrank_base = "adapter_base"
         self._place_side(side)
         for c in [ref, *self.model_ckpts]:
             c.release()
@@ -276,7 +283,7 @@ class Materializer:
             spec = recipe.spec
         keys, base, side = self.bind(recipe, spec)
         adapters = [k for k in keys if k in self.adapter_keys]
-        lowrank_base = "base" if adapters else None  # an adapter's untouched tensors are the base's
+        lowrank_base = self.lowrank_base if adapters else None  # an adapter's untouched tensors are the base's
         used = [k for k in [base, lowrank_base, *keys] if k is not None]
         used += [k for v in side.values() for k in (v if isinstance(v, list) else [v]) if k is not None]
         used = list(dict.fromkeys(used))

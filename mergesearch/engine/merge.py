@@ -74,6 +74,12 @@ def open_plan(recipe: Recipe, *, allow_unrelated: bool = False, check: bool = Tr
 
     base = open_ckpt(recipe.base) if recipe.base else None
     models = [open_ckpt(m.path, base) for m in recipe.models]
+    if base is None:
+        bases = {str(m.base.path.resolve()): m for m in models if isinstance(m, Adapter)}
+        if len(bases) > 1:
+            a, b = list(bases.values())[:2]
+            raise MergeSearchError(f"{b.label}: an adapter of another base than {a.label}; a merge without a base "
+                                   "takes adapters of one base")
     distances = check_compatible(base, models, allow_unrelated=allow_unrelated) if check else {}
     tok = recipe.tokenizer_source
     if tok and tok != "base":
@@ -131,10 +137,12 @@ def build_inputs(plan: MergePlan, name: str, device: str) -> TensorInputs:
     """Read one tensor from every input, as stored, on ``device`` (the methods make
     float32 views when they need them; the fused kernels read the raw tensors)."""
     base = lowrank_base = None
-    adapters = any(isinstance(m, Adapter) for m in plan.models)
+    adapters = [m for m in plan.models if isinstance(m, Adapter)]
     if plan.base is not None and (plan.spec.uses_base != "no" or adapters):
         lowrank_base = _read_checked(plan.base, name, device)
         base = lowrank_base if plan.spec.uses_base != "no" else None
+    elif adapters:  # a recipe without a base: BASE+ADAPTER references name theirs
+        lowrank_base = _read_checked(adapters[0].base, name, device)
     tensors = [_read_model(m, name, device, lowrank_base) for m in plan.models]
     side = plan.side.read(name, device) if plan.side is not None else {}
     return TensorInputs(name, base, tensors=tensors, seed=plan.recipe.seed, lowrank_base=lowrank_base, **side)
