@@ -57,7 +57,12 @@ def ray_session(run_dir: Path, num_cpus: int, address: str | None = None):
     address = address or os.environ.get("MERGESEARCH_RAY_ADDRESS") or None
     link = None
     if address:
-        ray.init(address=address, log_to_driver=False)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            from mergesearch.errors import MergeSearchError
+            hint = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise MergeSearchError(f"--ray-address {address}: cannot join the Ray cluster ({hint})") from None
     else:
         temp, link = _ray_temp_dir(run_dir)
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _temp_dir=temp,
