@@ -132,7 +132,8 @@ def eval_cmd(
 
     from pydantic import ValidationError
 
-    from mergesearch.engine.sources import open_model, pin, short
+    from mergesearch.engine.adapter import open_model
+    from mergesearch.sources import pin, short
     model_dir = pin(model_dir)
     open_model(model_dir)  # a clear error for a missing or non-model folder, before any work
     if config:

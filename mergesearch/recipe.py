@@ -195,9 +195,9 @@ class Recipe(StrictModel):
 
     def with_paths_relative_to(self, folder: Path) -> "Recipe":
         """Paths relative to ``folder`` made absolute, and model references pinned
-        (:func:`mergesearch.engine.sources.pin`: Hub IDs at their commit, an adapter listed
+        (:func:`mergesearch.sources.pin`: Hub IDs at their commit, an adapter listed
         alone as base+adapter)."""
-        from mergesearch.engine.sources import pin
+        from mergesearch.sources import pin
 
         def fix(p: str | None) -> str | None:
             if p is None or p == "base" or os.path.isabs(p):

@@ -97,7 +97,7 @@ def measure(family: dict, which: str, repeat: int) -> dict:
     from mergesearch.engine.materialize import Materializer
     from mergesearch.engine.models import load_model
     from mergesearch.engine.plan import make_plan
-    from mergesearch.engine.sources import pin
+    from mergesearch.sources import pin
     from mergesearch.recipe import from_dict
 
     torch.set_num_threads(os.cpu_count() or 1)

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mergesearch.engine import sources  # noqa: E402
+from mergesearch.engine.adapter import open_model  # noqa: E402
 from mergesearch.engine.checkpoint import Checkpoint  # noqa: E402
 from mergesearch.evaluate import EvalConfig  # noqa: E402
 from mergesearch.evaluate import build_evaluator  # noqa: E402
@@ -48,12 +48,12 @@ def main() -> int:
     base_sd = {n: base_ck.get(n).float() for n in base_ck.names()}
 
     def distance(path):
-        ck = sources.open_model(str(path), base_ck)  # a LoRA adapter folder: the fine-tune it makes
+        ck = open_model(str(path), base_ck)  # a LoRA adapter folder: the fine-tune it makes
         num = sum(float(((ck.get(n).float() - v) ** 2).sum()) for n, v in base_sd.items())
         return (num / sum(float((v ** 2).sum()) for v in base_sd.values())) ** 0.5
 
     def add_row(label, recipe, path=None, keep=True):
-        t0 = time.perf_counter()
+        time.perf_counter()
         mat.write_into(model, recipe)
         res = {split: ev.score(model, tok) for split, ev in evs.items()}
         row = (label, res, distance(path) if path else None)

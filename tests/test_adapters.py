@@ -12,7 +12,8 @@ from mergesearch.engine.checkpoint import Checkpoint
 from mergesearch.engine.materialize import Materializer
 from mergesearch.engine.merge import open_plan, stream_merge
 from mergesearch.engine.plan import ADAPTER_F32, make_plan, scratch_bytes
-from mergesearch.engine.sources import open_model, pin
+from mergesearch.engine.adapter import open_model
+from mergesearch.sources import pin
 from mergesearch.errors import MergeSearchError
 from mergesearch.methods import REGISTRY
 from mergesearch.recipe import from_dict

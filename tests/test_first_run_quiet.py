@@ -33,30 +33,34 @@ def test_a_zoo_build_shows_one_line_per_model_and_no_library_output(tmp_path):
     p = subprocess.run([str(EXE), "zoo", "build", "--out", str(out), "--scale", "0.001"], cwd=tmp_path,
                        env={**fresh_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert re.fullmatch(rf"zoo at {re.escape(str(out))}: 19 models, tasks reverse, shift, max, add "
+    assert re.fullmatch(rf"zoo at {re.escape(str(out))}: 23 models, tasks reverse, shift, max, add "
                         rf"\(built in \d+s\)\n", p.stdout), p.stdout
     for text in LIBRARY_OUTPUT:
         assert text not in p.stdout + p.stderr, text
     lines = p.stderr.splitlines()
     assert lines[0] == (f"zoo: building the model zoo in {out} (once: later runs reuse it): a tiny base, 4 "
-                        "fine-tunes with 7 checkpoints, an SGD fine-tune and a 6-run sweep, trained here on the CPU")
+                        "fine-tunes with 7 checkpoints, an SGD fine-tune, a 6-run sweep and 4 LoRA adapters, trained here on the CPU")
     sweep = ["lr0.0004_s200_seed1", "lr0.0005_s170_seed2", "lr0.0006_s150_seed3", "lr0.0006_s140_seed4",
              "lr0.0008_s110_seed5", "lr0.0005_s150_seed6"]
     trained = (["pretraining base, 0.47M parameters"]
                + [f"fine-tuning ft_{t}" for t in ("reverse", "shift", "max")] + ["fine-tuning ft_add (7 checkpoints)"]
-               + [f"fine-tuning sweep/reverse/{s}" for s in sweep] + ["fine-tuning ft_shift_sgd (SGD)"])
+               + [f"fine-tuning sweep/reverse/{s}" for s in sweep] + ["fine-tuning ft_shift_sgd (SGD)"]
+               + [f"training LoRA adapter lora_{t}" for t in ("reverse", "shift", "max", "add")])
     # scale 0.001: every training runs the minimum of 8 steps
     starts = [line for line in lines if re.fullmatch(r"zoo: .* \(\d+ steps\)", line)]
-    assert starts == ["zoo: training 12 models (96 steps)"] + [f"zoo: {m} (8 steps)" for m in trained]
+    assert starts == ["zoo: training 16 models (128 steps)"] + [f"zoo: {m} (8 steps)" for m in trained]
     ends = [line for line in lines if ": done, " in line]
-    assert [line.split(": done, ")[0] for line in ends] == [f"zoo: {m}" for m in trained] + ["zoo: training 12 models"]
+    assert [line.split(": done, ")[0] for line in ends] == [f"zoo: {m}" for m in trained] + ["zoo: training 16 models"]
     for line in ends:
-        assert re.fullmatch(rf"zoo: .*: done, (8|96) steps in {DURATION}", line), line
-    # in between: the base's skill check and, every 30 s, a line with an ETA
+        assert re.fullmatch(rf"zoo: .*: done, (8|128) steps in {DURATION}", line), line
+    # in between: the base's skill check, each adapter's scores and, every 30 s, a line with an ETA
     rest = [line for line in lines[1:] if line not in starts and line not in ends]
     assert rest.count("zoo: base skills not checked") == 1
+    scores = [line for line in rest if " scores " in line]
+    assert [line.split(" scores ")[0] for line in scores] == [f"zoo: lora_{t}" for t in ("reverse", "shift", "max", "add")]
     for line in rest:
-        assert line == "zoo: base skills not checked" or \
+        assert line == "zoo: base skills not checked" or line in scores and re.fullmatch(
+            r"zoo: lora_(\w+) scores \d\.\d{3} on \1 dev, \d\.\d{3} on test", line) or \
             re.fullmatch(rf"zoo: .*: \d+/\d+ steps, {DURATION} elapsed, about {DURATION} left", line), line
     assert len(lines) <= 60
 

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from mergesearch.cli import main
-from mergesearch.engine import sources
+from mergesearch import sources
 
 from conftest import load_weights, rewrite_tensor
 
@@ -598,13 +598,25 @@ def test_search_of_hub_ids_runs_offline_and_records_the_commits(hub, tmp_path, m
     assert main(["merge", str(write(tmp_path / "local.yaml", local)), "-o", str(tmp_path / "local")]) == 0
     want, got = load_weights(tmp_path / "local"), load_weights(run / "model")
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    # the branch moves (main now at v1's commit): --resume refuses in one line instead of
+    # continuing the run on other weights than its trials were scored on
+    ref = hub.cache / "models--org--base" / "refs" / "main"
+    ref.write_text(c["org/base@v1"])
+    try:
+        capsys.readouterr()
+        err = refused(capsys, "search", tmp_path / "hub.yaml", "--run", "hub", "--workers", "1", "--resume",
+                      "--n-trials", "3")
+        assert err == (f"{tmp_path / 'hub.yaml'}: org/base@{c['org/base@v1']} is not the {base} that run "
+                       "'hub' started with (a branch moved?); name that revision in the space to resume")
+    finally:
+        ref.write_text(c["org/base"])
 
 
 def test_offline_when_huggingface_hub_was_imported_offline(hub, tmp_path):
     """huggingface_hub reads HF_HUB_OFFLINE once, at import: unset later, it stays offline,
     and the refusal says so rather than blaming the network."""
     code = ("import os, huggingface_hub.constants; del os.environ['HF_HUB_OFFLINE']\n"
-            "from mergesearch.engine import sources\n"
+            "from mergesearch import sources\n"
             "print(sources.pin('org/base'))\n"
             "print(sources.hub_env()['HF_HUB_OFFLINE'])\n"
             "sources.pin('org/missing')\n")
@@ -616,20 +628,6 @@ def test_offline_when_huggingface_hub_was_imported_offline(hub, tmp_path):
         f"mergesearch.errors.MergeSearchError: org/missing: not in the Hugging Face cache ({hub.cache}) and "
         "huggingface_hub is offline (HF_HUB_OFFLINE was set when it was imported); fetch it online first with "
         "`hf download org/missing`")
-    # the branch moves (main now at v1's commit): --resume refuses in one line instead of
-    # continuing the run on other weights than its trials were scored on
-    ref = hub.cache / "models--org--base" / "refs" / "main"
-    ref.write_text(c["org/base@v1"])
-    try:
-        capsys.readouterr()
-        code = main(["search", str(tmp_path / "hub.yaml"), "--run", "hub", "--workers", "1", "--resume",
-                     "--n-trials", "3"])
-        err = capsys.readouterr().err.strip()
-        assert code == 2 and err.count("\n") == 0
-        assert err == (f"error: {tmp_path / 'hub.yaml'}: org/base@{c['org/base@v1']} is not the {base} that run "
-                       "'hub' started with (a branch moved?); name that revision in the space to resume")
-    finally:
-        ref.write_text(c["org/base"])
 
 
 def test_a_soup_refuses_one_commit_given_twice(hub, tmp_path, capsys, monkeypatch):

@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[1] / "mergesearch"
 LAYERS = [
     {"errors", "fsutil", "config", "console", "progress"},  # foundations: no knowledge of merging
     {"methods"},  # merge methods: pure functions on tensors
-    {"recipe"},  # one merge, its YAML and mergekit's
+    {"recipe", "sources"},  # one merge, its YAML and mergekit's; model references (folders, Hub IDs, adapters)
     {"engine"},  # checkpoints, placement, materializing and writing merges
     {"evaluate"},  # lm-eval defines the task, we compute
     {"runs"},  # the store (typed records), export, report

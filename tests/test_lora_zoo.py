@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from mergesearch.cli import main
-from mergesearch.engine import sources
+from mergesearch import sources
 from mergesearch.engine.checkpoint import Checkpoint, read_safetensors_header
 from mergesearch.runs.store import load_run
 from mergesearch.zoo.build import LORA, ZOO_TASKS

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from mergesearch.engine.checkpoint import Checkpoint, mapped_safetensors, read_safetensors_header, ST_TO_TORCH
+from mergesearch import sources
 from mergesearch.errors import MergeSearchError
 
 PREFIX = "base_model.model."
@@ -193,8 +194,6 @@ class Adapter:
     def _check_base(self) -> None:
         """Refuse an adapter whose recorded base is not this base, where that can be told:
         a Hub repository other than the base's, or a local folder whose weights differ."""
-        from mergesearch.engine import sources
-
         recorded = self.adapter_config.get("base_model_name_or_path")
         if not recorded:
             return
@@ -302,9 +301,40 @@ class Adapter:
         return f"Adapter({self.label})"
 
 
+def open_model(ref: str, base=None, *, allow_unrelated: bool = False):
+    """A pinned reference opened for reading: a Checkpoint, or an Adapter over ``base``
+    (a Checkpoint) for an adapter folder or a ``base+adapter`` reference."""
+    from mergesearch.engine.checkpoint import Checkpoint
+
+    model, adapter = sources.split(ref)
+    if adapter is None:
+        folder = sources.local_dir(model)
+        if not sources.is_adapter_dir(folder):
+            return Checkpoint(folder, label=ref)
+        if base is None:
+            raise MergeSearchError(f"{ref}: a LoRA adapter needs a base model: give the space or recipe a base "
+                                   "(a soup: --base), or write BASE+ADAPTER")
+        return _adapter(folder, model, base, ref, allow_unrelated)
+    named = Checkpoint(sources.local_dir(model), label=model.text)
+    if base is not None and named.path.resolve() != base.path.resolve():
+        raise MergeSearchError(f"{ref}: the adapter's base {model.text} is not the base of this merge ({base.label})")
+    return _adapter(sources.local_dir(adapter), adapter, base if base is not None else named, ref, allow_unrelated)
+
+
+def _adapter(folder: Path, part: sources.Part, base, ref: str, allow_unrelated: bool):
+    """An Adapter over ``base``; a Hub adapter's refusal names it (``org/name@commit``),
+    not the cache folder it lies in."""
+    try:
+        return Adapter(folder, base, label=ref, allow_unrelated=allow_unrelated)
+    except MergeSearchError as e:
+        msg = str(e)
+        if part.hub and msg.startswith(str(folder)):
+            raise MergeSearchError(f"{part.text}{msg[len(str(folder)):]}") from None
+        raise
+
+
 def _repo_of(ckpt: Checkpoint) -> str | None:
     """The Hub repository a checkpoint was resolved from, if any (from its label or cache path)."""
-    from mergesearch.engine import sources
     head = ckpt.label.partition("@")[0]
     if sources.HUB_ID.fullmatch(head) and not os.path.exists(ckpt.label):
         return head

@@ -27,8 +27,8 @@ from typing import Iterator
 
 import torch
 
-from mergesearch.engine import sources
-from mergesearch.engine.adapter import Adapter
+from mergesearch import sources
+from mergesearch.engine.adapter import Adapter, open_model
 from mergesearch.engine.checkpoint import SideFile, all_finite, mapped_safetensors
 from mergesearch.engine.compat import check_compatible
 from mergesearch.engine.compiled import CompiledRecipe
@@ -135,8 +135,8 @@ class Materializer:
                 raise MergeSearchError(f"materializer without a base cannot serve {', '.join(needs)}")
         self.base_ref = sources.pin(str(base)) if base is not None else None
         self.refs = [sources.pin(str(p), base=self.base_ref) for p in models]
-        self.base_ckpt = sources.open_model(self.base_ref) if base is not None else None
-        self.model_ckpts = [sources.open_model(r, self.base_ckpt, allow_unrelated=allow_unrelated)
+        self.base_ckpt = open_model(self.base_ref) if base is not None else None
+        self.model_ckpts = [open_model(r, self.base_ckpt, allow_unrelated=allow_unrelated)
                             for r in self.refs]
         if check:
             check_compatible(self.base_ckpt, self.model_ckpts, allow_unrelated=allow_unrelated)

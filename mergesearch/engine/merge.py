@@ -17,8 +17,8 @@ from typing import Callable
 
 import torch
 
-from mergesearch.engine import sources
-from mergesearch.engine.adapter import Adapter
+from mergesearch import sources
+from mergesearch.engine.adapter import Adapter, open_model
 from mergesearch.engine.checkpoint import Checkpoint, SideFile, all_finite, dtype_name, parse_dtype, tokenizer_vocab
 from mergesearch.engine.compat import check_compatible
 from mergesearch.engine.compiled import CompiledRecipe
@@ -69,7 +69,7 @@ def open_plan(recipe: Recipe, *, allow_unrelated: bool = False, check: bool = Tr
     def open_ckpt(p: str, base=None) -> Checkpoint | Adapter:
         k = sources.key(p)
         if k not in cache:
-            cache[k] = sources.open_model(p, base, allow_unrelated=allow_unrelated)
+            cache[k] = open_model(p, base, allow_unrelated=allow_unrelated)
         return cache[k]
 
     base = open_ckpt(recipe.base) if recipe.base else None

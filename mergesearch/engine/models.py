@@ -24,10 +24,11 @@ def load_model(model_dir: str | Path, device: str = "cpu", trust_remote_code: bo
     Safetensors weights only, and a model's own Python code (``auto_map``) only when
     the user passed ``trust_remote_code``.
 
-    ``model_dir`` is a model reference (:mod:`mergesearch.engine.sources`): a folder, a
+    ``model_dir`` is a model reference (:mod:`mergesearch.sources`): a folder, a
     Hub ID, or BASE+ADAPTER, which loads the base with the adapter's changes added, as
     PEFT's ``merge_and_unload`` does (in the base's dtype)."""
-    from mergesearch.engine import sources
+    from mergesearch import sources
+    from mergesearch.engine.adapter import open_model
 
     model, adapter = sources.split(str(model_dir))
     if adapter is None:
@@ -36,7 +37,7 @@ def load_model(model_dir: str | Path, device: str = "cpu", trust_remote_code: bo
             raise MergeSearchError(f"{model_dir}: a LoRA adapter alone is not a model; write BASE+ADAPTER")
         return _load(folder, device, trust_remote_code, dtype)
     lm, tok = _load(sources.local_dir(model), "cpu", trust_remote_code, dtype)
-    apply_adapter(lm, sources.open_model(str(model_dir)))
+    apply_adapter(lm, open_model(str(model_dir)))
     return lm.to(device), tok
 
 

@@ -29,13 +29,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from mergesearch.engine import sources
+from mergesearch.engine.bandwidth import measure_bandwidth
 from mergesearch.errors import MergeSearchError
 
 GB = 1e9
@@ -62,10 +61,6 @@ ADAPTER_F32 = 2
 # The eager kernels' temporaries, in float32 buffers of one chunk of
 # ``kernels.eager_chunk(device)`` elements: (fixed, per model).
 CHUNK_F32 = (8, 2)
-# Assumed bandwidths where none can be measured (bytes/s): HBM3 of an H100 at about
-# 60% of its peak for elementwise kernels, and a PCIe Gen5 x16 host link with pinned
-# buffers.
-ASSUMED = {"cuda": {"device": 2.0e12, "link": 2.5e10}}
 # Full float32 passes per element and model that a method adds to reading its inputs.
 EXTRA_PASSES = {None: 0, "magnitude": 6, "outliers": 6, "random": 4, "della": 10}
 
@@ -257,43 +252,12 @@ def factor_bytes(shapes: dict[str, tuple[int, ...]], methods: list[str], n_model
     return total
 
 
-def measure_bandwidth(device: str) -> dict:
-    """Copy bandwidth of this machine (bytes/s): device-to-device and host-to-device
-    (pinned). Without a CUDA device for a cuda plan, the ASSUMED figures."""
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            return {**ASSUMED["cuda"], "source": "assumed (no CUDA device here)"}
-        n = 256 << 20
-        src = torch.empty(n, dtype=torch.uint8, device=device)
-        dst = torch.empty_like(src)
-        host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-        out = {}
-        for label, fn in (("device", lambda: dst.copy_(src)), ("link", lambda: dst.copy_(host, non_blocking=True))):
-            fn()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(5):
-                fn()
-            torch.cuda.synchronize()
-            moved = 5 * n * (2 if label == "device" else 1)  # a device copy reads and writes
-            out[label] = moved / (time.perf_counter() - t0)
-        return {**out, "source": "measured"}
-    n = 64 << 20
-    src = torch.ones(n, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    t0 = time.perf_counter()
-    for _ in range(5):
-        dst.copy_(src)
-    bw = 5 * n * 2 / (time.perf_counter() - t0)
-    return {"device": bw, "link": bw / 2, "source": "measured"}
-
-
 def input_sizes(path: str, kind: str = "checkpoint") -> dict[str, int]:
     """Tensor name -> bytes of the float tensors of a model folder or side file (headers only)."""
     from mergesearch.engine.checkpoint import SideFile
     if kind == "checkpoint":
-        return checkpoint_sizes(sources.open_model(path))
+        from mergesearch.engine.adapter import open_model
+        return checkpoint_sizes(open_model(path))
     f = SideFile(path, kind)
     return {n: f.numel(n) * f.dtype(n).itemsize for n in f.names()}
 
@@ -304,8 +268,8 @@ def checkpoint_sizes(c) -> dict[str, int]:
 
 def model_input(key: str, ref: str, base) -> Input:
     """A model's input: a checkpoint's float tensors, or a LoRA adapter's factors."""
-    from mergesearch.engine.adapter import Adapter
-    c = sources.open_model(ref, base)
+    from mergesearch.engine.adapter import Adapter, open_model
+    c = open_model(ref, base)
     if isinstance(c, Adapter):
         return Input(key, str(ref), sum(c.sizes().values()), "model", c.dense_sizes(), adapter=True,
                      lowrank_numel=max((c.numel(n) for n in c.factors), default=0))
@@ -320,11 +284,12 @@ def make_plan(base: str | None, models: list[str], methods: list[str], *, device
     """Place ``base``, ``models`` and the side files (``side``: metrics / grams / base_metric
     as in :func:`mergesearch.search.side_inputs.resolve_side_inputs`) on ``device`` within ``budget``
     bytes. Raises MergeSearchError when the evaluation model and the scratch do not fit."""
+    from mergesearch.engine.adapter import open_model
     from mergesearch.engine.checkpoint import parse_dtype
     from mergesearch.methods import REGISTRY
 
-    base_ckpt = sources.open_model(base) if base is not None else None
-    ref = base_ckpt if base_ckpt is not None else sources.open_model(models[0])
+    base_ckpt = open_model(base) if base is not None else None
+    ref = base_ckpt if base_ckpt is not None else open_model(models[0])
     floats = [n for n in ref.names() if ref.dtype(n).is_floating_point]
     src_dtype = next((ref.dtype(n) for n in floats), torch.float32)
     edtype = parse_dtype(eval_dtype) or src_dtype

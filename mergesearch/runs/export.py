@@ -23,7 +23,7 @@ import time
 import uuid
 from pathlib import Path
 
-from mergesearch.engine.sources import describe, short
+from mergesearch.sources import describe, short
 from mergesearch.fsutil import atomic_file, replace_dir
 from mergesearch.errors import MergeSearchError
 from mergesearch.recipe import Recipe, from_dict, has_mergekit_equivalent, save_mergekit, to_mergekit

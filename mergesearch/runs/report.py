@@ -78,7 +78,7 @@ def _fmt(x) -> str:
 
 
 def _short(path: str | None) -> str:
-    from mergesearch.engine.sources import short
+    from mergesearch.sources import short
     return short(path) if path else "-"
 
 

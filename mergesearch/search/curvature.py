@@ -292,9 +292,9 @@ def file_digest(path: Path) -> str:
 
 def _weights_digest(model_dir: str | Path) -> str:
     """The digest of a model's weight files (a base's and its adapter's for BASE+ADAPTER)."""
-    from mergesearch.engine import sources
+    from mergesearch.engine.adapter import open_model
     from mergesearch.engine.adapter import Adapter
-    ck = sources.open_model(str(model_dir))
+    ck = open_model(str(model_dir))
     files = sorted({f for f in (ck.base if isinstance(ck, Adapter) else ck).files.values()})
     if isinstance(ck, Adapter):
         files.append(ck._file)
@@ -306,11 +306,12 @@ def curvature(model_dir: str | Path, kind: str, data: str | None = None, task_di
               progress: Callable[[int, int], None] | None = None,
               trust_remote_code: bool = False) -> tuple[Path, bool]:
     """The cached estimate's path, computing it if needed; returns (path, was cached)."""
-    from mergesearch.engine import sources
+    from mergesearch import sources
+    from mergesearch.engine.adapter import open_model
     if kind not in KINDS:
         raise MergeSearchError(f"--kind: '{kind}' is not one of {', '.join(KINDS)}")
     ref = sources.pin(str(model_dir))
-    opened = sources.open_model(ref)  # a clear error for a missing or non-model folder
+    opened = open_model(ref)  # a clear error for a missing or non-model folder
     if kind == "adam" and not isinstance(opened, Checkpoint):
         raise MergeSearchError(f"{ref}: --kind adam reads a full fine-tune's optimizer state; a LoRA adapter has "
                                "none here (use fisher or squared_grad)")

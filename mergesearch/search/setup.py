@@ -45,7 +45,7 @@ def preflight(space: SearchSpace, opts, space_path: str, claim) -> Setup:
     """Every check before anything is created; ``claim`` takes the run's name and lock
     once the plan is known to fit (before the side inputs are computed)."""
     from mergesearch.engine.compat import check_compatible
-    from mergesearch.engine.sources import open_model
+    from mergesearch.engine.adapter import open_model
     from mergesearch.evaluate import build_evaluator
 
     base = open_model(space.base)
@@ -190,7 +190,7 @@ def _seed_recipe(space: SearchSpace, opts, space_path: str) -> Recipe:
     if final is None:
         raise MergeSearchError(f"{space_path}: seed_from: soup run '{name}' has not finished")
     recipe = from_dict(final, f"soup run {name}")
-    from mergesearch.engine.sources import key
+    from mergesearch.sources import key
     ours = {key(m) for m in space.models}
     extra = [m.path for m in recipe.models if key(m.path) not in ours]
     if extra:
@@ -229,7 +229,7 @@ def open_study(space: SearchSpace, s: Setup, opts, storage, space_path: str, run
     study.set_user_attr("space", space.model_dump(mode="json"))
     study.set_user_attr("space_fingerprint", space.fingerprint())
     study.set_user_attr("kind", "search")
-    from mergesearch.engine.sources import describe
+    from mergesearch.sources import describe
     # each input's origin: Hub repositories with the revision asked for and the commit it resolved to
     study.set_user_attr("sources", {ref: describe(ref) for ref in [space.base, *space.models]})
     if s.directions:  # which metric each task's score is, and how it is maximized

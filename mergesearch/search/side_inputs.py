@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 
-from mergesearch.engine.sources import key, short
+from mergesearch.sources import key, short
 from mergesearch.search.curvature import curvature, mean_estimate
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import optuna
 
-from mergesearch.engine import sources
+from mergesearch import sources
+from mergesearch.engine.adapter import open_model
 from mergesearch.engine.checkpoint import is_trainer_checkpoint
 from mergesearch.engine.compat import MAX_FINETUNE_DISTANCE, check_compatible, relative_distance, sample_names
 from mergesearch.fsutil import atomic_file
@@ -105,8 +106,8 @@ def check_ingredients(ingredients: list[str], base: str | None, allow_unrelated:
     """Refuse ingredients that do not share an architecture, a tokenizer and a base,
     before any evaluation. With ``base``, each must be a fine-tune of it; without,
     each must be within the fine-tune distance of the first ingredient."""
-    base_ckpt = sources.open_model(base) if base is not None else None
-    ckpts = [sources.open_model(p, base_ckpt, allow_unrelated=allow_unrelated) for p in ingredients]
+    base_ckpt = open_model(base) if base is not None else None
+    ckpts = [open_model(p, base_ckpt, allow_unrelated=allow_unrelated) for p in ingredients]
     if base_ckpt is not None:
         check_compatible(base_ckpt, ckpts, allow_unrelated=allow_unrelated)
         return

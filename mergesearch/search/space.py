@@ -133,7 +133,7 @@ class SearchSpace(StrictModel):
             one = (lambda x: fix(x) if x.endswith(".jsonl") else x)
             return None if d is None else one(d) if isinstance(d, str) else [one(x) for x in d]
 
-        from mergesearch.engine.sources import pin
+        from mergesearch.sources import pin
         base = pin(self.base, folder, where="base")
         update = {"base": base, "models": [pin(m, folder, base=base) for m in self.models], "evaluator": ev}
         if self.curvature is not None:
@@ -288,7 +288,7 @@ class SearchSpace(StrictModel):
                 raise MergeSearchError(f"{where}: curvature.data: kind '{c.kind}' needs data (TASK:SPLIT or .jsonl)")
             if isinstance(c.data, list) and len(c.data) != n:
                 raise MergeSearchError(f"{where}: curvature.data: give one entry per model ({n}) or a single one")
-            from mergesearch.engine.sources import key
+            from mergesearch.sources import key
             keys = {key(m) for m in self.models}
             stray = [m for m in c.identity if key(m) not in keys]
             if stray:

@@ -192,7 +192,7 @@ def soup_params(space: SearchSpace, members: list[str], groups: list[Group]) -> 
     ``normalize``), since base + sum (theta_i - base) / k = sum theta_i / k.
     Non-members need weight 0 in the bounds. Sparsifying methods are not exact.
     """
-    from mergesearch.engine.sources import key
+    from mergesearch.sources import key
     keys = [key(m) for m in space.models]
     try:
         idx = {keys.index(key(m)) for m in members}

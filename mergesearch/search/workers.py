@@ -61,8 +61,8 @@ def ray_session(run_dir: Path, num_cpus: int, address: str | None = None):
             ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
             from mergesearch.errors import MergeSearchError
-            hint = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise MergeSearchError(f"--ray-address {address}: cannot join the Ray cluster ({hint})") from None
+            raise MergeSearchError(f"--ray-address {address}: cannot join the Ray cluster "
+                                   f"({(str(e).strip() or type(e).__name__).splitlines()[0][:200]})") from None
     else:
         temp, link = _ray_temp_dir(run_dir)
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _temp_dir=temp,
@@ -114,10 +114,7 @@ class Worker:
                  placement: dict | None = None, hub: dict | None = None):
         """``placement``: budget (bytes or None), eval_reserve, stream, share (GPUs per
         worker) and dtype (of the evaluation model and the export) for the plan. ``hub``:
-        the controller's Hugging Face cache settings, so that Hub models pinned there are
-        found here (a worker's environment is the Ray node's, not the controller's)."""
-        import os
-
+        the controller's Hugging Face cache settings (this environment is the Ray node's)."""
         import torch
 
         os.environ.update(hub or {})
@@ -320,7 +317,7 @@ class WorkerPool:
                      "eval_reserve": parse_size(res["eval_memory"], "resources.eval_memory")
                      if res.get("eval_memory") is not None else None,
                      "stream": res.get("stream", "auto"), "share": self.num_gpus or 1.0, "dtype": dtype}
-        from mergesearch.engine.sources import hub_env
+        from mergesearch.sources import hub_env
         self.args = (base, models, methods, eval_cfg, self.threads, faults or {}, side, placement, hub_env())
         self.trial_timeout = trial_timeout
         self.setup_timeout = float(res.get("setup_timeout") or 1800.0)

@@ -16,8 +16,9 @@ the weights, config and tokenizer files), honouring ``HF_HUB_OFFLINE``, ``HF_HOM
 become ``org/name@<commit>``, and an adapter listed alone becomes ``BASE+ADAPTER``. So
 every stored recipe, run and model card names the exact commit, and a search is
 reproducible after a branch moves. Everything downstream reads pinned references:
-:func:`open_model` gives a :class:`~mergesearch.engine.checkpoint.Checkpoint` or an
-:class:`~mergesearch.engine.adapter.Adapter`, :func:`key` the identity to compare.
+:func:`mergesearch.engine.adapter.open_model` gives a Checkpoint or an Adapter, :func:`key`
+the identity to compare. This module knows references only (strings, folders and the Hub
+cache), so recipes can pin them; opening the weights is the engine's.
 """
 
 from __future__ import annotations
@@ -240,9 +241,10 @@ def _pin_part(text: str, folder: Path | None, where: str) -> Part:
         if candidate.exists():  # relative to the file that names it
             return Part(str(candidate.resolve()), hub=False)
     part = parse_part(text, where)
-    if not part.hub:
+    if not part.hub:  # an absolute path stays as written (a run's identity names it so)
         p = Path(part.text)
-        return Part(str(p.resolve() if p.is_absolute() or p.exists() else (folder or Path.cwd()) / p), hub=False)
+        return Part(str(p if p.is_absolute() else p.resolve() if p.exists() else (folder or Path.cwd()) / p),
+                    hub=False)
     _, commit = resolve_hub(part)
     return Part(f"{part.repo}@{commit}", hub=True, repo=part.repo, revision=commit)
 
@@ -299,40 +301,6 @@ def describe(ref: str) -> dict:
         else:
             out[role] = {"path": part.text}
     return out
-
-
-def open_model(ref: str, base=None, *, allow_unrelated: bool = False):
-    """A pinned reference opened for reading: a Checkpoint, or an Adapter over ``base``
-    (a Checkpoint) for an adapter folder or a ``base+adapter`` reference."""
-    from mergesearch.engine.checkpoint import Checkpoint
-
-    model, adapter = split(ref)
-    if adapter is None:
-        folder = local_dir(model)
-        if not is_adapter_dir(folder):
-            return Checkpoint(folder, label=ref)
-        if base is None:
-            raise MergeSearchError(f"{ref}: a LoRA adapter needs a base model: give the space or recipe a base "
-                                   "(a soup: --base), or write BASE+ADAPTER")
-        return _adapter(folder, model, base, ref, allow_unrelated)
-    named = Checkpoint(local_dir(model), label=model.text)
-    if base is not None and named.path.resolve() != base.path.resolve():
-        raise MergeSearchError(f"{ref}: the adapter's base {model.text} is not the base of this merge ({base.label})")
-    return _adapter(local_dir(adapter), adapter, base if base is not None else named, ref, allow_unrelated)
-
-
-def _adapter(folder: Path, part: Part, base, ref: str, allow_unrelated: bool):
-    """An Adapter over ``base``; a Hub adapter's refusal names it (``org/name@commit``),
-    not the cache folder it lies in."""
-    from mergesearch.engine.adapter import Adapter
-
-    try:
-        return Adapter(folder, base, label=ref, allow_unrelated=allow_unrelated)
-    except MergeSearchError as e:
-        msg = str(e)
-        if part.hub and msg.startswith(str(folder)):
-            raise MergeSearchError(f"{part.text}{msg[len(str(folder)):]}") from None
-        raise
 
 
 def model_dir(ref: str) -> Path:
