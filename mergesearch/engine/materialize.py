@@ -10,7 +10,8 @@ place, with no disk I/O: the recipe is compiled once per candidate, then each te
 goes down once (its inputs, :func:`mergesearch.methods.apply.merge_tensor`, the method,
 its selections and kernels) and comes back as the merged tensor. Host inputs are read
 in place on the CPU (``stream: view``) or staged into the device through two slots,
-one tensor ahead of the merge (:class:`Stager`). TIES and breadcrumbs thresholds are
+one tensor ahead of the merge (:class:`~mergesearch.engine.staging.Stager`, its bytes
+copied by several threads). TIES and breadcrumbs thresholds are
 selected per candidate (a radix select), exactly as the export selects them, so nothing
 per element is precomputed. Results are bit-equal to
 :func:`mergesearch.engine.merge.stream_merge` for the same recipe in every placement and
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -35,75 +35,10 @@ from mergesearch.engine.compiled import CompiledRecipe
 from mergesearch.errors import MergeSearchError
 from mergesearch.methods import REGISTRY, FactorCache, LowRank, MethodSpec, TensorInputs, get_method, merge_tensor
 from mergesearch.engine.plan import NO_BANDWIDTH, Placement, make_plan, slot_bytes
+from mergesearch.engine.staging import Stager
 from mergesearch.recipe import Recipe
 
 log = logging.getLogger(__name__)
-
-
-class Stager:
-    """Copies host tensors into one of two device slots on a background thread, one
-    tensor ahead of the consumer. On CUDA the copy goes through a pinned buffer and a
-    copy stream; the compute stream waits for the copy, and a slot is refilled only
-    after the compute that read it."""
-
-    def __init__(self, device: torch.device, capacity: int):
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.capacity = capacity  # bytes per slot
-        self.slots = [torch.empty(capacity, dtype=torch.uint8, device=device) for _ in range(2)]
-        self.pinned = ([torch.empty(capacity, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-                       if self.cuda else None)
-        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
-        self.copied: list = [None, None]  # CUDA events: a slot's copy has landed
-        self.consumed: list = [None, None]  # CUDA events: the compute that read a slot is done
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="stager")
-
-    def _fill(self, slot: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        offsets, off = [], 0
-        for t in tensors:
-            offsets.append(off)
-            off += slot_bytes(t.numel() * t.element_size())
-        if off > self.capacity:
-            raise MergeSearchError(f"staging slot of {self.capacity} bytes cannot hold {off} bytes")
-
-        def place(buf, t, o):
-            return buf[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-        if not self.cuda:
-            return [place(self.slots[slot], t, o).copy_(t) for t, o in zip(tensors, offsets)]
-        if self.copied[slot] is not None:
-            self.copied[slot].synchronize()  # the pinned buffer's last copy has left it
-        pin = self.pinned[slot]
-        for t, o in zip(tensors, offsets):
-            place(pin, t, o).copy_(t)
-        with torch.cuda.stream(self.copy_stream):
-            if self.consumed[slot] is not None:
-                self.copy_stream.wait_event(self.consumed[slot])
-            self.slots[slot][:off].copy_(pin[:off], non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(self.copy_stream)
-            self.copied[slot] = ev
-        return [place(self.slots[slot], t, o) for t, o in zip(tensors, offsets)]
-
-    def run(self, jobs: list[tuple[str, list[torch.Tensor]]]) -> Iterator[tuple[str, list[torch.Tensor]]]:
-        """Yields (name, device copies) in order; the next job is copied meanwhile."""
-        if not jobs:
-            return
-        pending = self.pool.submit(self._fill, 0, jobs[0][1])
-        for k, (name, _) in enumerate(jobs):
-            staged = pending.result()
-            if k + 1 < len(jobs):
-                nxt = (k + 1) % 2
-                if self.cuda:  # everything enqueued so far read slot nxt at the latest
-                    ev = torch.cuda.Event()
-                    ev.record(torch.cuda.current_stream(self.device))
-                    self.consumed[nxt] = ev
-                pending = self.pool.submit(self._fill, nxt, jobs[k + 1][1])
-            if self.cuda:
-                torch.cuda.current_stream(self.device).wait_event(self.copied[k % 2])
-            yield name, staged
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
 
 
 class Materializer:
