@@ -165,6 +165,8 @@ def plan(space: SearchSpace, opts, side: dict | None, quiet: bool = False):
                      "it here)")
             return None
         device = "cuda"
+    elif (r.gpus_per_worker or 0) >= 2 and (budget is not None or r.device_memory is not None):
+        device = "cuda"  # a sharded worker (engine.multi_gpu), checked against its declared per-GPU budget
     else:
         device = "cpu"
     p = space_plan(space, device=device, budget=budget, side=side)
