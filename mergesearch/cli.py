@@ -216,6 +216,9 @@ def plan_cmd(
                                                 help="device memory budget per worker, e.g. 80GB"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when visible)"),
     as_json: bool = typer.Option(False, "--json", help="print the placement as JSON"),
+    gpus_per_worker: Optional[int] = typer.Option(None, "--gpus-per-worker", metavar="K", min=1,
+                                                  help="GPUs per worker (2 or more shards the evaluation model; "
+                                                       "--device-memory is then each GPU's budget)"),
 ):
     """Show where each worker's inputs would live: bytes per tier, bytes moved and the
     predicted time per candidate. Reads file headers only."""
@@ -225,9 +228,14 @@ def plan_cmd(
     if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
         raise MergeSearchError(f"--device: use cpu or cuda, got '{device}'")
     sp = SearchSpace.load(space_file)
+    gpus = gpus_per_worker or sp.resources.gpus_per_worker or 1
+    if gpus >= 2:  # a sharded worker: its GPUs, each with the declared budget
+        if device is not None and not device.startswith("cuda"):
+            raise MergeSearchError(f"--device {device}: a worker on {gpus:g} GPUs shards over CUDA devices")
+        device = "cuda"
     budget = parse_size(device_memory, "--device-memory") if device_memory is not None else None
     side = _planned_side(sp)
-    p = space_plan(sp, device=device, budget=budget, side=side)
+    p = space_plan(sp, device=device, budget=budget, side=side, gpus=gpus_per_worker)
     if side is None and (sp.curvature is not None or sp.gram is not None):
         p.notes.append("curvature/gram files are computed when the search starts; they are not counted here")
     typer.echo(dumps(p) if as_json else p.render())

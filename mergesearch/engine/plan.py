@@ -379,9 +379,11 @@ def make_plan(base: str | None, models: list[str], methods: list[str], *, device
                      f"its reserve ({fmt_bytes(reserve)})", f"the merge scratch ({fmt_bytes(scratch)})"]
             if staging(inputs):
                 parts.append(f"the staging slots ({fmt_bytes(staging(inputs))})")
+            shard = (f"; shard it over GPUs with resources.gpus_per_worker: {math.ceil((eval_bytes + reserve) / budget)}"
+                     if cuda and gpus_per_worker >= 1 and eval_bytes > budget else "")
             raise MergeSearchError(
                 f"device memory: {', '.join(parts[:-1])} and {parts[-1]} need {fmt_bytes(need)}, more than the "
-                f"budget of {fmt_bytes(budget)} ({source})")
+                f"budget of {fmt_bytes(budget)} ({source}){shard}")
     host = [i for i in inputs if i not in resident]
     p = Placement(device=device, budget=budget, budget_source=source, stream=stream, eval_bytes=eval_bytes,
                   eval_dtype=_dname(edtype), eval_reserve=reserve, scratch=scratch, staging=staging(host),
@@ -436,10 +438,15 @@ def _mem_total() -> int:
 
 
 def space_plan(space, *, device: str | None = None, budget: int | None = None, side: dict | None = None,
-               bandwidth: dict | None = None) -> Placement:
+               bandwidth: dict | None = None, gpus: int | None = None):
     """The placement for a search space's workers (its ``resources``; ``budget``
-    overrides ``resources.device_memory``)."""
+    overrides ``resources.device_memory``, ``gpus`` ``resources.gpus_per_worker``). With
+    2 or more GPUs per worker on CUDA, a sharded worker's (:mod:`mergesearch.engine.multi_gpu`)."""
     r = space.resources
+    gpus = gpus or r.gpus_per_worker or 1
+    if gpus >= 2 and (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        from mergesearch.engine.multi_gpu import space_multi_plan
+        return space_multi_plan(space, int(gpus), budget=budget, side=side, bandwidth=bandwidth)
     methods = sorted(set(space.methods) | {"linear", "task_arithmetic"})
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if budget is None and r.device_memory is not None:
