@@ -9,9 +9,12 @@ runs about 15x faster on large tensors (see docs/BENCHMARKS.md).
 On the CPU the native kernel (:mod:`mergesearch.methods.native`) runs first, for every size: the
 eager kernel's arithmetic in one C++ loop. Elsewhere, or without it, which torch
 implementation runs depends only on the tensor's size (compiled from ``COMPILE_MIN_NUMEL``
-elements, when compilation is available). All three give the same bits, so the streamed
+elements, when compilation is available). On a CUDA device with triton installed, one
+Triton kernel (:mod:`mergesearch.methods.triton_kernels`) runs first, from
+``triton_kernels.MIN_NUMEL`` elements. All give the same bits, so the streamed
 export and the in-memory Materializer stay bit-equal whichever path each takes. Set
-``MERGESEARCH_COMPILE=0`` to never compile, ``MERGESEARCH_NATIVE=0`` to skip the native kernel.
+``MERGESEARCH_COMPILE=0`` to never compile, ``MERGESEARCH_NATIVE=0`` to skip the native kernel,
+``MERGESEARCH_TRITON=0`` to skip the Triton kernels.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from contextlib import contextmanager
 
 import torch
 
-from mergesearch.methods import native
+from mergesearch.methods import native, triton_kernels
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +259,10 @@ def weighted_sum(sources, weights, divisor: float = 1.0, normalize: bool = False
     A tensor large enough to be computed in blocks is returned in ``out_dtype`` (when
     given), each block cast as it is made: no full-size work-dtype copy is held."""
     global _compiled_sum
+    if triton_kernels.applies(sources[0].device, sources[0].numel()):  # one Triton kernel, the same bits
+        made = triton_kernels.weighted_sum(list(sources), weights, divisor, normalize, out_dtype=out_dtype, out=out)
+        if made is not None:
+            return made
     if sources[0].device.type == "cpu":
         made = native.weighted_sum(list(sources), weights, divisor, normalize, out_dtype=out_dtype, out=out)
         if made is not None:
@@ -303,6 +310,11 @@ def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, conse
     wd = torch.float64 if raw_base.dtype == torch.float64 else torch.float32
     dev = raw_base.device
     windows = [w if w is None else tuple(w) for w in windows]  # None: everything kept
+    if triton_kernels.applies(dev, raw_base.numel()):  # on an accelerator: one Triton kernel, the same bits
+        made = triton_kernels.combine(raw_base, list(sources), is_delta, windows, weights, lam, normalize, consensus,
+                                      divisor, out_dtype=out_dtype, masks=masks, out=out)
+        if made is not None:
+            return made
     if dev.type == "cpu":  # the native kernel: the same bits, no compilation, one pass
         made = native.combine(raw_base, list(sources), is_delta, windows, weights, lam, normalize, consensus,
                               divisor, out_dtype=out_dtype, masks=masks, out=out)

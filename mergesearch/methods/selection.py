@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergesearch.methods import kernels, native
+from mergesearch.methods import kernels, native, triton_kernels
 from mergesearch.methods.inputs import TensorInputs, work_dtype
 
 RADIX_MIN_NUMEL = 1 << 20
@@ -122,7 +122,11 @@ def _abs_blocks(x: TensorInputs, i: int):
 def select_abs(x: TensorInputs, i: int, k: int, scratch: Scratch) -> tuple[torch.Tensor, int, int]:
     """The k-th smallest |delta_i| (0-based) with the counts of elements below it
     and at or below it. Large tensors use a radix select on the float bits (a
-    histogram of the top 16 bits, then an exact k-th value inside one bucket)."""
+    histogram of the top 16 bits, then an exact k-th value inside one bucket). On an
+    accelerator with triton, radix passes of Triton kernels (:mod:`triton_kernels`)."""
+    fused = triton_kernels.selection_source(x, i)
+    if fused is not None:  # the same exact k-th value and counts
+        return triton_kernels.select_abs(*fused, k, scratch)
     if scratch.native or blocked(x, i, scratch):
         return _select_blocked(x, i, k, scratch)
     a = abs_delta(x, i, scratch)
@@ -190,6 +194,12 @@ def _select_blocked(x: TensorInputs, i: int, k: int, scratch: Scratch) -> tuple[
 
 def nth_position_equal(x: TensorInputs, i: int, value: torch.Tensor, r: int, scratch: Scratch) -> int:
     """The flat index of the r-th element (0-based, in index order) with |delta_i| == value."""
+    fused = triton_kernels.selection_source(x, i)
+    if fused is not None:
+        j = triton_kernels.nth_equal(*fused, value, r)
+        if j < 0:
+            raise IndexError(f"{x.name}: fewer elements equal to the threshold than counted")
+        return j
     if scratch.native:
         j = native.nth_equal(x.raw(i), x.raw_base, value, r,
                              tops=scratch.hist[2] if scratch.kind() == "blocked" else None)
