@@ -3,8 +3,8 @@
 # CUDA torch). Everything else travels with the call, in two git-ignored folders:
 #   .whl/       wheels for Python 3.12 (pydantic, optuna, cmaes, sqlalchemy, plotly, the pure
 #               dependencies of Ray that the image lacks)
-#   .gpucarry/  zoo/ (base + the four task fine-tunes) and ray.tar.xz (the Ray wheel without
-#               its Java jars, RLlib, Serve, Data, Train, Tune and dashboard front end)
+#   .gpucarry/  zoo/ (base + the four task fine-tunes) and the archives scripts/device_prepare.sh
+#               writes (Ray and lm-eval, trimmed)
 # Two parts, each with its own time limit, results under $OUT:
 #   1. a search on a local Ray instance: 2 workers sharing the GPU (gpus_per_worker 0.5),
 #      the demo space cut to 40 trials, refine and the export on the GPU;
@@ -17,7 +17,7 @@ t0=$(date +%s)
 PY=${PY:-python3}
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-tar xJf .gpucarry/ray.tar.xz -C /tmp/site || exit 1
+for a in .gpucarry/*.tar.xz; do tar xJf "$a" -C /tmp/site || exit 1; done
 export PYTHONPATH=/tmp/site:$PWD
 fi
 echo "installed in $(( $(date +%s) - t0 )) s"
