@@ -37,7 +37,7 @@ MIN_NUMEL = 1 << 12  # combine and weighted sum on an accelerator from this size
 SELECT_MIN_NUMEL = 1 << 15  # the radix selection from this size (smaller ones sort)
 MAX_MODELS = 8
 BLOCK = 1024  # elements a program of the combine and weighted-sum kernels
-HIST_BLOCK, HIST_TILES = 1024, 16  # a histogram program reads HIST_TILES blocks
+HIST_BLOCK, HIST_TILES = 1024, 16  # a histogram program reads up to HIST_TILES blocks
 COUNT_BLOCK = 1024  # the block of the tie-position counts
 DIGITS = ((23, 8), (15, 8), (7, 8), (0, 7))  # (shift, width) of each radix pass, top first
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -187,15 +187,25 @@ def selection_source(x, i: int) -> tuple[torch.Tensor, torch.Tensor | None] | No
     return (d, None) if _ok(d, d.device, (torch.float32,)) else None
 
 
+def hist_tiles(n: int) -> int:
+    """Blocks a histogram program reads: a power of two up to HIST_TILES, so that a tensor
+    gives about 1024 programs or more (each adds its counts to the global histogram once)."""
+    tiles = 1
+    while tiles < HIST_TILES and n >= HIST_BLOCK * 1024 * tiles * 2:
+        tiles *= 2
+    return tiles
+
+
 def _launch_hist(src, base, prefix: int, pshift: int, shift: int, width: int) -> list[int]:
     n = src.numel()
     hist = torch.zeros(1 << width, dtype=torch.int32, device=src.device)
-    grid = (triton_cdiv(n, HIST_BLOCK * HIST_TILES),)
+    tiles = hist_tiles(n)
+    grid = (triton_cdiv(n, HIST_BLOCK * tiles),)
     with _on(src.device):
         jit().radix_hist_kernel[grid](
             _arg(src), _arg(base if base is not None else src), hist, n, prefix, SRC_KIND=KINDS[src.dtype],
             BASE_KIND=-1 if base is None else KINDS[base.dtype], PSHIFT=pshift, SHIFT=shift, NBITS=width,
-            BLOCK=HIST_BLOCK, TILES=HIST_TILES, num_warps=4, enable_fp_fusion=False)
+            BLOCK=HIST_BLOCK, TILES=tiles, num_warps=4, enable_fp_fusion=False)
     cum, total = [], 0
     for c in hist.tolist():
         total += c

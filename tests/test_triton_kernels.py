@@ -1,0 +1,201 @@
+"""The Triton merge kernels give the torch kernels' bits.
+
+Triton's interpreter (``TRITON_INTERPRET=1``, read when triton is imported) runs the
+kernels on CPU tensors, so the checks run in one child process with it set,
+``MERGESEARCH_TRITON=force`` (the kernels on the CPU, at every size) and the native and
+compiled kernels off; each check merges the same inputs with the Triton kernels and with
+the eager torch kernels (``MERGESEARCH_TRITON=0``) and compares the bits. The tensors are
+small (the interpreter runs a program in numpy) and not a multiple of the kernels' blocks;
+the deltas are bf16-valued, so magnitudes tie at the selection thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "linear"]
+ROWS, COLS = 37, 59  # 2183 elements: three blocks of the combine kernel, the last one partial
+
+
+def _family(dtype, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(ROWS, COLS, generator=g) * 0.05).bfloat16().to(dtype)
+    models = [(base.float() + torch.randn(ROWS, COLS, generator=g) * 0.01).bfloat16().to(dtype) for _ in range(3)]
+    models[1].view(-1)[::5] = base.view(-1)[::5]  # zero deltas never vote
+    return base, models
+
+
+def _params(spec, **overrides):
+    names = {p.name for p in spec.model_params}
+    gp = {p.name: p.default for p in spec.global_params}
+    if "lambda" in gp:
+        gp["lambda"] = 1.3
+    gp.update(overrides)
+    mp = [{**{p.name: p.default for p in spec.model_params}, "weight": w,
+           **({"density": d} if "density" in names else {})} for w, d in [(0.5, 0.3), (-0.4, 0.6), (0.7, 0.5)]]
+    return gp, mp
+
+
+def _bits(t):
+    return t.contiguous().view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+CASES = (
+    [(m, "bf16", "tensors", "same", {}) for m in METHODS]
+    + [(m, "f32", "tensors", "same", {}) for m in METHODS]
+    + [(m, "f32", "deltas", "none", {}) for m in ("task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties")]
+    + [("ties", "bf16", "tensors", "none", {}), ("ties", "f16", "tensors", "same", {}),
+       ("ties", "bf16", "tensors", "same", {"normalize": False}),
+       ("task_arithmetic", "bf16", "tensors", "same", {"normalize": True}),
+       ("ties", "bf16", "tensors", "same", {"rescale": True}),
+       ("breadcrumbs", "f32", "tensors", "same", {"normalize": True})]
+)
+
+
+def _case_id(c) -> str:
+    return "-".join([c[0], c[1], c[2], c[3]] + [f"{k}={v}" for k, v in c[4].items()])
+
+
+def _run_checks() -> dict:
+    """In the child process: every case of CASES, the selection and the export check."""
+    from mergesearch.methods import REGISTRY, TensorInputs, kernels, selection
+    from mergesearch.methods import triton_kernels as tk
+    from mergesearch.methods.apply import merge_tensor
+
+    calls = {"combine": 0, "weighted_sum": 0, "select": 0, "nth": 0}
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            made = fn(*a, **k)
+            calls[name] += made is not None  # a fallback returns None
+            return made
+        return wrapper
+
+    tk.combine, tk.weighted_sum = counted("combine", tk.combine), counted("weighted_sum", tk.weighted_sum)
+    tk.select_abs, tk.nth_equal = counted("select", tk.select_abs), counted("nth", tk.nth_equal)
+    dtypes = {"bf16": torch.bfloat16, "f32": torch.float32, "f16": torch.float16}
+    out = {}
+
+    def merge(spec, x_args, gp, mp, out_dtype):
+        x = TensorInputs("w", *x_args[:1], **x_args[1], seed=5, out_dtype=out_dtype)
+        got = spec.fn(x, gp, mp)
+        return got.to(out_dtype or got.dtype)
+
+    for case in CASES:
+        method, dt, given, outk, over = case
+        base, models = _family(dtypes[dt])
+        spec = REGISTRY[method]
+        gp, mp = _params(spec, **over)
+        if given == "deltas":
+            args = (base, {"deltas": [m.float() - base.float() for m in models]})
+        else:
+            args = (base, {"tensors": models})
+        out_dtype = None if outk == "none" else dtypes[dt]
+        before = dict(calls)
+        os.environ["MERGESEARCH_TRITON"] = "force"
+        got = merge(spec, args, gp, mp, out_dtype)
+        ran = {k: calls[k] - before[k] for k in calls}
+        os.environ["MERGESEARCH_TRITON"] = "0"
+        want = merge(spec, args, gp, mp, out_dtype)
+        out[_case_id(case)] = {"equal": got.dtype == want.dtype and torch.equal(_bits(got), _bits(want)),
+                               "changed": not torch.equal(got.float(), base.float()), "ran": ran}
+
+    # the selection: thresholds, counts and tie positions equal the torch selection's
+    base, models = _family(torch.bfloat16, seed=7)
+    x = TensorInputs("w", base, tensors=models)
+    n = x.numel
+    sel = {"equal": True, "split_runs": 0, "checked": 0}
+    for i in range(3):
+        for start, end in ((int(0.7 * n), n), (int(0.13 * n), int(0.91 * n)), (0, 1), (n - 1, n), (5, 6)):
+            os.environ["MERGESEARCH_TRITON"] = "force"
+            got = selection.window(x, i, start, end)
+            os.environ["MERGESEARCH_TRITON"] = "0"
+            want = selection.window(x, i, start, end)
+            same = all(torch.equal(_bits(a.reshape(1)), _bits(b.reshape(1))) for a, b in zip(got[1:], want[1:]))
+            sel["equal"] &= same
+            sel["checked"] += 1
+            sel["split_runs"] += int(int(want[3]) != 0) + int(int(want[4]) != n)
+    a = (models[0].float() - base.float()).abs().reshape(-1)
+    srt = torch.sort(a).values
+    for k in (0, 1, n // 3, n // 2, n - 2, n - 1):
+        v, below, at = tk.select_abs(models[0].reshape(-1), base.reshape(-1), k, selection.Scratch(native=False))
+        sel["equal"] &= bool(v == srt[k]) and below == int((a < srt[k]).sum()) and at == int((a <= srt[k]).sum())
+        r = k - below
+        sel["equal"] &= tk.nth_equal(models[0].reshape(-1), base.reshape(-1), v, r) == int((a == v).nonzero()[r])
+    out["selection"] = sel
+
+    # an export (one-shot, streaming) merges to the bits of the in-memory candidate
+    os.environ["MERGESEARCH_TRITON"] = "force"
+    base, models = _family(torch.bfloat16)
+    spec = REGISTRY["ties"]
+    gp, mp = _params(spec)
+    scored = merge_tensor(spec, TensorInputs("w", base, tensors=models, seed=5, out_dtype=torch.bfloat16), gp, mp)
+    with kernels.streaming():
+        exported = merge_tensor(spec, TensorInputs("w", base, tensors=models, seed=5, out_dtype=torch.bfloat16),
+                                gp, mp)
+    out["export"] = {"equal": torch.equal(_bits(scored.to(torch.bfloat16)), _bits(exported.to(torch.bfloat16)))}
+    return out
+
+
+@pytest.fixture(scope="module")
+def checks():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "MERGESEARCH_TRITON": "force", "MERGESEARCH_NATIVE": "0",
+           "MERGESEARCH_COMPILE": "0", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_triton_merge_gives_the_torch_kernels_bits(checks, case):
+    r = checks[_case_id(case)]
+    method, _, given, _, over = case
+    assert r["changed"]
+    assert r["equal"], r
+    if method == "linear":
+        assert r["ran"]["weighted_sum"] == 1, r
+    else:
+        assert r["ran"]["combine"] == 1, r  # the Triton kernel ran, not a fallback
+    if method in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+        assert r["ran"]["select"] >= 3, r  # each model's thresholds came from the radix passes
+
+
+def test_triton_selection_gives_the_torch_thresholds(checks):
+    r = checks["selection"]
+    assert r["equal"], r
+    assert r["checked"] == 15
+    assert r["split_runs"] >= 6  # the tie split by index was exercised
+
+
+def test_triton_export_equals_the_scored_candidate(checks):
+    assert checks["export"]["equal"]
+
+
+def test_cpu_tensors_keep_their_kernels(monkeypatch):
+    """Without ``force``, CPU tensors never reach the Triton kernels (nor import triton);
+    with the kernels unavailable, every device keeps the torch kernels."""
+    from mergesearch.methods import triton_kernels as tk
+
+    monkeypatch.delenv("MERGESEARCH_TRITON", raising=False)
+    assert not tk.applies("cpu", 1 << 24)
+    monkeypatch.setenv("MERGESEARCH_TRITON", "0")
+    assert not tk.applies("cuda", 1 << 24)
+    monkeypatch.setenv("MERGESEARCH_TRITON", "force")
+    monkeypatch.setattr(tk, "_jit", None)
+    monkeypatch.setattr(tk, "_tried", True)  # as after a failed import
+    assert not tk.applies("cuda", 1 << 24)
+
+
+if __name__ == "__main__":
+    print(json.dumps(_run_checks()))
