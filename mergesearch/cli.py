@@ -222,7 +222,8 @@ def plan_cmd(
 ):
     """Show where each worker's inputs would live: bytes per tier, bytes moved and the
     predicted time per candidate. Reads file headers only."""
-    from mergesearch.engine.plan import dumps, parse_size, space_plan
+    from mergesearch.engine.multi_gpu import space_placement
+    from mergesearch.engine.plan import dumps, parse_size
     from mergesearch.search.space import SearchSpace
 
     if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
@@ -235,7 +236,7 @@ def plan_cmd(
         device = "cuda"
     budget = parse_size(device_memory, "--device-memory") if device_memory is not None else None
     side = _planned_side(sp)
-    p = space_plan(sp, device=device, budget=budget, side=side, gpus=gpus_per_worker)
+    p = space_placement(sp, device=device, budget=budget, side=side, gpus=gpus_per_worker)
     if side is None and (sp.curvature is not None or sp.gram is not None):
         p.notes.append("curvature/gram files are computed when the search starts; they are not counted here")
     typer.echo(dumps(p) if as_json else p.render())

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -33,7 +34,7 @@ from mergesearch.engine.checkpoint import SideFile, all_finite, mapped_safetenso
 from mergesearch.engine.compat import check_compatible
 from mergesearch.engine.compiled import CompiledRecipe
 from mergesearch.errors import MergeSearchError
-from mergesearch.methods import REGISTRY, FactorCache, LowRank, MethodSpec, TensorInputs, get_method, merge_tensor
+from mergesearch.methods import REGISTRY, FactorCache, LowRank, MethodSpec, TensorInputs, get_method, kernels, merge_tensor
 from mergesearch.engine.plan import NO_BANDWIDTH, Placement, make_plan, slot_bytes
 from mergesearch.engine.staging import Stager
 from mergesearch.recipe import Recipe
@@ -59,7 +60,10 @@ class Materializer:
     ):
         """``metrics`` and ``grams`` map model paths to their side-input files (for the
         curvature-based methods). ``placement`` (or a plan made here for ``budget``
-        bytes of device memory) says which inputs are resident on the device."""
+        bytes of device memory) says which inputs are resident on the device. A sharded
+        worker's placement (:class:`mergesearch.engine.multi_gpu.MultiPlacement`) puts each
+        tensor on its GPU: its inputs resident there or staged through that GPU's slots,
+        merged there, or merged on the host (the export's path) where the plan says so."""
         t0 = time.perf_counter()
         self.device = torch.device(device)
         methods = methods or list(REGISTRY)
@@ -89,9 +93,10 @@ class Materializer:
             self.base_ref, self.refs, methods, device=str(self.device),
             budget=budget, side=side, stream=stream, bandwidth=NO_BANDWIDTH)
         self.stream = self.placement.stream
+        self.sharded = hasattr(self.placement, "tensor_device")  # a worker over several GPUs
         # the SVD factors of the singular-value methods, kept between candidates where the plan has room
         self.factor_cache = FactorCache() if self.placement.factors else None
-        self.constants = {n: ref.get(n).to(self.device) for n in self.names if n not in self.float_names}
+        self.constants = {n: ref.get(n).to(self._home(n)) for n in self.names if n not in self.float_names}
         self.slots: dict[str, dict[str, torch.Tensor]] = {}  # input key -> tensor name -> tensor
         # LoRA adapters' factors: input key -> tensor name -> LowRank (their full copies of
         # modules_to_save tensors are in slots, like a checkpoint's tensors)
@@ -120,11 +125,56 @@ class Materializer:
         slot = max((sum(slot_bytes(self.slots[k][n].numel() * self.slots[k][n].element_size())
                         for k in host if n in self.slots[k]) for n in self.float_names), default=0)
         copying = host and (self.stream == "copy" or self.device.type != "cpu")
-        self.stager = Stager(self.device, slot) if copying else None
+        self.stager = Stager(self.device, slot) if copying and not self.sharded else None
+        self.stagers = self._gpu_stagers() if self.sharded else {}
         self.setup_seconds = time.perf_counter() - t0
         self.resident_bytes = sum(self._bytes(k) for k in self.slots if k not in self.host_keys)
         self.host_bytes = sum(self._bytes(k) for k in self.host_keys)
+        if self.sharded:  # by tensor: an input may be resident on one GPU and host-tier on another
+            total = self.resident_bytes + self.host_bytes
+            self.resident_bytes = sum(t.numel() * t.element_size() for k, d in self.slots.items()
+                                      for n, t in d.items() if self.placement.resident_on(k, n))
+            self.host_bytes = total - self.resident_bytes
         self.last_moved = 0
+
+    def _home(self, name: str) -> torch.device:
+        """The device that holds ``name``'s parameter in the evaluation model."""
+        return torch.device(self.placement.tensor_device(name)) if self.sharded else self.device
+
+    def _merge_device(self, name: str) -> torch.device:
+        """Where ``name`` is merged: this worker's device, its GPU, or the host."""
+        return torch.device(self.placement.merge_device(name)) if self.sharded else self.device
+
+    def _gpu_stagers(self) -> dict[int, Stager]:
+        """A sharded worker's staging: two slots on each GPU, sized for the host inputs of
+        the largest tensor merged there (none for the host-merged tensors, read in place)."""
+        p, out = self.placement, {}
+        for share in p.gpus:
+            names = [n for n in self.float_names if p.tensor_gpu.get(n, 0) == share.index and n not in p.host_merged]
+            host = [k for k in self.slots if k not in share.resident]
+            slot = max((sum(slot_bytes(self.slots[k][n].numel() * self.slots[k][n].element_size())
+                            for k in host if n in self.slots[k]) for n in names), default=0)
+            dev = self._home(names[0]) if names else None
+            if slot and (self.stream == "copy" or dev.type != "cpu"):
+                out[share.index] = Stager(dev, slot)
+        return out
+
+    def _routes(self, used: list[str], floats: list[str]) -> dict[str, tuple]:
+        """Tensor name -> (the staging run that brings its host inputs, their keys), for
+        the names whose inputs are staged: one run for this worker's device, or one per GPU."""
+        groups = []
+        if self.stager is not None:
+            groups.append((self.stager, [k for k in used if k in self.host_keys], floats))
+        p = self.placement
+        for g, stager in self.stagers.items():
+            groups.append((stager, [k for k in used if k not in p.gpus[g].resident],
+                           [n for n in floats if p.tensor_gpu.get(n, 0) == g and n not in p.host_merged]))
+        routes = {}
+        for stager, keys, names in groups:
+            if keys and names:
+                run = stager.run([(n, [self.slots[k][n] for k in keys if n in self.slots[k]]) for n in names])
+                routes.update({n: (run, keys) for n in names})
+        return routes
 
     def _bytes(self, key: str) -> int:
         factors = sum(t.numel() * t.element_size() for lr in self.lowrank.get(key, {}).values() for t in (lr.a, lr.b))
@@ -142,10 +192,12 @@ class Materializer:
     def _place(self, key: str, views: dict[str, torch.Tensor], where, side: SideFile | None = None) -> None:
         """Check every float tensor once (non-finite values; for metrics, negative ones),
         then keep it as a view of its mapped file (host) or as a device copy."""
-        self.slots[key] = self._placed(views, where, self.placement.on_device(key), side)
+        resident = (lambda n: self.placement.resident_on(key, n)) if self.sharded else self.placement.on_device(key)
+        self.slots[key] = self._placed(views, where, resident, side)
 
-    def _placed(self, views: dict[str, torch.Tensor], where, resident: bool,
+    def _placed(self, views: dict[str, torch.Tensor], where, resident,
                 side: SideFile | None = None) -> dict[str, torch.Tensor]:
+        """``resident``: for all of ``views``, or a function of the tensor name."""
         out = {}
         for name, t in views.items():
             if not t.is_floating_point():
@@ -154,8 +206,9 @@ class Materializer:
                 side.check_values(name, t)
             elif not all_finite(t):
                 raise MergeSearchError(f"{where}: tensor '{name}' contains NaN or Inf")
-            if resident:  # a private copy (on the CPU, .to() would return the mapped view itself)
-                t = t.clone() if self.device.type == "cpu" else t.to(self.device)
+            if resident(name) if callable(resident) else resident:
+                dev = self._merge_device(name)  # a private copy (on the CPU, .to() would return the mapped view)
+                t = t.clone() if dev.type == "cpu" else t.to(dev)
             out[name] = t
         return out
 
@@ -222,7 +275,6 @@ class Materializer:
         used = [k for k in [base, lowrank_base, *keys] if k is not None]
         used += [k for v in side.values() for k in (v if isinstance(v, list) else [v]) if k is not None]
         used = list(dict.fromkeys(used))
-        staged_keys = [k for k in used if k in self.host_keys] if self.stager is not None else []
         self.last_moved = 0
 
         def build(name: str, staged: dict) -> TensorInputs:
@@ -235,8 +287,8 @@ class Materializer:
                     return get(key)
                 lr = self.lowrank[key].get(name)
                 if lr is not None:
-                    return lr if lr.a.device == self.device else LowRank(
-                        lr.a.to(self.device), lr.b.to(self.device), lr.scaling, lr.transpose)
+                    dev = self._merge_device(name)
+                    return lr if lr.a.device == dev else LowRank(lr.a.to(dev), lr.b.to(dev), lr.scaling, lr.transpose)
                 t = get(key)  # a full copy (modules_to_save), or None: the base's own tensor
                 return t if t is not None else get(lowrank_base)
             extra = {k: [get(x) for x in v] if isinstance(v, list) else get(v) for k, v in side.items()}
@@ -244,16 +296,15 @@ class Materializer:
                                 cache=self.factor_cache, ids=keys, lowrank_base=get(lowrank_base), **extra)
 
         floats = [n for n in names if n not in self.constants]
-        if staged_keys:
-            jobs = [(n, [self.slots[k][n] for k in staged_keys if n in self.slots[k]]) for n in floats]
-            stream = self.stager.run(jobs)
+        routes = self._routes(used, floats)
         for name in names:
             if name in self.constants:
                 yield name, self.constants[name]
                 continue
             staged = {}
-            if staged_keys:
-                _, copies = next(stream)
+            if name in routes:
+                run, staged_keys = routes[name]
+                _, copies = next(run)
                 present = [k for k in staged_keys if name in self.slots[k]]
                 staged = dict(zip(present, copies))
                 self.last_moved += sum(t.numel() * t.element_size() for t in copies)
@@ -279,11 +330,17 @@ class Materializer:
             # no finiteness pass in the hot loop: a non-finite candidate shows up as a
             # non-finite score and fails its trial
             x.out_dtype = self.export_dtype(compiled, name)
-            if targets is not None:
+            # a sharded worker's host-merged tensor: the export's path (selections and merge
+            # in blocks, bounded scratch), then copied into its parameter on its GPU
+            host = self.sharded and name in self.placement.host_merged
+            if targets is not None and not host:
                 x.out = targets.get(name)
             g, per_model = compiled.params[name]
-            yield name, merge_tensor(compiled.spec, x, g, per_model, compiled.rows, check_finite=False)
-            del x  # its caches are not alive while the next tensor's inputs are prepared
+            dev = self._merge_device(name)
+            with kernels.streaming() if host else torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
+                merged = merge_tensor(compiled.spec, x, g, per_model, compiled.rows, check_finite=False)
+            yield name, merged
+            del x, merged  # not alive while the next tensor's inputs are prepared
 
     def export_dtype(self, compiled: CompiledRecipe, name: str) -> torch.dtype:
         """The dtype the streamed export writes this tensor in."""
@@ -317,5 +374,6 @@ class Materializer:
             del merged  # not alive while the next tensor is merged
 
     def close(self) -> None:
-        if self.stager is not None:
-            self.stager.close()
+        for stager in [self.stager, *self.stagers.values()]:
+            if stager is not None:
+                stager.close()

@@ -438,15 +438,11 @@ def _mem_total() -> int:
 
 
 def space_plan(space, *, device: str | None = None, budget: int | None = None, side: dict | None = None,
-               bandwidth: dict | None = None, gpus: int | None = None):
+               bandwidth: dict | None = None) -> Placement:
     """The placement for a search space's workers (its ``resources``; ``budget``
-    overrides ``resources.device_memory``, ``gpus`` ``resources.gpus_per_worker``). With
-    2 or more GPUs per worker on CUDA, a sharded worker's (:mod:`mergesearch.engine.multi_gpu`)."""
+    overrides ``resources.device_memory``). A sharded worker's (2 or more GPUs each) is
+    :func:`mergesearch.engine.multi_gpu.space_placement`'s."""
     r = space.resources
-    gpus = gpus or r.gpus_per_worker or 1
-    if gpus >= 2 and (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
-        from mergesearch.engine.multi_gpu import space_multi_plan
-        return space_multi_plan(space, int(gpus), budget=budget, side=side, bandwidth=bandwidth)
     methods = sorted(set(space.methods) | {"linear", "task_arithmetic"})
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if budget is None and r.device_memory is not None:

@@ -154,7 +154,8 @@ def plan(space: SearchSpace, opts, side: dict | None, quiet: bool = False):
     Each worker plans again on its own device."""
     import torch
 
-    from mergesearch.engine.plan import fmt_bytes, space_plan
+    from mergesearch.engine.multi_gpu import space_placement
+    from mergesearch.engine.plan import fmt_bytes
     r = space.resources
     budget = opts.device_memory
     if torch.cuda.is_available():
@@ -169,7 +170,7 @@ def plan(space: SearchSpace, opts, side: dict | None, quiet: bool = False):
         device = "cuda"  # a sharded worker (engine.multi_gpu), checked against its declared per-GPU budget
     else:
         device = "cpu"
-    p = space_plan(space, device=device, budget=budget, side=side)
+    p = space_placement(space, device=device, budget=budget, side=side)
     if not quiet:
         log.info("placement: device %s (%s), host %s (%s)", ", ".join(p.resident) or "-",
                  fmt_bytes(p.device_bytes), ", ".join(p.host) or "-", fmt_bytes(p.host_bytes))
