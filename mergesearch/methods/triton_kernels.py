@@ -41,6 +41,7 @@ HIST_BLOCK, HIST_TILES = 1024, 16  # a histogram program reads up to HIST_TILES 
 COUNT_BLOCK = 1024  # the block of the tie-position counts
 DIGITS = ((23, 8), (15, 8), (7, 8), (0, 7))  # (shift, width) of each radix pass, top first
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+MIN_TRITON = (3, 4)  # tl.histogram's mask
 
 _jit = None
 _tried = False
@@ -58,6 +59,10 @@ def jit():
     if _jit is None and not _tried:
         _tried = True
         try:
+            import triton
+
+            if tuple(int(p) for p in triton.__version__.split(".")[:2]) < MIN_TRITON:
+                raise ImportError(f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}")
             from mergesearch.methods import triton_jit
             _jit = triton_jit
         except Exception as e:  # no triton, or one that does not load: the torch kernels
@@ -258,11 +263,3 @@ def nth_equal(src, base, value: torch.Tensor, r: int) -> int:
                                           num_warps=4, enable_fp_fusion=False)
     return int(pos[0])
 
-
-def passes(method: str, windows: int = 1, ties: int = 0) -> int:
-    """Full reads of the inputs a candidate's merge makes per tensor with these kernels, in
-    units of "every input once": selection passes read the base and one model each, so
-    they are counted per model. Used by scripts/bench_kernels.py to state its bound."""
-    if method in ("task_arithmetic", "linear", "dare_ties", "dare_linear"):
-        return 1
-    return 1 + len(DIGITS) + (windows - 1) * (len(DIGITS) - 1) + ties
