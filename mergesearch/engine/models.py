@@ -18,7 +18,7 @@ def source_dtype(model_dir: Path) -> torch.dtype:
 
 
 def load_model(model_dir: str | Path, device: str = "cpu", trust_remote_code: bool = False,
-               dtype: torch.dtype | str | None = None):
+               dtype: torch.dtype | str | None = None, device_map: dict | None = None):
     """An HF causal LM and its tokenizer, in ``dtype`` (default: the dtype its weights
     are stored in, never a library default, so a scored model is the stored one).
     Safetensors weights only, and a model's own Python code (``auto_map``) only when
@@ -26,7 +26,11 @@ def load_model(model_dir: str | Path, device: str = "cpu", trust_remote_code: bo
 
     ``model_dir`` is a model reference (:mod:`mergesearch.sources`): a folder, a
     Hub ID, or BASE+ADAPTER, which loads the base with the adapter's changes added, as
-    PEFT's ``merge_and_unload`` does (in the base's dtype)."""
+    PEFT's ``merge_and_unload`` does (in the base's dtype).
+
+    ``device_map`` (accelerate's: module name -> GPU index) shards the model over
+    several GPUs, as ``from_pretrained(device_map=...)`` does, instead of moving it to
+    ``device`` (a sharded worker's, :mod:`mergesearch.engine.multi_gpu`)."""
     from mergesearch import sources
     from mergesearch.engine.adapter import open_model
 
@@ -35,9 +39,13 @@ def load_model(model_dir: str | Path, device: str = "cpu", trust_remote_code: bo
         folder = sources.local_dir(model)
         if sources.is_adapter_dir(folder):
             raise MergeSearchError(f"{model_dir}: a LoRA adapter alone is not a model; write BASE+ADAPTER")
-        return _load(folder, device, trust_remote_code, dtype)
+        return _load(folder, device, trust_remote_code, dtype, device_map)
     lm, tok = _load(sources.local_dir(model), "cpu", trust_remote_code, dtype)
     apply_adapter(lm, open_model(str(model_dir)))
+    if device_map is not None:
+        from accelerate import dispatch_model
+        skip = getattr(lm, "_skip_keys_device_placement", None)  # as transformers dispatches
+        return dispatch_model(lm, device_map=device_map, skip_keys=skip).eval(), tok
     return lm.to(device), tok
 
 
@@ -54,7 +62,7 @@ def apply_adapter(lm: torch.nn.Module, adapter) -> None:
     adapter.release()
 
 
-def _load(model_dir: Path, device: str, trust_remote_code: bool, dtype):
+def _load(model_dir: Path, device: str, trust_remote_code: bool, dtype, device_map: dict | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -72,8 +80,9 @@ def _load(model_dir: Path, device: str, trust_remote_code: bool, dtype):
     handlers, hf_root.handlers = hf_root.handlers, [held]
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        sharded = {"device_map": device_map} if device_map is not None else {}
         model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=dtype,
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **sharded)
     except Exception as e:
         if "trust_remote_code" in str(e) and not trust_remote_code:
             raise MergeSearchError(f"{model_dir}: cannot load model: it needs its own Python code (auto_map); "
@@ -83,7 +92,7 @@ def _load(model_dir: Path, device: str, trust_remote_code: bool, dtype):
         hf_root.handlers = handlers
     for record in held.records:
         hf_root.handle(record)
-    return model.to(device).eval(), tokenizer
+    return (model if device_map is not None else model.to(device)).eval(), tokenizer
 
 
 class _Held(logging.Handler):

@@ -122,7 +122,7 @@ class Worker:
         from mergesearch.evaluate import EvalConfig, build_evaluator
         from mergesearch.engine.materialize import Materializer
         from mergesearch.engine.models import load_model
-        from mergesearch.engine.plan import NO_BANDWIDTH, make_plan
+        from mergesearch.engine.multi_gpu import worker_plan
 
         torch.set_num_threads(max(1, threads))
         self.worker_id = worker_id
@@ -137,17 +137,16 @@ class Worker:
         side = side or {}
         metrics = {m: f for m, f in (side.get("metrics") or {}).items() if f}
         opts = placement or {}
-        self.plan = make_plan(base, models, methods, device=self.device, budget=opts.get("budget"),
-                              eval_dtype=opts.get("dtype"), eval_reserve=opts.get("eval_reserve"),
-                              side={"metrics": metrics, "grams": side.get("grams") or {},
-                                    "base_metric": side.get("base_metric")},
-                              gpus_per_worker=opts.get("share") or 1.0, stream=opts.get("stream", "auto"),
-                              bandwidth=NO_BANDWIDTH)
+        # on 2 or more GPUs: sharded, each tensor merged on the GPU that holds its parameter
+        self.plan = worker_plan(base, models, methods, self.device, opts, {
+            "metrics": metrics, "grams": side.get("grams") or {}, "base_metric": side.get("base_metric")},
+            trust_remote_code=bool(eval_cfg.get("trust_remote_code")))
         self.mat = Materializer(base, models, methods=methods, device=self.device, check=False, metrics=metrics,
                                 grams=side.get("grams"), base_metric=side.get("base_metric"), placement=self.plan)
         self.model, self.tokenizer = load_model(base if base is not None else models[0], device=self.device,
                                                 trust_remote_code=bool(eval_cfg.get("trust_remote_code")),
-                                                dtype=opts.get("dtype"))
+                                                dtype=opts.get("dtype"),
+                                                device_map=getattr(self.plan, "device_map", None))
         self.eval_cfg = EvalConfig.model_validate(eval_cfg)
         self.evaluators = {self.eval_cfg.split: build_evaluator(self.eval_cfg, device=self.device)}
         self.setup_s = time.perf_counter() - t0
