@@ -1,0 +1,524 @@
+"""A rehearsal of a real search on a Llama-3.2-3B-shaped family, prepared so that the few
+minutes a GPU machine is lent go to measuring, not debugging (issue 33).
+
+Phases, each a subprocess with its own time limit; after each one ``$OUT/rehearsal.json``
+is rewritten with everything so far, so a phase that runs out of time keeps the ones
+before it (and what its own run stored):
+
+1. ``generate``: base + 4 fine-tunes on local disk (bf16, safetensors shards of at most
+   4 GB, an HF config and the zoo's char-level tokenizer): a random base at a trained
+   model's init scale, each fine-tune the base plus a low-rank and a sparse delta of its
+   own, and a low-rank direction that two fine-tunes move along in opposite signs (so TIES'
+   sign election has conflicts to settle); plus a local lm-eval multiple-choice task of
+   ``--items`` items and a search space;
+2. ``plan``: ``mergesearch plan --json``;
+3. ``search``: TIES with per-model weight and density and λ, fidelity rungs, a short
+   refinement with ``rows: true``, 2 workers (0.5 GPU each on CUDA; on the CPU a declared
+   device budget that leaves the fine-tunes on the host, staged with ``stream: copy``);
+4. ``export``: the best trial, scored on test items;
+5. ``staging``: the Stager's bandwidth over the family's own tensors, 1 thread and N.
+
+It prints per phase its wall time, and from the run's store: the candidate merge time
+against its bound (bytes read and written at the device bandwidth, or bytes moved at the
+link's, as the plan measured them), evaluation time per item, refinement step time and
+peak memory against the plan, the staging bandwidth and the export time. The accuracy of
+random weights means nothing; the times and the memory are the point.
+
+    python scripts/rehearsal_gpu.py --shape 3b            # on a GPU machine
+    python scripts/rehearsal_gpu.py --shape tiny --items 120 --trials 10 --refine-steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+SHAPES = {  # Llama-3.2-3B, and a few-layer Llama for the CPU
+    "3b": dict(hidden=3072, layers=28, heads=24, kv_heads=8, intermediate=8192, vocab=128256, rope_theta=500000.0),
+    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=256, rope_theta=500000.0),
+}
+PHASES = ("generate", "plan", "search", "export", "staging")
+TIMEOUTS = {"3b": {"generate": 150, "plan": 60, "search": 240, "export": 150, "staging": 60},
+            "tiny": {"generate": 60, "plan": 60, "search": 300, "export": 120, "staging": 60}}
+RUN = "rehearsal"
+N_MODELS = 4
+
+
+# ---------------------------------------------------------------- phase 1: the family
+
+def family_config(shape: str) -> dict:
+    from mergesearch.zoo.synthetic import llama_config
+    s = SHAPES[shape]
+    cfg = llama_config(s["hidden"], s["layers"], s["intermediate"], s["vocab"], s["heads"], "bfloat16", tie=True,
+                       kv_heads=s["kv_heads"])
+    cfg.update(rope_theta=s["rope_theta"], max_position_embeddings=2048, head_dim=s["hidden"] // s["heads"])
+    return cfg
+
+
+def generate(work: Path, shape: str, items: int) -> dict:
+    """Write the family, the task and the space under ``work``; returns what was written."""
+    import torch
+
+    from mergesearch.engine.writer import StreamingWriter
+    from mergesearch.zoo.synthetic import llama_layout, write_tokenizer
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = family_config(shape)
+    layout = llama_layout(cfg)
+    layers = cfg["num_hidden_layers"]
+    names = ["base", *[f"ft{k}" for k in range(N_MODELS)]]
+    fam = work / "family"
+    fam.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator(device=dev)
+    t0, written = time.perf_counter(), 0
+    with contextlib.ExitStack() as stack:
+        writers = [stack.enter_context(StreamingWriter(fam / n, [(t, s, torch.bfloat16) for t, s in layout],
+                                                       max_shard_bytes=4 * 10**9, force=True)) for n in names]
+        for k, (name, shape_) in enumerate(layout):
+            g.manual_seed(1000 + k)
+            if name.endswith("norm.weight"):
+                base = 1.0 + 0.05 * torch.randn(shape_, generator=g, device=dev)
+            else:  # a trained model's scale; the residual writers scaled down by depth
+                std = 0.02 / ((2 * layers) ** 0.5 if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0)
+                base = torch.randn(shape_, generator=g, device=dev) * std
+            scale = float(base.float().std())
+            conflict = _low_rank(shape_, g, dev, scale * 0.03)  # ft0 and ft1 along it, opposite signs
+            tensors = [base]
+            for m in range(N_MODELS):
+                d = _low_rank(shape_, g, dev, scale * 0.03)
+                mask = torch.rand(shape_, generator=g, device=dev) < 0.02
+                d += mask * torch.randn(shape_, generator=g, device=dev) * (scale * 0.2)
+                if m < 2:
+                    d += conflict if m == 0 else -conflict
+                tensors.append(base + d)
+            for w, t in zip(writers, tensors):
+                w.write(name, t.to(torch.bfloat16).cpu())
+                written += t.numel() * 2
+            del tensors, base, conflict, d, mask
+        for w in writers:
+            w.write_file("config.json", json.dumps(cfg, indent=2) + "\n")
+            w.write_file("generation_config.json", json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
+            write_tokenizer(w.tmp, cfg["vocab_size"])
+    seconds = time.perf_counter() - t0
+    write_task(work / "tasks", items)
+    return {"bytes": written, "models": len(names), "generated_on": dev.type, "write_s": seconds,
+            "bytes_per_s": written / seconds, "parameters": sum(_numel(s) for _, s in layout)}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for x in shape:
+        n *= x
+    return n
+
+
+def _low_rank(shape, g, dev, scale: float, rank: int = 4):
+    import torch
+    if len(shape) == 1:
+        return torch.randn(shape, generator=g, device=dev) * scale
+    u = torch.randn(shape[0], rank, generator=g, device=dev)
+    v = torch.randn(rank, shape[1], generator=g, device=dev)
+    return (u @ v) * (scale / rank ** 0.5)
+
+
+def write_task(folder: Path, items: int) -> None:
+    """A local lm-eval multiple-choice task over the zoo's addition items (YAML + JSONL)."""
+    import yaml
+
+    from mergesearch.zoo.tasks import make_items
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "rehearsal_mc.jsonl"
+    data.write_text("".join(json.dumps(it) + "\n" for it in make_items("add", items, seed=33)))
+    spec = {"task": "rehearsal_mc", "dataset_path": "json", "dataset_kwargs": {"data_files": {"eval": str(data)}},
+            "test_split": "eval", "output_type": "multiple_choice", "doc_to_text": "{{context}}",
+            "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}", "target_delimiter": "",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+            "metadata": {"version": 1}}
+    (folder / "rehearsal_mc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+def write_space(work: Path, a, cuda: bool) -> Path:
+    import yaml
+    dev_items = max(8, a.items * 2 // 3)
+    space = {
+        "base": "family/base", "models": [f"family/ft{k}" for k in range(N_MODELS)],
+        "evaluator": {"evaluator": "lmeval", "tasks": ["rehearsal_mc"], "task_dir": "tasks", "dev_items": dev_items,
+                      "test_items": a.items - dev_items, "batch_size": 64},
+        "methods": ["ties"], "scale": {"low": 0.5, "high": 2.0},
+        "parameters": {"weight": {"low": 0.0, "high": 1.0}, "density": {"low": 0.1, "high": 1.0}},
+        "granularity": {"level": "model"}, "objective": {"kind": "mean"},
+        "sampler": {"name": "cmaes", "x0": "best_baseline"},
+        "fidelity": {"rungs": [0.25, 0.5, 1.0], "pruner": "successive_halving"},
+        "refine": {"top": 1, "level": "tensor", "rows": True, "loss": "choice", "steps": a.refine_steps,
+                   "batch_size": 16, "eval_every": max(1, a.refine_steps // 2), "patience": 2},
+        "budget": {"n_trials": a.trials}, "dtype": "bfloat16", "trial_timeout": 300, "seed": 0,
+        "resources": {"gpus_per_worker": 0.5} if cuda else {"device_memory": _cpu_budget(work), "stream": "copy"},
+    }
+    path = work / "space.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def _cpu_budget(work: Path) -> int:
+    """A device budget under which the base alone is resident: the fine-tunes stay on the
+    host and are staged, as a GPU worker's would be."""
+    from mergesearch.engine.plan import make_plan
+    fam = work / "family"
+    p = make_plan(str(fam / "base"), [str(fam / f"ft{k}") for k in range(N_MODELS)], ["linear", "task_arithmetic",
+                  "ties"], stream="copy", eval_dtype="bfloat16", bandwidth={"device": 1.0, "link": 1.0, "source": "-"})
+    return p.budget_for(1)
+
+
+# ---------------------------------------------------------------- phase 5: staging
+
+def staging(work: Path, max_bytes: int) -> dict:
+    """The Stager over the family's tensors, every input on the host (one job per tensor
+    name, its five inputs), with 1 copy thread and the default."""
+    import torch
+
+    from bench_staging import measure_stager
+    from mergesearch.engine.bandwidth import measure_bandwidth
+    from mergesearch.engine.checkpoint import Checkpoint
+    from mergesearch.engine.staging import staging_threads
+    cuda = torch.cuda.is_available()
+    ckpts = [Checkpoint(work / "family" / n) for n in ["base", *[f"ft{k}" for k in range(N_MODELS)]]]
+    views = [c.mapped() for c in ckpts]
+    jobs, total = [], 0
+    for name in sorted(views[0], key=lambda n: -views[0][n].numel()):
+        if "embed" in name:  # one tensor as large as a slot would need
+            continue
+        ts = [v[name] for v in views]
+        jobs.append((name, ts))
+        total += sum(t.numel() * t.element_size() for t in ts)
+        if total >= max_bytes:
+            break
+    out = {"device": "cuda" if cuda else "cpu", "threads_default": staging_threads(), "bytes_per_pass": total}
+    if cuda:
+        out["link"] = measure_bandwidth("cuda")["link"]
+    runs = [measure_stager(out["device"], jobs, k, passes=2) for k in sorted({1, max(2, staging_threads())})]
+    out["runs"] = [{k: r[k] for k in ("threads", "bytes", "best_s", "bytes_per_s")} for r in runs]
+    out["bytes_per_s"] = runs[-1]["bytes_per_s"]
+    if cuda:
+        out["ratio_to_link"] = out["bytes_per_s"] / out["link"]
+    return out
+
+
+# ---------------------------------------------------------------- phases as subprocesses
+
+class Peaks:
+    """Samples the machine's used host memory (MemTotal - MemAvailable: the page cache
+    not counted) and, where nvidia-smi answers, the GPU's used memory, while a phase runs."""
+
+    def __init__(self):
+        self.host0, self.host, self.gpu = _host_used(), 0, None
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while True:
+            self.host = max(self.host, _host_used())
+            g = _gpu_used()
+            if g is not None:
+                self.gpu = max(self.gpu or 0, g)
+            if self._stop.wait(0.5):
+                return
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._t.join()
+        return {"host_used_peak": self.host, "host_used_before": self.host0, "gpu_used_peak": self.gpu}
+
+
+def _host_used() -> int:
+    info = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        k, v = line.split(":", 1)
+        info[k] = int(v.split()[0]) * 1024
+    return info["MemTotal"] - info["MemAvailable"]
+
+
+def _gpu_used() -> int | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=5)
+        return int(r.stdout.split()[0]) * 2**20 if r.returncode == 0 else None
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def run_phase(name: str, cmd: list[str], cwd: Path, out: Path, timeout: float) -> dict:
+    """Run ``cmd`` in a session of its own (its Ray processes with it); on timeout the
+    whole group gets SIGTERM, then SIGKILL. Output goes to ``$OUT/<name>.log``."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(":"),
+           "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    log = out / f"{name}.log"
+    peaks = Peaks()
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            rc = p.wait(timeout=timeout)
+            status = "ok" if rc == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            status, rc = "timeout", None
+            for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    p.wait(timeout=grace)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+    wall = time.perf_counter() - t0
+    res = {"phase": name, "status": status, "rc": rc, "wall_s": wall, "timeout_s": timeout, "log": str(log),
+           "memory": peaks.stop()}
+    if status == "failed":
+        res["tail"] = log.read_text()[-1500:]
+    return res
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mergesearch.cli", *args]
+
+
+def _save(out: Path, doc: dict) -> None:
+    tmp = out / ".rehearsal.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    tmp.replace(out / "rehearsal.json")
+
+
+# ---------------------------------------------------------------- figures from the run
+
+def figures(work: Path, plan: dict | None, workers: int) -> dict:
+    """What the run stored: merge time against its bound, evaluation time per item,
+    refinement step time, peak memory attributes, against the plan."""
+    import optuna
+
+    from mergesearch.runs.store import load_run, side_study_names, trial_records
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study, storage = load_run(RUN, root=work / "results")
+    recs = trial_records(study, storage)
+    states: dict = {}
+    for r in recs:
+        states[r.state] = states.get(r.state, 0) + 1
+    out: dict = {"trials": len(recs), "states": states, "scored_on": sorted({r.scored_on for r in recs if r.scored_on})}
+    scored = [r for r in recs if r.study_kind != "refine" and r.state in ("COMPLETE", "PRUNED")]
+    mats = sorted(r.timings["materialize_s"] for r in scored if r.timings.get("materialize_s"))
+    if mats:
+        out["merge_s"] = {"median": statistics.median(mats), "min": mats[0], "max": mats[-1], "n": len(mats)}
+    if plan:
+        bw = plan["bandwidth"]
+        written = plan["eval_bytes"]
+        compute = (plan["read_per_candidate"] + written) / bw["device"]
+        link = plan["moved_per_candidate"] / bw["link"]
+        out["merge_bound_s"] = max(compute, link)
+        out["merge_bound"] = {"read": plan["read_per_candidate"], "written": written,
+                              "moved": plan["moved_per_candidate"], "device_bw": bw["device"], "link_bw": bw["link"],
+                              "bandwidth_source": bw.get("source"), "plan_predicted_s": plan["predicted_s"]}
+        if mats:
+            out["merge_vs_bound"] = out["merge_s"]["median"] / out["merge_bound_s"]
+    evals = [(r.timings["eval_s"], r.items) for r in scored if r.timings.get("eval_s") and r.items]
+    if evals:
+        out["eval_s_per_item"] = sum(e for e, _ in evals) / sum(n for _, n in evals)
+        out["eval_items"] = sum(n for _, n in evals)
+    refines = [r for r in recs if r.study_kind == "refine"]
+    out["refine"] = [{"state": r.state, "reason": r.reason, "refine_s": r.timings.get("refine_s"),
+                      "steps": (r.refine or {}).get("steps"), "best_step": (r.refine or {}).get("best_step")}
+                     for r in refines]
+    steps = [(x["refine_s"], x["steps"]) for x in out["refine"] if x["refine_s"] and x["steps"]]
+    if steps:
+        out["refine_step_s"] = steps[0][0] / steps[0][1]
+    # peak and planned memory, where workers and refinements record them
+    mem: dict = {}
+    studies = [(None, study)] + [(k, optuna.load_study(study_name=n, storage=storage))
+                                 for k, n in side_study_names(RUN, storage)]
+    for kind, s in studies:
+        for t in s.get_trials(deepcopy=False):
+            for k, v in t.user_attrs.items():
+                if ("peak" in k or "planned" in k) and isinstance(v, (int, float)):
+                    key = f"{kind or 'search'}:{k}"
+                    mem[key] = max(mem.get(key, v), v)
+    out["memory_attrs"] = mem or "not recorded"
+    if plan:
+        tiers = plan.get("tiers", {})
+        out["plan_memory"] = {"device_per_worker": tiers.get("device"), "pinned_host_per_worker":
+                              tiers.get("pinned_host"), "workers": workers, "resident": plan.get("resident"),
+                              "host": plan.get("host"), "staging": plan.get("staging"), "budget": plan.get("budget")}
+    return out
+
+
+def _fmt_s(x) -> str:
+    return "-" if x is None else (f"{x * 1e3:.2f} ms" if x < 1 else f"{x:.2f} s")
+
+
+def _gb(x) -> str:
+    return "-" if x is None else f"{x / 1e9:.2f} GB"
+
+
+def summary(doc: dict) -> str:
+    lines = [f"rehearsal {doc['shape']} on {doc['device']}, {doc['date']}"]
+    lines.append(f"  {'phase':10s} {'status':8s} {'wall':>10s} {'limit':>7s}  peak host used / GPU used")
+    for name in PHASES:
+        p = doc["phases"].get(name)
+        if p is None:
+            continue
+        m = p.get("memory") or {}
+        lines.append(f"  {name:10s} {p['status']:8s} {_fmt_s(p.get('wall_s')):>10s} {p.get('timeout_s', 0):>6.0f}s"
+                     f"  {_gb(m.get('host_used_peak'))} / {_gb(m.get('gpu_used_peak'))}")
+    f = doc.get("figures", {})
+    if "merge_s" in f:
+        lines.append(f"  candidate merge: median {_fmt_s(f['merge_s']['median'])} over {f['merge_s']['n']} "
+                     f"(min {_fmt_s(f['merge_s']['min'])}, max {_fmt_s(f['merge_s']['max'])})"
+                     + (f"; bound {_fmt_s(f['merge_bound_s'])}: {f['merge_vs_bound']:.1f}x the bound"
+                        if "merge_vs_bound" in f else ""))
+    if "eval_s_per_item" in f:
+        lines.append(f"  evaluation: {_fmt_s(f['eval_s_per_item'])} per item over {f['eval_items']} items")
+    for r in f.get("refine", []):
+        lines.append(f"  refinement: {r['state']}, {r['steps']} steps in {_fmt_s(r['refine_s'])}"
+                     + (f" ({_fmt_s(f['refine_step_s'])} a step)" if "refine_step_s" in f else "")
+                     + (f", {r['reason']}" if r.get("reason") else ""))
+    if "memory_attrs" in f:
+        mem = f["memory_attrs"]
+        lines.append("  recorded peak/planned memory: " + (mem if isinstance(mem, str) else
+                     ", ".join(f"{k} {_gb(v)}" for k, v in sorted(mem.items()))))
+    pm = f.get("plan_memory")
+    if pm:
+        lines.append(f"  plan per worker: device {_gb(pm['device_per_worker'])} (resident {pm['resident']}, host "
+                     f"{pm['host']}), pinned host {_gb(pm['pinned_host_per_worker'])}; x {pm['workers']} workers")
+    st = doc.get("staging")
+    if st:
+        runs = ", ".join(f"{r['threads']} thread(s) {r['bytes_per_s'] / 1e9:.1f} GB/s" for r in st["runs"])
+        lines.append(f"  staging: {runs}" + (f"; {st['ratio_to_link']:.2f} x the link ({st['link'] / 1e9:.1f} GB/s)"
+                                             if "ratio_to_link" in st else ""))
+    if "export" in doc["phases"]:
+        lines.append(f"  export: {doc['phases']['export']['status']} in {_fmt_s(doc['phases']['export']['wall_s'])}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+
+def _timeouts(shape: str, given: list[str]) -> dict:
+    out = dict(TIMEOUTS[shape])
+    for item in given:
+        name, _, sec = item.partition("=")
+        if name not in out or not sec:
+            raise SystemExit(f"--timeout {item}: use PHASE=SECONDS with PHASE one of {', '.join(PHASES)}")
+        out[name] = float(sec)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="3b")
+    ap.add_argument("--items", type=int, default=300, help="items of the multiple-choice task (2/3 dev)")
+    ap.add_argument("--trials", type=int, default=24)
+    ap.add_argument("--refine-steps", type=int, default=6)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--timeout", action="append", default=[], metavar="PHASE=S", help="a phase's time limit")
+    ap.add_argument("--staging-gb", type=float, default=None, help="bytes staged per pass (default 2 on 3b)")
+    ap.add_argument("--work", type=Path, default=None, help="where the family goes (default: a temp folder)")
+    ap.add_argument("--keep", action="store_true", help="keep the family and the run")
+    ap.add_argument("--out", type=Path, default=None, help="results (default: $OUT, else ./rehearsal-out)")
+    ap.add_argument("--step", choices=["generate", "staging"], help=argparse.SUPPRESS)  # a phase's own process
+    a = ap.parse_args(argv)
+    if a.step == "generate":
+        import torch
+        res = generate(a.work, a.shape, a.items)
+        write_space(a.work, a, torch.cuda.is_available())
+        (a.work / "generate.json").write_text(json.dumps(res))
+        return 0
+    if a.step == "staging":
+        (a.work / "staging.json").write_text(json.dumps(staging(a.work, int(a.staging_gb * 1e9))))
+        return 0
+
+    import torch
+    cuda = torch.cuda.is_available()
+    out = (a.out or Path(os.environ.get("OUT") or "rehearsal-out")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    work = (a.work or Path(tempfile.mkdtemp(prefix="rehearsal-"))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    limits = _timeouts(a.shape, a.timeout)
+    staging_gb = a.staging_gb if a.staging_gb is not None else (2.0 if a.shape == "3b" else 0.02)
+    doc = {"shape": a.shape, "config": family_config(a.shape), "device": torch.cuda.get_device_name(0) if cuda
+           else "cpu", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(), "work": str(work),
+           "args": {k: str(v) for k, v in vars(a).items()}, "phases": {}, "figures": {}}
+    me = [sys.executable, str(Path(__file__).resolve()), "--shape", a.shape, "--items", str(a.items), "--trials",
+          str(a.trials), "--refine-steps", str(a.refine_steps), "--work", str(work)]
+    plan = None
+    try:
+        p = doc["phases"]["generate"] = run_phase("generate", me + ["--step", "generate"], work, out,
+                                                  limits["generate"])
+        if p["status"] == "ok":
+            p.update(json.loads((work / "generate.json").read_text()))
+        _save(out, doc)
+        if p["status"] != "ok":
+            return 1
+        shutil.copy(work / "space.yaml", out / "space.yaml")
+
+        p = doc["phases"]["plan"] = run_phase("plan", cli("plan", "space.yaml", "--json"), work, out, limits["plan"])
+        if p["status"] == "ok":
+            lines = (out / "plan.log").read_text().splitlines()  # the JSON, among any warning lines
+            first, last = lines.index("{"), len(lines) - 1 - lines[::-1].index("}")
+            plan = json.loads("\n".join(lines[first:last + 1]))
+            (out / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+            p["predicted_s"] = plan.get("predicted_s")
+        _save(out, doc)
+
+        shutil.rmtree(work / "results", ignore_errors=True)
+        p = doc["phases"]["search"] = run_phase("search", cli("search", "space.yaml", "--run", RUN, "--workers",
+                                                              str(a.workers), "--no-export"), work, out,
+                                                limits["search"])
+        try:  # what the run stored, also when it ran out of time
+            doc["figures"] = figures(work, plan, a.workers)
+        except Exception as e:  # noqa: BLE001 - a partial run may have no store yet
+            doc["figures"] = {"error": f"{type(e).__name__}: {e}"}
+        _save(out, doc)
+
+        if p["status"] == "ok":
+            args = ["export", RUN] + (["--device", "cuda"] if cuda else [])
+            p = doc["phases"]["export"] = run_phase("export", cli(*args), work, out, limits["export"])
+            model = work / "results" / RUN / "model"
+            p["model"] = str(model) if model.exists() else None
+            scores = work / "results" / RUN / "scores.json"
+            if scores.exists():
+                shutil.copy(scores, out / "scores.json")
+        else:
+            doc["phases"]["export"] = {"phase": "export", "status": "skipped", "reason": "the search did not finish",
+                                       "wall_s": None, "timeout_s": limits["export"]}
+        _save(out, doc)
+
+        p = doc["phases"]["staging"] = run_phase("staging", me + ["--step", "staging", "--staging-gb",
+                                                                  str(staging_gb)], work, out, limits["staging"])
+        if p["status"] == "ok":
+            doc["staging"] = json.loads((work / "staging.json").read_text())
+        _save(out, doc)
+    finally:
+        text = summary(doc)
+        print(text)
+        (out / "summary.txt").write_text(text + "\n")
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(p["status"] == "ok" for p in doc["phases"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
