@@ -224,3 +224,39 @@ def test_the_worker_plan_chooses_by_share(family):
     one = worker_plan(str(family["base"]), fts, METHODS, "cuda", {**opts, "share": 1.0}, side)
     assert isinstance(one, Placement) and one.resident == ["base", "m0", "m1"]
     assert yaml.safe_load(json.dumps(sharded.to_json()))["gpus"][1]["layers"] == [2, 3]
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A bfloat16 family whose embedding and lm_head (4096 x 128) are past the blocked
+    selection's size (SELECT_BLOCK elements)."""
+    from mergesearch.zoo.synthetic import make_family
+    return make_family(tmp_path_factory.mktemp("wide"), n_models=2, hidden=128, layers=2, intermediate=256,
+                       vocab=4096, heads=4, dtype="bfloat16", noise=0.01, seed=3, init_std=0.1)
+
+
+def test_host_merged_large_tensors_select_over_the_whole_tensor(wide, tmp_path):
+    """The embedding and lm_head merged on the host by the export's path (selections read
+    in blocks, thresholds over the whole tensor) give the single-device bits."""
+    from mergesearch.methods.selection import SELECT_BLOCK
+    fts = [wide["ft0"], wide["ft1"]]
+    dm = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "model.norm": 1,
+          "model.rotary_emb": 1, "lm_head": 1}
+    p = make_multi_plan(str(wide["base"]), [str(f) for f in fts], METHODS, gpus=2, device="cpu", budget=4_400_000,
+                        stream="copy", bandwidth=BW, device_map=dm)
+    assert [g.host_merged for g in p.gpus] == [["model.embed_tokens.weight"], ["lm_head.weight"]]
+    assert [g.resident for g in p.gpus] == [["base"], ["base"]] and 4096 * 128 > SELECT_BLOCK
+    m = Materializer(wide["base"], fts, placement=p)
+    one = Materializer(wide["base"], fts)
+    b, m0, m1 = (str(wide[k]) for k in ("base", "ft0", "ft1"))
+    try:
+        for method, extra in (("ties", {"density": 0.3}), ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.05}),
+                              ("task_arithmetic", {})):
+            recipe = from_dict({"method": method, "base": b, "models": [
+                {"path": m0, "parameters": {"weight": 0.6, **extra}},
+                {"path": m1, "parameters": {"weight": 0.5, **extra}}]})
+            got, want = m.state_dict(recipe), one.state_dict(recipe)
+            assert all(torch.equal(got[n], want[n]) for n in want), method
+    finally:
+        m.close()
+        one.close()

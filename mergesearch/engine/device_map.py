@@ -32,7 +32,7 @@ def describe_modules(modules: list[str]) -> str:
         if n is not None:
             run.append(n)
         else:
-            out.append(m)
+            out.append(m or "the whole model")
     flush()
     return ", ".join(out) or "nothing"
 
