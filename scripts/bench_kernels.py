@@ -12,8 +12,10 @@ Per method and shape it prints and writes (``--json``):
 - bytes: every input read once and the output written once;
 - bound: those bytes at the measured copy bandwidth (the issue's bound);
 - passes: the bytes the Triton path reads and writes, counted from its launches (the
-  combine kernel; each radix-selection pass reads a model and the base; a tie-position
-  pass likewise), over the one-pass bytes; and the bound scaled by them;
+  combine kernel; each selection pass reads a model and the base: the top-16 histogram,
+  kept between candidates by a worker, so only in the one-shot figure; the bucket
+  gathers; radix and tie-count passes where a bucket is crowded), over the one-pass
+  bytes; and the bound scaled by them;
 - achieved ms, fraction of each bound, speed-up over torch, and whether the two paths
   gave the same bits.
 DARE's masks are torch's generator draws (kept so that exports equal candidates): the
@@ -85,6 +87,7 @@ def main() -> int:
         return 2
     from mergesearch.engine.bandwidth import measure_bandwidth
     from mergesearch.methods import REGISTRY, TensorInputs, sparsify
+    from mergesearch.methods.inputs import FactorCache
     from mergesearch.methods import triton_kernels as tk
 
     have_triton = tk.jit() is not None
@@ -98,20 +101,28 @@ def main() -> int:
             "compiled" if args.torch_compiled else "eager", "repeat": args.repeat, "rows": []}
     print(f"device {info['device']}; copy bandwidth {bw / 1e9:.0f} GB/s (read + write); triton {info['triton']}; "
           f"torch reference {info['torch_reference']}")
-    counts = {"hist": 0, "nth": 0, "bytes": 0}
-    launch_hist, nth_equal = tk._launch_hist, tk.nth_equal
+    counts = {"passes": 0, "bytes": 0}
 
-    def counted_hist(src, base, *a):
-        counts["hist"] += 1
-        counts["bytes"] += src.numel() * (src.element_size() + (base.element_size() if base is not None else 0))
-        return launch_hist(src, base, *a)
+    class Counted:
+        """A selection kernel whose launches are counted: each reads its source and base."""
 
-    def counted_nth(src, base, *a):
-        counts["nth"] += 1
-        counts["bytes"] += src.numel() * (src.element_size() + (base.element_size() if base is not None else 0))
-        return nth_equal(src, base, *a)
+        def __init__(self, kernel):
+            self.kernel = kernel
 
-    tk._launch_hist, tk.nth_equal = counted_hist, counted_nth
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(src, base, *a, **kw):
+                counts["passes"] += 1
+                counts["bytes"] += src.numel() * (src.element_size() + (base.element_size()
+                                                                        if kw.get("BASE_KIND", -1) >= 0 else 0))
+                return launch(src, base, *a, **kw)
+            return run
+
+    if have_triton:
+        j = tk.jit()
+        for name in ("top16_hist_kernel", "compact_kernel", "radix_hist_kernel", "count_equal_kernel"):
+            setattr(j, name, Counted(getattr(j, name)))
 
     def sync():
         if dev.type == "cuda":
@@ -135,8 +146,9 @@ def main() -> int:
             mp = [{**{p.name: p.default for p in spec.model_params}, "weight": 0.4,
                    **({"density": 0.3} if "density" in names else {})} for _ in range(k)]
 
-            def candidate():
-                x = TensorInputs("w", base, tensors=models, seed=5, out_dtype=dtype)
+            def candidate(cache=None):
+                x = TensorInputs("w", base, tensors=models, seed=5, out_dtype=dtype, cache=cache,
+                                 ids=[str(i) for i in range(k)])
                 x.out = out
                 made = spec.fn(x, gp, mp)
                 return made if made is out else out.copy_(made)
@@ -144,26 +156,33 @@ def main() -> int:
             row = {"method": method, "numel": n, "models": k, "dtype": dt, "bytes": one_pass,
                    "bound_ms": one_pass / bw * 1e3}
             results = {}
-            for label, env in (("torch", "0"), ("triton", "1" if not args.interpret else "force")):
-                if label == "triton" and not have_triton:
-                    continue
+            on = "1" if not args.interpret else "force"
+            # torch; Triton as a worker runs it (selection histograms kept between candidates);
+            # Triton in a one-shot merge (the export: histograms made per candidate)
+            runs = [("torch", "0", False)]
+            if have_triton:
+                runs += [("triton", on, True)] + ([("triton_oneshot", on, False)] if spec.sparsifier in
+                                                  ("magnitude", "outliers") else [])
+            for label, env, keep in runs:
                 os.environ["MERGESEARCH_TRITON"] = env
-                candidate()  # warm-up: compiles
+                cache = FactorCache() if keep else None
+                candidate(cache)  # warm-up: compiles (and fills the cache)
                 sync()
                 times = []
                 for _ in range(args.repeat):
-                    counts.update(hist=0, nth=0, bytes=0)
+                    counts.update(passes=0, bytes=0)
                     t0 = time.perf_counter()
-                    candidate()
+                    candidate(cache)
                     sync()
                     times.append(time.perf_counter() - t0)
                 row[f"{label}_ms"] = statistics.median(times) * 1e3
                 results[label] = out.clone()
-                if label == "triton":
+                if label.startswith("triton"):
                     masks = n * k if method.startswith("dare") else 0  # the kernel reads the bool masks
                     moved = one_pass + masks + counts["bytes"]
-                    row.update(hist_passes=counts["hist"], tie_passes=counts["nth"], bytes_moved=moved,
-                               passes=moved / one_pass)
+                    suffix = label[len("triton"):]
+                    row.update({f"selection_launches{suffix}": counts["passes"], f"bytes_moved{suffix}": moved,
+                                f"passes{suffix}": moved / one_pass})
             if method.startswith("dare"):
                 x = TensorInputs("w", base, tensors=models, seed=5)
                 sync()
@@ -173,8 +192,9 @@ def main() -> int:
                 sync()
                 row["dare_mask_ms"] = (time.perf_counter() - t0) * 1e3
             if "triton" in results:
-                row["equal_bits"] = bool(torch.equal(results["triton"].view(torch.int16 if es == 2 else torch.int32),
-                                                     results["torch"].view(torch.int16 if es == 2 else torch.int32)))
+                as_int = torch.int16 if es == 2 else torch.int32
+                row["equal_bits"] = all(torch.equal(results[label].view(as_int), results["torch"].view(as_int))
+                                        for label in results)
                 row["fraction_of_bound"] = row["bound_ms"] / row["triton_ms"]
                 row["fraction_of_counted_bound"] = row["bound_ms"] * row["passes"] / row["triton_ms"]
                 row["speedup"] = row["torch_ms"] / row["triton_ms"]
@@ -186,7 +206,9 @@ def main() -> int:
                       f"{row['bound_ms']:>9.3f} {row['triton_ms']:>10.3f} {row['fraction_of_bound']:>8.1%} "
                       f"{row['fraction_of_counted_bound']:>10.1%} {row['torch_ms']:>9.3f} {row['speedup']:>7.1f}x "
                       f"{'same' if row['equal_bits'] else 'DIFF':>5}"
-                      + (f"  (dare masks {row['dare_mask_ms']:.2f} ms)" if "dare_mask_ms" in row else ""))
+                      + (f"  (dare masks {row['dare_mask_ms']:.2f} ms)" if "dare_mask_ms" in row else "")
+                      + (f"  (one-shot: {row['triton_oneshot_ms']:.3f} ms, {row['passes_oneshot']:.2f} passes)"
+                         if "triton_oneshot_ms" in row else ""))
             else:
                 print(f"{method:<16} {shape:<14} {one_pass / 1e6:>7.0f}MB {'':>6} {row['bound_ms']:>9.3f} "
                       f"{'':>10} {'':>8} {'':>10} {row['torch_ms']:>9.3f}")

@@ -70,7 +70,9 @@ def _run_checks() -> dict:
     """In the child process: every case of CASES, the selection and the export check."""
     from mergesearch.methods import REGISTRY, TensorInputs, kernels, selection
     from mergesearch.methods import triton_kernels as tk
+    from mergesearch.methods import triton_select as ts
     from mergesearch.methods.apply import merge_tensor
+    from mergesearch.methods.inputs import FactorCache
 
     calls = {"combine": 0, "weighted_sum": 0, "select": 0, "nth": 0}
 
@@ -82,7 +84,7 @@ def _run_checks() -> dict:
         return wrapper
 
     tk.combine, tk.weighted_sum = counted("combine", tk.combine), counted("weighted_sum", tk.weighted_sum)
-    tk.select_abs, tk.nth_equal = counted("select", tk.select_abs), counted("nth", tk.nth_equal)
+    ts.select_abs, ts.nth_equal = counted("select", ts.select_abs), counted("nth", ts.nth_equal)
     dtypes = {"bf16": torch.bfloat16, "f32": torch.float32, "f16": torch.float16}
     out = {}
 
@@ -110,29 +112,52 @@ def _run_checks() -> dict:
         out[_case_id(case)] = {"equal": got.dtype == want.dtype and torch.equal(_bits(got), _bits(want)),
                                "changed": not torch.equal(got.float(), base.float()), "ran": ran}
 
-    # the selection: thresholds, counts and tie positions equal the torch selection's
-    base, models = _family(torch.bfloat16, seed=7)
-    x = TensorInputs("w", base, tensors=models)
-    n = x.numel
-    sel = {"equal": True, "split_runs": 0, "checked": 0}
-    for i in range(3):
-        for start, end in ((int(0.7 * n), n), (int(0.13 * n), int(0.91 * n)), (0, 1), (n - 1, n), (5, 6)):
-            os.environ["MERGESEARCH_TRITON"] = "force"
-            got = selection.window(x, i, start, end)
-            os.environ["MERGESEARCH_TRITON"] = "0"
-            want = selection.window(x, i, start, end)
-            same = all(torch.equal(_bits(a.reshape(1)), _bits(b.reshape(1))) for a, b in zip(got[1:], want[1:]))
-            sel["equal"] &= same
-            sel["checked"] += 1
-            sel["split_runs"] += int(int(want[3]) != 0) + int(int(want[4]) != n)
-    a = (models[0].float() - base.float()).abs().reshape(-1)
-    srt = torch.sort(a).values
-    for k in (0, 1, n // 3, n // 2, n - 2, n - 1):
-        v, below, at = tk.select_abs(models[0].reshape(-1), base.reshape(-1), k, selection.Scratch(native=False))
-        sel["equal"] &= bool(v == srt[k]) and below == int((a < srt[k]).sum()) and at == int((a <= srt[k]).sum())
-        r = k - below
-        sel["equal"] &= tk.nth_equal(models[0].reshape(-1), base.reshape(-1), v, r) == int((a == v).nonzero()[r])
-    out["selection"] = sel
+    # the selection: thresholds, counts and tie positions equal the torch selection's, from
+    # gathered buckets and, with every bucket counted as crowded, from the radix passes
+    for label, compact_min, compact_share in (("selection", ts.COMPACT_MIN, ts.COMPACT_SHARE),
+                                              ("selection_radix", 0, 0.0)):
+        ts.COMPACT_MIN, ts.COMPACT_SHARE = compact_min, compact_share
+        base, models = _family(torch.bfloat16, seed=7)
+        x = TensorInputs("w", base, tensors=models)
+        n = x.numel
+        sel = {"equal": True, "split_runs": 0, "checked": 0}
+        for i in range(3):
+            for start, end in ((int(0.7 * n), n), (int(0.13 * n), int(0.91 * n)), (0, 1), (n - 1, n), (5, 6)):
+                os.environ["MERGESEARCH_TRITON"] = "force"
+                got = selection.window(x, i, start, end)
+                os.environ["MERGESEARCH_TRITON"] = "0"
+                want = selection.window(x, i, start, end)
+                same = all(torch.equal(_bits(a.reshape(1)), _bits(b.reshape(1))) for a, b in zip(got[1:], want[1:]))
+                sel["equal"] &= same
+                sel["checked"] += 1
+                sel["split_runs"] += int(int(want[3]) != 0) + int(int(want[4]) != n)
+        a = (models[0].float() - base.float()).abs().reshape(-1)
+        srt = torch.sort(a).values
+        for k in (0, 1, n // 3, n // 2, n - 2, n - 1):
+            scratch = selection.Scratch(native=False)
+            src, b = models[0].reshape(-1), base.reshape(-1)
+            v, below, at = ts.select_abs(src, b, k, scratch)
+            sel["equal"] &= bool(v == srt[k]) and below == int((a < srt[k]).sum()) and at == int((a <= srt[k]).sum())
+            want = int((a == v).nonzero()[k - below])
+            sel["equal"] &= ts.nth_equal(src, b, v, k - below, scratch) == want  # from the gathered bucket
+            sel["equal"] &= ts.nth_equal(src, b, v, k - below) == want  # by the counting pass
+        out[label] = sel
+    ts.COMPACT_MIN, ts.COMPACT_SHARE = 1 << 16, 1 / 16
+
+    # a worker keeps each model's histogram between candidates: the same bits, fewer passes
+    base, models = _family(torch.bfloat16, seed=11)
+    spec = REGISTRY["breadcrumbs_ties"]
+    cache, cached = FactorCache(), {"equal": True}
+    for density in (0.3, 0.55, 0.3):
+        gp, mp = _params(spec)
+        mp = [{**p, "density": density} for p in mp]
+        os.environ["MERGESEARCH_TRITON"] = "force"
+        got = spec.fn(TensorInputs("w", base, tensors=models, seed=5, cache=cache, ids=["a", "b", "c"]), gp, mp)
+        os.environ["MERGESEARCH_TRITON"] = "0"
+        want = spec.fn(TensorInputs("w", base, tensors=models, seed=5), gp, mp)
+        cached["equal"] &= torch.equal(_bits(got), _bits(want))
+    cached.update(hits=cache.hits, misses=cache.misses)
+    out["cached"] = cached
 
     # an export (one-shot, streaming) merges to the bits of the in-memory candidate
     os.environ["MERGESEARCH_TRITON"] = "force"
@@ -171,11 +196,18 @@ def test_triton_merge_gives_the_torch_kernels_bits(checks, case):
         assert r["ran"]["select"] >= 3, r  # each model's thresholds came from the radix passes
 
 
-def test_triton_selection_gives_the_torch_thresholds(checks):
-    r = checks["selection"]
+@pytest.mark.parametrize("label", ["selection", "selection_radix"])
+def test_triton_selection_gives_the_torch_thresholds(checks, label):
+    r = checks[label]
     assert r["equal"], r
     assert r["checked"] == 15
     assert r["split_runs"] >= 6  # the tie split by index was exercised
+
+
+def test_triton_selection_histograms_kept_between_candidates(checks):
+    r = checks["cached"]
+    assert r["equal"], r
+    assert (r["misses"], r["hits"]) == (3, 6)  # built once per model (3 candidates of 3 models)
 
 
 def test_triton_export_equals_the_scored_candidate(checks):

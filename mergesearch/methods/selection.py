@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergesearch.methods import kernels, native, triton_kernels
+from mergesearch.methods import kernels, native, triton_select
 from mergesearch.methods.inputs import TensorInputs, work_dtype
 
 RADIX_MIN_NUMEL = 1 << 20
@@ -123,10 +123,11 @@ def select_abs(x: TensorInputs, i: int, k: int, scratch: Scratch) -> tuple[torch
     """The k-th smallest |delta_i| (0-based) with the counts of elements below it
     and at or below it. Large tensors use a radix select on the float bits (a
     histogram of the top 16 bits, then an exact k-th value inside one bucket). On an
-    accelerator with triton, radix passes of Triton kernels (:mod:`triton_kernels`)."""
-    fused = triton_kernels.selection_source(x, i)
-    if fused is not None:  # the same exact k-th value and counts
-        return triton_kernels.select_abs(*fused, k, scratch)
+    accelerator with triton, Triton kernels (:mod:`triton_select`)."""
+    fused = triton_select.selection_source(x, i)
+    if fused is not None:  # the same exact k-th value and counts; the histogram kept between candidates
+        return triton_select.select_abs(*fused, k, scratch, cached=lambda build: x.cached(
+            triton_select.cache_kind(x, i), (x.numel, str(x.device)), build))
     if scratch.native or blocked(x, i, scratch):
         return _select_blocked(x, i, k, scratch)
     a = abs_delta(x, i, scratch)
@@ -194,9 +195,9 @@ def _select_blocked(x: TensorInputs, i: int, k: int, scratch: Scratch) -> tuple[
 
 def nth_position_equal(x: TensorInputs, i: int, value: torch.Tensor, r: int, scratch: Scratch) -> int:
     """The flat index of the r-th element (0-based, in index order) with |delta_i| == value."""
-    fused = triton_kernels.selection_source(x, i)
+    fused = triton_select.selection_source(x, i)
     if fused is not None:
-        j = triton_kernels.nth_equal(*fused, value, r)
+        j = triton_select.nth_equal(*fused, value, r, scratch)
         if j < 0:
             raise IndexError(f"{x.name}: fewer elements equal to the threshold than counted")
         return j

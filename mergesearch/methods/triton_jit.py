@@ -205,6 +205,34 @@ def weighted_sum_kernel(out, s0, s1, s2, s3, s4, s5, s6, s7, fp, n, K: tl.conste
 
 
 @triton.jit
+def top16_hist_kernel(src, base, hist, n, SRC_KIND: tl.constexpr, BASE_KIND: tl.constexpr, COPIES: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """The histogram of the top 16 bits of bits(|src - base|) (32768 bins: the sign bit is
+    0), in COPIES copies (program p adds to copy p % COPIES, so a crowded bin takes fewer
+    atomic adds at one address)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < n
+    u = _abs_bits(src, base, offs, inb, SRC_KIND, BASE_KIND)
+    tl.atomic_add(hist + (tl.program_id(0) % COPIES) * 32768 + (u >> 16), 1, mask=inb)
+
+
+@triton.jit
+def compact_kernel(src, base, counter, out, n, bucket, SRC_KIND: tl.constexpr, BASE_KIND: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """Every element whose bits(|src - base|) have the top 16 bits ``bucket``, as the int64
+    key (bits << 31) | index, appended to ``out`` (positions from one atomic add a
+    program; the order of the programs is arbitrary, the keys are sorted afterwards)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < n
+    u = _abs_bits(src, base, offs, inb, SRC_KIND, BASE_KIND)
+    sel = inb & ((u >> 16) == bucket)
+    s = sel.to(tl.int32)
+    start = tl.atomic_add(counter, tl.sum(s, axis=0))
+    pos = start + tl.cumsum(s, axis=0) - s
+    tl.store(out + pos, (u.to(tl.int64) << 31) | offs, mask=sel)
+
+
+@triton.jit
 def radix_hist_kernel(src, base, hist, n, prefix, SRC_KIND: tl.constexpr, BASE_KIND: tl.constexpr,
                       PSHIFT: tl.constexpr, SHIFT: tl.constexpr, NBITS: tl.constexpr, BLOCK: tl.constexpr,
                       TILES: tl.constexpr):

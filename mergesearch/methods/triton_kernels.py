@@ -4,12 +4,7 @@ On a CUDA device, when triton imports, :func:`mergesearch.methods.kernels.combin
 ``weighted_sum`` run one Triton kernel per tensor: every input read once, the output
 written once in its dtype (deltas taken from the stored tensors, DARE masks, magnitude
 windows, weights, TIES sign election, the disjoint or normalized sum, lambda, the base).
-The magnitude selection (:mod:`mergesearch.methods.selection`) takes its thresholds from
-radix passes over the float32 bits of |delta| computed in the kernel (no float copy of a
-delta is made): :data:`DIGITS` gives four passes (8, 8, 8 and 7 bits, histograms of 256
-bins in shared memory), the first shared by both ends of a window, and one more pass
-(counts per block) where a threshold splits a run of equal magnitudes. A selection is
-exact, so its thresholds are those of every other path.
+The magnitude selection's thresholds come from :mod:`mergesearch.methods.triton_select`.
 
 Every result is the eager torch kernel's, bit for bit: the same float32 operations in the
 same order, no FMA contraction (launched with ``enable_fp_fusion=False``), IEEE division
@@ -34,12 +29,8 @@ import torch
 log = logging.getLogger(__name__)
 
 MIN_NUMEL = 1 << 12  # combine and weighted sum on an accelerator from this size
-SELECT_MIN_NUMEL = 1 << 15  # the radix selection from this size (smaller ones sort)
 MAX_MODELS = 8
 BLOCK = 1024  # elements a program of the combine and weighted-sum kernels
-HIST_BLOCK, HIST_TILES = 1024, 16  # a histogram program reads up to HIST_TILES blocks
-COUNT_BLOCK = 1024  # the block of the tie-position counts
-DIGITS = ((23, 8), (15, 8), (7, 8), (0, 7))  # (shift, width) of each radix pass, top first
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 MIN_TRITON = (3, 4)  # tl.histogram's mask
 
@@ -145,7 +136,7 @@ def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, conse
     srcs = [_arg(s) for s in sources] + [base] * (MAX_MODELS - k)
     mks = [base if mk is None else mk[0].view(torch.uint8) for mk in masks] + [base] * (MAX_MODELS - k)
     with _on(dev):
-        jit().combine_kernel[(triton_cdiv(n, BLOCK),)](
+        jit().combine_kernel[(cdiv(n, BLOCK),)](
             _arg(dest), base, *srcs, *mks, fp, ip, n, K=k, FLAGS=flags, BASE_KIND=KINDS[raw_base.dtype],
             OUT_KIND=KINDS[dest.dtype], NORMALIZE=bool(normalize), CONSENSUS=bool(consensus), BLOCK=BLOCK,
             num_warps=4, enable_fp_fusion=False)
@@ -166,100 +157,11 @@ def weighted_sum(sources, weights, divisor, normalize, out_dtype=None, out=None)
     srcs = [_arg(s) for s in sources]
     srcs += [srcs[0]] * (MAX_MODELS - k)
     with _on(dev):
-        jit().weighted_sum_kernel[(triton_cdiv(n, BLOCK),)](
+        jit().weighted_sum_kernel[(cdiv(n, BLOCK),)](
             _arg(dest), *srcs, fp, n, K=k, FLAGS=flags, OUT_KIND=KINDS[dest.dtype], NORMALIZE=bool(normalize),
             BLOCK=BLOCK, num_warps=4, enable_fp_fusion=False)
     return dest
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
-
-
-# ---------------------------------------------------------------- selection
-
-def selection_source(x, i: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(src, base) with |src - base| model i's |delta| as the torch selection computes it
-    (base None: src is the float32 delta), or None where the Triton selection does not
-    apply. ``x`` is a :class:`mergesearch.methods.inputs.TensorInputs`."""
-    if not applies(x.device, x.numel, SELECT_MIN_NUMEL):
-        return None
-    raw, base = x.raw(i), x.raw_base
-    if raw is not None and base is not None and not x.holds_delta(i):
-        ok = _ok(raw, raw.device) and _ok(base, raw.device) and raw.numel() == base.numel()
-        return (raw, base) if ok else None
-    d = x.delta(i)
-    return (d, None) if _ok(d, d.device, (torch.float32,)) else None
-
-
-def hist_tiles(n: int) -> int:
-    """Blocks a histogram program reads: a power of two up to HIST_TILES, so that a tensor
-    gives about 1024 programs or more (each adds its counts to the global histogram once)."""
-    tiles = 1
-    while tiles < HIST_TILES and n >= HIST_BLOCK * 1024 * tiles * 2:
-        tiles *= 2
-    return tiles
-
-
-def _launch_hist(src, base, prefix: int, pshift: int, shift: int, width: int) -> list[int]:
-    n = src.numel()
-    hist = torch.zeros(1 << width, dtype=torch.int32, device=src.device)
-    tiles = hist_tiles(n)
-    grid = (triton_cdiv(n, HIST_BLOCK * tiles),)
-    with _on(src.device):
-        jit().radix_hist_kernel[grid](
-            _arg(src), _arg(base if base is not None else src), hist, n, prefix, SRC_KIND=KINDS[src.dtype],
-            BASE_KIND=-1 if base is None else KINDS[base.dtype], PSHIFT=pshift, SHIFT=shift, NBITS=width,
-            BLOCK=HIST_BLOCK, TILES=tiles, num_warps=4, enable_fp_fusion=False)
-    cum, total = [], 0
-    for c in hist.tolist():
-        total += c
-        cum.append(total)
-    return cum
-
-
-def select_abs(src, base, k: int, scratch) -> tuple[torch.Tensor, int, int]:
-    """The k-th smallest (0-based) |src - base| as a float32 0-d tensor on the device, with
-    the counts of elements below it and at or below it: one radix pass a digit of
-    :data:`DIGITS`, each over the elements whose higher digits are the k-th's. The first
-    pass's histogram is kept in ``scratch.hist`` for the window's other end."""
-    below, prefix, pshift = 0, 0, 31
-    for level, (shift, width) in enumerate(DIGITS):
-        if level == 0 and scratch.kind() == "triton":
-            cum = scratch.hist[1]
-        else:
-            cum = _launch_hist(src, base, prefix, pshift, shift, width)
-            if level == 0:
-                scratch.hist = ("triton", cum)
-        r = k - below
-        d = next(j for j, c in enumerate(cum) if c > r)
-        before = cum[d - 1] if d else 0
-        below += before
-        prefix, pshift = (prefix << width) | d, shift
-    v = torch.tensor([prefix], dtype=torch.int32).view(torch.float32)[0].to(src.device)
-    return v, below, below + cum[d] - before
-
-
-def nth_equal(src, base, value: torch.Tensor, r: int) -> int:
-    """The flat index of the r-th element (0-based, in index order) with |src - base| ==
-    ``value`` (the same float32 bits), or -1: one counting pass, then one block."""
-    n = src.numel()
-    bits = int(value.detach().to("cpu", torch.float32).reshape(1).view(torch.int32)[0])
-    blocks = triton_cdiv(n, COUNT_BLOCK)
-    counts = torch.empty(blocks, dtype=torch.int32, device=src.device)
-    kinds = dict(SRC_KIND=KINDS[src.dtype], BASE_KIND=-1 if base is None else KINDS[base.dtype], BLOCK=COUNT_BLOCK)
-    b = _arg(base if base is not None else src)
-    with _on(src.device):
-        jit().count_equal_kernel[(blocks,)](_arg(src), b, counts, n, bits, **kinds, num_warps=4,
-                                            enable_fp_fusion=False)
-    cum = counts.cumsum(0)
-    blk = int(torch.searchsorted(cum, torch.tensor([r], dtype=cum.dtype, device=cum.device), right=True))
-    if blk >= blocks:
-        return -1
-    before = int(cum[blk - 1]) if blk else 0
-    pos = torch.empty(1, dtype=torch.int64, device=src.device)
-    with _on(src.device):
-        jit().position_equal_kernel[(1,)](_arg(src), b, pos, n, blk * COUNT_BLOCK, r - before, bits, **kinds,
-                                          num_warps=4, enable_fp_fusion=False)
-    return int(pos[0])
-
