@@ -228,6 +228,21 @@ def c_plan_svd(t, f, o, z):
     return ["plan", write(t / "s.yaml", data), "--device-memory", str(budget)], [t / "results"]
 
 
+def c_plan_one_gpu(t, f, o, z):
+    from mergesearch.zoo.sparse_family import sparse_family
+    big = sparse_family(t / "l70", n_models=4)  # Llama-3-70B-shaped sparse shards: headers only
+    data = space_dict(z, base=str(big["base"]), models=[str(big[f"ft{i}"]) for i in range(4)], dtype="bfloat16",
+                      resources={"eval_memory": "8GB"})
+    return ["plan", write(t / "s.yaml", data), "--device-memory", "80GB", "--device", "cuda"], [t / "results"]
+
+
+def c_plan_sharded(t, f, o, z):
+    from mergesearch.zoo.sparse_family import sparse_family
+    big = sparse_family(t / "l70", n_models=4)
+    data = space_dict(z, base=str(big["base"]), models=[str(big[f"ft{i}"]) for i in range(4)], dtype="bfloat16")
+    return ["plan", write(t / "s.yaml", data), "--gpus-per-worker", "2", "--device-memory", "80GB"], [t / "results"]
+
+
 def c_export_run(t, f, o, z):
     return ["export", "nosuchrun"], [t / "results" / "nosuchrun"]
 
@@ -328,6 +343,14 @@ CASES = [
      ["s.yaml: granularity: depth:", "has 1 transformer layer(s); a depth schedule needs at least 2"]),
     ("plan-svd-too-large", c_plan_svd,
      ["device memory: tsv's SVD of model.embed_tokens.weight (4096 x 32, 2 models) needs", "more than the budget of"]),
+    ("plan-model-past-one-gpu", c_plan_one_gpu,
+     ["device memory: the evaluation model (141.11 GB, bfloat16), its reserve (8.00 GB), the merge scratch "
+      "(6.57 GB) and the staging slots (21.01 GB) need 176.69 GB, more than the budget of 80.00 GB (declared); "
+      "shard it over GPUs with resources.gpus_per_worker: 2"]),
+    ("plan-sharded-too-small", c_plan_sharded,
+     ["device memory: the evaluation model (141.11 GB, bfloat16) and its reserve (28.22 GB) need 169.33 GB, more "
+      "than 2 GPUs of 80.00 GB hold (declared); use more GPUs per worker (resources.gpus_per_worker) or declare "
+      "the reserve (resources.eval_memory)"]),
     ("hub-unknown-revision", c_hub_revision,
      ["r.yaml: org/base@nope: revision 'nope' is not in the Hugging Face cache (", "; cached: main, v1); fetch it "
                                                                                   "online with `hf download org/base "
