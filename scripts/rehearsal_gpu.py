@@ -53,9 +53,13 @@ SHAPES = {  # Llama-3.2-3B, and a few-layer Llama for the CPU
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=256, rope_theta=500000.0),
 }
 PHASES = ("generate", "plan", "search", "export", "staging")
-TIMEOUTS = {"3b": {"generate": 150, "plan": 60, "search": 240, "export": 150, "staging": 60},
+# seconds per phase: the 3B limits fit scripts/device_rehearsal.sh's 9 minutes on an H100
+TIMEOUTS = {"3b": {"generate": 80, "plan": 30, "search": 150, "export": 80, "staging": 30},
             "tiny": {"generate": 60, "plan": 60, "search": 300, "export": 120, "staging": 60}}
 RUN = "rehearsal"
+# safetensors shards: at most 4 GB on the 3B shape (two per model); several per tiny model,
+# so that the CPU test reads sharded models as the GPU machine does
+SHARD_BYTES = {"3b": 4 * 10**9, "tiny": 64 * 1024}
 N_MODELS = 4
 
 
@@ -87,7 +91,8 @@ def generate(work: Path, shape: str, items: int) -> dict:
     t0, written = time.perf_counter(), 0
     with contextlib.ExitStack() as stack:
         writers = [stack.enter_context(StreamingWriter(fam / n, [(t, s, torch.bfloat16) for t, s in layout],
-                                                       max_shard_bytes=4 * 10**9, force=True)) for n in names]
+                                                       max_shard_bytes=SHARD_BYTES[shape], force=True))
+                   for n in names]
         for k, (name, shape_) in enumerate(layout):
             g.manual_seed(1000 + k)
             if name.endswith("norm.weight"):
@@ -209,7 +214,7 @@ def staging(work: Path, max_bytes: int) -> dict:
     out = {"device": "cuda" if cuda else "cpu", "threads_default": staging_threads(), "bytes_per_pass": total}
     if cuda:
         out["link"] = measure_bandwidth("cuda")["link"]
-    runs = [measure_stager(out["device"], jobs, k, passes=2) for k in sorted({1, max(2, staging_threads())})]
+    runs = [measure_stager(out["device"], jobs, k, passes=3) for k in sorted({1, max(2, staging_threads())})]
     out["runs"] = [{k: r[k] for k in ("threads", "bytes", "best_s", "bytes_per_s")} for r in runs]
     out["bytes_per_s"] = runs[-1]["bytes_per_s"]
     if cuda:
@@ -252,6 +257,18 @@ def _host_used() -> int:
     return info["MemTotal"] - info["MemAvailable"]
 
 
+def _gpu_name() -> str | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
+                           timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    names = r.stdout.strip().splitlines() if r.returncode == 0 else []
+    return names[0].strip() if names else None
+
+
 def _gpu_used() -> int | None:
     if shutil.which("nvidia-smi") is None:
         return None
@@ -276,24 +293,42 @@ def run_phase(name: str, cmd: list[str], cwd: Path, out: Path, timeout: float) -
         try:
             rc = p.wait(timeout=timeout)
             status = "ok" if rc == 0 else "failed"
-        except subprocess.TimeoutExpired:
+        except BaseException as e:  # out of time, or this script told to stop: the phase's group goes
+            if not isinstance(e, subprocess.TimeoutExpired):
+                _kill_group(p, ((signal.SIGINT, 3), (signal.SIGKILL, 5)))
+                raise
             status, rc = "timeout", None
-            for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
-                try:
-                    os.killpg(p.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    p.wait(timeout=grace)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            # SIGINT first: a search finishes up (Ray's processes ignore it and go with their driver)
+            _kill_group(p, ((signal.SIGINT, 10), (signal.SIGTERM, 5), (signal.SIGKILL, 10)))
     wall = time.perf_counter() - t0
     res = {"phase": name, "status": status, "rc": rc, "wall_s": wall, "timeout_s": timeout, "log": str(log),
            "memory": peaks.stop()}
     if status == "failed":
         res["tail"] = log.read_text()[-1500:]
     return res
+
+
+def _kill_group(p: subprocess.Popen, steps) -> None:
+    """Signal the phase's process group step by step until its leader has exited, then
+    SIGKILL whatever of the group is left."""
+    for sig, grace in steps:
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(timeout=grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _stop(signum, _frame):
+    raise SystemExit(128 + signum)
 
 
 def cli(*args: str) -> list[str]:
@@ -434,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--refine-steps", type=int, default=6)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--timeout", action="append", default=[], metavar="PHASE=S", help="a phase's time limit")
-    ap.add_argument("--staging-gb", type=float, default=None, help="bytes staged per pass (default 2 on 3b)")
+    ap.add_argument("--staging-gb", type=float, default=None, help="bytes staged per pass (default 4 on 3b)")
     ap.add_argument("--work", type=Path, default=None, help="where the family goes (default: a temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the family and the run")
     ap.add_argument("--out", type=Path, default=None, help="results (default: $OUT, else ./rehearsal-out)")
@@ -450,23 +485,30 @@ def main(argv: list[str] | None = None) -> int:
         (a.work / "staging.json").write_text(json.dumps(staging(a.work, int(a.staging_gb * 1e9))))
         return 0
 
-    import torch
-    cuda = torch.cuda.is_available()
+    signal.signal(signal.SIGTERM, _stop)  # `timeout` around this script: stop the phase, keep what was done
+    gpu = _gpu_name()  # nvidia-smi: no CUDA context in this process, whose memory the workers need
+    cuda = gpu is not None
     out = (a.out or Path(os.environ.get("OUT") or "rehearsal-out")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = (a.work or Path(tempfile.mkdtemp(prefix="rehearsal-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     limits = _timeouts(a.shape, a.timeout)
-    staging_gb = a.staging_gb if a.staging_gb is not None else (2.0 if a.shape == "3b" else 0.02)
-    doc = {"shape": a.shape, "config": family_config(a.shape), "device": torch.cuda.get_device_name(0) if cuda
-           else "cpu", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(), "work": str(work),
+    staging_gb = a.staging_gb if a.staging_gb is not None else (4.0 if a.shape == "3b" else 0.02)
+    doc = {"shape": a.shape, "config": family_config(a.shape), "device": gpu or "cpu",
+           "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(), "work": str(work),
            "args": {k: str(v) for k, v in vars(a).items()}, "phases": {}, "figures": {}}
     me = [sys.executable, str(Path(__file__).resolve()), "--shape", a.shape, "--items", str(a.items), "--trials",
           str(a.trials), "--refine-steps", str(a.refine_steps), "--work", str(work)]
+
+    def step(name: str, cmd: list[str]) -> dict:
+        doc["phases"][name] = {"phase": name, "status": "running", "timeout_s": limits[name], "wall_s": None}
+        _save(out, doc)
+        doc["phases"][name] = run_phase(name, cmd, work, out, limits[name])
+        return doc["phases"][name]
+
     plan = None
     try:
-        p = doc["phases"]["generate"] = run_phase("generate", me + ["--step", "generate"], work, out,
-                                                  limits["generate"])
+        p = step("generate", me + ["--step", "generate"])
         if p["status"] == "ok":
             p.update(json.loads((work / "generate.json").read_text()))
         _save(out, doc)
@@ -474,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         shutil.copy(work / "space.yaml", out / "space.yaml")
 
-        p = doc["phases"]["plan"] = run_phase("plan", cli("plan", "space.yaml", "--json"), work, out, limits["plan"])
+        p = step("plan", cli("plan", "space.yaml", "--json"))
         if p["status"] == "ok":
             lines = (out / "plan.log").read_text().splitlines()  # the JSON, among any warning lines
             first, last = lines.index("{"), len(lines) - 1 - lines[::-1].index("}")
@@ -484,9 +526,9 @@ def main(argv: list[str] | None = None) -> int:
         _save(out, doc)
 
         shutil.rmtree(work / "results", ignore_errors=True)
-        p = doc["phases"]["search"] = run_phase("search", cli("search", "space.yaml", "--run", RUN, "--workers",
-                                                              str(a.workers), "--no-export"), work, out,
-                                                limits["search"])
+        # the search's own budget ends sampling early enough for the refinement and the wrap-up
+        p = step("search", cli("search", "space.yaml", "--run", RUN, "--workers", str(a.workers), "--no-export",
+                               "--timeout", str(max(20.0, 0.6 * limits["search"]))))
         try:  # what the run stored, also when it ran out of time
             doc["figures"] = figures(work, plan, a.workers)
         except Exception as e:  # noqa: BLE001 - a partial run may have no store yet
@@ -494,24 +536,24 @@ def main(argv: list[str] | None = None) -> int:
         _save(out, doc)
 
         if p["status"] == "ok":
-            args = ["export", RUN] + (["--device", "cuda"] if cuda else [])
-            p = doc["phases"]["export"] = run_phase("export", cli(*args), work, out, limits["export"])
+            p = step("export", cli("export", RUN, *(["--device", "cuda"] if cuda else [])))
             model = work / "results" / RUN / "model"
             p["model"] = str(model) if model.exists() else None
-            scores = work / "results" / RUN / "scores.json"
-            if scores.exists():
-                shutil.copy(scores, out / "scores.json")
+            if (work / "results" / RUN / "scores.json").exists():
+                shutil.copy(work / "results" / RUN / "scores.json", out / "scores.json")
         else:
             doc["phases"]["export"] = {"phase": "export", "status": "skipped", "reason": "the search did not finish",
                                        "wall_s": None, "timeout_s": limits["export"]}
         _save(out, doc)
 
-        p = doc["phases"]["staging"] = run_phase("staging", me + ["--step", "staging", "--staging-gb",
-                                                                  str(staging_gb)], work, out, limits["staging"])
+        p = step("staging", me + ["--step", "staging", "--staging-gb", str(staging_gb)])
         if p["status"] == "ok":
             doc["staging"] = json.loads((work / "staging.json").read_text())
-        _save(out, doc)
     finally:
+        for p in doc["phases"].values():
+            if p["status"] == "running":  # this script was stopped during it
+                p["status"] = "stopped"
+        _save(out, doc)
         text = summary(doc)
         print(text)
         (out / "summary.txt").write_text(text + "\n")
