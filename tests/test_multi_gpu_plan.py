@@ -70,6 +70,7 @@ def test_70b_on_two_80gb_gpus(llama70b):
         assert g.staging == 2 * 5 * slot_bytes(2 * 8192 * 8192)
         assert g.resident == [] and g.host == ["base", "m0", "m1", "m2", "m3"]  # every input streamed
     assert "model.embed_tokens.weight" in g0.host_merged and "lm_head.weight" in g1.host_merged
+    assert p.budget_for(0) == max(g.device_bytes for g in p.gpus) and p.budget_for(1) > 80 * GB
     assert p.tensor_device("lm_head.weight") == "cuda:1" and p.merge_device("lm_head.weight") == "cpu"
     assert p.merge_device("model.layers.0.self_attn.k_proj.weight") == "cuda:0"
     assert p.host_scratch == EMBED

@@ -141,6 +141,19 @@ class MultiPlacement:
     def input(self, key: str) -> Input:
         return next(i for i in self.inputs if i.key == key)
 
+    def budget_for(self, k: int) -> int:
+        """The most bytes any one GPU needs with the first ``k`` inputs (in priority order)
+        resident for its tensors (its tensors merged as placed); compare with the per-GPU
+        budget. Each GPU's reserve share is ``gpus[g].eval_reserve``."""
+        placeable = [i for i in self.inputs if not i.adapter][:k]
+        need = 0
+        for g in self.gpus:
+            names = [n for n, d in self.tensor_gpu.items() if d == g.index and n not in self.host_merged]
+            host = [i for i in self.inputs if i not in placeable]
+            need = max(need, g.eval_bytes + g.eval_reserve + g.scratch + sum(g.parts[i.key] for i in placeable)
+                       + _staging(host, names, self.stream))
+        return need
+
     def _gpu_name(self, g: int) -> str:
         return f"cuda:{g}" if self.device.startswith("cuda") else f"gpu{g}"
 
