@@ -214,6 +214,99 @@ def test_triton_export_equals_the_scored_candidate(checks):
     assert checks["export"]["equal"]
 
 
+def _ptx(fn, signature: dict, constexprs: dict, fusion: bool) -> str:
+    """``fn`` compiled for an H100 (sm_90) with the launch options, as the JIT compiles it
+    for aligned tensors; no GPU needed (the triton wheel brings ptxas)."""
+    import triton
+    from triton.backends import backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "nvidia" not in backends:
+        pytest.skip("this triton has no NVIDIA backend")
+
+    names = list(fn.arg_names)
+    # pointers to 16-byte-aligned tensors and a size divisible by 16 (as every weight matrix)
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items()
+             if v.startswith("*") or k == "n"}
+    src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs,
+                    attrs=attrs)
+    from mergesearch.methods import triton_kernels as tk
+    options = {**tk.LAUNCH, "enable_fp_fusion": fusion}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+def test_cuda_build_rounds_like_torch():
+    """Compiled for a GPU, the TIES combine (bf16, 3 models) has no fused multiply-add
+    with the launch options (it has some with Triton's default), divides with IEEE
+    rounding, keeps denormals, and reads and writes in vectors."""
+    import re
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter's triton.jit makes no compilable kernels")
+    from mergesearch.methods import triton_jit as tj
+    from mergesearch.methods import triton_kernels as tk
+
+    assert tk.LAUNCH["enable_fp_fusion"] is False
+    sig = {"out": "*i16", "base": "*i16", **{f"s{i}": "*i16" for i in range(8)},
+           **{f"m{i}": "*u8" for i in range(8)}, "fp": "*fp32", "ip": "*i64", "n": "i64"}
+    consts = {"K": 3, "FLAGS": sum((1 | 1 << 5) << (6 * j) for j in range(3)), "BASE_KIND": 1, "OUT_KIND": 1,
+              "NORMALIZE": True, "CONSENSUS": True, "BLOCK": tk.BLOCK}
+    ptx = _ptx(tj.combine_kernel, sig, consts, fusion=False)
+    assert not re.search(r"\bfma\.", ptx)
+    assert re.search(r"div\.rn\.f32", ptx) and not re.search(r"\.ftz", ptx)
+    assert not re.search(r"\b(add|sub|mul)\.f32", ptx)  # every product and sum rounds on its own (.rn)
+    assert re.search(r"ld\.global\.v\d", ptx) and re.search(r"st\.global\.v\d", ptx)
+    assert re.search(r"\bfma\.rn\.f32", _ptx(tj.combine_kernel, sig, consts, fusion=True))
+
+
+def _flags(kind, delta=0, mask=0, factor=0, window=0, models=1):
+    return sum((kind | delta << 2 | mask << 3 | factor << 4 | window << 5) << (6 * j) for j in range(models))
+
+
+_SRC = {"src": "*i16", "base": "*i16"}
+BUILDS = {  # kernel, signature, constexprs: every kind of launch the host side makes
+    "combine dare_ties bf16 x4": ("combine_kernel", {
+        "out": "*i16", "base": "*i16", **{f"s{i}": "*i16" for i in range(8)}, **{f"m{i}": "*u8" for i in range(8)},
+        "fp": "*fp32", "ip": "*i64", "n": "i64"}, {
+        "K": 4, "FLAGS": _flags(1, mask=1, factor=1, models=4), "BASE_KIND": 1, "OUT_KIND": 1, "NORMALIZE": False,
+        "CONSENSUS": True, "BLOCK": 1024}),
+    "combine breadcrumbs f32 deltas x8": ("combine_kernel", {
+        "out": "*fp32", "base": "*fp32", **{f"s{i}": "*fp32" for i in range(8)},
+        **{f"m{i}": "*u8" for i in range(8)}, "fp": "*fp32", "ip": "*i64", "n": "i64"}, {
+        "K": 8, "FLAGS": _flags(0, delta=1, window=1, models=8), "BASE_KIND": 0, "OUT_KIND": 0, "NORMALIZE": True,
+        "CONSENSUS": False, "BLOCK": 1024}),
+    "weighted_sum f16 x3": ("weighted_sum_kernel", {
+        "out": "*fp16", **{f"s{i}": "*fp16" for i in range(8)}, "fp": "*fp32", "n": "i64"}, {
+        "K": 3, "FLAGS": _flags(2, models=3), "OUT_KIND": 2, "NORMALIZE": True, "BLOCK": 1024}),
+    "top16 histogram": ("top16_hist_kernel", {**_SRC, "hist": "*i32", "n": "i64"}, {
+        "SRC_KIND": 1, "BASE_KIND": 1, "COPIES": 8, "BLOCK": 1024}),
+    "bucket gather": ("compact_kernel", {**_SRC, "counter": "*i32", "out": "*i64", "n": "i64", "bucket": "i32"}, {
+        "SRC_KIND": 1, "BASE_KIND": 1, "BLOCK": 1024}),
+    "radix pass": ("radix_hist_kernel", {"src": "*fp32", "base": "*fp32", "hist": "*i32", "n": "i64",
+                                         "prefix": "i32"}, {
+        "SRC_KIND": 0, "BASE_KIND": -1, "PSHIFT": 16, "SHIFT": 8, "NBITS": 8, "BLOCK": 1024, "TILES": 16}),
+    "tie counts": ("count_equal_kernel", {**_SRC, "counts": "*i32", "n": "i64", "bits": "i32"}, {
+        "SRC_KIND": 1, "BASE_KIND": 1, "BLOCK": 1024}),
+    "tie position": ("position_equal_kernel", {**_SRC, "out": "*i64", "n": "i64", "lo": "i64", "r": "i64",
+                                               "bits": "i32"}, {"SRC_KIND": 1, "BASE_KIND": 1, "BLOCK": 1024}),
+}
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+def test_every_kernel_compiles_for_a_gpu(build):
+    """The interpreter runs what a GPU compiler may refuse: each kernel is built for sm_90."""
+    import re
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter's triton.jit makes no compilable kernels")
+    from mergesearch.methods import triton_jit as tj
+
+    name, sig, consts = BUILDS[build]
+    ptx = _ptx(getattr(tj, name), sig, consts, fusion=False)
+    assert ".entry " + name in ptx and not re.search(r"\bfma\.", ptx)
+
+
 def test_cpu_tensors_keep_their_kernels(monkeypatch):
     """Without ``force``, CPU tensors never reach the Triton kernels (nor import triton);
     with the kernels unavailable, every device keeps the torch kernels."""

@@ -216,7 +216,7 @@ def top16_hist_kernel(src, base, hist, n, SRC_KIND: tl.constexpr, BASE_KIND: tl.
     tl.atomic_add(hist + (tl.program_id(0) % COPIES) * 32768 + (u >> 16), 1, mask=inb)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bucket"])  # one compilation for every value
 def compact_kernel(src, base, counter, out, n, bucket, SRC_KIND: tl.constexpr, BASE_KIND: tl.constexpr,
                    BLOCK: tl.constexpr):
     """Every element whose bits(|src - base|) have the top 16 bits ``bucket``, as the int64
@@ -232,7 +232,7 @@ def compact_kernel(src, base, counter, out, n, bucket, SRC_KIND: tl.constexpr, B
     tl.store(out + pos, (u.to(tl.int64) << 31) | offs, mask=sel)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["prefix"])  # one compilation for every value
 def radix_hist_kernel(src, base, hist, n, prefix, SRC_KIND: tl.constexpr, BASE_KIND: tl.constexpr,
                       PSHIFT: tl.constexpr, SHIFT: tl.constexpr, NBITS: tl.constexpr, BLOCK: tl.constexpr,
                       TILES: tl.constexpr):
@@ -252,7 +252,7 @@ def radix_hist_kernel(src, base, hist, n, prefix, SRC_KIND: tl.constexpr, BASE_K
     tl.atomic_add(hist + tl.arange(0, 1 << NBITS), acc, mask=acc > 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bits"])  # one compilation for every value
 def count_equal_kernel(src, base, counts, n, bits, SRC_KIND: tl.constexpr, BASE_KIND: tl.constexpr,
                        BLOCK: tl.constexpr):
     """counts[p] = how many elements of block p have bits(|src - base|) == bits."""
@@ -262,7 +262,7 @@ def count_equal_kernel(src, base, counts, n, bits, SRC_KIND: tl.constexpr, BASE_
     tl.store(counts + tl.program_id(0), tl.sum(((u == bits) & inb).to(tl.int32), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["lo", "r", "bits"])  # one compilation for every value
 def position_equal_kernel(src, base, out, n, lo, r, bits, SRC_KIND: tl.constexpr, BASE_KIND: tl.constexpr,
                           BLOCK: tl.constexpr):
     """out[0] = the flat index of the r-th element (0-based) of [lo, lo + BLOCK) with

@@ -33,6 +33,9 @@ MAX_MODELS = 8
 BLOCK = 1024  # elements a program of the combine and weighted-sum kernels
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 MIN_TRITON = (3, 4)  # tl.histogram's mask
+# every launch: no FMA contraction (on CUDA Triton contracts a * b + c by default; the torch
+# kernels round the product and the sum apart), so the kernels give the eager kernels' bits
+LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
 
 _jit = None
 _tried = False
@@ -112,7 +115,7 @@ def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, conse
     """:func:`mergesearch.methods.kernels.combine` in one Triton kernel, or None where it
     does not apply (see the module docstring). The result goes into ``out`` when it fits."""
     k, dev, n = len(sources), raw_base.device, raw_base.numel()
-    if not (1 <= k <= MAX_MODELS and _ok(raw_base, dev) and _scalar_weights(weights)) \
+    if not (1 <= k <= MAX_MODELS and n > 0 and _ok(raw_base, dev) and _scalar_weights(weights)) \
             or (out_dtype is not None and out_dtype not in KINDS):
         return None
     masks = masks if masks is not None else [None] * k
@@ -139,14 +142,15 @@ def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, conse
         jit().combine_kernel[(cdiv(n, BLOCK),)](
             _arg(dest), base, *srcs, *mks, fp, ip, n, K=k, FLAGS=flags, BASE_KIND=KINDS[raw_base.dtype],
             OUT_KIND=KINDS[dest.dtype], NORMALIZE=bool(normalize), CONSENSUS=bool(consensus), BLOCK=BLOCK,
-            num_warps=4, enable_fp_fusion=False)
+            **LAUNCH)
     return dest
 
 
 def weighted_sum(sources, weights, divisor, normalize, out_dtype=None, out=None) -> torch.Tensor | None:
     """:func:`mergesearch.methods.kernels.weighted_sum` in one Triton kernel, or None."""
     k, dev, n = len(sources), sources[0].device, sources[0].numel()
-    if not (1 <= k <= MAX_MODELS and _scalar_weights(weights)) or (out_dtype is not None and out_dtype not in KINDS) \
+    if not (1 <= k <= MAX_MODELS and n > 0 and _scalar_weights(weights)) \
+            or (out_dtype is not None and out_dtype not in KINDS) \
             or any(not _ok(s, dev) or s.numel() != n for s in sources):
         return None
     flags = 0
@@ -159,7 +163,7 @@ def weighted_sum(sources, weights, divisor, normalize, out_dtype=None, out=None)
     with _on(dev):
         jit().weighted_sum_kernel[(cdiv(n, BLOCK),)](
             _arg(dest), *srcs, fp, n, K=k, FLAGS=flags, OUT_KIND=KINDS[dest.dtype], NORMALIZE=bool(normalize),
-            BLOCK=BLOCK, num_warps=4, enable_fp_fusion=False)
+            BLOCK=BLOCK, **LAUNCH)
     return dest
 
 

@@ -71,8 +71,7 @@ def top16(src, base) -> tuple[torch.Tensor, torch.Tensor]:
     hist = torch.zeros(HIST_COPIES, 1 << 15, dtype=torch.int32, device=src.device)
     with tk._on(src.device):
         tk.jit().top16_hist_kernel[(tk.cdiv(n, HIST_BLOCK),)](
-            *_args(src, base), hist, n, **_kinds(src, base), COPIES=HIST_COPIES, BLOCK=HIST_BLOCK, num_warps=4,
-            enable_fp_fusion=False)
+            *_args(src, base), hist, n, **_kinds(src, base), COPIES=HIST_COPIES, BLOCK=HIST_BLOCK, **tk.LAUNCH)
     h = hist.sum(0, dtype=torch.int64).cpu()
     nz = h.nonzero().reshape(-1)
     return nz, h[nz].cumsum(0)
@@ -85,8 +84,7 @@ def _gather(src, base, bucket: int, count: int) -> torch.Tensor:
     counter = torch.zeros(1, dtype=torch.int32, device=src.device)
     with tk._on(src.device):
         tk.jit().compact_kernel[(tk.cdiv(n, COMPACT_BLOCK),)](
-            *_args(src, base), counter, keys, n, bucket, **_kinds(src, base), BLOCK=COMPACT_BLOCK, num_warps=4,
-            enable_fp_fusion=False)
+            *_args(src, base), counter, keys, n, bucket, **_kinds(src, base), BLOCK=COMPACT_BLOCK, **tk.LAUNCH)
     return torch.sort(keys).values
 
 
@@ -112,7 +110,7 @@ def _radix(src, base, prefix: int, pshift: int, shift: int, width: int) -> list[
     with tk._on(src.device):
         tk.jit().radix_hist_kernel[(tk.cdiv(n, RADIX_BLOCK * tiles),)](
             *_args(src, base), hist, n, prefix, **_kinds(src, base), PSHIFT=pshift, SHIFT=shift, NBITS=width,
-            BLOCK=RADIX_BLOCK, TILES=tiles, num_warps=4, enable_fp_fusion=False)
+            BLOCK=RADIX_BLOCK, TILES=tiles, **tk.LAUNCH)
     cum, total = [], 0
     for c in hist.tolist():
         total += c
@@ -171,8 +169,7 @@ def nth_equal(src, base, value: torch.Tensor, r: int, scratch=None) -> int:
     counts = torch.empty(blocks, dtype=torch.int32, device=src.device)
     kinds = {**_kinds(src, base), "BLOCK": COUNT_BLOCK}
     with tk._on(src.device):
-        tk.jit().count_equal_kernel[(blocks,)](*_args(src, base), counts, n, bits, **kinds, num_warps=4,
-                                               enable_fp_fusion=False)
+        tk.jit().count_equal_kernel[(blocks,)](*_args(src, base), counts, n, bits, **kinds, **tk.LAUNCH)
     cum = counts.cumsum(0)
     blk = int(torch.searchsorted(cum, torch.tensor([r], dtype=cum.dtype, device=cum.device), right=True))
     if blk >= blocks:
@@ -181,5 +178,5 @@ def nth_equal(src, base, value: torch.Tensor, r: int, scratch=None) -> int:
     pos = torch.empty(1, dtype=torch.int64, device=src.device)
     with tk._on(src.device):
         tk.jit().position_equal_kernel[(1,)](*_args(src, base), pos, n, blk * COUNT_BLOCK, r - before, bits,
-                                             **kinds, num_warps=4, enable_fp_fusion=False)
+                                             **kinds, **tk.LAUNCH)
     return int(pos[0])
