@@ -60,6 +60,8 @@ RUN = "rehearsal"
 # safetensors shards: at most 4 GB on the 3B shape (two per model); several per tiny model,
 # so that the CPU test reads sharded models as the GPU machine does
 SHARD_BYTES = {"3b": 4 * 10**9, "tiny": 64 * 1024}
+# the CPU workers' evaluation reserve: room for the tiny family's refinement
+CPU_RESERVE = 256 * 2**20
 N_MODELS = 4
 
 
@@ -171,7 +173,8 @@ def write_space(work: Path, a, cuda: bool) -> Path:
         "refine": {"top": 1, "level": "tensor", "rows": True, "loss": "choice", "steps": a.refine_steps,
                    "batch_size": 16, "eval_every": max(1, a.refine_steps // 2), "patience": 2},
         "budget": {"n_trials": a.trials}, "dtype": "bfloat16", "trial_timeout": 300, "seed": 0,
-        "resources": {"gpus_per_worker": 0.5} if cuda else {"device_memory": _cpu_budget(work), "stream": "copy"},
+        "resources": {"gpus_per_worker": 0.5} if cuda else {"device_memory": _cpu_budget(work),
+                                                             "eval_memory": CPU_RESERVE, "stream": "copy"},
     }
     path = work / "space.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))
@@ -180,11 +183,12 @@ def write_space(work: Path, a, cuda: bool) -> Path:
 
 def _cpu_budget(work: Path) -> int:
     """A device budget under which the base alone is resident: the fine-tunes stay on the
-    host and are staged, as a GPU worker's would be."""
+    host and are staged, as a GPU worker's would be. Its evaluation reserve
+    (``CPU_RESERVE``) is room for the refinement's float32 copies and activations."""
     from mergesearch.engine.plan import make_plan
     fam = work / "family"
     p = make_plan(str(fam / "base"), [str(fam / f"ft{k}") for k in range(N_MODELS)], ["linear", "task_arithmetic",
-                  "ties"], stream="copy", eval_dtype="bfloat16", bandwidth={"device": 1.0, "link": 1.0, "source": "-"})
+                  "ties"], stream="copy", eval_dtype="bfloat16", eval_reserve=CPU_RESERVE, bandwidth={"device": 1.0, "link": 1.0, "source": "-"})
     return p.budget_for(1)
 
 
@@ -308,6 +312,19 @@ def run_phase(name: str, cmd: list[str], cwd: Path, out: Path, timeout: float) -
     return res
 
 
+def _refused(log: Path) -> str | None:
+    """The one-line error a command refused its input with, if any."""
+    lines = [x for x in log.read_text(errors="replace").splitlines() if x.startswith("error: ")]
+    return lines[-1][len("error: "):] if lines else None
+
+
+def _without_refine(src: Path, dst: Path) -> None:
+    import yaml
+    space = yaml.safe_load(src.read_text())
+    space.pop("refine", None)
+    dst.write_text(yaml.safe_dump(space, sort_keys=False))
+
+
 def _kill_group(p: subprocess.Popen, steps) -> None:
     """Signal the phase's process group step by step until its leader has exited, then
     SIGKILL whatever of the group is left."""
@@ -377,7 +394,9 @@ def figures(work: Path, plan: dict | None, workers: int) -> dict:
         out["eval_items"] = sum(n for _, n in evals)
     refines = [r for r in recs if r.study_kind == "refine"]
     out["refine"] = [{"state": r.state, "reason": r.reason, "refine_s": r.timings.get("refine_s"),
-                      "steps": (r.refine or {}).get("steps"), "best_step": (r.refine or {}).get("best_step")}
+                      "steps": (r.refine or {}).get("steps"), "best_step": (r.refine or {}).get("best_step"),
+                      # the refinement's planned device bytes and its measured peak, where it records them
+                      "memory": (r.refine or {}).get("memory")}
                      for r in refines]
     steps = [(x["refine_s"], x["steps"]) for x in out["refine"] if x["refine_s"] and x["steps"]]
     if steps:
@@ -419,6 +438,9 @@ def summary(doc: dict) -> str:
         m = p.get("memory") or {}
         lines.append(f"  {name:10s} {p['status']:8s} {_fmt_s(p.get('wall_s')):>10s} {p.get('timeout_s', 0):>6.0f}s"
                      f"  {_gb(m.get('host_used_peak'))} / {_gb(m.get('gpu_used_peak'))}")
+        if p.get("first_try"):
+            lines.append(f"    first try {p['first_try']['status']} in {_fmt_s(p['first_try']['wall_s'])}: "
+                         f"{p['first_try']['error']}; run again without the refinement")
     f = doc.get("figures", {})
     if "merge_s" in f:
         lines.append(f"  candidate merge: median {_fmt_s(f['merge_s']['median'])} over {f['merge_s']['n']} "
@@ -431,6 +453,9 @@ def summary(doc: dict) -> str:
         lines.append(f"  refinement: {r['state']}, {r['steps']} steps in {_fmt_s(r['refine_s'])}"
                      + (f" ({_fmt_s(f['refine_step_s'])} a step)" if "refine_step_s" in f else "")
                      + (f", {r['reason']}" if r.get("reason") else ""))
+        rm = r.get("memory") or {}
+        lines.append(f"    refinement memory: peak {_gb(rm.get('peak'))} against planned {_gb(rm.get('planned'))}"
+                     if rm else "    refinement memory: not recorded")
     if "memory_attrs" in f:
         mem = f["memory_attrs"]
         lines.append("  recorded peak/planned memory: " + (mem if isinstance(mem, str) else
@@ -500,11 +525,17 @@ def main(argv: list[str] | None = None) -> int:
     me = [sys.executable, str(Path(__file__).resolve()), "--shape", a.shape, "--items", str(a.items), "--trials",
           str(a.trials), "--refine-steps", str(a.refine_steps), "--work", str(work)]
 
-    def step(name: str, cmd: list[str]) -> dict:
-        doc["phases"][name] = {"phase": name, "status": "running", "timeout_s": limits[name], "wall_s": None}
+    def step(name: str, cmd: list[str], limit: float | None = None) -> dict:
+        limit = limits[name] if limit is None else limit
+        doc["phases"][name] = {"phase": name, "status": "running", "timeout_s": limit, "wall_s": None}
         _save(out, doc)
-        doc["phases"][name] = run_phase(name, cmd, work, out, limits[name])
+        doc["phases"][name] = run_phase(name, cmd, work, out, limit)
         return doc["phases"][name]
+
+    def search(space: str, limit: float) -> dict:
+        # the search's own budget ends sampling early enough for the refinement and the wrap-up
+        return step("search", cli("search", space, "--run", RUN, "--workers", str(a.workers), "--no-export",
+                                  "--timeout", str(max(20.0, 0.6 * limit))), limit)
 
     plan = None
     try:
@@ -526,9 +557,17 @@ def main(argv: list[str] | None = None) -> int:
         _save(out, doc)
 
         shutil.rmtree(work / "results", ignore_errors=True)
-        # the search's own budget ends sampling early enough for the refinement and the wrap-up
-        p = step("search", cli("search", "space.yaml", "--run", RUN, "--workers", str(a.workers), "--no-export",
-                               "--timeout", str(max(20.0, 0.6 * limits["search"]))))
+        p = search("space.yaml", limits["search"])
+        refused = _refused(out / "search.log") if p["status"] == "failed" else None
+        if refused and "refine" in refused and limits["search"] - p["wall_s"] > 30:
+            # a refinement the device cannot hold (a finding in itself): the search without it,
+            # in the time left, so that the rest is still measured
+            first = {k: p[k] for k in ("status", "rc", "wall_s")} | {"error": refused}
+            (out / "search.log").rename(out / "search-refused.log")
+            _without_refine(work / "space.yaml", work / "space_norefine.yaml")
+            shutil.rmtree(work / "results", ignore_errors=True)
+            p = search("space_norefine.yaml", limits["search"] - first["wall_s"])
+            p["first_try"] = first
         try:  # what the run stored, also when it ran out of time
             doc["figures"] = figures(work, plan, a.workers)
         except Exception as e:  # noqa: BLE001 - a partial run may have no store yet
