@@ -87,12 +87,28 @@ def _arg(t: torch.Tensor) -> torch.Tensor:
 
 
 def _pack(values, dtype: torch.dtype, device) -> torch.Tensor:
-    """Python numbers and 0-d tensors as one tensor on the device (converted as torch
-    converts them: a float to float32 rounds to nearest), with no synchronization."""
-    if not any(isinstance(v, torch.Tensor) for v in values):
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.stack([v.detach().reshape(()).to(device=device, dtype=dtype) if isinstance(v, torch.Tensor)
-                        else torch.tensor(v, dtype=dtype, device=device) for v in values])
+    """Python numbers and 0-d tensors as one tensor on the device, a number converted as
+    torch converts it (a float to float32 rounds to nearest). The numbers are copied to
+    the device once per distinct set (a copy from the host waits for the device) and the
+    tensors put in place by device operations, so a merge does not synchronize here."""
+    where = tuple(j for j, v in enumerate(values) if isinstance(v, torch.Tensor))
+    plain = tuple(0 if j in where else v for j, v in enumerate(values))
+    key = (tuple(v.hex() if isinstance(v, float) else v for v in plain), where, dtype, str(device))  # -0.0 != 0.0
+    made = _PACKED.get(key)
+    if made is None:
+        if len(_PACKED) >= 512:
+            _PACKED.clear()
+        made = _PACKED[key] = (torch.tensor(plain, dtype=dtype).to(device),
+                               torch.tensor(where, dtype=torch.int64).to(device) if where else None)
+    fixed, idx = made
+    if idx is None:
+        return fixed
+    out = fixed.clone()
+    out[idx] = torch.stack([values[j].detach().reshape(()).to(device=device, dtype=dtype) for j in where])
+    return out
+
+
+_PACKED: dict = {}
 
 
 def _on(device):
