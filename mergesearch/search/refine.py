@@ -51,7 +51,13 @@ refinement's cost in trials.
 Memory: the base and each model's pruned task vector are held in float32 on the
 worker's device for the duration, (models + 1) x 4 bytes per parameter. The distill
 teachers come first, one source model's weights at a time (in the model's dtype), before
-those float32 copies exist.
+those float32 copies exist. :mod:`.refine_memory` plans the whole (the merge's autograd
+graph, the batch's activations and logits) before the search starts and may choose
+``checkpointing`` (each decoder layer recomputed in the backward, with the model's own
+activation checkpointing: the merged weights stay in the model until the backward is done),
+a smaller ``batch_size`` and a smaller ``check_batch`` (items of one task a held-out check
+scores at once, 32 by default). ``planned_bytes`` is its total; on CUDA the stats record the
+peak the refinement allocated beside what the device held when it started.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -178,6 +185,33 @@ def refined_recipe(recipe, groups: list[dict], group_w: dict, group_lam: dict, c
     return from_dict(data, "refined recipe")
 
 
+@contextmanager
+def checkpointed(model, params: dict):
+    """The merged weights ``params`` written into ``model`` (as tensors of the merge's
+    graph) with the model's activation checkpointing on, for a forward and its backward:
+    each decoder layer keeps only its input and is recomputed, with these weights, in the
+    backward. Only the layers are put in training mode (their flag gates the checkpoint);
+    every other module stays in eval mode, so no dropout runs."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise MergeSearchError(f"refine: {type(model).__name__} does not support gradient checkpointing")
+    enable({"use_reentrant": False})
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    was = [m.training for m in layers]
+    try:
+        for m in layers:
+            m.training = True
+        with _reparametrize_module(model, params):
+            yield
+    finally:
+        for m, w in zip(layers, was):
+            m.training = w
+        disable()
+
+
 def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dict], seed: int = 0):
     """Learn per-group coefficients for ``recipe`` (see the module docstring); returns
     (refined Recipe, stats). ``groups``: the coefficient groups, as dicts with
@@ -188,6 +222,13 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
         raise MergeSearchError("refine: the candidate already has row scales (it is a refinement's); refine the "
                                "candidate it came from")
     device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    if cuda:  # the refinement's own peak: above what the device holds now
+        torch.cuda.synchronize(device)
+        held_at_start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    check_n = int(cfg.get("check_batch", 32))
+    ckpt = bool(cfg.get("checkpointing"))
     targets = dict(model.named_parameters())
     names = [n for n in mat.names if n in targets and targets[n].is_floating_point()]
     n_models = len(recipe.models)
@@ -237,8 +278,8 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
             for task in tasks:
                 rows = items.holdout[task]
                 right, loss_sum = 0, 0.0
-                for s in range(0, len(rows), 32):
-                    chunk = rows[s:s + 32]
+                for s in range(0, len(rows), check_n):
+                    chunk = rows[s:s + check_n]
                     batch = items.batch(chunk)
                     loss, c = item_losses(chunk, sequence_loglik(model, params, batch), cfg["loss"], mix)
                     right += c
@@ -268,11 +309,19 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
         for step in range(1, cfg["steps"] + 1):
             items_ = draw()
             batch = items.batch(items_)
-            loss, _ = item_losses(items_, sequence_loglik(model, merged_params(terms, coef, scale, row_mult), batch),
-                              cfg["loss"], mix)
+            params = merged_params(terms, coef, scale, row_mult)
             opt.zero_grad(set_to_none=True)
-            if loss.requires_grad:  # a batch of items with nothing to train on moves nothing
-                loss.backward()
+            if ckpt:  # the backward recomputes each layer with the merged weights still in the model
+                with checkpointed(model, params):
+                    loss, _ = item_losses(items_, sequence_loglik(model, params, batch), cfg["loss"], mix)
+                    if loss.requires_grad:
+                        loss.backward()
+            else:
+                loss, _ = item_losses(items_, sequence_loglik(model, params, batch), cfg["loss"], mix)
+                if loss.requires_grad:  # a batch of items with nothing to train on moves nothing
+                    loss.backward()
+            del params
+            if loss.requires_grad:
                 opt.step()
             with torch.no_grad():
                 coef.clamp_(0.0, COEF_MAX)
@@ -309,5 +358,8 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
     stats = {"steps": step, "best_step": best_step, "holdout_before": acc0, "holdout_after": acc_best,
              "holdout_loss_before": loss0, "holdout_loss_after": loss_best,
              "cost": cost_seqs / max(items.n_seqs, 1), "loss": cfg["loss"], "teachers": teachers, "history": history,
-             "groups": [g["name"] or "all" for g in groups]}
+             "groups": [g["name"] or "all" for g in groups],
+             "memory": {"planned": cfg.get("planned_bytes"), "batch_size": cfg["batch_size"], "steps_planned": cfg["steps"],
+                        "check_batch": check_n, "checkpointing": ckpt,
+                        "peak": (torch.cuda.max_memory_allocated(device) - held_at_start) if cuda else None}}
     return out, stats
