@@ -75,7 +75,7 @@ def measure_stager(device: str, jobs: list[tuple[str, list[torch.Tensor]]], thre
                 times.append(time.perf_counter() - t0)
     finally:
         st.close()
-        del st
+        st.slots = st.pinned = None  # the slots go now, before the next stager's
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     best = min(times)

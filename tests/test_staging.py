@@ -169,3 +169,21 @@ def test_staged_materializer_equals_the_export_with_threads(tmp_path, monkeypatc
                 assert mem[name].dtype == torch.bfloat16 and torch.equal(mem[name], exported[name]), (k, method, name)
             assert m.last_moved == (4 - k) * free.inputs[0].nbytes
         m.close()
+
+
+def test_bench_staging_runs_on_the_cpu(tmp_path):
+    """scripts/bench_staging.py as the GPU machine runs it, small: 1 and 2 threads, raw JSON."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_staging.py"
+    r = subprocess.run([sys.executable, str(script), "--device", "cpu", "--threads", "2", "--gb", "0.03",
+                        "--tensor-mb", "2", "--passes", "1", "--dir", str(tmp_path), "--json", str(tmp_path / "s.json")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads((tmp_path / "s.json").read_text())
+    assert [x["threads"] for x in out["stager"]] == [1, 2] and out["memcpy"] > 0
+    assert all(x["bytes_per_s"] > 0 and x["bytes"] == 15 * 2 * 10**6 for x in out["stager"] + out["host_copy"])
+    assert "Stager end to end" in r.stdout and "2 threads / 1 thread" in r.stdout
+    assert list(tmp_path.iterdir()) == [tmp_path / "s.json"]  # the mapped file is gone
