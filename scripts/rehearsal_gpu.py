@@ -187,8 +187,9 @@ def _cpu_budget(work: Path) -> int:
     (``CPU_RESERVE``) is room for the refinement's float32 copies and activations."""
     from mergesearch.engine.plan import make_plan
     fam = work / "family"
-    p = make_plan(str(fam / "base"), [str(fam / f"ft{k}") for k in range(N_MODELS)], ["linear", "task_arithmetic",
-                  "ties"], stream="copy", eval_dtype="bfloat16", eval_reserve=CPU_RESERVE, bandwidth={"device": 1.0, "link": 1.0, "source": "-"})
+    p = make_plan(str(fam / "base"), [str(fam / f"ft{k}") for k in range(N_MODELS)],
+                  ["linear", "task_arithmetic", "ties"], stream="copy", eval_dtype="bfloat16",
+                  eval_reserve=CPU_RESERVE, bandwidth={"device": 1.0, "link": 1.0, "source": "not used"})
     return p.budget_for(1)
 
 
@@ -512,7 +513,6 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)  # `timeout` around this script: stop the phase, keep what was done
     gpu = _gpu_name()  # nvidia-smi: no CUDA context in this process, whose memory the workers need
-    cuda = gpu is not None
     out = (a.out or Path(os.environ.get("OUT") or "rehearsal-out")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = (a.work or Path(tempfile.mkdtemp(prefix="rehearsal-"))).resolve()
@@ -546,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
         if p["status"] != "ok":
             return 1
         shutil.copy(work / "space.yaml", out / "space.yaml")
+        import yaml
+        cuda = "gpus_per_worker" in yaml.safe_load((work / "space.yaml").read_text())["resources"]
 
         p = step("plan", cli("plan", "space.yaml", "--json"))
         if p["status"] == "ok":
