@@ -465,6 +465,8 @@ def summary(doc: dict) -> str:
     if pm:
         lines.append(f"  plan per worker: device {_gb(pm['device_per_worker'])} (resident {pm['resident']}, host "
                      f"{pm['host']}), pinned host {_gb(pm['pinned_host_per_worker'])}; x {pm['workers']} workers")
+    if "gpu_peak_vs_plan" in f:
+        lines.append(f"  GPU memory while searching: {f['gpu_peak_vs_plan']:.2f} x what the workers planned")
     st = doc.get("staging")
     if st:
         runs = ", ".join(f"{r['threads']} thread(s) {r['bytes_per_s'] / 1e9:.1f} GB/s" for r in st["runs"])
@@ -574,6 +576,9 @@ def main(argv: list[str] | None = None) -> int:
             doc["figures"] = figures(work, plan, a.workers)
         except Exception as e:  # noqa: BLE001 - a partial run may have no store yet
             doc["figures"] = {"error": f"{type(e).__name__}: {e}"}
+        gpu_peak = (p.get("memory") or {}).get("gpu_used_peak")
+        if gpu_peak and plan:  # the GPU's peak while the search ran, against what its workers planned
+            doc["figures"]["gpu_peak_vs_plan"] = gpu_peak / (a.workers * plan["tiers"]["device"])
         _save(out, doc)
 
         if p["status"] == "ok":
