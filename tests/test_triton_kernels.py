@@ -142,7 +142,7 @@ def _run_checks() -> dict:
             sel["equal"] &= ts.nth_equal(src, b, v, k - below, scratch) == want  # from the gathered bucket
             sel["equal"] &= ts.nth_equal(src, b, v, k - below) == want  # by the counting pass
         out[label] = sel
-    ts.COMPACT_MIN, ts.COMPACT_SHARE = 1 << 16, 1 / 16
+    ts.COMPACT_MIN, ts.COMPACT_SHARE = 1 << 16, 1 / 64
 
     # a worker keeps each model's histogram between candidates: the same bits, fewer passes
     base, models = _family(torch.bfloat16, seed=11)
@@ -157,6 +157,14 @@ def _run_checks() -> dict:
         want = spec.fn(TensorInputs("w", base, tensors=models, seed=5), gp, mp)
         cached["equal"] &= torch.equal(_bits(got), _bits(want))
     cached.update(hits=cache.hits, misses=cache.misses)
+    # histograms kept for other inputs under the same names are caught, not used
+    other, others = _family(torch.bfloat16, seed=12)
+    os.environ["MERGESEARCH_TRITON"] = "force"
+    try:
+        spec.fn(TensorInputs("w", other, tensors=others, seed=5, cache=cache, ids=["a", "b", "c"]), gp, mp)
+        cached["stale_caught"] = False
+    except RuntimeError as e:
+        cached["stale_caught"] = "counted" in str(e)
     out["cached"] = cached
 
     # an export (one-shot, streaming) merges to the bits of the in-memory candidate
@@ -208,6 +216,7 @@ def test_triton_selection_histograms_kept_between_candidates(checks):
     r = checks["cached"]
     assert r["equal"], r
     assert (r["misses"], r["hits"]) == (3, 6)  # built once per model (3 candidates of 3 models)
+    assert r["stale_caught"]
 
 
 def test_triton_export_equals_the_scored_candidate(checks):
@@ -281,7 +290,8 @@ BUILDS = {  # kernel, signature, constexprs: every kind of launch the host side 
         "K": 3, "FLAGS": _flags(2, models=3), "OUT_KIND": 2, "NORMALIZE": True, "BLOCK": 1024}),
     "top16 histogram": ("top16_hist_kernel", {**_SRC, "hist": "*i32", "n": "i64"}, {
         "SRC_KIND": 1, "BASE_KIND": 1, "COPIES": 8, "BLOCK": 1024}),
-    "bucket gather": ("compact_kernel", {**_SRC, "counter": "*i32", "out": "*i64", "n": "i64", "bucket": "i32"}, {
+    "bucket gather": ("compact_kernel", {**_SRC, "counter": "*i32", "out": "*i64", "n": "i64", "bucket": "i32",
+                                         "cap": "i64"}, {
         "SRC_KIND": 1, "BASE_KIND": 1, "BLOCK": 1024}),
     "radix pass": ("radix_hist_kernel", {"src": "*fp32", "base": "*fp32", "hist": "*i32", "n": "i64",
                                          "prefix": "i32"}, {

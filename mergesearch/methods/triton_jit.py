@@ -216,12 +216,13 @@ def top16_hist_kernel(src, base, hist, n, SRC_KIND: tl.constexpr, BASE_KIND: tl.
     tl.atomic_add(hist + (tl.program_id(0) % COPIES) * 32768 + (u >> 16), 1, mask=inb)
 
 
-@triton.jit(do_not_specialize=["bucket"])  # one compilation for every value
-def compact_kernel(src, base, counter, out, n, bucket, SRC_KIND: tl.constexpr, BASE_KIND: tl.constexpr,
+@triton.jit(do_not_specialize=["bucket", "cap"])  # one compilation for every value
+def compact_kernel(src, base, counter, out, n, bucket, cap, SRC_KIND: tl.constexpr, BASE_KIND: tl.constexpr,
                    BLOCK: tl.constexpr):
     """Every element whose bits(|src - base|) have the top 16 bits ``bucket``, as the int64
     key (bits << 31) | index, appended to ``out`` (positions from one atomic add a
-    program; the order of the programs is arbitrary, the keys are sorted afterwards)."""
+    program; the order of the programs is arbitrary, the keys are sorted afterwards). At
+    most ``cap`` are written; ``counter`` ends at the number found."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < n
     u = _abs_bits(src, base, offs, inb, SRC_KIND, BASE_KIND)
@@ -229,7 +230,7 @@ def compact_kernel(src, base, counter, out, n, bucket, SRC_KIND: tl.constexpr, B
     s = sel.to(tl.int32)
     start = tl.atomic_add(counter, tl.sum(s, axis=0))
     pos = start + tl.cumsum(s, axis=0) - s
-    tl.store(out + pos, (u.to(tl.int64) << 31) | offs, mask=sel)
+    tl.store(out + pos, (u.to(tl.int64) << 31) | offs, mask=sel & (pos < cap))
 
 
 @triton.jit(do_not_specialize=["prefix"])  # one compilation for every value

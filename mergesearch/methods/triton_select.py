@@ -31,7 +31,7 @@ from mergesearch.methods import triton_kernels as tk
 SELECT_MIN_NUMEL = 1 << 15  # on an accelerator, smaller tensors keep the torch selection (a sort)
 HIST_BLOCK, HIST_COPIES = 1024, 8  # the top-16 histogram: elements a program, copies of the bins
 COMPACT_BLOCK = 1024
-COMPACT_MIN, COMPACT_SHARE = 1 << 16, 1 / 16  # a bucket is gathered up to max(MIN, SHARE * n) elements
+COMPACT_MIN, COMPACT_SHARE = 1 << 16, 1 / 64  # a bucket is gathered up to max(MIN, SHARE * n) elements
 RADIX_BLOCK, RADIX_TILES = 1024, 16  # the crowded-bucket radix passes
 COUNT_BLOCK = 1024  # the tie-position counts, one per block
 KEY_SHIFT, INDEX_MASK = 31, (1 << 31) - 1
@@ -77,15 +77,17 @@ def top16(src, base) -> tuple[torch.Tensor, torch.Tensor]:
     return nz, h[nz].cumsum(0)
 
 
-def _gather(src, base, bucket: int, count: int) -> torch.Tensor:
-    """The sorted keys (bits << 31 | index) of the ``count`` elements in ``bucket``."""
+def _gather(src, base, bucket: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the sorted keys (bits << 31 | index) of the ``count`` elements in ``bucket``, how
+    many the kernel found: ``count`` unless the inputs changed under a kept histogram)."""
     n = src.numel()
     keys = torch.empty(count, dtype=torch.int64, device=src.device)
     counter = torch.zeros(1, dtype=torch.int32, device=src.device)
     with tk._on(src.device):
         tk.jit().compact_kernel[(tk.cdiv(n, COMPACT_BLOCK),)](
-            *_args(src, base), counter, keys, n, bucket, **_kinds(src, base), BLOCK=COMPACT_BLOCK, **tk.LAUNCH)
-    return torch.sort(keys).values
+            *_args(src, base), counter, keys, n, bucket, count, **_kinds(src, base), BLOCK=COMPACT_BLOCK,
+            **tk.LAUNCH)
+    return torch.sort(keys).values, counter
 
 
 def _float(bits: int, device) -> torch.Tensor:
@@ -141,8 +143,14 @@ def select_abs(src, base, k: int, scratch, cached=None) -> tuple[torch.Tensor, i
     if count <= max(COMPACT_MIN, int(src.numel() * COMPACT_SHARE)):
         keys = runs.get(bucket)
         if keys is None:
-            keys = runs[bucket] = _gather(src, base, bucket, count)
-        bits = int(keys[k - below]) >> KEY_SHIFT
+            keys, found = _gather(src, base, bucket, count)
+            found, key = torch.cat([found.to(torch.int64), keys[k - below:k - below + 1]]).tolist()
+            if found != count:  # a kept histogram that is not these inputs': a bug, not a user error
+                raise RuntimeError(f"magnitude selection: {found} elements in bucket {bucket}, {count} counted")
+            runs[bucket] = keys
+        else:
+            key = int(keys[k - below])
+        bits = key >> KEY_SHIFT
         first, end = _run(keys, bits)
         return _float(bits, src.device), below + first, below + end
     prefix, pshift = bucket, 16  # a crowded bucket: two radix passes over the low 16 bits
