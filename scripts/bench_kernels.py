@@ -13,8 +13,8 @@ Per method and shape it prints and writes (``--json``):
 - bound: those bytes at the measured copy bandwidth (the issue's bound);
 - passes: the bytes the Triton path reads and writes, counted from its launches (the
   combine kernel; each selection pass reads a model and the base: the top-16 histogram,
-  kept between candidates by a worker, so only in the one-shot figure; the bucket
-  gathers; radix and tie-count passes where a bucket is crowded), over the one-pass
+  counted only in the one-shot figure, where no FactorCache keeps it between candidates;
+  the bucket gathers; radix and tie-count passes where a bucket is crowded), over the one-pass
   bytes; and the bound scaled by them;
 - achieved ms, fraction of each bound, speed-up over torch, and whether the two paths
   gave the same bits.
@@ -157,8 +157,8 @@ def main() -> int:
                    "bound_ms": one_pass / bw * 1e3}
             results = {}
             on = "1" if not args.interpret else "force"
-            # torch; Triton as a worker runs it (selection histograms kept between candidates);
-            # Triton in a one-shot merge (the export: histograms made per candidate)
+            # torch; Triton with the selection histograms kept between candidates (a FactorCache);
+            # Triton making them per candidate (the export, and the Materializer without factors)
             runs = [("torch", "0", False)]
             if have_triton:
                 runs += [("triton", on, True)] + ([("triton_oneshot", on, False)] if spec.sparsifier in

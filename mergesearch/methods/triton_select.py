@@ -8,9 +8,11 @@ delta is made), as float32 bits, which order like the magnitudes.
 
 Passes over model i's tensor and the base:
 
-1. The histogram of the top 16 bits (32768 bins). It depends on the inputs alone, so a
-   worker keeps it between candidates in its ``FactorCache`` (as its nonzero bins and
-   their cumulative counts: a few kB a tensor and model). A one-shot merge makes it.
+1. The histogram of the top 16 bits (32768 bins). It depends on the inputs alone, so it
+   is kept between candidates in the inputs' ``FactorCache`` where they have one (its
+   nonzero bins and their cumulative counts: a few kB a tensor and model); without one
+   (a one-shot merge; the Materializer makes a cache only for methods with factors)
+   each candidate makes it again.
 2. Per threshold bucket (TIES: one; breadcrumbs: two), the bucket's elements are gathered
    as int64 keys (bits << 31 | index) and sorted: the k-th value, both counts and the tie
    position are read off that sorted run. A bucket spans 1/128 of a binary octave of
@@ -18,8 +20,8 @@ Passes over model i's tensor and the base:
    ``COMPACT_MIN`` elements and ``COMPACT_SHARE`` of the tensor) takes two 8-bit radix
    passes over its low 16 bits instead, and a counting pass for a tie position.
 
-So a TIES candidate reads each model once more than the combine does (twice in a
-one-shot merge), and synchronizes with the host about three times a model.
+So a TIES candidate reads each model once more than the combine does (twice without a
+kept histogram), and synchronizes with the host about three times a model.
 """
 
 from __future__ import annotations
