@@ -322,7 +322,8 @@ def _budgets(gpus: int, budget: int | None, cuda: bool) -> tuple[list[int], str]
     if cuda and torch.cuda.is_available():
         if torch.cuda.device_count() < gpus:
             raise MergeSearchError(f"resources.gpus_per_worker: {gpus} GPUs per worker, but {torch.cuda.device_count()} "
-                                   "are visible here")
+                                   "are visible here to measure; declare resources.device_memory (or --device-memory), "
+                                   "the budget of each GPU")
         return [int(torch.cuda.mem_get_info(g)[0]) for g in range(gpus)], "free CUDA memory of each GPU"
     raise MergeSearchError("device memory: no CUDA device is visible here to measure; declare "
                            "resources.device_memory (or --device-memory), the budget of each GPU")
