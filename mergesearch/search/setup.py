@@ -39,6 +39,8 @@ class Setup:
     placement: object | None = None
     side: dict | None = None  # resolved metric and Gram files
     seed_baseline: bool = False  # the seed soup runs beside the baselines (the space cannot express it)
+    # the refinement's memory plan (mergesearch.search.refine_memory): the sizes it runs with
+    refine_memory: object | None = None
 
 
 def preflight(space: SearchSpace, opts, space_path: str, claim) -> Setup:
@@ -88,6 +90,7 @@ def preflight(space: SearchSpace, opts, space_path: str, claim) -> Setup:
               n_baselines=n_baselines(space))
     check_budget(space, s, s.n_baselines, space_path)
     s.placement = plan(space, opts, None, quiet=True)  # refuse a budget that cannot fit before anything is created
+    s.refine_memory = plan_refinement(space, s, opts, ev, space_path)
     claim()
     from mergesearch.search.side_inputs import resolve_side_inputs
     s.side = resolve_side_inputs(space)  # computed once (cached on disk), before any worker starts
@@ -135,17 +138,45 @@ def _check_nesting(space: SearchSpace, stages, space_path: str) -> None:
                     "stage); use group counts that divide each other")
 
 
-def _refine_reserve(space: SearchSpace, ev) -> int:
+def _refine_reserve(space: SearchSpace, ev, options: dict | None = None) -> int:
     """Trials of the budget kept for the refine stage: for each refined candidate, the
-    most its refinement can cost (in trial-equivalents) plus its scoring."""
+    most its refinement can cost (in trial-equivalents) plus its scoring; ``options``: the
+    refine section as the memory plan sized it."""
     cfg = space.refine
     if cfg is None:
         return 0
     from mergesearch.search.refine_data import estimate_cost
     n_items = sum(len(v) for v in ev.items.values())
     n_seqs = sum(ev.request_counts().values())
-    per = math.ceil(estimate_cost(cfg.model_dump(), n_items, n_seqs, len(space.models)) - 1e-9) + 1
+    per = math.ceil(estimate_cost(options or cfg.model_dump(), n_items, n_seqs, len(space.models)) - 1e-9) + 1
     return cfg.top * per
+
+
+def plan_refinement(space: SearchSpace, s: Setup, opts, ev, space_path: str):
+    """The refinement's memory beside the placement (:mod:`mergesearch.search.refine_memory`),
+    where a device budget is declared or measured: kept, with gradient checkpointing, or with
+    a smaller batch (the refine reserve counted again for its steps); refused in one line
+    when batch 1 does not fit. When the inputs the plan keeps resident leave it too little
+    room, the workers' placement gets a budget that keeps the room free (``opts.device_memory``)."""
+    if space.refine is None or s.placement is None or s.placement.budget is None:
+        return None
+    from mergesearch.engine.plan import fmt_bytes
+    from mergesearch.search.refine_memory import input_budget
+    from mergesearch.search.refine_memory import plan_refinement as plan_memory
+    m = plan_memory(space, s.placement, space_path, evaluator=ev)
+    log.info("%s; device budget %s", m.line(), fmt_bytes(m.budget))
+    for note in m.notes:
+        log.warning("refine: %s", note)
+    if (m.batch_size, m.steps, m.eval_every) != (space.refine.batch_size, space.refine.steps, space.refine.eval_every):
+        s.refine_reserve = _refine_reserve(space, ev, m.options(space.refine.model_dump()))
+        check_budget(space, s, s.n_baselines, space_path)
+    room = input_budget(m, s.placement)
+    if room is not None:
+        log.info("refine: the workers keep inputs resident within %s of the %s budget, so that the refinement "
+                 "fits at the end of the search", fmt_bytes(room), fmt_bytes(m.budget))
+        opts.device_memory = room
+        s.placement = plan(space, opts, None, quiet=True)
+    return m
 
 
 def plan(space: SearchSpace, opts, side: dict | None, quiet: bool = False):

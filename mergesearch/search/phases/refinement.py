@@ -52,7 +52,11 @@ class Refinement:
             g = Granularity(level=cfg.level, n_groups=cfg.n_groups, special=c.space.granularity.special,
                             modules=c.space.granularity.modules if cfg.modules is None else cfg.modules)
             groups = c.space.groups(c.setup.num_layers, layer_prefix(names), g)
-        payload = {"options": cfg.model_dump(), "groups": [asdict(x) for x in groups], "seed": c.space.seed}
+        options = cfg.model_dump()
+        memory = getattr(c.setup, "refine_memory", None)
+        if memory is not None:  # the sizes the memory plan chose (a smaller batch, checkpointing)
+            options = memory.options(options)
+        payload = {"options": options, "groups": [asdict(x) for x in groups], "seed": c.space.seed}
         pending = {}
         for src in chosen:
             t = side.ask()
@@ -60,7 +64,7 @@ class Refinement:
                    source_aggregate=src.aggregate)
             job = Job("refine", t.number, src.recipe, refine=payload)
             pending[job.id] = (t, src, job)
-        with step(f"search: refining the best candidates, up to {cfg.steps} steps each",
+        with step(f"search: refining the best candidates, up to {options['steps']} steps each",
                   total=len(chosen), unit="candidates") as line:
             for res in c.run_jobs([job for _, _, job in pending.values()]):
                 line.advance()
@@ -78,6 +82,10 @@ class Refinement:
                              src.aggregate if src.aggregate is not None else float("nan"), t.number,
                              fields.get("aggregate", float("nan")), stats["steps"], stats["best_step"],
                              stats["holdout_before"], stats["holdout_after"], stats["cost"] + 1.0)
+                    mem = stats.get("memory") or {}
+                    if mem.get("peak") is not None and mem.get("planned"):  # a CUDA worker measured it
+                        log.info("refine: r%d peak %.3f GB beside the model, planned %.3f GB (%.2f of the plan)",
+                                 t.number, mem["peak"] / 1e9, mem["planned"] / 1e9, mem["peak"] / mem["planned"])
                 else:
                     log.warning("refine: %s failed (%s)", src.label, res.reason)
         c.abandon(side, [t for t, _, _ in pending.values()])

@@ -1,0 +1,165 @@
+"""A refinement's device memory (mergesearch.search.refine_memory), planned before the
+search starts: the formula against the peak of real refinements on the zoo (tests/memtrack.py,
+on the CPU), and the decision under declared budgets (kept, gradient checkpointing, a
+smaller batch with the steps scaled, a one-line refusal)."""
+
+import math
+from dataclasses import asdict
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from memtrack import LiveBytes
+from mergesearch.cli import main
+from mergesearch.engine.materialize import Materializer
+from mergesearch.engine.models import load_model
+from mergesearch.engine.plan import space_plan
+from mergesearch.evaluate import EvalConfig, build_evaluator
+from mergesearch.recipe import from_dict
+from mergesearch.runs.store import load_run
+from mergesearch.search.refine import refine
+from mergesearch.search.refine_memory import batch_shape, estimate, item_shapes, plan_refinement
+from mergesearch.search.space import SearchSpace
+from mergesearch.search.variables import Granularity, make_groups
+
+from test_zoo_eval import zoo  # noqa: F401  (session fixture)
+
+TASKS = ["reverse", "shift", "max", "add"]
+# the plan bounds the measured peak, at most this much above it (zoo refinements, 2026-12-06)
+TOLERANCE = 1.35
+
+
+def space_of(zoo, method="ties", dtype=None, **refine_over):
+    fts = [str(zoo / f"ft_{t}") for t in TASKS]
+    data = {"base": str(zoo / "base"), "models": fts,
+            "evaluator": {"tasks": TASKS, "task_dir": str(zoo), "limit": 40}, "methods": [method],
+            "parameters": {"weight": {"low": 0.0, "high": 1.0}},
+            "refine": {"steps": 4, "batch_size": 16, "eval_every": 2, "level": "layer", "n_groups": 2, "rows": True,
+                       **refine_over}}
+    if dtype:
+        data["dtype"] = dtype
+    return SearchSpace.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def shapes(zoo):
+    return item_shapes(space_of(zoo))
+
+
+def test_batch_shape_is_the_worst_draw():
+    """Each task's share of the batch (the first tasks one more), its items with the most
+    sequences, all as wide as the longest; a held-out chunk is one task's worst items."""
+    per_task = {"a": [(4, 10), (2, 30), (3, 5)], "b": [(5, 7)], "c": [(1, 3), (1, 2)]}
+    # batch 5: a gets 2 (4 + 3), b 2 (its one item twice), c 1
+    assert batch_shape(per_task, 5, 32) == (4 + 3 + 5 + 5 + 1, 4 + 2 + 3, 30)
+    assert batch_shape(per_task, 1, 1) == (4, 5, 30)
+
+
+@pytest.mark.parametrize("method,dtype,ckpt", [("ties", None, False), ("task_arithmetic", None, False),
+                                               ("ties", "bfloat16", True)])
+def test_plan_bounds_the_measured_refinement(zoo, shapes, method, dtype, ckpt):
+    """Every storage the refinement creates (terms, multipliers, graph, activations),
+    measured with tests/memtrack.py: the plan is above it, by less than TOLERANCE; with
+    gradient checkpointing the refinement learns exactly what it learns without."""
+    space = space_of(zoo, method, dtype)
+    per_task, _ = shapes
+    _, d = item_shapes(space) if dtype else shapes
+    planned = estimate(space, 16, per_task, d, checkpointing=ckpt)
+    fts = [str(zoo / f"ft_{t}") for t in TASKS]
+    per = {"weight": 1.0, **({"density": 0.5} if method != "task_arithmetic" else {})}
+    r = from_dict(dict(method=method, base=str(zoo / "base"), parameters={"lambda": 1.1}, seed=5,
+                       dtype=dtype or "float32",
+                       models=[{"path": p, "parameters": dict(per, weight=0.6 + 0.2 * i)} for i, p in enumerate(fts)]))
+    mat = Materializer(zoo / "base", fts, methods=[method])
+    model, tok = load_model(zoo / "base", dtype=dtype)
+    ev = build_evaluator(EvalConfig(tasks=TASKS, task_dir=str(zoo), split="dev", limit=40))
+    ev.training_items(model, tok)  # the requests, built once per model (not the refinement's)
+    cfg = dict(space.refine.model_dump(), average=0.0, checkpointing=ckpt)
+    groups = [asdict(g) for g in make_groups(Granularity(level="layer", n_groups=2), 4, "model.layers.")]
+    probe = LiveBytes()
+    with probe:
+        out, stats = refine(mat, model, tok, ev, r, dict(cfg, planned_bytes=planned.total), groups)
+    assert probe.peak <= planned.total <= TOLERANCE * probe.peak, (probe.peak, planned.line())
+    assert stats["memory"] == {"planned": planned.total, "batch_size": 16, "steps_planned": 4, "check_batch": 32,
+                               "checkpointing": ckpt, "peak": None}  # no CUDA peak on the CPU
+    if ckpt:
+        plain, _ = refine(mat, model, tok, ev, r, dict(cfg, checkpointing=False), groups)
+        assert out.to_dict() == plain.to_dict()
+        assert planned.total < estimate(space, 16, per_task, d).total
+
+
+def test_budgets_keep_checkpoint_or_halve(zoo, shapes):
+    """As configured when it fits beside the plan; gradient checkpointing when only that
+    fits; else the batch halved until it fits, steps x batch and eval_every x batch kept,
+    the average's decay per step the same per item."""
+    per_task, d = shapes
+    space = space_of(zoo, steps=30, eval_every=5, average=0.9)
+    p = space_plan(space, device="cpu", budget=10**9)
+    beside = p.budget_for(0) - p.eval_reserve
+    plain, ckpt = estimate(space, 16, per_task, d), estimate(space, 16, per_task, d, checkpointing=True)
+    m = plan_refinement(space, p, "s.yaml", shapes=shapes)
+    assert (m.batch_size, m.steps, m.checkpointing, m.notes) == (16, 30, False, [])
+    assert m.total == plain.total and m.budget == 10**9 and m.beside == beside
+    p = space_plan(space, device="cpu", budget=beside + ckpt.total)
+    m = plan_refinement(space, p, "s.yaml", shapes=shapes)
+    assert (m.batch_size, m.steps, m.checkpointing) == (16, 30, True) and m.total == ckpt.total
+    four = estimate(space, 4, per_task, d, checkpointing=True, check_batch=4)
+    eight = estimate(space, 8, per_task, d, checkpointing=True, check_batch=8)
+    assert eight.total > four.total
+    p = space_plan(space, device="cpu", budget=beside + four.total)
+    m = plan_refinement(space, p, "s.yaml", shapes=shapes)
+    assert (m.batch_size, m.steps, m.eval_every, m.check_batch, m.checkpointing) == (4, 120, 20, 4, True)
+    assert m.average == pytest.approx(0.9 ** 0.25)
+    assert m.notes == [f"batch 16 does not fit ({ckpt.total / 1e6:.2f} MB with gradient checkpointing, "
+                       f"{four.total / 1e6:.2f} MB left beside the evaluation model): batch 4, 120 steps instead of 30"]
+    opts = m.options(space.refine.model_dump())
+    assert (opts["batch_size"], opts["steps"], opts["planned_bytes"]) == (4, 120, four.total)
+    # batch 3 would fit a 10-step refinement: steps x batch rounded up
+    assert estimate(space_of(zoo, steps=10), 3, per_task, d).steps == math.ceil(10 * 16 / 3)
+
+
+def write_space(tmp_path, zoo, budget: int, **over):
+    data = {"base": str(zoo / "base"), "models": [str(zoo / "ft_add"), str(zoo / "ft_max")],
+            "evaluator": {"tasks": ["add", "max"], "task_dir": str(zoo), "limit": 24},
+            "methods": ["task_arithmetic"], "parameters": {"weight": {"low": 0.0, "high": 1.0}},
+            "budget": {"n_trials": 12}, "refine": {"steps": 2, "batch_size": 16, "eval_every": 1, "patience": 9},
+            "resources": {"device_memory": budget}, "seed": 1, **over}
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_a_search_refines_with_the_smaller_batch(tmp_path, zoo, monkeypatch, caplog):
+    """Through the CLI: the halved batch and scaled steps are what the refinement ran with,
+    counted in the refine reserve and recorded in the refined trial's attributes."""
+    monkeypatch.chdir(tmp_path)
+    p = write_space(tmp_path, zoo, 10**9)
+    space = SearchSpace.load(p)
+    sh = item_shapes(space)
+    plan = space_plan(space, device="cpu", budget=10**9)
+    beside = plan.budget_for(0) - plan.eval_reserve
+    four = estimate(space, 4, *sh, checkpointing=True, check_batch=4)
+    p = write_space(tmp_path, zoo, beside + four.total)
+    caplog.set_level("INFO", logger="mergesearch")
+    assert main(["search", str(p), "--run", "r", "--workers", "1", "--no-export"]) == 0
+    assert "refine: batch 16 does not fit" in caplog.text and "batch 4, 8 steps instead of 2" in caplog.text
+    _, storage = load_run("r", root=tmp_path / "results")
+    (t,) = optuna.load_study(study_name="r.refine", storage=storage).trials
+    stats = t.user_attrs["refine"]
+    assert stats["memory"] == {"planned": four.total, "batch_size": 4, "steps_planned": 8, "check_batch": 4,
+                               "checkpointing": True, "peak": None}
+    assert [h["step"] for h in stats["history"]] == [0, 4, 8]  # eval_every 1 x 4
+
+
+def test_batch_1_that_does_not_fit_is_refused_in_one_line(tmp_path, zoo, capsys):
+    p = write_space(tmp_path, zoo, 6 * 10**6)
+    assert main(["search", str(p), "--run", "r", "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {p}: refine: even batch 1 (4 sequences x 12 tokens) with gradient checkpointing needs "
+                   "10.56 MB (float32 task vectors 3.74 MB, merge graph 6.20 MB, activations 536.83 kB, logits "
+                   "73.73 kB) beside the evaluation model and the merge scratch (3.25 MB), more than the device "
+                   "budget of 6.00 MB (declared); refine fewer or smaller models, or declare more "
+                   "resources.device_memory"]
+    assert not (tmp_path / "results" / "r").exists()
