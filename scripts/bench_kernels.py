@@ -53,6 +53,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--torch-compiled", action="store_true", help="the torch reference compiled (TorchInductor)")
+    p.add_argument("--histogram", choices=("atomics", "radix"), default="atomics",
+                   help="how the selection finds a threshold's bucket (triton_select.HISTOGRAM)")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args()
 
@@ -89,6 +91,9 @@ def main() -> int:
     from mergesearch.methods import REGISTRY, TensorInputs, sparsify
     from mergesearch.methods.inputs import FactorCache
     from mergesearch.methods import triton_kernels as tk
+    from mergesearch.methods import triton_select as ts
+
+    ts.HISTOGRAM = args.histogram
 
     have_triton = tk.jit() is not None
     if not have_triton:
@@ -98,7 +103,8 @@ def main() -> int:
     info = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)",
             "torch": torch.__version__, "triton": _version("triton"), "commit": _commit(),
             "date": time.strftime("%Y-%m-%d"), "copy_bandwidth_Bps": bw, "torch_reference":
-            "compiled" if args.torch_compiled else "eager", "repeat": args.repeat, "rows": []}
+            "compiled" if args.torch_compiled else "eager", "repeat": args.repeat, "histogram": args.histogram,
+            "rows": []}
     print(f"device {info['device']}; copy bandwidth {bw / 1e9:.0f} GB/s (read + write); triton {info['triton']}; "
           f"torch reference {info['torch_reference']}")
     counts = {"passes": 0, "bytes": 0}

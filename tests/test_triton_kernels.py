@@ -114,9 +114,10 @@ def _run_checks() -> dict:
 
     # the selection: thresholds, counts and tie positions equal the torch selection's, from
     # gathered buckets and, with every bucket counted as crowded, from the radix passes
-    for label, compact_min, compact_share in (("selection", ts.COMPACT_MIN, ts.COMPACT_SHARE),
-                                              ("selection_radix", 0, 0.0)):
-        ts.COMPACT_MIN, ts.COMPACT_SHARE = compact_min, compact_share
+    for label, compact_min, compact_share, histogram in (
+            ("selection", ts.COMPACT_MIN, ts.COMPACT_SHARE, "atomics"), ("selection_radix", 0, 0.0, "atomics"),
+            ("selection_two_passes", ts.COMPACT_MIN, ts.COMPACT_SHARE, "radix")):
+        ts.COMPACT_MIN, ts.COMPACT_SHARE, ts.HISTOGRAM = compact_min, compact_share, histogram
         base, models = _family(torch.bfloat16, seed=7)
         x = TensorInputs("w", base, tensors=models)
         n = x.numel
@@ -142,7 +143,7 @@ def _run_checks() -> dict:
             sel["equal"] &= ts.nth_equal(src, b, v, k - below, scratch) == want  # from the gathered bucket
             sel["equal"] &= ts.nth_equal(src, b, v, k - below) == want  # by the counting pass
         out[label] = sel
-    ts.COMPACT_MIN, ts.COMPACT_SHARE = 1 << 16, 1 / 64
+    ts.COMPACT_MIN, ts.COMPACT_SHARE, ts.HISTOGRAM = 1 << 16, 1 / 64, "atomics"
 
     # a worker keeps each model's histogram between candidates: the same bits, fewer passes
     base, models = _family(torch.bfloat16, seed=11)
@@ -204,7 +205,7 @@ def test_triton_merge_gives_the_torch_kernels_bits(checks, case):
         assert r["ran"]["select"] >= 3, r  # each model's thresholds came from the radix passes
 
 
-@pytest.mark.parametrize("label", ["selection", "selection_radix"])
+@pytest.mark.parametrize("label", ["selection", "selection_radix", "selection_two_passes"])
 def test_triton_selection_gives_the_torch_thresholds(checks, label):
     r = checks[label]
     assert r["equal"], r

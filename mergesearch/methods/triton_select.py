@@ -21,7 +21,9 @@ Passes over model i's tensor and the base:
    passes over its low 16 bits instead, and a counting pass for a tie position.
 
 So a TIES candidate reads each model once more than the combine does (twice without a
-kept histogram), and synchronizes with the host about three times a model.
+kept histogram), and synchronizes with the host about three times a model. With
+``HISTOGRAM = "radix"`` the bucket comes from two radix passes in shared memory
+instead of the atomic histogram (three reads of each model a TIES candidate).
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ COMPACT_MIN, COMPACT_SHARE = 1 << 16, 1 / 64  # a bucket is gathered up to max(M
 RADIX_BLOCK, RADIX_TILES = 1024, 16  # the crowded-bucket radix passes
 COUNT_BLOCK = 1024  # the tie-position counts, one per block
 KEY_SHIFT, INDEX_MASK = 31, (1 << 31) - 1
+# How a threshold's top-16-bit bucket is found: "atomics" (the 32768-bin histogram, by
+# global atomic adds; kept between candidates where the inputs have a FactorCache) or
+# "radix" (two passes of 8 and 7 bits in shared memory per threshold, the first shared by a
+# window's ends; nothing kept). The same thresholds either way; which is faster on a
+# GPU is for scripts/bench_kernels.py (``--histogram``) to tell.
+HISTOGRAM = "atomics"
 
 
 def selection_source(x, i: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -128,20 +136,42 @@ def _run(keys: torch.Tensor, bits: int) -> list[int]:
     return torch.searchsorted(keys, bounds).tolist()
 
 
+def _bucket(src, base, k: int, scratch, cached) -> tuple[int, int, int]:
+    """(the top-16-bit bucket of the k-th smallest bits(|src - base|), the elements in lower
+    buckets, the elements in it), from the kept histogram, or by two radix passes (8 and 7 bits)
+    (``HISTOGRAM = "radix"``: no atomics on crowded bins; the first pass is shared by the
+    window's two ends)."""
+    state = scratch.hist[1]
+    if HISTOGRAM == "radix" and state["top16"] is None:
+        if state["top8"] is None:
+            state["top8"] = _radix(src, base, 0, 31, 23, 8)
+        cum = state["top8"]
+        d = next(b for b, c in enumerate(cum) if c > k)
+        below = cum[d - 1] if d else 0
+        cum2 = _radix(src, base, d, 23, 16, 7)  # bits 16-22: with bits 23-30, the bucket u >> 16
+        d2 = next(b for b, c in enumerate(cum2) if c > k - below)
+        before = cum2[d2 - 1] if d2 else 0
+        return (d << 7) | d2, below + before, cum2[d2] - before
+    if state["top16"] is None:
+        def build():
+            return top16(src, base)
+        state["top16"] = cached(build) if cached is not None else build()
+    nz, cum = state["top16"]
+    j = int(torch.searchsorted(cum, torch.tensor([k], dtype=cum.dtype), right=True))
+    below = int(cum[j - 1]) if j else 0
+    return int(nz[j]), below, int(cum[j]) - below
+
+
 def select_abs(src, base, k: int, scratch, cached=None) -> tuple[torch.Tensor, int, int]:
     """The k-th smallest (0-based) |src - base| as a float32 0-d tensor on the device, with
     the counts of elements below it and at or below it. ``scratch`` (a
-    :class:`mergesearch.methods.selection.Scratch`) keeps the histogram and the gathered
+    :class:`mergesearch.methods.selection.Scratch`) keeps the histograms and the gathered
     buckets for the window's other end and its tie positions; ``cached(build)`` returns
-    the histogram kept between candidates (or builds it)."""
+    the top-16 histogram kept between candidates (or builds it)."""
     if scratch.kind() != "triton":
-        def build():
-            return top16(src, base)
-        scratch.hist = ("triton", cached(build) if cached is not None else build(), {})
-    _, (nz, cum), runs = scratch.hist
-    j = int(torch.searchsorted(cum, torch.tensor([k], dtype=cum.dtype), right=True))
-    bucket, below = int(nz[j]), int(cum[j - 1]) if j else 0
-    count = int(cum[j]) - below
+        scratch.hist = ("triton", {"top16": None, "top8": None, "runs": {}})
+    runs = scratch.hist[1]["runs"]
+    bucket, below, count = _bucket(src, base, k, scratch, cached)
     if count <= max(COMPACT_MIN, int(src.numel() * COMPACT_SHARE)):
         keys = runs.get(bucket)
         if keys is None:
@@ -171,7 +201,7 @@ def nth_equal(src, base, value: torch.Tensor, r: int, scratch=None) -> int:
     holds it, else one counting pass and one block."""
     n = src.numel()
     bits = int(value.detach().to("cpu", torch.float32).reshape(1).view(torch.int32)[0])
-    keys = scratch.hist[2].get(bits >> 16) if scratch is not None and scratch.kind() == "triton" else None
+    keys = scratch.hist[1]["runs"].get(bits >> 16) if scratch is not None and scratch.kind() == "triton" else None
     if keys is not None:
         first, end = _run(keys, bits)
         return int(keys[first + r]) & INDEX_MASK if 0 <= r < end - first else -1
