@@ -53,8 +53,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--torch-compiled", action="store_true", help="the torch reference compiled (TorchInductor)")
-    p.add_argument("--histogram", choices=("atomics", "radix"), default="atomics",
-                   help="how the selection finds a threshold's bucket (triton_select.HISTOGRAM)")
+    p.add_argument("--histogram", choices=("atomics", "radix", "both"), default="both",
+                   help="how the selection finds a threshold's bucket (triton_select.HISTOGRAM); both: the "
+                        "atomic histogram, and the radix passes as a third Triton figure")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args()
 
@@ -93,7 +94,7 @@ def main() -> int:
     from mergesearch.methods import triton_kernels as tk
     from mergesearch.methods import triton_select as ts
 
-    ts.HISTOGRAM = args.histogram
+    ts.HISTOGRAM = "radix" if args.histogram == "radix" else "atomics"
 
     have_triton = tk.jit() is not None
     if not have_triton:
@@ -166,11 +167,13 @@ def main() -> int:
             # torch; Triton with the selection histograms kept between candidates (a FactorCache);
             # Triton making them per candidate (the export, and the Materializer without factors)
             runs = [("torch", "0", False)]
+            selects = spec.sparsifier in ("magnitude", "outliers")
             if have_triton:
-                runs += [("triton", on, True)] + ([("triton_oneshot", on, False)] if spec.sparsifier in
-                                                  ("magnitude", "outliers") else [])
+                runs += [("triton", on, True)] + ([("triton_oneshot", on, False)] if selects else [])
+                runs += [("triton_radix", on, False)] if selects and args.histogram == "both" else []
             for label, env, keep in runs:
                 os.environ["MERGESEARCH_TRITON"] = env
+                ts.HISTOGRAM = "radix" if label == "triton_radix" or args.histogram == "radix" else "atomics"
                 cache = FactorCache() if keep else None
                 candidate(cache)  # warm-up: compiles (and fills the cache)
                 sync()
@@ -214,7 +217,9 @@ def main() -> int:
                       f"{'same' if row['equal_bits'] else 'DIFF':>5}"
                       + (f"  (dare masks {row['dare_mask_ms']:.2f} ms)" if "dare_mask_ms" in row else "")
                       + (f"  (one-shot: {row['triton_oneshot_ms']:.3f} ms, {row['passes_oneshot']:.2f} passes)"
-                         if "triton_oneshot_ms" in row else ""))
+                         if "triton_oneshot_ms" in row else "")
+                      + (f"  (radix buckets: {row['triton_radix_ms']:.3f} ms, {row['passes_radix']:.2f} passes)"
+                         if "triton_radix_ms" in row else ""))
             else:
                 print(f"{method:<16} {shape:<14} {one_pass / 1e6:>7.0f}MB {'':>6} {row['bound_ms']:>9.3f} "
                       f"{'':>10} {'':>8} {'':>10} {row['torch_ms']:>9.3f}")
