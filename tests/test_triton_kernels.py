@@ -178,6 +178,23 @@ def _run_checks() -> dict:
         exported = merge_tensor(spec, TensorInputs("w", base, tensors=models, seed=5, out_dtype=torch.bfloat16),
                                 gp, mp)
     out["export"] = {"equal": torch.equal(_bits(scored.to(torch.bfloat16)), _bits(exported.to(torch.bfloat16)))}
+
+    # a kernel that fails to launch: the torch kernels take over, the same bits, Triton off
+    class Broken:
+        def __getitem__(self, grid):
+            def run(*a, **k):
+                raise RuntimeError("simulated build failure")
+            return run
+
+    jit = tk.jit()
+    saved, jit.combine_kernel = jit.combine_kernel, Broken()
+    gp, mp = _params(REGISTRY["task_arithmetic"])
+    got = merge(REGISTRY["task_arithmetic"], (base, {"tensors": models}), gp, mp, torch.bfloat16)
+    out["fallback"] = {"off": tk.jit() is None and not tk.applies("cpu", 1 << 20)}
+    jit.combine_kernel, tk._jit = saved, jit
+    os.environ["MERGESEARCH_TRITON"] = "0"
+    want = merge(REGISTRY["task_arithmetic"], (base, {"tensors": models}), gp, mp, torch.bfloat16)
+    out["fallback"]["equal"] = torch.equal(_bits(got), _bits(want))
     return out
 
 
@@ -222,6 +239,10 @@ def test_triton_selection_histograms_kept_between_candidates(checks):
 
 def test_triton_export_equals_the_scored_candidate(checks):
     assert checks["export"]["equal"]
+
+
+def test_failed_launch_falls_back_to_the_torch_kernels(checks):
+    assert checks["fallback"] == {"off": True, "equal": True}
 
 
 def _ptx(fn, signature: dict, constexprs: dict, fusion: bool) -> str:

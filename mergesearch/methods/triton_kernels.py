@@ -154,12 +154,10 @@ def combine(raw_base, sources, is_delta, windows, weights, lam, normalize, conse
     base = _arg(raw_base)
     srcs = [_arg(s) for s in sources] + [base] * (MAX_MODELS - k)
     mks = [base if mk is None else mk[0].view(torch.uint8) for mk in masks] + [base] * (MAX_MODELS - k)
-    with _on(dev):
-        jit().combine_kernel[(cdiv(n, BLOCK),)](
-            _arg(dest), base, *srcs, *mks, fp, ip, n, K=k, FLAGS=flags, BASE_KIND=KINDS[raw_base.dtype],
-            OUT_KIND=KINDS[dest.dtype], NORMALIZE=bool(normalize), CONSENSUS=bool(consensus), BLOCK=BLOCK,
-            **LAUNCH)
-    return dest
+    return _launch(lambda: jit().combine_kernel[(cdiv(n, BLOCK),)](
+        _arg(dest), base, *srcs, *mks, fp, ip, n, K=k, FLAGS=flags, BASE_KIND=KINDS[raw_base.dtype],
+        OUT_KIND=KINDS[dest.dtype], NORMALIZE=bool(normalize), CONSENSUS=bool(consensus), BLOCK=BLOCK, **LAUNCH),
+        dev, dest)
 
 
 def weighted_sum(sources, weights, divisor, normalize, out_dtype=None, out=None) -> torch.Tensor | None:
@@ -176,10 +174,25 @@ def weighted_sum(sources, weights, divisor, normalize, out_dtype=None, out=None)
     dest = _destination(out, sources[0], out_dtype)
     srcs = [_arg(s) for s in sources]
     srcs += [srcs[0]] * (MAX_MODELS - k)
-    with _on(dev):
-        jit().weighted_sum_kernel[(cdiv(n, BLOCK),)](
-            _arg(dest), *srcs, fp, n, K=k, FLAGS=flags, OUT_KIND=KINDS[dest.dtype], NORMALIZE=bool(normalize),
-            BLOCK=BLOCK, **LAUNCH)
+    return _launch(lambda: jit().weighted_sum_kernel[(cdiv(n, BLOCK),)](
+        _arg(dest), *srcs, fp, n, K=k, FLAGS=flags, OUT_KIND=KINDS[dest.dtype], NORMALIZE=bool(normalize),
+        BLOCK=BLOCK, **LAUNCH), dev, dest)
+
+
+def _launch(run, device, dest: torch.Tensor) -> torch.Tensor | None:
+    """``dest`` after ``run()`` launched a kernel; None, and the Triton kernels off for this
+    process, where the launch failed (a kernel this Triton or device cannot build): the
+    torch kernels then give the same bits. Running out of memory is not a reason."""
+    global _jit
+    try:
+        with _on(device):
+            run()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:
+        _jit = None
+        log.warning("Triton merge kernels failed (%s: %s); using the torch kernels", type(e).__name__, e)
+        return None
     return dest
 
 
