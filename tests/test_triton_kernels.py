@@ -118,6 +118,7 @@ def _run_checks() -> dict:
             ("selection", ts.COMPACT_MIN, ts.COMPACT_SHARE, "atomics"), ("selection_radix", 0, 0.0, "atomics"),
             ("selection_two_passes", ts.COMPACT_MIN, ts.COMPACT_SHARE, "radix")):
         ts.COMPACT_MIN, ts.COMPACT_SHARE, ts.HISTOGRAM = compact_min, compact_share, histogram
+        ts.HIST_COPIES_MIN_NUMEL = 0 if label == "selection" else 1 << 20  # the histogram in 8 copies too
         base, models = _family(torch.bfloat16, seed=7)
         x = TensorInputs("w", base, tensors=models)
         n = x.numel

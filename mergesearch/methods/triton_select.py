@@ -34,6 +34,7 @@ from mergesearch.methods import triton_kernels as tk
 
 SELECT_MIN_NUMEL = 1 << 15  # on an accelerator, smaller tensors keep the torch selection (a sort)
 HIST_BLOCK, HIST_COPIES = 1024, 8  # the top-16 histogram: elements a program, copies of the bins
+HIST_COPIES_MIN_NUMEL = 1 << 20  # smaller tensors: one copy
 COMPACT_BLOCK = 1024
 COMPACT_MIN, COMPACT_SHARE = 1 << 16, 1 / 64  # a bucket is gathered up to max(MIN, SHARE * n) elements
 RADIX_BLOCK, RADIX_TILES = 1024, 16  # the crowded-bucket radix passes
@@ -78,10 +79,11 @@ def top16(src, base) -> tuple[torch.Tensor, torch.Tensor]:
     """(the nonzero bins of the top-16-bit histogram of bits(|src - base|), their cumulative
     counts), both int64 on the host."""
     n = src.numel()
-    hist = torch.zeros(HIST_COPIES, 1 << 15, dtype=torch.int32, device=src.device)
+    copies = HIST_COPIES if n >= HIST_COPIES_MIN_NUMEL else 1  # few programs: one copy (less to zero and add)
+    hist = torch.zeros(copies, 1 << 15, dtype=torch.int32, device=src.device)
     with tk._on(src.device):
         tk.jit().top16_hist_kernel[(tk.cdiv(n, HIST_BLOCK),)](
-            *_args(src, base), hist, n, **_kinds(src, base), COPIES=HIST_COPIES, BLOCK=HIST_BLOCK, **tk.LAUNCH)
+            *_args(src, base), hist, n, **_kinds(src, base), COPIES=copies, BLOCK=HIST_BLOCK, **tk.LAUNCH)
     h = hist.sum(0, dtype=torch.int64).cpu()
     nz = h.nonzero().reshape(-1)
     return nz, h[nz].cumsum(0)
