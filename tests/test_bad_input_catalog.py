@@ -209,6 +209,11 @@ def c_merge_rank_share(t, f, o, z):
     return ["merge", r, "-o", t / "out"], [t / "out"]
 
 
+def c_search_refine_memory(t, f, o, z):
+    s = space_dict(z, refine={"steps": 10}, budget={"n_trials": 400}, resources={"device_memory": "6MB"})
+    return ["search", write(t / "s.yaml", s), "--run", "r"], [t / "results" / "r"]
+
+
 def c_search_depth_layers(t, f, o, z):
     from mergesearch.zoo.synthetic import make_family
     one = make_family(t / "one", n_models=2, layers=1, noise=0.01, seed=2)
@@ -339,6 +344,9 @@ CASES = [
     ("export-unknown-run", c_export_run, ["nosuchrun: no such run"]),
     ("merge-rank-share-out-of-range", c_merge_rank_share,
      ["r.yaml: models[0].parameters.rank_share: parameter 'rank_share' = 1.5 is outside its valid range [0.0, 1.0]"]),
+    ("search-refine-memory", c_search_refine_memory,
+     ["s.yaml: refine: even batch 1 (4 sequences x 12 tokens) with gradient checkpointing needs 10.56 MB",
+      "more than the device budget of 6.00 MB (declared)"]),
     ("search-depth-without-layers", c_search_depth_layers,
      ["s.yaml: granularity: depth:", "has 1 transformer layer(s); a depth schedule needs at least 2"]),
     ("plan-svd-too-large", c_plan_svd,
