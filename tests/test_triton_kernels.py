@@ -180,6 +180,20 @@ def _run_checks() -> dict:
                                 gp, mp)
     out["export"] = {"equal": torch.equal(_bits(scored.to(torch.bfloat16)), _bits(exported.to(torch.bfloat16)))}
 
+    # the result written into a given tensor (the evaluation model's parameter) when it fits
+    os.environ["MERGESEARCH_TRITON"] = "force"
+    dest = torch.empty_like(base)
+    args = (base, models, [False] * 3, [None] * 3, [0.5, -0.4, 0.7], 1.3, False, True, 0.8)
+    made = kernels.combine(*args, out_dtype=torch.bfloat16, out=dest)
+    summed = kernels.weighted_sum(models, [0.5, -0.4, 0.7], 0.8, True, out_dtype=torch.bfloat16,
+                                  out=torch.empty_like(base))
+    odd = kernels.combine(*args, out_dtype=torch.bfloat16, out=torch.empty_like(base).t())  # not contiguous
+    os.environ["MERGESEARCH_TRITON"] = "0"
+    want = kernels.combine(*args, out_dtype=torch.bfloat16).to(torch.bfloat16)
+    want_sum = kernels.weighted_sum(models, [0.5, -0.4, 0.7], 0.8, True, out_dtype=torch.bfloat16).to(torch.bfloat16)
+    out["into"] = {"same_tensor": made is dest, "equal": torch.equal(_bits(made), _bits(want))
+                   and torch.equal(_bits(summed), _bits(want_sum)) and torch.equal(_bits(odd), _bits(want))}
+
     # a kernel that fails to launch: the torch kernels take over, the same bits, Triton off
     class Broken:
         def __getitem__(self, grid):
@@ -189,6 +203,7 @@ def _run_checks() -> dict:
 
     jit = tk.jit()
     saved, jit.combine_kernel = jit.combine_kernel, Broken()
+    os.environ["MERGESEARCH_TRITON"] = "force"
     gp, mp = _params(REGISTRY["task_arithmetic"])
     got = merge(REGISTRY["task_arithmetic"], (base, {"tensors": models}), gp, mp, torch.bfloat16)
     out["fallback"] = {"off": tk.jit() is None and not tk.applies("cpu", 1 << 20)}
@@ -240,6 +255,10 @@ def test_triton_selection_histograms_kept_between_candidates(checks):
 
 def test_triton_export_equals_the_scored_candidate(checks):
     assert checks["export"]["equal"]
+
+
+def test_triton_kernels_write_into_a_given_tensor(checks):
+    assert checks["into"] == {"same_tensor": True, "equal": True}
 
 
 def test_failed_launch_falls_back_to_the_torch_kernels(checks):
