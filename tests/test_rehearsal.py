@@ -99,3 +99,38 @@ def test_a_phase_out_of_time_keeps_the_phases_before_it(tmp_path):
             break
         time.sleep(1)
     assert not left, left
+
+
+@pytest.mark.slow
+def test_a_refinement_the_device_cannot_hold_is_the_refusal_the_fallback_reads(tmp_path):
+    """The rehearsal's fallback: a search refused in one line for its refinement's memory
+    (as the 3B family's is on half a GPU: 141 GB planned against 39.5 GB) is recognised,
+    and the space is written again without the refinement, the rest unchanged."""
+    import yaml
+    sys.path.insert(0, str(SCRIPT.parent))
+    import rehearsal_gpu as R
+    from mergesearch.engine.plan import make_plan
+    work = tmp_path / "w"
+    env = {**own_ray_env(), "CI": "true"}
+    r = subprocess.run([sys.executable, str(SCRIPT), "--shape", "tiny", "--items", "60", "--work", str(work),
+                        "--step", "generate"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    fam = work / "family"
+    reserve = 4096  # no room for the refinement's float32 copies
+    p = make_plan(str(fam / "base"), [str(fam / f"ft{k}") for k in range(4)], ["linear", "task_arithmetic", "ties"],
+                  stream="copy", eval_dtype="bfloat16", eval_reserve=reserve,
+                  bandwidth={"device": 1.0, "link": 1.0, "source": "test"})
+    space = yaml.safe_load((work / "space.yaml").read_text())
+    space["resources"] = {"device_memory": p.budget_for(1), "eval_memory": reserve, "stream": "copy"}
+    (work / "space.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
+    log = tmp_path / "search.log"
+    with open(log, "w") as f:
+        r = subprocess.run(R.cli("search", "space.yaml", "--run", "x", "--workers", "1", "--no-export"), cwd=work,
+                           env=env, stdout=f, stderr=subprocess.STDOUT, timeout=300)
+    assert r.returncode == 2, log.read_text()[-2000:]
+    refused = R._refused(log)
+    assert refused is not None and "refine" in refused, log.read_text()[-2000:]
+    R._without_refine(work / "space.yaml", work / "space_norefine.yaml")
+    without = yaml.safe_load((work / "space_norefine.yaml").read_text())
+    assert "refine" not in without and without["resources"] == space["resources"]
+    assert {k: v for k, v in without.items() if k != "refine"} == {k: v for k, v in space.items() if k != "refine"}
