@@ -14,7 +14,10 @@ before it (and what its own run stored):
 2. ``plan``: ``mergesearch plan --json``;
 3. ``search``: TIES with per-model weight and density and λ, fidelity rungs, a short
    refinement with ``rows: true``, 2 workers (0.5 GPU each on CUDA; on the CPU a declared
-   device budget that leaves the fine-tunes on the host, staged with ``stream: copy``);
+   device budget that leaves the fine-tunes on the host, staged with ``stream: copy``).
+   A refinement the device cannot hold is refused in one line before any trial (on half an
+   H100 the 3B family's is: 141 GB planned, 2026-12-06): the refusal is kept as a finding
+   and the search runs again without the refinement in the time left;
 4. ``export``: the best trial, scored on test items;
 5. ``staging``: the Stager's bandwidth over the family's own tensors, 1 thread and N.
 
@@ -25,7 +28,7 @@ peak memory against the plan, the staging bandwidth and the export time. The acc
 random weights means nothing; the times and the memory are the point.
 
     python scripts/rehearsal_gpu.py --shape 3b            # on a GPU machine
-    python scripts/rehearsal_gpu.py --shape tiny --items 120 --trials 10 --refine-steps 4
+    python scripts/rehearsal_gpu.py --shape tiny --items 90 --trials 8 --refine-steps 3   # the CPU test
 """
 
 from __future__ import annotations
@@ -209,7 +212,7 @@ def staging(work: Path, max_bytes: int) -> dict:
     views = [c.mapped() for c in ckpts]
     jobs, total = [], 0
     for name in sorted(views[0], key=lambda n: -views[0][n].numel()):
-        if "embed" in name:  # one tensor as large as a slot would need
+        if "embed" in name:  # its five copies would take 2 x 3.9 GB of slots (and pinned twins) at 3B
             continue
         ts = [v[name] for v in views]
         jobs.append((name, ts))
