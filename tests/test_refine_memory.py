@@ -131,6 +131,7 @@ def write_space(tmp_path, zoo, budget: int, **over):
     return p
 
 
+@pytest.mark.slow
 def test_a_search_refines_with_the_smaller_batch(tmp_path, zoo, monkeypatch, caplog):
     """Through the CLI: the halved batch and scaled steps are what the refinement ran with,
     counted in the refine reserve and recorded in the refined trial's attributes."""
