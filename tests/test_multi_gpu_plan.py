@@ -261,3 +261,19 @@ def test_host_merged_large_tensors_select_over_the_whole_tensor(wide, tmp_path):
     finally:
         m.close()
         one.close()
+
+
+def test_load_model_with_a_device_map(family):
+    """The worker's loading path with a plan's device_map (here every module on the CPU):
+    the same weights as a plain load, dispatched by accelerate."""
+    from mergesearch.engine.models import load_model
+    dm = {"model.embed_tokens": "cpu", **{f"model.layers.{i}": "cpu" for i in range(4)}, "model.norm": "cpu",
+          "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    sharded, _ = load_model(family["base"], device_map=dm)
+    plain, _ = load_model(family["base"])
+    assert all(p.device.type == "cpu" for p in sharded.parameters())
+    got, want = sharded.state_dict(), plain.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        assert torch.equal(sharded(ids).logits, plain(ids).logits)
