@@ -8,6 +8,7 @@ from dataclasses import asdict, replace
 
 import optuna
 import pytest
+import torch
 import yaml
 
 from memtrack import LiveBytes
@@ -159,8 +160,53 @@ def test_batch_1_that_does_not_fit_is_refused_in_one_line(tmp_path, zoo, capsys)
     assert main(["search", str(p), "--run", "r", "--workers", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {p}: refine: even batch 1 (4 sequences x 12 tokens) with gradient checkpointing needs "
-                   "10.56 MB (float32 task vectors 3.74 MB, merge graph 6.20 MB, activations 536.83 kB, logits "
+                   "10.48 MB (float32 task vectors 3.74 MB, merge graph 6.20 MB, activations 463.10 kB, logits "
                    "73.73 kB) beside the evaluation model and the merge scratch (3.25 MB), more than the device "
                    "budget of 6.00 MB (declared); refine fewer or smaller models, or declare more "
                    "resources.device_memory"]
     assert not (tmp_path / "results" / "r").exists()
+
+
+@pytest.mark.parametrize("shape,dtype,ckpt", [((128, 256, 2048, 2), "float32", False),
+                                              ((128, 256, 8192, 2), "float32", False),
+                                              ((256, 1024, 2048, 4), "float32", False),
+                                              ((64, 128, 512, 4), "float32", False),
+                                              ((256, 1024, 2048, 2), "bfloat16", False),
+                                              ((128, 256, 2048, 2), "bfloat16", False),
+                                              ((256, 1024, 2048, 4), "float32", True)])
+def test_activations_and_logits_bound_a_step(shape, dtype, ckpt):
+    """A training step's activations and logits on synthetic Llama shapes (hidden,
+    intermediate, vocabulary, layers), half the batch padded: the plan's parts bound the
+    measured peak (beside the weights' gradients), by at most 1.3."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mergesearch.search.refine import checkpointed
+    from mergesearch.search.refine_data import sequence_loglik
+    from mergesearch.search.refine_memory import Dims, refine_bytes
+
+    H, I, V, L = shape
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=H, intermediate_size=I, vocab_size=V, num_hidden_layers=L, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=256)
+    model = LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    numel = sum(p.numel() for p in params.values())
+    S, W = 32, 64
+    g = torch.Generator().manual_seed(0)
+    inp = torch.randint(0, V, (S, W), generator=g)
+    mask = torch.ones_like(inp)
+    mask[: S // 2, W // 2:] = 0
+    batch = (inp, mask, torch.randint(0, V, (S, W), generator=g), mask.bool(), S)
+    probe = LiveBytes()
+    with probe:
+        if ckpt:
+            with checkpointed(model, params):
+                sequence_loglik(model, params, batch).sum().backward()
+        else:
+            sequence_loglik(model, params, batch).sum().backward()
+    measured = probe.peak - numel * model.dtype.itemsize  # the leaf weights' gradients
+    d = Dims(numel=numel, largest=V * H, rows=0, itemsize=model.dtype.itemsize, base_copied=False, hidden=H,
+             intermediate=I, vocab=V, layers=L, heads=4, attn=model.config._attn_implementation, max_length=256)
+    parts = refine_bytes(d, 1, S, 1, W, rows=False, checkpointing=ckpt)
+    planned = parts["activations"] + parts["logits"]
+    assert measured <= planned <= 1.3 * measured, (measured, planned)

@@ -16,7 +16,8 @@ gradient, Adam's two moments, the average and the best copy). A training step ad
   dtype, RMSNorm's float32 upcasts for narrower dtypes), the attention mask, and the
   logits (vocabulary x 12 bytes: the float32 log-softmax kept for the backward, then its
   gradient and the gather's); with gradient checkpointing only each layer's input is kept
-  and one layer is recomputed at a time.
+  and one layer is recomputed at a time, once the logits' gradients are gone (so it counts
+  only where it is larger than they are).
 
 A held-out check runs without gradients on chunks of ``check_batch`` items of one task: the
 merged weights, the forward's logits (8 bytes a vocabulary entry, plus the model dtype's
@@ -141,8 +142,8 @@ def refine_bytes(d: Dims, n_models: int, train_seqs: int, check_seqs: int, width
             "multipliers": ADAM_COPIES * 4 * (d.rows * n_models if rows else 0)}
     transient = (n_models + 4) * d.largest * 4
     tokens = train_seqs * width
-    if checkpointing:
-        per_token = d.layers * d.hidden * d.itemsize + layer_token_bytes(d, width)
+    if checkpointing:  # one layer recomputed at a time, after the logits' gradients are gone
+        per_token = d.layers * d.hidden * d.itemsize + max(0.0, layer_token_bytes(d, width) - d.vocab * LOGIT_TRAIN)
     else:
         per_token = d.layers * layer_token_bytes(d, width)
     train = {"merge graph": int(d.numel * (2 * d.itemsize + 4 * graph_f32(n_models, normalize, consensus)) + transient),
