@@ -376,3 +376,25 @@ def test_cpu_tensors_keep_their_kernels(monkeypatch):
 
 if __name__ == "__main__":
     print(json.dumps(_run_checks()))
+
+
+def test_factor_cache_limited_to_prefixes_keeps_only_those_kinds():
+    """A worker with no room for SVD factors keeps only the device selection's histograms:
+    other kinds are built every time, and nothing of theirs is held."""
+    from mergesearch.methods import FactorCache
+
+    calls = []
+
+    def build(v):
+        def f():
+            calls.append(v)
+            return torch.full((4,), float(len(v)))
+        return f
+
+    c = FactorCache(("triton_abs_top16/",))
+    for _ in range(3):
+        c.get("w", "sum", (1,), build("sum"))
+        c.get("w", "triton_abs_top16/m0", None, build("hist"))
+    assert calls == ["sum", "hist", "sum", "sum"]
+    assert list(c.entries) == [("w", "triton_abs_top16/m0")]
+    assert c.nbytes == 16 and c.hits == 2 and c.misses == 1

@@ -35,9 +35,13 @@ class FactorCache:
     """What a method derives from a tensor's inputs alone (the SVDs of its task matrices),
     kept between candidates: one entry per tensor and kind, replaced when its key (the
     weights, a rank) changes, so it never holds more than one entry per tensor and kind.
-    The memory plan counts its bytes (:func:`mergesearch.engine.plan.factor_bytes`)."""
+    The memory plan counts its bytes (:func:`mergesearch.engine.plan.factor_bytes`).
+    ``prefixes`` limits what it keeps to kinds that start with one of them (others are
+    built each time): a worker whose plan has no room for SVD factors still keeps the
+    device selection's histograms (``triton_abs_top16/``, a few kB of host memory each)."""
 
-    def __init__(self):
+    def __init__(self, prefixes: tuple[str, ...] | None = None):
+        self.prefixes = prefixes
         self.entries: dict[tuple[str, str], tuple] = {}
         self.nbytes = 0
         self.hits = 0
@@ -49,6 +53,8 @@ class FactorCache:
         return sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
 
     def get(self, name: str, kind: str, key, build):
+        if self.prefixes is not None and not kind.startswith(self.prefixes):
+            return build()
         entry = self.entries.get((name, kind))
         if entry is not None and entry[0] == key:
             self.hits += 1
