@@ -246,7 +246,7 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
     teachers = None
     if cfg["loss"] == "distill":  # before the float32 terms: one teacher's weights at a time
         teachers = teacher_targets(mat, model, recipe, names, targets, items, device,
-                                    cfg.get("teachers", "confidence"), lm=evaluator.lm(model, tokenizer))
+                                    cfg.get("teachers", "confidence"), lm=evaluator.lm(model, tokenizer), chunk=check_n)
         cost_seqs += n_models * items.n_seqs
     # a label-free loss (entropy; distill from confidence-chosen teachers alone) also keeps
     # the check with the lowest held-out loss, not the best held-out accuracy, which reads labels

@@ -159,7 +159,7 @@ def item_losses(rows: list, ll: torch.Tensor, kind: str, mix: float = 1.0) -> tu
 
 
 def teacher_targets(mat, model, recipe, names: list[str], targets: dict, items: "Items", device,
-                     rule: str, lm=None) -> dict:
+                     rule: str, lm=None, chunk: int = 32) -> dict:
     """For ``loss: distill``: each task's teacher is one source model, chosen by ``rule``:
     ``confidence``, the model surest of its answers on the task's items (no label needed: a
     fine-tune is surest on its own task): the lowest mean entropy of its choice
@@ -185,11 +185,11 @@ def teacher_targets(mat, model, recipe, names: list[str], targets: dict, items: 
                 rows = items.train[task] + [r for r in items.holdout[task] if id(r) not in train]
                 right, ent, n_mc = 0, 0.0, 0
                 mc = [r for r in rows if r.kind == "mc"]
-                for s in range(0, len(mc), 32):
-                    chunk = mc[s:s + 32]
-                    ll = sequence_loglik(model, params, items.batch(chunk))
+                for s in range(0, len(mc), chunk):
+                    rows_ = mc[s:s + chunk]
+                    ll = sequence_loglik(model, params, items.batch(rows_))
                     k = 0
-                    for r in chunk:
+                    for r in rows_:
                         v = ll[k:k + len(r.seqs)]
                         k += len(r.seqs)
                         v = v / r.norm.to(v.device) if r.norm is not None else v

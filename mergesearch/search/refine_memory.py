@@ -74,6 +74,7 @@ class Dims:
     heads: int
     attn: str  # the attention implementation (sdpa, eager, flash_attention_2, ...)
     max_length: int
+    checkpointing: bool = True  # whether the model supports activation checkpointing
 
 
 @dataclass
@@ -249,7 +250,8 @@ def dims(space, model) -> Dims:
                 vocab=get("vocab_size"), layers=get("num_hidden_layers", "n_layer", "num_layers"),
                 heads=get("num_attention_heads", "n_head", default=1),
                 attn=str(getattr(c, "_attn_implementation", None) or "sdpa"),
-                max_length=get("max_position_embeddings", "n_positions", default=2048))
+                max_length=get("max_position_embeddings", "n_positions", default=2048),
+                checkpointing=bool(getattr(model, "supports_gradient_checkpointing", False)))
 
 
 # -- the decision ----------------------------------------------------------------------------
@@ -285,7 +287,7 @@ def estimate(space, batch_size: int, per_task: dict, d: Dims, checkpointing: boo
 def plan_refinement(space, placement, space_path: str, evaluator=None, shapes=None) -> RefineMemory | None:
     """The refinement's memory plan beside ``placement``: as configured when it fits the
     device budget beside the evaluation model and the merge's scratch; else with gradient
-    checkpointing; else with the batch halved until it fits (steps, the checks' spacing and
+    checkpointing (where the model supports it); else with the batch halved until it fits (steps, the checks' spacing and
     the average's decay scaled so as many items are seen between them); refused in one line
     when batch 1 does not fit. Without a budget (the CPU, none declared) the configured
     sizes are planned and kept. None when the space has no refinement."""
@@ -310,23 +312,25 @@ def plan_refinement(space, placement, space_path: str, evaluator=None, shapes=No
 
     if first.total <= room:
         return done(first)
-    ckpt = estimate(space, cfg.batch_size, per_task, d, checkpointing=True)
-    if ckpt.total <= room:
+    ck = d.checkpointing  # the model's own activation checkpointing, where it has one
+    with_ck = " with gradient checkpointing" if ck else ""
+    ckpt = estimate(space, cfg.batch_size, per_task, d, checkpointing=ck)
+    if ck and ckpt.total <= room:
         return done(ckpt, f"gradient checkpointing: {fmt_bytes(first.total)} without it does not fit the "
                           f"{fmt_bytes(room)} left beside the evaluation model")
     b = cfg.batch_size
     while b > 1:
         b = max(1, b // 2)
-        m = estimate(space, b, per_task, d, checkpointing=True, check_batch=min(CHECK_CHUNK, b))
+        m = estimate(space, b, per_task, d, checkpointing=ck, check_batch=min(CHECK_CHUNK, b))
         if m.total <= room:
-            return done(m, f"batch {cfg.batch_size} does not fit ({fmt_bytes(ckpt.total)} with gradient "
-                           f"checkpointing, {fmt_bytes(room)} left beside the evaluation model): batch {b}, "
+            return done(m, f"batch {cfg.batch_size} does not fit ({fmt_bytes(ckpt.total)}{with_ck}, "
+                           f"{fmt_bytes(room)} left beside the evaluation model): batch {b}, "
                            f"{m.steps} steps instead of {cfg.steps}")
-    m = estimate(space, 1, per_task, d, checkpointing=True, check_batch=1)
+    m = estimate(space, 1, per_task, d, checkpointing=ck, check_batch=1)
     parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in m.parts.items() if v)
     raise MergeSearchError(
-        f"{space_path}: refine: even batch 1 ({m.train_seqs} sequences x {m.width} tokens) with gradient "
-        f"checkpointing needs {fmt_bytes(m.total)} ({parts}) beside the evaluation model and the merge scratch "
+        f"{space_path}: refine: even batch 1 ({m.train_seqs} sequences x {m.width} tokens){with_ck} "
+        f"needs {fmt_bytes(m.total)} ({parts}) beside the evaluation model and the merge scratch "
         f"({fmt_bytes(beside)}), more than the device budget of {fmt_bytes(budget)} ({placement.budget_source}); "
         "refine fewer or smaller models, or declare more resources.device_memory")
 
