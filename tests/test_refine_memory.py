@@ -210,3 +210,24 @@ def test_activations_and_logits_bound_a_step(shape, dtype, ckpt):
     parts = refine_bytes(d, 1, S, 1, W, rows=False, checkpointing=ckpt)
     planned = parts["activations"] + parts["logits"]
     assert measured <= planned <= 1.3 * measured, (measured, planned)
+
+
+def test_a_staged_base_is_copied_out_of_its_slot(zoo):
+    """With the inputs on the host read through staging slots (stream: copy), each term's
+    float32 base is its own copy, not a view of a slot the next tensor overwrites."""
+    from mergesearch.engine.plan import make_plan
+    from mergesearch.engine.checkpoint import Checkpoint
+    from mergesearch.search.refine import build_terms
+
+    fts = [str(zoo / f"ft_{t}") for t in TASKS[:2]]
+    r = from_dict(dict(method="task_arithmetic", base=str(zoo / "base"), parameters={"lambda": 1.0},
+                       models=[{"path": p, "parameters": {"weight": 0.5}} for p in fts]))
+    plan = make_plan(str(zoo / "base"), fts, ["task_arithmetic"], device="cpu", budget=5 * 10**6, stream="copy")
+    assert plan.host == ["base", "m0", "m1"] and plan.staging > 0
+    mat = Materializer(zoo / "base", fts, methods=["task_arithmetic"], placement=plan)
+    names = [n for n in mat.names if n not in mat.constants]
+    groups = [asdict(g) for g in make_groups(Granularity(level="layer", n_groups=2), 4, "model.layers.")]
+    terms, _, _ = build_terms(mat, r, groups, names, {n: torch.float32 for n in names}, "cpu")
+    base = Checkpoint(zoo / "base")
+    for t in terms:
+        torch.testing.assert_close(t.base, base.get(t.name).float(), rtol=0, atol=0)

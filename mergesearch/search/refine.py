@@ -123,13 +123,17 @@ def build_terms(mat, recipe, groups: list[dict], names: list[str], dtypes: dict,
                     "the space's granularity")
         if abs(group_lam.setdefault(k, float(g["lambda"])) - float(g["lambda"])) > 1e-12:
             raise MergeSearchError(f"refine: lambda varies inside refine group '{groups[k]['name']}'")
+    # a base streamed through the staging slots is a view of a slot the next tensor reuses:
+    # the term keeps its own copy (a resident base, or one read in place, is kept as it is)
+    staged = mat.placement.stream == "copy" and not mat.placement.on_device("base")
     with torch.no_grad():
         for name, x in mat.inputs(recipe, names):
             g, per = compiled[name]
             k = group_of[name]
             w = [float(p["weight"]) for p in per]
             parts = [p.to(device=device, dtype=torch.float32) for p in task_vector_parts(x, g, per, sparsifier)]
-            terms.append(_Term(name, x.base.to(device=device, dtype=torch.float32), parts, w, float(g["lambda"]),
+            base = x.base.to(device=device, dtype=torch.float32, copy=staged)
+            terms.append(_Term(name, base, parts, w, float(g["lambda"]),
                                bool(g["normalize"]), consensus, k, dtypes[name]))
     return terms, group_w, group_lam
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mergesearch.errors import MergeSearchError
 
@@ -297,6 +297,9 @@ def plan_refinement(space, placement, space_path: str, evaluator=None, shapes=No
     if cfg is None:
         return None
     per_task, d = shapes if shapes is not None else item_shapes(space, evaluator)
+    if placement is not None and placement.stream == "copy":
+        # a staged base is copied out of its slot (and the base may leave the device to make room)
+        d = replace(d, base_copied=True)
     budget = placement.budget if placement is not None else None
     first = estimate(space, cfg.batch_size, per_task, d)
     if budget is None:
