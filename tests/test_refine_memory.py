@@ -20,7 +20,7 @@ from mergesearch.evaluate import EvalConfig, build_evaluator
 from mergesearch.recipe import from_dict
 from mergesearch.runs.store import load_run
 from mergesearch.search.refine import refine
-from mergesearch.search.refine_memory import batch_shape, estimate, item_shapes, plan_refinement
+from mergesearch.search.refine_memory import batch_shape, estimate, input_budget, item_shapes, plan_refinement
 from mergesearch.search.space import SearchSpace
 from mergesearch.search.variables import Granularity, make_groups
 
@@ -115,6 +115,13 @@ def test_budgets_keep_checkpoint_or_halve(zoo, shapes):
     assert m.average == pytest.approx(0.9 ** 0.25)
     assert m.notes == [f"batch 16 does not fit ({ckpt.total / 1e6:.2f} MB with gradient checkpointing, "
                        f"{four.total / 1e6:.2f} MB left beside the evaluation model): batch 4, 120 steps instead of 30"]
+    # the workers' plan keeps the refinement's room free: inputs resident only beside it
+    for budget in (10**9, beside + four.total, beside + four.total + 3 * 10**6):
+        p = space_plan(space, device="cpu", budget=budget)
+        m2 = plan_refinement(space, p, "s.yaml", shapes=shapes)
+        q = space_plan(space, device="cpu", budget=input_budget(m2, p))
+        assert q.device_bytes - q.eval_reserve + m2.total <= budget
+    assert p.resident == ["base", "m0", "m1", "m2", "m3"] and q.resident == []
     opts = m.options(space.refine.model_dump())
     assert (opts["batch_size"], opts["steps"], opts["planned_bytes"]) == (4, 120, four.total)
     # batch 3 would fit a 10-step refinement: steps x batch rounded up

@@ -339,12 +339,10 @@ def plan_refinement(space, placement, space_path: str, evaluator=None, shapes=No
 
 
 def input_budget(m: RefineMemory | None, placement) -> int | None:
-    """The device budget the workers' placement may fill with resident inputs so that the
-    refinement ``m`` still fits at the end of the search, or None when the plan's own
-    residency already leaves it room."""
+    """The device budget the workers' placement may fill with resident inputs (side files
+    included) so that the refinement ``m`` still fits at the end of the search, or None
+    when the evaluation's reserve alone holds it."""
     if m is None or m.budget is None or placement is None:
         return None
     extra = m.total - placement.eval_reserve  # what the refinement needs beyond the evaluation's reserve
-    if placement.device_bytes + extra <= m.budget:
-        return None
-    return m.budget - max(0, extra)
+    return m.budget - extra if extra > 0 else None

@@ -171,11 +171,14 @@ def plan_refinement(space: SearchSpace, s: Setup, opts, ev, space_path: str):
         s.refine_reserve = _refine_reserve(space, ev, m.options(space.refine.model_dump()))
         check_budget(space, s, s.n_baselines, space_path)
     room = input_budget(m, s.placement)
-    if room is not None:
-        log.info("refine: the workers keep inputs resident within %s of the %s budget, so that the refinement "
-                 "fits at the end of the search", fmt_bytes(room), fmt_bytes(m.budget))
+    if room is not None:  # the workers' plans (and the one with side files below) keep the room free
+        before = s.placement.resident
         opts.device_memory = room
         s.placement = plan(space, opts, None, quiet=True)
+        if s.placement.resident != before:
+            log.info("refine: inputs stay resident within %s of the %s budget, so that the refinement fits at "
+                     "the end of the search (device: %s)", fmt_bytes(room), fmt_bytes(m.budget),
+                     ", ".join(s.placement.resident) or "-")
     return m
 
 
