@@ -125,7 +125,8 @@ def build_terms(mat, recipe, groups: list[dict], names: list[str], dtypes: dict,
             raise MergeSearchError(f"refine: lambda varies inside refine group '{groups[k]['name']}'")
     # a base streamed through the staging slots is a view of a slot the next tensor reuses:
     # the term keeps its own copy (a resident base, or one read in place, is kept as it is)
-    staged = mat.placement.stream == "copy" and not mat.placement.on_device("base")
+    plan = getattr(mat, "placement", None)
+    staged = plan is not None and plan.stream == "copy" and not plan.on_device("base")
     with torch.no_grad():
         for name, x in mat.inputs(recipe, names):
             g, per = compiled[name]

@@ -105,7 +105,8 @@ def sequence_loglik(model, params: dict, batch) -> torch.Tensor:
     if batch is None:
         return torch.zeros(0)
     inp, mask, tgt, tmask, _ = batch
-    logits = torch.func.functional_call(model, params, args=(), kwargs={"input_ids": inp, "attention_mask": mask}).logits
+    logits = torch.func.functional_call(model, params, args=(), kwargs={"input_ids": inp, "attention_mask": mask,
+                                                                        "use_cache": False}).logits
     logp = logits.float().log_softmax(-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
     return (logp * tmask).sum(-1)
 
