@@ -160,6 +160,9 @@ def plan_refinement(space: SearchSpace, s: Setup, opts, ev, space_path: str):
     room, the workers' placement gets a budget that keeps the room free (``opts.device_memory``)."""
     if space.refine is None or s.placement is None or s.placement.budget is None:
         return None
+    if not hasattr(s.placement, "budget_for"):  # a sharded worker's (engine.multi_gpu): per GPU, not planned here
+        log.warning("refine: the refinement's memory is not planned for a worker sharded over several GPUs")
+        return None
     from mergesearch.engine.plan import fmt_bytes
     from mergesearch.search.refine_memory import input_budget
     from mergesearch.search.refine_memory import plan_refinement as plan_memory
