@@ -302,7 +302,7 @@ def plan_refinement(space, placement, space_path: str, evaluator=None, shapes=No
         d = replace(d, base_copied=True)
     budget = placement.budget if placement is not None else None
     first = estimate(space, cfg.batch_size, per_task, d)
-    if budget is None:
+    if budget is None or not hasattr(placement, "budget_for"):  # none, or a sharded worker's per GPU
         return first
     # the plan's fixed part, nothing resident; the refinement uses the evaluation reserve's room
     beside = placement.budget_for(0) - placement.eval_reserve
