@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -221,7 +222,8 @@ def plan_cmd(
                                                        "--device-memory is then each GPU's budget)"),
 ):
     """Show where each worker's inputs would live: bytes per tier, bytes moved and the
-    predicted time per candidate. Reads file headers only."""
+    predicted time per candidate, and what a refinement needs beside them. Reads file
+    headers (and, with a refine section, tokenizes the dev items)."""
     from mergesearch.engine.multi_gpu import space_placement
     from mergesearch.engine.plan import dumps, parse_size
     from mergesearch.search.space import SearchSpace
@@ -239,7 +241,15 @@ def plan_cmd(
     p = space_placement(sp, device=device, budget=budget, side=side, gpus=gpus_per_worker)
     if side is None and (sp.curvature is not None or sp.gram is not None):
         p.notes.append("curvature/gram files are computed when the search starts; they are not counted here")
-    typer.echo(dumps(p) if as_json else p.render())
+    from mergesearch.search.refine_memory import plan_refinement
+    rm = plan_refinement(sp, p, str(space_file))  # the dev items' shapes; refused here as the search would
+    if as_json:
+        d = json.loads(dumps(p))
+        if rm is not None:
+            d["refinement"] = rm.to_json()
+        typer.echo(json.dumps(d, indent=2))
+    else:
+        typer.echo(p.render() + ("\n" + rm.render() if rm is not None else ""))
 
 
 def _planned_side(space) -> dict | None:

@@ -9,6 +9,7 @@ from mergesearch.cli import main
 from mergesearch.errors import MergeSearchError
 from mergesearch.engine.plan import GB, make_plan, parse_size
 from mergesearch.zoo.synthetic import shaped_family
+from test_zoo_eval import zoo  # noqa: F401  (session fixture)
 
 BW = {"device": 2.0e12, "link": 2.5e10, "source": "test"}
 
@@ -122,3 +123,26 @@ def test_parse_size():
     assert parse_size(4096) == 4096
     with pytest.raises(MergeSearchError, match="must be positive"):
         parse_size("0")
+
+
+def test_plan_command_shows_the_refinement_it_would_run(tmp_path, zoo, capsys):
+    """A space with a refine section: `mergesearch plan` prints the refinement's planned
+    bytes and the sizes chosen under the budget, in text and JSON, and refuses in one line
+    where not even batch 1 fits (as the search would, before anything starts)."""
+    tasks = ["reverse", "shift", "max", "add"]
+    data = {"base": str(zoo / "base"), "models": [str(zoo / f"ft_{t}") for t in tasks],
+            "evaluator": {"tasks": tasks, "task_dir": str(zoo)}, "methods": ["ties"],
+            "parameters": {"weight": {"low": 0.0, "high": 1.0}, "density": {"low": 0.1, "high": 1.0}},
+            "refine": {"steps": 240, "batch_size": 32, "eval_every": 10}}
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(data))
+    assert main(["plan", str(space)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("refinement: batch 32 (128 sequences) x 16 tokens: ")
+    assert main(["plan", str(space), "--device-memory", "30MB", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)["refinement"]
+    assert (r["batch_size"], r["steps"], r["eval_every"], r["checkpointing"]) == (8, 960, 40, True)
+    assert r["budget"] == 30 * 10**6 and r["total"] + r["beside"] <= r["budget"]
+    assert main(["plan", str(space), "--device-memory", "12MB"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {space}: refine: even batch 1 (4 sequences x 16 tokens)")
