@@ -238,3 +238,62 @@ def test_a_staged_base_is_copied_out_of_its_slot(zoo):
     base = Checkpoint(zoo / "base")
     for t in terms:
         torch.testing.assert_close(t.base, base.get(t.name).float(), rtol=0, atol=0)
+
+
+def _terms_and_model(zoo, method, hold=True, dtype=None):
+    from mergesearch.search.refine import build_terms
+
+    fts = [str(zoo / f"ft_{t}") for t in TASKS]
+    per = {"weight": 1.0, **({"density": 0.5} if method != "task_arithmetic" else {})}
+    r = from_dict(dict(method=method, base=str(zoo / "base"), parameters={"lambda": 1.1}, seed=5,
+                       dtype=dtype or "float32",
+                       models=[{"path": p, "parameters": dict(per, weight=0.6 + 0.2 * i)} for i, p in enumerate(fts)]))
+    mat = Materializer(zoo / "base", fts, methods=[method])
+    model, tok = load_model(zoo / "base", dtype=dtype)
+    targets = dict(model.named_parameters())
+    names = [n for n in mat.names if n in targets and targets[n].is_floating_point()]
+    groups = [asdict(g) for g in make_groups(Granularity(level="layer", n_groups=2), 4, "model.layers.")]
+    terms, _, _ = build_terms(mat, r, groups, names, {n: targets[n].dtype for n in names}, "cpu", hold=hold)
+    return terms, model, groups, r, mat, tok
+
+
+@pytest.mark.parametrize("method,dtype", [("ties", None), ("dare_ties", None), ("dare_linear", "bfloat16")])
+def test_the_recomputed_merge_is_the_kept_graph_bit_for_bit(zoo, method, dtype):
+    """One training step's merged weights and the gradients of every multiplier (group
+    weights, lambda, rows): the merge kept whole in the graph, recomputed in the backward
+    (with and without the layers' activation checkpointing), and recomputed from inputs
+    read again (no holds) are equal, bit for bit."""
+    from mergesearch.search.refine import checkpointed, merged_params
+    from mergesearch.search.refine_data import sequence_loglik
+
+    held, model, groups, _, _, _ = _terms_and_model(zoo, method, dtype=dtype)
+    again, *_ = _terms_and_model(zoo, method, hold=False, dtype=dtype)
+    assert all(t.base is None and t.parts is None for t in again)
+    g = torch.Generator().manual_seed(0)
+    coef0 = 1.0 + 0.3 * torch.rand(len(groups), len(TASKS), generator=g)
+    scale0 = 1.0 + 0.1 * torch.rand(len(groups), generator=g)
+    rows0 = {t.name: 1.0 + 0.2 * torch.rand(len(TASKS), t.shape[0], generator=g) for t in held if len(t.shape) == 2}
+    V, S, W = model.config.vocab_size, 6, 10
+    inp = torch.randint(0, V, (S, W), generator=g)
+    mask = torch.ones_like(inp)
+    mask[:2, 6:] = 0
+    batch = (inp, mask, torch.randint(0, V, (S, W), generator=g), mask.bool(), S)
+    results = []
+    for terms, recompute, ckpt in [(held, False, False), (held, True, False), (held, True, True),
+                                   (again, True, True), (again, True, False)]:
+        coef, scale = coef0.clone().requires_grad_(True), scale0.clone().requires_grad_(True)
+        rows = {k: v.clone().requires_grad_(True) for k, v in rows0.items()}
+        params = merged_params(terms, coef, scale, rows, recompute=recompute)
+        if ckpt:
+            with checkpointed(model, params):
+                sequence_loglik(model, params, batch).sum().backward()
+        else:
+            sequence_loglik(model, params, batch).sum().backward()
+        results.append(({k: v.detach() for k, v in params.items()}, coef.grad, scale.grad,
+                        {k: v.grad for k, v in rows.items()}))
+    w0, c0, s0, r0 = results[0]
+    assert c0.abs().sum() > 0 and all(v.abs().sum() > 0 for v in r0.values())
+    for w, c, s, r in results[1:]:
+        assert all(torch.equal(w[k], w0[k]) for k in w0) and w.keys() == w0.keys()
+        assert torch.equal(c, c0) and torch.equal(s, s0)
+        assert all(torch.equal(r[k], r0[k]) for k in r0)

@@ -67,8 +67,11 @@ import math
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from mergesearch.errors import MergeSearchError
 from mergesearch.search.refine_data import TRAIN_COST, Items, item_losses, sequence_loglik, teacher_targets, untrainable
@@ -82,19 +85,28 @@ COEF_MAX = 4.0
 @dataclass
 class _Term:
     name: str
-    base: torch.Tensor  # float32
-    parts: list[torch.Tensor]  # pruned task vectors, float32
+    base: torch.Tensor | None  # float32; None where the inputs are read again (``read``)
+    parts: list[torch.Tensor] | None  # pruned task vectors, float32 (likewise)
     weights: list[float]
     lam: float
     normalize: bool
     consensus: bool
     group: int
     dtype: torch.dtype
+    shape: tuple[int, ...] = ()
+    read: Callable[[], tuple[torch.Tensor, list[torch.Tensor]]] | None = None  # no holds: (base, parts) read again
+
+    def inputs(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The float32 base and pruned task vectors: held, or read again from the worker's inputs."""
+        return (self.base, self.parts) if self.read is None else self.read()
 
 
-def build_terms(mat, recipe, groups: list[dict], names: list[str], dtypes: dict, device) -> tuple[list, dict, dict]:
+def build_terms(mat, recipe, groups: list[dict], names: list[str], dtypes: dict, device,
+                hold: bool = True) -> tuple[list, dict, dict]:
     """Each tensor's fixed parts (base, pruned task vectors, weights, lambda, group) and
-    each group's weight per model and lambda, read from the candidate's recipe."""
+    each group's weight per model and lambda, read from the candidate's recipe. With
+    ``hold`` False nothing is held: each term reads its inputs again from ``mat`` whenever
+    its merge is computed (the same selections and draws, so the same parts)."""
     from mergesearch.methods.task_arithmetic import TASK_VECTOR_METHODS, task_vector_parts
     from mergesearch.engine.compiled import CompiledRecipe
 
@@ -127,48 +139,77 @@ def build_terms(mat, recipe, groups: list[dict], names: list[str], dtypes: dict,
     # the term keeps its own copy (a resident base, or one read in place, is kept as it is)
     plan = getattr(mat, "placement", None)
     staged = plan is not None and plan.stream == "copy" and not plan.on_device("base")
-    with torch.no_grad():
-        for name, x in mat.inputs(recipe, names):
+
+    def read(name: str, x=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with torch.no_grad():
+            if x is None:
+                ((_, x),) = list(mat.inputs(recipe, [name]))
             g, per = compiled[name]
-            k = group_of[name]
-            w = [float(p["weight"]) for p in per]
             parts = [p.to(device=device, dtype=torch.float32) for p in task_vector_parts(x, g, per, sparsifier)]
-            base = x.base.to(device=device, dtype=torch.float32, copy=staged)
-            terms.append(_Term(name, base, parts, w, float(g["lambda"]),
-                               bool(g["normalize"]), consensus, k, dtypes[name]))
+            # held, a staged base must outlive its slot; read again, it is used before the next read
+            return x.base.to(device=device, dtype=torch.float32, copy=staged and hold), parts
+
+    def term(name: str, base, parts, shape) -> _Term:
+        g, per = compiled[name]
+        return _Term(name, base, parts, [float(p["weight"]) for p in per], float(g["lambda"]), bool(g["normalize"]),
+                     consensus, group_of[name], dtypes[name], tuple(shape),
+                     None if hold else partial(read, name))
+
+    if hold:
+        for name, x in mat.inputs(recipe, names):
+            base, parts = read(name, x)
+            terms.append(term(name, base, parts, base.shape))
+    else:
+        terms = [term(name, None, None, mat.ref_ckpt.shape(name)) for name in names if name not in mat.constants]
     return terms, group_w, group_lam
 
 
+def _merge(t: _Term, c: torch.Tensor, s: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor's merged weight for its group's weight multipliers ``c`` (models), lambda
+    multiplier ``s`` and row multipliers ``r`` (models x rows, or None)."""
+    base, parts = t.inputs()
+    # model i's weight: c_i * w_i, times r[i, k] at row k where the tensor has row multipliers
+    w = [c[i] * t.weights[i] * (1.0 if r is None else r[i].unsqueeze(-1)) for i in range(len(parts))]
+    parts = [wi * d for wi, d in zip(w, parts)]
+    if t.consensus:
+        with torch.no_grad():
+            majority = torch.where(sum(p.detach() for p in parts) >= 0, 1.0, -1.0)
+        mixed = torch.zeros_like(base)
+        div = torch.zeros_like(base)
+        for p, wi in zip(parts, w):
+            agree = p.detach().sign() == majority
+            mixed = mixed + torch.where(agree, p, 0.0)
+            div = div + torch.where(agree, wi, 0.0)
+        div = div + (div == 0).to(div.dtype)
+    else:
+        mixed = sum(parts)
+        total = sum(w)
+        div = torch.where(total.detach().abs() < 1e-8, torch.ones_like(total), total)
+    if t.normalize:
+        mixed = mixed / div
+    return (base + mixed * (t.lam * s)).to(t.dtype)
+
+
 def merged_params(terms: list[_Term], coef: torch.Tensor, scale: torch.Tensor,
-                  rows: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                  rows: dict[str, torch.Tensor] | None = None, recompute: bool = True) -> dict[str, torch.Tensor]:
     """The merged tensors for per-group weight multipliers ``coef`` (groups x models) and
     lambda multipliers ``scale`` (groups), and, where given, per-row multipliers ``rows``
     (tensor name -> models x rows); differentiable in all; the same arithmetic as the
-    engine's combine step, with sign election recomputed from the current weights."""
+    engine's combine step, with sign election recomputed from the current weights.
+
+    With gradients on and ``recompute`` (the default), each tensor's merge runs inside a
+    (non-reentrant) checkpoint: the graph keeps only its small inputs (the group's row of
+    ``coef``, its ``scale``, its row multipliers) and the merge is computed again, one
+    tensor at a time, in the backward: the same operations on the same values, so the same
+    weights and gradients, bit for bit, as the graph kept whole (``recompute`` False)."""
     out = {}
     for t in terms:
-        c = coef[t.group]
         r = None if rows is None else rows.get(t.name)
-        # model i's weight: c_i * w_i, times r[i, k] at row k where the tensor has row multipliers
-        w = [c[i] * t.weights[i] * (1.0 if r is None else r[i].unsqueeze(-1)) for i in range(len(t.parts))]
-        parts = [wi * d for wi, d in zip(w, t.parts)]
-        if t.consensus:
-            with torch.no_grad():
-                majority = torch.where(sum(p.detach() for p in parts) >= 0, 1.0, -1.0)
-            mixed = torch.zeros_like(t.base)
-            div = torch.zeros_like(t.base)
-            for p, wi in zip(parts, w):
-                agree = p.detach().sign() == majority
-                mixed = mixed + torch.where(agree, p, 0.0)
-                div = div + torch.where(agree, wi, 0.0)
-            div = div + (div == 0).to(div.dtype)
+        args = (coef[t.group], scale[t.group]) + (() if r is None else (r,))
+        if recompute and torch.is_grad_enabled() and any(a.requires_grad for a in args):
+            out[t.name] = checkpoint(partial(_merge, t), *args, use_reentrant=False)
         else:
-            mixed = sum(parts)
-            total = sum(w)
-            div = torch.where(total.detach().abs() < 1e-8, torch.ones_like(total), total)
-        if t.normalize:
-            mixed = mixed / div
-        out[t.name] = (t.base + mixed * (t.lam * scale[t.group])).to(t.dtype)
+            out[t.name] = _merge(t, *args)
     return out
 
 
@@ -257,12 +298,14 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
     # the check with the lowest held-out loss, not the best held-out accuracy, which reads labels
     label_free = cfg["loss"] == "entropy" or (cfg["loss"] == "distill" and mix == 1.0
                                               and cfg.get("teachers", "confidence") == "confidence")
-    terms, group_w, group_lam = build_terms(mat, recipe, groups, names, {n: targets[n].dtype for n in names}, device)
+    hold = bool(cfg.get("hold_inputs", True))
+    terms, group_w, group_lam = build_terms(mat, recipe, groups, names, {n: targets[n].dtype for n in names}, device,
+                                            hold=hold)
     coef = torch.ones(len(groups), n_models, device=device, requires_grad=True)
     scale = torch.ones(len(groups), device=device, requires_grad=True)
     # per-row multipliers (models x rows) of every matrix, with ``rows``
-    row_mult = {t.name: torch.ones(n_models, t.base.shape[0], device=device, requires_grad=True)
-            for t in terms if cfg.get("rows") and t.base.dim() == 2}
+    row_mult = {t.name: torch.ones(n_models, t.shape[0], device=device, requires_grad=True)
+                for t in terms if cfg.get("rows") and len(t.shape) == 2}
     opt = torch.optim.Adam([{"params": [coef, scale], "lr": cfg["lr"]}]
                            + ([{"params": list(row_mult.values()), "lr": float(cfg.get("row_lr", 0.05))}]
                               if row_mult else []))
@@ -365,6 +408,6 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
              "cost": cost_seqs / max(items.n_seqs, 1), "loss": cfg["loss"], "teachers": teachers, "history": history,
              "groups": [g["name"] or "all" for g in groups],
              "memory": {"planned": cfg.get("planned_bytes"), "batch_size": cfg["batch_size"], "steps_planned": cfg["steps"],
-                        "check_batch": check_n, "checkpointing": ckpt,
+                        "check_batch": check_n, "checkpointing": ckpt, "hold_inputs": hold,
                         "peak": (torch.cuda.max_memory_allocated(device) - held_at_start) if cuda else None}}
     return out, stats
