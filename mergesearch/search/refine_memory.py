@@ -55,6 +55,8 @@ TOKEN_H = 4  # float32 elements per hidden unit outside the layers (embedding ou
 MASK = 4  # bytes per token and key position a layer's attention mask costs (x 3 x heads: eager)
 CHECK_HI = 2  # float32 elements per token and hidden + intermediate unit of a no-grad forward
 ADAM_COPIES = 7  # a multiplier: itself, its gradient, Adam's two moments, the average, the best, a check's copy
+MERGE_F32 = 4  # float32 tensors (of one tensor's size) its merge adds beside its scaled task vectors
+READ_F32 = 2  # float32 tensors per model (and for the base) its inputs add when read again
 CHECK_CHUNK = 32  # items of one task a held-out check scores at once (refine.py's default)
 
 
@@ -95,17 +97,19 @@ class RefineMemory:
     budget: int | None = None  # the device budget it was planned against
     beside: int = 0  # what the placement holds on the device beside it (its reserve left out)
     notes: list[str] = field(default_factory=list)
+    hold_inputs: bool = True  # False: nothing held, each tensor's inputs read again in the forward and the backward
 
     def options(self, cfg: dict) -> dict:
         """``cfg`` (the refine section as a dict) with the sizes this plan chose."""
         return {**cfg, "batch_size": self.batch_size, "steps": self.steps, "eval_every": self.eval_every,
                 "average": self.average, "check_batch": self.check_batch, "checkpointing": self.checkpointing,
-                "planned_bytes": self.total}
+                "hold_inputs": self.hold_inputs, "planned_bytes": self.total}
 
     def line(self) -> str:
         from mergesearch.engine.plan import fmt_bytes
         parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.parts.items() if v)
         ckpt = ", gradient checkpointing" if self.checkpointing else ""
+        ckpt += "" if self.hold_inputs else ", inputs read again (none held)"
         return (f"refinement: batch {self.batch_size} ({self.train_seqs} sequences) x {self.width} tokens{ckpt}: "
                 f"{fmt_bytes(self.total)} ({parts})")
 
@@ -115,7 +119,7 @@ class RefineMemory:
     def to_json(self) -> dict:
         return {"batch_size": self.batch_size, "steps": self.steps, "eval_every": self.eval_every,
                 "average": self.average, "check_batch": self.check_batch, "checkpointing": self.checkpointing,
-                "train_seqs": self.train_seqs, "check_seqs": self.check_seqs, "width": self.width,
+                "hold_inputs": self.hold_inputs, "train_seqs": self.train_seqs, "check_seqs": self.check_seqs, "width": self.width,
                 "parts": dict(self.parts), "total": self.total, "budget": self.budget, "beside": self.beside,
                 "notes": list(self.notes)}
 
@@ -135,21 +139,31 @@ def layer_token_bytes(d: Dims, width: int) -> float:
 
 
 def refine_bytes(d: Dims, n_models: int, train_seqs: int, check_seqs: int, width: int, *, rows: bool,
-                 normalize: bool = True, consensus: bool = True, checkpointing: bool = False) -> dict[str, int]:
+                 normalize: bool = True, consensus: bool = True, checkpointing: bool = False,
+                 hold: bool = True) -> dict[str, int]:
     """Device bytes a refinement needs beside the evaluation model, by part: the held
-    float32 tensors and multipliers, then the worse of a training step and a held-out check."""
-    held = {"float32 task vectors": d.numel * 4 * n_models,
-            "float32 base": d.numel * 4 if d.base_copied else 0,
+    float32 tensors (none with ``hold`` False) and multipliers, then the worse of a
+    training step and a held-out check."""
+    held = {"float32 task vectors": d.numel * 4 * n_models if hold else 0,
+            "float32 base": d.numel * 4 if d.base_copied and hold else 0,
             "multipliers": ADAM_COPIES * 4 * (d.rows * n_models if rows else 0)}
-    transient = (n_models + 4) * d.largest * 4
+    one = d.largest * 4  # bytes of one float32 tensor, the largest
+    transient = (n_models + MERGE_F32) * one  # one tensor's merge: its scaled task vectors and sums
+    if not hold:  # its inputs read again: the float32 base, each model's delta and pruned part
+        transient += (READ_F32 * n_models + READ_F32) * one
+    # the merged weights and their gradients (the model's dtype), and one tensor's merge
+    # recomputed in the backward: the float32 tensors its graph saves beside its transients
+    recompute = transient + int(graph_f32(n_models, normalize, consensus) * one)
     tokens = train_seqs * width
     if checkpointing:  # one layer recomputed at a time, after the logits' gradients are gone
         per_token = d.layers * d.hidden * d.itemsize + max(0.0, layer_token_bytes(d, width) - d.vocab * LOGIT_TRAIN)
     else:
         per_token = d.layers * layer_token_bytes(d, width)
-    train = {"merge graph": int(d.numel * (2 * d.itemsize + 4 * graph_f32(n_models, normalize, consensus)) + transient),
-             "activations": int(tokens * (per_token + TOKEN_H * d.hidden * 4)),
-             "logits": int(tokens * d.vocab * LOGIT_TRAIN)}
+    act, logits = int(tokens * (per_token + TOKEN_H * d.hidden * 4)), int(tokens * d.vocab * LOGIT_TRAIN)
+    # a tensor's merge runs before the forward and again after the model's backward, when the
+    # activations and logits are gone: it counts only where it is larger than they are
+    train = {"merge graph": int(d.numel * 2 * d.itemsize + max(0, recompute - act - logits)),
+             "activations": act, "logits": logits}
     narrow = d.itemsize if d.itemsize < 4 else 0
     c_tokens = check_seqs * width
     check = {"merge graph": int(d.numel * d.itemsize + transient),
@@ -268,20 +282,20 @@ def _kinds(space) -> tuple[bool, bool]:
 
 
 def estimate(space, batch_size: int, per_task: dict, d: Dims, checkpointing: bool = False,
-             check_batch: int = CHECK_CHUNK) -> RefineMemory:
+             check_batch: int = CHECK_CHUNK, hold: bool = True) -> RefineMemory:
     """The refinement of ``space`` at ``batch_size`` (steps scaled to see as many items)."""
     cfg = space.refine
     normalize, consensus = _kinds(space)
     train, check, width = batch_shape(per_task, batch_size, check_batch)
     parts = refine_bytes(d, len(space.models), train, check, width, rows=cfg.rows, normalize=normalize,
-                         consensus=consensus, checkpointing=checkpointing)
+                         consensus=consensus, checkpointing=checkpointing, hold=hold)
     f = cfg.batch_size / batch_size
     steps = math.ceil(cfg.steps * f - 1e-9)
     eval_every = max(1, math.ceil(cfg.eval_every * f - 1e-9))
     average = cfg.average ** (1.0 / f) if f != 1 else cfg.average  # the same horizon in items
     return RefineMemory(batch_size=batch_size, steps=steps, eval_every=eval_every, average=average,
                         check_batch=check_batch, checkpointing=checkpointing, train_seqs=train, check_seqs=check,
-                        width=width, parts=parts, total=sum(parts.values()))
+                        width=width, parts=parts, total=sum(parts.values()), hold_inputs=hold)
 
 
 def plan_refinement(space, placement, space_path: str, evaluator=None, shapes=None) -> RefineMemory | None:
