@@ -111,16 +111,32 @@ def test_budgets_keep_checkpoint_or_halve(zoo, shapes):
     assert m.total == plain.total and m.budget == 10**9 and m.beside == beside
     p = space_plan(space, device="cpu", budget=beside + ckpt.total)
     m = plan_refinement(space, p, "s.yaml", shapes=shapes)
-    assert (m.batch_size, m.steps, m.checkpointing) == (16, 30, True) and m.total == ckpt.total
-    four = estimate(space, 4, per_task, d, checkpointing=True, check_batch=4)
-    eight = estimate(space, 8, per_task, d, checkpointing=True, check_batch=8)
-    assert eight.total > four.total
+    assert (m.batch_size, m.steps, m.checkpointing, m.hold_inputs) == (16, 30, True, True) and m.total == ckpt.total
+    # nothing held (each tensor's inputs read again) where only that fits
+    bare = estimate(space, 16, per_task, d, checkpointing=True, hold=False)
+    assert bare.total < ckpt.total - bare.parts["multipliers"]
+    for budget in (beside + bare.total, beside + ckpt.total - 1):
+        m = plan_refinement(space, space_plan(space, device="cpu", budget=budget), "s.yaml", shapes=shapes)
+        assert (m.batch_size, m.steps, m.checkpointing, m.hold_inputs) == (16, 30, True, False) and m.total == bare.total
+        assert m.parts["float32 task vectors"] == m.parts["float32 base"] == 0
+        assert "inputs read again (none held)" in m.line() and m.to_json()["hold_inputs"] is False
+        assert m.options({})["hold_inputs"] is False
+    assert m.notes == [f"nothing held: {ckpt.total / 1e6:.2f} MB with gradient checkpointing and the float32 task "
+                       f"vectors and base held does not fit the {(budget - beside) / 1e6:.2f} MB left beside the "
+                       "evaluation model; each tensor's inputs are read again in every step's forward and backward "
+                       "(slower steps)"]
+    four = estimate(space, 4, per_task, d, checkpointing=True, check_batch=4, hold=False)
+    eight = [estimate(space, 8, per_task, d, checkpointing=True, check_batch=8, hold=h) for h in (True, False)]
+    four_held = estimate(space, 4, per_task, d, checkpointing=True, check_batch=4)
+    assert min(x.total for x in eight) > four.total and four_held.total > four.total
     p = space_plan(space, device="cpu", budget=beside + four.total)
     m = plan_refinement(space, p, "s.yaml", shapes=shapes)
-    assert (m.batch_size, m.steps, m.eval_every, m.check_batch, m.checkpointing) == (4, 120, 20, 4, True)
+    assert (m.batch_size, m.steps, m.eval_every, m.check_batch, m.checkpointing, m.hold_inputs) == \
+        (4, 120, 20, 4, True, False)
     assert m.average == pytest.approx(0.9 ** 0.25)
-    assert m.notes == [f"batch 16 does not fit ({ckpt.total / 1e6:.2f} MB with gradient checkpointing, "
-                       f"{four.total / 1e6:.2f} MB left beside the evaluation model): batch 4, 120 steps instead of 30"]
+    assert m.notes == [f"batch 16 does not fit ({bare.total / 1e6:.2f} MB with gradient checkpointing, nothing held; "
+                       f"{four.total / 1e6:.2f} MB left beside the evaluation model): batch 4, nothing held, "
+                       "120 steps instead of 30"]
     # the workers' plan keeps the refinement's room free: inputs resident only beside it
     for budget in (10**9, beside + four.total, beside + four.total + 3 * 10**6):
         p = space_plan(space, device="cpu", budget=budget)
@@ -155,16 +171,17 @@ def test_a_search_refines_with_the_smaller_batch(tmp_path, zoo, monkeypatch, cap
     sh = item_shapes(space)
     plan = space_plan(space, device="cpu", budget=10**9)
     beside = plan.budget_for(0) - plan.eval_reserve
-    four = estimate(space, 4, *sh, checkpointing=True, check_batch=4)
+    four = estimate(space, 4, *sh, checkpointing=True, check_batch=4, hold=False)
+    assert estimate(space, 8, *sh, checkpointing=True, check_batch=8).total > four.total
     p = write_space(tmp_path, zoo, beside + four.total)
     caplog.set_level("INFO", logger="mergesearch")
     assert main(["search", str(p), "--run", "r", "--workers", "1", "--no-export"]) == 0
-    assert "refine: batch 16 does not fit" in caplog.text and "batch 4, 8 steps instead of 2" in caplog.text
+    assert "refine: batch 16 does not fit" in caplog.text and "batch 4, nothing held, 8 steps instead of 2" in caplog.text
     _, storage = load_run("r", root=tmp_path / "results")
     (t,) = optuna.load_study(study_name="r.refine", storage=storage).trials
     stats = t.user_attrs["refine"]
     assert stats["memory"] == {"planned": four.total, "batch_size": 4, "steps_planned": 8, "check_batch": 4,
-                               "checkpointing": True, "hold_inputs": True, "peak": None}
+                               "checkpointing": True, "hold_inputs": False, "peak": None}
     assert [h["step"] for h in stats["history"]] == [0, 4, 8]  # eval_every 1 x 4
 
 
@@ -172,9 +189,9 @@ def test_batch_1_that_does_not_fit_is_refused_in_one_line(tmp_path, zoo, capsys)
     p = write_space(tmp_path, zoo, 6 * 10**6)
     assert main(["search", str(p), "--run", "r", "--workers", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {p}: refine: even batch 1 (4 sequences x 12 tokens) with gradient checkpointing needs "
-                   "10.48 MB (float32 task vectors 3.74 MB, merge graph 6.20 MB, activations 463.10 kB, logits "
-                   "73.73 kB) beside the evaluation model and the merge scratch (3.25 MB), more than the device "
+    assert err == [f"error: {p}: refine: even batch 1 (4 sequences x 12 tokens) with gradient checkpointing, "
+                   "nothing held, needs 5.02 MB (merge graph 4.48 MB, activations 463.10 kB, logits 73.73 kB) "
+                   "beside the evaluation model and the merge scratch (3.25 MB), more than the device "
                    "budget of 6.00 MB (declared); refine fewer or smaller models, or declare more "
                    "resources.device_memory"]
     assert not (tmp_path / "results" / "r").exists()
@@ -244,18 +261,31 @@ def test_a_staged_base_is_copied_out_of_its_slot(zoo):
     base = Checkpoint(zoo / "base")
     for t in terms:
         torch.testing.assert_close(t.base, base.get(t.name).float(), rtol=0, atol=0)
+    # nothing held: each tensor's inputs read again through the slots give the same weights and gradients
+    from mergesearch.search.refine import merged_params
+
+    bare, _, _ = build_terms(mat, r, groups, names, {n: torch.float32 for n in names}, "cpu", hold=False)
+    got = []
+    for ts in (terms, bare):
+        coef = torch.full((len(groups), 2), 1.1, requires_grad=True)
+        scale = torch.ones(len(groups), requires_grad=True)
+        params = merged_params(ts, coef, scale)
+        sum((w * w).sum() for w in params.values()).backward()
+        got.append(({k: v.detach() for k, v in params.items()}, coef.grad, scale.grad))
+    assert all(torch.equal(got[0][0][k], got[1][0][k]) for k in got[0][0])
+    assert torch.equal(got[0][1], got[1][1]) and torch.equal(got[0][2], got[1][2])
 
 
-def _terms_and_model(zoo, method, hold=True, dtype=None):
+def _terms_and_model(root, method, hold=True, dtype=None):
     from mergesearch.search.refine import build_terms
 
-    fts = [str(zoo / f"ft_{t}") for t in TASKS]
+    fts = [str(root / f"ft_{t}") for t in TASKS]
     per = {"weight": 1.0, **({"density": 0.5} if method != "task_arithmetic" else {})}
-    r = from_dict(dict(method=method, base=str(zoo / "base"), parameters={"lambda": 1.1}, seed=5,
+    r = from_dict(dict(method=method, base=str(root / "base"), parameters={"lambda": 1.1}, seed=5,
                        dtype=dtype or "float32",
                        models=[{"path": p, "parameters": dict(per, weight=0.6 + 0.2 * i)} for i, p in enumerate(fts)]))
-    mat = Materializer(zoo / "base", fts, methods=[method])
-    model, tok = load_model(zoo / "base", dtype=dtype)
+    mat = Materializer(root / "base", fts, methods=[method])
+    model, tok = load_model(root / "base", dtype=dtype)
     targets = dict(model.named_parameters())
     names = [n for n in mat.names if n in targets and targets[n].is_floating_point()]
     groups = [asdict(g) for g in make_groups(Granularity(level="layer", n_groups=2), 4, "model.layers.")]

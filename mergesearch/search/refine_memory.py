@@ -301,9 +301,11 @@ def estimate(space, batch_size: int, per_task: dict, d: Dims, checkpointing: boo
 def plan_refinement(space, placement, space_path: str, evaluator=None, shapes=None) -> RefineMemory | None:
     """The refinement's memory plan beside ``placement``: as configured when it fits the
     device budget beside the evaluation model and the merge's scratch; else with gradient
-    checkpointing (where the model supports it); else with the batch halved until it fits (steps, the checks' spacing and
+    checkpointing (where the model supports it); else holding nothing (each tensor's inputs
+    read again in the forward and the backward); else with the batch halved until it fits,
+    the inputs held where it leaves room for them (steps, the checks' spacing and
     the average's decay scaled so as many items are seen between them); refused in one line
-    when batch 1 does not fit. Without a budget (the CPU, none declared) the configured
+    when batch 1 with nothing held does not fit. Without a budget (the CPU, none declared) the configured
     sizes are planned and kept. None when the space has no refinement."""
     from mergesearch.engine.plan import fmt_bytes
 
@@ -335,18 +337,25 @@ def plan_refinement(space, placement, space_path: str, evaluator=None, shapes=No
     if ck and ckpt.total <= room:
         return done(ckpt, f"gradient checkpointing: {fmt_bytes(first.total)} without it does not fit the "
                           f"{fmt_bytes(room)} left beside the evaluation model")
+    bare = estimate(space, cfg.batch_size, per_task, d, checkpointing=ck, hold=False)
+    if bare.total <= room:
+        return done(bare, f"nothing held: {fmt_bytes(ckpt.total)}{with_ck} and the float32 task vectors and base "
+                          f"held does not fit the {fmt_bytes(room)} left beside the evaluation model; each tensor's "
+                          "inputs are read again in every step's forward and backward (slower steps)")
     b = cfg.batch_size
     while b > 1:
         b = max(1, b // 2)
-        m = estimate(space, b, per_task, d, checkpointing=ck, check_batch=min(CHECK_CHUNK, b))
-        if m.total <= room:
-            return done(m, f"batch {cfg.batch_size} does not fit ({fmt_bytes(ckpt.total)}{with_ck}, "
-                           f"{fmt_bytes(room)} left beside the evaluation model): batch {b}, "
-                           f"{m.steps} steps instead of {cfg.steps}")
-    m = estimate(space, 1, per_task, d, checkpointing=ck, check_batch=1)
+        for hold in (True, False):  # the inputs held where the smaller batch leaves room for them
+            m = estimate(space, b, per_task, d, checkpointing=ck, check_batch=min(CHECK_CHUNK, b), hold=hold)
+            if m.total <= room:
+                held = "" if hold else ", nothing held"
+                return done(m, f"batch {cfg.batch_size} does not fit ({fmt_bytes(bare.total)}{with_ck}, nothing held; "
+                               f"{fmt_bytes(room)} left beside the evaluation model): batch {b}{held}, "
+                               f"{m.steps} steps instead of {cfg.steps}")
+    m = estimate(space, 1, per_task, d, checkpointing=ck, check_batch=1, hold=False)
     parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in m.parts.items() if v)
     raise MergeSearchError(
-        f"{space_path}: refine: even batch 1 ({m.train_seqs} sequences x {m.width} tokens){with_ck} "
+        f"{space_path}: refine: even batch 1 ({m.train_seqs} sequences x {m.width} tokens){with_ck}, nothing held, "
         f"needs {fmt_bytes(m.total)} ({parts}) beside the evaluation model and the merge scratch "
         f"({fmt_bytes(beside)}), more than the device budget of {fmt_bytes(budget)} ({placement.budget_source}); "
         "refine fewer or smaller models, or declare more resources.device_memory")
