@@ -13,9 +13,12 @@
 #      GPU each, the export, the staging bandwidth on the family (rehearsal/rehearsal.json,
 #      rehearsal/summary.txt, a log per phase). Its phases have limits of their own, so a
 #      phase that runs out of time keeps the ones before it. Its refinement (4 fine-tunes)
-#      is expected to be refused by the refinement's memory preflight (141 GB planned on
-#      2026-12-06 against about 39.5 GB for half an H100): the refusal is recorded and the
-#      search runs again without it.
+#      is expected to be refused by the refinement's memory preflight on half an H100
+#      (about 39 GB): 47.6 GB planned with nothing held (the merge recomputed in the
+#      backward, each tensor's inputs read again; 96 GB holding the float32 task vectors
+#      and base; 141 GB before, 2026-12-06); the refusal is recorded and the search runs
+#      again without it. A whole H100 (1 worker x 1 GPU) would hold the nothing-held plan;
+#      the rehearsal does not run that search (its time limit has no room for a second one).
 # SKIP_KERNELS=1, SKIP_STAGING=1, SKIP_REHEARSAL=1 leave a part out; SKIP_INSTALL=1 reuses
 # /tmp/site on a machine still warm from an earlier call.
 set -u

@@ -16,7 +16,10 @@ before it (and what its own run stored):
    refinement with ``rows: true``, 2 workers (0.5 GPU each on CUDA; on the CPU a declared
    device budget that leaves the fine-tunes on the host, staged with ``stream: copy``).
    A refinement the device cannot hold is refused in one line before any trial (on half an
-   H100 the 3B family's is: 141 GB planned, 2026-12-06): the refusal is kept as a finding
+   H100 the 3B family's still is: 141 GB planned before the merge was recomputed in the
+   backward; since, 96 GB holding the float32 task vectors and base, 47.6 GB holding
+   nothing (each tensor's inputs read again), batch 16 or 1 alike, against about 39 GB;
+   a whole H100 holds the latter, 2026-12-06): the refusal is kept as a finding
    and the search runs again without the refinement in the time left;
 4. ``export``: the best trial, scored on test items;
 5. ``staging``: the Stager's bandwidth over the family's own tensors, 1 thread and N.

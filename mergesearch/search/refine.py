@@ -49,13 +49,19 @@ backward), a held-out sequence 1; divided by the sequences one trial scores, it 
 refinement's cost in trials.
 
 Memory: the base and each model's pruned task vector are held in float32 on the
-worker's device for the duration, (models + 1) x 4 bytes per parameter. The distill
+worker's device for the duration, (models + 1) x 4 bytes per parameter; with
+``hold_inputs`` False nothing is held, and each tensor's inputs are read again from the
+worker's Materializer (the same selections and draws) whenever its merge is computed.
+Each tensor's merge runs in a checkpoint (:func:`merged_params`): the graph keeps only
+its small inputs, and the merge is computed again, one tensor at a time, in the backward,
+so a step keeps the merged weights and their gradients, not the merge's float32
+intermediates. The distill
 teachers come first, one source model's weights at a time (in the model's dtype), before
 those float32 copies exist. :mod:`.refine_memory` plans the whole (the merge's autograd
 graph, the batch's activations and logits) before the search starts and may choose
 ``checkpointing`` (each decoder layer recomputed in the backward, with the model's own
 activation checkpointing: the merged weights stay in the model until the backward is done),
-a smaller ``batch_size`` and a smaller ``check_batch`` (items of one task a held-out check
+``hold_inputs`` False, a smaller ``batch_size`` and a smaller ``check_batch`` (items of one task a held-out check
 scores at once, 32 by default). ``planned_bytes`` is its total; on CUDA the stats record the
 peak the refinement allocated beside what the device held when it started.
 """

@@ -2,15 +2,20 @@
 starts, beside what the placement plan (:mod:`mergesearch.engine.plan`) holds.
 
 A refinement holds, for its whole run, each model's pruned task vector in float32 and the
-base in float32 (a copy unless the base is already float32 in place), and its trainable
-multipliers (per group, and with ``rows`` per output row of every matrix, each with its
-gradient, Adam's two moments, the average and the best copy). A training step adds:
+base in float32 (a copy unless the base is already float32 in place) -- or, with
+``hold_inputs`` False, nothing: each tensor's inputs are read again whenever its merge is
+computed -- and its trainable multipliers (per group, and with ``rows`` per output row of
+every matrix, each with its gradient, Adam's two moments, the average and the best copy).
+A training step adds:
 
-- the merge's autograd graph: the merged weights (the model's dtype), the float32
-  tensors the graph saves per element (the mixed task vector, and with ``normalize`` its
-  quotient; with sign election the divisor, the quotient and a byte per model for the
-  agreement masks), the merged weights' gradients (all alive before the merge's backward
-  runs), and one tensor's transients (its scaled task vectors and sums);
+- the merge: each tensor's merge is recomputed in the backward (a checkpoint on its
+  small inputs), so the graph keeps the merged weights (the model's dtype) and, once the
+  model's backward has run, their gradients; one tensor's merge at a time adds its
+  transients (its scaled task vectors and sums, the float32 tensors its graph saves: the
+  mixed task vector, with ``normalize`` its quotient, with sign election the divisor, the
+  quotient and the agreement masks; read again, its base, deltas and pruned parts), which
+  count only where they exceed the activations and logits (the merge runs before the
+  forward and after the model's backward);
 - activations for the batch: sequences x width tokens (the batch's items' sequences,
   padded to the longest), per token the decoder layers' saved tensors (in the model's
   dtype, RMSNorm's float32 upcasts for narrower dtypes), the attention mask, and the
@@ -25,7 +30,8 @@ copy) and a few hidden-size buffers per token.
 
 The constants were measured on the CPU with ``tests/memtrack.py`` (every storage an
 operation creates, until its last tensor is gone) on Llama models of 2-4 layers, hidden 64-256,
-vocabularies 128-8192, float32 and bfloat16, on 2026-12-06; each is rounded up, so the
+vocabularies 128-8192, float32 and bfloat16, on 2026-12-06 (the merge's, held and read
+again, after it was recomputed in the backward, the same day); each is rounded up, so the
 plan bounds the measured peak (``tests/test_refine_memory.py``: planned / measured between
 1 and 1.35 on the zoo, between 1 and 1.3 for a step on the synthetic shapes).
 
