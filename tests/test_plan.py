@@ -141,8 +141,10 @@ def test_plan_command_shows_the_refinement_it_would_run(tmp_path, zoo, capsys):
     assert line.startswith("refinement: batch 32 (128 sequences) x 16 tokens: ")
     assert main(["plan", str(space), "--device-memory", "30MB", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)["refinement"]
-    assert (r["batch_size"], r["steps"], r["eval_every"], r["checkpointing"]) == (8, 960, 40, True)
+    assert (r["batch_size"], r["steps"], r["eval_every"], r["checkpointing"], r["hold_inputs"]) == (16, 480, 20, True,
+                                                                                                   True)
     assert r["budget"] == 30 * 10**6 and r["total"] + r["beside"] <= r["budget"]
-    assert main(["plan", str(space), "--device-memory", "12MB"]) == 2
+    assert main(["plan", str(space), "--device-memory", "8MB"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith(f"error: {space}: refine: even batch 1 (4 sequences x 16 tokens)")
+    assert len(err.splitlines()) == 1 and err.startswith(
+        f"error: {space}: refine: even batch 1 (4 sequences x 16 tokens) with gradient checkpointing, nothing held, needs")

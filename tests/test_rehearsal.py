@@ -104,7 +104,7 @@ def test_a_phase_out_of_time_keeps_the_phases_before_it(tmp_path):
 @pytest.mark.slow
 def test_a_refinement_the_device_cannot_hold_is_the_refusal_the_fallback_reads(tmp_path):
     """The rehearsal's fallback: a search refused in one line for its refinement's memory
-    (as the 3B family's is on half a GPU: 141 GB planned against 39.5 GB) is recognised,
+    (as the 3B family's is on half a GPU: 47.6 GB planned with nothing held, against 39.5 GB) is recognised,
     and the space is written again without the refinement, the rest unchanged."""
     import yaml
     sys.path.insert(0, str(SCRIPT.parent))
