@@ -16,9 +16,9 @@
 #      is expected to be refused by the refinement's memory preflight on half an H100
 #      (about 39 GB): 47.6 GB planned with nothing held (the merge recomputed in the
 #      backward, each tensor's inputs read again; 96 GB holding the float32 task vectors
-#      and base; 141 GB before, 2026-12-06); the refusal is recorded and the search runs
-#      again without it. A whole H100 (1 worker x 1 GPU) would hold the nothing-held plan;
-#      the rehearsal does not run that search (its time limit has no room for a second one).
+#      and base; 141 GB before, 2026-12-06); the refusal (seconds, before any trial) is
+#      recorded and the search runs again as 1 worker on the whole GPU with the refinement,
+#      which the nothing-held plan fits; where that is refused too, without the refinement.
 # SKIP_KERNELS=1, SKIP_STAGING=1, SKIP_REHEARSAL=1 leave a part out; SKIP_INSTALL=1 reuses
 # /tmp/site on a machine still warm from an earlier call.
 set -u

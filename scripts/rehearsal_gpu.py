@@ -19,8 +19,9 @@ before it (and what its own run stored):
    H100 the 3B family's still is: 141 GB planned before the merge was recomputed in the
    backward; since, 96 GB holding the float32 task vectors and base, 47.6 GB holding
    nothing (each tensor's inputs read again), batch 16 or 1 alike, against about 39 GB;
-   a whole H100 holds the latter, 2026-12-06): the refusal is kept as a finding
-   and the search runs again without the refinement in the time left;
+   a whole H100 holds the latter, 2026-12-06): the refusal is kept as a finding, and the
+   search runs again as one worker on the whole GPU with the refinement, or, where that is
+   refused too (or on the CPU), without the refinement, in the time left;
 4. ``export``: the best trial, scored on test items;
 5. ``staging``: the Stager's bandwidth over the family's own tensors, 1 thread and N.
 
@@ -332,6 +333,14 @@ def _without_refine(src: Path, dst: Path) -> None:
     dst.write_text(yaml.safe_dump(space, sort_keys=False))
 
 
+def _whole_gpu(src: Path, dst: Path) -> None:
+    """The space for one worker on a whole GPU (its refinement kept)."""
+    import yaml
+    space = yaml.safe_load(src.read_text())
+    space["resources"] = {**space.get("resources", {}), "gpus_per_worker": 1}
+    dst.write_text(yaml.safe_dump(space, sort_keys=False))
+
+
 def _kill_group(p: subprocess.Popen, steps) -> None:
     """Signal the phase's process group step by step until its leader has exited, then
     SIGKILL whatever of the group is left."""
@@ -445,9 +454,11 @@ def summary(doc: dict) -> str:
         m = p.get("memory") or {}
         lines.append(f"  {name:10s} {p['status']:8s} {_fmt_s(p.get('wall_s')):>10s} {p.get('timeout_s', 0):>6.0f}s"
                      f"  {_gb(m.get('host_used_peak'))} / {_gb(m.get('gpu_used_peak'))}")
-        if p.get("first_try"):
-            lines.append(f"    first try {p['first_try']['status']} in {_fmt_s(p['first_try']['wall_s'])}: "
-                         f"{p['first_try']['error']}; run again without the refinement")
+        for t in p.get("tries") or ([p["first_try"]] if p.get("first_try") else []):
+            lines.append(f"    try ({t.get('space') or 'space.yaml'}) {t['status']} in {_fmt_s(t['wall_s'])}: "
+                         f"{t['error']}")
+        if p.get("tries"):
+            lines.append(f"    then ran {p.get('space')} with {p.get('workers')} worker(s)")
     f = doc.get("figures", {})
     if "merge_s" in f:
         lines.append(f"  candidate merge: median {_fmt_s(f['merge_s']['median'])} over {f['merge_s']['n']} "
@@ -540,9 +551,9 @@ def main(argv: list[str] | None = None) -> int:
         doc["phases"][name] = run_phase(name, cmd, work, out, limit)
         return doc["phases"][name]
 
-    def search(space: str, limit: float) -> dict:
+    def search(space: str, limit: float, workers: int) -> dict:
         # the search's own budget ends sampling early enough for the refinement and the wrap-up
-        return step("search", cli("search", space, "--run", RUN, "--workers", str(a.workers), "--no-export",
+        return step("search", cli("search", space, "--run", RUN, "--workers", str(workers), "--no-export",
                                   "--timeout", str(max(20.0, 0.6 * limit))), limit)
 
     plan = None
@@ -567,24 +578,38 @@ def main(argv: list[str] | None = None) -> int:
         _save(out, doc)
 
         shutil.rmtree(work / "results", ignore_errors=True)
-        p = search("space.yaml", limits["search"])
-        refused = _refused(out / "search.log") if p["status"] == "failed" else None
-        if refused and "refine" in refused and limits["search"] - p["wall_s"] > 30:
-            # a refinement the device cannot hold (a finding in itself): the search without it,
-            # in the time left, so that the rest is still measured
-            first = {k: p[k] for k in ("status", "rc", "wall_s")} | {"error": refused}
-            (out / "search.log").rename(out / "search-refused.log")
-            _without_refine(work / "space.yaml", work / "space_norefine.yaml")
+        workers, left = a.workers, limits["search"]
+        p = search("space.yaml", left, workers)
+        tries = []
+        # a refinement the device cannot hold is refused before any trial (a finding in itself):
+        # on a GPU, one worker on the whole GPU with the refinement (its step time and peak are
+        # what the rehearsal is for); else, or if that is refused too, the search without it,
+        # in the time left, so that the rest is still measured
+        fallbacks = ([("space_wholegpu.yaml", 1, _whole_gpu)] if cuda and workers > 1 else []) + \
+            [("space_norefine.yaml", workers, _without_refine)]
+        for name, n, rewrite in fallbacks:
+            refused = _refused(out / "search.log") if p["status"] == "failed" else None
+            if not (refused and "refine" in refused and left - p["wall_s"] > 30):
+                break
+            tries.append({k: p[k] for k in ("status", "rc", "wall_s")} | {"error": refused, "space": p.get("space")})
+            (out / "search.log").rename(out / f"search-refused-{len(tries)}.log")
+            rewrite(work / "space.yaml", work / name)
             shutil.rmtree(work / "results", ignore_errors=True)
-            p = search("space_norefine.yaml", limits["search"] - first["wall_s"])
-            p["first_try"] = first
+            left -= p["wall_s"]
+            workers = n
+            p = search(name, left, workers)
+            p["space"] = name
+        if tries:
+            p["first_try"] = tries[0]
+            p["tries"] = tries
+            p["workers"] = workers
         try:  # what the run stored, also when it ran out of time
-            doc["figures"] = figures(work, plan, a.workers)
+            doc["figures"] = figures(work, plan, workers)
         except Exception as e:  # noqa: BLE001 - a partial run may have no store yet
             doc["figures"] = {"error": f"{type(e).__name__}: {e}"}
         gpu_peak = (p.get("memory") or {}).get("gpu_used_peak")
         if gpu_peak and plan:  # the GPU's peak while the search ran, against what its workers planned
-            doc["figures"]["gpu_peak_vs_plan"] = gpu_peak / (a.workers * plan["tiers"]["device"])
+            doc["figures"]["gpu_peak_vs_plan"] = gpu_peak / (workers * plan["tiers"]["device"])
         _save(out, doc)
 
         if p["status"] == "ok":

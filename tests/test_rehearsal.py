@@ -134,3 +134,8 @@ def test_a_refinement_the_device_cannot_hold_is_the_refusal_the_fallback_reads(t
     without = yaml.safe_load((work / "space_norefine.yaml").read_text())
     assert "refine" not in without and without["resources"] == space["resources"]
     assert {k: v for k, v in without.items() if k != "refine"} == {k: v for k, v in space.items() if k != "refine"}
+    # on a GPU the first fallback keeps the refinement and gives one worker the whole GPU
+    R._whole_gpu(work / "space.yaml", work / "space_wholegpu.yaml")
+    whole = yaml.safe_load((work / "space_wholegpu.yaml").read_text())
+    assert whole["refine"] == space["refine"] and whole["resources"] == {**space["resources"], "gpus_per_worker": 1}
+    assert {k: v for k, v in whole.items() if k != "resources"} == {k: v for k, v in space.items() if k != "resources"}
