@@ -10,19 +10,7 @@
 #      the demo space cut to 40 trials, refine and the export on the GPU;
 #   2. scripts/bench_gpu.py on the bench family: device candidates against the device export.
 set -u
-OUT=${OUT:-/tmp/device-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-t0=$(date +%s)
-PY=${PY:-python3}
-if [ "${SKIP_INSTALL:-0}" != 1 ]; then
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-for a in .gpucarry/*.tar.xz; do tar xJf "$a" -C /tmp/site || exit 1; done
-export PYTHONPATH=/tmp/site:$PWD
-fi
-echo "installed in $(( $(date +%s) - t0 )) s"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-$PY -c "import ray, optuna, torch, transformers; print('ray', ray.__version__, 'optuna', optuna.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'cpus', __import__('os').cpu_count())" || exit 1
+. scripts/device_setup.sh
 mkdir -p results && { [ -e results/zoo/manifest.json ] || cp -r .gpucarry/zoo results/zoo; }
 rm -rf results/gpu_check
 

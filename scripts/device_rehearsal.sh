@@ -22,20 +22,8 @@
 # SKIP_KERNELS=1, SKIP_STAGING=1, SKIP_REHEARSAL=1 leave a part out; SKIP_INSTALL=1 reuses
 # /tmp/site on a machine still warm from an earlier call.
 set -u
-OUT=${OUT:-/tmp/device-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false CI=true
-t0=$(date +%s)
-PY=${PY:-python3}
-if [ "${SKIP_INSTALL:-0}" != 1 ]; then
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-for a in .gpucarry/*.tar.xz; do tar xJf "$a" -C /tmp/site || exit 1; done
-fi
-export PYTHONPATH=/tmp/site:$PWD
-echo "installed in $(( $(date +%s) - t0 )) s"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-df -h /tmp | tail -1
-$PY -c "import ray, optuna, torch, transformers, lm_eval; print('ray', ray.__version__, 'optuna', optuna.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'cpus', __import__('os').cpu_count())" || exit 1
+. scripts/device_setup.sh
+export CI=true
 
 if [ "${SKIP_KERNELS:-0}" != 1 ] && [ -f scripts/bench_kernels.py ]; then
 t1=$(date +%s)
