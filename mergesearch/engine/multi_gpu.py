@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from mergesearch.engine.device_map import describe_modules, infer_device_map, layer_index, tensor_gpus
-from mergesearch.engine.plan import (GB, EXTRA_PASSES, Input, _dname, checkpoint_sizes, fmt_bytes, input_sizes,
-                                     model_input, scratch_bytes, slot_bytes)
+from mergesearch.engine.plan import (GB, EXTRA_PASSES, Input, _dname, family_inputs, fmt_bytes,
+                                     scratch_bytes, slot_bytes)
 from mergesearch.errors import MergeSearchError
 
 # Bytes per second of the host's merge of a large tensor (the native kernels over a
@@ -257,22 +257,7 @@ def make_multi_plan(base: str | None, models: list[str], methods: list[str], *, 
     if bad:
         raise MergeSearchError(f"device map: GPU {bad[0]} is not among the worker's {gpus} GPUs")
 
-    inputs: list[Input] = []
-    if base is not None:
-        s = checkpoint_sizes(base_ckpt)
-        inputs.append(Input("base", str(base), sum(s.values()), "base", s))
-    for i, m in enumerate(models):
-        inputs.append(model_input(f"m{i}", m, base_ckpt))
-    side = side or {}
-    for i, m in enumerate(models):
-        for kind in ("metric", "gram"):
-            f = (side.get(f"{kind}s") or {}).get(m)
-            if f:
-                s = input_sizes(f, kind)
-                inputs.append(Input(f"{kind}:m{i}", str(f), sum(s.values()), "side", s))
-    if side.get("base_metric"):
-        s = input_sizes(side["base_metric"], "metric")
-        inputs.append(Input("metric:base", str(side["base_metric"]), sum(s.values()), "side", s))
+    inputs = family_inputs(base, base_ckpt, models, side)
     adapters = [i for i in inputs if i.adapter]
     notes = []
     if adapters:

@@ -277,6 +277,27 @@ def model_input(key: str, ref: str, base) -> Input:
     return Input(key, str(ref), sum(s.values()), "model", s)
 
 
+def family_inputs(base: str | None, base_ckpt, models: list[str], side: dict | None) -> list[Input]:
+    """The placed inputs in priority order: the base, each model, then the side files
+    (``side`` as in :func:`make_plan`)."""
+    inputs: list[Input] = []
+    if base is not None:
+        s = checkpoint_sizes(base_ckpt)
+        inputs.append(Input("base", str(base), sum(s.values()), "base", s))
+    inputs += [model_input(f"m{i}", m, base_ckpt) for i, m in enumerate(models)]
+    side = side or {}
+    for i, m in enumerate(models):
+        for kind in ("metric", "gram"):
+            f = (side.get(f"{kind}s") or {}).get(m)
+            if f:
+                s = input_sizes(f, kind)
+                inputs.append(Input(f"{kind}:m{i}", str(f), sum(s.values()), "side", s))
+    if side.get("base_metric"):
+        s = input_sizes(side["base_metric"], "metric")
+        inputs.append(Input("metric:base", str(side["base_metric"]), sum(s.values()), "side", s))
+    return inputs
+
+
 def make_plan(base: str | None, models: list[str], methods: list[str], *, device: str = "cpu",
               budget: int | None = None, eval_dtype: str | None = None, eval_reserve: int | None = None,
               side: dict | None = None, gpus_per_worker: float = 1.0, stream: str = "auto",
@@ -299,28 +320,13 @@ def make_plan(base: str | None, models: list[str], methods: list[str], *, device
     largest = max(floats, key=ref.numel)
     matrices = {n: ref.shape(n) for n in floats if len(ref.shape(n)) == 2}
     largest_matrix = matrices[max(matrices, key=ref.numel)] if matrices else None
-    inputs: list[Input] = []
-    if base is not None:
-        s = checkpoint_sizes(base_ckpt)
-        inputs.append(Input("base", str(base), sum(s.values()), "base", s))
-    for i, m in enumerate(models):
-        inputs.append(model_input(f"m{i}", m, base_ckpt))
+    inputs = family_inputs(base, base_ckpt, models, side)
     adapters = sum(i.adapter for i in inputs)
     scratch = scratch_bytes(ref.numel(largest), methods, len(models), edtype.itemsize, device, largest_matrix,
                             adapters=adapters, adapter_numel=max((i.lowrank_numel for i in inputs), default=0))
     factors = factor_bytes(matrices, methods, len(models))
     # a LoRA adapter's untouched tensors are the base's: read whatever the method
     uses_base = base is not None and (adapters > 0 or any(REGISTRY[m].uses_base != "no" for m in methods))
-    side = side or {}
-    for i, m in enumerate(models):
-        for kind in ("metric", "gram"):
-            f = (side.get(f"{kind}s") or {}).get(m)
-            if f:
-                s = input_sizes(f, kind)
-                inputs.append(Input(f"{kind}:m{i}", str(f), sum(s.values()), "side", s))
-    if side.get("base_metric"):
-        s = input_sizes(side["base_metric"], "metric")
-        inputs.append(Input("metric:base", str(side["base_metric"]), sum(s.values()), "side", s))
 
     cuda = device.startswith("cuda")
     if stream == "auto":
