@@ -29,7 +29,7 @@ def load_model(model_dir: str | Path, device: str = "cpu", trust_remote_code: bo
     PEFT's ``merge_and_unload`` does (in the base's dtype).
 
     ``device_map`` (accelerate's: module name -> GPU index) shards the model over
-    several GPUs, as ``from_pretrained(device_map=...)`` does, instead of moving it to
+    several GPUs, as ``from_pretrained`` does when given a ``device_map``, instead of moving it to
     ``device`` (a sharded worker's, :mod:`mergesearch.engine.multi_gpu`)."""
     from mergesearch import sources
     from mergesearch.engine.adapter import open_model

@@ -5,7 +5,7 @@ model sharded over the worker's ``k`` GPUs. The shards follow accelerate's conve
 a ``device_map`` of module name -> GPU index made by ``infer_auto_device_map`` within
 the per-GPU limits of ``get_balanced_memory``, on a model built from the config on the
 meta device (no weights are read), so whole decoder layers are never split. The worker
-loads its evaluation model with that map (as ``from_pretrained(device_map=...)`` does),
+loads its evaluation model with that map (as ``from_pretrained`` does given a ``device_map``),
 and each tensor of a candidate is merged where its parameter lives.
 
 Each GPU's budget (``resources.device_memory`` is per GPU, else each GPU's free memory)
