@@ -10,7 +10,7 @@ for TorchInductor, which compiles for minutes over this matrix). Synchronized me
 
 Per method and shape it prints and writes (``--json``):
 - bytes: every input read once and the output written once;
-- bound: those bytes at the measured copy bandwidth (the issue's bound);
+- bound: those bytes at the measured copy bandwidth (the target's bound: one read of each input and one write of the output);
 - passes: the bytes the Triton path reads and writes, counted from its launches (the
   combine kernel; each selection pass reads a model and the base: the top-16 histogram,
   counted only in the one-shot figure, where no FactorCache keeps it between candidates;

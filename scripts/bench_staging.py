@@ -2,8 +2,8 @@
 
 On CUDA it measures the pinned host-to-device bandwidth (the link, as the plan measures
 it) and the Stager's end-to-end bandwidth from a memory-mapped file whose pages are in
-the page cache, with 1 copy thread and with N, as a ratio against the link (the goal of
-issue 33: at least 0.8). On the CPU (``stream: copy``) it measures mapped file -> slot
+the page cache, with 1 copy thread and with N, as a ratio against the link (the target:
+at least 0.8). On the CPU (``stream: copy``) it measures mapped file -> slot
 with 1 and N threads, against one thread's memcpy bandwidth.
 
     python scripts/bench_staging.py [--threads N] [--gb 1.2] [--json out.json]

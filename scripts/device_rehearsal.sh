@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU rehearsal of issue 33, run on a lent accelerator machine (no network there; its
+# The GPU rehearsal (docs/BENCHMARKS.md), run on a lent accelerator machine (no network there; its
 # python3 holds a CUDA torch). What the image lacks travels with the call, as for
 # scripts/device_check.sh: .whl/ (wheels for Python 3.12) and .gpucarry/*.tar.xz (Ray and
 # lm-eval, trimmed; scripts/device_prepare.sh builds both here). Nothing else is carried:

@@ -1,5 +1,5 @@
 """A rehearsal of a real search on a Llama-3.2-3B-shaped family, prepared so that the few
-minutes a GPU machine is lent go to measuring, not debugging (issue 33).
+minutes a GPU machine is lent go to measuring, not debugging (targets: docs/BENCHMARKS.md).
 
 Phases, each a subprocess with its own time limit; after each one ``$OUT/rehearsal.json``
 is rewritten with everything so far, so a phase that runs out of time keeps the ones
