@@ -71,13 +71,7 @@ def test_plan_bounds_the_measured_refinement(zoo, shapes, method, dtype, ckpt, h
     if dtype:  # the same shapes; the weights in bfloat16, the float32 base a copy
         d = replace(d, itemsize=2, base_copied=True)
     planned = estimate(space, 16, per_task, d, checkpointing=ckpt, hold=hold)
-    fts = [str(zoo / f"ft_{t}") for t in TASKS]
-    per = {"weight": 1.0, **({"density": 0.5} if method != "task_arithmetic" else {})}
-    r = from_dict(dict(method=method, base=str(zoo / "base"), parameters={"lambda": 1.1}, seed=5,
-                       dtype=dtype or "float32",
-                       models=[{"path": p, "parameters": dict(per, weight=0.6 + 0.2 * i)} for i, p in enumerate(fts)]))
-    mat = Materializer(zoo / "base", fts, methods=[method])
-    model, tok = load_model(zoo / "base", dtype=dtype)
+    r, mat, model, tok = _zoo_candidate(zoo, method, dtype)
     ev = build_evaluator(EvalConfig(tasks=TASKS, task_dir=str(zoo), split="dev", limit=16))
     ev.training_items(model, tok)  # the requests, built once per model (not the refinement's)
     cfg = dict(space.refine.model_dump(), average=0.0, checkpointing=ckpt, steps=2, hold_inputs=hold)
@@ -276,16 +270,22 @@ def test_a_staged_base_is_copied_out_of_its_slot(zoo):
     assert torch.equal(got[0][1], got[1][1]) and torch.equal(got[0][2], got[1][2])
 
 
-def _terms_and_model(root, method, hold=True, dtype=None):
-    from mergesearch.search.refine import build_terms
-
+def _zoo_candidate(root, method, dtype=None):
+    """A candidate of the zoo's four fine-tunes (its recipe), their Materializer and the
+    base loaded as the evaluation model."""
     fts = [str(root / f"ft_{t}") for t in TASKS]
     per = {"weight": 1.0, **({"density": 0.5} if method != "task_arithmetic" else {})}
     r = from_dict(dict(method=method, base=str(root / "base"), parameters={"lambda": 1.1}, seed=5,
                        dtype=dtype or "float32",
                        models=[{"path": p, "parameters": dict(per, weight=0.6 + 0.2 * i)} for i, p in enumerate(fts)]))
-    mat = Materializer(root / "base", fts, methods=[method])
     model, tok = load_model(root / "base", dtype=dtype)
+    return r, Materializer(root / "base", fts, methods=[method]), model, tok
+
+
+def _terms_and_model(root, method, hold=True, dtype=None):
+    from mergesearch.search.refine import build_terms
+
+    r, mat, model, tok = _zoo_candidate(root, method, dtype)
     targets = dict(model.named_parameters())
     names = [n for n in mat.names if n in targets and targets[n].is_floating_point()]
     groups = [asdict(g) for g in make_groups(Granularity(level="layer", n_groups=2), 4, "model.layers.")]
