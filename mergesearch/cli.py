@@ -92,17 +92,21 @@ app.add_typer(zoo_app, name="zoo")
 
 @zoo_app.command("build")
 def zoo_build(
-    out: Path = typer.Option(Path("results/zoo"), "--out", help="where to build the zoo"),
+    out: Optional[Path] = typer.Option(None, "--out", help="where to build the zoo (default results/zoo, "
+                                       "or results/zoo_hard for --preset hard)"),
     force: bool = typer.Option(False, "--force", help="rebuild even when a finished build is there"),
     scale: float = typer.Option(1.0, "--scale", max=1.0, help="shrink every training's step count by this "
                                 "factor (tests; a scaled zoo's models are too weak to search on)"),
+    preset: str = typer.Option("bundled", "--preset", help="bundled: the demo's zoo; hard: the 8-task benchmark "
+                               "zoo (docs/ZOO.md), for benchmarks"),
 ):
     """Build the zoo: a tiny base, task fine-tunes, checkpoints, a sweep, data (cached)."""
     from mergesearch.zoo.build import build_zoo
 
     if scale <= 0:
         raise MergeSearchError(f"--scale: use a factor above 0 and at most 1, got {scale:g}")
-    manifest = build_zoo(out, scale=scale, force=force)
+    manifest = build_zoo(out, scale=scale, force=force, preset=preset)
+    out = out or Path(manifest["root"])
     n = len(manifest["models"])
     took = manifest.get("build_seconds")
     typer.echo(f"zoo at {out}: {n} models, tasks {', '.join(manifest['tasks'])}"

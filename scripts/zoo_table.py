@@ -23,7 +23,7 @@ from mergesearch.evaluate import EvalConfig  # noqa: E402
 from mergesearch.evaluate import build_evaluator  # noqa: E402
 from mergesearch.engine.materialize import Materializer  # noqa: E402
 from mergesearch.recipe import from_dict  # noqa: E402
-from doc_markers import write_between  # noqa: E402
+from doc_markers import write_table_and_checks  # noqa: E402
 from mergesearch.zoo.build import ZOO_TASKS, build_zoo  # noqa: E402
 
 
@@ -125,12 +125,8 @@ def main() -> int:
         checks.insert(1, (f"each LoRA adapter scores >= 0.85 on its own task (test): "
                           f"{', '.join(f'{t} {v:.3f}' for t, v in lora_own.items())}",
                           min(lora_own.values()) >= 0.85))
-    accept = "\n".join(f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks)
-    print(table)
-    print(accept)
-    write_between(Path(args.doc), "<!-- zoo-table -->", "<!-- /zoo-table -->",
-                  f"{table}\n\nAcceptance, measured by this build (2-core CPU):\n\n{accept}")
-    return 0 if all(ok for _, ok in checks) else 1
+    return write_table_and_checks(Path(args.doc), "zoo-table", table, checks,
+                                  "Acceptance, measured by this build (2-core CPU):")
 
 
 if __name__ == "__main__":

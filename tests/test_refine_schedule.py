@@ -115,6 +115,35 @@ def test_refine_improves_held_out_items_counts_cost_and_is_deterministic(zoo):
     assert again.to_dict() == out.to_dict()
 
 
+def test_restarts_hold_out_tiling_folds_and_average_their_coefficients(zoo):
+    """refine.restarts 2: the second restart holds out the next share of every task's items
+    (disjoint from the first's), each restart's training and checks are counted, and the
+    recipe is the mean of the two restarts' kept coefficients; the first restart is the
+    refinement with restarts 1."""
+    from mergesearch.search.refine_data import Items
+
+    r = candidate(zoo, "ties")
+    mat = Materializer(zoo / "base", [m.path for m in r.models], methods=["ties"])
+    model, tok = load_model(zoo / "base")
+    ev = build_evaluator(EvalConfig(tasks=TASKS, task_dir=str(zoo), split="dev", limit=40))
+    items = Items(ev, model, tok, 0.25, 0, "cpu")
+    first = {t: {id(x) for x in rows} for t, rows in items.holdout.items()}
+    items.fold(1)
+    for t, rows in items.holdout.items():
+        assert len(rows) == 10 and not first[t] & {id(x) for x in rows}
+        assert len(items.train[t]) == 30 and not {id(x) for x in items.train[t]} & {id(x) for x in rows}
+    one, _ = refine(mat, model, tok, ev, r, CFG, layer_groups())
+    two, stats = refine(mat, model, tok, ev, r, dict(CFG, restarts=2), layer_groups())
+    assert len(stats["restarts"]) == 2 and stats["steps"] == 16
+    assert stats["cost"] == pytest.approx(2 * (8 * 8 * 4 * 3 + 3 * 40 * 4) / 640)
+    assert stats["cost"] <= estimate_cost(dict(CFG, restarts=2), 160, 640) + 1e-9
+    assert estimate_cost(dict(CFG, restarts=2), 160, 640) == pytest.approx(2 * estimate_cost(CFG, 160, 640))
+    a = [c.value for c in one.models[2].parameters["weight"]]
+    mean = [c.value for c in two.models[2].parameters["weight"]]
+    b = [2 * m - x for m, x in zip(mean, a)]  # the second restart's coefficients
+    assert a != mean and max(abs(x - y) for x, y in zip(a, b)) > 1e-4
+
+
 def test_entropy_refinement_uses_no_labels(zoo):
     r = candidate(zoo, "task_arithmetic")
     mat = Materializer(zoo / "base", [m.path for m in r.models], methods=["task_arithmetic"])

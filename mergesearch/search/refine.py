@@ -307,55 +307,59 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
     hold = bool(cfg.get("hold_inputs", True))
     terms, group_w, group_lam = build_terms(mat, recipe, groups, names, {n: targets[n].dtype for n in names}, device,
                                             hold=hold)
-    coef = torch.ones(len(groups), n_models, device=device, requires_grad=True)
-    scale = torch.ones(len(groups), device=device, requires_grad=True)
-    # per-row multipliers (models x rows) of every matrix, with ``rows``
-    row_mult = {t.name: torch.ones(n_models, t.shape[0], device=device, requires_grad=True)
-                for t in terms if cfg.get("rows") and len(t.shape) == 2}
-    opt = torch.optim.Adam([{"params": [coef, scale], "lr": cfg["lr"]}]
-                           + ([{"params": list(row_mult.values()), "lr": float(cfg.get("row_lr", 0.05))}]
-                              if row_mult else []))
-    decay = float(cfg["average"])
-    avg_c, avg_s = coef.detach().clone(), scale.detach().clone()  # what is checked and kept
-    avg_r = {k: v.detach().clone() for k, v in row_mult.items()}
+    restarts = int(cfg.get("restarts", 1))
     rng = random.Random(f"refine-batches:{seed}")
-    pools = {t: [] for t in tasks}
 
-    def rank(acc: float, loss: float) -> tuple[float, float]:
-        return (-loss, 0.0) if label_free else (acc, -loss)
-
-    def check() -> tuple[float, float]:
+    def run_once() -> tuple:
+        """One refinement on the current fold: (best check, history, steps run)."""
         nonlocal cost_seqs
-        accs, losses = [], []
-        with torch.no_grad():
-            params = merged_params(terms, avg_c, avg_s, avg_r)
-            for task in tasks:
-                rows = items.holdout[task]
-                right, loss_sum = 0, 0.0
-                for s in range(0, len(rows), check_n):
-                    chunk = rows[s:s + check_n]
-                    batch = items.batch(chunk)
-                    loss, c = item_losses(chunk, sequence_loglik(model, params, batch), cfg["loss"], mix)
-                    right += c
-                    loss_sum += float(loss) * len(chunk)
-                    cost_seqs += batch[4] if batch else 0
-                accs.append(right / max(len(rows), 1))
-                losses.append(loss_sum / max(len(rows), 1))
-        return sum(accs) / len(accs), sum(losses) / len(losses)
+        coef = torch.ones(len(groups), n_models, device=device, requires_grad=True)
+        scale = torch.ones(len(groups), device=device, requires_grad=True)
+        # per-row multipliers (models x rows) of every matrix, with ``rows``
+        row_mult = {t.name: torch.ones(n_models, t.shape[0], device=device, requires_grad=True)
+                    for t in terms if cfg.get("rows") and len(t.shape) == 2}
+        opt = torch.optim.Adam([{"params": [coef, scale], "lr": cfg["lr"]}]
+                               + ([{"params": list(row_mult.values()), "lr": float(cfg.get("row_lr", 0.05))}]
+                                  if row_mult else []))
+        decay = float(cfg["average"])
+        avg_c, avg_s = coef.detach().clone(), scale.detach().clone()  # what is checked and kept
+        avg_r = {k: v.detach().clone() for k, v in row_mult.items()}
+        pools = {t: [] for t in tasks}
 
-    def draw() -> list:
-        rows = []
-        while len(rows) < cfg["batch_size"]:
-            for task in tasks:
-                if len(rows) >= cfg["batch_size"]:
-                    break
-                if not pools[task]:
-                    pools[task] = list(items.train[task])
-                    rng.shuffle(pools[task])
-                rows.append(pools[task].pop())
-        return rows
+        def rank(acc: float, loss: float) -> tuple[float, float]:
+            return (-loss, 0.0) if label_free else (acc, -loss)
 
-    try:
+        def check() -> tuple[float, float]:
+            nonlocal cost_seqs
+            accs, losses = [], []
+            with torch.no_grad():
+                params = merged_params(terms, avg_c, avg_s, avg_r)
+                for task in tasks:
+                    rows = items.holdout[task]
+                    right, loss_sum = 0, 0.0
+                    for s in range(0, len(rows), check_n):
+                        chunk = rows[s:s + check_n]
+                        batch = items.batch(chunk)
+                        loss, c = item_losses(chunk, sequence_loglik(model, params, batch), cfg["loss"], mix)
+                        right += c
+                        loss_sum += float(loss) * len(chunk)
+                        cost_seqs += batch[4] if batch else 0
+                    accs.append(right / max(len(rows), 1))
+                    losses.append(loss_sum / max(len(rows), 1))
+            return sum(accs) / len(accs), sum(losses) / len(losses)
+
+        def draw() -> list:
+            rows = []
+            while len(rows) < cfg["batch_size"]:
+                for task in tasks:
+                    if len(rows) >= cfg["batch_size"]:
+                        break
+                    if not pools[task]:
+                        pools[task] = list(items.train[task])
+                        rng.shuffle(pools[task])
+                    rows.append(pools[task].pop())
+            return rows
+
         acc0, loss0 = check()
         best = (*rank(acc0, loss0), 0, avg_c.clone(), avg_s.clone(), acc0, {k: v.clone() for k, v in avg_r.items()})
         history = [{"step": 0, "holdout_acc": acc0, "holdout_loss": loss0}]
@@ -400,19 +404,40 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
                     stale += 1
                     if stale >= cfg["patience"]:
                         break
+        return best, history, step
+
+    runs = []
+    try:
+        for r in range(restarts):
+            items.fold(r)
+            runs.append(run_once())
     finally:
         if was_training:
             model.train()
+    if restarts == 1:
+        best, history, step = runs[0]
+    else:  # the restarts' kept coefficients, averaged: one recipe
+        bests = [b for b, _, _ in runs]
+        mean = lambda xs: torch.stack(xs).mean(0)  # noqa: E731
+        acc_mean = sum(b[5] for b in bests) / restarts
+        best = (*bests[0][:2], bests[0][2], mean([b[3] for b in bests]), mean([b[4] for b in bests]), acc_mean,
+                {k: mean([b[6][k] for b in bests]) for k in bests[0][6]})
+        history = [dict(h, restart=i) for i, (_, hist, _) in enumerate(runs) for h in hist]
+        step = sum(st for _, _, st in runs)
     _, _, best_step, c_best, s_best, acc_best, r_best = best
     out = refined_recipe(recipe, groups, group_w, group_lam, c_best, s_best)
     if r_best:
         out = out.with_rows({i: {k: v[i].detach().to("cpu", torch.float32).contiguous() for k, v in r_best.items()}
                              for i in range(n_models)})
-    loss_best = next(h["holdout_loss"] for h in history if h["step"] == best_step)
+    first = runs[0][1][0]  # each restart's check before its first step
+    acc0, loss0 = first["holdout_acc"], first["holdout_loss"]
+    kept = [{"best_step": b[2], "holdout_after": b[5], "steps": st,
+             "holdout_loss_after": next(h["holdout_loss"] for h in hist if h["step"] == b[2])} for b, hist, st in runs]
+    loss_best = sum(k["holdout_loss_after"] for k in kept) / restarts
     stats = {"steps": step, "best_step": best_step, "holdout_before": acc0, "holdout_after": acc_best,
              "holdout_loss_before": loss0, "holdout_loss_after": loss_best,
              "cost": cost_seqs / max(items.n_seqs, 1), "loss": cfg["loss"], "teachers": teachers, "history": history,
-             "groups": [g["name"] or "all" for g in groups],
+             "groups": [g["name"] or "all" for g in groups], "restarts": kept,
              "memory": {"planned": cfg.get("planned_bytes"), "batch_size": cfg["batch_size"], "steps_planned": cfg["steps"],
                         "check_batch": check_n, "checkpointing": ckpt, "hold_inputs": hold,
                         "peak": (torch.cuda.max_memory_allocated(device) - held_at_start) if cuda else None}}

@@ -24,7 +24,9 @@ def estimate_cost(cfg: dict, n_items: int, n_seqs: int, n_models: int = 0) -> fl
     holdout_seqs = n_seqs * cfg["holdout"]
     checks = cfg["steps"] // cfg["eval_every"] + 1
     teachers = n_models if cfg["loss"] == "distill" else 0
-    return (cfg["steps"] * cfg["batch_size"] * per_item * TRAIN_COST + checks * holdout_seqs) / max(n_seqs, 1) + teachers
+    restarts = int(cfg.get("restarts", 1))  # each restart trains and checks again; the teachers score once
+    once = (cfg["steps"] * cfg["batch_size"] * per_item * TRAIN_COST + checks * holdout_seqs) / max(n_seqs, 1)
+    return restarts * once + teachers
 
 
 class Row:
@@ -79,15 +81,26 @@ class Items:
         self.holdout: dict[str, list] = {}
         self.n_seqs = 0
         self.n_items = 0
+        self.rows: dict[str, list] = {}
+        self.share, self.seed = holdout, seed
         for task, items in evaluator.training_items(model, tokenizer).items():
             rows = [Row(it) for it in items]
             self.n_items += len(rows)
             self.n_seqs += sum(max(1, len(r.seqs)) for r in rows)
-            if task in skip:
-                continue
+            if task not in skip:
+                self.rows[task] = rows
+        self.fold(0)
+
+    def fold(self, r: int) -> None:
+        """Hold out the r-th share of each task's items (a seeded order cut into consecutive
+        shares, wrapping around): fold 0 is the first share; a refinement's restarts hold
+        out folds 0, 1, ... so their held-out sets tile the items."""
+        for task, rows in self.rows.items():
             order = list(range(len(rows)))
-            random.Random(f"refine:{seed}:{task}").shuffle(order)
-            k = max(1, int(round(holdout * len(rows)))) if len(rows) > 1 else 0
+            random.Random(f"refine:{self.seed}:{task}").shuffle(order)
+            k = max(1, int(round(self.share * len(rows)))) if len(rows) > 1 else 0
+            start = (r * k) % len(rows) if rows else 0
+            order = order[start:] + order[:start]
             self.holdout[task] = [rows[i] for i in order[:k]]
             self.train[task] = [rows[i] for i in order[k:]] or self.holdout[task]
 

@@ -185,6 +185,10 @@ class RefineConfig(StrictModel):
     # distill: how each task's teacher is chosen among the source models (confidence needs no label)
     teachers: Literal["confidence", "accuracy"] = "confidence"
     holdout: float = Field(default=0.25, gt=0, lt=1)  # share of the dev items never trained on
+    # refinements from the same candidate, each holding out the next share of the items (with
+    # holdout 1/restarts the held-out shares tile the dev items) and drawing its own batches;
+    # the refined recipe averages their kept coefficients. Each costs a refinement's steps.
+    restarts: int = Field(default=1, ge=1)
     eval_every: int = Field(default=5, ge=1)  # steps between held-out checks
     patience: int = Field(default=3, ge=1)  # checks without improvement before stopping
     # the coefficients checked and kept are an exponential moving average of Adam's

@@ -79,36 +79,57 @@ LORA_TRAIN = {"reverse": dict(steps=150, lr=4e-3), "shift": dict(steps=100, lr=3
               "max": dict(steps=70, lr=3e-3), "add": dict(steps=100, lr=3e-3)}
 
 
-def build_zoo(out: str | Path = DEFAULT_OUT, scale: float = 1.0, force: bool = False) -> dict:
-    """Build the zoo under ``out`` (cached). ``scale`` shrinks every step count (tests)."""
+PRESETS = ("bundled", "hard")
+
+
+def build_zoo(out: str | Path | None = None, scale: float = 1.0, force: bool = False, preset: str = "bundled") -> dict:
+    """Build the zoo under ``out`` (cached; default results/zoo, or results/zoo_hard for
+    ``preset="hard"``, :mod:`mergesearch.zoo.hard`). ``scale`` shrinks every step count (tests)."""
     import fcntl
 
+    if preset not in PRESETS:
+        from mergesearch.errors import MergeSearchError
+        raise MergeSearchError(f"zoo build: unknown preset '{preset}' (one of: {', '.join(PRESETS)})")
     quiet_libraries()  # no library's bars while models are saved
+    if out is None:
+        from mergesearch.zoo.hard import DEFAULT_OUT as HARD_OUT
+        out = HARD_OUT if preset == "hard" else DEFAULT_OUT
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # one builder at a time: a second process waits, then finds the zoo built
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _build_locked(out, scale, force)
+        return _build_locked(out, scale, force, preset)
 
 
-def _build_locked(out: Path, scale: float, force: bool) -> dict:
+def _build_locked(out: Path, scale: float, force: bool, preset: str = "bundled") -> dict:
+    from mergesearch.zoo import hard
+
+    version = hard.HARD_VERSION if preset == "hard" else ZOO_VERSION
     manifest_path = out / "manifest.json"
     if manifest_path.exists() and not force:
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("version") == ZOO_VERSION and manifest.get("scale") == scale:
+        if (manifest.get("version") == version and manifest.get("scale") == scale
+                and manifest.get("preset", "bundled") == preset):
             return manifest
     t0 = time.perf_counter()
-    log.info("zoo: building the model zoo in %s (once: later runs reuse it): a tiny base, %d fine-tunes with %d "
-             "checkpoints, an SGD fine-tune, a %d-run sweep and %d LoRA adapters, trained here on the CPU", out,
-             len(ZOO_TASKS), CHECKPOINTS, len(SWEEP), len(ZOO_TASKS))
+    if preset == "hard":
+        log.info("zoo: building the hard zoo in %s (once: later runs reuse it): a %s-layer base and %d fine-tunes, "
+                 "trained here on the CPU", out, hard.MODEL["num_hidden_layers"], len(hard.HARD_TASKS))
+    else:
+        log.info("zoo: building the model zoo in %s (once: later runs reuse it): a tiny base, %d fine-tunes with %d "
+                 "checkpoints, an SGD fine-tune, a %d-run sweep and %d LoRA adapters, trained here on the CPU", out,
+                 len(ZOO_TASKS), CHECKPOINTS, len(SWEEP), len(ZOO_TASKS))
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        manifest = _build(tmp, out.resolve(), scale)
+        if preset == "hard":
+            manifest = hard.build(tmp, out.resolve(), scale, lambda n: _steps(n, scale))
+        else:
+            manifest = _build(tmp, out.resolve(), scale)
         manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        _write_lmeval_tasks(tmp, out.resolve())
+        _write_lmeval_tasks(tmp, out.resolve(), preset)
         replace_dir(tmp, out, force=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -164,17 +185,22 @@ def _build(root: Path, final: Path, scale: float) -> dict:
         return _train_all(root, final, scale, line)
 
 
-def _train_all(root: Path, final: Path, scale: float, line: Step) -> dict:
+def init_model(shape: dict, seed: int):
+    """(config, model): a randomly initialized Llama of ``shape`` for the char tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    cfg = LlamaConfig(**shape, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                      rms_norm_eps=1e-5, rope_theta=10000.0)
+    torch.manual_seed(seed)
+    return cfg, LlamaForCausalLM(cfg)
+
+
+def _train_all(root: Path, final: Path, scale: float, line: Step) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     splits = _write_data(root)
     held_out = {t: {it["context"] for sp in ("dev", "test") for it in splits[t][sp]} for t in ZOO_TASKS}
 
-    cfg = LlamaConfig(**MODEL, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                      rms_norm_eps=1e-5, rope_theta=10000.0)
-    torch.manual_seed(PRETRAIN["seed"])
-    model = LlamaForCausalLM(cfg)
+    cfg, model = init_model(MODEL, PRETRAIN["seed"])
     # skill checks on items of their own, disjoint from dev, test and train
     taken = {t: held_out[t] | {it["context"] for it in splits[t]["train"]} for t in ZOO_TASKS}
     probes = {t: [dict(it, context=skill_context(t, it["context"])) for it in make_items(t, 100, seed=4, exclude=taken[t])]
@@ -337,10 +363,17 @@ def _write_data(root: Path) -> dict:
     return splits
 
 
-def _write_lmeval_tasks(root: Path, final: Path) -> None:
+def _write_lmeval_tasks(root: Path, final: Path, preset: str = "bundled") -> None:
     """lm-eval task files: one task per (task, split), reading the zoo's JSONL."""
     folder = root / "tasks"
     folder.mkdir()
+    if preset == "hard":
+        from mergesearch.zoo.hard import HARD_TASKS, lmeval_spec
+        for task in HARD_TASKS:
+            for split in ("dev", "test"):
+                spec = lmeval_spec(task, split, final / "data" / task / f"{split}.jsonl")
+                (folder / f"zoo_{task}_{split}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        return
     for task in ZOO_TASKS:
         for split in ("dev", "test"):
             spec = {

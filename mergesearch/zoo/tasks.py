@@ -112,9 +112,12 @@ def random_answer(task: str, answer: str, rng: random.Random) -> str:
     return str(rng.randint(0, 98))
 
 
-def make_items(task: str, n: int, seed: int, exclude: set[str] | None = None) -> list[dict]:
-    """n distinct items (by context) whose contexts are not in ``exclude``."""
-    rng = random.Random(f"{task}:{seed}")
+def make_items(task: str, n: int, seed: int, exclude: set[str] | None = None, tasks: dict | None = None,
+               salt: str = "", targets: bool = False) -> list[dict]:
+    """n distinct items (by context) whose contexts are not in ``exclude``, drawn from
+    ``tasks`` (default the zoo's) with a generator seeded by ``salt``, the task and
+    ``seed``; ``targets``: each item also carries its answer as ``target`` (generation)."""
+    rng = random.Random(f"{salt}{task}:{seed}")
     seen = set(exclude or ())
     items = []
     attempts = 0
@@ -122,13 +125,14 @@ def make_items(task: str, n: int, seed: int, exclude: set[str] | None = None) ->
         attempts += 1
         if attempts > 200 * n:
             raise RuntimeError(f"task {task}: cannot draw {n} distinct items")
-        ctx, ans, distractors = TASKS[task].make(rng)
+        ctx, ans, distractors = (tasks or TASKS)[task].make(rng)
         if ctx in seen:
             continue
         seen.add(ctx)
         choices = [ans] + distractors
         rng.shuffle(choices)
-        items.append({"context": ctx, "choices": choices, "answer": choices.index(ans)})
+        items.append({"context": ctx, "choices": choices, "answer": choices.index(ans),
+                      **({"target": ans} if targets else {})})
     return items
 
 
