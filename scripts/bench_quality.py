@@ -127,14 +127,14 @@ def setup(args):
     evs = {s: build_evaluator(EvalConfig(tasks=tasks, task_dir=str(zoo), split=s)) for s in ("dev", "test")}
 
     ref: dict[str, float] = {}  # the best source model's test score per task
-
+    ready = []  # set once ref holds every source model
     def score(recipe) -> dict:
         mat.write_into(model, recipe)
         out = {}
         for split, ev in evs.items():
             s = ev.score(model, tok)
             out[split] = {"mean": sum(s.values()) / len(s), "worst": min(s.values()), "tasks": s}
-        if ref:
+        if ready:
             out["test"]["normalized"] = sum(v / ref[t] for t, v in out["test"]["tasks"].items()) / len(ref)
         return out
 
@@ -144,6 +144,7 @@ def setup(args):
                                               models=[{"path": p, "parameters": {"weight": 1.0}}])))
         for t, v in s["test"]["tasks"].items():
             ref[t] = max(ref.get(t, 0.0), v)
+    ready.append(True)
     for s in sources.values():
         s["test"]["normalized"] = sum(v / ref[t] for t, v in s["test"]["tasks"].items()) / len(ref)
     base_test = score(from_dict(dict(method="task_arithmetic", base=demo.base, parameters={"lambda": 0.0},

@@ -193,6 +193,30 @@ def test_distill_refinement_learns_from_the_specialists_without_labels(zoo):
     assert mixed.to_dict() != mixed_b.to_dict()
 
 
+def test_confidence_teacher_of_two_tasks_is_named(zoo, caplog):
+    """A source model that is the surest on two tasks teaches both, and the refinement says
+    so in one warning (with tasks that share an input format, a specialist can be sure and
+    wrong on its partner's items); teachers chosen by accuracy are not warned about. Two
+    copies of one fine-tune tie on every task, and the first copy wins both."""
+    fts = [str(zoo / "ft_max"), str(zoo / "ft_max")]
+    r = from_dict(dict(method="task_arithmetic", base=str(zoo / "base"), parameters={"lambda": 0.5},
+                       models=[{"path": p, "parameters": {"weight": 1.0}} for p in fts]))
+    mat = Materializer(zoo / "base", fts, methods=["task_arithmetic"])
+    model, tok = load_model(zoo / "base")
+    ev = build_evaluator(EvalConfig(tasks=["max", "add"], task_dir=str(zoo), split="dev", limit=16))
+    cfg = dict(CFG, loss="distill", steps=1, eval_every=1, teachers="confidence")
+    with caplog.at_level("WARNING", logger="mergesearch.search.refine"):
+        _, stats = refine(mat, model, tok, ev, r, cfg, layer_groups("groups"))
+    assert stats["teachers"] == {"max": 0, "add": 0}
+    assert [m for m in caplog.messages if "surest" in m] == [
+        f"refine: {fts[0]} is the surest source model on tasks max, add, and teaches them all; when tasks share an "
+        "input format a model can be sure and wrong (check the teachers, or set refine.teachers: accuracy)"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mergesearch.search.refine"):
+        _, stats = refine(mat, model, tok, ev, r, dict(cfg, teachers="accuracy"), layer_groups("groups"))
+    assert stats["teachers"] == {"max": 0, "add": 0} and not [m for m in caplog.messages if "surest" in m]
+
+
 def test_refine_refuses_a_coarser_level_than_the_candidate(zoo):
     r = candidate(zoo, "ties")
     data = r.to_dict()

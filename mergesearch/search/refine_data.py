@@ -242,4 +242,12 @@ def teacher_targets(mat, model, recipe, names: list[str], targets: dict, items: 
                 seq, _ = outputs[id(r)][i]
                 if seq is not None:
                     r.seqs.append(seq)
+    shared = {}
+    for task, i in chosen.items():
+        shared.setdefault(i, []).append(task)
+    for i, ts in shared.items():
+        if rule == "confidence" and len(ts) > 1 and len(tasks) <= len(recipe.models):
+            log.warning("refine: %s is the surest source model on tasks %s, and teaches them all; when tasks share "
+                        "an input format a model can be sure and wrong (check the teachers, or set refine.teachers: "
+                        "accuracy)", recipe.models[i].path, ", ".join(ts))
     return chosen
