@@ -333,3 +333,21 @@ def test_the_recomputed_merge_is_the_kept_graph_bit_for_bit(zoo, method, dtype):
         assert all(torch.equal(w[k], w0[k]) for k in w0) and w.keys() == w0.keys()
         assert torch.equal(c, c0) and torch.equal(s, s0)
         assert all(torch.equal(r[k], r0[k]) for k in r0)
+
+
+@pytest.mark.slow
+def test_a_refinement_gets_trial_timeout_for_each_trial_of_its_reserve(tmp_path, zoo, monkeypatch, caplog):
+    """trial_timeout is per trial: a refinement, worth many trials, runs past it (up to its
+    reserve times it) and completes."""
+    monkeypatch.chdir(tmp_path)
+    p = write_space(tmp_path, zoo, 10**9, trial_timeout=2,
+                    refine={"steps": 24, "batch_size": 16, "eval_every": 8, "patience": 99})
+    data = yaml.safe_load(p.read_text())
+    p.write_text(yaml.safe_dump(dict(data, budget={"n_trials": 34})))
+    caplog.set_level("INFO", logger="mergesearch")
+    assert main(["search", str(p), "--run", "t", "--workers", "1", "--no-export"]) == 0
+    study, storage = load_run("t", root=tmp_path / "results")
+    refined = optuna.load_study(study_name="t.refine", storage=storage).trials
+    assert len(refined) == 1 and refined[0].state.name == "COMPLETE", refined[0].user_attrs.get("reason")
+    ua = refined[0].user_attrs
+    assert ua["refine"]["steps"] == 24 and ua["refine_s"] > 2  # longer than one trial's limit

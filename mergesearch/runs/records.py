@@ -31,6 +31,8 @@ class Job:
     - ``split``: the evaluation split, when not the configured one.
     - ``rung``: ``{"k": rung, "items": {task: item indices}}`` for a multi-fidelity trial.
     - ``summary``: the recipe in one line, for the progress line and the log.
+    - ``trials``: the most the job may cost, in trials (a refinement: its share of the
+      refine reserve); the pool gives it ``trial_timeout`` times that.
     - ``id``: unique in this process; the pool's key for the job and its retries.
     """
 
@@ -41,11 +43,12 @@ class Job:
     rung: Optional[dict] = None
     refine: Optional[dict] = None
     summary: str = ""  # the recipe in one line, for the progress line and the log
+    trials: float = 1.0  # the most the job may cost, in trials: its timeout is trial_timeout times this
     id: int = field(default_factory=lambda: next(_job_ids))
 
     def next_rung(self, rung: dict) -> "Job":
         """The same trial's next rung (a new job: it goes to the worker that holds the candidate)."""
-        return Job(self.kind, self.number, self.recipe, self.split, rung, self.refine, self.summary)
+        return Job(self.kind, self.number, self.recipe, self.split, rung, self.refine, self.summary, self.trials)
 
 
 TIMINGS = ("materialize_s", "eval_s", "worker_s", "ray_in_s", "ray_out_s", "refine_s")

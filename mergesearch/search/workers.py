@@ -426,11 +426,12 @@ class WorkerPool:
                                       reason=f"setup timeout: the worker did not load within "
                                              f"{self.setup_timeout:.0f}s (replaced)"))
                 continue
-            if now - max(submitted, self.ready_at[wid]) > self.trial_timeout:
+            limit = self.trial_timeout * max(1.0, job.trials)  # a refinement is worth many trials
+            if now - max(submitted, self.ready_at[wid]) > limit:
                 self.busy.pop(ref)
                 self._replace(wid)
                 out.append(Result(job, False, worker=wid,
-                                  reason=f"timeout: no result after {self.trial_timeout:.0f}s (worker replaced)"))
+                                  reason=f"timeout: no result after {limit:.0f}s (worker replaced)"))
         return out
 
     def _collect(self, ref, job: Job, wid: int, sent_at: float | None = None) -> Result:

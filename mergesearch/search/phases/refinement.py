@@ -62,7 +62,8 @@ class Refinement:
             t = side.ask()
             record(t, recipe=src.recipe, refined_from=src.label, role=f"refine of {src.label}", summary=src.summary,
                    source_aggregate=src.aggregate)
-            job = Job("refine", t.number, src.recipe, refine=payload)
+            # its timeout: trial_timeout for each trial-equivalent its reserve allows
+            job = Job("refine", t.number, src.recipe, refine=payload, trials=c.setup.refine_reserve / max(cfg.top, 1))
             pending[job.id] = (t, src, job)
         with step(f"search: refining the best candidates, up to {options['steps']} steps each",
                   total=len(chosen), unit="candidates") as line:
