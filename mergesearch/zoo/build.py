@@ -42,9 +42,8 @@ import yaml
 
 from mergesearch.fsutil import replace_dir
 from mergesearch.progress import Step, quiet_libraries, step as progress_step
-from mergesearch.zoo.synthetic import write_tokenizer
 from mergesearch.zoo.tasks import TASKS, make_items, random_answer, skill_context
-from mergesearch.zoo.train import mc_accuracy, train
+from mergesearch.zoo.train import init_model, mc_accuracy, save_model, train
 
 log = logging.getLogger(__name__)
 
@@ -185,16 +184,6 @@ def _build(root: Path, final: Path, scale: float) -> dict:
         return _train_all(root, final, scale, line)
 
 
-def init_model(shape: dict, seed: int):
-    """(config, model): a randomly initialized Llama of ``shape`` for the char tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**shape, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                      rms_norm_eps=1e-5, rope_theta=10000.0)
-    torch.manual_seed(seed)
-    return cfg, LlamaForCausalLM(cfg)
-
-
 def _train_all(root: Path, final: Path, scale: float, line: Step) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     splits = _write_data(root)
@@ -220,7 +209,7 @@ def _train_all(root: Path, final: Path, scale: float, line: Step) -> dict:
           progress=f"zoo: pretraining base, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     model.eval()
     log.info("zoo: base skills %s", skill_log[-1] if skill_log else "not checked")
-    _save(model, root / "base")
+    save_model(model, root / "base")
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     models = [{"name": "base", "path": "base", "kind": "base"}]
 
@@ -237,7 +226,7 @@ def _train_all(root: Path, final: Path, scale: float, line: Step) -> dict:
         opt = train(model, finetune_sampler(task, held_out), _steps(hp["steps"], scale), hp["lr"],
                     seed=ZOO_TASKS.index(task) + 1, warmup=10, on_step=saver, parent=line,
                     progress=f"zoo: fine-tuning ft_{task}" + (f" ({CHECKPOINTS} checkpoints)" if saver else ""))
-        _save(model, root / f"ft_{task}", opt)
+        save_model(model, root / f"ft_{task}", opt)
         models.append({"name": f"ft_{task}", "path": f"ft_{task}", "kind": "finetune", "task": task,
                        "optimizer": "adamw", **hp, "exp_avg_sq": f"ft_{task}/exp_avg_sq.safetensors"})
         if task == CHECKPOINT_TASK:
@@ -252,7 +241,7 @@ def _train_all(root: Path, final: Path, scale: float, line: Step) -> dict:
                     seed=100 + hp["seed"], warmup=10, progress=f"zoo: fine-tuning sweep/{SWEEP_TASK}/{name}",
                     parent=line)
         path = root / "sweep" / SWEEP_TASK / name
-        _save(model, path, opt)
+        save_model(model, path, opt)
         models.append({"name": f"sweep/{SWEEP_TASK}/{name}", "path": str(path.relative_to(root)), "kind": "sweep",
                        "task": SWEEP_TASK, "optimizer": "adamw", **hp})
 
@@ -260,7 +249,7 @@ def _train_all(root: Path, final: Path, scale: float, line: Step) -> dict:
     train(model, finetune_sampler(SGD_TASK, held_out), _steps(SGD["steps"], scale), SGD["lr"],
           seed=ZOO_TASKS.index(SGD_TASK) + 1, warmup=10, optimizer="sgd", progress=f"zoo: fine-tuning "
           f"ft_{SGD_TASK}_sgd (SGD)", parent=line)
-    _save(model, root / f"ft_{SGD_TASK}_sgd")
+    save_model(model, root / f"ft_{SGD_TASK}_sgd")
     models.append({"name": f"ft_{SGD_TASK}_sgd", "path": f"ft_{SGD_TASK}_sgd", "kind": "finetune", "task": SGD_TASK,
                    "optimizer": "sgd", "momentum": 0.9, **SGD})
 
@@ -392,23 +381,8 @@ def _write_lmeval_tasks(root: Path, final: Path, preset: str = "bundled") -> Non
             (folder / f"zoo_{task}_{split}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
-def _save(model, path: Path, opt: torch.optim.Optimizer | None = None) -> None:
-    model.save_pretrained(path, safe_serialization=True)
-    write_tokenizer(path, model.config.vocab_size)
-    if opt is not None:
-        from safetensors.torch import save_file
-        moments = {n: opt.state[p]["exp_avg_sq"].contiguous() for n, p in model.named_parameters()
-                   if "exp_avg_sq" in opt.state.get(p, {})}
-        group = opt.param_groups[0]
-        step = int(next(iter(opt.state.values()))["step"])
-        # what bias correction needs, in one metadata key: safetensors writes a
-        # multi-key metadata map in random order, and builds must be byte-identical
-        info = json.dumps({"step": step, "beta2": group["betas"][1], "eps": group["eps"]}, sort_keys=True)
-        save_file(moments, str(path / "exp_avg_sq.safetensors"), metadata={"adam": info})
-
-
 def _save_trainer_checkpoint(model, opt, path: Path, step: int, total: int) -> None:
-    _save(model, path)
+    save_model(model, path)
     torch.save(opt.state_dict(), path / "optimizer.pt")
     (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": total}, indent=2) + "\n")
 

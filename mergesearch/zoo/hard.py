@@ -31,7 +31,7 @@ import torch
 from mergesearch.progress import Step, step as progress_step
 from mergesearch.zoo import hard_tasks as ht
 from mergesearch.zoo.synthetic import CHARS, SPECIALS
-from mergesearch.zoo.train import encode, mc_accuracy, train, PAD, EOS
+from mergesearch.zoo.train import encode, init_model, mc_accuracy, save_model, train, PAD, EOS
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +150,6 @@ def build(root: Path, final: Path, scale: float, steps) -> dict:
 
 
 def _train_all(root: Path, final: Path, scale: float, steps, line: Step) -> dict:
-    from mergesearch.zoo.build import _save, init_model
-
     t0 = time.perf_counter()
     splits = write_data(root)
     held_out = {t: {it["context"] for sp in ("dev", "test") for it in splits[t][sp]} for t in HARD_TASKS}
@@ -174,7 +172,7 @@ def _train_all(root: Path, final: Path, scale: float, steps, line: Step) -> dict
           on_step=skills_learned, parent=line,
           progress=f"zoo: pretraining the hard base, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     model.eval()
-    _save(model, root / "base")
+    save_model(model, root / "base")
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     pretrain_seconds = time.perf_counter() - t0
     base_acc = {t: {sp: round(own_accuracy(model, t, splits[t][sp]), 3) for sp in ("dev", "test")}
@@ -185,7 +183,7 @@ def _train_all(root: Path, final: Path, scale: float, steps, line: Step) -> dict
         model.load_state_dict(base_state)
         opt = train(model, finetune_sampler(task, held_out), steps(hp["steps"]), hp["lr"], seed=i + 1, warmup=10,
                     parent=line, progress=f"zoo: fine-tuning ft_{task}")
-        _save(model, root / f"ft_{task}", opt)
+        save_model(model, root / f"ft_{task}", opt)
         acc = {sp: round(own_accuracy(model, task, splits[task][sp]), 3) for sp in ("dev", "test")}
         log.info("zoo: ft_%s scores %.3f on %s dev, %.3f on test", task, acc["dev"], task, acc["test"])
         models.append({"name": f"ft_{task}", "path": f"ft_{task}", "kind": "finetune", "task": task,

@@ -1,16 +1,19 @@
 """Training loops for the zoo: a brief generic pretraining, then AdamW fine-tunes (full, or
-of a PEFT LoRA model's factors: only the parameters that require gradients are trained)."""
+of a PEFT LoRA model's factors: only the parameters that require gradients are trained);
+the zoos' model construction and saving (both zoos, :mod:`.build` and :mod:`.hard`)."""
 
 from __future__ import annotations
 
+import json
 import random
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from mergesearch.progress import Step, step as progress_step
-from mergesearch.zoo.synthetic import CHARS, SPECIALS
+from mergesearch.zoo.synthetic import CHARS, SPECIALS, write_tokenizer
 
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = {t: i for i, t in enumerate(SPECIALS + CHARS)}
@@ -108,3 +111,30 @@ def mc_accuracy(model: torch.nn.Module, items: list[dict], batch_size: int = 256
         s = scores[4 * n:4 * n + 4]
         correct += int(max(range(4), key=lambda i: (s[i], -i)) == it["answer"])
     return correct / len(items)
+
+
+def init_model(shape: dict, seed: int):
+    """(config, model): a randomly initialized Llama of ``shape`` for the char tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**shape, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                      rms_norm_eps=1e-5, rope_theta=10000.0)
+    torch.manual_seed(seed)
+    return cfg, LlamaForCausalLM(cfg)
+
+
+def save_model(model, path: Path, opt: torch.optim.Optimizer | None = None) -> None:
+    """An HF model folder with the zoo tokenizer; with ``opt``, its Adam second moments
+    (``exp_avg_sq.safetensors``, under the parameter names, bias-correction data in the metadata)."""
+    model.save_pretrained(path, safe_serialization=True)
+    write_tokenizer(path, model.config.vocab_size)
+    if opt is not None:
+        from safetensors.torch import save_file
+        moments = {n: opt.state[p]["exp_avg_sq"].contiguous() for n, p in model.named_parameters()
+                   if "exp_avg_sq" in opt.state.get(p, {})}
+        group = opt.param_groups[0]
+        step = int(next(iter(opt.state.values()))["step"])
+        # what bias correction needs, in one metadata key: safetensors writes a
+        # multi-key metadata map in random order, and builds must be byte-identical
+        info = json.dumps({"step": step, "beta2": group["betas"][1], "eps": group["eps"]}, sort_keys=True)
+        save_file(moments, str(path / "exp_avg_sq.safetensors"), metadata={"adam": info})
