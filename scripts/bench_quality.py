@@ -219,7 +219,7 @@ def spread(runs) -> str:
 def curve(runs) -> str:
     cells = []
     for c in CHECKPOINTS:
-        v = [r["best_so_far"][c] for r in runs if r["best_so_far"].get(c) is not None]
+        v = [x for r in runs if (x := r["best_so_far"].get(c, r["best_so_far"].get(str(c)))) is not None]
         cells.append(f"{statistics.mean(v):.3f}" if len(v) == len(runs) else "-")
     return " | ".join(cells)
 
@@ -240,7 +240,7 @@ def report(results: dict, spaces: dict, hand: dict, single: tuple, base_test: di
     for name in spaces:
         runs = results[name]
         if runs:
-            print(f"| {name} | {cell(runs)} | {cell(runs, key='normalized')} | {cell(runs, key='worst')} | "
+            print(f"| {name} ({len(runs)} seed{'s' if len(runs) > 1 else ''}) | {cell(runs)} | {cell(runs, key='normalized')} | {cell(runs, key='worst')} | "
                   f"{spread(runs)} | {curve(runs)} |")
     hard = args.zoo == "hard"
     ours_name = next((n for n in ("new defaults", "mergesearch") if results.get(n)), None)
@@ -284,10 +284,17 @@ def main() -> int:
     ap.add_argument("--data-free", action="store_true",
                     help="the singular-value methods: a grid each, a search over [ties, tsv, iso_cts] against TIES "
                          "alone, and the demo space started from the best of them")
+    ap.add_argument("--report", action="store_true", help="print the table of the runs in --out and run nothing")
     args = ap.parse_args()
     hard = args.zoo == "hard"
     args.seeds = args.seeds or (5 if hard else 3)
     args.out = args.out or str(ROOT / "results" / ("bench_quality_hard.json" if hard else "bench_quality.json"))
+    if args.report:
+        results = json.loads(Path(args.out).read_text())
+        single = max(results["sources"].items(), key=lambda kv: kv[1]["dev"]["mean"])
+        names = [k for k, v in results.items() if isinstance(v, list)]
+        report(results, dict.fromkeys(names), results["hand_tuned"], single, results["base_test"], args)
+        return 0
     demo, score, ref, base_test, sources = setup(args)
     zoo, tasks = Path(demo.evaluator.task_dir), list(demo.evaluator.tasks)
     results: dict = {"zoo": args.zoo, "trials": args.trials, "seeds": args.seeds, "source_test": ref,
