@@ -285,6 +285,8 @@ def main() -> int:
                     help="the singular-value methods: a grid each, a search over [ties, tsv, iso_cts] against TIES "
                          "alone, and the demo space started from the best of them")
     ap.add_argument("--report", action="store_true", help="print the table of the runs in --out and run nothing")
+    ap.add_argument("--doc", help="with --report: also write it into this page, between <!-- ZOO-quality-table --> "
+                                  "markers")
     args = ap.parse_args()
     hard = args.zoo == "hard"
     args.seeds = args.seeds or (5 if hard else 3)
@@ -293,7 +295,16 @@ def main() -> int:
         results = json.loads(Path(args.out).read_text())
         single = max(results["sources"].items(), key=lambda kv: kv[1]["dev"]["mean"])
         names = [k for k, v in results.items() if isinstance(v, list)]
-        report(results, dict.fromkeys(names), results["hand_tuned"], single, results["base_test"], args)
+        import contextlib
+        import io
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            report(results, dict.fromkeys(names), results["hand_tuned"], single, results["base_test"], args)
+        print(buf.getvalue(), end="")
+        if args.doc:  # the table and the targets, into the page between its markers
+            from doc_markers import write_between
+            write_between(Path(args.doc), f"<!-- {args.zoo}-quality-table -->", f"<!-- /{args.zoo}-quality-table -->",
+                          buf.getvalue().strip())
         return 0
     demo, score, ref, base_test, sources = setup(args)
     zoo, tasks = Path(demo.evaluator.task_dir), list(demo.evaluator.tasks)
