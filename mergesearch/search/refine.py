@@ -414,16 +414,14 @@ def refine(mat, model, tokenizer, evaluator, recipe, cfg: dict, groups: list[dic
     finally:
         if was_training:
             model.train()
-    if restarts == 1:
-        best, history, step = runs[0]
-    else:  # the restarts' kept coefficients, averaged: one recipe
-        bests = [b for b, _, _ in runs]
-        mean = lambda xs: torch.stack(xs).mean(0)  # noqa: E731
-        acc_mean = sum(b[5] for b in bests) / restarts
-        best = (*bests[0][:2], bests[0][2], mean([b[3] for b in bests]), mean([b[4] for b in bests]), acc_mean,
-                {k: mean([b[6][k] for b in bests]) for k in bests[0][6]})
-        history = [dict(h, restart=i) for i, (_, hist, _) in enumerate(runs) for h in hist]
-        step = sum(st for _, _, st in runs)
+    # the restarts' kept coefficients, averaged into one recipe (one restart: its own); the
+    # held-out accuracy reported is the mean of each restart's on its own fold
+    bests = [b for b, _, _ in runs]
+    mean = lambda xs: torch.stack(xs).mean(0)  # noqa: E731
+    best = (*bests[0][:3], mean([b[3] for b in bests]), mean([b[4] for b in bests]),
+            sum(b[5] for b in bests) / restarts, {k: mean([b[6][k] for b in bests]) for k in bests[0][6]})
+    history = [dict(h, restart=i) if restarts > 1 else h for i, (_, hist, _) in enumerate(runs) for h in hist]
+    step = sum(st for _, _, st in runs)
     _, _, best_step, c_best, s_best, acc_best, r_best = best
     out = refined_recipe(recipe, groups, group_w, group_lam, c_best, s_best)
     if r_best:
