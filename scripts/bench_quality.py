@@ -14,7 +14,9 @@ its trial-equivalents) and 3 seeds:
   **+ coarse-to-fine** (whole models, then 2 layer groups), **+ refine** (gradient
   refinement of the best candidate);
 - **mergesearch**: search_spaces/demo.yaml, every lever and the normalized objective
-  (its refinement per tensor and per output row, distilled from the source models); the
+  (its refinement per tensor and per output row, distilled from the source models, each
+  task from the one most accurate on it); ``--defaults FILE`` adds another space as
+  **new defaults**, ``--extra NAME=FILE`` more; the
   same with the refinement per tensor only (``rows: false``); with the refinement's
   loss set to ``choice`` (the labels); and through the zoo's JSONL files instead of its
   lm-eval YAML tasks (``evaluator: loglik``: the same engine, so the same result).
@@ -25,6 +27,12 @@ standard error over the seeds; the dev mean of the best candidate so far after 1
 50 and 100 evaluations; and the differences the issue sets as targets: mergesearch minus
 hand-tuned (target +0.10) and minus evolve-style (target +0.05). Writes
 results/bench_quality.json; docs/BENCHMARKS.md keeps the table.
+
+``--zoo hard``: the 8-task hard zoo (results/zoo_hard, built when missing), 5 seeds, the
+searched contenders moved onto it, and its targets (+0.30 over both, no task below the
+base, a spread over the seeds of at most 0.04). Runs go seed by seed and are saved after
+each; they record a fingerprint of the zoo's weights (another CPU builds another zoo), and
+``--resume`` keeps only runs of the same build.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+
+import torch  # noqa: E402
 
 from mergesearch.evaluate import EvalConfig, build_evaluator  # noqa: E402
 from mergesearch.engine.materialize import Materializer  # noqa: E402
@@ -94,6 +104,18 @@ def best_so_far(study, storage) -> dict[int, float | None]:
     for c in CHECKPOINTS[k:]:
         out[c] = best[1] if best else None
     return out
+
+
+def zoo_fingerprint(zoo: Path) -> str:
+    """The sha256 of the zoo's weight files: builds on other CPUs or thread counts train
+    other weights (float rounding), and runs on two builds must not share a table."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(zoo.glob("*/model.safetensors")):
+        h.update(f.parent.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def for_zoo(space: SearchSpace, zoo: Path, tasks: list[str]) -> SearchSpace:
@@ -177,26 +199,25 @@ def run_contenders(spaces: dict, args, score, results: dict, save) -> dict:
     Runs already in ``results`` (``--resume``) are kept; ``save()`` after every run."""
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         root = Path(tmp)
-        for name, make in spaces.items():
-            runs = results.setdefault(name, [])
-            for seed in range(args.seeds):
-                if any(r["seed"] == seed for r in runs):
-                    continue
-                run = "".join(c if c.isalnum() else "-" for c in name.lower()) + f"-{seed}"
-                t0 = time.perf_counter()
-                summary = Controller(make(seed), SearchOptions(run=run, workers=args.workers, root=root,
-                                                               progress=False)).run()
-                study, storage = load_run(run, root=root)
-                best = find_trial(study, storage, None)
-                s = score(from_dict(best.recipe))
-                runs.append({"seed": seed, "best": best.role or best.baseline or "search", "method": best.method,
-                             "wall_s": time.perf_counter() - t0, "trials": summary["trials"],
-                             "best_so_far": best_so_far(study, storage), **s})
-                runs.sort(key=lambda r: r["seed"])
-                save()
-                print(f"{name} seed {seed}: dev {s['dev']['mean']:.3f} test {s['test']['mean']:.3f} "
-                      f"(worst task {s['test']['worst']:.3f}; winner: {runs[-1]['best']}, {best.method}; "
-                      f"{time.perf_counter() - t0:.0f}s)", flush=True)
+        for seed, (name, make) in ((sd, nm) for sd in range(args.seeds) for nm in spaces.items()):
+            runs = results.setdefault(name, [])  # seed by seed: a stopped benchmark stays balanced
+            if any(r["seed"] == seed for r in runs):
+                continue
+            run = "".join(c if c.isalnum() else "-" for c in name.lower()) + f"-{seed}"
+            t0 = time.perf_counter()
+            summary = Controller(make(seed), SearchOptions(run=run, workers=args.workers, root=root,
+                                                           progress=False)).run()
+            study, storage = load_run(run, root=root)
+            best = find_trial(study, storage, None)
+            s = score(from_dict(best.recipe))
+            runs.append({"seed": seed, "best": best.role or best.baseline or "search", "method": best.method,
+                         "wall_s": time.perf_counter() - t0, "trials": summary["trials"],
+                         "best_so_far": best_so_far(study, storage), **s})
+            runs.sort(key=lambda r: r["seed"])
+            save()
+            print(f"{name} seed {seed}: dev {s['dev']['mean']:.3f} test {s['test']['mean']:.3f} "
+                  f"(worst task {s['test']['worst']:.3f}; winner: {runs[-1]['best']}, {best.method}; "
+                  f"{time.perf_counter() - t0:.0f}s)", flush=True)
     return results
 
 
@@ -308,10 +329,16 @@ def main() -> int:
         return 0
     demo, score, ref, base_test, sources = setup(args)
     zoo, tasks = Path(demo.evaluator.task_dir), list(demo.evaluator.tasks)
-    results: dict = {"zoo": args.zoo, "trials": args.trials, "seeds": args.seeds, "source_test": ref,
-                     "base_test": base_test, "sources": {Path(p).name: s for p, s in sources.items()}}
+    results: dict = {"zoo": args.zoo, "zoo_weights": zoo_fingerprint(zoo), "cpu": torch.backends.cpu.get_cpu_capability(),
+                     "trials": args.trials, "seeds": args.seeds,
+                     "source_test": ref, "base_test": base_test,
+                     "sources": {Path(p).name: s for p, s in sources.items()}}
     if args.resume and Path(args.out).exists():
         old = json.loads(Path(args.out).read_text())
+        if old.get("zoo_weights") != results["zoo_weights"]:  # runs on another build of the zoo do not mix
+            print(f"bench_quality: {args.out}: its runs are on another build of {zoo} (other weights); "
+                  "run without --resume, or rename it", file=sys.stderr)
+            return 2
         results.update({k: v for k, v in old.items() if isinstance(v, list)})
 
     def save():

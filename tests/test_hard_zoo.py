@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from mergesearch.cli import main
 from mergesearch.engine.models import load_model
@@ -31,6 +32,8 @@ def test_layout_items_and_cache(hard):
     assert m["preset"] == "hard" and list(m["tasks"]) == HARD_TASKS == [
         "reverse", "rotate", "shift", "max", "min", "add", "who", "dup"]
     assert [x["name"] for x in m["models"]] == ["base"] + [f"ft_{t}" for t in HARD_TASKS]
+    assert m["built_with"] == {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
+                               "threads": torch.get_num_threads()}
     assert all((hard / f"ft_{t}" / "exp_avg_sq.safetensors").exists() for t in HARD_TASKS)
     cfg = json.loads((hard / "base" / "config.json").read_text())
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]) == (128, 5, 320)

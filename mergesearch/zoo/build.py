@@ -127,6 +127,10 @@ def _build_locked(out: Path, scale: float, force: bool, preset: str = "bundled")
         else:
             manifest = _build(tmp, out.resolve(), scale)
         manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
+        # the CPU kernels train the weights: another vector width or thread count rounds
+        # otherwise, and the same code and seeds build another (equally valid) zoo
+        manifest["built_with"] = {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
+                                  "threads": torch.get_num_threads()}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         _write_lmeval_tasks(tmp, out.resolve(), preset)
         replace_dir(tmp, out, force=True)
