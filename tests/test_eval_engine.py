@@ -219,6 +219,16 @@ def test_a_generation_task_is_refined_on_gold_targets_and_by_distillation(task_d
     assert stats["holdout_loss_after"] < stats["holdout_loss_before"]
     if loss == "distill":
         assert stats["teachers"] == {"gen_add": 0}  # ft_add is surest of its own sums
+    # the cost, in trials of 64 generations: under distill each item also trains and is
+    # checked on its teacher's output (2 sequences), and the 2 teachers score every item
+    seqs = 2 if loss == "distill" else 1
+    teachers = 2 * 64 if loss == "distill" else 0
+    assert stats["cost"] == pytest.approx((teachers + stats["steps"] * 16 * seqs * 3 + len(stats["history"]) * 16 * seqs) / 64)
+    from mergesearch.search.refine_data import estimate_cost
+    bound = estimate_cost(opts, 64, 64, 2, {"gen_add": (64, 64, True)})
+    assert stats["cost"] <= bound + 1e-9
+    # 40 steps of 16 items, 9 checks of round(0.25 x 64) = 16 items (bounded by 16.5)
+    assert bound == pytest.approx((40 * 16 * seqs * 3 + 9 * 16.5 * seqs + teachers) / 64)
     mat.write_into(model, refined)
     after = build_evaluator(ev.cfg).score(model, tok)["gen_add"]
     assert after >= before + 0.3, (before, after)  # measured: 0.016 -> 0.97 (gold), 0.98 (distill)

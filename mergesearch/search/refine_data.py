@@ -17,11 +17,22 @@ log = logging.getLogger("mergesearch.search.refine")
 TRAIN_COST = 3.0  # a training sequence, in forward passes (forward + backward)
 
 
-def estimate_cost(cfg: dict, n_items: int, n_seqs: int, n_models: int = 0) -> float:
+def estimate_cost(cfg: dict, n_items: int, n_seqs: int, n_models: int = 0,
+                  tasks: dict[str, tuple[int, int, bool]] | None = None) -> float:
     """The most a refinement can cost, in trials: every step and every check run, and for
-    ``loss: distill`` each of the ``n_models`` source models scored once on every item."""
+    ``loss: distill`` each of the ``n_models`` source models scored once on every item.
+
+    ``tasks`` (per task: items, sequences, whether it is a generation task) bounds it
+    tighter than the totals can: a batch draws the tasks in turn, so a step costs up to
+    the largest task's sequences per item, and under ``distill`` a generation item also
+    trains and is checked on its teacher's output, one sequence more."""
     per_item = n_seqs / max(n_items, 1)
     holdout_seqs = n_seqs * cfg["holdout"]
+    if tasks:
+        extra = {t: (n if gen and cfg["loss"] == "distill" else 0) for t, (n, _, gen) in tasks.items()}
+        per_item = max(per_item, max((q + extra[t]) / max(n, 1) for t, (n, q, _) in tasks.items()))
+        # each task holds out round(share x items): up to half an item more than its share
+        holdout_seqs = sum((n * cfg["holdout"] + 0.5) * (q + extra[t]) / max(n, 1) for t, (n, q, _) in tasks.items())
     checks = cfg["steps"] // cfg["eval_every"] + 1
     teachers = n_models if cfg["loss"] == "distill" else 0
     restarts = int(cfg.get("restarts", 1))  # each restart trains and checks again; the teachers score once
