@@ -30,7 +30,7 @@ def estimate_cost(cfg: dict, n_items: int, n_seqs: int, n_models: int = 0,
     holdout_seqs = n_seqs * cfg["holdout"]
     if tasks:
         extra = {t: (n if gen and cfg["loss"] == "distill" else 0) for t, (n, _, gen) in tasks.items()}
-        per_item = max(per_item, max((q + extra[t]) / max(n, 1) for t, (n, q, _) in tasks.items()))
+        per_item = max((q + extra[t]) / max(n, 1) for t, (n, q, _) in tasks.items())  # >= the mean over items
         # each task holds out round(share x items): up to half an item more than its share
         holdout_seqs = sum((n * cfg["holdout"] + 0.5) * (q + extra[t]) / max(n, 1) for t, (n, q, _) in tasks.items())
     checks = cfg["steps"] // cfg["eval_every"] + 1
