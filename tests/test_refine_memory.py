@@ -340,14 +340,15 @@ def test_a_refinement_gets_trial_timeout_for_each_trial_of_its_reserve(tmp_path,
     """trial_timeout is per trial: a refinement, worth many trials, runs past it (up to its
     reserve times it) and completes."""
     monkeypatch.chdir(tmp_path)
-    p = write_space(tmp_path, zoo, 10**9, trial_timeout=2,
-                    refine={"steps": 24, "batch_size": 16, "eval_every": 8, "patience": 99})
+    # 48 steps take about 4 s on a fast 2-core machine: well past the 1 s a trial may take
+    p = write_space(tmp_path, zoo, 10**9, trial_timeout=1,
+                    refine={"steps": 48, "batch_size": 16, "eval_every": 8, "patience": 99})
     data = yaml.safe_load(p.read_text())
-    p.write_text(yaml.safe_dump(dict(data, budget={"n_trials": 34})))
+    p.write_text(yaml.safe_dump(dict(data, budget={"n_trials": 60})))
     caplog.set_level("INFO", logger="mergesearch")
     assert main(["search", str(p), "--run", "t", "--workers", "1", "--no-export"]) == 0
     study, storage = load_run("t", root=tmp_path / "results")
     refined = optuna.load_study(study_name="t.refine", storage=storage).trials
     assert len(refined) == 1 and refined[0].state.name == "COMPLETE", refined[0].user_attrs.get("reason")
     ua = refined[0].user_attrs
-    assert ua["refine"]["steps"] == 24 and ua["refine_s"] > 2  # longer than one trial's limit
+    assert ua["refine"]["steps"] == 48 and ua["refine_s"] > 1  # longer than one trial's limit
