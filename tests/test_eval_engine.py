@@ -224,8 +224,9 @@ def test_a_generation_task_is_refined_on_gold_targets_and_by_distillation(task_d
     seqs = 2 if loss == "distill" else 1
     teachers = 2 * 64 if loss == "distill" else 0
     assert stats["cost"] == pytest.approx((teachers + stats["steps"] * 16 * seqs * 3 + len(stats["history"]) * 16 * seqs) / 64)
-    from mergesearch.search.refine_data import estimate_cost
-    bound = estimate_cost(opts, 64, 64, 2, {"gen_add": (64, 64, True)})
+    from mergesearch.search.refine_data import estimate_cost, task_counts
+    assert task_counts(ev) == {"gen_add": (64, 64, True)}
+    bound = estimate_cost(opts, task_counts(ev), 2)
     assert stats["cost"] <= bound + 1e-9
     # 40 steps of 16 items, 9 checks of round(0.25 x 64) = 16 items (bounded by 16.5)
     assert bound == pytest.approx((40 * 16 * seqs * 3 + 9 * 16.5 * seqs + teachers) / 64)

@@ -15,7 +15,7 @@ from mergesearch.engine.materialize import Materializer
 from mergesearch.engine.models import load_model
 from mergesearch.recipe import from_dict
 from mergesearch.search.refine import build_terms, merged_params, refine, refined_recipe
-from mergesearch.search.refine_data import estimate_cost
+from mergesearch.search.refine_data import estimate_cost, task_counts
 from mergesearch.search.space import SearchSpace
 from mergesearch.search.variables import Granularity, make_groups, tensor_groups
 from mergesearch.runs.store import leaderboard, load_run
@@ -107,7 +107,10 @@ def test_refine_improves_held_out_items_counts_cost_and_is_deterministic(zoo):
     # cost: 8 steps x 8 items x 4 choices x 3 (forward + backward) and 3 checks of the
     # 40 held-out items (10 per task) x 4 choices, over the 160 items x 4 choices one trial scores
     assert stats["cost"] == pytest.approx((8 * 8 * 4 * 3 + 3 * 40 * 4) / 640)
-    assert stats["cost"] <= estimate_cost(CFG, 160, 640) + 1e-9
+    assert task_counts(ev) == {t: (40, 160, False) for t in TASKS}
+    # the bound: each check holds out up to 10.5 items a task (round(0.25 x 40) = 10)
+    assert estimate_cost(CFG, task_counts(ev)) == pytest.approx((8 * 8 * 4 * 3 + 3 * 4 * 10.5 * 4) / 640)
+    assert stats["cost"] <= estimate_cost(CFG, task_counts(ev)) + 1e-9
     w = out.models[0].parameters["weight"]
     assert [c.filter for c in w[:4]] == ["embed_tokens", "lm_head", "model.norm.", "model.layers.0."]
     assert out.models[0].parameters["density"] == 0.5
@@ -136,8 +139,8 @@ def test_restarts_hold_out_tiling_folds_and_average_their_coefficients(zoo):
     two, stats = refine(mat, model, tok, ev, r, dict(CFG, restarts=2), layer_groups())
     assert len(stats["restarts"]) == 2 and stats["steps"] == 16
     assert stats["cost"] == pytest.approx(2 * (8 * 8 * 4 * 3 + 3 * 40 * 4) / 640)
-    assert stats["cost"] <= estimate_cost(dict(CFG, restarts=2), 160, 640) + 1e-9
-    assert estimate_cost(dict(CFG, restarts=2), 160, 640) == pytest.approx(2 * estimate_cost(CFG, 160, 640))
+    assert stats["cost"] <= estimate_cost(dict(CFG, restarts=2), task_counts(ev)) + 1e-9
+    assert estimate_cost(dict(CFG, restarts=2), task_counts(ev)) == pytest.approx(2 * estimate_cost(CFG, task_counts(ev)))
     a = [c.value for c in one.models[2].parameters["weight"]]
     mean = [c.value for c in two.models[2].parameters["weight"]]
     b = [2 * m - x for m, x in zip(mean, a)]  # the second restart's coefficients
@@ -185,8 +188,8 @@ def test_distill_refinement_learns_from_the_specialists_without_labels(zoo):
     assert stats["steps"] == 8 and stats["best_step"] == 8
     assert stats["history"][-1]["holdout_loss"] < stats["history"][0]["holdout_loss"]
     assert stats["cost"] == pytest.approx((4 * 640 + 8 * 8 * 4 * 3 + 3 * 40 * 4) / 640)
-    assert stats["cost"] <= estimate_cost(cfg, 160, 640, 4) + 1e-9
-    assert estimate_cost(cfg, 160, 640, 4) == pytest.approx(estimate_cost(dict(cfg, loss="choice"), 160, 640, 4) + 4)
+    assert stats["cost"] <= estimate_cost(cfg, task_counts(ev), 4) + 1e-9
+    assert estimate_cost(cfg, task_counts(ev), 4) == pytest.approx(estimate_cost(dict(cfg, loss="choice"), task_counts(ev), 4) + 4)
     mixed, _ = refine(mat, model, tok, ev, r, dict(cfg, distill_mix=0.5), layer_groups("groups"))
     assert_reads_no_label(mat, model, tok, ev, r, cfg, a)
     mixed_b, _ = refine(mat, model, tok, ev, r, dict(cfg, distill_mix=0.5), layer_groups("groups"))

@@ -17,22 +17,26 @@ log = logging.getLogger("mergesearch.search.refine")
 TRAIN_COST = 3.0  # a training sequence, in forward passes (forward + backward)
 
 
-def estimate_cost(cfg: dict, n_items: int, n_seqs: int, n_models: int = 0,
-                  tasks: dict[str, tuple[int, int, bool]] | None = None) -> float:
-    """The most a refinement can cost, in trials: every step and every check run, and for
-    ``loss: distill`` each of the ``n_models`` source models scored once on every item.
+def task_counts(ev) -> dict[str, tuple[int, int, bool]]:
+    """Per task of ``ev``: its items, the sequences they make, and whether it is a generation
+    task; what :func:`estimate_cost` reads, known before any model is loaded."""
+    counts, types = ev.request_counts(), ev.output_types()
+    return {t: (len(v), counts[t], "generate_until" in types[t]) for t, v in ev.items.items()}
 
-    ``tasks`` (per task: items, sequences, whether it is a generation task) bounds it
-    tighter than the totals can: a batch draws the tasks in turn, so a step costs up to
-    the largest task's sequences per item, and under ``distill`` a generation item also
-    trains and is checked on its teacher's output, one sequence more."""
-    per_item = n_seqs / max(n_items, 1)
-    holdout_seqs = n_seqs * cfg["holdout"]
-    if tasks:
-        extra = {t: (n if gen and cfg["loss"] == "distill" else 0) for t, (n, _, gen) in tasks.items()}
-        per_item = max((q + extra[t]) / max(n, 1) for t, (n, q, _) in tasks.items())  # >= the mean over items
-        # each task holds out round(share x items): up to half an item more than its share
-        holdout_seqs = sum((n * cfg["holdout"] + 0.5) * (q + extra[t]) / max(n, 1) for t, (n, q, _) in tasks.items())
+
+def estimate_cost(cfg: dict, tasks: dict[str, tuple[int, int, bool]], n_models: int = 0) -> float:
+    """The most a refinement can cost, in trials (the sequences one trial scores): every
+    step and every check run, and for ``loss: distill`` each of the ``n_models`` source
+    models scored once on every item. ``tasks``: :func:`task_counts`.
+
+    A batch draws the tasks in turn, so a step costs up to the largest task's sequences per
+    item; each task holds out round(share x items), up to half an item more than its share;
+    under ``distill`` a generation item also trains and is checked on its teacher's output,
+    one sequence more."""
+    per = {t: (q + (n if gen and cfg["loss"] == "distill" else 0)) / max(n, 1) for t, (n, q, gen) in tasks.items()}
+    per_item = max(per.values(), default=0.0)
+    holdout_seqs = sum((n * cfg["holdout"] + 0.5) * per[t] for t, (n, _, _) in tasks.items())
+    n_seqs = sum(q for _, q, _ in tasks.values())
     checks = cfg["steps"] // cfg["eval_every"] + 1
     teachers = n_models if cfg["loss"] == "distill" else 0
     restarts = int(cfg.get("restarts", 1))  # each restart trains and checks again; the teachers score once

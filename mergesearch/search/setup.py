@@ -145,11 +145,8 @@ def _refine_reserve(space: SearchSpace, ev, options: dict | None = None) -> int:
     cfg = space.refine
     if cfg is None:
         return 0
-    from mergesearch.search.refine_data import estimate_cost
-    counts, types = ev.request_counts(), ev.output_types()
-    tasks = {t: (len(v), counts.get(t, len(v)), "generate_until" in types.get(t, ())) for t, v in ev.items.items()}
-    n_items, n_seqs = sum(n for n, _, _ in tasks.values()), sum(counts.values())
-    per = math.ceil(estimate_cost(options or cfg.model_dump(), n_items, n_seqs, len(space.models), tasks) - 1e-9) + 1
+    from mergesearch.search.refine_data import estimate_cost, task_counts
+    per = math.ceil(estimate_cost(options or cfg.model_dump(), task_counts(ev), len(space.models)) - 1e-9) + 1
     return cfg.top * per
 
 
